@@ -1,0 +1,83 @@
+"""bptt_kernels: the compute layer of bptt (the folder ``kernels/``, installed as ``bptt_kernels``).
+
+One subpackage per backend, each exposing the SAME functions with the SAME signatures:
+
+* ``bptt_kernels.reference`` -- plain NumPy, float64-capable, readable oracle (slow).
+* ``bptt_kernels.cpu``       -- Numba ``@njit`` kernels.
+* ``bptt_kernels.cuda``      -- Numba-CUDA kernels (imported lazily; needs a GPU).
+* ``bptt_kernels.cupy``      -- CuPy RawKernel + cuBLAS kernels (imported lazily; needs a GPU).
+
+Nothing here imports ``numba.cuda`` or ``cupy`` at import time.
+
+The backend interface
+=====================
+
+Notation: T time steps, B batch (streams), I input size, H hidden size, G gates
+(LSTM 4 in order i, f, g, o; GRU 3 in order r, z, n; Elman RNN 1).
+Arrays are time-major and C-contiguous. Parameters use PyTorch's public layout.
+
+Array plumbing
+--------------
+``NAME``                          backend name: "reference", "cpu", "cuda", "cupy".
+``xp``                            its array module (``numpy`` or ``cupy``).
+``DTYPES``                        tuple of supported numpy dtypes (float32 always; float64 on cpu/reference).
+``asarray(a, dtype)``             copy a host/array-like to a C-contiguous device array of ``dtype``.
+``to_host(a)``                    device array -> ``numpy.ndarray``.
+``zeros(shape, dtype)``           zero-filled device array.
+
+Recurrent layers (one layer, all T steps per call; the time loop lives in the kernel)
+--------------------------------------------------------------------------------------
+For each cell in ("lstm", "gru", "rnn_tanh", "rnn_relu") the backend has
+``<cell>_forward`` and ``<cell>_backward``::
+
+    y, final_state, cache = <cell>_forward(x, state, w_ih, w_hh, b_ih, b_hh)
+        x       [T, B, I]     input
+        state   tuple of [B, H] arrays: (h0,) for gru/rnn, (h0, c0) for lstm
+        w_ih    [G*H, I]      w_hh [G*H, H]   b_ih [G*H]   b_hh [G*H]
+                (bias=False layers pass zero biases)
+        y       [T, B, H]     hidden state after every step (h_1 .. h_T)
+        final_state           tuple like ``state``: (h_T,) or (h_T, c_T)
+        cache                 backend-private activations saved for backward
+                              (a NamedTuple documented in each module). It holds
+                              x, the initial state and every step's activations.
+
+    dx, dstate, dh = <cell>_backward(dy, dfinal_state, cache, w_ih, w_hh,
+                                     dw_ih, dw_hh, db_ih, db_hh, t_start=0)
+        dy            [T, B, H]   dL/dy from above (loss or the next layer)
+        dfinal_state  tuple like ``state``: dL/d(final state) from a later chunk
+        cache         from the matching forward call
+        dw_ih [G*H, I], dw_hh [G*H, H], db_ih [G*H], db_hh [G*H]:
+                      parameter gradients, ACCUMULATED (+=) in place
+        t_start       backpropagate only through steps t_start .. T-1 (0-based):
+                      the gradient is cut at the state entering step t_start.
+                      Used by TBPTT(k1, k2) when the k2 window starts inside a chunk.
+        dx            [T, B, I]   dL/dx; rows t < t_start are zero
+        dstate        tuple like ``state``: dL/d(state entering step t_start)
+                      (== dL/d(initial state) when t_start == 0)
+        dh            [T, B, H]   total dL/dh_t for every step (dy[t] plus what
+                      flows back through the recurrence); rows t < t_start are zero.
+                      This is the vanishing/exploding-gradient diagnostic.
+
+Non-recurrent pieces used by the trainer
+----------------------------------------
+``softmax_cross_entropy(logits, targets, dlogits, scale)`` -> float
+        logits [N, V], targets [N] int64 (a target < 0 is ignored: no loss, zero dlogits row).
+        Returns the SUM of -log softmax(logits)[n, targets[n]] over counted rows (a Python float)
+        and writes dlogits [N, V] = scale * (softmax(logits) - onehot(targets)) in one pass,
+        numerically stable (max subtracted). ``dlogits`` may be the same array as ``logits``.
+``embedding_forward(weight, ids)`` -> out
+        weight [V, E], ids int64 [...] -> out [..., E] (a gather).
+``embedding_backward(dweight, ids, dout)``
+        dweight [V, E] += scatter-add of dout [..., E] at ids (repeated ids accumulate).
+``sgd_step(param, grad, buf, lr, momentum, weight_decay, nesterov, first)``
+        in place, torch.optim.SGD's rule (dampening 0). ``buf`` same shape as param;
+        ``first`` True on the first step (torch initialises buf = grad then).
+``adam_step(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step)``
+        in place, torch.optim.Adam's rule (L2 weight decay added to grad, bias
+        correction with ``step`` counted from 1).
+``sum_of_squares(arrays)`` -> float   sum over all elements of all arrays of a**2 (computed in float64).
+``scale_(arrays, factor)``            in place a *= factor for every array.
+"""
+
+CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
+GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
