@@ -1,0 +1,654 @@
+"""The ``bptt`` command line: ``bptt train``, ``bptt eval``, ``bptt sample`` (also ``python -m bptt``).
+
+``bptt train`` with no arguments trains a small character-level LSTM language model with
+truncated BPTT on the offline default corpus (the Python help topics shipped with the standard
+library, see :mod:`bptt.data`), shows a progress bar on stderr, writes a checkpoint to
+``runs/default`` and prints a sample. ``bptt train --task copy|adding`` trains a SequenceModel
+on a synthetic long-range task instead (:mod:`bptt.tasks`).
+
+Run directory (``--out``): ``checkpoint.npz`` (weights, optimizer and trainer state; the
+vocabulary and this command's configuration travel in its meta) and ``metrics.jsonl`` (one JSON
+object per line, appended by every train and eval run).
+
+``--json`` makes the last line of stdout one JSON object with the final metrics. User errors
+(a missing file, a bad flag combination, k1 > k2, an unknown backend) print one line on stderr
+and exit with status 1 (2 for unparsable arguments); set ``BPTT_DEBUG=1`` for a traceback.
+
+Only the standard library is imported before the arguments are parsed, so ``bptt --help`` is
+instant; NumPy, Numba and the kernels load when a command runs.
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+CHECKPOINT_FILE = "checkpoint.npz"
+METRICS_FILE = "metrics.jsonl"
+CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
+TASKS = ("copy", "adding")
+
+# Defaults of `bptt train` on a text corpus: small enough to finish in a couple of minutes on
+# two CPU cores, big enough to produce recognisable words and Python keywords.
+LM_DEFAULTS = dict(level="char", max_chars=200_000, cell="lstm", hidden_size=128, num_layers=1,
+                   embedding_size=32, dropout=0.0, k1=32, k2=32, batch_size=32, optimizer="adam",
+                   lr=3e-3, clip=1.0, epochs=1, max_steps=400, sample_length=300)
+# Defaults of `bptt train --task copy|adding`: full BPTT unless --k1/--k2 are given.
+TASK_DEFAULTS = dict(cell="lstm", hidden_size=64, num_layers=1, dropout=0.0, k1=None, k2=None,
+                     batch_size=32, optimizer="adam", lr=1e-2, clip=1.0, epochs=1, max_steps=600,
+                     lag=20, n_symbols=5, n_train=20_000, n_valid=1000)
+# Flags that define the model or its data: fixed by the checkpoint when resuming.
+FIXED_ON_RESUME = ("data", "level", "max_chars", "task", "lag", "n_symbols", "n_train", "cell",
+                   "hidden_size", "num_layers", "embedding_size", "dropout", "dtype", "k1", "k2",
+                   "batch_size", "optimizer", "lr", "clip", "seed")
+
+
+class UsageError(Exception):
+    """A user error: reported as one line on stderr, exit status 1."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a parse error as one line (no usage block)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _positive(kind):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+        if not value > 0 or (kind is float and not math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+        return value
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
+def _non_negative(kind):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+        if not value >= 0 or (kind is float and not math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
+        return value
+    parse.__name__ = f"non-negative {kind.__name__}"
+    return parse
+
+
+def build_parser():
+    """The argument parser of the ``bptt`` command (stdlib only)."""
+    parser = _Parser(prog="bptt", description="Train recurrent networks with exact (truncated) "
+                     "backpropagation through time: train, evaluate, sample.")
+    parser.add_argument("--version", action="version", version="bptt 0.1.0")
+    sub = parser.add_subparsers(dest="command", metavar="{train,eval,sample}", parser_class=_Parser)
+    sub.required = True
+
+    # Defaults are None here and resolved in _resolve_train: they differ between a language
+    # model and a task, and a resumed run must tell given flags from defaults.
+    t = sub.add_parser("train", help="train a model (default: char-level LSTM on the built-in corpus)",
+                       description="Train a language model on a UTF-8 text file (default: the Python "
+                       "help topics shipped with Python, offline), or a sequence model on a synthetic "
+                       "long-range task (--task). Defaults (language model / task): " +
+                       ", ".join(f"{k}={v}" for k, v in LM_DEFAULTS.items()) + " / " +
+                       ", ".join(f"{k}={v}" for k, v in TASK_DEFAULTS.items()) + ".")
+    g = t.add_argument_group("data")
+    g.add_argument("--data", metavar="FILE", help="UTF-8 text file (default: the built-in corpus)")
+    g.add_argument("--level", choices=("char", "word"), help="tokens: characters, or words + <eos> per line")
+    g.add_argument("--max-chars", type=_positive(int), metavar="N",
+                   help="read at most N characters (default: 200000 of the built-in corpus, all of a file)")
+    g.add_argument("--task", choices=TASKS, help="train on a synthetic task instead of text")
+    g.add_argument("--lag", type=_non_negative(int), metavar="N",
+                   help="copy: blank steps between symbols and recall; adding: sequence length")
+    g.add_argument("--n-symbols", type=_positive(int), metavar="S", help="copy: symbols to remember")
+    g.add_argument("--n-train", type=_positive(int), metavar="N", help="task: training sequences")
+    g = t.add_argument_group("model")
+    g.add_argument("--cell", choices=CELLS)
+    g.add_argument("--hidden-size", type=_positive(int), metavar="N")
+    g.add_argument("--num-layers", type=_positive(int), metavar="N")
+    g.add_argument("--embedding-size", type=_positive(int), metavar="N", help="language model only")
+    g.add_argument("--dropout", type=_non_negative(float), metavar="P", help="between layers (language model)")
+    g.add_argument("--dtype", choices=("float32", "float64"))
+    g = t.add_argument_group("training")
+    g.add_argument("--k1", type=_positive(int), metavar="N", help="TBPTT: update every k1 steps")
+    g.add_argument("--k2", type=_positive(int), metavar="N",
+                   help="TBPTT: backpropagate through the last k2 steps (k2 >= k1); "
+                   "tasks: both unset = full BPTT")
+    g.add_argument("--batch-size", type=_positive(int), metavar="N")
+    g.add_argument("--optimizer", choices=("sgd", "adam"))
+    g.add_argument("--lr", type=_positive(float), metavar="X")
+    g.add_argument("--clip", type=_non_negative(float), metavar="X", help="global gradient-norm clip (0 = off)")
+    g.add_argument("--epochs", type=_positive(int), metavar="N")
+    g.add_argument("--max-steps", type=_positive(int), metavar="N", help="stop after N updates")
+    g.add_argument("--seed", type=int, metavar="N", help="initialisation, data and sampling seed (default 0)")
+    g = t.add_argument_group("run")
+    g.add_argument("--out", metavar="DIR", help="run directory (default runs/default, runs/<task>)")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out for --max-steps more updates")
+    g.add_argument("--backend", metavar="NAME", help="cpu, cuda, cupy, reference or auto (default: $BPTT_BACKEND or auto)")
+    g.add_argument("--grad-norms", action="store_true",
+                   help="record per-step gradient norms dL/dh_t and write grad_norms.json (and .png with matplotlib)")
+    g.add_argument("--sample-length", type=_non_negative(int), metavar="N", help="tokens sampled at the end (0 = none)")
+    g.add_argument("--json", action="store_true", help="last stdout line: one JSON object of final metrics")
+
+    e = sub.add_parser("eval", help="loss, perplexity and bits per token of a trained model",
+                       description="Evaluate the checkpoint in DIR on FILE (every token of it, encoded "
+                       "with the model's vocabulary, unseen symbols as <unk>), or without --data on the "
+                       "held-out part of its training corpus (tasks: fresh sequences).")
+    e.add_argument("run_dir", metavar="DIR")
+    e.add_argument("--data", metavar="FILE")
+    e.add_argument("--batch-size", type=_positive(int), metavar="N", default=16)
+    e.add_argument("--backend", metavar="NAME")
+    e.add_argument("--json", action="store_true")
+
+    s = sub.add_parser("sample", help="generate text from a trained language model")
+    s.add_argument("run_dir", metavar="DIR")
+    s.add_argument("--length", type=_non_negative(int), default=300, metavar="N", help="tokens to generate")
+    s.add_argument("--temperature", type=_non_negative(float), default=0.8, metavar="X", help="0 = greedy")
+    s.add_argument("--top-k", type=_positive(int), metavar="K")
+    s.add_argument("--prime", default="", metavar="TEXT", help="text the model reads first")
+    s.add_argument("--seed", type=int, default=0, metavar="N")
+    s.add_argument("--backend", metavar="NAME")
+    s.add_argument("--json", action="store_true")
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------
+# small helpers
+
+
+def _flag(name):
+    return "--" + name.replace("_", "-")
+
+
+def _append_jsonl(run_dir, record):
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, METRICS_FILE), "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def _checkpoint_path(run_dir):
+    path = os.path.join(run_dir, CHECKPOINT_FILE)
+    if not os.path.isfile(path):
+        if not os.path.isdir(run_dir):
+            raise UsageError(f"{run_dir}: no such run directory")
+        raise UsageError(f"{run_dir}: no checkpoint ({CHECKPOINT_FILE}) in this directory")
+    return path
+
+
+def _select_backend(name):
+    import bptt
+    if name is not None:
+        bptt.use_backend(name)
+    return bptt.get_backend()
+
+
+def _finite(x):
+    return None if x is None or not math.isfinite(x) else float(x)
+
+
+def _fmt_duration(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
+class Progress:
+    """A trainer callback drawing a progress line on ``stream`` (stderr).
+
+    On a terminal the line is redrawn in place (``\\r``) at most 10 times a second; otherwise a
+    new line is written every ``every_s`` seconds and at the end. Shows the update step (of
+    ``total`` when known), an exponential moving average of the loss, tokens/s and the ETA.
+    Every ``log_every`` steps the event is also appended to the run's JSONL log.
+    """
+
+    def __init__(self, total, stream=None, every_s=10.0, run_dir=None, log_every=50):
+        self.total = total
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.every_s = 0.1 if self.tty else every_s
+        self.run_dir = run_dir
+        self.log_every = log_every
+        self.start = time.monotonic()
+        self.last_draw = -math.inf
+        self.avg_loss = None
+        self.losses = []
+        self.tokens = 0
+        self.step = 0
+        self.first_step = None
+        self.last_event = None
+
+    def __call__(self, event):
+        loss = float(event["loss"])
+        self.losses.append(loss)
+        if math.isfinite(loss):
+            self.avg_loss = loss if self.avg_loss is None else 0.95 * self.avg_loss + 0.05 * loss
+        self.tokens += int(event.get("tokens", 0) or 0)
+        self.step = int(event["step"])
+        if self.first_step is None:
+            self.first_step = self.step
+        self.last_event = event
+        if self.run_dir is not None and self.step % self.log_every == 0:
+            _append_jsonl(self.run_dir, {"event": "step", "time": time.time(),
+                                         **{k: _jsonable(v) for k, v in event.items()}})
+        now = time.monotonic()
+        if now - self.last_draw >= self.every_s:
+            self.draw(now)
+
+    def elapsed(self):
+        return time.monotonic() - self.start
+
+    def tokens_per_s(self):
+        return self.tokens / max(self.elapsed(), 1e-9)
+
+    def line(self, now):
+        elapsed = now - self.start
+        done = self.step - (self.first_step or 1) + 1
+        if self.total:
+            frac = min(done / self.total, 1.0)
+            bar = "#" * int(20 * frac) + "-" * (20 - int(20 * frac))
+            eta = elapsed / max(done, 1) * (self.total - done)
+            head = f"step {self.step} [{bar}] {100 * frac:3.0f}%"
+            tail = f"eta {_fmt_duration(max(eta, 0))}"
+        else:
+            head, tail = f"step {self.step}", ""
+        loss = "nan" if self.avg_loss is None else f"{self.avg_loss:.4f}"
+        return (f"train {head}  loss {loss}  {self.tokens / max(elapsed, 1e-9):,.0f} tok/s  "
+                f"{_fmt_duration(elapsed)} {tail}").rstrip()
+
+    def draw(self, now=None):
+        now = time.monotonic() if now is None else now
+        self.last_draw = now
+        if self.step == 0:
+            return
+        text = self.line(now)
+        if self.tty:
+            self.stream.write("\r" + text.ljust(getattr(self, "_width", 0)))
+            self._width = len(text)
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def close(self):
+        self.draw()
+        if self.tty and self.step:
+            self.stream.write("\n")
+            self.stream.flush()
+
+    def recent_loss(self, n=50):
+        """Mean of the last ``n`` finite update losses (None before any)."""
+        tail = [x for x in self.losses[-n:] if math.isfinite(x)]
+        return sum(tail) / len(tail) if tail else None
+
+
+def _jsonable(value):
+    try:
+        import numpy as np
+        if isinstance(value, np.generic):
+            value = value.item()
+    except ImportError:  # pragma: no cover
+        pass
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (int, float, str, bool)) or value is None:
+        return value
+    return str(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# train
+
+
+def _resolve_train(args):
+    """Check flag combinations and fill defaults into a plain config dict (raises UsageError)."""
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    cfg = {}
+    if args.resume:
+        return given
+    if args.task is not None:
+        for name in ("data", "level", "max_chars", "embedding_size"):
+            if name in given:
+                raise UsageError(f"{_flag(name)} is for text corpora and cannot be used with --task {args.task}")
+        if args.task == "adding" and "n_symbols" in given:
+            raise UsageError("--n-symbols is for --task copy, not --task adding")
+        if args.sample_length:
+            raise UsageError("--sample-length is for language models, not --task")
+        cfg.update(TASK_DEFAULTS)
+        if args.task == "adding":
+            cfg["lag"] = 100
+    else:
+        for name in ("lag", "n_symbols", "n_train"):
+            if name in given:
+                raise UsageError(f"{_flag(name)} needs --task copy or --task adding")
+        cfg.update(LM_DEFAULTS)
+        if args.data is not None:
+            cfg["max_chars"] = None
+    cfg.update(given)
+    cfg.setdefault("seed", 0)
+    cfg.setdefault("dtype", "float32")
+    cfg.setdefault("out", os.path.join("runs", args.task or "default"))
+    if args.task == "adding" and cfg["lag"] < 2:
+        raise UsageError(f"--lag is the sequence length of --task adding and must be >= 2; got {cfg['lag']}")
+    # TBPTT: one given -> the other equal; none -> defaults (tasks: full BPTT)
+    k1, k2 = given.get("k1"), given.get("k2")
+    if k1 is not None and k2 is None:
+        k2 = k1 if args.task or k1 >= cfg["k2"] else cfg["k2"]
+    if k2 is not None and k1 is None:
+        k1 = k2 if args.task or k2 < cfg["k1"] else cfg["k1"]
+    if k1 is None and k2 is None:
+        k1, k2 = cfg["k1"], cfg["k2"]
+    if k1 is not None and k1 > k2:
+        raise UsageError(f"--k1 ({k1}) must be <= --k2 ({k2}): every k1 steps the last k1 losses are "
+                         "backpropagated through the last k2 steps")
+    cfg["k1"], cfg["k2"] = k1, k2
+    if cfg["dropout"] >= 1:
+        raise UsageError(f"--dropout must be in [0, 1); got {cfg['dropout']}")
+    if cfg["dropout"] and args.task:
+        raise UsageError("--dropout is for language models, not --task")
+    return cfg
+
+
+def _check_resume(cfg, meta):
+    saved = meta.get("config", {})
+    for name in FIXED_ON_RESUME:
+        if name in cfg and cfg[name] != saved.get(name):
+            raise UsageError(f"{_flag(name)} {cfg[name]} differs from the checkpoint's "
+                             f"{saved.get(name)!r}: a resumed run keeps its model, data and optimizer")
+    merged = dict(saved)
+    for name in ("epochs", "max_steps", "json", "grad_norms", "sample_length", "backend", "out"):
+        if name in cfg:
+            merged[name] = cfg[name]
+    merged["resume"] = True
+    return merged
+
+
+def _load_corpus(cfg, vocab=None):
+    from bptt.data import load_corpus
+    return load_corpus(cfg["data"], cfg["level"], max_chars=cfg["max_chars"], vocab=vocab)
+
+
+def _task_data(cfg, n, seed):
+    from bptt.tasks import make_task
+    return make_task(cfg["task"], n, cfg["lag"], n_symbols=cfg.get("n_symbols") or 5, seed=seed)
+
+
+def _build_model(cfg, vocab_size=None):
+    import numpy as np
+    import bptt
+    dtype = np.dtype(cfg["dtype"]).type
+    if cfg.get("task") is None:
+        return bptt.LanguageModel(vocab_size, cfg["embedding_size"], cfg["hidden_size"],
+                                  num_layers=cfg["num_layers"], cell=cfg["cell"], dropout=cfg["dropout"],
+                                  dtype=dtype, seed=cfg["seed"])
+    from bptt.tasks import COPY_ALPHABET, COPY_INPUT_SIZE
+    if cfg["task"] == "copy":
+        return bptt.SequenceModel(COPY_INPUT_SIZE, cfg["hidden_size"], COPY_ALPHABET,
+                                  num_layers=cfg["num_layers"], cell=cfg["cell"], readout="every_step",
+                                  dtype=dtype, seed=cfg["seed"])
+    return bptt.SequenceModel(2, cfg["hidden_size"], 1, num_layers=cfg["num_layers"], cell=cfg["cell"],
+                              readout="last_step", dtype=dtype, seed=cfg["seed"])
+
+
+def _build_trainer(cfg, model):
+    import bptt
+    if cfg["optimizer"] == "adam":
+        optimizer = bptt.Adam(lr=cfg["lr"])
+    else:
+        optimizer = bptt.SGD(cfg["lr"])
+    return bptt.Trainer(model, optimizer, k1=cfg["k1"], k2=cfg["k2"], clip_norm=cfg["clip"] or None)
+
+
+def _steps_per_epoch(cfg, n_items, seq_len=None):
+    """Updates in one epoch: LM ``n_items`` tokens cut into batch_size streams, k1 steps per update;
+    task ``n_items`` sequences of ``seq_len`` steps, one update per k1-chunk of each batch."""
+    b = cfg["batch_size"]
+    if cfg.get("task") is None:
+        return math.ceil(max(n_items // b - 1, 1) / cfg["k1"])
+    chunks = 1 if cfg["k1"] is None else math.ceil(seq_len / cfg["k1"])
+    return math.ceil(n_items / b) * chunks
+
+
+def cmd_train(args):
+    cfg = _resolve_train(args)
+    import numpy as np
+    backend = _select_backend(cfg.get("backend"))
+    import bptt
+    from bptt.data import Vocabulary
+
+    out = cfg.get("out") or os.path.join("runs", args.task or "default")
+    meta = None
+    if args.resume:
+        trainer = bptt.Trainer.from_checkpoint(_checkpoint_path(out))
+        meta = trainer.meta or {}
+        cfg = _check_resume(cfg, meta)
+        model = trainer.model
+    task = cfg.get("task")
+
+    if task is None:
+        vocab = Vocabulary.from_json(meta["vocab"]) if meta else None
+        corpus = _load_corpus(cfg, vocab)
+        vocab = corpus.vocab
+        train_data, valid_data = corpus.train, corpus.valid
+        total_per_epoch = _steps_per_epoch(cfg, len(train_data))
+        source = corpus.source
+        data_line = (f"data: {source} ({corpus.n_chars:,} chars, {cfg['level']} level, vocab {len(vocab)}, "
+                     f"{len(train_data):,} train / {len(valid_data):,} valid tokens)")
+    else:
+        vocab = None
+        train_data = _task_data(cfg, cfg["n_train"], cfg["seed"])
+        valid_data = _task_data(cfg, cfg.get("n_valid") or TASK_DEFAULTS["n_valid"], cfg["seed"] + 1_000_003)
+        seq_len = train_data[0].shape[1]
+        total_per_epoch = _steps_per_epoch(cfg, cfg["n_train"], seq_len)
+        data_line = (f"data: task {task}, lag {cfg['lag']}, sequence length {seq_len}, "
+                     f"{cfg['n_train']:,} train / {len(valid_data[0]):,} valid sequences")
+    if not args.resume:
+        model = _build_model(cfg, len(vocab) if vocab else None)
+        trainer = _build_trainer(cfg, model)
+
+    total = min(total_per_epoch * cfg["epochs"], cfg["max_steps"] or math.inf)
+    tbptt = "full BPTT" if cfg["k1"] is None else f"TBPTT k1={cfg['k1']} k2={cfg['k2']}"
+    err = sys.stderr
+    print(data_line, file=err)
+    print(f"model: {cfg['cell']} {cfg['num_layers']}x{cfg['hidden_size']}, {tbptt}, batch {cfg['batch_size']}, "
+          f"{cfg['optimizer']} lr {cfg['lr']}, clip {cfg['clip']}, backend {backend.NAME}, "
+          f"{'resuming' if args.resume else 'run dir'} {out}", file=err)
+
+    os.makedirs(out, exist_ok=True)
+    progress = Progress(total, run_dir=out)
+    meta = {"config": {k: v for k, v in cfg.items() if k not in ("json", "resume", "backend", "out")},
+            "vocab": vocab.to_json() if vocab else None, "bptt_version": bptt.__version__}
+    ckpt = os.path.join(out, CHECKPOINT_FILE)
+    interrupted = False
+    try:
+        trainer.fit(train_data, cfg["batch_size"], epochs=cfg["epochs"], max_steps=cfg["max_steps"],
+                    callbacks=(progress,))
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        progress.close()
+    trainer.save_checkpoint(ckpt, meta=meta)
+    if interrupted:
+        print(f"interrupted: checkpoint saved to {ckpt}; continue with --resume", file=err)
+        return 130
+    wall = progress.elapsed()
+
+    summary = {"command": "train", "task": task or "lm", "steps": int(progress.step),
+               "updates_this_run": len(progress.losses), "tokens": progress.tokens,
+               "tokens_per_s": round(progress.tokens_per_s(), 1), "wall_s": round(wall, 2),
+               "train_loss": _finite(progress.recent_loss()), "backend": backend.NAME,
+               "out": out, "checkpoint": ckpt}
+    eval_batch = min(cfg["batch_size"], 16)
+    if task is None:
+        metrics = trainer.evaluate(valid_data, eval_batch)
+        summary.update(val_loss=_finite(metrics["loss"]), val_perplexity=_finite(metrics["perplexity"]),
+                       val_bits_per_token=_finite(metrics["bits_per_token"]))
+    else:
+        summary.update(_task_metrics(cfg, model, trainer, valid_data))
+    if cfg.get("grad_norms"):
+        summary["grad_norms_file"] = _write_grad_norms(cfg, model, out, train_data)
+
+    lines = [f"done: {summary['steps']} steps in {_fmt_duration(wall)} ({summary['tokens_per_s']:,.0f} tok/s), "
+             f"train loss {_num(summary['train_loss'])}"]
+    if task is None:
+        lines.append(f"validation: loss {_num(summary['val_loss'])}, perplexity {_num(summary['val_perplexity'])}, "
+                     f"{_num(summary['val_bits_per_token'])} bits/{cfg['level']}")
+    elif task == "copy":
+        lines.append(f"validation: loss {_num(summary['val_loss'])}, recall accuracy "
+                     f"{summary['recall_accuracy']:.3f} (chance 0.125)")
+    else:
+        lines.append(f"validation: MSE {summary['val_mse']:.4f} (baseline of answering 1: "
+                     f"{summary['baseline_mse']:.4f})")
+    lines.append(f"checkpoint: {ckpt}")
+    print("\n".join(lines), file=err if args.json else sys.stdout)
+
+    if task is None and cfg.get("sample_length"):
+        from bptt.sampling import sample
+        text = sample(model, vocab, cfg["sample_length"], temperature=0.8, seed=cfg["seed"])
+        summary["sample"] = text
+        print("--- sample (temperature 0.8) ---\n" + text + "\n---", file=err if args.json else sys.stdout)
+    _append_jsonl(out, {"event": "train_end", "time": time.time(), **summary,
+                        "config": meta["config"]})
+    if args.json:
+        print(json.dumps(summary, sort_keys=True))
+    return 0
+
+
+def _num(x, digits=4):
+    return "nan" if x is None else f"{x:.{digits}f}"
+
+
+def _task_metrics(cfg, model, trainer, valid_data):
+    """Validation metrics of a task model: loss; copy: recall_accuracy; adding: val_mse + baseline."""
+    from bptt.tasks import ADDING_BASELINE_MSE, mse, predict, recall_accuracy
+    inputs, targets = valid_data
+    outputs = predict(model, inputs)
+    if cfg["task"] == "copy":
+        import numpy as np
+        logits = outputs.astype(np.float64)
+        scored = targets >= 0
+        z = logits[scored] - logits[scored].max(axis=-1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+        loss = float(-logp[np.arange(len(z)), targets[scored]].mean())
+        return {"val_loss": _finite(loss), "recall_accuracy": recall_accuracy(outputs, targets),
+                "chance_accuracy": 0.125}
+    value = mse(outputs, targets)
+    return {"val_loss": _finite(value), "val_mse": value, "baseline_mse": ADDING_BASELINE_MSE}
+
+
+def _write_grad_norms(cfg, model, out, train_data):
+    """Per-step gradient norms ||dL/dh_t|| over one training window: grad_norms.json (+ .png)."""
+    from bptt import diagnostics
+    path = os.path.join(out, "grad_norms.json")
+    diagnostics.write_grad_norms(model, train_data, path, cfg)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# eval and sample
+
+
+def _load_run(run_dir, backend_name):
+    path = _checkpoint_path(run_dir)
+    backend = _select_backend(backend_name)
+    from bptt.checkpoint import load_model
+    model, meta = load_model(path)
+    meta = meta or {}
+    if "config" not in meta:
+        raise UsageError(f"{path}: not a checkpoint written by 'bptt train' (no config in its meta)")
+    return model, meta, backend
+
+
+def cmd_eval(args):
+    model, meta, backend = _load_run(args.run_dir, args.backend)
+    cfg = meta["config"]
+    import bptt
+    if cfg.get("task") is not None:
+        if args.data is not None:
+            raise UsageError(f"--data is for language models; {args.run_dir} holds a --task {cfg['task']} model")
+        valid = _task_data(cfg, cfg.get("n_valid") or TASK_DEFAULTS["n_valid"], cfg["seed"] + 1_000_003)
+        metrics = _task_metrics(cfg, model, None, valid)
+        metrics["loss"] = metrics.pop("val_loss")
+        source = f"task {cfg['task']} (fresh sequences)"
+    else:
+        from bptt.data import Vocabulary, load_corpus
+        vocab = Vocabulary.from_json(meta["vocab"])
+        if args.data is not None:
+            corpus = load_corpus(args.data, vocab.level, vocab=vocab, valid_fraction=0.0)
+            ids, source = corpus.train, args.data
+        else:
+            ids, source = _load_corpus(cfg, vocab).valid, "held-out part of the training corpus"
+        trainer = bptt.Trainer(model, bptt.SGD(0.0), k1=cfg["k1"], k2=cfg["k2"])
+        m = trainer.evaluate(ids, args.batch_size)
+        metrics = {"loss": float(m["loss"]), "perplexity": float(m["perplexity"]),
+                   "bits_per_token": float(m["bits_per_token"]), "tokens": int(len(ids))}
+        unk = int((ids == vocab.unk_id).sum())
+        if unk:
+            metrics["unk_tokens"] = unk
+    summary = {"command": "eval", "run_dir": args.run_dir, "data": source, "backend": backend.NAME,
+               **{k: _jsonable(v) for k, v in metrics.items()}}
+    _append_jsonl(args.run_dir, {"event": "eval", "time": time.time(), **summary})
+    text = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+    print(f"{source}: {text}", file=sys.stderr if args.json else sys.stdout)
+    if args.json:
+        print(json.dumps(summary, sort_keys=True))
+    return 0
+
+
+def cmd_sample(args):
+    model, meta, _ = _load_run(args.run_dir, args.backend)
+    if meta["config"].get("task") is not None or not meta.get("vocab"):
+        raise UsageError(f"{args.run_dir} holds a --task model; sampling needs a language model")
+    from bptt.data import Vocabulary
+    from bptt.sampling import sample
+    vocab = Vocabulary.from_json(meta["vocab"])
+    text = sample(model, vocab, args.length, temperature=args.temperature, top_k=args.top_k,
+                  prime=args.prime, seed=args.seed)
+    if args.json:
+        print(text, file=sys.stderr)
+        print(json.dumps({"command": "sample", "text": text, "length": args.length,
+                          "temperature": args.temperature, "top_k": args.top_k, "seed": args.seed}))
+    else:
+        print(text)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample}
+
+
+def main(argv=None):
+    """Entry point of the ``bptt`` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("bptt: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # user errors: one line, no traceback (BPTT_DEBUG=1 shows it)
+        if os.environ.get("BPTT_DEBUG") == "1" or not _is_user_error(e):
+            raise
+        print(f"bptt {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+def _is_user_error(e):
+    from bptt.backend import BackendUnavailableError
+    if isinstance(e, (UsageError, BackendUnavailableError, OSError)):
+        return True
+    from bptt.data import DataError
+    if isinstance(e, DataError):
+        return True
+    # errors raised by bptt's own argument checks (shapes, values) are messages for the user
+    return isinstance(e, (ValueError, TypeError)) and _raised_in_bptt(e)
+
+
+def _raised_in_bptt(e):
+    tb = e.__traceback__
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    filename = tb.tb_frame.f_code.co_filename
+    here = os.path.dirname(os.path.abspath(__file__))
+    return filename.startswith(here) or "bptt_kernels" in filename or os.sep + "kernels" + os.sep in filename
