@@ -1,0 +1,159 @@
+"""BLAS GEMM callable from ``@njit`` code, for the CPU kernels.
+
+Numba's own ``np.dot`` inside ``@njit`` goes through scipy's bundled OpenBLAS and its
+Fortran wrapper; on the small per-time-step shapes of a recurrent layer it is markedly slower
+than calling a CBLAS ``?gemm`` directly. This module finds the CBLAS ``sgemm``/``dgemm`` of the
+OpenBLAS that NumPy itself ships (``numpy.libs/libscipy_openblas64_*``: 64-bit integers),
+falling back to scipy's bundled OpenBLAS (32-bit integers), registers their addresses with
+LLVM under fixed symbol names, and declares them as external functions. Compiled code refers
+to them by name, so ``cache=True`` works: a fresh process re-registers the symbols at import
+and then loads the cached machine code.
+
+The three helpers below take 2-D array views whose rows are contiguous (last stride = item
+size; the row stride may be larger, so column blocks of a wider array are fine) and call
+GEMM with row-major leading dimensions:
+
+* ``gemm_nt(a, b, c, beta)``  c[M,N] = a[M,K] @ b[N,K]^T + beta * c
+* ``gemm_nn(a, b, c, beta)``  c[M,N] = a[M,K] @ b[K,N]   + beta * c
+* ``gemm_tn(a, b, c, beta)``  c[M,N] = a[K,M]^T @ b[K,N] + beta * c
+"""
+
+import ctypes
+import glob
+import os
+
+import llvmlite.binding as llvm
+import numpy as np
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic, overload
+
+_ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
+
+
+def _candidate_libraries():
+    """(path, sgemm symbol, dgemm symbol) to try, best first."""
+    found = []
+    for pkg, pattern, suffix in (("numpy", "libscipy_openblas64_*", "64_"),
+                                 ("scipy", "libscipy_openblas-*", "")):
+        try:
+            mod = __import__(pkg)
+        except ImportError:
+            continue
+        libdir = os.path.join(os.path.dirname(os.path.dirname(mod.__file__)), pkg + ".libs")
+        for path in sorted(glob.glob(os.path.join(libdir, pattern + ".so*"))):
+            found.append((path, "scipy_cblas_sgemm" + suffix, "scipy_cblas_dgemm" + suffix))
+    return found
+
+
+def _load_cblas():
+    """Register the first usable CBLAS sgemm/dgemm with LLVM; return a description."""
+    tried = []
+    for path, s_name, d_name in _candidate_libraries():
+        try:
+            lib = ctypes.CDLL(path)
+            s_addr = ctypes.cast(getattr(lib, s_name), ctypes.c_void_p).value
+            d_addr = ctypes.cast(getattr(lib, d_name), ctypes.c_void_p).value
+        except (OSError, AttributeError) as e:
+            tried.append(f"{path}: {e}")
+            continue
+        llvm.add_symbol("bptt_cblas_sgemm", s_addr)
+        llvm.add_symbol("bptt_cblas_dgemm", d_addr)
+        return f"{os.path.basename(path)} ({s_name}, {d_name})"
+    raise ImportError(
+        "bptt_kernels.cpu needs the OpenBLAS bundled with NumPy (numpy.libs) or SciPy "
+        "(scipy.libs), as installed from PyPI wheels; none was usable. Tried: "
+        + ("; ".join(tried) or "no candidate library found"))
+
+
+BLAS_LIBRARY = _load_cblas()
+
+# Integer arguments are declared 64-bit. For the 32-bit-integer fallback library this relies
+# on the x86-64 / AArch64 Linux calling conventions (integer arguments in 64-bit registers or
+# 8-byte stack slots, read as their low 32 bits), which is where those wheels exist.
+_i64, _ptr = types.int64, types.voidptr
+_sgemm = types.ExternalFunction("bptt_cblas_sgemm", types.void(
+    _i64, _i64, _i64, _i64, _i64, _i64, types.float32, _ptr, _i64, _ptr, _i64,
+    types.float32, _ptr, _i64))
+_dgemm = types.ExternalFunction("bptt_cblas_dgemm", types.void(
+    _i64, _i64, _i64, _i64, _i64, _i64, types.float64, _ptr, _i64, _ptr, _i64,
+    types.float64, _ptr, _i64))
+
+
+@intrinsic
+def _data_ptr(typingctx, arr):
+    """The address of arr's first element, as void*."""
+    def codegen(context, builder, sig, args):
+        ary = context.make_array(sig.args[0])(context, builder, args[0])
+        return builder.bitcast(ary.data, cgutils.voidptr_t)
+    return types.voidptr(arr), codegen
+
+
+def _gemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
+    """Row-major CBLAS GEMM on the data of arrays a, b, c (dtype picks s/d)."""
+    raise NotImplementedError("only callable from @njit code")
+
+
+@overload(_gemm, jit_options={"cache": True})
+def _gemm_impl(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
+    if not (a.dtype == b.dtype == c.dtype):
+        raise TypeError("gemm operands must share one dtype")
+    if c.dtype == types.float32:
+        fn, cast = _sgemm, np.float32
+    elif c.dtype == types.float64:
+        fn, cast = _dgemm, np.float64
+    else:
+        raise TypeError(f"gemm supports float32 and float64, not {c.dtype}")
+
+    def impl(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
+        fn(_ROW_MAJOR, trans_a, trans_b, m, n, k, cast(alpha), _data_ptr(a), lda,
+           _data_ptr(b), ldb, cast(beta), _data_ptr(c), ldc)
+    return impl
+
+
+@njit(cache=True)
+def _row_stride(a):
+    """Leading dimension (in elements) of a 2-D view with contiguous rows."""
+    item = a.itemsize
+    if a.shape[1] > 1 and a.strides[1] != item:
+        raise ValueError("gemm operand rows must be contiguous")
+    return max(a.strides[0] // item, a.shape[1], 1)
+
+
+@njit(cache=True)
+def gemm_nt(a, b, c, beta):
+    """c[M,N] = a[M,K] @ b[N,K]^T + beta * c."""
+    m, k = a.shape
+    n = b.shape[0]
+    if b.shape[1] != k or c.shape[0] != m or c.shape[1] != n:
+        raise ValueError("gemm_nt: shape mismatch")
+    if m == 0 or n == 0:
+        return
+    _gemm(_NO_TRANS, _TRANS, m, n, k, 1.0, a, _row_stride(a), b, _row_stride(b),
+          beta, c, _row_stride(c))
+
+
+@njit(cache=True)
+def gemm_nn(a, b, c, beta):
+    """c[M,N] = a[M,K] @ b[K,N] + beta * c."""
+    m, k = a.shape
+    n = b.shape[1]
+    if b.shape[0] != k or c.shape[0] != m or c.shape[1] != n:
+        raise ValueError("gemm_nn: shape mismatch")
+    if m == 0 or n == 0:
+        return
+    _gemm(_NO_TRANS, _NO_TRANS, m, n, k, 1.0, a, _row_stride(a), b, _row_stride(b),
+          beta, c, _row_stride(c))
+
+
+@njit(cache=True)
+def gemm_tn(a, b, c, beta):
+    """c[M,N] = a[K,M]^T @ b[K,N] + beta * c."""
+    k, m = a.shape
+    n = b.shape[1]
+    if b.shape[0] != k or c.shape[0] != m or c.shape[1] != n:
+        raise ValueError("gemm_tn: shape mismatch")
+    if m == 0 or n == 0:
+        return
+    _gemm(_TRANS, _NO_TRANS, m, n, k, 1.0, a, _row_stride(a), b, _row_stride(b),
+          beta, c, _row_stride(c))

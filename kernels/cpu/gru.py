@@ -1,0 +1,125 @@
+"""GRU layer, all T steps per call (PyTorch's cell and gate order r, z, n)::
+
+    r = sigmoid(W_ir x + b_ir + W_hr h + b_hr)      z = sigmoid(... z rows ...)
+    n = tanh(W_in x + b_in + r * (W_hn h + b_hn))   h' = (1 - z) * n + z * h
+
+Forward: one GEMM projects the inputs of all T steps; each step computes h @ W_hh^T (GEMM)
+into a [B,3H] scratch and runs the fused gate loop. Backward: the gate-gradient loop per step
+and one GEMM for the gradient flowing into h_{t-1}; parameter gradients and dx follow as large
+GEMMs over all steps. The input side and the hidden side differ only in the n block
+(dL/d(W_hn h + b_hn) = r * dL/d(n pre-activation)), so backward keeps both.
+"""
+
+from typing import NamedTuple
+
+import numpy as np
+
+from . import _args
+from ._blas import gemm_nn, gemm_nt
+from ._common import finish_backward
+from ._math import jit, one_like, sigmoid_, tanh_
+
+G = 3
+
+
+class GRUCache(NamedTuple):
+    """What ``gru_backward`` needs from ``gru_forward`` (T steps, batch B, sizes I, H)."""
+    x: np.ndarray       # [T,B,I]  layer input (the caller's array, not copied)
+    h0: np.ndarray      # [B,H]    initial hidden state (copy)
+    gates: np.ndarray   # [T,B,3H] activated gates per step: r, z, n blocks of H
+    hn: np.ndarray      # [T,B,H]  W_hn h_{t-1} + b_hn (the term r multiplies)
+    y: np.ndarray       # [T,B,H]  hidden state after each step, h_1 .. h_T (the returned y)
+
+
+@jit(inline="always")
+def _cell_forward(g, hw, b_ih, b_hh, h_prev, hn, h, H):
+    """One batch row of one step. g: [3H] input projection in, activated gates out;
+    hw: [3H] h_{t-1} W_hh^T; b_ih, b_hh: [3H]; h_prev: [H]; hn, h: [H] out."""
+    one = one_like(g[0])
+    for j in range(H):
+        r = sigmoid_(g[j] + b_ih[j] + hw[j] + b_hh[j])
+        z = sigmoid_(g[H + j] + b_ih[H + j] + hw[H + j] + b_hh[H + j])
+        hnj = hw[2 * H + j] + b_hh[2 * H + j]
+        n = tanh_(g[2 * H + j] + b_ih[2 * H + j] + r * hnj)
+        g[j], g[H + j], g[2 * H + j] = r, z, n
+        hn[j] = hnj
+        h[j] = (one - z) * n + z * h_prev[j]              # new hidden state
+
+
+@jit
+def _forward_kernel(x, h0, w_ih, w_hh, b_ih, b_hh, gates, hn, y, hw):
+    # x: [T,B,I]  h0: [B,H]  w_ih: [3H,I]  w_hh: [3H,H]  b_ih, b_hh: [3H]
+    # gates: [T,B,3H] out  hn, y: [T,B,H] out  hw: [B,3H] scratch
+    T, B, I = x.shape
+    H = h0.shape[1]
+    gemm_nt(x.reshape(T * B, I), w_ih, gates.reshape(T * B, G * H), 0.0)  # x W_ih^T, all steps
+    for t in range(T):
+        h_prev = h0 if t == 0 else y[t - 1]
+        gemm_nt(h_prev, w_hh, hw, 0.0)                                      # h W_hh^T
+        for b in range(B):
+            _cell_forward(gates[t, b], hw[b], b_ih, b_hh, h_prev[b], hn[t, b], y[t, b], H)
+
+
+@jit(inline="always")
+def _cell_backward(dy, dh_next, gates, hn, h_prev, dg_x, dg_h, dh, H):
+    """One batch row of one step. dy: [H]; dh_next: [H] in what flows back from step t+1,
+    out the direct part z * dh of dL/dh_{t-1}; gates: [3H]; hn, h_prev: [H];
+    dg_x, dg_h: [3H] out dL/d(input-side, hidden-side pre-activations); dh: [H] out."""
+    one = one_like(gates[0])
+    for j in range(H):
+        r, z, n = gates[j], gates[H + j], gates[2 * H + j]
+        dhj = dy[j] + dh_next[j]
+        dn = dhj * (one - z) * (one - n * n)              # through n's tanh
+        dr = dn * hn[j] * r * (one - r)
+        dz = dhj * (h_prev[j] - n) * z * (one - z)
+        dg_x[j], dg_x[H + j], dg_x[2 * H + j] = dr, dz, dn
+        dg_h[j], dg_h[H + j], dg_h[2 * H + j] = dr, dz, dn * r
+        dh[j] = dhj
+        dh_next[j] = dhj * z
+
+
+@jit
+def _backward_kernel(dy, x, h0, gates, hn, y, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh,
+                     t_start, dh_next, dg_x, dg_h, dx, dh):
+    # dy: [T,B,H]  x: [T,B,I]  h0: [B,H]  gates: [T,B,3H]  hn, y: [T,B,H]
+    # w_ih: [3H,I]  w_hh: [3H,H]  dw_ih: [3H,I] +=  dw_hh: [3H,H] +=  db_ih, db_hh: [3H] +=
+    # dh_next: [B,H] in: dL/dh_T, out: dL/d(h entering t_start)
+    # dg_x, dg_h: [T,B,3H] scratch  dx: [T,B,I] out  dh: [T,B,H] out
+    T, B, I = x.shape
+    H = h0.shape[1]
+    for t in range(T - 1, t_start - 1, -1):
+        h_prev = h0 if t == 0 else y[t - 1]
+        for b in range(B):
+            _cell_backward(dy[t, b], dh_next[b], gates[t, b], hn[t, b], h_prev[b],
+                           dg_x[t, b], dg_h[t, b], dh[t, b], H)
+        gemm_nn(dg_h[t], w_hh, dh_next, 1.0)              # dL/dh_{t-1} = z dh + dg_h W_hh
+    finish_backward(x, h0, y, dg_x, dg_h, w_ih, dw_ih, dw_hh, db_ih, db_hh, dx, dh, t_start)
+
+
+def gru_forward(x, state, w_ih, w_hh, b_ih, b_hh):
+    """x [T,B,I], state (h0 [B,H],), w_ih [3H,I], w_hh [3H,H], b_ih, b_hh [3H]
+    -> y [T,B,H], (h_T,), GRUCache."""
+    x, (h0,), w_ih, w_hh, b_ih, b_hh = _args.forward_args(G, 1, x, state, w_ih, w_hh, b_ih, b_hh)
+    T, B, _ = x.shape
+    H = w_hh.shape[1]
+    gates = _args.empty((T, B, G * H), x.dtype)
+    hn, y = _args.empty((T, B, H), x.dtype), _args.empty((T, B, H), x.dtype)
+    h0 = h0.copy()
+    _forward_kernel(x, h0, w_ih, w_hh, b_ih, b_hh, gates, hn, y, _args.empty((B, G * H), x.dtype))
+    return y, (y[-1].copy(),), GRUCache(x, h0, gates, hn, y)
+
+
+def gru_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh, t_start=0):
+    """dy [T,B,H], dfinal_state (dh_T,), cache from gru_forward; accumulates dw_ih, dw_hh,
+    db_ih, db_hh -> dx [T,B,I], (dh entering step t_start,), dh [T,B,H]."""
+    dy, (dh_next,), w_ih, w_hh, t_start = _args.backward_args(
+        G, 1, GRUCache, dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh, t_start)
+    x = cache.x
+    dh_next = dh_next.copy()
+    dg_x = _args.empty(cache.gates.shape, x.dtype)
+    dg_h = _args.empty(cache.gates.shape, x.dtype)
+    dx = _args.empty(x.shape, x.dtype)
+    dh = _args.empty(dy.shape, x.dtype)
+    _backward_kernel(dy, x, cache.h0, cache.gates, cache.hn, cache.y, w_ih, w_hh,
+                     dw_ih, dw_hh, db_ih, db_hh, t_start, dh_next, dg_x, dg_h, dx, dh)
+    return dx, (dh_next,), dh

@@ -1,0 +1,131 @@
+"""LSTM layer, all T steps per call (PyTorch's cell and gate order i, f, g, o)::
+
+    i = sigmoid(W_ii x + b_ii + W_hi h + b_hi)      f = sigmoid(... f rows ...)
+    g = tanh(... g rows ...)                        o = sigmoid(... o rows ...)
+    c' = f * c + i * g                              h' = o * tanh(c')
+
+Forward: one GEMM projects the inputs of all T steps; each step adds h @ W_hh^T (GEMM) and
+runs the fused gate loop. Backward: each step runs the fused gate-gradient loop and one GEMM
+(dgates @ W_hh) for the gradient flowing into h_{t-1}; parameter gradients and dx follow as
+large GEMMs over all steps (``_common.finish_backward``).
+"""
+
+from typing import NamedTuple
+
+import numpy as np
+
+from . import _args
+from ._blas import gemm_nn, gemm_nt
+from ._common import finish_backward
+from ._math import jit, one_like, sigmoid_, tanh_
+
+G = 4
+
+
+class LSTMCache(NamedTuple):
+    """What ``lstm_backward`` needs from ``lstm_forward`` (T steps, batch B, sizes I, H)."""
+    x: np.ndarray       # [T,B,I]  layer input (the caller's array, not copied)
+    h0: np.ndarray      # [B,H]    initial hidden state (copy)
+    c0: np.ndarray      # [B,H]    initial cell state (copy)
+    gates: np.ndarray   # [T,B,4H] activated gates per step: i, f, g, o blocks of H
+    c: np.ndarray       # [T,B,H]  cell state after each step, c_1 .. c_T
+    tanh_c: np.ndarray  # [T,B,H]  tanh(c_t)
+    y: np.ndarray       # [T,B,H]  hidden state after each step, h_1 .. h_T (the returned y)
+
+
+@jit(inline="always")
+def _cell_forward(g, bias, c_prev, c, tanh_c, h, H):
+    """One batch row of one step. g: [4H] pre-activations in, activated gates out;
+    bias: [4H] (b_ih + b_hh); c_prev: [H]; c, tanh_c, h: [H] out."""
+    for j in range(H):
+        i = sigmoid_(g[j] + bias[j])
+        f = sigmoid_(g[H + j] + bias[H + j])
+        gg = tanh_(g[2 * H + j] + bias[2 * H + j])
+        o = sigmoid_(g[3 * H + j] + bias[3 * H + j])
+        cj = f * c_prev[j] + i * gg                       # new cell state
+        tc = tanh_(cj)
+        g[j], g[H + j], g[2 * H + j], g[3 * H + j] = i, f, gg, o
+        c[j] = cj
+        tanh_c[j] = tc
+        h[j] = o * tc                                     # new hidden state
+
+
+@jit
+def _forward_kernel(x, h0, c0, w_ih, w_hh, bias, gates, c, tanh_c, y):
+    # x: [T,B,I]  h0, c0: [B,H]  w_ih: [4H,I]  w_hh: [4H,H]  bias: [4H] (b_ih + b_hh)
+    # gates: [T,B,4H] out  c, tanh_c, y: [T,B,H] out
+    T, B, I = x.shape
+    H = h0.shape[1]
+    gemm_nt(x.reshape(T * B, I), w_ih, gates.reshape(T * B, G * H), 0.0)  # x W_ih^T, all steps
+    for t in range(T):
+        h_prev = h0 if t == 0 else y[t - 1]
+        c_prev = c0 if t == 0 else c[t - 1]
+        gemm_nt(h_prev, w_hh, gates[t], 1.0)                                # += h W_hh^T
+        for b in range(B):
+            _cell_forward(gates[t, b], bias, c_prev[b], c[t, b], tanh_c[t, b], y[t, b], H)
+
+
+@jit(inline="always")
+def _cell_backward(dy, dh_next, dc_next, gates, c_prev, tanh_c, dgates, dh, H):
+    """One batch row of one step. dy, dh_next: [H] (dh_next: what flows back from step t+1);
+    dc_next: [H] in dL/dc_t, out dL/dc_{t-1} (direct path); gates: [4H]; c_prev, tanh_c: [H];
+    dgates: [4H] out dL/d(pre-activations); dh: [H] out total dL/dh_t."""
+    one = one_like(gates[0])
+    for j in range(H):
+        i, f, gg, o = gates[j], gates[H + j], gates[2 * H + j], gates[3 * H + j]
+        tc = tanh_c[j]
+        dhj = dy[j] + dh_next[j]
+        dcj = dc_next[j] + dhj * o * (one - tc * tc)
+        dgates[j] = dcj * gg * i * (one - i)
+        dgates[H + j] = dcj * c_prev[j] * f * (one - f)
+        dgates[2 * H + j] = dcj * i * (one - gg * gg)
+        dgates[3 * H + j] = dhj * tc * o * (one - o)
+        dh[j] = dhj
+        dc_next[j] = dcj * f
+
+
+@jit
+def _backward_kernel(dy, x, h0, c0, gates, c, tanh_c, y, w_ih, w_hh,
+                     dw_ih, dw_hh, db_ih, db_hh, t_start, dh_next, dc_next, dgates, dx, dh):
+    # dy: [T,B,H]  x: [T,B,I]  h0, c0: [B,H]  gates: [T,B,4H]  c, tanh_c, y: [T,B,H]
+    # w_ih: [4H,I]  w_hh: [4H,H]  dw_ih: [4H,I] +=  dw_hh: [4H,H] +=  db_ih, db_hh: [4H] +=
+    # dh_next, dc_next: [B,H] in: dL/d(final state), out: dL/d(state entering t_start)
+    # dgates: [T,B,4H] scratch  dx: [T,B,I] out  dh: [T,B,H] out
+    T, B, I = x.shape
+    H = h0.shape[1]
+    for t in range(T - 1, t_start - 1, -1):
+        c_prev = c0 if t == 0 else c[t - 1]
+        for b in range(B):
+            _cell_backward(dy[t, b], dh_next[b], dc_next[b], gates[t, b], c_prev[b],
+                           tanh_c[t, b], dgates[t, b], dh[t, b], H)
+        gemm_nn(dgates[t], w_hh, dh_next, 0.0)                 # dL/dh_{t-1} = dgates W_hh
+    finish_backward(x, h0, y, dgates, dgates, w_ih, dw_ih, dw_hh, db_ih, db_hh, dx, dh, t_start)
+
+
+def lstm_forward(x, state, w_ih, w_hh, b_ih, b_hh):
+    """x [T,B,I], state (h0 [B,H], c0 [B,H]), w_ih [4H,I], w_hh [4H,H], b_ih, b_hh [4H]
+    -> y [T,B,H], (h_T, c_T), LSTMCache."""
+    x, (h0, c0), w_ih, w_hh, b_ih, b_hh = _args.forward_args(G, 2, x, state, w_ih, w_hh, b_ih, b_hh)
+    T, B, _ = x.shape
+    H = w_hh.shape[1]
+    gates = _args.empty((T, B, G * H), x.dtype)
+    c, tanh_c, y = (_args.empty((T, B, H), x.dtype) for _ in range(3))
+    h0, c0 = h0.copy(), c0.copy()
+    _forward_kernel(x, h0, c0, w_ih, w_hh, b_ih + b_hh, gates, c, tanh_c, y)
+    return y, (y[-1].copy(), c[-1].copy()), LSTMCache(x, h0, c0, gates, c, tanh_c, y)
+
+
+def lstm_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh, t_start=0):
+    """dy [T,B,H], dfinal_state (dh_T, dc_T), cache from lstm_forward; accumulates dw_ih,
+    dw_hh, db_ih, db_hh -> dx [T,B,I], (dh, dc) entering step t_start, dh [T,B,H]."""
+    dy, (dh_next, dc_next), w_ih, w_hh, t_start = _args.backward_args(
+        G, 2, LSTMCache, dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh, t_start)
+    x = cache.x
+    dh_next, dc_next = dh_next.copy(), dc_next.copy()
+    dgates = _args.empty(cache.gates.shape, x.dtype)
+    dx = _args.empty(x.shape, x.dtype)
+    dh = _args.empty(dy.shape, x.dtype)
+    _backward_kernel(dy, x, cache.h0, cache.c0, cache.gates, cache.c, cache.tanh_c, cache.y,
+                     w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh, t_start, dh_next, dc_next,
+                     dgates, dx, dh)
+    return dx, (dh_next, dc_next), dh

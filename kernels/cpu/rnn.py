@@ -1,0 +1,122 @@
+"""Elman RNN layer, all T steps per call (PyTorch's ``nn.RNN``)::
+
+    h' = act(W_ih x + b_ih + W_hh h + b_hh),   act = tanh or relu
+
+Forward: one GEMM writes the input projections of all T steps straight into y; each step adds
+h @ W_hh^T (GEMM) and applies bias and activation in place. Backward: per step the activation
+derivative (from the saved output) and one GEMM for the gradient flowing into h_{t-1};
+parameter gradients and dx follow as large GEMMs over all steps.
+"""
+
+from typing import NamedTuple
+
+import numpy as np
+
+from . import _args
+from ._blas import gemm_nn, gemm_nt
+from ._common import finish_backward
+from ._math import jit, one_like, tanh_
+
+G = 1
+
+
+class RNNCache(NamedTuple):
+    """What ``rnn_*_backward`` needs from the forward (T steps, batch B, sizes I, H)."""
+    x: np.ndarray       # [T,B,I]  layer input (the caller's array, not copied)
+    h0: np.ndarray      # [B,H]    initial hidden state (copy)
+    y: np.ndarray       # [T,B,H]  hidden state after each step, h_1 .. h_T (the returned y)
+    relu: bool          # activation: relu if True, else tanh
+
+
+@jit
+def _forward_kernel(x, h0, w_ih, w_hh, bias, relu, y):
+    # x: [T,B,I]  h0: [B,H]  w_ih: [H,I]  w_hh: [H,H]  bias: [H] (b_ih + b_hh)  relu: bool
+    # y: [T,B,H] out
+    T, B, I = x.shape
+    H = h0.shape[1]
+    zero = 0 * bias[0]
+    gemm_nt(x.reshape(T * B, I), w_ih, y.reshape(T * B, H), 0.0)   # x W_ih^T, all steps
+    for t in range(T):
+        gemm_nt(h0 if t == 0 else y[t - 1], w_hh, y[t], 1.0)        # += h W_hh^T
+        for b in range(B):
+            h = y[t, b]
+            if relu:
+                for j in range(H):
+                    h[j] = max(h[j] + bias[j], zero)
+            else:
+                for j in range(H):
+                    h[j] = tanh_(h[j] + bias[j])
+
+
+@jit
+def _backward_kernel(dy, x, h0, y, relu, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh,
+                     t_start, dh_next, da, dx, dh):
+    # dy: [T,B,H]  x: [T,B,I]  h0: [B,H]  y: [T,B,H]  relu: bool
+    # w_ih: [H,I]  w_hh: [H,H]  dw_ih: [H,I] +=  dw_hh: [H,H] +=  db_ih, db_hh: [H] +=
+    # dh_next: [B,H] in: dL/dh_T, out: dL/d(h entering t_start)
+    # da: [T,B,H] scratch dL/d(pre-activation)  dx: [T,B,I] out  dh: [T,B,H] out
+    T, B, I = x.shape
+    H = h0.shape[1]
+    one = one_like(y[0, 0, 0])
+    zero = 0 * one
+    for t in range(T - 1, t_start - 1, -1):
+        for b in range(B):
+            dyb, dnb, hb, dab, dhb = dy[t, b], dh_next[b], y[t, b], da[t, b], dh[t, b]
+            for j in range(H):
+                dhj = dyb[j] + dnb[j]
+                dhb[j] = dhj
+                if relu:
+                    dab[j] = dhj if hb[j] > zero else zero
+                else:
+                    dab[j] = dhj * (one - hb[j] * hb[j])
+        gemm_nn(da[t], w_hh, dh_next, 0.0)                    # dL/dh_{t-1} = da W_hh
+    finish_backward(x, h0, y, da, da, w_ih, dw_ih, dw_hh, db_ih, db_hh, dx, dh, t_start)
+
+
+def _forward(relu, x, state, w_ih, w_hh, b_ih, b_hh):
+    x, (h0,), w_ih, w_hh, b_ih, b_hh = _args.forward_args(G, 1, x, state, w_ih, w_hh, b_ih, b_hh)
+    T, B, _ = x.shape
+    y = _args.empty((T, B, w_hh.shape[1]), x.dtype)
+    h0 = h0.copy()
+    _forward_kernel(x, h0, w_ih, w_hh, b_ih + b_hh, relu, y)
+    return y, (y[-1].copy(),), RNNCache(x, h0, y, relu)
+
+
+def _backward(relu, dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh, t_start):
+    dy, (dh_next,), w_ih, w_hh, t_start = _args.backward_args(
+        G, 1, RNNCache, dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh, t_start)
+    if cache.relu != relu:
+        raise ValueError(f"cache comes from rnn_{'relu' if cache.relu else 'tanh'}_forward, "
+                         f"not rnn_{'relu' if relu else 'tanh'}_forward")
+    x = cache.x
+    dh_next = dh_next.copy()
+    da = _args.empty(dy.shape, x.dtype)
+    dx = _args.empty(x.shape, x.dtype)
+    dh = _args.empty(dy.shape, x.dtype)
+    _backward_kernel(dy, x, cache.h0, cache.y, relu, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh,
+                     t_start, dh_next, da, dx, dh)
+    return dx, (dh_next,), dh
+
+
+def rnn_tanh_forward(x, state, w_ih, w_hh, b_ih, b_hh):
+    """x [T,B,I], state (h0 [B,H],), w_ih [H,I], w_hh [H,H], b_ih, b_hh [H]
+    -> y [T,B,H], (h_T,), RNNCache. h' = tanh(W_ih x + b_ih + W_hh h + b_hh)."""
+    return _forward(False, x, state, w_ih, w_hh, b_ih, b_hh)
+
+
+def rnn_tanh_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh, t_start=0):
+    """dy [T,B,H], dfinal_state (dh_T,), cache from rnn_tanh_forward; accumulates parameter
+    gradients -> dx [T,B,I], (dh entering step t_start,), dh [T,B,H]."""
+    return _backward(False, dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh, t_start)
+
+
+def rnn_relu_forward(x, state, w_ih, w_hh, b_ih, b_hh):
+    """x [T,B,I], state (h0 [B,H],), w_ih [H,I], w_hh [H,H], b_ih, b_hh [H]
+    -> y [T,B,H], (h_T,), RNNCache. h' = relu(W_ih x + b_ih + W_hh h + b_hh)."""
+    return _forward(True, x, state, w_ih, w_hh, b_ih, b_hh)
+
+
+def rnn_relu_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh, t_start=0):
+    """dy [T,B,H], dfinal_state (dh_T,), cache from rnn_relu_forward; accumulates parameter
+    gradients -> dx [T,B,I], (dh entering step t_start,), dh [T,B,H]."""
+    return _backward(True, dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh, t_start)

@@ -1,0 +1,322 @@
+"""The CPU backend (Numba @njit kernels) against the float64 NumPy reference, kernel by kernel.
+
+Every output buffer the CPU kernels allocate is poisoned with NaN (through ``_args.empty``),
+so an element a kernel forgets to write fails. Inputs are fresh random numbers per case.
+Error measure: max |a - b| / max |b| over the array (float64 reference computed from the same
+inputs cast to float64).
+"""
+
+import numpy as np
+import pytest
+
+from bptt_kernels import CELLS, GATES
+import bptt_kernels.cpu as cpu
+import bptt_kernels.reference as ref
+from bptt_kernels.cpu import _args
+
+TOL = {np.float64: 1e-12, np.float32: 1e-5}
+DTYPES = (np.float64, np.float32)
+N_STATE = {"lstm": 2, "gru": 1, "rnn_tanh": 1, "rnn_relu": 1}
+
+
+@pytest.fixture(autouse=True)
+def poisoned_buffers(monkeypatch):
+    monkeypatch.setattr(_args, "empty", lambda shape, dtype: np.full(shape, np.nan, dtype))
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert a.shape == b.shape
+    assert np.all(np.isfinite(a)), "non-finite values (an unwritten, poisoned element?)"
+    return np.abs(a - b).max() / max(np.abs(b).max(), 1e-300)
+
+
+def assert_close(a, b, dtype, what):
+    err = rel_err(a, b)
+    assert err <= TOL[dtype], f"{what}: relative error {err:.3g} > {TOL[dtype]:g}"
+
+
+def random_layer(rng, cell, dtype, T, B, I, H):
+    G = GATES[cell]
+    k = 1 / np.sqrt(H)
+    w = {"w_ih": rng.uniform(-k, k, (G * H, I)), "w_hh": rng.uniform(-k, k, (G * H, H)),
+         "b_ih": rng.uniform(-k, k, G * H), "b_hh": rng.uniform(-k, k, G * H)}
+    w = {n: a.astype(dtype) for n, a in w.items()}
+    x = rng.standard_normal((T, B, I)).astype(dtype)
+    state = tuple(rng.standard_normal((B, H)).astype(dtype) for _ in range(N_STATE[cell]))
+    return x, state, w
+
+
+def f64(tree):
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(f64(a) for a in tree)
+    if isinstance(tree, dict):
+        return {k: f64(v) for k, v in tree.items()}
+    return np.asarray(tree, np.float64)
+
+
+def run_cell(backend, cell, x, state, w, dy, dfinal, grads0, t_start):
+    fwd = getattr(backend, f"{cell}_forward")
+    bwd = getattr(backend, f"{cell}_backward")
+    y, final, cache = fwd(x, state, w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"])
+    grads = {n: g.copy() for n, g in grads0.items()}
+    dx, dstate, dh = bwd(dy, dfinal, cache, w["w_ih"], w["w_hh"], grads["w_ih"], grads["w_hh"],
+                         grads["b_ih"], grads["b_hh"], t_start=t_start)
+    return {"y": y, "final": final, "dx": dx, "dstate": dstate, "dh": dh, "grads": grads}
+
+
+SHAPES = [(1, 1, 1, 1), (5, 3, 4, 6), (7, 2, 9, 37), (12, 5, 3, 20)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.__name__)
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T%dB%dI%dH%d" % s)
+def test_cell_matches_reference(cell, dtype, shape):
+    T, B, I, H = shape
+    rng = np.random.default_rng([hash(cell) % 1000, T, B, I, H])
+    x, state, w = random_layer(rng, cell, dtype, T, B, I, H)
+    dy = rng.standard_normal((T, B, H)).astype(dtype)
+    dfinal = tuple(rng.standard_normal((B, H)).astype(dtype) for _ in state)
+    grads0 = {n: rng.standard_normal(a.shape).astype(dtype) for n, a in w.items()}  # += checked
+    for t_start in sorted({0, T // 2, T - 1}):
+        got = run_cell(cpu, cell, x, state, w, dy, dfinal, grads0, t_start)
+        want = run_cell(ref, cell, *f64((x, state, w, dy, dfinal, grads0)), t_start)
+        assert got["y"].dtype == dtype and got["dx"].dtype == dtype
+        for name in ("y", "dx", "dh"):
+            assert_close(got[name], want[name], dtype, f"{cell} {name} t_start={t_start}")
+        assert np.all(got["dx"][:t_start] == 0) and np.all(got["dh"][:t_start] == 0)
+        for k in range(len(state)):
+            assert_close(got["final"][k], want["final"][k], dtype, f"{cell} final[{k}]")
+            assert_close(got["dstate"][k], want["dstate"][k], dtype, f"{cell} dstate[{k}] t_start={t_start}")
+        for name in grads0:
+            assert_close(got["grads"][name], want["grads"][name], dtype, f"{cell} d{name} t_start={t_start}")
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_cell_inputs_unchanged_and_cache_independent_of_state(cell):
+    """The kernels must not write into their inputs; the cache must not alias the state passed in."""
+    rng = np.random.default_rng(7)
+    x, state, w = random_layer(rng, cell, np.float64, 4, 3, 5, 6)
+    copies = (x.copy(), tuple(s.copy() for s in state), {k: a.copy() for k, a in w.items()})
+    fwd = getattr(cpu, f"{cell}_forward")
+    y1, _, cache = fwd(x, state, **w)
+    for s in state:
+        s[...] = 123.0                     # the caller reuses its state arrays
+    for a, b in zip((x, w), (copies[0], copies[2])):
+        if isinstance(a, dict):
+            assert all(np.array_equal(a[k], b[k]) for k in a)
+        else:
+            assert np.array_equal(a, b)
+    dy = rng.standard_normal(y1.shape)
+    grads = {n: np.zeros_like(a) for n, a in w.items()}
+    bwd = getattr(cpu, f"{cell}_backward")
+    dx, _, _ = bwd(dy, None, cache, w["w_ih"], w["w_hh"], grads["w_ih"], grads["w_hh"],
+                   grads["b_ih"], grads["b_hh"])
+    want = run_cell(ref, cell, copies[0], copies[1], copies[2], dy,
+                    tuple(np.zeros_like(s) for s in copies[1]), {n: np.zeros_like(a) for n, a in w.items()}, 0)
+    assert_close(dx, want["dx"], np.float64, "dx")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.__name__)
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+def test_cell_matches_torch(cell, dtype):
+    torch = pytest.importorskip("torch")
+    T, B, I, H = 6, 3, 5, 8
+    rng = np.random.default_rng(11)
+    x, state, w = random_layer(rng, cell, dtype, T, B, I, H)
+    tdt = torch.float64 if dtype == np.float64 else torch.float32
+    mod = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn_tanh": torch.nn.RNN}[cell](I, H).to(tdt)
+    with torch.no_grad():
+        for name, key in (("weight_ih_l0", "w_ih"), ("weight_hh_l0", "w_hh"),
+                          ("bias_ih_l0", "b_ih"), ("bias_hh_l0", "b_hh")):
+            getattr(mod, name).copy_(torch.from_numpy(w[key]))
+    xt = torch.tensor(x, requires_grad=True)
+    st = [torch.tensor(s[None], requires_grad=True) for s in state]
+    yt, ft = mod(xt, tuple(st) if cell == "lstm" else st[0])
+    dy = rng.standard_normal((T, B, H)).astype(dtype)
+    (yt * torch.from_numpy(dy)).sum().backward()
+    grads = {n: np.zeros_like(a) for n, a in w.items()}
+    got = run_cell(cpu, cell, x, state, w, dy, None, grads, 0)
+    assert_close(got["y"], yt.detach().numpy(), dtype, "y")
+    assert_close(got["dx"], xt.grad.numpy(), dtype, "dx")
+    for k in range(len(state)):
+        assert_close(got["dstate"][k], st[k].grad.numpy()[0], dtype, f"dstate[{k}]")
+    assert_close(got["grads"]["w_hh"], mod.weight_hh_l0.grad.numpy(), dtype, "dw_hh")
+    assert_close(got["grads"]["w_ih"], mod.weight_ih_l0.grad.numpy(), dtype, "dw_ih")
+    assert_close(got["grads"]["b_ih"], mod.bias_ih_l0.grad.numpy(), dtype, "db_ih")
+
+
+def test_float32_activations_error_bound():
+    """The float32 tanh/sigmoid approximations stay within the error stated in _math.py."""
+    from numba import njit
+    from bptt_kernels.cpu._math import sigmoid_, tanh_
+
+    @njit
+    def apply(x, t, s):
+        for k in range(x.shape[0]):
+            t[k] = tanh_(x[k])
+            s[k] = sigmoid_(x[k])
+
+    x = np.concatenate([np.linspace(-20, 20, 400_001), [-np.inf, np.inf, 0.0, 1e-30, -1e-30]])
+    x32 = x.astype(np.float32)
+    t, s = np.empty_like(x32), np.empty_like(x32)
+    apply(x32, t, s)
+    exact = x32.astype(np.float64)
+    assert np.abs(t - np.tanh(exact)).max() <= 5e-7
+    assert np.abs(s - 0.5 * (1 + np.tanh(exact / 2))).max() <= 3e-7
+    small = np.abs(exact) < 1e-3
+    assert np.all(np.abs(t[small] - np.tanh(exact[small])) <= 2e-7 * np.abs(exact[small]) + 1e-38)
+
+
+def test_bad_arguments_raise_clear_errors():
+    rng = np.random.default_rng(3)
+    x, state, w = random_layer(rng, "lstm", np.float32, 3, 2, 4, 5)
+    with pytest.raises(ValueError, match="w_hh"):
+        cpu.lstm_forward(x, state, w["w_ih"], w["w_hh"][:-1], w["b_ih"], w["b_hh"])
+    with pytest.raises(ValueError, match="w_ih"):
+        cpu.lstm_forward(x, state, w["w_ih"][:, :-1], w["w_hh"], w["b_ih"], w["b_hh"])
+    with pytest.raises(TypeError, match="b_hh"):
+        cpu.lstm_forward(x, state, w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"].astype(np.float64))
+    with pytest.raises(ValueError, match="state"):
+        cpu.lstm_forward(x, state[:1], **w)
+    with pytest.raises(ValueError, match=r"state\[1\]"):
+        cpu.lstm_forward(x, (state[0], state[1][:1]), **w)
+    with pytest.raises(TypeError, match="x"):
+        cpu.gru_forward(x.astype(np.int32), None, *[np.zeros((15, 4))] * 2, np.zeros(15), np.zeros(15))
+    y, _, cache = cpu.lstm_forward(x, state, **w)
+    g = {n: np.zeros_like(a) for n, a in w.items()}
+    args = (cache, w["w_ih"], w["w_hh"], g["w_ih"], g["w_hh"], g["b_ih"], g["b_hh"])
+    with pytest.raises(ValueError, match="t_start"):
+        cpu.lstm_backward(np.ones_like(y), None, *args, t_start=3)
+    with pytest.raises(ValueError, match="dy"):
+        cpu.lstm_backward(np.ones_like(y)[:2], None, *args)
+    with pytest.raises(TypeError, match="cache"):
+        cpu.gru_backward(np.ones_like(y), None, *args)
+    with pytest.raises(ValueError, match="dw_hh"):
+        cpu.lstm_backward(np.ones_like(y), None, cache, w["w_ih"], w["w_hh"], g["w_ih"],
+                          g["w_hh"].T, g["b_ih"], g["b_hh"])
+    _, _, rcache = cpu.rnn_tanh_forward(x, None, *[a[:5] for a in w.values()][:1],
+                                        w["w_hh"][:5], w["b_ih"][:5], w["b_hh"][:5])
+    gr = [np.zeros((5, 4), np.float32), np.zeros((5, 5), np.float32), np.zeros(5, np.float32),
+          np.zeros(5, np.float32)]
+    with pytest.raises(ValueError, match="rnn_tanh"):
+        cpu.rnn_relu_backward(np.ones_like(y), None, rcache, w["w_ih"][:5], w["w_hh"][:5], *gr)
+
+
+# ----------------------------------------------------------------------------- ops
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.__name__)
+@pytest.mark.parametrize("in_place", [False, True])
+def test_softmax_cross_entropy(dtype, in_place):
+    rng = np.random.default_rng(5)
+    N, V = 33, 71
+    logits = (rng.standard_normal((N, V)) * 5 + 40).astype(dtype)  # large: max subtraction needed
+    targets = rng.integers(0, V, N)
+    targets[[3, 17]] = -1
+    want_d = np.empty((N, V))
+    want = ref.softmax_cross_entropy(logits.astype(np.float64), targets, want_d, 0.25)
+    dlogits = logits if in_place else np.full((N, V), np.nan, dtype)
+    got = cpu.softmax_cross_entropy(logits, targets, dlogits, 0.25)
+    assert isinstance(got, float)
+    assert abs(got - want) <= TOL[dtype] * abs(want)
+    assert_close(dlogits, want_d, dtype, "dlogits")
+    assert np.all(dlogits[[3, 17]] == 0)
+    with pytest.raises(ValueError, match="targets"):
+        cpu.softmax_cross_entropy(logits, np.full(N, V), np.empty_like(logits), 1.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.__name__)
+def test_embedding(dtype):
+    rng = np.random.default_rng(6)
+    weight = rng.standard_normal((11, 7)).astype(dtype)
+    ids = rng.integers(0, 11, (5, 4))
+    ids[0, :3] = 2                                         # repeated ids accumulate
+    out = cpu.embedding_forward(weight, ids)
+    assert out.shape == (5, 4, 7) and np.array_equal(out, weight[ids])
+    dout = rng.standard_normal((5, 4, 7)).astype(dtype)
+    dweight = rng.standard_normal((11, 7)).astype(dtype)
+    want = dweight.astype(np.float64)
+    ref.embedding_backward(want, ids, dout.astype(np.float64))
+    cpu.embedding_backward(dweight, ids, dout)
+    assert_close(dweight, want, dtype, "dweight")
+    with pytest.raises(ValueError, match="ids"):
+        cpu.embedding_forward(weight, np.array([0, 11]))
+
+
+SGD_CASES = [(0.0, 0.0, False), (0.9, 0.0, False), (0.9, 1e-2, True), (0.5, 1e-3, False)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.__name__)
+@pytest.mark.parametrize("momentum,weight_decay,nesterov", SGD_CASES)
+def test_sgd_step(dtype, momentum, weight_decay, nesterov):
+    rng = np.random.default_rng(8)
+    p = rng.standard_normal((6, 5)).astype(dtype)
+    buf = np.zeros_like(p)
+    p_ref, buf_ref = p.astype(np.float64), buf.astype(np.float64)
+    for step in range(3):
+        g = rng.standard_normal(p.shape).astype(dtype)
+        g_copy = g.copy()
+        cpu.sgd_step(p, g, buf, 0.1, momentum, weight_decay, nesterov, step == 0)
+        ref.sgd_step(p_ref, g.astype(np.float64), buf_ref, 0.1, momentum, weight_decay, nesterov, step == 0)
+        assert np.array_equal(g, g_copy)
+        assert_close(p, p_ref, dtype, "param")
+        if momentum:
+            assert_close(buf, buf_ref, dtype, "buf")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.__name__)
+@pytest.mark.parametrize("weight_decay", [0.0, 1e-2])
+def test_adam_step(dtype, weight_decay):
+    rng = np.random.default_rng(9)
+    p = rng.standard_normal(40).astype(dtype)
+    m, v = np.zeros_like(p), np.zeros_like(p)
+    p_ref, m_ref, v_ref = (a.astype(np.float64) for a in (p, m, v))
+    for step in range(1, 4):
+        g = rng.standard_normal(p.shape).astype(dtype)
+        cpu.adam_step(p, g, m, v, 1e-2, 0.9, 0.999, 1e-8, weight_decay, step)
+        ref.adam_step(p_ref, g.astype(np.float64), m_ref, v_ref, 1e-2, 0.9, 0.999, 1e-8, weight_decay, step)
+        for a, b, name in ((p, p_ref, "param"), (m, m_ref, "m"), (v, v_ref, "v")):
+            assert_close(a, b, dtype, name)
+
+
+def test_optimizers_match_torch():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(10)
+    p0 = rng.standard_normal((4, 3))
+    grads = [rng.standard_normal((4, 3)) for _ in range(4)]
+    for name in ("sgd", "adam"):
+        tp = torch.nn.Parameter(torch.tensor(p0))
+        if name == "sgd":
+            opt = torch.optim.SGD([tp], lr=0.1, momentum=0.9, weight_decay=1e-2, nesterov=True)
+        else:
+            opt = torch.optim.Adam([tp], lr=1e-2, betas=(0.8, 0.99), eps=1e-6, weight_decay=1e-2)
+        p, s1, s2 = p0.copy(), np.zeros_like(p0), np.zeros_like(p0)
+        for step, g in enumerate(grads, start=1):
+            tp.grad = torch.tensor(g)
+            opt.step()
+            if name == "sgd":
+                cpu.sgd_step(p, g, s1, 0.1, 0.9, 1e-2, True, step == 1)
+            else:
+                cpu.adam_step(p, g, s1, s2, 1e-2, 0.8, 0.99, 1e-6, 1e-2, step)
+        assert rel_err(p, tp.detach().numpy()) <= 1e-14, name
+
+
+def test_norm_helpers():
+    rng = np.random.default_rng(12)
+    arrays = [rng.standard_normal((3, 4)).astype(np.float32), rng.standard_normal(5)]
+    want = ref.sum_of_squares([a.astype(np.float64) for a in arrays])
+    assert abs(cpu.sum_of_squares(arrays) - want) <= 1e-12 * want
+    copies = [a.copy() for a in arrays]
+    cpu.scale_(arrays, 0.5)
+    for a, c in zip(arrays, copies):
+        assert a.dtype == c.dtype and np.array_equal(a, c * a.dtype.type(0.5))
+
+
+def test_array_plumbing():
+    assert cpu.NAME == "cpu" and cpu.xp is np
+    assert set(cpu.DTYPES) == {np.dtype(np.float32), np.dtype(np.float64)}
+    a = cpu.asarray([[1, 2], [3, 4]], np.float32)
+    assert a.dtype == np.float32 and a.flags.c_contiguous
+    assert isinstance(cpu.to_host(a), np.ndarray)
+    z = cpu.zeros((2, 3), np.float64)
+    assert z.shape == (2, 3) and not z.any()
