@@ -1,0 +1,138 @@
+"""Shared fixtures: a seeded random generator per test, the backends to run on, tolerances,
+and small helpers (given as fixtures, since a second conftest.py elsewhere under tests/ can
+shadow ``import conftest``).
+
+Backends: every test that takes the ``backend`` fixture runs once per backend in
+``LAYER_BACKENDS`` that imports here (the NumPy ``reference`` always, the Numba ``cpu``
+where ``bptt_kernels.cpu`` imports), with that backend active for the test. A backend that
+does not import is skipped with the import error as the reason.
+
+Random inputs are fresh per test but reproducible: the seed is derived from the test id and
+``BPTT_TEST_SEED`` (default 0); set ``BPTT_TEST_SEED`` to draw other inputs.
+"""
+
+import importlib
+import os
+import zlib
+
+import numpy as np
+import pytest
+
+import bptt
+from bptt import backend as dispatcher
+
+LAYER_BACKENDS = ("reference", "cpu")
+
+# Tolerances (DESIGN.md section 5): max relative error, max|a - b| / max|b|, per dtype.
+RTOL = {np.dtype(np.float64): 1e-10, np.dtype(np.float32): 1e-5}
+
+
+def backend_import_error(name):
+    """None if ``bptt_kernels.<name>`` imports, else a one-line reason."""
+    try:
+        importlib.import_module(f"bptt_kernels.{name}")
+    except Exception as e:  # ImportError, or an error inside a module being written
+        return f"bptt_kernels.{name} does not import: {type(e).__name__}: {e}"
+    return None
+
+
+def backend_params(names=LAYER_BACKENDS):
+    """pytest params for the given backend names, skipped with a reason where they do not import."""
+    params = []
+    for name in names:
+        reason = backend_import_error(name)
+        marks = [pytest.mark.skip(reason=reason)] if reason else []
+        params.append(pytest.param(name, marks=marks, id=name))
+    return params
+
+
+@pytest.fixture(params=backend_params())
+def backend(request):
+    """The backend module named by the parameter, made current for the duration of the test."""
+    with bptt.use_backend(request.param) as module:
+        yield module
+
+
+@pytest.fixture(autouse=True)
+def _restore_backend():
+    """Tests may switch backends for good; put the previous one back afterwards."""
+    saved = dispatcher._current
+    yield
+    dispatcher._current = saved
+
+
+@pytest.fixture
+def rng(request):
+    """A numpy Generator seeded from the test id (and BPTT_TEST_SEED), printed on failure."""
+    base = int(os.environ.get("BPTT_TEST_SEED", "0"))
+    seed = zlib.crc32(request.node.nodeid.encode()) ^ base
+    print(f"rng seed {seed} (BPTT_TEST_SEED={base})")
+    return np.random.default_rng(seed)
+
+
+def _rel_err(actual, expected):
+    """max|actual - expected| / max|expected| (max|actual - expected| if expected is all zero)."""
+    actual = np.asarray(actual, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    assert actual.shape == expected.shape, f"shape {actual.shape} != expected {expected.shape}"
+    scale = np.max(np.abs(expected)) if expected.size else 0.0
+    diff = np.max(np.abs(actual - expected)) if expected.size else 0.0
+    return diff / scale if scale > 0 else diff
+
+
+def _assert_close(actual, expected, rtol, what):
+    err = _rel_err(actual, expected)
+    assert err <= rtol, f"{what}: relative error {err:.3e} > {rtol:.0e}"
+
+
+@pytest.fixture
+def assert_close():
+    """assert_close(actual, expected, rtol, what): max|a - e| / max|e| <= rtol, else fail naming ``what``."""
+    return _assert_close
+
+
+@pytest.fixture
+def tol():
+    """Relative tolerance per numpy dtype (float64 1e-10, float32 1e-5)."""
+    return lambda dtype: RTOL[np.dtype(dtype)]
+
+
+def _make_layer(cell, input_size, hidden_size, num_layers=1, bias=True, dtype=np.float64, seed=0):
+    """Build a bptt layer for a backend-interface cell name ('lstm', 'gru', 'rnn_tanh', 'rnn_relu')."""
+    kw = dict(num_layers=num_layers, bias=bias, dtype=dtype, seed=seed)
+    if cell == "lstm":
+        return bptt.LSTM(input_size, hidden_size, **kw)
+    if cell == "gru":
+        return bptt.GRU(input_size, hidden_size, **kw)
+    return bptt.RNN(input_size, hidden_size, nonlinearity=cell[4:], **kw)
+
+
+def _random_state(layer, batch, rng):
+    """A random (never zero) state for ``layer``: h [L,B,H], or (h, c) for LSTM."""
+    shape = (layer.num_layers, batch, layer.hidden_size)
+    parts = tuple(rng.standard_normal(shape).astype(layer.dtype) for _ in range(2 if layer.cell == "lstm" else 1))
+    return parts if layer.cell == "lstm" else parts[0]
+
+
+def _state_parts(state):
+    """A state (h or (h, c)) as a tuple of host arrays."""
+    parts = state if isinstance(state, tuple) else (state,)
+    return tuple(np.asarray(p) for p in parts)
+
+
+@pytest.fixture
+def make_layer():
+    """make_layer(cell, input_size, hidden_size, num_layers=1, bias=True, dtype=float64, seed=0)."""
+    return _make_layer
+
+
+@pytest.fixture
+def random_state():
+    """random_state(layer, batch, rng): random h [L,B,H] or (h, c)."""
+    return _random_state
+
+
+@pytest.fixture
+def state_parts():
+    """state_parts(state): h or (h, c) -> tuple of host arrays."""
+    return _state_parts
