@@ -1,0 +1,89 @@
+"""bptt_kernels.cuda: the Numba-CUDA backend (NAME = "cuda").
+
+Implements the backend interface documented in ``bptt_kernels/__init__.py`` with Numba-CUDA
+kernels. Importing this module imports ``numba.cuda``; the dispatcher does so only on request.
+
+Device arrays (``xp``)
+    On a real GPU: CuPy arrays (``xp = cupy``; CuPy is required), Numba kernels launched on
+    CuPy's current stream. Under the CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``, set before
+    ``numba.cuda`` is first imported): NumPy host arrays (``xp = numpy``), which the simulator
+    runs the same kernels on, slowly. ``SIMULATOR`` says which.
+Dtypes
+    float32 and float64 (float64 is what the simulator's exact checks use).
+Recurrent paths (``config.PATH``, see :mod:`bptt_kernels.cuda.config`)
+    ``persistent``: one launch of one thread block runs all T steps with W_hh held in shared
+    memory; for small B*H (see :func:`persistent_limits`). ``general`` (any size): the input
+    projection of all steps as one GEMM, per step a GEMM ``h @ W_hh^T`` and one fused gate
+    kernel (Haste's design), weight gradients as big GEMMs after the backward loop.
+    ``auto`` picks persistent where it fits and B*H <= ``config.PERSISTENT_MAX_PAIRS``.
+Caches
+    :class:`LSTMCache` (x, hs, cs, gates), :class:`GRUCache` (x, hs, gates, hn),
+    :class:`RNNCache` (x, hs); ``hs [T+1,B,H]`` holds h_0..h_T and the returned ``y`` is the
+    view ``hs[1:]`` (as the reference's y is its cache's y: do not modify it in place).
+"""
+
+from . import config
+from ._device import DTYPES, SIMULATOR, asarray, to_host, xp, zeros
+from .ops import (adam_step, embedding_backward, embedding_forward, scale_, sgd_step,
+                  softmax_cross_entropy, sum_of_squares)
+from .recurrent import (GRUCache, LSTMCache, RNNCache, backward, choose_path, forward,
+                        persistent_limits)
+
+NAME = "cuda"
+
+
+def lstm_forward(x, state, w_ih, w_hh, b_ih, b_hh):
+    """LSTM over T steps. x [T,B,I], state (h0 [B,H], c0 [B,H]), w_ih [4H,I], w_hh [4H,H],
+    b_ih/b_hh [4H]. Returns y [T,B,H], (h_T, c_T), LSTMCache."""
+    return forward("lstm", x, state, w_ih, w_hh, b_ih, b_hh)
+
+
+def lstm_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh, t_start=0):
+    """Backward of :func:`lstm_forward`; dfinal_state (dh_T, dc_T). Returns dx [T,B,I],
+    (dh, dc) entering step t_start, dh [T,B,H]; dw_*/db_* accumulated."""
+    return backward("lstm", dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh, t_start)
+
+
+def gru_forward(x, state, w_ih, w_hh, b_ih, b_hh):
+    """GRU over T steps. x [T,B,I], state (h0 [B,H],), w_ih [3H,I], w_hh [3H,H], b_ih/b_hh [3H].
+    Returns y [T,B,H], (h_T,), GRUCache."""
+    return forward("gru", x, state, w_ih, w_hh, b_ih, b_hh)
+
+
+def gru_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh, t_start=0):
+    """Backward of :func:`gru_forward`; dfinal_state (dh_T,). Returns dx [T,B,I],
+    (dh entering step t_start,), dh [T,B,H]; dw_*/db_* accumulated."""
+    return backward("gru", dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh, t_start)
+
+
+def rnn_tanh_forward(x, state, w_ih, w_hh, b_ih, b_hh):
+    """Elman RNN (tanh) over T steps. x [T,B,I], state (h0 [B,H],), w_ih [H,I], w_hh [H,H],
+    b_ih/b_hh [H]. Returns y [T,B,H], (h_T,), RNNCache."""
+    return forward("rnn_tanh", x, state, w_ih, w_hh, b_ih, b_hh)
+
+
+def rnn_tanh_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh, t_start=0):
+    """Backward of :func:`rnn_tanh_forward`; as :func:`gru_backward`."""
+    return backward("rnn_tanh", dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh,
+                    t_start)
+
+
+def rnn_relu_forward(x, state, w_ih, w_hh, b_ih, b_hh):
+    """Elman RNN (relu) over T steps; as :func:`rnn_tanh_forward`."""
+    return forward("rnn_relu", x, state, w_ih, w_hh, b_ih, b_hh)
+
+
+def rnn_relu_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh, t_start=0):
+    """Backward of :func:`rnn_relu_forward`; as :func:`gru_backward`."""
+    return backward("rnn_relu", dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh,
+                    t_start)
+
+
+__all__ = [
+    "NAME", "xp", "DTYPES", "SIMULATOR", "config", "asarray", "to_host", "zeros",
+    "lstm_forward", "lstm_backward", "gru_forward", "gru_backward",
+    "rnn_tanh_forward", "rnn_tanh_backward", "rnn_relu_forward", "rnn_relu_backward",
+    "LSTMCache", "GRUCache", "RNNCache", "persistent_limits", "choose_path",
+    "softmax_cross_entropy", "embedding_forward", "embedding_backward",
+    "sgd_step", "adam_step", "sum_of_squares", "scale_",
+]

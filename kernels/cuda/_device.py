@@ -1,0 +1,116 @@
+"""Array plumbing of the Numba-CUDA backend: which arrays are "device arrays", streams, launches.
+
+Decision (documented in the package docstring too):
+
+* On a real GPU the backend's arrays are **CuPy** arrays (``xp = cupy``): the trainer does its
+  small elementwise glue with ``xp``, and CuPy arrays pass straight into Numba-CUDA kernels
+  through ``__cuda_array_interface__``. Numba kernels are launched on CuPy's current stream,
+  so kernels and CuPy operations stay ordered. CuPy is therefore required on a GPU.
+* Under the CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``) CuPy cannot allocate (no driver), so
+  the arrays are plain **NumPy** host arrays (``xp = numpy``), which the simulator's kernels
+  take directly (it copies them in and back around every launch).
+"""
+
+import numpy as np
+from numba import cuda
+
+from . import config
+
+SIMULATOR = config.SIMULATOR
+
+if SIMULATOR:
+    xp = np
+    cupy = None
+else:  # a real GPU: CuPy arrays are this backend's device arrays
+    try:
+        import cupy
+    except Exception as e:  # ImportError, or a CuPy built for another CUDA major version
+        raise ImportError(
+            "the 'cuda' backend keeps its arrays as CuPy arrays on a real GPU, but cupy failed to "
+            f"import ({type(e).__name__}: {e}); install bptt[cuda12] or bptt[cuda13]") from e
+    xp = cupy
+
+DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+# Typed constants for kernel arithmetic. Compiled, a bare 1.0 would promote float32 math to
+# float64, so the constants are float32 (exact, and promoted exactly in float64 kernels).
+# Under the simulator kernels run as NumPy/Python code, where math.exp returns a Python float
+# and np.float32(1) + <Python float> would round to float32 even in a float64 kernel, so
+# there the constants are Python ints (NumPy's weak scalars: they take the other operand's type).
+ZERO, ONE = (0, 1) if SIMULATOR else (np.float32(0), np.float32(1))
+
+_streams = {}
+
+
+def stream():
+    """The stream kernels launch on: CuPy's current stream on a GPU, 0 under the simulator."""
+    if SIMULATOR:
+        return 0
+    ptr = cupy.cuda.get_current_stream().ptr
+    s = _streams.get(ptr)
+    if s is None:
+        s = _streams[ptr] = cuda.external_stream(ptr) if ptr else cuda.default_stream()
+    return s
+
+
+def blocks_for(n, threads):
+    """Blocks of a grid-stride launch over ``n`` items (capped: the loop covers the rest)."""
+    return max(1, min((n + threads - 1) // threads, 65535))
+
+
+def launch_1d(kernel, n, *args):
+    """Launch a grid-stride ``kernel(*args)`` over ``n`` items with ``config.THREADS`` per block."""
+    if n == 0:
+        return
+    threads = config.THREADS
+    kernel[blocks_for(n, threads), threads, stream()](*args)
+
+
+def asarray(a, dtype):
+    """Copy a host array-like (or device array) into a fresh C-contiguous device array of ``dtype``."""
+    if not SIMULATOR and isinstance(a, cupy.ndarray):
+        return cupy.array(a, dtype=dtype, order="C", copy=True)
+    return xp.array(np.asarray(a), dtype=dtype, order="C", copy=True)
+
+
+def to_host(a):
+    """Device array -> a fresh ``numpy.ndarray``."""
+    if not SIMULATOR and isinstance(a, cupy.ndarray):
+        return cupy.asnumpy(a)
+    return np.array(a, copy=True)
+
+
+def zeros(shape, dtype):
+    """Zero-filled device array."""
+    return xp.zeros(shape, dtype=dtype)
+
+
+def empty(shape, dtype):
+    """Uninitialised device array (every element is written by a kernel before it is read)."""
+    return xp.empty(shape, dtype=dtype)
+
+
+def is_device_array(a):
+    return isinstance(a, xp.ndarray)
+
+
+def check_array(name, a, ndim=None, dtype=None, shape=None):
+    """Raise TypeError/ValueError naming ``name`` unless ``a`` is a C-contiguous device array
+    with the given ``ndim``, ``dtype`` (or one of DTYPES) and ``shape`` (None entries: any)."""
+    if not is_device_array(a):
+        raise TypeError(
+            f"{name} must be a {xp.__name__}.ndarray (this backend's device array; convert with "
+            f"asarray), got {type(a).__name__}")
+    if dtype is None:
+        if a.dtype not in DTYPES:
+            raise TypeError(f"{name} must have dtype float32 or float64, got {a.dtype}")
+    elif a.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {np.dtype(dtype)}, got {a.dtype}")
+    if ndim is not None and a.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(a.shape)}")
+    if shape is not None:
+        if len(shape) != a.ndim or any(s is not None and s != d for s, d in zip(shape, a.shape)):
+            want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+            raise ValueError(f"{name} must have shape {want}, got {list(a.shape)}")
+    if not a.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous")

@@ -1,0 +1,120 @@
+"""Matrix products and column sums for the recurrent layers.
+
+Numba-CUDA has no cuBLAS binding, so this module has its own simple tiled GEMM kernel
+(shared-memory tiles, one output element per thread). On a real GPU the default is
+``cupy.matmul`` (cuBLAS) on the same arrays; ``config.GEMM`` forces either.
+
+Plain references beside the kernels (llm.c style), checked in tests/cudasim/test_ops.py:
+``matmul(a, b, c, trans_a, trans_b, accumulate)``  ==  ``c[...] = op(a) @ op(b) (+ c)``
+``col_sum_add(g, out)``                            ==  ``out += g.sum(axis=0)``
+"""
+
+import functools
+
+import numpy as np
+from numba import cuda, float32, float64
+
+from . import _device, config
+from ._device import ZERO as _ZERO
+
+_NUMBA_DTYPE = {np.dtype(np.float32): float32, np.dtype(np.float64): float64}
+
+
+@functools.lru_cache(maxsize=None)
+def _gemm_kernel(tile, dtype):
+    """The tiled GEMM kernel for square tiles of edge ``tile`` and element type ``dtype``."""
+    nb_dtype = _NUMBA_DTYPE[np.dtype(dtype)]
+
+    @cuda.jit
+    def gemm(a, b, c, trans_a, trans_b, accumulate):
+        # a: [M,K] ([K,M] if trans_a)   b: [K,N] ([N,K] if trans_b)   c: [M,N]
+        # c = op(a) @ op(b)  (+ c if accumulate);  block (tile, tile), grid over c's tiles
+        a_tile = cuda.shared.array((tile, tile), nb_dtype)  # op(a)[row, k0:k0+tile]
+        b_tile = cuda.shared.array((tile, tile), nb_dtype)  # op(b)[k0:k0+tile, col]
+        tx = cuda.threadIdx.x
+        ty = cuda.threadIdx.y
+        row = cuda.blockIdx.y * tile + ty
+        col = cuda.blockIdx.x * tile + tx
+        M = c.shape[0]
+        N = c.shape[1]
+        K = a.shape[0] if trans_a else a.shape[1]
+        acc = _ZERO
+        for k0 in range(0, K, tile):
+            ka = k0 + tx
+            if row < M and ka < K:
+                a_tile[ty, tx] = a[ka, row] if trans_a else a[row, ka]
+            else:
+                a_tile[ty, tx] = 0
+            kb = k0 + ty
+            if col < N and kb < K:
+                b_tile[ty, tx] = b[col, kb] if trans_b else b[kb, col]
+            else:
+                b_tile[ty, tx] = 0
+            cuda.syncthreads()
+            for kk in range(tile):
+                acc += a_tile[ty, kk] * b_tile[kk, tx]
+            cuda.syncthreads()
+        if row < M and col < N:
+            if accumulate:
+                c[row, col] += acc
+            else:
+                c[row, col] = acc  # c is never read: poisoned (NaN) outputs are fine
+
+    return gemm
+
+
+def use_cublas():
+    """True where matrix products go to cuBLAS (cupy.matmul), per ``config.GEMM``."""
+    mode = config.GEMM
+    if mode not in ("auto", "cublas", "numba"):
+        raise ValueError(f"config.GEMM must be 'auto', 'cublas' or 'numba', got {mode!r}")
+    if mode == "cublas" and _device.SIMULATOR:
+        raise ValueError("config.GEMM='cublas' needs a real GPU (CuPy cannot run under the simulator)")
+    return mode == "cublas" or (mode == "auto" and not _device.SIMULATOR)
+
+
+def matmul(a, b, c, trans_a=False, trans_b=False, accumulate=False):
+    """c = op(a) @ op(b), or c += op(a) @ op(b) if ``accumulate``; op(m) = m.T where asked.
+
+    a [M,K] (or [K,M]), b [K,N] (or [N,K]), c [M,N]: 2-D C-contiguous device arrays of one dtype.
+    """
+    M, N = c.shape
+    if M == 0 or N == 0:
+        return
+    if use_cublas():
+        op_a = a.T if trans_a else a
+        op_b = b.T if trans_b else b
+        if accumulate:
+            c += _device.cupy.matmul(op_a, op_b)
+        else:
+            _device.cupy.matmul(op_a, op_b, out=c)
+        return
+    tile = config.GEMM_TILE
+    grid = ((N + tile - 1) // tile, (M + tile - 1) // tile)
+    _gemm_kernel(tile, c.dtype)[grid, (tile, tile), _device.stream()](
+        a, b, c, bool(trans_a), bool(trans_b), bool(accumulate))
+
+
+_ROWS_PER_THREAD = 64
+
+
+@cuda.jit
+def _col_sum_add_kernel(g, out, rows_per_thread):
+    # g: [N,M]   out: [M] += column sums of g; item = (row chunk, column), one atomic per item
+    N = g.shape[0]
+    M = g.shape[1]
+    chunks = (N + rows_per_thread - 1) // rows_per_thread
+    for item in range(cuda.grid(1), chunks * M, cuda.gridsize(1)):
+        chunk = item // M
+        col = item - chunk * M
+        acc = _ZERO
+        for r in range(chunk * rows_per_thread, min(N, (chunk + 1) * rows_per_thread)):
+            acc += g[r, col]
+        cuda.atomic.add(out, col, acc)
+
+
+def col_sum_add(g, out):
+    """out [M] += g [N,M] summed over rows (bias gradients)."""
+    N, M = g.shape
+    chunks = (N + _ROWS_PER_THREAD - 1) // _ROWS_PER_THREAD
+    _device.launch_1d(_col_sum_add_kernel, chunks * M, g, out, _ROWS_PER_THREAD)
