@@ -220,6 +220,9 @@ class _RecurrentModel:
         dinit, dh_all = [None] * self.num_layers, [None] * self.num_layers
         for k in reversed(range(self.num_layers)):
             _check_finite_grad(xp, dy, f"the output of recurrent level {k}")
+            for part in (dstates[k] if isinstance(dstates[k], tuple) else (dstates[k],)):
+                if part is not None:
+                    _check_finite_grad(xp, part, f"the final state of recurrent level {k}")
             dy, dinit[k], (dh_all[k],) = self.layers[k].backward(dy, cache.layers[k], dstates[k], t_start,
                                                                 return_dh=True)
             if k > 0 and cache.masks[k - 1] is not None:

@@ -1,0 +1,500 @@
+"""Training: full BPTT and truncated BPTT(k1, k2) over token streams and sets of sequences.
+
+Semantics (DESIGN.md section 4)
+-------------------------------
+A *group* is what the recurrent state runs through from zero: for a LanguageModel the whole
+token stream of an epoch, cut into B contiguous streams exactly as PyTorch's word_language_model
+``batchify`` (the last ``len % B`` tokens are dropped; input tokens[t], target tokens[t+1]); for a
+SequenceModel one batch of B independent sequences (state reset per sequence).
+
+* ``k1 = k2 = None``: full BPTT: one update per group, backpropagating over all its steps.
+* ``TBPTT(k1, k2)`` (k2 = k1 when not given; 1 <= k1 <= k2): the group is run forward in chunks of
+  k1 steps; after each chunk the losses of its steps (their mean) are backpropagated through the
+  last k2 steps, the gradient is cut at the start of that window, the weights are updated and the
+  state carries on (detached) into the next chunk. The final chunk of a group may be shorter
+  (r < k1 steps); it trains as a shorter window: losses of its r steps, backpropagated through
+  its r steps plus the k2 - k1 steps before it. With k1 == k2 this is PyTorch's
+  word_language_model loop (``repackage_hidden`` between chunks), update for update.
+* k2 > k1: the activations of the k2 - k1 steps before a chunk are not recomputed: the caches of
+  the chunks they were computed in are kept in a ring buffer and backpropagated through chunk by
+  chunk (``layer.backward`` with the state gradient carried and ``t_start`` where the window
+  begins). Those activations were computed with the weights before the last update(s), while the
+  backward pass uses the current weights: the standard, cheap choice (Williams & Peng's
+  BPTT(h; h') as usually implemented); with a learning rate of 0 it is the exact gradient.
+* Reset mask (token streams): True where a document starts; the state of that stream is set to
+  zero before that token is read, and no gradient flows across the boundary. A chunk is split
+  into segments at the reset positions (forward a segment, zero the rows of the streams that
+  reset, go on; backward multiplies the carried state gradient by the keep mask there), so the
+  result equals running the documents separately.
+
+Losses: integer targets -> softmax cross-entropy, mean over counted targets (-1 = ignored), as
+``torch.nn.CrossEntropyLoss()``; float targets -> mean squared error as ``torch.nn.MSELoss()``.
+A window whose targets are all ignored (e.g. early chunks of a last-step task) makes no update.
+
+Gradient clipping is ``torch.nn.utils.clip_grad_norm_`` over all parameters. A non-finite loss or
+gradient norm raises :class:`NonFiniteError` naming the step, before the weights are touched;
+with ``on_nonfinite="skip"`` the update is skipped instead, the carried state is reset to zeros
+and the overlap buffer dropped.
+
+``epochs`` and ``max_steps`` of :meth:`Trainer.fit` are totals over the trainer's life (as
+Keras' ``epochs`` with ``initial_epoch``), so ``Trainer.from_checkpoint(path).fit(...)`` with the
+arguments of the interrupted call finishes that run, ending with the same weights as a run
+that was never interrupted.
+"""
+
+import math
+import time
+import zlib
+
+import numpy as np
+
+from bptt import losses
+from bptt.models import LanguageModel, NonFiniteGradientError, SequenceModel
+from bptt.optim import ConstantLR, Schedule, clip_grad_norm_
+
+ON_NONFINITE = ("raise", "skip")
+EVAL_CHUNK = 256   # steps per forward call in evaluate() when k1 is None
+
+
+class NonFiniteError(FloatingPointError):
+    """The loss or the gradient of a training window was NaN or inf."""
+
+
+def _check_k(name, value):
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be a positive int or None; got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be a positive int or None; got {value}")
+    return int(value)
+
+
+def check_truncation(k1, k2):
+    """Validate (k1, k2) -> (k1, k2) with k2 defaulting to k1; (None, None) is full BPTT."""
+    k1, k2 = _check_k("k1", k1), _check_k("k2", k2)
+    if k1 is None:
+        if k2 is not None:
+            raise ValueError(f"k2={k2} needs k1 (TBPTT(k1, k2) runs the forward in chunks of k1 steps); "
+                             f"use k1=k2=None for full BPTT")
+        return None, None
+    if k2 is None:
+        k2 = k1
+    if k2 < k1:
+        raise ValueError(f"TBPTT needs k1 <= k2 (the losses of the last k1 steps are backpropagated "
+                         f"through the last k2 steps); got k1={k1}, k2={k2}")
+    return k1, k2
+
+
+# ------------------------------------------------------------------------------------------
+# Data: groups of steps that the state runs through from zero
+
+
+def batchify(tokens, batch_size):
+    """PyTorch word_language_model's batchify: 1-D tokens -> [len // B, B], column b = stream b."""
+    n = len(tokens) // batch_size
+    return np.ascontiguousarray(np.asarray(tokens)[:n * batch_size].reshape(batch_size, n).T)
+
+
+class Group:
+    """B parallel streams of T steps that start from a zero state.
+
+    inputs   [T,B] int ids or [T,B,I] floats (host)
+    targets  [T,B] int, [T,B,O] float (every step), or [B] int / [B,O] float (last step)
+    resets   [T,B] bool or None: True where the state of that stream is zeroed before step t
+    """
+
+    def __init__(self, inputs, targets, every_step, resets=None):
+        self.inputs, self.targets, self.every_step = inputs, targets, every_step
+        self.T, self.B = inputs.shape[0], inputs.shape[1]
+        self.ce = targets.dtype.kind in "iu"
+        self.resets = resets
+        rows = np.flatnonzero(resets.any(axis=1)) if resets is not None else np.empty(0, np.int64)
+        self.reset_rows = rows[rows > 0]            # a reset at step 0 meets a zero state anyway
+
+    def segments(self, t0, t1):
+        """Split [t0, t1) at reset rows -> list of (s0, s1, reset_here: bool)."""
+        cuts = [int(r) for r in self.reset_rows if t0 < r < t1]
+        bounds = [t0] + cuts + [t1]
+        return [(a, b, a in self.reset_rows) for a, b in zip(bounds[:-1], bounds[1:])]
+
+    def count(self, t0, t1):
+        """Number of loss terms in steps [t0, t1) (the mean's divisor)."""
+        if not self.every_step:
+            if t1 < self.T:
+                return 0
+            return losses.count_targets(self.targets) if self.ce else self.targets.size
+        tg = self.targets[t0:t1]
+        return losses.count_targets(tg) if self.ce else tg.size
+
+    def loss(self, backend, out, s0, s1, count):
+        """(loss, dout) of the outputs of steps [s0, s1), or (0.0, None) when they carry no loss."""
+        if not self.every_step and s1 < self.T:
+            return 0.0, None
+        tg = self.targets[s0:s1] if self.every_step else self.targets
+        if self.ce:
+            return losses.cross_entropy(backend, out, tg, count, overwrite=True)
+        return losses.mse(backend, out, tg, count)
+
+
+class Dataset:
+    """Training or evaluation data prepared for a model: a list of groups and a fingerprint."""
+
+    def __init__(self, model, data, batch_size, reset_mask=None):
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int; got {batch_size!r}")
+        B = int(batch_size)
+        self.batch_size = B
+        crc = zlib.crc32(np.int64(B).tobytes())
+        if isinstance(model, LanguageModel):
+            tokens = np.asarray(data)
+            if tokens.ndim != 1 or tokens.dtype.kind not in "iu":
+                raise ValueError(f"data for a LanguageModel must be a 1-D int token stream; "
+                                 f"got {tokens.ndim}-D array of dtype {tokens.dtype}")
+            if len(tokens) and (tokens.min() < 0 or tokens.max() >= model.vocab_size):
+                raise ValueError(f"token ids must be in [0, {model.vocab_size}); got range "
+                                 f"[{int(tokens.min())}, {int(tokens.max())}]")
+            if len(tokens) // B < 2:
+                raise ValueError(f"data has {len(tokens)} tokens: too few for batch_size {B} "
+                                 f"(each of the {B} streams needs at least 2 tokens)")
+            src = batchify(tokens.astype(np.int64), B)                       # n,B
+            resets = None
+            if reset_mask is not None:
+                mask = np.asarray(reset_mask)
+                if mask.shape != tokens.shape or mask.dtype != np.bool_:
+                    raise ValueError(f"reset_mask must be a bool array of the data's shape {tokens.shape}; "
+                                     f"got {mask.dtype} {mask.shape}")
+                resets = batchify(mask, B)[:-1]
+                crc = zlib.crc32(mask.tobytes(), crc)
+            crc = zlib.crc32(src.tobytes(), crc)
+            self.groups = [Group(src[:-1], src[1:], True, resets)]
+        elif isinstance(model, SequenceModel):
+            if reset_mask is not None:
+                raise ValueError("reset_mask applies to token streams; sequences of a SequenceModel "
+                                 "always start from a zero state")
+            if not isinstance(data, (tuple, list)) or len(data) != 2:
+                raise ValueError("data for a SequenceModel must be a pair (inputs [N,T,I], targets)")
+            inputs, targets = np.asarray(data[0]), np.asarray(data[1])
+            if inputs.ndim != 3 or inputs.shape[2] != model.input_size or inputs.dtype.kind != "f":
+                raise ValueError(f"inputs must be float [N, T, I] with I = {model.input_size}; "
+                                 f"got {inputs.dtype} {inputs.shape}")
+            N, T = inputs.shape[:2]
+            O = model.output_size
+            every = model.readout == "every_step"
+            ok = {True: {"i": (N, T), "f": (N, T, O)}, False: {"i": (N,), "f": (N, O)}}[every]
+            kind = "i" if targets.dtype.kind in "iu" else targets.dtype.kind
+            if ok.get(kind) != targets.shape:
+                raise ValueError(f"targets for readout={model.readout!r} must be int {ok['i']} (cross-entropy) "
+                                 f"or float {ok['f']} (MSE); got {targets.dtype} {targets.shape}")
+            if kind == "i" and targets.max(initial=-1) >= O:
+                raise ValueError(f"class targets must be < output_size {O}; got {int(targets.max())}")
+            targets = targets.astype(np.int64) if kind == "i" else targets
+            crc = zlib.crc32(targets.tobytes(), zlib.crc32(inputs.tobytes(), crc))
+            self.groups = []
+            for b0 in range(0, N, B):
+                x = np.ascontiguousarray(inputs[b0:b0 + B].transpose(1, 0, 2))               # T,B,I
+                y = targets[b0:b0 + B]
+                y = np.ascontiguousarray(np.moveaxis(y, 0, 1)) if every else np.ascontiguousarray(y)
+                self.groups.append(Group(x, y, every))
+        else:
+            raise TypeError(f"model must be a LanguageModel or SequenceModel; got {type(model).__name__}")
+        self.fingerprint = int(crc)
+
+
+# ------------------------------------------------------------------------------------------
+# The ring buffer of chunk caches
+
+
+class Segment:
+    """A forward call over steps [s0, s1) of a group, kept for backward.
+
+    cache  the model's cache; dout: dL/d(outputs) while its window is open (None: no loss);
+    keep   [B] device 0/1 mask applied to the state entering s0 (None: no reset there)
+    """
+
+    __slots__ = ("s0", "s1", "cache", "dout", "keep")
+
+    def __init__(self, s0, s1, cache, dout, keep):
+        self.s0, self.s1, self.cache, self.dout, self.keep = s0, s1, cache, dout, keep
+
+
+def _reset_rows(state, keep):
+    """state h [L,B,H] (or (h, c)) times keep [B] (0 = that stream resets); None stays None."""
+    if state is None:
+        return None
+    if isinstance(state, tuple):
+        return tuple(s * keep[None, :, None] for s in state)
+    return state * keep[None, :, None]
+
+
+class Position:
+    """Where an epoch stands between two updates: group index, step within it, carried state,
+    ring buffer segments, dropout RNG state, and the data it refers to."""
+
+    __slots__ = ("group", "offset", "state", "ring", "rng_state", "fingerprint", "batch_size")
+
+    def __init__(self, group, offset, state, ring, rng_state, fingerprint, batch_size):
+        self.group, self.offset, self.state, self.ring = group, offset, state, ring
+        self.rng_state, self.fingerprint, self.batch_size = rng_state, fingerprint, batch_size
+
+
+class Trainer:
+    """Trains a model with full BPTT or TBPTT(k1, k2); see the module docstring for semantics.
+
+    model         LanguageModel or SequenceModel
+    optimizer     bptt.SGD / bptt.Adam; its lr is the base lr the schedule scales
+    k1, k2        TBPTT chunk and window lengths (None, None: full BPTT)
+    clip_norm     None or max global gradient norm (torch.nn.utils.clip_grad_norm_)
+    schedule      None (constant) or a bptt.optim schedule: lr of each epoch
+    on_nonfinite  "raise" (default) or "skip"
+    record_grad_norms  True: per window, store ||dL/dh_t|| of every step and every level and the
+                  norm of every parameter's gradient in ``history["grad_diagnostics"]``
+    """
+
+    def __init__(self, model, optimizer, k1=None, k2=None, clip_norm=None, schedule=None,
+                 on_nonfinite="raise", record_grad_norms=False):
+        if not isinstance(model, (LanguageModel, SequenceModel)):
+            raise TypeError(f"model must be a bptt.LanguageModel or bptt.SequenceModel; got {type(model).__name__}")
+        self.model = model
+        self.optimizer = optimizer
+        self.k1, self.k2 = check_truncation(k1, k2)
+        if clip_norm is not None and (isinstance(clip_norm, bool) or not isinstance(clip_norm, (int, float))
+                                      or not 0 < clip_norm < math.inf):
+            raise ValueError(f"clip_norm must be None or a positive finite number; got {clip_norm!r}")
+        self.clip_norm = None if clip_norm is None else float(clip_norm)
+        if schedule is not None and not isinstance(schedule, Schedule):
+            raise TypeError(f"schedule must be None or a bptt.optim schedule; got {type(schedule).__name__}")
+        self.schedule = schedule if schedule is not None else ConstantLR()
+        if on_nonfinite not in ON_NONFINITE:
+            raise ValueError(f"on_nonfinite must be one of {ON_NONFINITE}; got {on_nonfinite!r}")
+        self.on_nonfinite = on_nonfinite
+        self.record_grad_norms = bool(record_grad_norms)
+        self.base_lr = optimizer.lr
+        self.step = 0            # updates made
+        self.epoch = 0           # epochs completed
+        self.position = None     # Position inside the current epoch, None at an epoch boundary
+        self.meta = {}
+        self.history = {"step": [], "epoch": [], "loss": [], "lr": [], "grad_norm": [], "tokens": [],
+                        "skipped": [], "epoch_loss": [], "grad_diagnostics": []}
+
+    @property
+    def backend(self):
+        return self.model.backend
+
+    @property
+    def config(self):
+        """Constructor settings besides model/optimizer/schedule (JSON-able)."""
+        return {"k1": self.k1, "k2": self.k2, "clip_norm": self.clip_norm, "on_nonfinite": self.on_nonfinite,
+                "record_grad_norms": self.record_grad_norms}
+
+    # ------------------------------------------------------------------ training
+
+    def fit(self, data, batch_size, epochs=1, max_steps=None, validation=None, callbacks=(), reset_mask=None):
+        """Train until ``epochs`` epochs are complete (or ``max_steps`` updates made), both totals.
+
+        data: 1-D int token stream (LanguageModel) or (inputs [N,T,I], targets) (SequenceModel);
+        reset_mask: 1-D bool like data (token streams): True where a document starts.
+        validation: data in the same form, evaluated after every epoch (``history["val_*"]``).
+        callbacks: cb(event) after every update, event = {"step", "epoch", "loss", "tokens"
+        (tokens of this update), "tokens_per_s", "lr", "grad_norm"}. Returns ``history``.
+        """
+        if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, (int, np.integer))
+                                      or max_steps < 0):
+            raise ValueError(f"max_steps must be None or an int >= 0; got {max_steps!r}")
+        dataset = Dataset(self.model, data, batch_size, reset_mask)
+        if self.position is not None and (self.position.fingerprint != dataset.fingerprint
+                                          or self.position.batch_size != dataset.batch_size):
+            raise ValueError("fit() must continue the interrupted epoch with the same data, reset_mask and "
+                             f"batch_size (batch_size was {self.position.batch_size}, now {dataset.batch_size}; "
+                             "or the data differ)")
+        clock = _Clock()
+        while self.epoch < epochs and (max_steps is None or self.step < max_steps):
+            lr = self.schedule(self.base_lr, self.epoch)
+            self.optimizer.lr = lr
+            pos = self.position
+            if pos is not None:
+                self.model.rng.bit_generator.state = pos.rng_state
+            epoch_losses = []
+            for gi in range(pos.group if pos else 0, len(dataset.groups)):
+                group = dataset.groups[gi]
+                resumed = pos is not None and pos.group == gi
+                t = pos.offset if resumed else 0
+                state = pos.state if resumed else None
+                ring = list(pos.ring) if resumed else []
+                while t < group.T:
+                    if max_steps is not None and self.step >= max_steps:
+                        return self.history
+                    t1 = group.T if self.k1 is None else min(t + self.k1, group.T)
+                    state, event = self._train_chunk(group, t, t1, state, ring, clock)
+                    t = t1
+                    self.position = Position(gi, t, state, tuple(ring), self.model.rng.bit_generator.state,
+                                             dataset.fingerprint, dataset.batch_size)
+                    if event is not None:
+                        epoch_losses.append(event["loss"])
+                        for cb in callbacks:
+                            cb(event)
+            self.epoch += 1
+            self.position = None
+            self.history["epoch_loss"].append(float(np.mean(epoch_losses)) if epoch_losses else math.nan)
+            if validation is not None:
+                for k, v in self.evaluate(validation, batch_size).items():
+                    self.history.setdefault("val_" + k, []).append(v)
+        return self.history
+
+    def _train_chunk(self, group, t0, t1, state, ring, clock):
+        """Forward steps [t0, t1) of ``group``, backpropagate the window, update. Appends the chunk's
+        segments to ``ring`` and trims it. Returns (carried state, event or None)."""
+        be, model = self.backend, self.model
+        count = group.count(t0, t1)
+        loss = 0.0
+        for s0, s1, reset in group.segments(t0, t1):
+            keep = None
+            if reset:
+                keep = be.asarray(~group.resets[s0], model.dtype)                     # B
+                state = _reset_rows(state, keep)
+            out, state, cache = model.forward(group.inputs[s0:s1], state, train=True)
+            seg_loss, dout = group.loss(be, out, s0, s1, count) if count else (0.0, None)
+            loss += seg_loss
+            ring.append(Segment(s0, s1, cache, dout, keep))
+
+        overlap = 0 if self.k1 is None else self.k2 - self.k1
+        w0 = max(0, t0 - overlap)                       # the window: steps [w0, t1)
+        event = None
+        if count:
+            event = self._update(group, loss, ring, w0, t0, t1, clock)
+            if event["skipped"]:
+                state, ring[:] = None, []
+        for seg in ring:
+            seg.dout = None
+        ring[:] = [seg for seg in ring if seg.s1 > t1 - overlap]
+        return state, event
+
+    def _nonfinite(self, what, t0, t1):
+        msg = (f"non-finite {what} at step {self.step + 1} (epoch {self.epoch}, steps {t0}..{t1 - 1} "
+               f"of the stream); the weights were not updated")
+        if self.on_nonfinite == "raise":
+            raise NonFiniteError(msg + " (on_nonfinite='skip' skips such updates)")
+        return msg
+
+    def _update(self, group, loss, ring, w0, t0, t1, clock):
+        """Backward over the window [w0, t1) through the ring buffer, checks, clip, optimizer step."""
+        be, model = self.backend, self.model
+        skipped = None
+        grad_norm = math.nan
+        dh_norms = []
+        if not math.isfinite(loss):
+            skipped = self._nonfinite(f"loss ({loss})", t0, t1)
+        else:
+            model.zero_grad()
+            dstate = None
+            try:
+                for seg in reversed(ring):
+                    if seg.s1 <= w0:
+                        break
+                    ts = max(0, w0 - seg.s0)
+                    dstate, dh = model.backward(seg.dout, seg.cache, dstate, ts, return_dh=True)
+                    if self.record_grad_norms:
+                        dh_norms.append([_step_norms(be, d[ts:]) for d in dh])
+                    if seg.keep is not None and ts == 0:
+                        dstate = _reset_rows(dstate, seg.keep)
+                grads = list(model.grads.values())
+                grad_norm = math.sqrt(be.sum_of_squares(grads))
+                if not math.isfinite(grad_norm):
+                    raise NonFiniteGradientError(f"gradient norm {grad_norm}")
+            except NonFiniteGradientError as e:
+                skipped = self._nonfinite(f"gradient ({e})", t0, t1)
+        if skipped is None:
+            if self.record_grad_norms:
+                self._record(dh_norms, w0, t1)
+            if self.clip_norm is not None:
+                clip_grad_norm_(grads, self.clip_norm, be, total_norm=grad_norm)
+            self.optimizer.step(model.params, model.grads, be)
+        self.step += 1 if skipped is None else 0
+        tokens = (t1 - t0) * group.B
+        clock.tokens += tokens
+        event = {"step": self.step, "epoch": self.epoch, "loss": loss, "tokens": tokens,
+                 "tokens_per_s": clock.rate(), "lr": self.optimizer.lr, "grad_norm": grad_norm,
+                 "skipped": skipped is not None}
+        for k in ("step", "epoch", "loss", "lr", "grad_norm", "tokens", "skipped"):
+            self.history[k].append(event[k])
+        return event
+
+    def _record(self, dh_norms, w0, t1):
+        """Store one window's gradient diagnostics (dh norms oldest step first, per level)."""
+        be = self.backend
+        levels = len(dh_norms[0])
+        per_level = [[v for seg in reversed(dh_norms) for v in seg[k]] for k in range(levels)]
+        self.history["grad_diagnostics"].append({
+            "step": self.step + 1, "epoch": self.epoch, "window": [w0, t1], "dh_norms": per_level,
+            "param_grad_norms": {n: math.sqrt(be.sum_of_squares([g])) for n, g in self.model.grads.items()}})
+
+    # ------------------------------------------------------------------ evaluation
+
+    def evaluate(self, data, batch_size, reset_mask=None):
+        """Loss on held-out data, no dropout, state carried over the whole stream (chunks of k1 steps,
+        or EVAL_CHUNK under full BPTT; chunking changes nothing here: no truncation without backward).
+
+        LanguageModel: {"loss" (nats per token), "perplexity", "bits_per_token"}. SequenceModel:
+        {"loss"} plus "accuracy" (argmax over counted targets) for class targets.
+        """
+        be, model = self.backend, self.model
+        dataset = Dataset(model, data, batch_size, reset_mask)
+        total, count, correct = 0.0, 0, 0
+        chunk = self.k1 or EVAL_CHUNK
+        for group in dataset.groups:
+            state = None
+            for t0 in range(0, group.T, chunk):
+                for s0, s1, reset in group.segments(t0, min(t0 + chunk, group.T)):
+                    if reset:
+                        state = _reset_rows(state, be.asarray(~group.resets[s0], model.dtype))
+                    out, state, _ = model.forward(group.inputs[s0:s1], state, train=False)
+                    n = group.count(s0, s1)
+                    if n == 0:
+                        continue
+                    if group.ce:
+                        tg = group.targets[s0:s1] if group.every_step else group.targets
+                        tg_dev = be.asarray(tg, np.int64)
+                        pred = be.xp.argmax(out, axis=-1)
+                        correct += int(((pred == tg_dev) & (tg_dev >= 0)).sum())
+                    total += group.loss(be, out, s0, s1, 1)[0]
+                    count += n
+        loss = total / count if count else math.nan
+        if isinstance(model, LanguageModel):
+            return {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else math.inf,
+                    "bits_per_token": loss / math.log(2)}
+        metrics = {"loss": loss}
+        if dataset.groups[0].ce:
+            metrics["accuracy"] = correct / count if count else math.nan
+        return metrics
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self, path, meta=None):
+        """Write everything needed to resume (weights, optimizer, schedule, counters, position in
+        the epoch, carried state, ring buffer, dropout RNG) and ``meta`` (JSON-able) atomically."""
+        from bptt import checkpoint
+        checkpoint.save_trainer(self, path, meta)
+
+    @classmethod
+    def from_checkpoint(cls, path):
+        """Rebuild a trainer from :meth:`save_checkpoint`'s file; ``trainer.meta`` holds its meta."""
+        from bptt import checkpoint
+        return checkpoint.load_trainer(path)
+
+
+def _step_norms(backend, dh):
+    """[T,B,H] device array -> list of T floats: the L2 norm of every step's dL/dh_t."""
+    xp = backend.xp
+    norms = xp.sqrt((dh.astype(np.float64) ** 2).sum(axis=(1, 2)))
+    return [float(v) for v in backend.to_host(norms)]
+
+
+class _Clock:
+    """Tokens processed and wall time since fit() began (for tokens_per_s)."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.tokens = 0
+
+    def rate(self):
+        return self.tokens / max(time.perf_counter() - self.start, 1e-9)
