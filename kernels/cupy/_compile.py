@@ -1,0 +1,96 @@
+"""Kernel sources of the CuPy backend and their lazy compilation.
+
+Nothing here compiles or touches a GPU at import time: :class:`CupyLauncher` builds a
+``cupy.RawModule`` the first time one of its kernels is launched (CuPy then caches the binary
+on disk). ``KERNELS`` lists every kernel name the Python side launches, with its source file;
+tests/test_ptx_cupy.py checks each one against the PTX that nvcc makes of that file.
+"""
+
+import os
+import re
+
+import numpy as np
+
+from bptt_kernels import CELLS
+
+SOURCE_DIR = os.path.dirname(os.path.abspath(__file__))
+SUFFIX = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}
+
+_CELL_KERNELS = ("forward_step", "backward_step", "forward_persistent", "backward_persistent")
+_OPS_KERNELS = ("softmax_xent", "embedding_forward", "embedding_backward", "sgd_step",
+                "adam_step", "sum_squares", "scale")
+
+# kernel name -> source file
+KERNELS = {}
+for _sfx in SUFFIX.values():
+    for _cell in CELLS:
+        for _k in _CELL_KERNELS:
+            KERNELS[f"{_cell}_{_k}_{_sfx}"] = "recurrent.cu"
+    for _k in _OPS_KERNELS:
+        KERNELS[f"{_k}_{_sfx}"] = "ops.cu"
+
+SOURCES = ("recurrent.cu", "ops.cu")  # the files holding kernels; common.cu is their header
+COMPILE_OPTIONS = ("-std=c++17",)
+_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.M)
+
+
+def kernel_name(base, dtype):
+    """Name of the kernel ``base`` for ``dtype``: ``kernel_name("scale", float32) == "scale_f32"``."""
+    return f"{base}_{SUFFIX[np.dtype(dtype)]}"
+
+
+def load_source(filename, _seen=None):
+    """Text of ``filename`` with its local ``#include "x.cu"`` lines replaced by the files' text
+    (each once), so the source handed to NVRTC is self-contained."""
+    seen = set() if _seen is None else _seen
+    with open(os.path.join(SOURCE_DIR, filename), encoding="utf-8") as f:
+        text = f.read()
+
+    def inline(m):
+        name = m.group(1)
+        if name in seen:
+            return ""
+        seen.add(name)
+        return load_source(name, seen)
+
+    return _INCLUDE.sub(inline, text)
+
+
+class CupyLauncher:
+    """Launches kernels by name on the current CuPy stream, compiling each source on first use.
+
+    ``launcher(name, grid, block, args, shared_mem=0)``: ``args`` are CuPy arrays and NumPy
+    scalars typed exactly as the kernel's C parameters (np.int32 for int, np.int64 for
+    long long, the array dtype for Real).
+    """
+
+    def __init__(self):
+        self._modules = {}   # source file -> cupy.RawModule
+        self._kernels = {}   # kernel name -> cupy.RawKernel
+
+    def _kernel(self, name):
+        kernel = self._kernels.get(name)
+        if kernel is None:
+            import cupy
+
+            source = KERNELS[name]
+            module = self._modules.get(source)
+            if module is None:
+                module = cupy.RawModule(code=load_source(source), options=COMPILE_OPTIONS)
+                self._modules[source] = module
+            kernel = self._kernels[name] = module.get_function(name)
+        return kernel
+
+    def __call__(self, name, grid, block, args, shared_mem=0):
+        kernel = self._kernel(name)
+        if shared_mem > 48 * 1024 and kernel.max_dynamic_shared_size_bytes < shared_mem:
+            kernel.max_dynamic_shared_size_bytes = shared_mem  # opt in beyond 48 KiB
+        kernel((int(grid),), (int(block),), tuple(args), shared_mem=int(shared_mem))
+
+
+def cupy_device_limits():
+    """(opt-in shared memory bytes per block, number of SMs) of the current CuPy device."""
+    import cupy
+
+    attrs = cupy.cuda.Device().attributes
+    return attrs["MaxSharedMemoryPerBlockOptin"], attrs["MultiProcessorCount"]

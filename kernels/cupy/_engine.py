@@ -1,0 +1,447 @@
+"""The orchestration of the CuPy backend, written once for any array module.
+
+:class:`Engine` holds an array module ``xp`` and a kernel launcher. With ``cupy`` and
+:class:`~bptt_kernels.cupy._compile.CupyLauncher` it is the GPU backend; with ``numpy`` and
+:class:`~bptt_kernels.cupy.host_emulation.HostLauncher` (the same CUDA sources built as host
+functions) it runs on a CPU, which is how its logic and the kernels' arithmetic are tested on
+machines without a GPU. Every GEMM is ``xp.matmul`` (cuBLAS under CuPy).
+
+Recurrent layers (see recurrent.cu for the kernels and the cache):
+
+* forward: ``xproj = x @ w_ih^T + b_ih`` for all T steps in one GEMM, then either the
+  persistent kernel (one launch for all steps, W_hh in shared memory) or, per step, the GEMM
+  ``h_{t-1} @ w_hh^T`` and one fused gate kernel;
+* backward: per step the fused gate-gradient kernel and ``dgh[t] @ w_hh`` (or the persistent
+  kernel), then ``dw_ih``, ``dw_hh``, the biases and ``dx`` as GEMMs over all (T - t_start) * B rows.
+"""
+
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from bptt_kernels import CELLS, GATES
+
+from . import config
+from ._compile import SUFFIX, kernel_name
+
+DTYPES = tuple(SUFFIX)          # float32, float64
+STEP_THREADS = 256              # threads per block of grid-stride (elementwise) kernels
+ROW_THREADS = 256               # threads per block of per-row reductions (a power of two)
+MAX_PERSISTENT_THREADS = 1024   # threads per block of the persistent kernels
+MAX_GRID = 65535                # grid-stride kernels never need more blocks
+
+
+class RecurrentCache(NamedTuple):
+    """Activations saved by ``<cell>_forward`` for ``<cell>_backward`` (device arrays).
+
+    cell   str        "lstm" | "gru" | "rnn_tanh" | "rnn_relu"
+    x      [T,B,I]    the input
+    h0     [B,H]      the initial hidden state
+    c0     [B,H]      the initial cell state (LSTM; None otherwise)
+    y      [T,B,H]    h_1 .. h_T (the Elman RNN's act' is computed from it)
+    gates  [T,B,G*H]  activated gates: LSTM i,f,g,o; GRU r,z,n (None for the Elman RNN)
+    c      [T,B,H]    LSTM cell states c_1 .. c_T (None otherwise)
+    hn     [T,B,H]    GRU h_{t-1} W_hn^T + b_hn (None otherwise)
+    """
+    cell: str
+    x: Any
+    h0: Any
+    c0: Any
+    y: Any
+    gates: Any
+    c: Any
+    hn: Any
+
+
+def persistent_smem_bytes(cell, H, rows, dtype):
+    """Shared memory (bytes) the persistent kernels need per block, max of forward and backward.
+
+    Forward: W_hh^T [G*H, H] + h [2, rows, H]. Backward: W_hh [G*H, H] + dg [rows, G*H]
+    + dh_rec, dc, dh_direct [rows, H] each.
+    """
+    gh = GATES[cell] * H
+    forward = gh * H + 2 * rows * H
+    backward = gh * H + rows * gh + 3 * rows * H
+    return max(forward, backward) * np.dtype(dtype).itemsize
+
+
+def persistent_max_hidden(cell, dtype, smem_limit, rows=1):
+    """Largest H whose persistent kernels fit in ``smem_limit`` bytes of shared memory."""
+    H = 0
+    while persistent_smem_bytes(cell, H + 1, rows, dtype) <= smem_limit:
+        H += 1
+    return H
+
+
+def _ceil_div(a, b):
+    return -(-a // b)
+
+
+class Engine:
+    """The backend's functions over array module ``xp``.
+
+    launch(name, grid, block, args, shared_mem=0)  runs kernel ``name`` (see _compile.KERNELS)
+    device_limits() -> (opt-in shared memory bytes per block, number of SMs)
+    to_host(a) -> numpy.ndarray
+    """
+
+    def __init__(self, xp, launch, device_limits, to_host):
+        self.xp = xp
+        self.launch = launch
+        self._device_limits = device_limits
+        self._limits = None
+        self._to_host = to_host
+        self._placeholders = {}
+
+    # ---------------------------------------------------------------------------------------
+    # plumbing
+
+    def limits(self):
+        if self._limits is None:
+            self._limits = tuple(int(v) for v in self._device_limits())
+        return self._limits
+
+    def asarray(self, a, dtype):
+        """Copy a host or device array-like into a C-contiguous device array of ``dtype``."""
+        dtype = np.dtype(dtype)
+        if isinstance(a, self.xp.ndarray):
+            return self.xp.array(a, dtype=dtype, order="C", copy=True)
+        return self.xp.asarray(np.ascontiguousarray(np.asarray(a, dtype=dtype)))
+
+    def to_host(self, a):
+        return self._to_host(a)
+
+    def zeros(self, shape, dtype):
+        return self.xp.zeros(shape, dtype=np.dtype(dtype))
+
+    def _empty(self, shape, dtype):
+        """An output/cache array; NaN-filled where config.POISON_OUTPUTS is on."""
+        if config.POISON_OUTPUTS:
+            return self.xp.full(shape, np.nan, dtype=dtype)
+        return self.xp.empty(shape, dtype=dtype)
+
+    def _placeholder(self, dtype):
+        """A 1-element array passed for a pointer the kernel of this cell never reads."""
+        p = self._placeholders.get(dtype)
+        if p is None:
+            p = self._placeholders[dtype] = self.xp.zeros(1, dtype=dtype)
+        return p
+
+    def _array(self, name, a, shape=None, dtype=None, ndim=None, contiguous=False):
+        """Check that ``a`` is a device array of this backend with the given shape/dtype."""
+        xp = self.xp
+        if not isinstance(a, xp.ndarray):
+            raise TypeError(f"{name} must be a {xp.__name__}.ndarray (use the backend's asarray), "
+                            f"got {type(a).__name__}")
+        if dtype is not None and a.dtype != dtype:
+            raise TypeError(f"{name} must have dtype {np.dtype(dtype).name}, got {a.dtype.name}")
+        if ndim is not None and a.ndim != ndim:
+            raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(a.shape)}")
+        if shape is not None and tuple(a.shape) != tuple(shape):
+            raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(a.shape)}")
+        if contiguous and not a.flags.c_contiguous:
+            raise ValueError(f"{name} must be C-contiguous (it is updated in place)")
+        return a if a.flags.c_contiguous else xp.ascontiguousarray(a)
+
+    def _float_dtype(self, name, a):
+        if a.dtype not in DTYPES:
+            raise TypeError(f"{name} must be float32 or float64, got {a.dtype.name}")
+        return a.dtype
+
+    def _state(self, name, state, cell, B, H, dtype):
+        n = 2 if cell == "lstm" else 1
+        if not isinstance(state, (tuple, list)) or len(state) != n:
+            what = "(h, c)" if n == 2 else "(h,)"
+            raise ValueError(f"{name} must be a tuple {what} of [B, H] arrays for {cell}, got "
+                             f"{type(state).__name__}"
+                             + (f" of length {len(state)}" if isinstance(state, (tuple, list)) else ""))
+        parts = "hc"
+        return tuple(self._array(f"{name}[{k}] ({parts[k]})", s, (B, H), dtype)
+                     for k, s in enumerate(state))
+
+    # ---------------------------------------------------------------------------------------
+    # recurrent layers
+
+    def choose_path(self, cell, B, H, dtype):
+        """("persistent", rows per block) or ("general", 0) for this size, as config says."""
+        mode = config.PATH
+        if mode not in config.PATHS:
+            raise ValueError(f"bptt_kernels.cupy.config.PATH must be one of {config.PATHS}, "
+                             f"got {mode!r}")
+        if mode == "general":
+            return "general", 0
+        smem_limit, n_sm = self.limits()
+        rows = max(1, _ceil_div(B, n_sm))  # one block per SM at most, every block `rows` rows
+        need = persistent_smem_bytes(cell, H, rows, dtype)
+        fits = need <= smem_limit
+        if mode == "persistent":
+            if not fits:
+                raise ValueError(
+                    f"the persistent {cell} kernel needs {need} bytes of shared memory per block "
+                    f"for H={H}, B={B} ({rows} rows per block, {np.dtype(dtype).name}); this "
+                    f"device allows {smem_limit} (largest H at 1 row per block: "
+                    f"{persistent_max_hidden(cell, dtype, smem_limit)}). Use config.PATH = "
+                    f"'auto' or 'general'")
+            return "persistent", rows
+        if fits and B <= config.PERSISTENT_MAX_BATCH:
+            return "persistent", rows
+        return "general", 0
+
+    def _persistent_launch(self, name, B, H, rows, smem, args):
+        threads = min(MAX_PERSISTENT_THREADS, _ceil_div(rows * H, 32) * 32)
+        self.launch(name, _ceil_div(B, rows), threads, args, smem)
+
+    def _step_grid(self, n):
+        return max(1, min(MAX_GRID, _ceil_div(n, STEP_THREADS)))
+
+    def recurrent_forward(self, cell, x, state, w_ih, w_hh, b_ih, b_hh):
+        """One layer of ``cell`` over all T steps; see bptt_kernels.__init__ for the contract."""
+        if cell not in CELLS:
+            raise ValueError(f"cell must be one of {CELLS}, got {cell!r}")
+        xp = self.xp
+        G = GATES[cell]
+        x = self._array("x", x, ndim=3)
+        dtype = self._float_dtype("x", x)
+        T, B, I = x.shape
+        if T < 1 or B < 1:
+            raise ValueError(f"x must have at least one step and one batch row, got shape {x.shape}")
+        w_hh = self._array("w_hh", w_hh, ndim=2, dtype=dtype)
+        H = w_hh.shape[1]
+        if w_hh.shape[0] != G * H:
+            raise ValueError(f"w_hh must have shape ({G}*H, H) = ({G * H}, {H}) for {cell}, "
+                             f"got {tuple(w_hh.shape)}")
+        w_ih = self._array("w_ih", w_ih, (G * H, I), dtype)
+        b_ih = self._array("b_ih", b_ih, (G * H,), dtype)
+        b_hh = self._array("b_hh", b_hh, (G * H,), dtype)
+        st = self._state("state", state, cell, B, H, dtype)
+        h0 = st[0]
+        none = self._placeholder(dtype)
+        c0 = st[1] if cell == "lstm" else none
+
+        xproj = xp.matmul(x.reshape(T * B, I), w_ih.T).reshape(T, B, G * H)  # T,B,GH
+        xproj += b_ih
+        y = self._empty((T, B, H), dtype)
+        gates = self._empty((T, B, G * H), dtype) if cell in ("lstm", "gru") else None
+        c = self._empty((T, B, H), dtype) if cell == "lstm" else None
+        hn = self._empty((T, B, H), dtype) if cell == "gru" else None
+        outs = tuple(none if a is None else a for a in (y, c, gates, hn))
+        i32 = np.int32
+
+        path, rows = self.choose_path(cell, B, H, dtype)
+        if path == "persistent":
+            self._persistent_launch(
+                kernel_name(f"{cell}_forward_persistent", dtype), B, H, rows,
+                (G * H * H + 2 * rows * H) * dtype.itemsize,
+                (i32(T), i32(B), i32(H), i32(rows), xproj, w_hh, b_hh, h0, c0) + outs)
+        else:
+            name = kernel_name(f"{cell}_forward_step", dtype)
+            grid = self._step_grid(B * H)
+            hp = xp.empty((B, G * H), dtype=dtype)                     # B,GH
+            for t in range(T):
+                xp.matmul(h0 if t == 0 else y[t - 1], w_hh.T, out=hp)  # h_{t-1} W_hh^T
+                self.launch(name, grid, STEP_THREADS,
+                            (i32(t), i32(B), i32(H), xproj, hp, b_hh, h0, c0) + outs)
+        final = (y[T - 1].copy(), c[T - 1].copy()) if cell == "lstm" else (y[T - 1].copy(),)
+        return y, final, RecurrentCache(cell, x, h0, st[1] if cell == "lstm" else None,
+                                        y, gates, c, hn)
+
+    def recurrent_backward(self, cell, dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh,
+                           db_ih, db_hh, t_start=0):
+        """Backward of :meth:`recurrent_forward`; accumulates (+=) into dw_*, db_*."""
+        if not isinstance(cache, RecurrentCache):
+            raise TypeError(f"cache must be the RecurrentCache returned by {cell}_forward of "
+                            f"this backend, got {type(cache).__name__}")
+        if cache.cell != cell:
+            raise ValueError(f"cache comes from {cache.cell}_forward, not {cell}_forward")
+        xp = self.xp
+        G = GATES[cell]
+        x, y = cache.x, cache.y
+        T, B, I = x.shape
+        H = y.shape[2]
+        dtype = y.dtype
+        if isinstance(t_start, bool) or not isinstance(t_start, (int, np.integer)):
+            raise TypeError(f"t_start must be an int, got {type(t_start).__name__}")
+        t_start = int(t_start)
+        if not 0 <= t_start < T:
+            raise ValueError(f"t_start must be in [0, {T - 1}] for T={T} steps, got {t_start}")
+        dy = self._array("dy", dy, (T, B, H), dtype)
+        dfinal = self._state("dfinal_state", dfinal_state, cell, B, H, dtype)
+        w_ih = self._array("w_ih", w_ih, (G * H, I), dtype)
+        w_hh = self._array("w_hh", w_hh, (G * H, H), dtype)
+        dw_ih = self._array("dw_ih", dw_ih, (G * H, I), dtype, contiguous=True)
+        dw_hh = self._array("dw_hh", dw_hh, (G * H, H), dtype, contiguous=True)
+        db_ih = self._array("db_ih", db_ih, (G * H,), dtype, contiguous=True)
+        db_hh = self._array("db_hh", db_hh, (G * H,), dtype, contiguous=True)
+
+        none = self._placeholder(dtype)
+        cached = tuple(none if a is None else a
+                       for a in (cache.h0, cache.c0, y, cache.c, cache.gates, cache.hn))
+        dh = self._empty((T, B, H), dtype)                              # T,B,H
+        dh[:t_start] = 0
+        dgx = self._empty((T, B, G * H), dtype)                         # T,B,GH
+        dgh = self._empty((T, B, G * H), dtype) if cell == "gru" else None
+        grads = (dh, dgx, none if dgh is None else dgh)
+        dgh = dgx if dgh is None else dgh      # the rows that multiply W_hh
+        dh_final = dfinal[0]
+        dc_final = dfinal[1] if cell == "lstm" else xp.zeros((B, H), dtype=dtype)
+        i32 = np.int32
+
+        path, rows = self.choose_path(cell, B, H, dtype)
+        if path == "persistent":
+            dh0 = self._empty((B, H), dtype)
+            dc0 = self._empty((B, H), dtype)
+            self._persistent_launch(
+                kernel_name(f"{cell}_backward_persistent", dtype), B, H, rows,
+                (G * H * H + rows * G * H + 3 * rows * H) * dtype.itemsize,
+                (i32(T), i32(t_start), i32(B), i32(H), i32(rows), dy, w_hh) + cached
+                + (dh_final, dc_final) + grads + (dh0, dc0))
+        else:
+            name = kernel_name(f"{cell}_backward_step", dtype)
+            grid = self._step_grid(B * H)
+            dh_rec = dh_final.copy()                  # B,H  dL/dh_t through W_hh
+            dc0 = dc_final.copy()                     # B,H  running dL/dc (LSTM)
+            dh_dir = xp.zeros((B, H), dtype=dtype)    # B,H  GRU z*dh path
+            for t in range(T - 1, t_start - 1, -1):
+                self.launch(name, grid, STEP_THREADS,
+                            (i32(t), i32(B), i32(H), dy, dh_rec) + cached + grads
+                            + (dc0, dh_dir))
+                xp.matmul(dgh[t], w_hh, out=dh_rec)   # to h_{t-1}
+            dh0 = dh_rec + dh_dir
+
+        # parameter gradients and dx over the rows t_start .. T-1 as big GEMMs
+        n = (T - t_start) * B
+        gx2 = dgx[t_start:].reshape(n, G * H)                           # n,GH
+        gh2 = dgh[t_start:].reshape(n, G * H)                           # n,GH
+        dw_ih += xp.matmul(gx2.T, x[t_start:].reshape(n, I))
+        db_ih += gx2.sum(axis=0)
+        db_hh += gh2.sum(axis=0)
+        h_first = cache.h0 if t_start == 0 else y[t_start - 1]          # B,H  entering t_start
+        dw_hh += xp.matmul(dgh[t_start].T, h_first)
+        if t_start < T - 1:                                             # h entering t+1 is y[t]
+            dw_hh += xp.matmul(dgh[t_start + 1:].reshape(n - B, G * H).T,
+                               y[t_start:T - 1].reshape(n - B, H))
+        dx = xp.zeros((T, B, I), dtype=dtype)                            # T,B,I
+        xp.matmul(gx2, w_ih, out=dx[t_start:].reshape(n, I))
+        dstate = (dh0, dc0) if cell == "lstm" else (dh0,)
+        return dx, dstate, dh
+
+    # ---------------------------------------------------------------------------------------
+    # non-recurrent pieces
+
+    def softmax_cross_entropy(self, logits, targets, dlogits, scale):
+        xp = self.xp
+        logits = self._array("logits", logits, ndim=2, contiguous=True)
+        dtype = self._float_dtype("logits", logits)
+        N, V = logits.shape
+        targets = self._targets("targets", targets, (N,))
+        dlogits = self._array("dlogits", dlogits, (N, V), dtype, contiguous=True)
+        if N == 0:
+            return 0.0
+        if V < 1:
+            raise ValueError(f"logits must have at least one column, got shape {(N, V)}")
+        if int(targets.max()) >= V:
+            raise ValueError(f"targets must be < V={V} (or < 0 to ignore a row), "
+                             f"got max {int(targets.max())}")
+        threads = ROW_THREADS if V >= ROW_THREADS else max(32, 1 << (V - 1).bit_length())
+        row_loss = xp.empty(N, dtype=np.float64)
+        self.launch(kernel_name("softmax_xent", dtype), N, threads,
+                    (np.int32(N), np.int32(V), logits, targets, dlogits, dtype.type(scale),
+                     row_loss), (2 * threads + 1) * dtype.itemsize)
+        return float(row_loss.sum())
+
+    def _targets(self, name, a, shape):
+        xp = self.xp
+        if not isinstance(a, xp.ndarray):
+            a = xp.asarray(np.asarray(a))
+        if a.dtype.kind not in "iu":
+            raise TypeError(f"{name} must be an integer array, got {a.dtype.name}")
+        a = xp.ascontiguousarray(a, dtype=np.int64)
+        if tuple(a.shape) != tuple(shape):
+            raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(a.shape)}")
+        return a
+
+    def _ids(self, ids, V):
+        xp = self.xp
+        if not isinstance(ids, xp.ndarray):
+            ids = xp.asarray(np.asarray(ids))
+        if ids.dtype.kind not in "iu":
+            raise TypeError(f"ids must be an integer array, got {ids.dtype.name}")
+        ids = xp.ascontiguousarray(ids, dtype=np.int64)
+        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= V):
+            raise ValueError(f"ids must be in [0, {V - 1}], got range "
+                             f"[{int(ids.min())}, {int(ids.max())}]")
+        return ids
+
+    def embedding_forward(self, weight, ids):
+        weight = self._array("weight", weight, ndim=2)
+        dtype = self._float_dtype("weight", weight)
+        V, E = weight.shape
+        ids = self._ids(ids, V)
+        out = self._empty(ids.shape + (E,), dtype)
+        n = ids.size
+        if n and E:
+            self.launch(kernel_name("embedding_forward", dtype), self._step_grid(n * E),
+                        STEP_THREADS, (np.int64(n), np.int32(E), weight, ids, out))
+        return out
+
+    def embedding_backward(self, dweight, ids, dout):
+        dweight = self._array("dweight", dweight, ndim=2, contiguous=True)
+        dtype = self._float_dtype("dweight", dweight)
+        V, E = dweight.shape
+        ids = self._ids(ids, V)
+        dout = self._array("dout", dout, ids.shape + (E,), dtype)
+        n = ids.size
+        if n and E:
+            self.launch(kernel_name("embedding_backward", dtype), self._step_grid(n * E),
+                        STEP_THREADS, (np.int64(n), np.int32(E), ids, dout, dweight))
+
+    def _param_triplet(self, names, arrays):
+        p = self._array(names[0], arrays[0], contiguous=True)
+        dtype = self._float_dtype(names[0], p)
+        rest = [self._array(nm, a, p.shape, dtype, contiguous=True)
+                for nm, a in zip(names[1:], arrays[1:])]
+        return p, dtype, rest
+
+    def sgd_step(self, param, grad, buf, lr, momentum, weight_decay, nesterov, first):
+        param, dtype, (grad, buf) = self._param_triplet(("param", "grad", "buf"),
+                                                        (param, grad, buf))
+        r = dtype.type
+        if param.size:
+            self.launch(kernel_name("sgd_step", dtype), self._step_grid(param.size),
+                        STEP_THREADS,
+                        (np.int64(param.size), param, grad, buf, r(lr), r(momentum),
+                         r(weight_decay), np.int32(bool(nesterov)), np.int32(bool(first))))
+
+    def adam_step(self, param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step):
+        param, dtype, (grad, m, v) = self._param_triplet(("param", "grad", "m", "v"),
+                                                         (param, grad, m, v))
+        if int(step) < 1:
+            raise ValueError(f"step counts from 1, got {step}")
+        step = int(step)
+        step_size = lr / (1 - beta1 ** step)             # float64, as torch computes them
+        bc2_sqrt = (1 - beta2 ** step) ** 0.5
+        r = dtype.type
+        if param.size:
+            self.launch(kernel_name("adam_step", dtype), self._step_grid(param.size),
+                        STEP_THREADS,
+                        (np.int64(param.size), param, grad, m, v, r(step_size), r(1 - beta1),
+                         r(beta2), r(1 - beta2), r(eps), r(weight_decay), r(bc2_sqrt)))
+
+    def sum_of_squares(self, arrays):
+        out = self.xp.zeros(1, dtype=np.float64)
+        for k, a in enumerate(arrays):
+            a = self._array(f"arrays[{k}]", a)
+            dtype = self._float_dtype(f"arrays[{k}]", a)
+            if a.size:
+                self.launch(kernel_name("sum_squares", dtype),
+                            max(1, min(1024, _ceil_div(a.size, ROW_THREADS))), ROW_THREADS,
+                            (np.int64(a.size), a, out), ROW_THREADS * 8)
+        return float(out[0])
+
+    def scale_(self, arrays, factor):
+        for k, a in enumerate(arrays):
+            a = self._array(f"arrays[{k}]", a, contiguous=True)
+            dtype = self._float_dtype(f"arrays[{k}]", a)
+            if a.size:
+                self.launch(kernel_name("scale", dtype), self._step_grid(a.size), STEP_THREADS,
+                            (np.int64(a.size), a, dtype.type(factor)))

@@ -1,0 +1,189 @@
+// common.cu -- definitions shared by recurrent.cu and ops.cu (a header: it defines no kernel).
+//
+// Named .cu so that the package-data pattern kernels/cupy/*.cu ships it; the Python loader
+// (bptt_kernels/cupy/_compile.py) inlines it textually where a source says
+// `#include "common.cu"`, so CuPy's on-disk kernel cache key covers its text too.
+//
+// Every kernel source compiles three ways:
+//   * NVRTC through cupy.RawModule at run time (the GPU backend),
+//   * nvcc --ptx / --cubin -arch=sm_90 (the offline checks in tests/test_ptx_cupy.py),
+//   * a host C++ compiler with -DBPTT_HOST_HARNESS (host_harness.cpp): every kernel body then
+//     runs on the CPU, with its CUDA threads emulated, so its arithmetic and indexing can be
+//     checked against bptt_kernels.reference on a machine without a GPU.
+// Kernel bodies are therefore written against a tiny execution policy ("Exec"):
+//   ex.count(n) / ex.item(k, n)   the k-th of the items 0..n-1 that this thread owns,
+//   ex.block(), ex.nblocks()      block index and count (persistent / per-row kernels),
+//   ex.tid(), ex.nthreads()       thread index and count inside the block (reductions),
+//   ex.sync()                     __syncthreads().
+// On the host, a block is ONE thread that owns every item (optionally in reverse order, so an
+// item that wrongly reads another item's result of the same phase shows up as a mismatch).
+
+#ifndef BPTT_COMMON_CU
+#define BPTT_COMMON_CU
+
+#if defined(BPTT_HOST_HARNESS)
+#include <cmath>
+#include <limits>
+#include <vector>
+#define BPTT_HD inline
+#define BPTT_KERNEL(name, max_threads) extern "C" void name
+#else
+#define BPTT_HD __host__ __device__ __forceinline__
+#define BPTT_KERNEL(name, max_threads) \
+    extern "C" __global__ void __launch_bounds__(max_threads) name
+#endif
+
+namespace bptt {
+
+// ---- math in the type of the argument (no float -> double promotion in float32 kernels) ----
+BPTT_HD float exp_(float x) { return expf(x); }
+BPTT_HD double exp_(double x) { return exp(x); }
+BPTT_HD float log_(float x) { return logf(x); }
+BPTT_HD double log_(double x) { return log(x); }
+BPTT_HD float tanh_(float x) { return tanhf(x); }
+BPTT_HD double tanh_(double x) { return tanh(x); }
+BPTT_HD float sqrt_(float x) { return sqrtf(x); }
+BPTT_HD double sqrt_(double x) { return sqrt(x); }
+
+template <class Real>
+BPTT_HD Real sigmoid(Real a) {
+    // 1 / (1 + exp(-a)) without overflow: exp of a non-positive number only
+    const Real e = exp_(a >= Real(0) ? -a : a);
+    return a >= Real(0) ? Real(1) / (Real(1) + e) : e / (Real(1) + e);
+}
+
+// linear index of element j of row (t, b) in a [T, B, width] array
+BPTT_HD long long at(int t, int b, int B, int width, int j) {
+    return ((long long)t * B + b) * width + j;
+}
+
+// the most negative finite value (start of a running maximum)
+BPTT_HD float lowest(float) { return -3.402823466e38f; }
+BPTT_HD double lowest(double) { return -1.7976931348623157e308; }
+
+template <class Real>
+BPTT_HD void atomic_add(Real* p, Real v) {
+#if defined(__CUDA_ARCH__)
+    atomicAdd(p, v);  // double atomicAdd: sm_60 and later
+#else
+    *p += v;
+#endif
+}
+
+// ---- execution policies ----
+#if defined(BPTT_HOST_HARNESS)
+
+// launch configuration for the next host "launch" (set from Python through ctypes)
+inline int host_grid = 1;
+inline int host_reverse = 0;
+inline long long host_smem_bytes = 0;
+
+extern "C" void bptt_host_config(int grid, int reverse, long long smem_bytes) {
+    host_grid = grid;
+    host_reverse = reverse;
+    host_smem_bytes = smem_bytes;
+}
+
+// Host emulation of a block (or of a whole grid-stride kernel): one thread owning all items.
+struct HostExec {
+    int blk;
+    int reverse;
+    int block() const { return blk; }
+    int nblocks() const { return host_grid; }
+    int tid() const { return 0; }
+    int nthreads() const { return 1; }
+    long long count(long long n) const { return n; }
+    long long item(long long k, long long n) const { return reverse ? n - 1 - k : k; }
+    void sync() const {}
+};
+
+// shared memory emulated by a buffer poisoned with NaN for every block
+#define BPTT_GRID_EXEC(ex) const bptt::HostExec ex{0, bptt::host_reverse};
+#define BPTT_BLOCKS_BEGIN(ex, smem, Real)                                                  \
+    for (int bptt_blk = 0; bptt_blk < bptt::host_grid; ++bptt_blk) {                     \
+        std::vector<Real> bptt_buf(bptt::host_smem_bytes / sizeof(Real) + 1,              \
+                                   std::numeric_limits<Real>::quiet_NaN());               \
+        Real* smem = bptt_buf.data();                                                     \
+        const bptt::HostExec ex{bptt_blk, bptt::host_reverse};
+#define BPTT_BLOCKS_END }
+
+#else  // CUDA
+
+// All threads of the grid share the items (grid-stride loop).
+struct GridExec {
+    BPTT_HD long long first() const {
+#if defined(__CUDA_ARCH__)
+        return (long long)blockIdx.x * blockDim.x + threadIdx.x;
+#else
+        return 0;
+#endif
+    }
+    BPTT_HD long long stride() const {
+#if defined(__CUDA_ARCH__)
+        return (long long)gridDim.x * blockDim.x;
+#else
+        return 1;
+#endif
+    }
+    BPTT_HD long long count(long long n) const {
+        const long long f = first();
+        return f < n ? (n - 1 - f) / stride() + 1 : 0;
+    }
+    BPTT_HD long long item(long long k, long long) const { return first() + k * stride(); }
+};
+
+// The threads of one block share the items; blocks work on separate data.
+struct BlockExec {
+    BPTT_HD int block() const {
+#if defined(__CUDA_ARCH__)
+        return blockIdx.x;
+#else
+        return 0;
+#endif
+    }
+    BPTT_HD int nblocks() const {
+#if defined(__CUDA_ARCH__)
+        return gridDim.x;
+#else
+        return 1;
+#endif
+    }
+    BPTT_HD int tid() const {
+#if defined(__CUDA_ARCH__)
+        return threadIdx.x;
+#else
+        return 0;
+#endif
+    }
+    BPTT_HD int nthreads() const {
+#if defined(__CUDA_ARCH__)
+        return blockDim.x;
+#else
+        return 1;
+#endif
+    }
+    BPTT_HD long long count(long long n) const {
+        return tid() < n ? (n - 1 - tid()) / nthreads() + 1 : 0;
+    }
+    BPTT_HD long long item(long long k, long long) const { return tid() + k * nthreads(); }
+    BPTT_HD void sync() const {
+#if defined(__CUDA_ARCH__)
+        __syncthreads();
+#endif
+    }
+};
+
+extern __shared__ __align__(16) unsigned char bptt_dynamic_smem[];
+
+#define BPTT_GRID_EXEC(ex) const bptt::GridExec ex;
+#define BPTT_BLOCKS_BEGIN(ex, smem, Real)                                  \
+    {                                                                     \
+        Real* smem = reinterpret_cast<Real*>(bptt::bptt_dynamic_smem);    \
+        const bptt::BlockExec ex;
+#define BPTT_BLOCKS_END }
+
+#endif
+
+}  // namespace bptt
+
+#endif  // BPTT_COMMON_CU

@@ -1,0 +1,102 @@
+"""Run the CuPy backend's CUDA kernels on the CPU: the evidence available without a GPU.
+
+The kernel sources (recurrent.cu, ops.cu) are compiled by a host C++ compiler with
+``-DBPTT_HOST_HARNESS`` (host_harness.cpp): each ``__global__`` kernel becomes a plain function
+of the same name and arguments whose body is the very same template code, with a block
+emulated as one thread that owns every item and shared memory emulated by a NaN-poisoned
+buffer (see common.cu). :func:`host_engine` wires that library into the backend's own
+orchestration (:class:`bptt_kernels.cupy._engine.Engine`) with NumPy as the array module, so
+everything above the kernels (path choice, GEMM placement, caches, t_start, dh, weight-gradient
+GEMMs, argument order) runs exactly as on the GPU. What this cannot check: races between real
+threads, NVRTC-specific compilation, device libm accuracy; those need perf/gpu_check.py on a GPU.
+
+``reverse=True`` walks every kernel's items in reverse order, so a kernel whose item reads
+another item's output of the same phase (a missing barrier) disagrees between the two orders.
+"""
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+
+import numpy as np
+
+from ._compile import KERNELS, SOURCE_DIR
+from ._engine import Engine
+
+HARNESS = "host_harness.cpp"
+HARNESS_SOURCES = (HARNESS, "common.cu", "recurrent.cu", "ops.cu")
+# H100 SXM figures, so that path choices match the GPU: opt-in shared memory per block, SMs
+H100_LIMITS = (232448, 132)
+
+
+def find_compiler():
+    """Path of a host C++ compiler ($CXX, g++, c++, clang++), or None."""
+    for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def build_library(build_dir=None, compiler=None):
+    """Compile the host harness into a shared library (cached by source hash); return its path."""
+    compiler = compiler or find_compiler()
+    if compiler is None:
+        raise RuntimeError("no host C++ compiler found (set CXX, or install g++)")
+    digest = hashlib.sha256()
+    for name in HARNESS_SOURCES:
+        with open(os.path.join(SOURCE_DIR, name), "rb") as f:
+            digest.update(f.read())
+    build_dir = build_dir or os.path.join(tempfile.gettempdir(), "bptt_cupy_host")
+    os.makedirs(build_dir, exist_ok=True)
+    lib = os.path.join(build_dir, f"bptt_cupy_host_{digest.hexdigest()[:16]}.so")
+    if not os.path.exists(lib):
+        tmp = f"{lib}.{os.getpid()}.tmp"
+        cmd = [compiler, "-x", "c++", "-std=c++17", "-O2", "-fno-fast-math", "-ffp-contract=off",
+               "-DBPTT_HOST_HARNESS", "-shared", "-fPIC", "-Wall", "-Wextra", "-Werror",
+               "-I", SOURCE_DIR, os.path.join(SOURCE_DIR, HARNESS), "-o", tmp]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"host harness build failed: {' '.join(cmd)}\n{proc.stderr}")
+        os.replace(tmp, lib)  # atomic: concurrent builders do not see a half-written file
+    return lib
+
+
+_CTYPES = {np.int32: ctypes.c_int, np.int64: ctypes.c_longlong,
+           np.float32: ctypes.c_float, np.float64: ctypes.c_double}
+
+
+class HostLauncher:
+    """Calls the host build of kernel ``name`` with the arguments the GPU launch would get."""
+
+    def __init__(self, library_path, reverse=False):
+        self.lib = ctypes.CDLL(library_path)
+        self.lib.bptt_host_config.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong]
+        self.reverse = reverse
+        self.calls = []  # (name, grid, block, shared_mem) of every launch, for tests
+
+    def __call__(self, name, grid, block, args, shared_mem=0):
+        if name not in KERNELS:
+            raise KeyError(f"no kernel named {name!r} in bptt_kernels.cupy._compile.KERNELS")
+        c_args = []
+        for a in args:
+            if isinstance(a, np.ndarray):
+                if not a.flags.c_contiguous:
+                    raise ValueError(f"{name}: non-contiguous array argument")
+                c_args.append(ctypes.c_void_p(a.ctypes.data))
+            elif type(a) in _CTYPES:
+                c_args.append(_CTYPES[type(a)](a))
+            else:
+                raise TypeError(f"{name}: kernel argument of type {type(a).__name__}; pass "
+                                "arrays or NumPy scalars typed like the C parameter")
+        self.calls.append((name, grid, block, shared_mem))
+        self.lib.bptt_host_config(int(grid), int(self.reverse), int(shared_mem))
+        getattr(self.lib, name)(*c_args)
+
+
+def host_engine(reverse=False, limits=H100_LIMITS, build_dir=None):
+    """An :class:`Engine` over NumPy whose kernels are the host build of the CUDA sources."""
+    launcher = HostLauncher(build_library(build_dir), reverse=reverse)
+    return Engine(np, launcher, lambda: limits, lambda a: np.array(a, copy=True))

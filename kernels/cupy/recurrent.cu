@@ -1,0 +1,364 @@
+// recurrent.cu -- the recurrent kernels of the CuPy backend: LSTM, GRU, Elman RNN (tanh, relu).
+//
+// Notation: T steps, B batch, H hidden, G gates (LSTM 4: i f g o; GRU 3: r z n; RNN 1),
+// GH = G*H. Arrays are C-contiguous, time-major; parameters in PyTorch's layout.
+//
+// Two paths share the per-unit cell math (struct Lstm / Gru / Rnn below) and the same cache:
+//
+//  general (any size; Haste's design), per step t, driven from Python:
+//      hp = h_{t-1} @ w_hh^T                (cuBLAS, cupy.matmul)     # B,GH
+//      <cell>_forward_step(t, ...)           one fused gate kernel, one thread per (b, j)
+//    and backward, per step t = T-1 .. t_start:
+//      <cell>_backward_step(t, ...)          fused gate-gradient kernel
+//      dh_rec = dgh[t] @ w_hh               (cuBLAS)                  # B,H
+//
+//  persistent (small B, W_hh fits in shared memory): ONE launch runs all steps.
+//      One block per slice of `rows` batch rows; W_hh is copied once into shared memory and
+//      stays there; the block's hidden state lives in shared memory between steps.
+//      Forward: one __syncthreads per step.  Backward: two (gate gradients, then dh @ W_hh).
+//
+// Input projections x @ w_ih^T + b_ih for all steps (one GEMM before the loop) and the weight
+// gradients / dx (big GEMMs after the backward loop) are done in Python with cupy.matmul.
+//
+// The activation cache (identical for both paths; what backward needs):
+//   y      [T,B,H]   h_1 .. h_T (every cell; the RNN derives act' from it)
+//   gates  [T,B,GH]  activated gates: LSTM i,f,g,o; GRU r,z,n   (unused for RNN)
+//   c      [T,B,H]   LSTM cell states c_1 .. c_T                  (LSTM only)
+//   hn     [T,B,H]   GRU h_{t-1} W_hn^T + b_hn                    (GRU only)
+// plus x, h0 and (LSTM) c0. Unused pointers receive a 1-element placeholder and are not read.
+
+#include "common.cu"
+
+namespace bptt {
+
+// Pointers of one forward call. xp: input projections incl. b_ih.
+template <class Real>
+struct FwdArgs {
+    int B, H;
+    const Real* xp;  // [T,B,GH]
+    const Real* h0;  // [B,H]
+    const Real* c0;  // [B,H]  (LSTM)
+    Real* y;         // [T,B,H]
+    Real* c;         // [T,B,H]  (LSTM)
+    Real* gates;     // [T,B,GH] (LSTM, GRU)
+    Real* hn;        // [T,B,H]  (GRU)
+};
+
+// Pointers of one backward call.
+template <class Real>
+struct BwdArgs {
+    int B, H;
+    const Real* dy;     // [T,B,H]
+    const Real* h0;     // [B,H]
+    const Real* c0;     // [B,H]   (LSTM)
+    const Real* y;      // [T,B,H]
+    const Real* c;      // [T,B,H]  (LSTM)
+    const Real* gates;  // [T,B,GH] (LSTM, GRU)
+    const Real* hn;     // [T,B,H]  (GRU)
+    Real* dh;           // [T,B,H]  out: total dL/dh_t
+    Real* dgx;          // [T,B,GH] out: dL/d(x W_ih^T + b_ih), per step
+    Real* dgh;          // [T,B,GH] out: dL/d(h W_hh^T + b_hh) (GRU only; == dgx otherwise)
+};
+
+// ---------------------------------------------------------------------------------------------
+// Cells. forward(): unit j of batch row b at step t, given the hidden-side pre-activations
+// hs[g] = (h_{t-1} W_hh^T + b_hh)[g*H + j]; writes the cache and returns h_t.
+// backward(): given dh = total dL/dh_t, updates the running per-unit state (dc: LSTM dL/dc,
+// to c_{t-1} on return; dh_direct: GRU's z*dh path to h_{t-1}), writes dgx (and dgh) and
+// returns gh[g] = dL/d(hidden-side pre-activation g), the rows that multiply W_hh next.
+
+template <class Real>
+struct Lstm {
+    static constexpr int G = 4;
+    BPTT_HD static Real forward(const FwdArgs<Real>& a, int t, int b, int j, const Real (&hs)[G],
+                                Real /*h_prev*/) {
+        const int H = a.H, B = a.B;
+        const Real* xp = a.xp + at(t, b, B, G * H, 0);
+        const Real c_prev = t == 0 ? a.c0[(long long)b * H + j] : a.c[at(t - 1, b, B, H, j)];
+        const Real i = sigmoid(xp[j] + hs[0]);             // input gate
+        const Real f = sigmoid(xp[H + j] + hs[1]);         // forget gate
+        const Real g = tanh_(xp[2 * H + j] + hs[2]);       // candidate cell
+        const Real o = sigmoid(xp[3 * H + j] + hs[3]);     // output gate
+        const Real c = f * c_prev + i * g;                 // new cell state
+        const Real h = o * tanh_(c);                       // new hidden state
+        Real* gt = a.gates + at(t, b, B, G * H, 0);
+        gt[j] = i; gt[H + j] = f; gt[2 * H + j] = g; gt[3 * H + j] = o;
+        a.c[at(t, b, B, H, j)] = c;
+        a.y[at(t, b, B, H, j)] = h;
+        return h;
+    }
+    BPTT_HD static void backward(const BwdArgs<Real>& a, int t, int b, int j, Real dh, Real& dc,
+                                 Real& dh_direct, Real (&gh)[G]) {
+        const int H = a.H, B = a.B;
+        const Real* gt = a.gates + at(t, b, B, G * H, 0);
+        const Real i = gt[j], f = gt[H + j], g = gt[2 * H + j], o = gt[3 * H + j];
+        const Real c_prev = t == 0 ? a.c0[(long long)b * H + j] : a.c[at(t - 1, b, B, H, j)];
+        const Real tc = tanh_(a.c[at(t, b, B, H, j)]);
+        const Real dct = dc + dh * o * (Real(1) - tc * tc);  // total dL/dc_t
+        gh[0] = dct * g * i * (Real(1) - i);                  // i: c = f*c_prev + i*g, sigmoid
+        gh[1] = dct * c_prev * f * (Real(1) - f);             // f
+        gh[2] = dct * i * (Real(1) - g * g);                  // g: tanh
+        gh[3] = dh * tc * o * (Real(1) - o);                  // o: h = o*tanh(c), sigmoid
+        dc = dct * f;                                         // to c_{t-1}
+        dh_direct = Real(0);
+        Real* dg = a.dgx + at(t, b, B, G * H, 0);
+        for (int q = 0; q < G; ++q) dg[q * H + j] = gh[q];
+    }
+};
+
+template <class Real>
+struct Gru {
+    static constexpr int G = 3;
+    BPTT_HD static Real forward(const FwdArgs<Real>& a, int t, int b, int j, const Real (&hs)[G],
+                                Real h_prev) {
+        const int H = a.H, B = a.B;
+        const Real* xp = a.xp + at(t, b, B, G * H, 0);
+        const Real r = sigmoid(xp[j] + hs[0]);             // reset gate
+        const Real z = sigmoid(xp[H + j] + hs[1]);         // update gate
+        const Real n = tanh_(xp[2 * H + j] + r * hs[2]);   // candidate (hs[2] = W_hn h + b_hn)
+        const Real h = (Real(1) - z) * n + z * h_prev;     // new hidden state
+        Real* gt = a.gates + at(t, b, B, G * H, 0);
+        gt[j] = r; gt[H + j] = z; gt[2 * H + j] = n;
+        a.hn[at(t, b, B, H, j)] = hs[2];
+        a.y[at(t, b, B, H, j)] = h;
+        return h;
+    }
+    BPTT_HD static void backward(const BwdArgs<Real>& a, int t, int b, int j, Real dh, Real& /*dc*/,
+                                 Real& dh_direct, Real (&gh)[G]) {
+        const int H = a.H, B = a.B;
+        const Real* gt = a.gates + at(t, b, B, G * H, 0);
+        const Real r = gt[j], z = gt[H + j], n = gt[2 * H + j];
+        const Real hn = a.hn[at(t, b, B, H, j)];
+        const Real h_prev = t == 0 ? a.h0[(long long)b * H + j] : a.y[at(t - 1, b, B, H, j)];
+        const Real dan = dh * (Real(1) - z) * (Real(1) - n * n);  // n pre-activation, via tanh
+        const Real dar = dan * hn * r * (Real(1) - r);           // r: n_pre = xn + r*hn
+        const Real daz = dh * (h_prev - n) * z * (Real(1) - z);  // z: h = (1-z)n + z h_prev
+        gh[0] = dar; gh[1] = daz; gh[2] = dan * r;               // hn enters times r
+        dh_direct = dh * z;                                      // direct path to h_{t-1}
+        Real* dgx = a.dgx + at(t, b, B, G * H, 0);
+        Real* dgh = a.dgh + at(t, b, B, G * H, 0);
+        dgx[j] = dar; dgx[H + j] = daz; dgx[2 * H + j] = dan;
+        dgh[j] = dar; dgh[H + j] = daz; dgh[2 * H + j] = gh[2];
+    }
+};
+
+template <class Real, bool Relu>
+struct Rnn {
+    static constexpr int G = 1;
+    BPTT_HD static Real forward(const FwdArgs<Real>& a, int t, int b, int j, const Real (&hs)[G],
+                                Real /*h_prev*/) {
+        const Real pre = a.xp[at(t, b, a.B, a.H, j)] + hs[0];
+        const Real h = Relu ? (pre > Real(0) ? pre : Real(0)) : tanh_(pre);
+        a.y[at(t, b, a.B, a.H, j)] = h;
+        return h;
+    }
+    BPTT_HD static void backward(const BwdArgs<Real>& a, int t, int b, int j, Real dh, Real& /*dc*/,
+                                 Real& dh_direct, Real (&gh)[G]) {
+        const Real h = a.y[at(t, b, a.B, a.H, j)];
+        // act'(pre) from the output: relu 1 where h > 0 (PyTorch's choice at 0), tanh 1 - h^2
+        gh[0] = Relu ? (h > Real(0) ? dh : Real(0)) : dh * (Real(1) - h * h);
+        dh_direct = Real(0);
+        a.dgx[at(t, b, a.B, a.H, j)] = gh[0];
+    }
+};
+
+template <class Real> using RnnTanh = Rnn<Real, false>;
+template <class Real> using RnnRelu = Rnn<Real, true>;
+
+// ---------------------------------------------------------------------------------------------
+// General path: one fused kernel per step, one item per (b, j).
+
+// hp [B,GH]: h_{t-1} @ w_hh^T (no bias); b_hh [GH].
+template <class Cell, class Real, class Exec>
+BPTT_HD void forward_step(const Exec& ex, const FwdArgs<Real>& a, int t, const Real* hp,
+                          const Real* b_hh) {
+    constexpr int G = Cell::G;
+    const int H = a.H;
+    const long long n = (long long)a.B * H;
+    for (long long k = 0, m = ex.count(n); k < m; ++k) {
+        const long long e = ex.item(k, n);
+        const int b = (int)(e / H), j = (int)(e - (long long)b * H);
+        Real hs[G];
+        for (int q = 0; q < G; ++q) hs[q] = hp[(long long)b * G * H + q * H + j] + b_hh[q * H + j];
+        const Real h_prev = t == 0 ? a.h0[e] : a.y[at(t - 1, b, a.B, H, j)];
+        Cell::forward(a, t, b, j, hs, h_prev);
+    }
+}
+
+// dh_rec [B,H]: dL/dh_t arriving through W_hh from step t+1 (dh_final at t = T-1);
+// dc [B,H] in/out: LSTM dL/dc_t -> dL/dc_{t-1}; dh_direct [B,H] in/out: GRU z*dh path.
+template <class Cell, class Real, class Exec>
+BPTT_HD void backward_step(const Exec& ex, const BwdArgs<Real>& a, int t, const Real* dh_rec,
+                           Real* dc, Real* dh_direct) {
+    constexpr int G = Cell::G;
+    const int H = a.H;
+    const long long n = (long long)a.B * H;
+    for (long long k = 0, m = ex.count(n); k < m; ++k) {
+        const long long e = ex.item(k, n);
+        const int b = (int)(e / H), j = (int)(e - (long long)b * H);
+        const long long tj = at(t, b, a.B, H, j);
+        const Real dh = a.dy[tj] + dh_rec[e] + dh_direct[e];  // total dL/dh_t
+        a.dh[tj] = dh;
+        Real gh[G];
+        Cell::backward(a, t, b, j, dh, dc[e], dh_direct[e], gh);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Persistent path: one block per `rows` batch rows, all steps in one launch.
+
+// Shared memory (Real elements): wt [H][GH] (W_hh transposed, so that threads j, j+1 read
+// neighbouring words) + h [2][rows][H] (double-buffered hidden state).
+template <class Cell, class Real, class Exec>
+BPTT_HD void forward_persistent(const Exec& ex, Real* smem, const FwdArgs<Real>& a, int n_steps,
+                                int rows, const Real* w_hh, const Real* b_hh) {
+    constexpr int G = Cell::G;
+    const int H = a.H, GH = G * a.H;
+    const int b0 = ex.block() * rows;
+    const int R = a.B - b0 < rows ? a.B - b0 : rows;  // rows of this block
+    if (R <= 0) return;                                // whole block leaves together
+    Real* wt = smem;                                   // H,GH
+    Real* hbuf = smem + (long long)GH * H;             // 2,rows,H
+    for (long long k = 0, m = ex.count((long long)GH * H); k < m; ++k) {
+        const long long e = ex.item(k, (long long)GH * H);
+        const long long gj = e / H, kk = e - gj * H;
+        wt[kk * GH + gj] = w_hh[e];                    // w_hh [GH,H] -> wt [H,GH]
+    }
+    for (long long k = 0, m = ex.count((long long)R * H); k < m; ++k) {
+        const long long e = ex.item(k, (long long)R * H);
+        hbuf[e] = a.h0[(long long)b0 * H + e];
+    }
+    ex.sync();
+    for (int t = 0; t < n_steps; ++t) {
+        const Real* hprev = hbuf + (long long)(t & 1) * rows * H;      // R,H  h_{t-1}
+        Real* hnext = hbuf + (long long)((t + 1) & 1) * rows * H;      // R,H  h_t
+        for (long long k = 0, m = ex.count((long long)R * H); k < m; ++k) {
+            const long long e = ex.item(k, (long long)R * H);
+            const int r = (int)(e / H), j = (int)(e - (long long)r * H);
+            const Real* hr = hprev + (long long)r * H;
+            Real hs[G];
+            for (int q = 0; q < G; ++q) hs[q] = b_hh[q * H + j];
+            for (int kk = 0; kk < H; ++kk) {                           // hs += h_{t-1} W_hh^T
+                const Real hk = hr[kk];
+                const Real* w = wt + (long long)kk * GH + j;
+                for (int q = 0; q < G; ++q) hs[q] += w[q * H] * hk;
+            }
+            hnext[e] = Cell::forward(a, t, b0 + r, j, hs, hr[j]);
+        }
+        ex.sync();
+    }
+}
+
+// Shared memory (Real elements): w [GH][H] (W_hh as is: threads k, k+1 read neighbours in
+// dh = dgh @ W_hh) + dg [rows][GH] + dh_rec, dc, dh_direct [rows][H] each.
+// dh_final, dc_final [B,H]: gradients into the final state; dh0, dc0 [B,H] out: gradients
+// into the state entering step t_start (dc0 is zero for non-LSTM cells).
+template <class Cell, class Real, class Exec>
+BPTT_HD void backward_persistent(const Exec& ex, Real* smem, const BwdArgs<Real>& a,
+                                 int n_steps, int t_start, int rows, const Real* w_hh,
+                                 const Real* dh_final, const Real* dc_final, Real* dh0,
+                                 Real* dc0) {
+    constexpr int G = Cell::G;
+    const int H = a.H, GH = G * a.H;
+    const int b0 = ex.block() * rows;
+    const int R = a.B - b0 < rows ? a.B - b0 : rows;
+    if (R <= 0) return;
+    Real* w = smem;                                  // GH,H
+    Real* dg = w + (long long)GH * H;                // rows,GH  gh of this step
+    Real* dh_rec = dg + (long long)rows * GH;        // rows,H   dL/dh_t through W_hh
+    Real* dc = dh_rec + (long long)rows * H;         // rows,H   running dL/dc
+    Real* dh_dir = dc + (long long)rows * H;         // rows,H   GRU direct path
+    const long long RH = (long long)R * H, base = (long long)b0 * H;
+    for (long long k = 0, m = ex.count((long long)GH * H); k < m; ++k) {
+        const long long e = ex.item(k, (long long)GH * H);
+        w[e] = w_hh[e];
+    }
+    for (long long k = 0, m = ex.count(RH); k < m; ++k) {
+        const long long e = ex.item(k, RH);
+        dh_rec[e] = dh_final[base + e];
+        dc[e] = dc_final[base + e];
+        dh_dir[e] = Real(0);
+    }
+    ex.sync();
+    for (int t = n_steps - 1; t >= t_start; --t) {
+        // phase A: gate gradients of every (r, j)
+        for (long long k = 0, m = ex.count(RH); k < m; ++k) {
+            const long long e = ex.item(k, RH);
+            const int r = (int)(e / H), j = (int)(e - (long long)r * H);
+            const long long tj = at(t, b0 + r, a.B, H, j);
+            const Real dh = a.dy[tj] + dh_rec[e] + dh_dir[e];  // total dL/dh_t
+            a.dh[tj] = dh;
+            Real gh[G];
+            Cell::backward(a, t, b0 + r, j, dh, dc[e], dh_dir[e], gh);
+            for (int q = 0; q < G; ++q) dg[(long long)r * GH + q * H + j] = gh[q];
+        }
+        ex.sync();
+        // phase B: dh_rec = dg @ W_hh, to h_{t-1}
+        for (long long k = 0, m = ex.count(RH); k < m; ++k) {
+            const long long e = ex.item(k, RH);
+            const int r = (int)(e / H), kk = (int)(e - (long long)r * H);
+            const Real* dgr = dg + (long long)r * GH;
+            Real acc = Real(0);
+            for (int gj = 0; gj < GH; ++gj) acc += dgr[gj] * w[(long long)gj * H + kk];
+            dh_rec[e] = acc;
+        }
+        ex.sync();
+    }
+    for (long long k = 0, m = ex.count(RH); k < m; ++k) {
+        const long long e = ex.item(k, RH);
+        dh0[base + e] = dh_rec[e] + dh_dir[e];
+        dc0[base + e] = dc[e];
+    }
+}
+
+}  // namespace bptt
+
+// ---------------------------------------------------------------------------------------------
+// Entry points (extern "C": the names the Python side launches; bptt_kernels.cupy._compile
+// lists them). Step kernels: 256 threads, grid-stride. Persistent: up to 1024 threads/block.
+
+#define BPTT_RECURRENT_KERNELS(NAME, CELL, SFX, Real)                                         \
+    BPTT_KERNEL(NAME##_forward_step_##SFX, 256)(                                              \
+        int t, int B, int H, const Real* xp, const Real* hp, const Real* b_hh,                \
+        const Real* h0, const Real* c0, Real* y, Real* c, Real* gates, Real* hn) {            \
+        BPTT_GRID_EXEC(ex)                                                                    \
+        const bptt::FwdArgs<Real> a{B, H, xp, h0, c0, y, c, gates, hn};                       \
+        bptt::forward_step<CELL>(ex, a, t, hp, b_hh);                                         \
+    }                                                                                         \
+    BPTT_KERNEL(NAME##_backward_step_##SFX, 256)(                                             \
+        int t, int B, int H, const Real* dy, const Real* dh_rec, const Real* h0,              \
+        const Real* c0, const Real* y, const Real* c, const Real* gates, const Real* hn,      \
+        Real* dh, Real* dgx, Real* dgh, Real* dc, Real* dh_direct) {                           \
+        BPTT_GRID_EXEC(ex)                                                                    \
+        const bptt::BwdArgs<Real> a{B, H, dy, h0, c0, y, c, gates, hn, dh, dgx, dgh};         \
+        bptt::backward_step<CELL>(ex, a, t, dh_rec, dc, dh_direct);                           \
+    }                                                                                         \
+    BPTT_KERNEL(NAME##_forward_persistent_##SFX, 1024)(                                       \
+        int n_steps, int B, int H, int rows, const Real* xp, const Real* w_hh,                \
+        const Real* b_hh, const Real* h0, const Real* c0, Real* y, Real* c, Real* gates,      \
+        Real* hn) {                                                                           \
+        const bptt::FwdArgs<Real> a{B, H, xp, h0, c0, y, c, gates, hn};                       \
+        BPTT_BLOCKS_BEGIN(ex, smem, Real)                                                     \
+        bptt::forward_persistent<CELL>(ex, smem, a, n_steps, rows, w_hh, b_hh);               \
+        BPTT_BLOCKS_END                                                                       \
+    }                                                                                         \
+    BPTT_KERNEL(NAME##_backward_persistent_##SFX, 1024)(                                      \
+        int n_steps, int t_start, int B, int H, int rows, const Real* dy, const Real* w_hh,   \
+        const Real* h0, const Real* c0, const Real* y, const Real* c, const Real* gates,      \
+        const Real* hn, const Real* dh_final, const Real* dc_final, Real* dh, Real* dgx,      \
+        Real* dgh, Real* dh0, Real* dc0) {                                                    \
+        const bptt::BwdArgs<Real> a{B, H, dy, h0, c0, y, c, gates, hn, dh, dgx, dgh};         \
+        BPTT_BLOCKS_BEGIN(ex, smem, Real)                                                     \
+        bptt::backward_persistent<CELL>(ex, smem, a, n_steps, t_start, rows, w_hh, dh_final,  \
+                                        dc_final, dh0, dc0);                                  \
+        BPTT_BLOCKS_END                                                                       \
+    }
+
+BPTT_RECURRENT_KERNELS(lstm, bptt::Lstm<float>, f32, float)
+BPTT_RECURRENT_KERNELS(lstm, bptt::Lstm<double>, f64, double)
+BPTT_RECURRENT_KERNELS(gru, bptt::Gru<float>, f32, float)
+BPTT_RECURRENT_KERNELS(gru, bptt::Gru<double>, f64, double)
+BPTT_RECURRENT_KERNELS(rnn_tanh, bptt::RnnTanh<float>, f32, float)
+BPTT_RECURRENT_KERNELS(rnn_tanh, bptt::RnnTanh<double>, f64, double)
+BPTT_RECURRENT_KERNELS(rnn_relu, bptt::RnnRelu<float>, f32, float)
+BPTT_RECURRENT_KERNELS(rnn_relu, bptt::RnnRelu<double>, f64, double)
