@@ -249,6 +249,46 @@ def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+class LoadMonitor:
+    """How busy the machine was with OTHER processes while a benchmark ran.
+
+    Busy CPU time of the whole machine (/proc/stat) minus this process and its waited-for
+    children (os.times), over the wall time: the average number of cores other processes
+    used. Call :meth:`stop` after the workers have exited. Linux only (else None)."""
+
+    def __init__(self):
+        self._start = self._sample()
+
+    @staticmethod
+    def _sample():
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(v) for v in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        busy = sum(fields) - fields[3] - fields[4]  # everything but idle and iowait
+        t = os.times()
+        ours = t.user + t.system + t.children_user + t.children_system
+        return busy / os.sysconf("SC_CLK_TCK"), ours, time.perf_counter()
+
+    def stop(self):
+        end = self._sample()
+        if self._start is None or end is None:
+            return None
+        busy, ours, wall = (e - s for e, s in zip(end, self._start))
+        return {"other_processes_cores": max(0.0, (busy - ours) / wall), "wall_s": wall,
+                "loadavg_1min": os.getloadavg()[0]}
+
+
+def load_note(load):
+    """One line describing a LoadMonitor result."""
+    if not load:
+        return "machine load: unknown"
+    return (f"other processes kept {load['other_processes_cores']:.2f} of {os.cpu_count()} cores "
+            f"busy on average during this {load['wall_s']:.0f} s run (load average now "
+            f"{load['loadavg_1min']:.2f}); numbers are noisy when that is well above 0")
+
+
 # ---------------------------------------------------------------------------------------------
 # output
 # ---------------------------------------------------------------------------------------------
@@ -262,10 +302,11 @@ def fmt(value, spec=".3g", missing="-"):
 
 
 def table(headers, rows):
-    """Plain-text table (right-aligned columns) of already formatted cells."""
+    """Plain-text table of already formatted cells (first column left-aligned, others right)."""
     widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) if rows else len(str(h))
               for i, h in enumerate(headers)]
-    line = lambda cells: "  ".join(str(c).rjust(w) for c, w in zip(cells, widths))
+    line = lambda cells: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)
+                                   for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
     out = [line(headers), line(["-" * w for w in widths])]
     out += [line(r) for r in rows]
     return "\n".join(out)

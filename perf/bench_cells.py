@@ -256,6 +256,7 @@ def main(argv=None):
     script = os.path.abspath(__file__)
     T = a.seq
 
+    monitor = hx.LoadMonitor()
     workers = {side: hx.Worker(script, side, a.threads) for side in sides}
     for side, w in workers.items():
         if not w.alive:
@@ -295,13 +296,15 @@ def main(argv=None):
     if not a.no_mem:
         I = a.input_size or a.mem_hidden
         mem = measure_memory(script, live, cells, a.mem_batch, a.mem_hidden, I, a.mem_seq, a.threads)
+    load = monitor.stop()
 
     peak = max(sgemm)
     print(f"\nOne training step (forward + backward, dx and all parameter grads), float32, "
           f"T={T}, I={'H' if not a.input_size else a.input_size}, {a.threads} threads; "
           f"median of alternating runs.\nratio = torch time / our time (>1: bptt is faster). "
           f"GFLOP/s counts GEMM flops 6*T*B*G*H*(I+H).\nnumpy SGEMM 2048^3 float32: "
-          f"{' / '.join(f'{g:.0f}' for g in sgemm)} GFLOP/s (start / end); %sgemm uses {peak:.0f}.\n")
+          f"{' / '.join(f'{g:.0f}' for g in sgemm)} GFLOP/s (start / end); %sgemm uses {peak:.0f}.\n"
+          f"{hx.load_note(load)}.\n")
     rows = [[r["cell"], r["B"], r["H"], hx.fmt(r["torch_s"] and r["torch_s"] * 1e3, ".4g"),
              hx.fmt(r["ours_s"] and r["ours_s"] * 1e3, ".4g"), hx.fmt(r["ratio"], ".2f"),
              hx.fmt(r["torch_gflops"], ".1f"), hx.fmt(r["ours_gflops"], ".1f"),
@@ -328,7 +331,7 @@ def main(argv=None):
     path = hx.save_json("bench_cells", {
         "machine": hx.machine_info(a.threads), "workers": info, "sgemm_gflops": sgemm,
         "T": T, "repeats": repeats, "results": results, "summary_geomean_ratio": summary,
-        "memory": mem, "flops_formula": "6*T*B*G*H*(I+H)"})
+        "memory": mem, "load": load, "flops_formula": "6*T*B*G*H*(I+H)"})
     print(f"\nJSON: {os.path.relpath(path, hx.REPO_DIR)}")
     if a.plot:
         import plot

@@ -183,6 +183,7 @@ def main(argv=None):
     runs = {v: [] for v in a.variants}
     dead = {}
     t_start = time.time()
+    monitor = hx.LoadMonitor()
     for k in range(a.rounds):
         order = a.variants[k % len(a.variants):] + a.variants[:k % len(a.variants)]
         for variant in order:
@@ -203,6 +204,7 @@ def main(argv=None):
                       f"{a.batch * a.k1 / hx.median(runs[variant][-1]['step_s']):8.0f} tokens/s",
                       file=sys.stderr, flush=True)
 
+    load = monitor.stop()
     tokens = a.batch * a.k1
     summary = {}
     for v in a.variants:
@@ -218,7 +220,8 @@ def main(argv=None):
     print(f"\nChar-level LM training: embedding {a.embed}, {a.layers}-layer LSTM {a.hidden}, batch "
           f"{a.batch}, TBPTT k1={a.k1}, Adam, clip {a.clip}, float32, {a.threads} threads.\n"
           f"Median over {a.rounds} alternating fresh processes of the median of {a.steps} updates "
-          f"(after {a.warmup} untimed). ratio = our tokens/s / torch tokens/s (>1: bptt faster).\n")
+          f"(after {a.warmup} untimed). ratio = our tokens/s / torch tokens/s (>1: bptt faster).\n"
+          f"{hx.load_note(load)}.\n")
     label = {"torch": "torch (k2=k1)", "ours": f"bptt k2=k1={a.k1}", "ours_k2": f"bptt k2={2 * a.k1}"}
     rows = [[label[v], hx.fmt(s["tokens_per_s"], ".0f"),
              " ".join(hx.fmt(x, ".0f") for x in s["per_round_tokens_per_s"]),
@@ -235,7 +238,7 @@ def main(argv=None):
           f"process, model and data already built (includes Numba's compile or cache load for bptt).")
     path = hx.save_json("bench_train", {"machine": hx.machine_info(a.threads), "config": base,
                                         "vocab": V, "text": source, "summary": summary,
-                                        "runs": runs, "not_run": dead})
+                                        "runs": runs, "not_run": dead, "load": load})
     print(f"JSON: {os.path.relpath(path, hx.REPO_DIR)}")
     return 0
 

@@ -1,0 +1,405 @@
+#!/usr/bin/env python
+"""Where the time of one bptt training step goes, and how long a fresh process takes to start.
+
+Part 1, breakdown. In one worker process (same thread settings as the benchmarks), every piece
+of one training step is timed on its own with the step's exact shapes, each the median of
+repeated calls after a warm-up:
+
+* the backend's kernels: embedding gather/scatter, ``<cell>_forward``/``<cell>_backward`` per
+  layer, ``softmax_cross_entropy``, ``sum_of_squares`` + ``scale_`` (clipping), ``adam_step``;
+* the GEMMs inside the recurrent kernels, replayed alone with the same shapes and the same
+  BLAS call path (the cpu backend's CBLAS helpers from an @njit loop when importable, else
+  NumPy): the input projection, the T per-step recurrent GEMMs, and after the backward loop
+  dW_ih, dW_hh and dx; "gate math + rest" of a kernel = kernel time - its GEMMs;
+* the decoder (Linear) GEMMs, as the model runs them (NumPy);
+* the real step: ``bptt.Trainer`` updates, median; "other" = that - the sum of the pieces
+  (Python glue in the model and trainer, copies, allocation).
+
+Default step: the char-LM of bench_train.py (embedding 128, 2-layer LSTM 256, batch 32,
+k1 = k2 = 50, vocabulary of the default corpus, Adam, clipping). ``--layer CELL``: one layer's
+step instead (forward + backward at --seq/--batch/--hidden, like bench_cells.py).
+
+Part 2, cold start (``--no-cold`` skips): wall time of ``bptt --help`` and of
+``python -c "import bptt"``; and a fresh process that builds the char-LM and runs its first
+update, with NUMBA_CACHE_DIR pointed at an empty temporary directory (cold: everything
+compiles) and then at the same directory again (warm: cached machine code is loaded).
+
+Prints tables; writes JSON to perf/results/profile-<time>.json.
+"""
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _harness as hx  # noqa: E402
+from bench_train import load_tokens, ours_run  # noqa: E402
+
+GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
+
+
+# =============================================================================================
+# worker: timing of the pieces
+# =============================================================================================
+
+def bench(fn, budget=0.3, max_calls=30):
+    """Median seconds of ``fn()`` after one warm-up call, ~``budget`` seconds of calls."""
+    first = hx.time_calls(fn, 1)[0]
+    calls = max(3, min(max_calls, int(budget / max(first, 1e-6))))
+    return hx.median(hx.time_calls(fn, calls))
+
+
+class GemmReplay:
+    """The recurrent kernels' GEMMs with their exact shapes, timed alone.
+
+    Uses the cpu backend's CBLAS helpers (``bptt_kernels.cpu._blas``) from @njit loops when
+    available, so the call path is the kernels' own; NumPy's matmul otherwise."""
+
+    def __init__(self, np):
+        self.np = np
+        try:
+            from numba import njit
+            from bptt_kernels.cpu._blas import gemm_nn, gemm_nt, gemm_tn
+        except Exception as e:  # the backend may not be there yet, or may change
+            self.path = f"numpy (cpu backend BLAS helpers not importable: {type(e).__name__})"
+            self._nt = lambda a, b, c: np.matmul(a, b.T, out=c)
+            self._nn = lambda a, b, c: np.matmul(a, b, out=c)
+            self._tn = lambda a, b, c: np.matmul(a.T, b, out=c)
+
+            def steps(h, w, out, transpose):
+                mm = self._nt if transpose else self._nn
+                for t in range(h.shape[0]):
+                    mm(h[t], w, out[t])
+            self._steps = steps
+            return
+        self.path = "cpu backend CBLAS helpers from @njit"
+        self._nt = njit(lambda a, b, c: gemm_nt(a, b, c, 0.0))
+        self._nn = njit(lambda a, b, c: gemm_nn(a, b, c, 0.0))
+        self._tn = njit(lambda a, b, c: gemm_tn(a, b, c, 0.0))
+
+        @njit
+        def steps(h, w, out, transpose):
+            for t in range(h.shape[0]):
+                if transpose:
+                    gemm_nt(h[t], w, out[t], 0.0)
+                else:
+                    gemm_nn(h[t], w, out[t], 0.0)
+        self._steps = steps
+
+    def layer(self, T, B, I, H, G, dtype):
+        """{piece: seconds} of one layer's GEMMs (forward: input, recurrent; backward:
+        recurrent, dW_ih, dW_hh, dx) and {piece: flops}."""
+        np, rng = self.np, self.np.random.default_rng(0)
+        r = lambda *shape: rng.standard_normal(shape).astype(dtype)
+        x, h, dg = r(T * B, I), r(T, B, H), r(T, B, G * H)
+        w_ih, w_hh = r(G * H, I), r(G * H, H)
+        gates, dh = np.empty((T * B, G * H), dtype), np.empty((T, B, H), dtype)
+        dw_ih, dw_hh, dx = np.empty((G * H, I), dtype), np.empty((G * H, H), dtype), np.empty((T * B, I), dtype)
+        dg2, h2 = dg.reshape(T * B, G * H), h.reshape(T * B, H)
+        secs = {
+            "fwd input GEMM (x W_ih^T, all T)": bench(lambda: self._nt(x, w_ih, gates)),
+            "fwd recurrent GEMMs (h W_hh^T, T x)": bench(lambda: self._steps(h, w_hh, dg, True)),
+            "bwd recurrent GEMMs (dg W_hh, T x)": bench(lambda: self._steps(dg, w_hh, dh, False)),
+            "bwd dW_ih GEMM (dg^T x)": bench(lambda: self._tn(dg2, x, dw_ih)),
+            "bwd dW_hh GEMM (dg^T h)": bench(lambda: self._tn(dg2, h2, dw_hh)),
+            "bwd dx GEMM (dg W_ih)": bench(lambda: self._nn(dg2, w_ih, dx)),
+        }
+        n = 2.0 * T * B * G * H
+        flops = dict(zip(secs, (n * I, n * H, n * H, n * I, n * H, n * I)))
+        return secs, flops
+
+
+class Profiler:
+    def setup(self):
+        self.np = hx.require("numpy", "profile")
+        bptt = hx.require("bptt", "profile")
+        bptt.use_backend(os.environ.get("BPTT_BACKEND", "cpu"))
+        self.be = bptt.get_backend()
+        hx.pin_threads(int(os.environ["OMP_NUM_THREADS"]))
+        self.gemm = GemmReplay(self.np)
+        return {"backend": self.be.NAME, "gemm_path": self.gemm.path}
+
+    def layer_rows(self, cell, T, B, I, H, x, dtype):
+        """Rows (name, seconds, flops, level) of one layer's forward or backward; returns
+        (forward rows, backward rows, y)."""
+        np, be, G = self.np, self.be, GATES[cell]
+        rng = np.random.default_rng(2)
+        u = lambda *shape: be.asarray(rng.uniform(-H ** -0.5, H ** -0.5, shape), dtype)
+        w_ih, w_hh, b_ih, b_hh = u(G * H, I), u(G * H, H), u(G * H), u(G * H)
+        grads = [be.zeros(a.shape, dtype) for a in (w_ih, w_hh, b_ih, b_hh)]
+        n_state = 2 if cell == "lstm" else 1
+        state = tuple(be.zeros((B, H), dtype) for _ in range(n_state))
+        fwd, bwd = getattr(be, f"{cell}_forward"), getattr(be, f"{cell}_backward")
+        y, final, cache = fwd(x, state, w_ih, w_hh, b_ih, b_hh)
+        dy = be.asarray(rng.standard_normal((T, B, H)), dtype)
+        t_fwd = bench(lambda: fwd(x, state, w_ih, w_hh, b_ih, b_hh))
+        t_bwd = bench(lambda: bwd(dy, state, cache, w_ih, w_hh, *grads))
+        secs, flops = self.gemm.layer(T, B, I, H, G, dtype)
+        f_keys = [k for k in secs if k.startswith("fwd")]
+        b_keys = [k for k in secs if k.startswith("bwd")]
+        f_rows = [(f"{cell} forward kernel", t_fwd, sum(flops[k] for k in f_keys), 1)]
+        f_rows += [(k, secs[k], flops[k], 2) for k in f_keys]
+        f_rows.append(("gate math + rest (kernel - GEMMs)", t_fwd - sum(secs[k] for k in f_keys), None, 2))
+        b_rows = [(f"{cell} backward kernel", t_bwd, sum(flops[k] for k in b_keys), 1)]
+        b_rows += [(k, secs[k], flops[k], 2) for k in b_keys]
+        b_rows.append(("gate math + rest (kernel - GEMMs)", t_bwd - sum(secs[k] for k in b_keys), None, 2))
+        return f_rows, b_rows, y
+
+    def layer_step(self, r):
+        np, be, dtype = self.np, self.be, self.np.float32
+        T, B, H, cell = r["seq"], r["batch"], r["hidden"], r["cell"]
+        I = r["input_size"] or H
+        x = be.asarray(np.random.default_rng(1).standard_normal((T, B, I)), dtype)
+        f_rows, b_rows, _ = self.layer_rows(cell, T, B, I, H, x, dtype)
+        return {"rows": f_rows + b_rows, "step_s": None,
+                "title": f"one {cell} layer step: T={T}, B={B}, I={I}, H={H}, float32"}
+
+    def lm_step(self, r):
+        np, be, dtype = self.np, self.be, self.np.float32
+        T, B, E, H, L = r["k1"], r["batch"], r["embed"], r["hidden"], r["layers"]
+        ids_all, V, _ = load_tokens(r["max_chars"])
+        rng = np.random.default_rng(0)
+        u = lambda *shape: be.asarray(rng.uniform(-0.1, 0.1, shape), dtype)
+        emb, w_dec, b_dec = u(V, E), u(V, H), be.zeros((V,), dtype)
+        ids = be.asarray(ids_all[: T * B].reshape(T, B), np.int64)
+        targets = be.asarray(ids_all[1: T * B + 1], np.int64)
+        xp = be.xp
+        rows_f, rows_b = [], []
+
+        x = be.embedding_forward(emb, ids)
+        rows_f.append(("embedding forward", bench(lambda: be.embedding_forward(emb, ids)), None, 1))
+        layer_params = []
+        for k in range(L):
+            f, b, x = self.layer_rows("lstm", T, B, E if k == 0 else H, H, x, dtype)
+            rows_f += [(f"L{k} {n}" if lvl == 1 else n, s, fl, lvl) for n, s, fl, lvl in f]
+            rows_b = [(f"L{k} {n}" if lvl == 1 else n, s, fl, lvl) for n, s, fl, lvl in b] + rows_b
+            G = 4
+            I = E if k == 0 else H
+            layer_params += [(G * H, I), (G * H, H), (G * H,), (G * H,)]
+        h2 = x.reshape(T * B, H)
+        logits = xp.empty((T * B, V), dtype)
+
+        def decoder_forward():
+            xp.matmul(h2, w_dec.T, out=logits)
+            xp.add(logits, b_dec, out=logits)
+        rows_f.append(("decoder forward GEMM + bias", bench(decoder_forward), 2.0 * T * B * H * V, 1))
+        dlogits = xp.empty_like(logits)
+        rows_f.append(("softmax cross-entropy (loss + dlogits)",
+                       bench(lambda: be.softmax_cross_entropy(logits, targets, dlogits, 1.0 / (T * B))), None, 1))
+        dw_dec, dh2 = xp.zeros_like(w_dec), xp.empty_like(h2)
+
+        def decoder_backward():
+            dw_dec[...] += dlogits.T @ h2
+            b_dec_grad = dlogits.sum(axis=0)
+            xp.matmul(dlogits, w_dec, out=dh2)
+            return b_dec_grad
+        rows_b = [("decoder backward GEMMs + bias", bench(decoder_backward), 4.0 * T * B * H * V, 1)] + rows_b
+        demb, dx = xp.zeros_like(emb), be.asarray(rng.standard_normal((T, B, E)), dtype)
+        rows_b.append(("embedding backward (scatter-add)", bench(lambda: be.embedding_backward(demb, ids, dx)), None, 1))
+
+        shapes = [(V, E)] + layer_params + [(V, H), (V,)]
+        params = [u(*s) for s in shapes]
+        grads = [u(*s) * 1e-3 for s in shapes]
+        ms = [be.zeros(s, dtype) for s in shapes]
+        vs = [be.zeros(s, dtype) for s in shapes]
+
+        def clip():
+            norm = be.sum_of_squares(grads) ** 0.5
+            be.scale_(grads, min(1.0, 0.25 / (norm + 1e-6)))
+
+        def adam():
+            for p, g, m, v in zip(params, grads, ms, vs):
+                be.adam_step(p, g, m, v, 2e-3, 0.9, 0.999, 1e-8, 0.0, 10)
+        rows_o = [("clip: sum_of_squares + scale_", bench(clip), None, 1),
+                  ("adam_step over all parameters", bench(adam), None, 1)]
+        rows = rows_f + rows_b + rows_o
+
+        step_s = None
+        try:
+            stamps, _ = ours_run({**r, "k2": r["k1"], "lr": 2e-3, "clip": 0.25, "warmup": 3, "steps": 10})
+            step_s = hx.median([b - a for a, b in zip(stamps, stamps[1:])][3:])
+        except Exception as e:  # the trainer may not be there yet
+            print(f"trainer step not measured: {type(e).__name__}: {e}", file=sys.stderr)
+        n_params = sum(int(np.prod(s)) for s in shapes)
+        return {"rows": rows, "step_s": step_s,
+                "title": f"one char-LM training update: embedding {E}, {L}-layer LSTM {H}, "
+                         f"vocabulary {V}, B={B}, k1=k2={T}, Adam ({n_params} parameters), float32"}
+
+    def handle(self, r):
+        return self.layer_step(r) if r.get("cell") else self.lm_step(r)
+
+
+# =============================================================================================
+# worker: first update of a fresh process (cold start)
+# =============================================================================================
+
+def first_update(r):
+    """In a fresh process: import, build the char-LM, run two updates; seconds of each phase."""
+    t0 = time.perf_counter()
+    import numpy as np  # noqa: F401
+    import bptt
+    bptt.use_backend(os.environ.get("BPTT_BACKEND", "cpu"))
+    bptt.get_backend()
+    t_import = time.perf_counter() - t0
+    stamps, _ = ours_run({**r, "k2": r["k1"], "lr": 2e-3, "clip": 0.25, "warmup": 2, "steps": 0})
+    return {"import_s": t_import, "first_update_s": stamps[1] - stamps[0],
+            "second_update_s": stamps[2] - stamps[1], "to_first_update_s": time.perf_counter() - t0
+            - (stamps[2] - stamps[1])}
+
+
+class FirstUpdateWorker:
+    def setup(self):
+        return {}
+
+    def handle(self, r):
+        return first_update(r)
+
+
+def cold_start(script, threads, lm, repeats):
+    """Rows of the cold-start table."""
+    rows = []
+    bptt_exe = os.path.join(os.path.dirname(sys.executable), "bptt")
+    help_cmd = [bptt_exe, "--help"] if os.path.exists(bptt_exe) else [sys.executable, "-m", "bptt", "--help"]
+    for label, argv in ((f"`{' '.join(os.path.basename(a) for a in help_cmd)}`", help_cmd),
+                        ("`python -c 'import bptt'`", [sys.executable, "-c", "import bptt"]),
+                        ("`python -c pass` (interpreter alone)", [sys.executable, "-c", "pass"])):
+        walls, ok = [], True
+        for _ in range(repeats):
+            wall, _, proc = hx.run_once(argv, hx.child_env(threads))
+            ok &= proc.returncode == 0
+            walls.append(wall)
+        rows.append({"what": label, "wall_s": hx.median(walls), "ok": ok,
+                     "error": None if ok else (proc.stderr.strip().splitlines() or ["?"])[-1]})
+    cache = tempfile.mkdtemp(prefix="bptt-numba-cache-")
+    try:
+        for label in ("cold kernel cache (empty NUMBA_CACHE_DIR)", "warm kernel cache (same dir)",
+                      "warm kernel cache (again)"):
+            w = hx.Worker(script, "first", threads, env_extra={"NUMBA_CACHE_DIR": cache})
+            t0 = time.perf_counter()
+            try:
+                if not w.alive:
+                    raise hx.WorkerError(w.error)
+                res = w.call(lm)
+                res["process_to_first_update_s"] = time.perf_counter() - t0
+                rows.append({"what": f"first char-LM update, {label}", **res, "ok": True})
+            except hx.WorkerError as e:
+                rows.append({"what": f"first char-LM update, {label}", "ok": False,
+                             "error": str(e).strip().splitlines()[-1]})
+            finally:
+                w.close()
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+    return rows
+
+
+# =============================================================================================
+# parent
+# =============================================================================================
+
+def print_breakdown(res):
+    rows, step = res["rows"], res["step_s"]
+    top = sum(s for _, s, _, lvl in rows if lvl == 1)
+    total = step or top
+    print(f"\nBreakdown of {res['title']}.\nEach piece timed alone (median); indented rows are "
+          f"parts of the kernel above them; % of {'the measured trainer update' if step else 'the sum of pieces'}.\n")
+    out = []
+    for name, s, flops, lvl in rows:
+        out.append([("  " if lvl == 2 else "") + name, hx.fmt(s * 1e3, ".2f"),
+                    hx.fmt(100 * s / total, ".1f"), hx.fmt(flops and s > 0 and flops / s / 1e9, ".1f")])
+    out.append(["sum of pieces", hx.fmt(top * 1e3, ".2f"), hx.fmt(100 * top / total, ".1f"), ""])
+    if step:
+        out.append(["trainer update (measured, bptt.Trainer)", hx.fmt(step * 1e3, ".2f"), "100.0", ""])
+        out.append(["other: model/trainer glue (measured - sum)", hx.fmt((step - top) * 1e3, ".2f"),
+                    hx.fmt(100 * (step - top) / step, ".1f"), ""])
+    print(hx.table(["piece", "ms", "%", "GFLOP/s"], out))
+    is_gate = lambda n, lvl: lvl == 2 and n.startswith("gate")
+    groups = {"GEMMs inside recurrent kernels": lambda n, lvl: lvl == 2 and not is_gate(n, lvl),
+              "gate math + rest of recurrent kernels": is_gate,
+              "decoder GEMMs": lambda n, lvl: n.startswith("decoder"),
+              "loss, embedding, clipping, Adam": lambda n, lvl: lvl == 1 and not (
+                  n.startswith("decoder") or "kernel" in n)}
+    shares = {g: sum(s for n, s, _, lvl in rows if f(n, lvl)) / total for g, f in groups.items()}
+    if step:
+        shares["other"] = (step - top) / step
+    print("\nBy kind: " + "; ".join(f"{g} {100 * v:.0f}%" for g, v in shares.items() if v))
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layer", choices=sorted(GATES), help="profile one layer's step instead of the char-LM")
+    p.add_argument("--seq", type=int, default=100, help="T for --layer (default 100)")
+    p.add_argument("--hidden", type=int, default=None, help="H (default 256; 512 with --layer)")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--input-size", type=int, default=None, help="I for --layer (default H)")
+    p.add_argument("--k1", type=int, default=50, help="char-LM chunk length (default 50)")
+    p.add_argument("--embed", type=int, default=128)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--max-chars", type=int, default=None)
+    p.add_argument("--threads", type=int, default=hx.DEFAULT_THREADS)
+    p.add_argument("--no-breakdown", action="store_true")
+    p.add_argument("--no-cold", action="store_true", help="skip the cold-start measurements")
+    p.add_argument("--cold-repeats", type=int, default=3, help="runs of each CLI timing (default 3)")
+    p.add_argument("--worker", choices=("ours", "first"), help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+
+    if a.worker == "ours":
+        w = Profiler()
+        hx.serve(w.setup, w.handle)
+        return 0
+    if a.worker == "first":
+        w = FirstUpdateWorker()
+        hx.serve(w.setup, w.handle)
+        return 0
+
+    script = os.path.abspath(__file__)
+    lm = {"k1": a.k1, "batch": a.batch, "embed": a.embed, "hidden": a.hidden or 256,
+          "layers": a.layers, "max_chars": a.max_chars}
+    out = {"machine": hx.machine_info(a.threads)}
+    monitor = hx.LoadMonitor()
+    if not a.no_breakdown:
+        w = hx.Worker(script, "ours", a.threads)
+        if not w.alive:
+            print(f"breakdown not run: {w.error.strip()}", file=sys.stderr)
+        else:
+            req = ({"cell": a.layer, "seq": a.seq, "batch": a.batch, "hidden": a.hidden or 512,
+                    "input_size": a.input_size} if a.layer else lm)
+            try:
+                res = w.call(req)
+                out["breakdown"] = {**res, "gemm_path": w.ready["gemm_path"]}
+                print_breakdown(res)
+                print(f"GEMM replay: {w.ready['gemm_path']}")
+            except hx.WorkerError as e:
+                print(f"breakdown failed: {e}", file=sys.stderr)
+            w.close()
+    if not a.no_cold:
+        rows = cold_start(script, a.threads, lm, a.cold_repeats)
+        out["cold_start"] = rows
+        print(f"\nCold start (fresh processes, {a.threads} threads; CLI rows: median of {a.cold_repeats}).\n")
+        table = []
+        for r in rows:
+            if not r["ok"]:
+                table.append([r["what"], "failed", "", "", ""])
+            elif "wall_s" in r:
+                table.append([r["what"], hx.fmt(r["wall_s"], ".2f"), "", "", ""])
+            else:
+                table.append([r["what"], hx.fmt(r["process_to_first_update_s"], ".2f"),
+                              hx.fmt(r["import_s"], ".2f"), hx.fmt(r["first_update_s"], ".2f"),
+                              hx.fmt(r["second_update_s"], ".3f")])
+        print(hx.table(["what", "wall s", "import s", "1st update s", "2nd update s"], table))
+        print("wall s of an update row: from process start to the end of its first update "
+              "(includes corpus loading and model building).")
+        for r in rows:
+            if not r["ok"]:
+                print(f"failed: {r['what']}: {r.get('error')}")
+    out["load"] = monitor.stop()
+    print(f"\n{hx.load_note(out['load'])}.")
+    path = hx.save_json("profile", out)
+    print(f"\nJSON: {os.path.relpath(path, hx.REPO_DIR)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
