@@ -1,0 +1,164 @@
+"""Recurrent kernels of bptt_kernels.cuda on the CUDA simulator, against the NumPy reference.
+
+Both paths (persistent single-block and general GEMM + gate kernel), float64 (relative error
+<= 1e-10) and float32 (<= 1e-5), t_start = 0 and > 0, gradients accumulated into non-zero
+buffers, scratch memory NaN-poisoned (conftest.py). A directional finite-difference check in
+float64 is the independent oracle. Shapes are odd and small: they exercise partial GEMM tiles,
+grid-stride loops over more points than threads, and several blocks in the gate kernels.
+"""
+
+import numpy as np
+import pytest
+
+CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
+GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
+RTOL = {np.dtype(np.float64): 1e-10, np.dtype(np.float32): 1e-5}
+SHAPE_A = dict(T=4, B=2, I=3, H=5)    # LSTM: B*G*H = 40 > 32 threads of the persistent block
+SHAPE_B = dict(T=3, B=3, I=2, H=12)   # B*H = 36 > 32: the gate kernels run 2 blocks
+
+CASES = (
+    [("f64", SHAPE_A, 0), ("f64", SHAPE_A, 2), ("f64", SHAPE_B, 1), ("f32", SHAPE_A, 1)]
+)
+
+
+def rel_err(actual, expected):
+    actual = np.asarray(actual, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    assert actual.shape == expected.shape, f"shape {actual.shape} != {expected.shape}"
+    scale = np.max(np.abs(expected))
+    diff = np.max(np.abs(actual - expected))   # NaN (poison) propagates and fails
+    return diff / scale if scale > 0 else diff
+
+
+def check(actual, expected, rtol, what):
+    err = rel_err(actual, expected)
+    assert err <= rtol, f"{what}: relative error {err:.3e} > {rtol:.0e}"
+
+
+def make_problem(rng, cell, T, B, I, H, dtype):
+    """Random weights, input, state, dy, dfinal_state (host arrays, never zero)."""
+    G = GATES[cell]
+    s = 1 / np.sqrt(H)
+    p = {
+        "w_ih": rng.uniform(-s, s, (G * H, I)), "w_hh": rng.uniform(-s, s, (G * H, H)),
+        "b_ih": rng.uniform(-s, s, G * H), "b_hh": rng.uniform(-s, s, G * H),
+        "x": rng.standard_normal((T, B, I)), "dy": rng.standard_normal((T, B, H)),
+    }
+    n_state = 2 if cell == "lstm" else 1
+    p["state"] = tuple(rng.standard_normal((B, H)) for _ in range(n_state))
+    p["dfinal"] = tuple(rng.standard_normal((B, H)) for _ in range(n_state))
+    p["grads0"] = [rng.standard_normal(p[k].shape) for k in ("w_ih", "w_hh", "b_ih", "b_hh")]
+    cast = lambda a: a.astype(dtype)   # noqa: E731
+    return {k: (tuple(map(cast, v)) if isinstance(v, tuple) else
+                [cast(a) for a in v] if isinstance(v, list) else cast(v)) for k, v in p.items()}
+
+
+def run(backend, cell, p, t_start):
+    """Forward + backward on ``backend``; returns host copies of everything compared."""
+    dev = lambda a: backend.asarray(a, a.dtype)   # noqa: E731
+    w = [dev(p[k]) for k in ("w_ih", "w_hh", "b_ih", "b_hh")]
+    y, final, cache = getattr(backend, f"{cell}_forward")(
+        dev(p["x"]), tuple(map(dev, p["state"])), *w)
+    out = {"y": backend.to_host(y), "final": [backend.to_host(a) for a in final]}
+    grads = [dev(g) for g in p["grads0"]]           # accumulated into: must be +=
+    dx, dstate, dh = getattr(backend, f"{cell}_backward")(
+        dev(p["dy"]), tuple(map(dev, p["dfinal"])), cache, w[0], w[1], *grads, t_start=t_start)
+    out.update(dx=backend.to_host(dx), dstate=[backend.to_host(a) for a in dstate],
+               dh=backend.to_host(dh), grads=[backend.to_host(g) for g in grads])
+    return out
+
+
+@pytest.mark.parametrize("path", ["general", "persistent"])
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("dt,shape,t_start", CASES,
+                         ids=[f"{c[0]}-T{c[1]['T']}B{c[1]['B']}H{c[1]['H']}-t{c[2]}" for c in CASES])
+def test_matches_reference(cuda, ref, rng, cell, path, dt, shape, t_start):
+    dtype = np.float64 if dt == "f64" else np.float32
+    rtol = RTOL[np.dtype(dtype)]
+    cuda.config.PATH = path
+    assert cuda.choose_path(cell, shape["B"], shape["H"], dtype) == path
+    p = make_problem(rng, cell, dtype=dtype, **shape)
+    got = run(cuda, cell, p, t_start)
+    want = run(ref, cell, p, t_start)
+    for key in ("y", "dx", "dh"):
+        check(got[key], want[key], rtol, f"{cell} {path} {key}")
+    for key in ("final", "dstate", "grads"):
+        for k, (a, b) in enumerate(zip(got[key], want[key])):
+            check(a, b, rtol, f"{cell} {path} {key}[{k}]")
+    assert not got["dx"][:t_start].any() and not got["dh"][:t_start].any(), \
+        "rows before t_start must be zero"
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_finite_differences_float64(cuda, rng, cell):
+    """<grad, v> against (L(p + eps v) - L(p - eps v)) / (2 eps) for a random direction v over
+    every weight, bias, input and initial-state element; L = sum(y*R) + sum(final*S)."""
+    T, B, I, H = 3, 2, 3, 4
+    p = make_problem(rng, cell, T, B, I, H, np.float64)
+    names = ["x", "w_ih", "w_hh", "b_ih", "b_hh"]
+    flat = {k: p[k] for k in names}
+    flat.update({f"s{k}": s for k, s in enumerate(p["state"])})
+    direction = {k: rng.standard_normal(a.shape) for k, a in flat.items()}
+    R = p["dy"]
+    S = p["dfinal"]
+    fwd = getattr(cuda, f"{cell}_forward")
+
+    def loss(q):
+        state = tuple(q[f"s{k}"] for k in range(len(S)))
+        y, final, _ = fwd(q["x"], state, q["w_ih"], q["w_hh"], q["b_ih"], q["b_hh"])
+        return float(np.sum(y * R) + sum(np.sum(f * s) for f, s in zip(final, S)))
+
+    y, final, cache = fwd(p["x"], p["state"], p["w_ih"], p["w_hh"], p["b_ih"], p["b_hh"])
+    grads = [np.zeros_like(p[k]) for k in ("w_ih", "w_hh", "b_ih", "b_hh")]
+    dx, dstate, _ = getattr(cuda, f"{cell}_backward")(R, S, cache, p["w_ih"], p["w_hh"], *grads)
+    analytic = {"x": dx, "w_ih": grads[0], "w_hh": grads[1], "b_ih": grads[2], "b_hh": grads[3]}
+    analytic.update({f"s{k}": d for k, d in enumerate(dstate)})
+    directional = sum(float(np.sum(analytic[k] * direction[k])) for k in flat)
+    eps = 1e-6
+    plus = loss({k: a + eps * direction[k] for k, a in flat.items()})
+    minus = loss({k: a - eps * direction[k] for k, a in flat.items()})
+    numeric = (plus - minus) / (2 * eps)
+    err = abs(numeric - directional) / abs(directional)
+    assert err <= 1e-6, f"{cell}: directional derivative {directional} vs finite difference {numeric}"
+
+
+def test_auto_path_and_limits(cuda):
+    lim = cuda.persistent_limits("lstm", 2, 5, np.float32)
+    assert lim["fits"] and lim["shared_limit"] == 48 * 1024
+    need = lambda h: (4 * h * h + 2 * 4 * h + 2 * h) * 4   # noqa: E731  forward's shared elements
+    assert need(lim["max_H"]) <= lim["shared_limit"] < need(lim["max_H"] + 1)
+    assert cuda.choose_path("lstm", 2, 5, np.float32) == "persistent"
+    assert cuda.choose_path("lstm", 2, 512, np.float32) == "general"
+    cuda.config.PERSISTENT_MAX_PAIRS = 9
+    assert cuda.choose_path("lstm", 2, 5, np.float32) == "general"
+    cuda.config.reset()
+    cuda.config.PATH = "persistent"
+    with pytest.raises(ValueError, match="shared memory"):
+        cuda.choose_path("gru", 4, 512, np.float32)
+    cuda.config.PATH = "fast"
+    with pytest.raises(ValueError, match="config.PATH"):
+        cuda.choose_path("gru", 4, 8, np.float32)
+
+
+def test_bad_arguments_name_the_argument(cuda, rng):
+    T, B, I, H = 2, 2, 3, 4
+    x = rng.standard_normal((T, B, I))
+    w_ih, w_hh = rng.standard_normal((3 * H, I)), rng.standard_normal((3 * H, H))
+    b = rng.standard_normal(3 * H)
+    h0 = rng.standard_normal((B, H))
+    with pytest.raises(ValueError, match="w_ih"):
+        cuda.gru_forward(x, (h0,), w_ih[:, :2].copy(), w_hh, b, b)
+    with pytest.raises(TypeError, match="b_hh"):
+        cuda.gru_forward(x, (h0,), w_ih, w_hh, b, b.astype(np.float32))
+    with pytest.raises(TypeError, match="state"):
+        cuda.gru_forward(x, h0, w_ih, w_hh, b, b)
+    with pytest.raises(TypeError, match="x"):
+        cuda.gru_forward(x.tolist(), (h0,), w_ih, w_hh, b, b)
+    y, final, cache = cuda.gru_forward(x, (h0,), w_ih, w_hh, b, b)
+    grads = [np.zeros_like(a) for a in (w_ih, w_hh, b, b)]
+    with pytest.raises(ValueError, match="t_start"):
+        cuda.gru_backward(y, final, cache, w_ih, w_hh, *grads, t_start=T)
+    with pytest.raises(ValueError, match="dy"):
+        cuda.gru_backward(y[:1].copy(), final, cache, w_ih, w_hh, *grads)
+    with pytest.raises(TypeError, match="cache"):
+        cuda.lstm_backward(y, (h0, h0), cache, w_ih, w_hh, *grads)
