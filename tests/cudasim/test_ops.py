@@ -1,0 +1,133 @@
+"""Non-recurrent kernels of bptt_kernels.cuda (and its GEMM) on the CUDA simulator, against
+``bptt_kernels.reference`` (NumPy for the GEMM), float64 <= 1e-10 and float32 <= 1e-5
+relative, with NaN-poisoned scratch memory (conftest.py)."""
+
+import numpy as np
+import pytest
+
+RTOL = {np.dtype(np.float64): 1e-10, np.dtype(np.float32): 1e-5}
+DTYPES = [np.float64, np.float32]
+
+
+def check(actual, expected, dtype, what):
+    actual = np.asarray(actual, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    assert actual.shape == expected.shape
+    err = np.max(np.abs(actual - expected)) / np.max(np.abs(expected))
+    assert err <= RTOL[np.dtype(dtype)], f"{what}: relative error {err:.3e}"
+
+
+@pytest.mark.parametrize("trans_a", [False, True])
+@pytest.mark.parametrize("trans_b", [False, True])
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_gemm_kernel(cuda, rng, trans_a, trans_b, accumulate):
+    from bptt_kernels.cuda import gemm
+    M, K, N = 5, 7, 6                                  # partial 4x4 tiles in every dimension
+    a = rng.standard_normal((K, M) if trans_a else (M, K))
+    b = rng.standard_normal((N, K) if trans_b else (K, N))
+    c0 = rng.standard_normal((M, N))
+    c = c0.copy() if accumulate else np.full((M, N), np.nan)   # a plain write never reads c
+    gemm.matmul(a, b, c, trans_a, trans_b, accumulate)
+    want = (a.T if trans_a else a) @ (b.T if trans_b else b) + (c0 if accumulate else 0)
+    check(c, want, np.float64, "gemm")
+
+
+def test_col_sum_add(cuda, rng):
+    from bptt_kernels.cuda import gemm
+    g = rng.standard_normal((131, 3))                  # several 64-row chunks
+    out0 = rng.standard_normal(3)
+    out = out0.copy()
+    gemm.col_sum_add(g, out)
+    check(out, out0 + g.sum(axis=0), np.float64, "col_sum_add")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("alias", [False, True])
+def test_softmax_cross_entropy(cuda, ref, rng, dtype, alias):
+    N, V = 5, 37                                       # V > 32 threads: strided rows
+    logits = (3 * rng.standard_normal((N, V))).astype(dtype)
+    targets = rng.integers(0, V, N)
+    targets[2] = -1                                    # ignored row
+    want_d = np.empty_like(logits)
+    want = ref.softmax_cross_entropy(logits.copy(), targets, want_d, 0.25)
+    work = logits.copy()
+    dlogits = work if alias else np.full_like(logits, np.nan)
+    got = cuda.softmax_cross_entropy(work, targets, dlogits, 0.25)
+    assert abs(got - want) <= RTOL[np.dtype(dtype)] * abs(want)
+    check(dlogits, want_d, dtype, "dlogits")
+    assert not dlogits[2].any()
+    with pytest.raises(ValueError, match="targets"):
+        cuda.softmax_cross_entropy(logits, np.full(N, V), np.empty_like(logits), 1.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_embedding(cuda, ref, rng, dtype):
+    V, E = 7, 5
+    weight = rng.standard_normal((V, E)).astype(dtype)
+    ids = rng.integers(0, V, (4, 3))
+    ids[0, :2] = ids[1, 0] = 3                         # repeated ids must accumulate
+    check(cuda.embedding_forward(weight, ids), ref.embedding_forward(weight, ids), dtype, "gather")
+    dout = rng.standard_normal((4, 3, E)).astype(dtype)
+    dw0 = rng.standard_normal((V, E)).astype(dtype)
+    got, want = dw0.copy(), dw0.copy()
+    cuda.embedding_backward(got, ids, dout)
+    ref.embedding_backward(want, ids, dout)
+    check(got, want, dtype, "scatter-add")
+    with pytest.raises(ValueError, match="ids"):
+        cuda.embedding_forward(weight, np.array([0, V]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("momentum,weight_decay,nesterov", [
+    (0.0, 0.0, False), (0.9, 0.01, False), (0.9, 0.0, True)])
+def test_sgd_step(cuda, ref, rng, dtype, momentum, weight_decay, nesterov):
+    shape = (6, 7)
+    param, grad, buf = (rng.standard_normal(shape).astype(dtype) for _ in range(3))
+    got, want = [param.copy(), buf.copy()], [param.copy(), buf.copy()]
+    for first in (True, False):
+        cuda.sgd_step(got[0], grad, got[1], 0.1, momentum, weight_decay, nesterov, first)
+        ref.sgd_step(want[0], grad, want[1], 0.1, momentum, weight_decay, nesterov, first)
+    check(got[0], want[0], dtype, "param")
+    if momentum:
+        check(got[1], want[1], dtype, "momentum buffer")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("weight_decay", [0.0, 0.05])
+def test_adam_step(cuda, ref, rng, dtype, weight_decay):
+    shape = (40,)                                      # > 32 threads: grid-stride
+    param, grad = (rng.standard_normal(shape).astype(dtype) for _ in range(2))
+    m, v = rng.standard_normal(shape).astype(dtype), rng.random(shape).astype(dtype)
+    got = [param.copy(), m.copy(), v.copy()]
+    want = [param.copy(), m.copy(), v.copy()]
+    for step in (1, 2, 3):
+        cuda.adam_step(got[0], grad, got[1], got[2], 1e-2, 0.9, 0.999, 1e-8, weight_decay, step)
+        ref.adam_step(want[0], grad, want[1], want[2], 1e-2, 0.9, 0.999, 1e-8, weight_decay, step)
+    for a, b, name in zip(got, want, ("param", "m", "v")):
+        check(a, b, dtype, name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sum_of_squares_and_scale(cuda, ref, rng, dtype):
+    arrays = [rng.standard_normal(s).astype(dtype) for s in [(3, 4), (70,), (2, 2, 2)]]
+    want = ref.sum_of_squares(arrays)
+    assert abs(cuda.sum_of_squares(arrays) - want) <= 1e-12 * want
+    assert cuda.sum_of_squares([]) == 0.0
+    got = [a.copy() for a in arrays]
+    cuda.scale_(got, 0.37)
+    ref.scale_(arrays, 0.37)
+    for a, b in zip(got, arrays):
+        check(a, b, dtype, "scale_")
+
+
+def test_plumbing_and_dispatch(cuda):
+    import bptt
+    assert cuda.NAME == "cuda" and cuda.xp is np
+    a = cuda.asarray([[1, 2], [3, 4]], np.float32)
+    assert a.dtype == np.float32 and a.flags.c_contiguous
+    h = cuda.to_host(a)
+    h[0, 0] = 9
+    assert a[0, 0] == 1                                # to_host returns a copy
+    assert not cuda.zeros((2, 3), np.float64).any()
+    with bptt.use_backend("cuda") as backend:
+        assert backend is cuda and bptt.get_backend() is cuda
