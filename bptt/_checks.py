@@ -52,12 +52,13 @@ def expect_ndim(name, a, ndim, layout):
 
 
 def expect_shape(name, a, shape, layout):
-    """Raise ValueError unless ``a.shape == shape``; ``layout`` names the axes, e.g. '[L, B, H]'."""
+    """Raise ValueError unless ``a.shape == shape``; ``layout`` names the axes, e.g. '[L, B, H]' (or '')."""
     shape = tuple(int(s) for s in shape)
+    wanted = f"{layout} = {shape}" if layout else f"{shape}"
     if a.ndim != len(shape):
-        raise ValueError(f"{name} must be {len(shape)}-D {layout} = {shape}; got {a.ndim}-D {describe(a)}")
+        raise ValueError(f"{name} must be {len(shape)}-D {wanted}; got {a.ndim}-D {describe(a)}")
     if tuple(a.shape) != shape:
-        raise ValueError(f"{name} must have shape {layout} = {shape}; got {describe(a)}")
+        raise ValueError(f"{name} must have shape {wanted}; got {describe(a)}")
 
 
 def expect_finite(name, a, backend):
