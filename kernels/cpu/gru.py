@@ -34,14 +34,19 @@ class GRUCache(NamedTuple):
 @jit(inline="always")
 def _cell_forward(g, hw, b_ih, b_hh, h_prev, hn, h, H):
     """One batch row of one step. g: [3H] input projection in, activated gates out;
-    hw: [3H] h_{t-1} W_hh^T; b_ih, b_hh: [3H]; h_prev: [H]; hn, h: [H] out."""
+    hw: [3H] h_{t-1} W_hh^T; b_ih, b_hh: [3H]; h_prev: [H]; hn, h: [H] out.
+    Gate blocks are taken as 1-D views so every access is a plain [j] (LLVM vectorises it)."""
     one = one_like(g[0])
+    gr, gz, gn = g[:H], g[H:2 * H], g[2 * H:]
+    hr, hz, hh = hw[:H], hw[H:2 * H], hw[2 * H:]
+    bir, biz, bin_ = b_ih[:H], b_ih[H:2 * H], b_ih[2 * H:]
+    bhr, bhz, bhn = b_hh[:H], b_hh[H:2 * H], b_hh[2 * H:]
     for j in range(H):
-        r = sigmoid_(g[j] + b_ih[j] + hw[j] + b_hh[j])
-        z = sigmoid_(g[H + j] + b_ih[H + j] + hw[H + j] + b_hh[H + j])
-        hnj = hw[2 * H + j] + b_hh[2 * H + j]
-        n = tanh_(g[2 * H + j] + b_ih[2 * H + j] + r * hnj)
-        g[j], g[H + j], g[2 * H + j] = r, z, n
+        r = sigmoid_(gr[j] + bir[j] + hr[j] + bhr[j])
+        z = sigmoid_(gz[j] + biz[j] + hz[j] + bhz[j])
+        hnj = hh[j] + bhn[j]
+        n = tanh_(gn[j] + bin_[j] + r * hnj)
+        gr[j], gz[j], gn[j] = r, z, n
         hn[j] = hnj
         h[j] = (one - z) * n + z * h_prev[j]              # new hidden state
 
@@ -66,14 +71,17 @@ def _cell_backward(dy, dh_next, gates, hn, h_prev, dg_x, dg_h, dh, H):
     out the direct part z * dh of dL/dh_{t-1}; gates: [3H]; hn, h_prev: [H];
     dg_x, dg_h: [3H] out dL/d(input-side, hidden-side pre-activations); dh: [H] out."""
     one = one_like(gates[0])
+    gr, gz, gn = gates[:H], gates[H:2 * H], gates[2 * H:]
+    dxr, dxz, dxn = dg_x[:H], dg_x[H:2 * H], dg_x[2 * H:]
+    dhr, dhz, dhn = dg_h[:H], dg_h[H:2 * H], dg_h[2 * H:]
     for j in range(H):
-        r, z, n = gates[j], gates[H + j], gates[2 * H + j]
+        r, z, n = gr[j], gz[j], gn[j]
         dhj = dy[j] + dh_next[j]
         dn = dhj * (one - z) * (one - n * n)              # through n's tanh
         dr = dn * hn[j] * r * (one - r)
         dz = dhj * (h_prev[j] - n) * z * (one - z)
-        dg_x[j], dg_x[H + j], dg_x[2 * H + j] = dr, dz, dn
-        dg_h[j], dg_h[H + j], dg_h[2 * H + j] = dr, dz, dn * r
+        dxr[j], dxz[j], dxn[j] = dr, dz, dn
+        dhr[j], dhz[j], dhn[j] = dr, dz, dn * r
         dh[j] = dhj
         dh_next[j] = dhj * z
 
@@ -105,7 +113,8 @@ def gru_forward(x, state, w_ih, w_hh, b_ih, b_hh):
     gates = _args.empty((T, B, G * H), x.dtype)
     hn, y = _args.empty((T, B, H), x.dtype), _args.empty((T, B, H), x.dtype)
     h0 = h0.copy()
-    _forward_kernel(x, h0, w_ih, w_hh, b_ih, b_hh, gates, hn, y, _args.empty((B, G * H), x.dtype))
+    hw = _args.empty((B, G * H), x.dtype)
+    _forward_kernel(x, h0, w_ih, w_hh, b_ih, b_hh, gates, hn, y, hw)
     return y, (y[-1].copy(),), GRUCache(x, h0, gates, hn, y)
 
 

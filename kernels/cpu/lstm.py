@@ -36,15 +36,18 @@ class LSTMCache(NamedTuple):
 @jit(inline="always")
 def _cell_forward(g, bias, c_prev, c, tanh_c, h, H):
     """One batch row of one step. g: [4H] pre-activations in, activated gates out;
-    bias: [4H] (b_ih + b_hh); c_prev: [H]; c, tanh_c, h: [H] out."""
+    bias: [4H] (b_ih + b_hh); c_prev: [H]; c, tanh_c, h: [H] out.
+    Gate blocks are taken as 1-D views so every access is a plain [j] (LLVM vectorises it)."""
+    gi, gf, gg, go = g[:H], g[H:2 * H], g[2 * H:3 * H], g[3 * H:]
+    bi, bf, bg, bo = bias[:H], bias[H:2 * H], bias[2 * H:3 * H], bias[3 * H:]
     for j in range(H):
-        i = sigmoid_(g[j] + bias[j])
-        f = sigmoid_(g[H + j] + bias[H + j])
-        gg = tanh_(g[2 * H + j] + bias[2 * H + j])
-        o = sigmoid_(g[3 * H + j] + bias[3 * H + j])
-        cj = f * c_prev[j] + i * gg                       # new cell state
+        i = sigmoid_(gi[j] + bi[j])
+        f = sigmoid_(gf[j] + bf[j])
+        n = tanh_(gg[j] + bg[j])
+        o = sigmoid_(go[j] + bo[j])
+        cj = f * c_prev[j] + i * n                        # new cell state
         tc = tanh_(cj)
-        g[j], g[H + j], g[2 * H + j], g[3 * H + j] = i, f, gg, o
+        gi[j], gf[j], gg[j], go[j] = i, f, n, o
         c[j] = cj
         tanh_c[j] = tc
         h[j] = o * tc                                     # new hidden state
@@ -71,15 +74,17 @@ def _cell_backward(dy, dh_next, dc_next, gates, c_prev, tanh_c, dgates, dh, H):
     dc_next: [H] in dL/dc_t, out dL/dc_{t-1} (direct path); gates: [4H]; c_prev, tanh_c: [H];
     dgates: [4H] out dL/d(pre-activations); dh: [H] out total dL/dh_t."""
     one = one_like(gates[0])
+    gi, gf, gg, go = gates[:H], gates[H:2 * H], gates[2 * H:3 * H], gates[3 * H:]
+    di, df, dg, do = dgates[:H], dgates[H:2 * H], dgates[2 * H:3 * H], dgates[3 * H:]
     for j in range(H):
-        i, f, gg, o = gates[j], gates[H + j], gates[2 * H + j], gates[3 * H + j]
+        i, f, n, o = gi[j], gf[j], gg[j], go[j]
         tc = tanh_c[j]
         dhj = dy[j] + dh_next[j]
         dcj = dc_next[j] + dhj * o * (one - tc * tc)
-        dgates[j] = dcj * gg * i * (one - i)
-        dgates[H + j] = dcj * c_prev[j] * f * (one - f)
-        dgates[2 * H + j] = dcj * i * (one - gg * gg)
-        dgates[3 * H + j] = dhj * tc * o * (one - o)
+        di[j] = dcj * n * i * (one - i)
+        df[j] = dcj * c_prev[j] * f * (one - f)
+        dg[j] = dcj * i * (one - n * n)
+        do[j] = dhj * tc * o * (one - o)
         dh[j] = dhj
         dc_next[j] = dcj * f
 
