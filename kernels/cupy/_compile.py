@@ -94,3 +94,34 @@ def cupy_device_limits():
 
     attrs = cupy.cuda.Device().attributes
     return attrs["MaxSharedMemoryPerBlockOptin"], attrs["MultiProcessorCount"]
+
+
+_KERNEL_DECL = re.compile(r"BPTT_KERNEL\(([\w#]+),\s*\d+\)\(([^)]*)\)")
+_MACRO_INSTANCE = re.compile(r"^BPTT_\w+_KERNELS\(([^)]*)\)\s*$", re.M)
+_signatures = None
+
+
+def kernel_signatures():
+    """{kernel name: tuple of its C parameter types}, read from the sources, e.g.
+    ``"scale_f32": ("long long", "float*", "float")`` (``const`` dropped, Real resolved).
+
+    Lets the host launcher check every launch's arguments (count, scalar widths, array
+    dtypes) against the kernel it calls, and the PTX test check the parameter counts."""
+    global _signatures
+    if _signatures is None:
+        sigs = {}
+        for source in SOURCES:
+            text = load_source(source).replace("\\\n", " ")
+            decls = [(name, [" ".join(p.replace("const", " ").split()[:-1])
+                             for p in params.split(",")])
+                     for name, params in _KERNEL_DECL.findall(text)]
+            for inst in _MACRO_INSTANCE.findall(text):  # e.g. "lstm, bptt::Lstm<float>, f32, float"
+                args = [a.strip() for a in inst.split(",")]
+                cell, sfx, real = (args[0] if len(args) == 4 else None), args[-2], args[-1]
+                for template, types in decls:
+                    if ("NAME##" in template) != (cell is not None):
+                        continue
+                    name = template.replace("NAME##", cell or "").replace("##SFX", sfx)
+                    sigs[name] = tuple(t.replace("Real", real) for t in types)
+        _signatures = sigs
+    return _signatures

@@ -23,7 +23,7 @@ import tempfile
 
 import numpy as np
 
-from ._compile import KERNELS, SOURCE_DIR
+from ._compile import SOURCE_DIR, kernel_signatures
 from ._engine import Engine
 
 HARNESS = "host_harness.cpp"
@@ -64,12 +64,20 @@ def build_library(build_dir=None, compiler=None):
     return lib
 
 
-_CTYPES = {np.int32: ctypes.c_int, np.int64: ctypes.c_longlong,
-           np.float32: ctypes.c_float, np.float64: ctypes.c_double}
+# C parameter type -> (ctypes type of a scalar | NumPy dtype of an array)
+_SCALARS = {"int": (np.int32, ctypes.c_int), "long long": (np.int64, ctypes.c_longlong),
+            "float": (np.float32, ctypes.c_float), "double": (np.float64, ctypes.c_double)}
+_POINTERS = {"float*": np.float32, "double*": np.float64, "long long*": np.int64}
 
 
 class HostLauncher:
-    """Calls the host build of kernel ``name`` with the arguments the GPU launch would get."""
+    """Calls the host build of kernel ``name`` with the arguments the GPU launch would get.
+
+    Every argument is checked against the kernel's C signature (read from the source by
+    :func:`bptt_kernels.cupy._compile.kernel_signatures`): the count, each scalar's exact
+    NumPy type (np.int32 for int, ...) and each array's dtype and C-contiguity, so that a
+    plumbing mistake fails here rather than as garbage on a GPU.
+    """
 
     def __init__(self, library_path, reverse=False):
         self.lib = ctypes.CDLL(library_path)
@@ -78,19 +86,29 @@ class HostLauncher:
         self.calls = []  # (name, grid, block, shared_mem) of every launch, for tests
 
     def __call__(self, name, grid, block, args, shared_mem=0):
-        if name not in KERNELS:
-            raise KeyError(f"no kernel named {name!r} in bptt_kernels.cupy._compile.KERNELS")
+        signature = kernel_signatures().get(name)
+        if signature is None:
+            raise KeyError(f"no kernel named {name!r} in the CuPy backend's sources")
+        if len(args) != len(signature):
+            raise TypeError(f"{name} takes {len(signature)} arguments {signature}, got {len(args)}")
         c_args = []
-        for a in args:
-            if isinstance(a, np.ndarray):
+        for k, (ctype, a) in enumerate(zip(signature, args)):
+            if ctype in _POINTERS:
+                if not isinstance(a, np.ndarray) or a.dtype != _POINTERS[ctype]:
+                    raise TypeError(f"{name} argument {k} ({ctype}): expected an array of "
+                                    f"{np.dtype(_POINTERS[ctype]).name}, got {type(a).__name__} "
+                                    f"{getattr(a, 'dtype', '')}")
                 if not a.flags.c_contiguous:
-                    raise ValueError(f"{name}: non-contiguous array argument")
+                    raise ValueError(f"{name} argument {k}: array is not C-contiguous")
                 c_args.append(ctypes.c_void_p(a.ctypes.data))
-            elif type(a) in _CTYPES:
-                c_args.append(_CTYPES[type(a)](a))
             else:
-                raise TypeError(f"{name}: kernel argument of type {type(a).__name__}; pass "
-                                "arrays or NumPy scalars typed like the C parameter")
+                np_type, c_type = _SCALARS[ctype]
+                if type(a) is not np_type:
+                    raise TypeError(f"{name} argument {k} ({ctype}): expected "
+                                    f"{np_type.__name__}, got {type(a).__name__}")
+                c_args.append(c_type(a))
+        if grid < 1 or block < 1:
+            raise ValueError(f"{name}: launch with grid={grid}, block={block}")
         self.calls.append((name, grid, block, shared_mem))
         self.lib.bptt_host_config(int(grid), int(self.reverse), int(shared_mem))
         getattr(self.lib, name)(*c_args)

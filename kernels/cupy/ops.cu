@@ -79,7 +79,7 @@ BPTT_HD void sum_squares_block(const Exec& ex, double* smem, long long n, const 
 
 #define BPTT_OPS_KERNELS(SFX, Real)                                                           \
     /* logits, dlogits [N,V]; targets [N] int64; row_loss [N] float64. grid N, 2^k threads */ \
-    BPTT_KERNEL(softmax_xent_##SFX, 1024)(int N, int V, const Real* logits,                   \
+    BPTT_KERNEL(softmax_xent_##SFX, 256)(int N, int V, const Real* logits,                   \
                                            const long long* targets, Real* dlogits,           \
                                            Real scale, double* row_loss) {                    \
         BPTT_BLOCKS_BEGIN(ex, smem, Real)                                                     \

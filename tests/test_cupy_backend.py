@@ -1,0 +1,525 @@
+"""The CuPy backend without a GPU: its kernels' arithmetic and its orchestration.
+
+Most checks run the backend's own Engine (path choice, GEMM placement, caches, t_start, dh,
+weight-gradient GEMMs, argument plumbing) over NumPy, with the CUDA kernels compiled for the
+host from the very same sources (bptt_kernels.cupy.host_emulation), against two independent
+oracles: the float64 NumPy reference (bptt_kernels.reference) and central finite differences.
+Kernels run in both item orders (a missing barrier shows up as an order dependence), outputs
+are NaN-poisoned before the kernels write them, and the host launcher checks every launch's
+arguments against the kernel's C signature.
+
+Tolerances (normwise: max |a - b| / max |b| per array): float64 1e-12, float32 1e-5;
+finite differences (float64, central, eps 1e-6): relative error 1e-6.
+
+The real-GPU parity tests at the end skip with a reason where no GPU is usable; on a GPU
+machine perf/gpu_check.py runs the same comparisons through the backend interface.
+"""
+
+import inspect
+import os
+import subprocess
+import sys
+import zlib
+
+import numpy as np
+import pytest
+
+import bptt_kernels
+import bptt_kernels.cupy as cb
+from bptt_kernels import CELLS, GATES, reference as ref
+from bptt_kernels.cupy import _compile, _engine, config, host_emulation
+
+TOL = {np.float32: 1e-5, np.float64: 1e-12}
+DTYPE_IDS = {np.float32: "f32", np.float64: "f64"}
+
+needs_cxx = pytest.mark.skipif(host_emulation.find_compiler() is None,
+                               reason="no host C++ compiler (g++/c++/clang++) to build the kernels")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_config():
+    config.reset()
+    config.POISON_OUTPUTS = True
+    yield
+    config.reset()
+
+
+@pytest.fixture(scope="module")
+def engines():
+    """{reverse: Engine} over NumPy with the host build of the CUDA kernels (H100 limits)."""
+    if host_emulation.find_compiler() is None:
+        pytest.skip("no host C++ compiler (g++/c++/clang++) to build the kernels")
+    return {rev: host_emulation.host_engine(reverse=rev) for rev in (False, True)}
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    assert np.all(np.isfinite(a)), "non-finite values (an element the kernel did not write?)"
+    scale = np.max(np.abs(b)) if b.size else 0.0
+    return float(np.max(np.abs(a - b)) / scale) if scale > 0 else float(np.max(np.abs(a), initial=0))
+
+
+def make_layer(rng, cell, T, B, I, H, dtype):
+    G = GATES[cell]
+    k = 1 / np.sqrt(H)
+    p = dict(x=rng.standard_normal((T, B, I)),
+             w_ih=rng.uniform(-k, k, (G * H, I)), w_hh=rng.uniform(-k, k, (G * H, H)),
+             b_ih=rng.uniform(-k, k, G * H), b_hh=rng.uniform(-k, k, G * H))
+    p = {n: a.astype(dtype) for n, a in p.items()}
+    p["state"] = tuple(rng.standard_normal((B, H)).astype(dtype)
+                       for _ in range(2 if cell == "lstm" else 1))
+    return p
+
+
+def run_reference(cell, p, dy, dfinal, t_start, grads0):
+    f64 = lambda a: np.asarray(a, dtype=np.float64)  # noqa: E731
+    y, final, cache = getattr(ref, f"{cell}_forward")(
+        f64(p["x"]), tuple(map(f64, p["state"])), f64(p["w_ih"]), f64(p["w_hh"]),
+        f64(p["b_ih"]), f64(p["b_hh"]))
+    grads = [f64(g).copy() for g in grads0]
+    dx, dstate, dh = getattr(ref, f"{cell}_backward")(
+        f64(dy), tuple(map(f64, dfinal)), cache, f64(p["w_ih"]), f64(p["w_hh"]), *grads,
+        t_start=t_start)
+    return dict(y=y, final=final, dx=dx, dstate=dstate, dh=dh, grads=grads)
+
+
+def run_engine(eng, cell, p, dy, dfinal, t_start, grads0, fwd_path=None, bwd_path=None):
+    if fwd_path:
+        config.PATH = fwd_path
+    y, final, cache = eng.recurrent_forward(cell, p["x"], p["state"], p["w_ih"], p["w_hh"],
+                                            p["b_ih"], p["b_hh"])
+    if bwd_path:
+        config.PATH = bwd_path
+    grads = [g.copy() for g in grads0]
+    dx, dstate, dh = eng.recurrent_backward(cell, dy, dfinal, cache, p["w_ih"], p["w_hh"],
+                                            *grads, t_start=t_start)
+    return dict(y=y, final=final, dx=dx, dstate=dstate, dh=dh, grads=grads)
+
+
+def compare(got, want, tol, what=""):
+    for key in ("y", "dx", "dh"):
+        assert rel_err(got[key], want[key]) <= tol, f"{what} {key}: {rel_err(got[key], want[key]):.2e}"
+    for key in ("final", "dstate", "grads"):
+        assert len(got[key]) == len(want[key])
+        for k, (a, b) in enumerate(zip(got[key], want[key])):
+            assert rel_err(a, b) <= tol, f"{what} {key}[{k}]: {rel_err(a, b):.2e}"
+
+
+def random_problem(rng, cell, T, B, I, H, dtype):
+    p = make_layer(rng, cell, T, B, I, H, dtype)
+    G = GATES[cell]
+    dy = rng.standard_normal((T, B, H)).astype(dtype)
+    dfinal = tuple(rng.standard_normal((B, H)).astype(dtype) for _ in p["state"])
+    # non-zero starting gradients: the backward must ADD to them
+    grads0 = [rng.standard_normal(s).astype(dtype)
+              for s in ((G * H, I), (G * H, H), (G * H,), (G * H,))]
+    return p, dy, dfinal, grads0
+
+
+# ------------------------------------------------------------------------------------------
+# recurrent kernels against the reference
+
+
+@needs_cxx
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("path", ["general", "persistent"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_recurrent_matches_reference(engines, cell, path, dtype):
+    rng = np.random.default_rng(zlib.crc32(f"{cell} {path} {DTYPE_IDS[dtype]}".encode()))
+    T, B, I, H = 6, 3, 5, 7
+    kind = "_persistent_" if path == "persistent" else "_step_"
+    for t_start in (0, 3):
+        p, dy, dfinal, grads0 = random_problem(rng, cell, T, B, I, H, dtype)
+        want = run_reference(cell, p, dy, dfinal, t_start, grads0)
+        for reverse, eng in engines.items():
+            eng.launch.calls.clear()
+            got = run_engine(eng, cell, p, dy, dfinal, t_start, grads0, path, path)
+            compare(got, want, TOL[dtype], f"{cell} {path} t_start={t_start} reverse={reverse}")
+            assert np.all(got["dh"][:t_start] == 0) and np.all(got["dx"][:t_start] == 0)
+            names = [c[0] for c in eng.launch.calls]
+            assert names and all(kind in n and n.startswith(cell + "_") for n in names), names
+
+
+@needs_cxx
+@pytest.mark.parametrize("cell", CELLS)
+def test_persistent_several_rows_and_blocks(cell):
+    """B=5 on a 2-SM device: 3 rows per block, 2 blocks, the last one partial."""
+    eng = host_emulation.host_engine(reverse=True, limits=(host_emulation.H100_LIMITS[0], 2))
+    config.PATH = "persistent"
+    rng = np.random.default_rng(11)
+    p, dy, dfinal, grads0 = random_problem(rng, cell, 4, 5, 3, 6, np.float64)
+    want = run_reference(cell, p, dy, dfinal, 1, grads0)
+    got = run_engine(eng, cell, p, dy, dfinal, 1, grads0)
+    compare(got, want, TOL[np.float64], cell)
+    persistent = [c for c in eng.launch.calls if "persistent" in c[0]]
+    assert [c[1] for c in persistent] == [2, 2]  # grid
+    assert all(c[2] == 32 for c in persistent)   # 3 rows * 6 units -> one warp
+
+
+@needs_cxx
+@pytest.mark.parametrize("cell", CELLS)
+def test_paths_share_the_cache(engines, cell):
+    """Forward on one path, backward on the other: same results as the reference."""
+    rng = np.random.default_rng(5)
+    p, dy, dfinal, grads0 = random_problem(rng, cell, 5, 2, 4, 5, np.float64)
+    want = run_reference(cell, p, dy, dfinal, 0, grads0)
+    for fwd, bwd in (("persistent", "general"), ("general", "persistent")):
+        got = run_engine(engines[False], cell, p, dy, dfinal, 0, grads0, fwd, bwd)
+        compare(got, want, TOL[np.float64], f"{cell} {fwd}->{bwd}")
+
+
+@needs_cxx
+@pytest.mark.parametrize("cell", CELLS)
+def test_relu_and_saturation_edges(engines, cell):
+    """Large pre-activations (saturated gates, relu on both sides of 0) still match."""
+    rng = np.random.default_rng(9)
+    p, dy, dfinal, grads0 = random_problem(rng, cell, 4, 3, 4, 5, np.float64)
+    p["x"] *= 30
+    want = run_reference(cell, p, dy, dfinal, 0, grads0)
+    for path in ("general", "persistent"):
+        got = run_engine(engines[True], cell, p, dy, dfinal, 0, grads0, path, path)
+        compare(got, want, TOL[np.float64], f"{cell} {path}")
+
+
+@needs_cxx
+@pytest.mark.parametrize("cell", CELLS)
+def test_finite_differences(engines, cell):
+    """Central differences in float64 on L = <y, R> + <final state, S>: every parameter, x,
+    and the initial state, independently of the reference."""
+    rng = np.random.default_rng(21)
+    eng = engines[False]
+    T, B, I, H = 3, 2, 3, 4
+    p = make_layer(rng, cell, T, B, I, H, np.float64)
+    R = rng.standard_normal((T, B, H))
+    S = [rng.standard_normal((B, H)) for _ in p["state"]]
+    for path in ("general", "persistent"):
+        config.PATH = path
+
+        def loss():
+            y, final, _ = eng.recurrent_forward(cell, p["x"], p["state"], p["w_ih"], p["w_hh"],
+                                                p["b_ih"], p["b_hh"])
+            return float(np.sum(y * R) + sum(np.sum(f * s) for f, s in zip(final, S)))
+
+        y, final, cache = eng.recurrent_forward(cell, p["x"], p["state"], p["w_ih"], p["w_hh"],
+                                                p["b_ih"], p["b_hh"])
+        grads = [np.zeros_like(p[n]) for n in ("w_ih", "w_hh", "b_ih", "b_hh")]
+        dx, dstate, _ = eng.recurrent_backward(cell, R, tuple(S), cache, p["w_ih"], p["w_hh"],
+                                               *grads, t_start=0)
+        analytic = dict(zip(("w_ih", "w_hh", "b_ih", "b_hh"), grads), x=dx)
+        targets = [(n, p[n]) for n in ("x", "w_ih", "w_hh", "b_ih", "b_hh")]
+        targets += [(f"state{k}", s) for k, s in enumerate(p["state"])]
+        analytic.update({f"state{k}": d for k, d in enumerate(dstate)})
+        eps = 1e-6
+        for name, arr in targets:
+            for idx in rng.choice(arr.size, size=min(arr.size, 6), replace=False):
+                flat = arr.reshape(-1)
+                old = flat[idx]
+                flat[idx] = old + eps
+                lp = loss()
+                flat[idx] = old - eps
+                lm = loss()
+                flat[idx] = old
+                num = (lp - lm) / (2 * eps)
+                ana = analytic[name].reshape(-1)[idx]
+                err = abs(num - ana) / max(abs(num), abs(ana), 1e-3)
+                assert err <= 1e-6, f"{cell} {path} d{name}[{idx}]: fd {num} vs {ana} ({err:.1e})"
+
+
+# ------------------------------------------------------------------------------------------
+# path selection, validation, plumbing
+
+
+def test_path_choice_follows_size_and_config():
+    eng = _engine.Engine(np, None, lambda: host_emulation.H100_LIMITS, np.array)
+    assert eng.choose_path("lstm", 32, 64, np.float32) == ("persistent", 1)
+    assert eng.choose_path("lstm", 32, 119, np.float32) == ("persistent", 1)
+    assert eng.choose_path("lstm", 32, 120, np.float32) == ("general", 0)   # W_hh too big
+    assert eng.choose_path("lstm", 32, 100, np.float64) == ("general", 0)   # 8-byte words
+    assert eng.choose_path("rnn_tanh", 32, 239, np.float32) == ("persistent", 1)
+    assert eng.choose_path("gru", 65, 64, np.float32) == ("general", 0)     # batch too big
+    config.PERSISTENT_MAX_BATCH = 1000
+    assert eng.choose_path("gru", 300, 16, np.float32) == ("persistent", 3)  # 300 rows / 132 SMs
+    config.PATH = "general"
+    assert eng.choose_path("lstm", 1, 8, np.float32) == ("general", 0)
+    config.PATH = "persistent"
+    assert eng.choose_path("lstm", 200, 8, np.float32) == ("persistent", 2)
+    with pytest.raises(ValueError, match=r"persistent lstm kernel needs \d+ bytes.*largest H"):
+        eng.choose_path("lstm", 4, 512, np.float32)
+    config.PATH = "fastest"
+    with pytest.raises(ValueError, match="config.PATH must be one of"):
+        eng.choose_path("lstm", 4, 8, np.float32)
+    config.reset()
+    assert (config.PATH, config.PERSISTENT_MAX_BATCH, config.POISON_OUTPUTS) == ("auto", 64, False)
+
+
+def test_persistent_limits_table():
+    """The documented H100 limits (one batch row per block, 227 KiB opt-in shared memory)."""
+    smem = host_emulation.H100_LIMITS[0]
+    got = {(c, np.dtype(d).name): _engine.persistent_max_hidden(c, d, smem)
+           for c in ("lstm", "gru", "rnn_tanh") for d in (np.float32, np.float64)}
+    assert got == {("lstm", "float32"): 119, ("gru", "float32"): 138, ("rnn_tanh", "float32"): 239,
+                   ("lstm", "float64"): 84, ("gru", "float64"): 97, ("rnn_tanh", "float64"): 168}
+    for (c, d), H in got.items():
+        assert _engine.persistent_smem_bytes(c, H, 1, d) <= smem < \
+            _engine.persistent_smem_bytes(c, H + 1, 1, d)
+
+
+@needs_cxx
+def test_auto_path_launches(engines):
+    eng = engines[False]
+    rng = np.random.default_rng(3)
+    for H, expect in ((8, "persistent"), (130, "step")):
+        p, dy, dfinal, grads0 = random_problem(rng, "lstm", 2, 2, 3, H, np.float32)
+        eng.launch.calls.clear()
+        run_engine(eng, "lstm", p, dy, dfinal, 0, grads0)
+        names = [c[0] for c in eng.launch.calls]
+        assert names and all(expect in n for n in names), names
+        if expect == "persistent":
+            assert [c[3] for c in eng.launch.calls] == [
+                (4 * 8 * 8 + 2 * 8) * 4, (4 * 8 * 8 + 4 * 8 + 3 * 8) * 4]  # shared memory bytes
+        else:
+            assert len(names) == 4  # one gate kernel per step, forward and backward
+
+
+@needs_cxx
+def test_bad_inputs_raise_clear_errors(engines):
+    eng = engines[False]
+    rng = np.random.default_rng(4)
+    p, dy, dfinal, grads0 = random_problem(rng, "lstm", 3, 2, 4, 5, np.float32)
+    fwd = lambda **kw: eng.recurrent_forward("lstm", **{**p, **kw})  # noqa: E731
+    with pytest.raises(ValueError, match=r"w_hh must have shape \(4\*H, H\)"):
+        fwd(w_hh=p["w_hh"][:-1])
+    with pytest.raises(ValueError, match=r"w_ih must have shape \(20, 4\)"):
+        fwd(w_ih=p["w_ih"][:, :3])
+    with pytest.raises(TypeError, match="w_ih must have dtype float32, got float64"):
+        fwd(w_ih=p["w_ih"].astype(np.float64))
+    with pytest.raises(TypeError, match="x must be float32 or float64, got int64"):
+        fwd(x=np.ones((3, 2, 4), dtype=np.int64))
+    with pytest.raises(TypeError, match=r"x must be a numpy.ndarray .*got list"):
+        fwd(x=p["x"].tolist())
+    with pytest.raises(ValueError, match=r"state must be a tuple \(h, c\)"):
+        fwd(state=p["state"][:1])
+    with pytest.raises(ValueError, match=r"state\[1\] \(c\) must have shape \(2, 5\)"):
+        fwd(state=(p["state"][0], p["state"][1][:1]))
+    with pytest.raises(ValueError, match="x must be 3-D"):
+        fwd(x=p["x"][0])
+    with pytest.raises(ValueError, match="cell must be one of"):
+        eng.recurrent_forward("lstmx", **p)
+    _, _, cache = fwd()
+    bwd = lambda cell="lstm", **kw: eng.recurrent_backward(  # noqa: E731
+        cell, **{**dict(dy=dy, dfinal_state=dfinal, cache=cache, w_ih=p["w_ih"], w_hh=p["w_hh"],
+                        dw_ih=grads0[0], dw_hh=grads0[1], db_ih=grads0[2], db_hh=grads0[3]), **kw})
+    with pytest.raises(ValueError, match=r"t_start must be in \[0, 2\]"):
+        bwd(t_start=3)
+    with pytest.raises(TypeError, match="t_start must be an int"):
+        bwd(t_start=1.0)
+    with pytest.raises(ValueError, match="cache comes from lstm_forward, not gru_forward"):
+        bwd(cell="gru")
+    with pytest.raises(TypeError, match="cache must be the RecurrentCache"):
+        bwd(cache=tuple(cache))
+    with pytest.raises(ValueError, match=r"dy must have shape \(3, 2, 5\)"):
+        bwd(dy=dy[:2])
+    with pytest.raises(ValueError, match="dw_hh must be C-contiguous"):
+        bwd(dw_hh=np.asfortranarray(grads0[1]))
+    with pytest.raises(ValueError, match=r"dfinal_state must be a tuple \(h, c\)"):
+        bwd(dfinal_state=dfinal[0])
+
+
+@needs_cxx
+def test_host_launcher_checks_arguments(engines):
+    launch = engines[False].launch
+    a = np.zeros(4, np.float32)
+    with pytest.raises(TypeError, match=r"scale_f32 takes 3 arguments"):
+        launch("scale_f32", 1, 32, (np.int64(4), a))
+    with pytest.raises(TypeError, match=r"argument 0 \(long long\): expected int64, got int"):
+        launch("scale_f32", 1, 32, (4, a, np.float32(2)))
+    with pytest.raises(TypeError, match=r"argument 1 \(float\*\): expected an array of float32"):
+        launch("scale_f32", 1, 32, (np.int64(4), a.astype(np.float64), np.float32(2)))
+    with pytest.raises(KeyError, match="no kernel named"):
+        launch("scale_f16", 1, 32, ())
+
+
+def test_interface_matches_reference():
+    """Same public names and signatures as the reference backend (the interface contract)."""
+    names = ["asarray", "to_host", "zeros", "softmax_cross_entropy", "embedding_forward",
+             "embedding_backward", "sgd_step", "adam_step", "sum_of_squares", "scale_"]
+    names += [f"{c}_{d}" for c in CELLS for d in ("forward", "backward")]
+    for n in names:
+        assert callable(getattr(cb, n)), n
+        assert inspect.signature(getattr(cb, n)) == inspect.signature(getattr(ref, n)), n
+    assert cb.NAME == "cupy" and cb.xp.__name__ == "cupy"
+    assert tuple(np.dtype(d) for d in cb.DTYPES) == (np.dtype(np.float32), np.dtype(np.float64))
+    assert bptt_kernels.CELLS == CELLS
+
+
+def test_import_compiles_and_allocates_nothing():
+    """Importing the backend (and touching its plumbing tables) needs no GPU and no compiler."""
+    code = (
+        "import cupy\n"
+        "def boom(*a, **k): raise AssertionError('GPU touched at import')\n"
+        "cupy.RawModule = cupy.RawKernel = boom\n"
+        "cupy.zeros = cupy.empty = cupy.asarray = boom\n"
+        "import bptt_kernels.cupy as m\n"
+        "from bptt_kernels.cupy import _compile\n"
+        "assert m._gpu_engine is None\n"
+        "assert len(_compile.KERNELS) == 46\n"
+        "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_load_source_inlines_the_header_once():
+    text = _compile.load_source("ops.cu")
+    assert not _compile._INCLUDE.search(text)  # no local #include line is left
+    assert text.count("#define BPTT_COMMON_CU") == 1
+    both = _compile.load_source("host_harness.cpp")
+    assert both.count("#define BPTT_COMMON_CU") == 1
+
+
+# ------------------------------------------------------------------------------------------
+# non-recurrent kernels
+
+
+@needs_cxx
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=DTYPE_IDS.get)
+def test_softmax_cross_entropy(engines, dtype):
+    rng = np.random.default_rng(7)
+    for N, V in ((5, 11), (3, 300)):
+        logits = (rng.standard_normal((N, V)) * 5).astype(dtype)
+        logits[0, 3] = 80  # large logit: needs the max subtracted
+        targets = rng.integers(0, V, N)
+        targets[1] = -1    # ignored row
+        want_d = np.empty((N, V))
+        want = ref.softmax_cross_entropy(logits.astype(np.float64), targets, want_d, 0.25)
+        for eng in engines.values():
+            d = np.full((N, V), np.nan, dtype=dtype)
+            got = eng.softmax_cross_entropy(logits, targets, d, 0.25)
+            assert abs(got - want) <= TOL[dtype] * abs(want)
+            assert rel_err(d, want_d) <= TOL[dtype]
+            assert np.all(d[1] == 0)
+            aliased = logits.copy()  # dlogits written over logits
+            got2 = eng.softmax_cross_entropy(aliased, targets, aliased, 0.25)
+            assert got2 == got and np.array_equal(aliased, d)
+    with pytest.raises(ValueError, match="targets must be < V=11"):
+        engines[False].softmax_cross_entropy(np.zeros((2, 11), dtype), np.array([0, 11]),
+                                             np.zeros((2, 11), dtype), 1.0)
+
+
+@needs_cxx
+def test_embedding(engines):
+    rng = np.random.default_rng(8)
+    for eng in engines.values():
+        w = rng.standard_normal((10, 6))
+        ids = rng.integers(0, 10, (4, 5))
+        ids[0, :3] = 2     # repeated ids accumulate
+        out = eng.embedding_forward(w, ids)
+        assert np.array_equal(out, ref.embedding_forward(w, ids))
+        dout = rng.standard_normal((4, 5, 6))
+        dw, dw_ref = rng.standard_normal((10, 6)), None
+        dw_ref = dw.copy()
+        eng.embedding_backward(dw, ids, dout)
+        ref.embedding_backward(dw_ref, ids, dout)
+        assert rel_err(dw, dw_ref) <= 1e-12
+    with pytest.raises(ValueError, match=r"ids must be in \[0, 9\]"):
+        eng.embedding_forward(w, np.array([1, 10]))
+
+
+@needs_cxx
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=DTYPE_IDS.get)
+def test_optimizer_steps_match_reference(engines, dtype):
+    rng = np.random.default_rng(12)
+    eng = engines[False]
+    for momentum, wd, nesterov in ((0.0, 0.0, False), (0.9, 1e-2, False), (0.9, 0.0, True)):
+        p, buf = rng.standard_normal(50).astype(dtype), np.zeros(50, dtype)
+        p_ref, buf_ref = p.astype(np.float64), buf.astype(np.float64)
+        for step in range(3):
+            g = rng.standard_normal(50).astype(dtype)
+            eng.sgd_step(p, g, buf, 0.1, momentum, wd, nesterov, step == 0)
+            ref.sgd_step(p_ref, g.astype(np.float64), buf_ref, 0.1, momentum, wd, nesterov, step == 0)
+        assert rel_err(p, p_ref) <= TOL[dtype]
+        if momentum:
+            assert rel_err(buf, buf_ref) <= TOL[dtype]
+    for wd in (0.0, 1e-2):
+        p, m, v = rng.standard_normal(50).astype(dtype), np.zeros(50, dtype), np.zeros(50, dtype)
+        p_ref, m_ref, v_ref = p.astype(np.float64), m.astype(np.float64), v.astype(np.float64)
+        for step in range(1, 4):
+            g = rng.standard_normal(50).astype(dtype)
+            eng.adam_step(p, g, m, v, 1e-2, 0.9, 0.999, 1e-8, wd, step)
+            ref.adam_step(p_ref, g.astype(np.float64), m_ref, v_ref, 1e-2, 0.9, 0.999, 1e-8, wd, step)
+        for a, b in ((p, p_ref), (m, m_ref), (v, v_ref)):
+            assert rel_err(a, b) <= TOL[dtype]
+
+
+@needs_cxx
+def test_optimizer_steps_match_torch(engines):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(13)
+    eng = engines[False]
+    p0 = rng.standard_normal(40)
+    grads = [rng.standard_normal(40) for _ in range(4)]
+    cases = [("sgd", dict(lr=0.1, momentum=0.9, weight_decay=1e-2, nesterov=True)),
+             ("adam", dict(lr=1e-2, betas=(0.8, 0.99), eps=1e-8, weight_decay=1e-2))]
+    for kind, kw in cases:
+        tp = torch.tensor(p0.copy(), requires_grad=True)
+        opt = (torch.optim.SGD if kind == "sgd" else torch.optim.Adam)([tp], **kw)
+        p, s1, s2 = p0.copy(), np.zeros(40), np.zeros(40)
+        for step, g in enumerate(grads, start=1):
+            tp.grad = torch.tensor(g)
+            opt.step()
+            if kind == "sgd":
+                eng.sgd_step(p, g, s1, kw["lr"], kw["momentum"], kw["weight_decay"],
+                             kw["nesterov"], step == 1)
+            else:
+                eng.adam_step(p, g, s1, s2, kw["lr"], *kw["betas"], kw["eps"],
+                              kw["weight_decay"], step)
+        assert rel_err(p, tp.detach().numpy()) <= 1e-12, kind
+
+
+@needs_cxx
+def test_sum_of_squares_and_scale(engines):
+    rng = np.random.default_rng(14)
+    for eng in engines.values():
+        arrays = [rng.standard_normal(s).astype(d)
+                  for s, d in (((3, 700), np.float32), ((5,), np.float64), ((0,), np.float32))]
+        want = ref.sum_of_squares(arrays)
+        assert abs(eng.sum_of_squares(arrays) - want) <= 1e-12 * want
+        before = [a.copy() for a in arrays]
+        eng.scale_(arrays, 0.5)
+        for a, b in zip(arrays, before):
+            assert np.array_equal(a, (b * b.dtype.type(0.5)))
+
+
+# ------------------------------------------------------------------------------------------
+# on a GPU: the real backend against the reference (skipped where no GPU is usable)
+
+
+def _gpu_reason():
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+        return "the CUDA simulator is on in this process"
+    from bptt.backend import _probe_cupy
+    return _probe_cupy()
+
+
+_GPU_REASON = _gpu_reason()
+needs_gpu = pytest.mark.skipif(_GPU_REASON is not None,
+                               reason=f"no usable GPU for CuPy ({_GPU_REASON}); perf/gpu_check.py "
+                                      "runs these checks on a GPU machine")
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("path", ["general", "persistent"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_gpu_recurrent_matches_reference(cell, path, dtype):
+    import cupy
+
+    rng = np.random.default_rng(1)
+    p, dy, dfinal, grads0 = random_problem(rng, cell, 7, 4, 6, 33, dtype)
+    want = run_reference(cell, p, dy, dfinal, 2, grads0)
+    dev = {k: (tuple(map(cupy.asarray, v)) if k == "state" else cupy.asarray(v)) for k, v in p.items()}
+    got = run_engine(cb._get(), cell, dev, cupy.asarray(dy), tuple(map(cupy.asarray, dfinal)), 2,
+                     [cupy.asarray(g) for g in grads0], path, path)
+    got = {k: (tuple(map(cupy.asnumpy, v)) if isinstance(v, (tuple, list)) else cupy.asnumpy(v))
+           for k, v in got.items()}
+    compare(got, want, TOL[dtype], f"GPU {cell} {path}")

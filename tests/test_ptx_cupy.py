@@ -1,0 +1,147 @@
+"""Offline compilation checks of the CuPy backend's CUDA sources (no GPU needed).
+
+* every kernels/cupy/*.cu compiles with ``nvcc --ptx -arch=sm_90``, both as the file (headers
+  found beside it) and as the self-contained text the backend hands to NVRTC;
+* the same text compiles with the NVRTC library CuPy itself uses (where it is installed);
+* every kernel name the Python side launches (``_compile.KERNELS``) is an ``.entry`` of the
+  PTX of its source, with as many parameters as the C signature the host launcher checks
+  against, and no ``.entry`` is left unlaunched;
+* ``nvcc --cubin -Xptxas -v`` reports registers and spills of every kernel (printed as a
+  table); float32 kernels must not spill, persistent kernels must fit 1024 threads per block.
+
+Skips with a printed reason where nvcc (or CuPy's NVRTC) is absent.
+"""
+
+import glob
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from bptt_kernels.cupy import _compile
+
+CU_FILES = sorted(glob.glob(os.path.join(_compile.SOURCE_DIR, "*.cu")))
+ARCH = "sm_90"
+
+
+def _nvcc():
+    for cand in (os.environ.get("NVCC"), shutil.which("nvcc"), "/usr/local/bin/nvcc",
+                 os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc")):
+        if cand and os.path.isfile(cand) and os.access(cand, os.X_OK):
+            return cand
+    return None
+
+
+NVCC = _nvcc()
+needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found (set NVCC or CUDA_HOME)")
+
+
+def _run(cmd):
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stderr}"
+    return proc.stderr
+
+
+def _entries(ptx):
+    """{entry name: number of parameters} of a PTX text."""
+    out = {}
+    for m in re.finditer(r"\.entry\s+(\w+)\s*\(([^)]*)\)", ptx):
+        out[m.group(1)] = len(re.findall(r"\.param\b", m.group(2)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def ptx_of_inlined(tmp_path_factory):
+    """PTX (nvcc, sm_90) of the exact self-contained source of every kernel file."""
+    if NVCC is None:
+        pytest.skip("nvcc not found (set NVCC or CUDA_HOME)")
+    d = tmp_path_factory.mktemp("ptx")
+    out = {}
+    for source in _compile.SOURCES:
+        src = d / source
+        src.write_text(_compile.load_source(source))
+        ptx = d / (source + ".ptx")
+        _run([NVCC, "--ptx", f"-arch={ARCH}", *_compile.COMPILE_OPTIONS, str(src), "-o", str(ptx)])
+        out[source] = ptx.read_text()
+    return out
+
+
+@needs_nvcc
+@pytest.mark.parametrize("path", CU_FILES, ids=os.path.basename)
+def test_every_cu_file_compiles_to_ptx(path, tmp_path):
+    ptx = tmp_path / "out.ptx"
+    _run([NVCC, "--ptx", f"-arch={ARCH}", *_compile.COMPILE_OPTIONS, path, "-o", str(ptx)])
+    assert ptx.stat().st_size > 0
+
+
+def test_every_cu_file_is_known():
+    """A new .cu file must be either a kernel source or the shared header."""
+    names = {os.path.basename(p) for p in CU_FILES}
+    assert names == set(_compile.SOURCES) | {"common.cu"}
+
+
+def test_launched_kernels_exist_in_ptx(ptx_of_inlined):
+    sigs = _compile.kernel_signatures()
+    assert set(sigs) == set(_compile.KERNELS), "signatures and launch table disagree"
+    for source, ptx in ptx_of_inlined.items():
+        entries = _entries(ptx)
+        launched = {k for k, s in _compile.KERNELS.items() if s == source}
+        missing = launched - set(entries)
+        assert not missing, f"{source}: kernels launched from Python but absent from PTX: {missing}"
+        unused = set(entries) - launched
+        assert not unused, f"{source}: PTX entries never launched from Python: {unused}"
+        for name in launched:
+            assert entries[name] == len(sigs[name]), (
+                f"{name}: {entries[name]} PTX parameters, {len(sigs[name])} in the C signature")
+
+
+def test_nvrtc_compiles_the_sources():
+    """The NVRTC library CuPy compiles with at run time accepts the exact sources (offline)."""
+    try:
+        from cupy_backends.cuda.libs import nvrtc
+        nvrtc.getVersion()
+    except Exception as e:  # no cupy, or no libnvrtc
+        pytest.skip(f"CuPy's NVRTC is not loadable here ({type(e).__name__}: {e})")
+    for source in _compile.SOURCES:
+        prog = nvrtc.createProgram(_compile.load_source(source), source, (), ())
+        try:
+            try:
+                nvrtc.compileProgram(prog, _compile.COMPILE_OPTIONS + ("--gpu-architecture=compute_90",))
+            except Exception as e:
+                pytest.fail(f"NVRTC rejected {source}: {e}\n{nvrtc.getProgramLog(prog)}")
+            ptx = nvrtc.getPTX(prog)
+        finally:
+            nvrtc.destroyProgram(prog)
+        ptx = ptx.decode() if isinstance(ptx, bytes) else ptx
+        launched = {k for k, s in _compile.KERNELS.items() if s == source}
+        assert launched <= set(_entries(ptx)), f"{source}: NVRTC PTX lacks {launched - set(_entries(ptx))}"
+
+
+@needs_nvcc
+def test_registers_and_spills(tmp_path, capsys):
+    """ptxas -v figures for every kernel: printed; float32 kernels must not spill."""
+    rows = []
+    for source in _compile.SOURCES:
+        src = tmp_path / source
+        src.write_text(_compile.load_source(source))
+        log = _run([NVCC, "--cubin", f"-arch={ARCH}", "-Xptxas", "-v", *_compile.COMPILE_OPTIONS,
+                    str(src), "-o", str(tmp_path / (source + ".cubin"))])
+        for block in log.split("Compiling entry function")[1:]:
+            name = re.search(r"'(\w+)'", block).group(1)
+            regs = int(re.search(r"Used (\d+) registers", block).group(1))
+            spill_st, spill_ld = map(int, re.search(
+                r"(\d+) bytes spill stores, (\d+) bytes spill loads", block).groups())
+            stack = int(re.search(r"(\d+) bytes stack frame", block).group(1))
+            rows.append((name, regs, spill_st, spill_ld, stack))
+    assert {r[0] for r in rows} == set(_compile.KERNELS)
+    with capsys.disabled():
+        print(f"\nptxas -v, {ARCH}: kernel, registers, spill stores/loads (bytes), stack (bytes)")
+        for name, regs, st, ld, stack in sorted(rows):
+            print(f"  {name:36s} {regs:4d} regs  spill {st:3d}/{ld:3d}  stack {stack:3d}")
+    for name, regs, st, ld, _ in rows:
+        if name.endswith("_f32"):
+            assert st == 0 and ld == 0, f"{name} spills {st}/{ld} bytes"
+        if "persistent" in name:  # launched with up to 1024 threads: 64 registers at most
+            assert regs <= 64, f"{name} uses {regs} registers"
