@@ -125,7 +125,7 @@ class _RecurrentModel:
 
     def state_dict(self):
         """Host numpy copies of the parameters, by name (PyTorch's names)."""
-        sd = {name: self.backend.to_host(p) for name, p in self.params.items()}
+        sd = {name: np.array(self.backend.to_host(p), copy=True) for name, p in self.params.items()}
         for alias, name in self._extra_state_names().items():
             sd[alias] = sd[name].copy()
         return sd

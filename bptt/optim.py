@@ -48,16 +48,17 @@ class Optimizer:
     def state_dict(self, backend):
         """Host copies: {"type", "config", "lr", "steps", "buffers": {param: {buf: ndarray}}}."""
         return {"type": type(self).__name__, "config": self.config, "lr": self.lr, "steps": self.steps,
-                "buffers": {name: {k: backend.to_host(a) for k, a in bufs.items()}
+                "buffers": {name: {k: np.array(backend.to_host(a), copy=True) for k, a in bufs.items()}
                             for name, bufs in self.state.items()}}
 
     def load_state_dict(self, sd, backend):
-        """Restore from :meth:`state_dict` (buffers copied to the backend's device)."""
+        """Restore from :meth:`state_dict` (buffers copied: the optimizer never aliases ``sd``)."""
         if sd.get("type") != type(self).__name__:
             raise ValueError(f"optimizer state is for {sd.get('type')!r}, not {type(self).__name__}")
         self.lr = float(sd["lr"])
         self.steps = int(sd["steps"])
-        self.state = {name: {k: backend.asarray(a, np.asarray(a).dtype) for k, a in bufs.items()}
+        self.state = {name: {k: backend.asarray(np.array(a, copy=True), np.asarray(a).dtype)
+                             for k, a in bufs.items()}
                       for name, bufs in sd["buffers"].items()}
 
 
