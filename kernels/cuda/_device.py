@@ -86,7 +86,10 @@ def zeros(shape, dtype):
 
 
 def empty(shape, dtype):
-    """Uninitialised device array (every element is written by a kernel before it is read)."""
+    """Uninitialised device array (every element is written by a kernel before it is read);
+    NaN-filled where ``config.POISON_OUTPUTS`` is set, so an unwritten element shows."""
+    if config.POISON_OUTPUTS:
+        return xp.full(shape, np.nan, dtype=dtype)
     return xp.empty(shape, dtype=dtype)
 
 

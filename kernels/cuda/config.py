@@ -29,6 +29,10 @@ PERSISTENT_THREADS
 PERSISTENT_MAX_PAIRS
     ``auto`` uses the persistent path only while ``B*H`` is at most this (beyond it one block
     does too much work per step and the general path's many blocks win).
+POISON_OUTPUTS
+    Fill every uninitialised array the backend allocates (outputs, caches, scratch) with NaN
+    before the kernels write it, so an element a kernel forgets shows up in a parity check
+    (tests; costs a fill). Same name and meaning as in the cupy backend.
 PERSISTENT_SMEM_BYTES
     Shared memory one block may use; None = ask the device (its opt-in maximum, 227 KiB on
     H100) on a real GPU, 48 KiB (the no-opt-in limit) under the simulator.
@@ -46,6 +50,7 @@ _DEFAULTS = {
     "PERSISTENT_THREADS": 32 if SIMULATOR else 1024,
     "PERSISTENT_MAX_PAIRS": 8192,
     "PERSISTENT_SMEM_BYTES": None,
+    "POISON_OUTPUTS": False,
 }
 
 PATH = _DEFAULTS["PATH"]
@@ -55,6 +60,7 @@ GEMM_TILE = _DEFAULTS["GEMM_TILE"]
 PERSISTENT_THREADS = _DEFAULTS["PERSISTENT_THREADS"]
 PERSISTENT_MAX_PAIRS = _DEFAULTS["PERSISTENT_MAX_PAIRS"]
 PERSISTENT_SMEM_BYTES = _DEFAULTS["PERSISTENT_SMEM_BYTES"]
+POISON_OUTPUTS = _DEFAULTS["POISON_OUTPUTS"]
 
 
 def reset():

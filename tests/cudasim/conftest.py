@@ -6,17 +6,16 @@ The variable must be set before ``numba.cuda`` is first imported, so without it 
 here is skipped (with that reason) and nothing here imports ``numba.cuda``: the test modules
 get the backend only through the ``cuda`` fixture below.
 
-Every test here runs with *poisoned* scratch memory: ``bptt_kernels.cuda._device.empty`` (the
-backend's only source of uninitialised device arrays: outputs, caches, gate buffers) is
-replaced by a NaN-filled allocation, so an element a kernel forgets to write, or a buffer read
-before it is written, turns into NaN and fails the comparison.
+Every test here runs with *poisoned* scratch memory (``config.POISON_OUTPUTS``): every
+uninitialised array the backend allocates (outputs, caches, gate buffers) starts as NaN, so an
+element a kernel forgets to write, or a buffer read before it is written, turns into NaN and
+fails the comparison.
 
 Sizes are tiny: the simulator runs every CUDA thread as a Python thread.
 """
 
 import os
 
-import numpy as np
 import pytest
 
 SIMULATOR_ON = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
@@ -58,12 +57,7 @@ def _poison_and_reset(request):
     if not SIMULATOR_ON:
         yield
         return
-    from bptt_kernels.cuda import _device, config
-
-    def poisoned_empty(shape, dtype):
-        return np.full(shape, np.nan, dtype=dtype)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(_device, "empty", poisoned_empty)
-        yield
+    from bptt_kernels.cuda import config
+    config.POISON_OUTPUTS = True
+    yield
     config.reset()
