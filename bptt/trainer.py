@@ -36,10 +36,10 @@ gradient norm raises :class:`NonFiniteError` naming the step, before the weights
 with ``on_nonfinite="skip"`` the update is skipped instead, the carried state is reset to zeros
 and the overlap buffer dropped.
 
-``epochs`` and ``max_steps`` of :meth:`Trainer.fit` are totals over the trainer's life (as
-Keras' ``epochs`` with ``initial_epoch``), so ``Trainer.from_checkpoint(path).fit(...)`` with the
-arguments of the interrupted call finishes that run, ending with the same weights as a run
-that was never interrupted.
+``epochs`` and ``max_steps`` of :meth:`Trainer.fit` are totals over the trainer's life (as Keras'
+``epochs`` with ``initial_epoch``): ``Trainer.from_checkpoint(path).fit(...)`` with the arguments
+of the interrupted call finishes that run from the saved position, ending with exactly the
+weights of a run that was never interrupted. To train n more updates: ``max_steps=trainer.step + n``.
 """
 
 import math
@@ -290,7 +290,8 @@ class Trainer:
     # ------------------------------------------------------------------ training
 
     def fit(self, data, batch_size, epochs=1, max_steps=None, validation=None, callbacks=(), reset_mask=None):
-        """Train until ``epochs`` epochs are complete (or ``max_steps`` updates made), both totals.
+        """Train until ``epochs`` epochs are complete or ``max_steps`` updates are made, both counted
+        over the trainer's life (a resumed run counts what was done before the checkpoint).
 
         data: 1-D int token stream (LanguageModel) or (inputs [N,T,I], targets) (SequenceModel);
         reset_mask: 1-D bool like data (token streams): True where a document starts.
@@ -307,8 +308,9 @@ class Trainer:
             raise ValueError("fit() must continue the interrupted epoch with the same data, reset_mask and "
                              f"batch_size (batch_size was {self.position.batch_size}, now {dataset.batch_size}; "
                              "or the data differ)")
+        stop = math.inf if max_steps is None else max_steps
         clock = _Clock()
-        while self.epoch < epochs and (max_steps is None or self.step < max_steps):
+        while self.epoch < epochs and self.step < stop:
             lr = self.schedule(self.base_lr, self.epoch)
             self.optimizer.lr = lr
             pos = self.position
@@ -322,7 +324,7 @@ class Trainer:
                 state = pos.state if resumed else None
                 ring = list(pos.ring) if resumed else []
                 while t < group.T:
-                    if max_steps is not None and self.step >= max_steps:
+                    if self.step >= stop:
                         return self.history
                     t1 = group.T if self.k1 is None else min(t + self.k1, group.T)
                     state, event = self._train_chunk(group, t, t1, state, ring, clock)

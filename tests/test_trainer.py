@@ -145,6 +145,10 @@ def assert_same_weights(tm, bm, tol=1e-8):
 ])
 def test_word_language_model_parity(cell, opt, tie):
     """k1 == k2 trains update for update as the word_language_model loop (clipping on)."""
+    check_word_language_model_parity(cell, opt, tie)
+
+
+def check_word_language_model_parity(cell, opt, tie):
     V, B, k1, lr, clip, epochs = 17, 3, 5, 0.7, 0.25, 2
     H = 5 if tie else 6
     tm, bm = make_pair(cell, V=V, E=H, H=H, tie=tie)
@@ -244,6 +248,10 @@ def run_recording_grads(bm, tokens, B, k1, k2, reset_mask=None, epochs=1):
     ("lstm", 5, 5, False),
 ])
 def test_tbptt_window_gradients_match_torch(cell, k1, k2, tie):
+    check_tbptt_window_gradients(cell, k1, k2, tie)
+
+
+def check_tbptt_window_gradients(cell, k1, k2, tie):
     V, B = 11, 2
     H = 4
     tm, bm = make_pair(cell, V=V, E=H, H=H, tie=tie, seed=3)
@@ -261,6 +269,17 @@ def test_tbptt_window_gradients_match_torch(cell, k1, k2, tie):
     if k2 > k1:
         plain = run_recording_grads(bm, tokens, B, k1, k1)
         assert not np.allclose(plain[2]["rnn.weight_hh_l0"], recorded[2]["rnn.weight_hh_l0"], rtol=1e-6)
+
+
+def test_trainer_on_the_cpu_backend():
+    """The same parity checks with the Numba kernels (float64)."""
+    try:
+        switch = bptt.use_backend("cpu")
+    except ImportError as e:
+        pytest.skip(f"cpu backend not importable: {e}")
+    with switch:
+        check_word_language_model_parity("lstm", "momentum", False)
+        check_tbptt_window_gradients("gru", 3, 7, False)
 
 
 def random_resets(n_tokens, rng, p=0.12):
@@ -481,9 +500,11 @@ def test_events_history_and_schedule():
     assert [e["lr"] for e in events] == [0.4] * 3 + [0.2] * 3 + [0.1] * 3
     assert set(events[0]) >= {"step", "epoch", "loss", "tokens", "tokens_per_s", "lr", "grad_norm"}
     assert len(history["val_loss"]) == 3 and len(history["epoch_loss"]) == 3
-    # fit's epochs and max_steps are totals: a second call with the same arguments does nothing
+    # epochs and max_steps are totals over the trainer's life: the same call again does nothing
     trainer.fit(tokens, 2, epochs=3)
     assert trainer.step == 9
+    trainer.fit(tokens, 2, epochs=5, max_steps=11)
+    assert trainer.step == 11 and trainer.epoch == 3 and trainer.position.offset == 10
 
 
 def test_full_bptt_one_update_per_epoch():
