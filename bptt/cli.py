@@ -27,6 +27,12 @@ import time
 
 CHECKPOINT_FILE = "checkpoint.npz"
 METRICS_FILE = "metrics.jsonl"
+EVAL_BATCH = 10  # token streams for validation and `bptt eval` (tasks: sequences per batch 250)
+
+
+def _eval_batch(n_tokens):
+    """Streams for evaluating a token stream: EVAL_BATCH, fewer for short data (2 tokens each)."""
+    return max(1, min(EVAL_BATCH, n_tokens // 2))
 CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
 TASKS = ("copy", "adding")
 
@@ -142,7 +148,8 @@ def build_parser():
                        "held-out part of its training corpus (tasks: fresh sequences).")
     e.add_argument("run_dir", metavar="DIR")
     e.add_argument("--data", metavar="FILE")
-    e.add_argument("--batch-size", type=_positive(int), metavar="N", default=16)
+    e.add_argument("--batch-size", type=_positive(int), metavar="N",
+                   help=f"streams or sequences per batch (default {EVAL_BATCH}, fewer for short data)")
     e.add_argument("--backend", metavar="NAME")
     e.add_argument("--json", action="store_true")
 
@@ -305,7 +312,7 @@ def _jsonable(value):
 
 def _resolve_train(args):
     """Check flag combinations and fill defaults into a plain config dict (raises UsageError)."""
-    given = {k: v for k, v in vars(args).items() if v is not None}
+    given = {k: v for k, v in vars(args).items() if v is not None and k != "command"}
     cfg = {}
     if args.resume:
         return given
@@ -335,12 +342,10 @@ def _resolve_train(args):
         raise UsageError(f"--lag is the sequence length of --task adding and must be >= 2; got {cfg['lag']}")
     # TBPTT: one given -> the other equal; none -> defaults (tasks: full BPTT)
     k1, k2 = given.get("k1"), given.get("k2")
-    if k1 is not None and k2 is None:
-        k2 = k1 if args.task or k1 >= cfg["k2"] else cfg["k2"]
-    if k2 is not None and k1 is None:
-        k1 = k2 if args.task or k2 < cfg["k1"] else cfg["k1"]
     if k1 is None and k2 is None:
         k1, k2 = cfg["k1"], cfg["k2"]
+    elif k1 is None or k2 is None:
+        k1 = k2 = k1 or k2
     if k1 is not None and k1 > k2:
         raise UsageError(f"--k1 ({k1}) must be <= --k2 ({k2}): every k1 steps the last k1 losses are "
                          "backpropagated through the last k2 steps")
@@ -399,17 +404,29 @@ def _build_trainer(cfg, model):
         optimizer = bptt.Adam(lr=cfg["lr"])
     else:
         optimizer = bptt.SGD(cfg["lr"])
-    return bptt.Trainer(model, optimizer, k1=cfg["k1"], k2=cfg["k2"], clip_norm=cfg["clip"] or None)
+    return bptt.Trainer(model, optimizer, k1=cfg["k1"], k2=cfg["k2"], clip_norm=cfg["clip"] or None,
+                        record_grad_norms=bool(cfg.get("grad_norms")))
 
 
-def _steps_per_epoch(cfg, n_items, seq_len=None):
-    """Updates in one epoch: LM ``n_items`` tokens cut into batch_size streams, k1 steps per update;
-    task ``n_items`` sequences of ``seq_len`` steps, one update per k1-chunk of each batch."""
-    b = cfg["batch_size"]
+def _steps_per_epoch(cfg, data):
+    """Updates in one epoch of ``Trainer.fit``. Token stream: cut into batch_size streams, one
+    update per k1-step chunk. Task: one update per k1-step chunk of each batch that holds a
+    scored target (chunks before the first target make none)."""
+    import numpy as np
+    b, k1 = cfg["batch_size"], cfg["k1"]
     if cfg.get("task") is None:
-        return math.ceil(max(n_items // b - 1, 1) / cfg["k1"])
-    chunks = 1 if cfg["k1"] is None else math.ceil(seq_len / cfg["k1"])
-    return math.ceil(n_items / b) * chunks
+        return math.ceil(max(len(data) // b - 1, 1) / k1)
+    inputs, targets = data
+    batches = math.ceil(len(inputs) / b)
+    if k1 is None:
+        return batches
+    steps = inputs.shape[1]
+    if targets.ndim == 2 and targets.dtype.kind in "iu":   # every-step class targets, -1 = none
+        scored = np.nonzero((targets >= 0).any(axis=0))[0]
+        chunks = len({int(t) // k1 for t in scored})
+    else:                                                    # last-step targets
+        chunks = 1
+    return batches * chunks
 
 
 def cmd_train(args):
@@ -433,7 +450,7 @@ def cmd_train(args):
         corpus = _load_corpus(cfg, vocab)
         vocab = corpus.vocab
         train_data, valid_data = corpus.train, corpus.valid
-        total_per_epoch = _steps_per_epoch(cfg, len(train_data))
+        total_per_epoch = _steps_per_epoch(cfg, train_data)
         source = corpus.source
         data_line = (f"data: {source} ({corpus.n_chars:,} chars, {cfg['level']} level, vocab {len(vocab)}, "
                      f"{len(train_data):,} train / {len(valid_data):,} valid tokens)")
@@ -442,13 +459,17 @@ def cmd_train(args):
         train_data = _task_data(cfg, cfg["n_train"], cfg["seed"])
         valid_data = _task_data(cfg, cfg.get("n_valid") or TASK_DEFAULTS["n_valid"], cfg["seed"] + 1_000_003)
         seq_len = train_data[0].shape[1]
-        total_per_epoch = _steps_per_epoch(cfg, cfg["n_train"], seq_len)
+        total_per_epoch = _steps_per_epoch(cfg, train_data)
         data_line = (f"data: task {task}, lag {cfg['lag']}, sequence length {seq_len}, "
                      f"{cfg['n_train']:,} train / {len(valid_data[0]):,} valid sequences")
     if not args.resume:
         model = _build_model(cfg, len(vocab) if vocab else None)
         trainer = _build_trainer(cfg, model)
 
+    # fit's epochs and max_steps are totals over the trainer's life: a resumed run trains
+    # --max-steps more updates and --epochs more epochs (an unfinished epoch counts as one)
+    max_steps = trainer.step + cfg["max_steps"] if cfg.get("max_steps") else None
+    epochs = trainer.epoch + cfg["epochs"]
     total = min(total_per_epoch * cfg["epochs"], cfg["max_steps"] or math.inf)
     tbptt = "full BPTT" if cfg["k1"] is None else f"TBPTT k1={cfg['k1']} k2={cfg['k2']}"
     err = sys.stderr
@@ -464,8 +485,7 @@ def cmd_train(args):
     ckpt = os.path.join(out, CHECKPOINT_FILE)
     interrupted = False
     try:
-        trainer.fit(train_data, cfg["batch_size"], epochs=cfg["epochs"], max_steps=cfg["max_steps"],
-                    callbacks=(progress,))
+        trainer.fit(train_data, cfg["batch_size"], epochs=epochs, max_steps=max_steps, callbacks=(progress,))
     except KeyboardInterrupt:
         interrupted = True
     finally:
@@ -476,20 +496,19 @@ def cmd_train(args):
         return 130
     wall = progress.elapsed()
 
-    summary = {"command": "train", "task": task or "lm", "steps": int(progress.step),
+    summary = {"command": "train", "task": task or "lm", "steps": int(trainer.step),
                "updates_this_run": len(progress.losses), "tokens": progress.tokens,
                "tokens_per_s": round(progress.tokens_per_s(), 1), "wall_s": round(wall, 2),
                "train_loss": _finite(progress.recent_loss()), "backend": backend.NAME,
                "out": out, "checkpoint": ckpt}
-    eval_batch = min(cfg["batch_size"], 16)
     if task is None:
-        metrics = trainer.evaluate(valid_data, eval_batch)
+        metrics = trainer.evaluate(valid_data, _eval_batch(len(valid_data)))
         summary.update(val_loss=_finite(metrics["loss"]), val_perplexity=_finite(metrics["perplexity"]),
                        val_bits_per_token=_finite(metrics["bits_per_token"]))
     else:
         summary.update(_task_metrics(cfg, model, trainer, valid_data))
     if cfg.get("grad_norms"):
-        summary["grad_norms_file"] = _write_grad_norms(cfg, model, out, train_data)
+        summary["grad_norms_file"] = _write_grad_norms(trainer, out)
 
     lines = [f"done: {summary['steps']} steps in {_fmt_duration(wall)} ({summary['tokens_per_s']:,.0f} tok/s), "
              f"train loss {_num(summary['train_loss'])}"]
@@ -522,28 +541,47 @@ def _num(x, digits=4):
 
 
 def _task_metrics(cfg, model, trainer, valid_data):
-    """Validation metrics of a task model: loss; copy: recall_accuracy; adding: val_mse + baseline."""
+    """Validation metrics of a task model: loss (the trainer's: cross-entropy per recalled symbol,
+    or MSE); copy: recall_accuracy (from the model's outputs); adding: val_mse and the baseline."""
     from bptt.tasks import ADDING_BASELINE_MSE, mse, predict, recall_accuracy
     inputs, targets = valid_data
+    loss = trainer.evaluate(valid_data, min(len(inputs), 250))["loss"]
     outputs = predict(model, inputs)
     if cfg["task"] == "copy":
-        import numpy as np
-        logits = outputs.astype(np.float64)
-        scored = targets >= 0
-        z = logits[scored] - logits[scored].max(axis=-1, keepdims=True)
-        logp = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
-        loss = float(-logp[np.arange(len(z)), targets[scored]].mean())
         return {"val_loss": _finite(loss), "recall_accuracy": recall_accuracy(outputs, targets),
                 "chance_accuracy": 0.125}
-    value = mse(outputs, targets)
-    return {"val_loss": _finite(value), "val_mse": value, "baseline_mse": ADDING_BASELINE_MSE}
+    return {"val_loss": _finite(loss), "val_mse": mse(outputs, targets), "baseline_mse": ADDING_BASELINE_MSE}
 
 
-def _write_grad_norms(cfg, model, out, train_data):
-    """Per-step gradient norms ||dL/dh_t|| over one training window: grad_norms.json (+ .png)."""
-    from bptt import diagnostics
+def _write_grad_norms(trainer, out):
+    """Write the trainer's gradient diagnostics (``history["grad_diagnostics"]``: per update, the
+    norm ||dL/dh_t|| of every step of the backpropagated window, per level, oldest step first,
+    and every parameter's gradient norm) to ``grad_norms.json``, and where matplotlib is
+    installed a plot ``grad_norms.png`` of ||dL/dh_t|| against steps back from the window's end
+    (top level) for a few updates spread over the run. Returns the JSON path."""
+    records = trainer.history.get("grad_diagnostics") or []
     path = os.path.join(out, "grad_norms.json")
-    diagnostics.write_grad_norms(model, train_data, path, cfg)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(records, f)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return path
+    if records:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        picks = sorted({0, len(records) // 4, len(records) // 2, 3 * len(records) // 4, len(records) - 1})
+        for i in picks:
+            norms = records[i]["dh_norms"][-1][::-1]      # top level, steps back from the window end
+            ax.semilogy(range(len(norms)), [max(v, 1e-30) for v in norms], label=f"update {records[i]['step']}")
+        ax.set_xlabel("steps back from the end of the window")
+        ax.set_ylabel("||dL/dh_t|| (top level)")
+        ax.set_title("gradient flow back through time")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, "grad_norms.png"), dpi=100)
+        plt.close(fig)
     return path
 
 
@@ -570,7 +608,7 @@ def cmd_eval(args):
         if args.data is not None:
             raise UsageError(f"--data is for language models; {args.run_dir} holds a --task {cfg['task']} model")
         valid = _task_data(cfg, cfg.get("n_valid") or TASK_DEFAULTS["n_valid"], cfg["seed"] + 1_000_003)
-        metrics = _task_metrics(cfg, model, None, valid)
+        metrics = _task_metrics(cfg, model, bptt.Trainer(model, bptt.SGD(0.0), k1=cfg["k1"], k2=cfg["k2"]), valid)
         metrics["loss"] = metrics.pop("val_loss")
         source = f"task {cfg['task']} (fresh sequences)"
     else:
@@ -582,7 +620,7 @@ def cmd_eval(args):
         else:
             ids, source = _load_corpus(cfg, vocab).valid, "held-out part of the training corpus"
         trainer = bptt.Trainer(model, bptt.SGD(0.0), k1=cfg["k1"], k2=cfg["k2"])
-        m = trainer.evaluate(ids, args.batch_size)
+        m = trainer.evaluate(ids, args.batch_size or _eval_batch(len(ids)))
         metrics = {"loss": float(m["loss"]), "perplexity": float(m["perplexity"]),
                    "bits_per_token": float(m["bits_per_token"]), "tokens": int(len(ids))}
         unk = int((ids == vocab.unk_id).sum())

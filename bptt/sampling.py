@@ -3,9 +3,10 @@
 The model first reads the priming text (one forward call over all its tokens, from a zero
 state); the recurrent state it ends in is carried into generation, which then feeds each drawn
 token back one step at a time. Prime symbols the vocabulary has never seen are read as
-``<unk>``. Without a prime, generation starts from a line break (``"\\n"`` at char level when
-the vocabulary has it, ``<eos>`` at word level, else a random token); that start token is not
-part of the output.
+``<unk>``; at char level ``<unk>`` is never generated (it never occurs in the training text).
+Without a prime, generation starts from a line break (``"\\n"`` at char level when the
+vocabulary has it, ``<eos>`` at word level, else a random token); that start token is not part
+of the output.
 """
 
 import numpy as np
@@ -13,10 +14,13 @@ import numpy as np
 from bptt.data import EOS, tokenize
 
 
-def _next_token(logits, temperature, top_k, rng):
+def _next_token(logits, temperature, top_k, rng, banned=None):
     """Draw one id from logits [V] (host float): softmax(logits / temperature), restricted to the
-    ``top_k`` largest when given; temperature 0 means the most likely id (greedy)."""
-    logits = np.asarray(logits, dtype=np.float64)
+    ``top_k`` largest when given; temperature 0 means the most likely id (greedy). ``banned``:
+    an id never drawn (None: none)."""
+    logits = np.array(logits, dtype=np.float64)
+    if banned is not None:
+        logits[banned] = -np.inf
     if temperature == 0:
         return int(np.argmax(logits))
     z = logits / temperature
@@ -58,13 +62,16 @@ def sample_ids(model, vocab, length, temperature=1.0, top_k=None, prime="", seed
         if start_id is None:
             start_id = int(rng.integers(len(vocab)))
         prime_ids = np.array([start_id], dtype=np.int64)
+    # char level: <unk> never occurs in the training text (the vocabulary holds every character
+    # of it), so it is never generated; word level keeps it (PTB-style corpora contain "<unk>")
+    banned = vocab.unk_id if vocab.level == "char" else None
     out = np.empty(length, dtype=np.int64)
     if length == 0:
         return out
     logits, state, _ = model.forward(prime_ids.reshape(-1, 1), None, train=False)   # P, 1, V
     last = _host(model, logits)[-1, 0]
     for t in range(length):
-        out[t] = _next_token(last, temperature, top_k, rng)
+        out[t] = _next_token(last, temperature, top_k, rng, banned)
         logits, state, _ = model.forward(out[t:t + 1].reshape(1, 1), state, train=False)   # 1, 1, V
         last = _host(model, logits)[0, 0]
     return out

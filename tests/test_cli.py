@@ -1,0 +1,223 @@
+"""The command line end to end (train -> checkpoint -> eval -> sample, resume, tasks, errors)
+and sampling, on a small text file with tiny models so the whole file stays fast."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import bptt
+from bptt import backend as dispatch
+from bptt.cli import CHECKPOINT_FILE, METRICS_FILE, main
+
+# tiny models: every run is a few updates
+TINY = ["--hidden-size", "12", "--embedding-size", "6", "--k1", "6", "--batch-size", "3",
+        "--max-steps", "4", "--sample-length", "20"]
+TEXT = ("def add(a, b):\n    return a + b\n\nclass Point:\n    x = 0\n    y = 0\n\n"
+        "for i in range(10):\n    print(add(i, i))\n") * 4
+
+
+@pytest.fixture(autouse=True)
+def _restore_backend():
+    """``--backend`` switches the process-wide backend: put the previous one back after each test."""
+    previous = dispatch._current
+    yield
+    dispatch._current = previous
+
+
+@pytest.fixture
+def corpus_file(tmp_path):
+    path = tmp_path / "small.txt"
+    path.write_text(TEXT, encoding="utf-8")
+    return path
+
+
+def _json_last_line(out):
+    lines = out.strip().splitlines()
+    return json.loads(lines[-1])
+
+
+def _run(capsys, argv):
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_train_eval_sample_resume(tmp_path, corpus_file, capsys):
+    run = tmp_path / "run"
+    rc, out, err = _run(capsys, ["train", "--data", corpus_file, "--out", run, "--json", *TINY])
+    assert rc == 0, err
+    summary = _json_last_line(out)
+    assert summary["steps"] == 4 and summary["task"] == "lm"
+    for key in ("train_loss", "val_loss", "val_perplexity", "val_bits_per_token", "tokens_per_s"):
+        assert np.isfinite(summary[key]) and summary[key] > 0, key
+    assert summary["val_perplexity"] == pytest.approx(np.exp(summary["val_loss"]), rel=1e-6)
+    assert (run / CHECKPOINT_FILE).is_file()
+    assert "step" in err          # the progress line went to stderr
+
+    rc, out, err = _run(capsys, ["eval", run, "--data", corpus_file, "--json"])
+    assert rc == 0, err
+    metrics = _json_last_line(out)
+    assert metrics["bits_per_token"] == pytest.approx(metrics["loss"] / np.log(2), rel=1e-6)
+    assert metrics["perplexity"] == pytest.approx(np.exp(metrics["loss"]), rel=1e-6)
+    assert metrics["tokens"] == len(TEXT)
+
+    # without --data: the held-out tenth of the training file, as the train summary reported
+    rc, out, _ = _run(capsys, ["eval", run, "--json"])
+    assert rc == 0 and _json_last_line(out)["loss"] == pytest.approx(summary["val_loss"], rel=1e-5)
+
+    rc, out, err = _run(capsys, ["sample", run, "--length", "30", "--prime", "def ", "--seed", "3"])
+    assert rc == 0, err
+    text = out.rstrip("\n")
+    assert text.startswith("def ") and len(text) == 34
+    rc, again, _ = _run(capsys, ["sample", run, "--length", "30", "--prime", "def ", "--seed", "3"])
+    assert again == out                                   # same seed, same text
+    rc, out, _ = _run(capsys, ["sample", run, "--length", "10", "--prime", "ünknown€", "--top-k", "3",
+                               "--temperature", "0.5"])
+    assert rc == 0 and out.startswith("ünknown€")         # unseen prime symbols read as <unk>
+
+    rc, out, err = _run(capsys, ["train", "--out", run, "--resume", "--max-steps", "3", "--json"])
+    assert rc == 0, err
+    resumed = _json_last_line(out)
+    assert resumed["steps"] == 7 and resumed["updates_this_run"] == 3
+
+    events = [json.loads(line)["event"] for line in (run / METRICS_FILE).read_text().splitlines()]
+    assert events.count("train_end") == 2 and events.count("eval") == 2
+
+
+def test_word_level_run(tmp_path, corpus_file, capsys):
+    run = tmp_path / "words"
+    rc, out, err = _run(capsys, ["train", "--data", corpus_file, "--level", "word", "--out", run,
+                                 "--cell", "gru", "--optimizer", "sgd", "--lr", "0.5", "--json", *TINY])
+    assert rc == 0, err
+    assert np.isfinite(_json_last_line(out)["val_loss"])
+    rc, out, _ = _run(capsys, ["sample", run, "--length", "5", "--prime", "def zebra", "--json"])
+    assert rc == 0 and _json_last_line(out)["text"].startswith("def zebra ")
+
+
+@pytest.mark.parametrize("task, key", [("copy", "recall_accuracy"), ("adding", "val_mse")])
+def test_task_runs(tmp_path, capsys, task, key):
+    run = tmp_path / task
+    rc, out, err = _run(capsys, ["train", "--task", task, "--lag", "4", "--n-train", "12", "--hidden-size", "8",
+                                 "--batch-size", "4", "--k1", "4", "--k2", "8", "--max-steps", "3",
+                                 "--out", run, "--json"])
+    assert rc == 0, err
+    summary = _json_last_line(out)
+    assert 0 <= summary[key] and np.isfinite(summary[key])
+    if task == "copy":
+        assert summary[key] <= 1
+    rc, out, _ = _run(capsys, ["eval", run, "--json"])
+    assert rc == 0 and key in _json_last_line(out)
+    rc, _, err = _run(capsys, ["sample", run])
+    assert rc == 1 and "language model" in err
+
+
+def _error_cases(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("caf\xe9\n".encode("latin-1"))
+    good = tmp_path / "good.txt"
+    good.write_text(TEXT)
+    return {
+        "missing file": (["train", "--data", tmp_path / "nope.txt"], "nope.txt"),
+        "empty file": (["train", "--data", empty], "empty.txt: file is empty"),
+        "not utf-8": (["train", "--data", latin], "latin.txt: not UTF-8"),
+        "k1 > k2": (["train", "--data", good, "--k1", "20", "--k2", "10"], "--k1 (20) must be <= --k2 (10)"),
+        "unknown backend": (["train", "--data", good, "--backend", "tpu"], "unknown backend 'tpu'"),
+        "lag without task": (["train", "--lag", "5"], "--lag needs --task"),
+        "task with data": (["train", "--task", "copy", "--data", good], "--data is for text corpora"),
+        "resume without run": (["train", "--resume", "--out", tmp_path / "none"], "no such run directory"),
+        "eval without checkpoint": (["eval", tmp_path], "no checkpoint"),
+        "bad choice": (["train", "--cell", "transformer"], "invalid choice"),
+        "negative size": (["train", "--hidden-size", "-3"], "must be > 0"),
+    }
+
+
+def test_error_cases_print_one_line(tmp_path, capsys):
+    for name, (argv, message) in _error_cases(tmp_path).items():
+        try:
+            rc = main([str(a) for a in argv])
+        except SystemExit as e:               # argparse errors exit 2
+            rc = e.code
+        out, err = capsys.readouterr()
+        assert rc not in (0, None), name
+        assert message in err, (name, err)
+        assert len(err.strip().splitlines()) == 1, (name, err)
+        assert "Traceback" not in err and out == "", name
+
+
+def test_console_entry_point_error_has_no_traceback(tmp_path):
+    """A user error through `python -m bptt`: status 1, one line on stderr."""
+    proc = subprocess.run([sys.executable, "-m", "bptt", "train", "--data", str(tmp_path / "missing.txt")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [f"bptt train: error: {tmp_path / 'missing.txt'}: no such file"]
+
+
+def test_help_imports_no_numerics():
+    """`bptt --help` stays instant: parsing the arguments imports neither NumPy nor Numba."""
+    code = ("import sys, bptt.cli\n"
+            "try:\n    bptt.cli.main(['train', '--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
+            "print(sorted(m for m in ('numpy', 'numba', 'bptt.layers', 'bptt_kernels') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+    assert "--k2" in proc.stdout and "--task" in proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# sampling (bptt.sampling) on an untrained model: determinism, greedy, top-k, <unk> primes
+
+
+@pytest.fixture
+def lm_and_vocab():
+    from bptt.data import Vocabulary, tokenize
+    vocab = Vocabulary.build(tokenize(TEXT, "char"), "char")
+    model = bptt.LanguageModel(len(vocab), 8, 16, seed=5)
+    return model, vocab
+
+
+def _greedy_chain(model, vocab, prime, length):
+    """Independent oracle: re-run the whole sequence from scratch each step and take the argmax."""
+    ids = list(vocab.encode(prime))
+    for _ in range(length):
+        logits, _, _ = model.forward(np.array(ids).reshape(-1, 1), None, train=False)
+        scores = model.backend.to_host(logits)[-1, 0]
+        ids.append(1 + int(np.argmax(scores[1:])))          # char level never generates <unk> (id 0)
+    return vocab.decode(ids)
+
+
+def test_greedy_sampling_matches_rerunning_from_scratch(lm_and_vocab):
+    from bptt.sampling import sample
+    model, vocab = lm_and_vocab
+    assert sample(model, vocab, 12, temperature=0, prime="def ") == _greedy_chain(model, vocab, "def ", 12)
+    # top_k=1 at any temperature is greedy as well
+    assert sample(model, vocab, 12, temperature=2.0, top_k=1, prime="def ", seed=9) == \
+        _greedy_chain(model, vocab, "def ", 12)
+
+
+def test_sampling_is_seeded_and_respects_top_k(lm_and_vocab):
+    from bptt import sampling
+    model, vocab = lm_and_vocab
+    a = sampling.sample_ids(model, vocab, 50, temperature=1.5, prime="cl", seed=1)
+    assert np.array_equal(a, sampling.sample_ids(model, vocab, 50, temperature=1.5, prime="cl", seed=1))
+    assert not np.array_equal(a, sampling.sample_ids(model, vocab, 50, temperature=1.5, prime="cl", seed=2))
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=len(vocab))
+    top3 = set(np.argsort(logits)[-3:])
+    draws = {sampling._next_token(logits, 1.0, 3, rng) for _ in range(300)}
+    assert draws == top3
+
+
+def test_sampling_bad_arguments(lm_and_vocab):
+    from bptt.sampling import sample
+    model, vocab = lm_and_vocab
+    with pytest.raises(ValueError, match="temperature"):
+        sample(model, vocab, 5, temperature=-1)
+    with pytest.raises(ValueError, match="top_k"):
+        sample(model, vocab, 5, top_k=0)
+    assert sample(model, vocab, 0, prime="ab€") == "ab€"
