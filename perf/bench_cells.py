@@ -235,6 +235,9 @@ def main(argv=None):
     p.add_argument("--mem-hidden", type=int, default=256)
     p.add_argument("--no-mem", action="store_true", help="skip the peak-RSS check")
     p.add_argument("--only", choices=SIDES, help="run one side only")
+    p.add_argument("--budget", type=float, default=12.0,
+                   help="minutes for the timing sweep (default 12): shapes run cheapest first, and "
+                        "a shape whose estimated time would pass the budget is skipped and listed")
     p.add_argument("--plot", action="store_true", help="also write a PNG of the ratios")
     p.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -269,25 +272,42 @@ def main(argv=None):
 
     sgemm = [workers[live[0]].call({"op": "sgemm"})["gflops"]]
     t_start = time.time()
-    results = []
-    shapes = [(c, b, h) for c in cells for b in batches for h in hiddens]
+    results, skipped = [], []
+    rate = {}  # cell -> slowest side's achieved GFLOP/s on its last shape (for the budget)
+    shapes = sorted(((c, b, h) for c in cells for b in batches for h in hiddens),
+                    key=lambda s: gemm_flops(s[0], T, s[1], a.input_size or s[2], s[2]))
     for n, (cell, B, H) in enumerate(shapes):
         I = a.input_size or H
+        flops = gemm_flops(cell, T, B, I, H)
+        one = flops / (rate[cell] * 1e9) if cell in rate else 0.0
+        calls, rounds = plan_rounds(one, repeats)
+        estimate = len(live) * one * (1 + calls * rounds)  # warm-up + timed calls, every side
+        if time.time() - t_start + estimate > 60 * a.budget:
+            skipped.append((cell, B, H))
+            print(f"  skip {cell} B={B} H={H}: ~{estimate:.0f} s would pass --budget "
+                  f"{a.budget} min", file=sys.stderr)
+            continue
         shape = {"cell": cell, "T": T, "B": B, "I": I, "H": H}
         times = bench_shape(workers, shape, repeats, first=n % 2)
-        flops = gemm_flops(cell, T, B, I, H)
         row = {**shape, "flops": flops, "times": times}
         for side in SIDES:
             t = hx.median(times.get(side) or [])
             row[f"{side}_s"] = t
             row[f"{side}_gflops"] = flops / t / 1e9 if t else None
         row["ratio"] = (row["torch_s"] / row["ours_s"]) if row["torch_s"] and row["ours_s"] else None
+        rates = [row[f"{s}_gflops"] for s in SIDES if row[f"{s}_gflops"]]
+        if rates:
+            rate[cell] = min(rates)
         results.append(row)
         print(f"[{time.time() - t_start:6.0f}s] {cell:8s} B={B:<4d} H={H:<5d} torch "
               f"{hx.fmt(row['torch_s'] and row['torch_s'] * 1e3)} ms  ours "
               f"{hx.fmt(row['ours_s'] and row['ours_s'] * 1e3)} ms  ratio {hx.fmt(row['ratio'])}",
               file=sys.stderr, flush=True)
-    sgemm.append(workers[live[-1]].call({"op": "sgemm"})["gflops"])
+    results.sort(key=lambda r: (cells.index(r["cell"]), r["B"], r["H"]))
+    for side in live:
+        if workers[side].alive:
+            sgemm.append(workers[side].call({"op": "sgemm"})["gflops"])
+            break
     info = {s: w.ready for s, w in workers.items() if w.alive}
     for w in workers.values():
         w.close()
@@ -319,6 +339,9 @@ def main(argv=None):
         ratios = [r["ratio"] for r in results if r["cell"] == cell and r["ratio"]]
         if ratios:
             summary[cell] = math.exp(sum(map(math.log, ratios)) / len(ratios))
+    if skipped:
+        print(f"\nskipped (over --budget {a.budget} min): "
+              + ", ".join(f"{c} B={b} H={h}" for c, b, h in skipped))
     if summary:
         print("\ngeometric mean of ratio: " + ", ".join(f"{c} {v:.2f}" for c, v in summary.items()))
     if mem:
@@ -331,7 +354,7 @@ def main(argv=None):
     path = hx.save_json("bench_cells", {
         "machine": hx.machine_info(a.threads), "workers": info, "sgemm_gflops": sgemm,
         "T": T, "repeats": repeats, "results": results, "summary_geomean_ratio": summary,
-        "memory": mem, "load": load, "flops_formula": "6*T*B*G*H*(I+H)"})
+        "memory": mem, "load": load, "skipped": skipped, "flops_formula": "6*T*B*G*H*(I+H)"})
     print(f"\nJSON: {os.path.relpath(path, hx.REPO_DIR)}")
     if a.plot:
         import plot
