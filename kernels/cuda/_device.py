@@ -53,6 +53,18 @@ def stream():
     return s
 
 
+def kernel_args(*args):
+    """Arguments ready for a Numba kernel launch: CuPy arrays become Numba device-array views
+    (``as_cuda_array(sync=False)``: no copy, and no stream synchronisation, which Numba would
+    otherwise do for every launch with a CuPy argument; the kernels run on CuPy's current
+    stream anyway). Everything else (and everything under the simulator) passes unchanged.
+    Convert once, outside a time loop, where the same arrays are launched on every step."""
+    if SIMULATOR:
+        return args
+    return tuple(cuda.as_cuda_array(a, sync=False) if isinstance(a, cupy.ndarray) else a
+                 for a in args)
+
+
 def blocks_for(n, threads):
     """Blocks of a grid-stride launch over ``n`` items (capped: the loop covers the rest)."""
     return max(1, min((n + threads - 1) // threads, 65535))
@@ -63,7 +75,7 @@ def launch_1d(kernel, n, *args):
     if n == 0:
         return
     threads = config.THREADS
-    kernel[blocks_for(n, threads), threads, stream()](*args)
+    kernel[blocks_for(n, threads), threads, stream()](*kernel_args(*args))
 
 
 def asarray(a, dtype):

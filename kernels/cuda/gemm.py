@@ -92,7 +92,7 @@ def matmul(a, b, c, trans_a=False, trans_b=False, accumulate=False):
     tile = config.GEMM_TILE
     grid = ((N + tile - 1) // tile, (M + tile - 1) // tile)
     _gemm_kernel(tile, c.dtype)[grid, (tile, tile), _device.stream()](
-        a, b, c, bool(trans_a), bool(trans_b), bool(accumulate))
+        *_device.kernel_args(a, b, c), bool(trans_a), bool(trans_b), bool(accumulate))
 
 
 _ROWS_PER_THREAD = 64

@@ -106,10 +106,11 @@ def softmax_cross_entropy(logits, targets, dlogits, scale):
     if N and int(targets.max()) >= V:
         raise ValueError(f"targets must be < V={V} (or negative to ignore a row), got {int(targets.max())}")
     losses = _device.empty((N,), np.float64)
+    (losses_arg,) = _device.kernel_args(losses)
     if N:
         threads = _block_threads()
         _softmax_xent_kernel(threads, logits.dtype)[_device.blocks_for(N, 1), threads, _device.stream()](
-            logits, targets, dlogits, float(scale), losses)
+            *_device.kernel_args(logits, targets, dlogits), float(scale), losses_arg)
     return float(losses.sum())
 
 
@@ -258,9 +259,11 @@ def sum_of_squares(arrays):
     out = _device.zeros((1,), np.float64)
     threads = _block_threads()
     kernel = _sum_squares_kernel(threads)
+    (out_arg,) = _device.kernel_args(out)
     for a in arrays:
         if a.size:
-            kernel[_device.blocks_for(a.size, threads), threads, _device.stream()](a.reshape(-1), out)
+            kernel[_device.blocks_for(a.size, threads), threads, _device.stream()](
+                *_device.kernel_args(a.reshape(-1)), out_arg)
     return float(_device.to_host(out)[0])
 
 

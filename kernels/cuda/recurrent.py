@@ -126,6 +126,7 @@ _opted_in = {}
 def _launch_persistent(kernel, args, work_items, shared_elems, dtype):
     """Launch a persistent kernel as one block with ``shared_elems`` elements of dynamic shared
     memory, opting the kernel in to more than 48 KiB where a real GPU needs it."""
+    args = _device.kernel_args(*args)
     threads = min(config.PERSISTENT_THREADS, max(32, (work_items + 31) // 32 * 32))
     nbytes = shared_elems * np.dtype(dtype).itemsize
     if not _device.SIMULATOR:
@@ -206,10 +207,10 @@ def forward(cell, x, state, w_ih, w_hh, b_ih, b_hh):
     else:
         gates_forward = cells.gate_kernels(cell)[0]
         hw = _device.empty((B, GH), dtype)                        # B,G*H  one step's h W_hh^T
-        hw_flat = hw.reshape(-1)
+        step_args = _device.kernel_args(xw, hw.reshape(-1), b_ih, b_hh, hs, cs, gates, hn)
         for t in range(T):
             matmul(hs[t], w_hh, hw, trans_b=True)
-            _device.launch_1d(gates_forward, B * H, t, xw, hw_flat, b_ih, b_hh, hs, cs, gates, hn)
+            _device.launch_1d(gates_forward, B * H, t, *step_args)
 
     final = (hs[T].copy(), cs[T].copy()) if is_lstm else (hs[T].copy(),)
     if is_lstm:
@@ -276,10 +277,10 @@ def backward(cell, dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_
     else:
         gates_backward = cells.gate_kernels(cell)[1]
         dh_rec = dfinal_state[0].copy()                           # B,H  dL/dh_t via recurrence
-        dh_rec_flat = dh_rec.reshape(-1)
+        step_args = _device.kernel_args(dy, dh_rec.reshape(-1), dc, hs, cs, gates, hn, dgx,
+                                        dgh_arg, dh)
         for t in range(T - 1, t_start - 1, -1):
-            _device.launch_1d(gates_backward, B * H, t, dy, dh_rec_flat, dc, hs, cs, gates, hn,
-                              dgx, dgh_arg, dh)
+            _device.launch_1d(gates_backward, B * H, t, *step_args)
             matmul(dg_rec[t], w_hh, dh_rec, accumulate=True)
         dh_prev = dh_rec
 
