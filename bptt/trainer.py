@@ -43,6 +43,8 @@ weights of a run that was never interrupted. To train n more updates: ``max_step
 """
 
 import math
+import signal
+import threading
 import time
 import zlib
 
@@ -311,26 +313,22 @@ class Trainer:
         stop = math.inf if max_steps is None else max_steps
         clock = _Clock()
         while self.epoch < epochs and self.step < stop:
-            lr = self.schedule(self.base_lr, self.epoch)
-            self.optimizer.lr = lr
+            self.optimizer.lr = self.schedule(self.base_lr, self.epoch)
+            if self.position is None:                   # a new epoch begins
+                self.position = Position(0, 0, None, (), self.model.rng.bit_generator.state,
+                                         dataset.fingerprint, dataset.batch_size)
             pos = self.position
-            if pos is not None:
-                self.model.rng.bit_generator.state = pos.rng_state
+            self.model.rng.bit_generator.state = pos.rng_state
             epoch_losses = []
-            for gi in range(pos.group if pos else 0, len(dataset.groups)):
+            for gi in range(pos.group, len(dataset.groups)):
                 group = dataset.groups[gi]
-                resumed = pos is not None and pos.group == gi
-                t = pos.offset if resumed else 0
-                state = pos.state if resumed else None
-                ring = list(pos.ring) if resumed else []
+                t, state, ring = (pos.offset, pos.state, list(pos.ring)) if gi == pos.group else (0, None, [])
                 while t < group.T:
                     if self.step >= stop:
                         return self.history
                     t1 = group.T if self.k1 is None else min(t + self.k1, group.T)
-                    state, event = self._train_chunk(group, t, t1, state, ring, clock)
-                    t = t1
-                    self.position = Position(gi, t, state, tuple(ring), self.model.rng.bit_generator.state,
-                                             dataset.fingerprint, dataset.batch_size)
+                    event = self._train_chunk(dataset, gi, t, t1, state, ring, clock)
+                    t, state = t1, self.position.state
                     if event is not None:
                         epoch_losses.append(event["loss"])
                         for cb in callbacks:
@@ -343,10 +341,15 @@ class Trainer:
                     self.history.setdefault("val_" + k, []).append(v)
         return self.history
 
-    def _train_chunk(self, group, t0, t1, state, ring, clock):
-        """Forward steps [t0, t1) of ``group``, backpropagate the window, update. Appends the chunk's
-        segments to ``ring`` and trims it. Returns (carried state, event or None)."""
+    def _train_chunk(self, dataset, gi, t0, t1, state, ring, clock):
+        """Forward steps [t0, t1) of group ``gi``, backpropagate the window, update; then record the
+        new position (carried state, ring buffer trimmed to what later windows need).
+
+        The update and the new position are committed together with Ctrl-C deferred, so an
+        interrupted run's checkpoint is always at a chunk boundary. Returns the event or None.
+        """
         be, model = self.backend, self.model
+        group = dataset.groups[gi]
         count = group.count(t0, t1)
         loss = 0.0
         for s0, s1, reset in group.segments(t0, t1):
@@ -361,15 +364,28 @@ class Trainer:
 
         overlap = 0 if self.k1 is None else self.k2 - self.k1
         w0 = max(0, t0 - overlap)                       # the window: steps [w0, t1)
-        event = None
         if count:
-            event = self._update(group, loss, ring, w0, t0, t1, clock)
-            if event["skipped"]:
-                state, ring[:] = None, []
-        for seg in ring:
-            seg.dout = None
-        ring[:] = [seg for seg in ring if seg.s1 > t1 - overlap]
-        return state, event
+            skipped, grad_norm, dh_norms = self._backward_window(loss, ring, w0, t0, t1)
+        with _DeferredInterrupt():
+            event = None
+            if count:
+                if skipped is None:
+                    if self.record_grad_norms:
+                        self._record(dh_norms, w0, t1)
+                    grads = list(model.grads.values())
+                    if self.clip_norm is not None:
+                        clip_grad_norm_(grads, self.clip_norm, be, total_norm=grad_norm)
+                    self.optimizer.step(model.params, model.grads, be)
+                    self.step += 1
+                else:
+                    state, ring[:] = None, []
+                event = self._log(loss, grad_norm, skipped is not None, (t1 - t0) * group.B, clock)
+            for seg in ring:
+                seg.dout = None
+            ring[:] = [seg for seg in ring if seg.s1 > t1 - overlap]
+            self.position = Position(gi, t1, state, tuple(ring), model.rng.bit_generator.state,
+                                     dataset.fingerprint, dataset.batch_size)
+        return event
 
     def _nonfinite(self, what, t0, t1):
         msg = (f"non-finite {what} at step {self.step + 1} (epoch {self.epoch}, steps {t0}..{t1 - 1} "
@@ -378,45 +394,38 @@ class Trainer:
             raise NonFiniteError(msg + " (on_nonfinite='skip' skips such updates)")
         return msg
 
-    def _update(self, group, loss, ring, w0, t0, t1, clock):
-        """Backward over the window [w0, t1) through the ring buffer, checks, clip, optimizer step."""
+    def _backward_window(self, loss, ring, w0, t0, t1):
+        """Backward over the window [w0, t1) through the ring buffer (newest segment first) into
+        ``model.grads``. Returns (skip message or None, gradient norm, per-segment dh norms)."""
         be, model = self.backend, self.model
-        skipped = None
-        grad_norm = math.nan
-        dh_norms = []
         if not math.isfinite(loss):
-            skipped = self._nonfinite(f"loss ({loss})", t0, t1)
-        else:
-            model.zero_grad()
-            dstate = None
-            try:
-                for seg in reversed(ring):
-                    if seg.s1 <= w0:
-                        break
-                    ts = max(0, w0 - seg.s0)
-                    dstate, dh = model.backward(seg.dout, seg.cache, dstate, ts, return_dh=True)
-                    if self.record_grad_norms:
-                        dh_norms.append([_step_norms(be, d[ts:]) for d in dh])
-                    if seg.keep is not None and ts == 0:
-                        dstate = _reset_rows(dstate, seg.keep)
-                grads = list(model.grads.values())
-                grad_norm = math.sqrt(be.sum_of_squares(grads))
-                if not math.isfinite(grad_norm):
-                    raise NonFiniteGradientError(f"gradient norm {grad_norm}")
-            except NonFiniteGradientError as e:
-                skipped = self._nonfinite(f"gradient ({e})", t0, t1)
-        if skipped is None:
-            if self.record_grad_norms:
-                self._record(dh_norms, w0, t1)
-            if self.clip_norm is not None:
-                clip_grad_norm_(grads, self.clip_norm, be, total_norm=grad_norm)
-            self.optimizer.step(model.params, model.grads, be)
-        self.step += 1 if skipped is None else 0
-        tokens = (t1 - t0) * group.B
+            return self._nonfinite(f"loss ({loss})", t0, t1), math.nan, []
+        model.zero_grad()
+        dstate = None
+        dh_norms = []
+        try:
+            for seg in reversed(ring):
+                if seg.s1 <= w0:
+                    break
+                ts = max(0, w0 - seg.s0)
+                dstate, dh = model.backward(seg.dout, seg.cache, dstate, ts, return_dh=True)
+                if self.record_grad_norms:
+                    dh_norms.append([_step_norms(be, d[ts:]) for d in dh])
+                if seg.keep is not None and ts == 0:
+                    dstate = _reset_rows(dstate, seg.keep)      # no gradient across a reset
+            grad_norm = math.sqrt(be.sum_of_squares(list(model.grads.values())))
+            if not math.isfinite(grad_norm):
+                raise NonFiniteGradientError(f"gradient norm {grad_norm}")
+        except NonFiniteGradientError as e:
+            return self._nonfinite(f"gradient ({e})", t0, t1), math.nan, []
+        return None, grad_norm, dh_norms
+
+    def _log(self, loss, grad_norm, skipped, tokens, clock):
+        """The event of one window, also appended to ``history``."""
         clock.tokens += tokens
         event = {"step": self.step, "epoch": self.epoch, "loss": loss, "tokens": tokens,
                  "tokens_per_s": clock.rate(), "lr": self.optimizer.lr, "grad_norm": grad_norm,
-                 "skipped": skipped is not None}
+                 "skipped": skipped}
         for k in ("step", "epoch", "loss", "lr", "grad_norm", "tokens", "skipped"):
             self.history[k].append(event[k])
         return event
@@ -489,6 +498,33 @@ def _step_norms(backend, dh):
     xp = backend.xp
     norms = xp.sqrt((dh.astype(np.float64) ** 2).sum(axis=(1, 2)))
     return [float(v) for v in backend.to_host(norms)]
+
+
+class _DeferredInterrupt:
+    """Hold back Ctrl-C (SIGINT) inside the block and raise KeyboardInterrupt after it (main
+    thread only; elsewhere signals cannot arrive in Python code anyway)."""
+
+    def __enter__(self):
+        self.pending = None
+        self.active = threading.current_thread() is threading.main_thread()
+        if self.active:
+            self.previous = signal.signal(signal.SIGINT, self._hold)
+        return self
+
+    def _hold(self, signum, frame):
+        self.pending = (signum, frame)
+
+    def __exit__(self, *exc):
+        if not self.active:
+            return False
+        previous = signal.default_int_handler if self.previous is None else self.previous
+        signal.signal(signal.SIGINT, previous)
+        if self.pending is not None:
+            if callable(previous):
+                previous(*self.pending)              # Python's default raises KeyboardInterrupt
+            elif previous == signal.SIG_DFL:
+                raise KeyboardInterrupt
+        return False
 
 
 class _Clock:

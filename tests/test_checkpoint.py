@@ -3,6 +3,7 @@ one (TBPTT ring buffer, carried state, dropout RNG, Adam state, schedule); atomi
 errors for missing, corrupted and foreign files."""
 
 import os
+import signal
 import zipfile
 
 import numpy as np
@@ -96,6 +97,33 @@ def test_resume_with_other_data_is_refused(tmp_path):
         resumed.fit(tokens[::-1].copy(), 2)
     with pytest.raises(ValueError, match="batch_size"):
         resumed.fit(tokens, 3)
+
+
+def test_ctrl_c_during_an_update_stops_at_a_chunk_boundary(tmp_path, monkeypatch):
+    """SIGINT arriving inside the optimizer step is held until the update and the new position
+    are committed; the checkpoint written then resumes to the uninterrupted result."""
+    tokens = np.random.default_rng(6).integers(0, 9, 2 * 20 + 1)
+    full = lm_trainer(k1=4, k2=6)
+    full.fit(tokens, 2, epochs=2)
+    t = lm_trainer(k1=4, k2=6)
+    real_step = t.optimizer.step
+    calls = []
+
+    def step_with_interrupt(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)       # arrives in the middle of the update
+        real_step(*args)
+
+    monkeypatch.setattr(t.optimizer, "step", step_with_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        t.fit(tokens, 2, epochs=2)
+    assert t.step == 3 and t.position.offset == 12
+    monkeypatch.undo()
+    t.save_checkpoint(tmp_path / "c.npz")
+    resumed = bptt.Trainer.from_checkpoint(tmp_path / "c.npz")
+    resumed.fit(tokens, 2, epochs=2)
+    assert_same_weights(resumed, full)
 
 
 def test_load_model_gives_the_same_outputs(tmp_path):
