@@ -430,6 +430,7 @@ def _poisoned_model():
     return bm, before
 
 
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
 def test_nonfinite_loss_raises_naming_step_and_keeps_weights():
     bm, _ = _poisoned_model()
     snapshot = {n: p.copy() for n, p in bm.params.items()}
@@ -442,6 +443,7 @@ def test_nonfinite_loss_raises_naming_step_and_keeps_weights():
     assert trainer.step == 0
 
 
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
 def test_nonfinite_loss_skip_mode_leaves_weights():
     bm, _ = _poisoned_model()
     snapshot = {n: p.copy() for n, p in bm.params.items()}
@@ -535,3 +537,27 @@ def test_gradient_diagnostics_recorded_and_written(tmp_path):
     path = tmp_path / "norms.json"
     diagnostics.save_grad_norms(history, path)
     assert diagnostics.load_grad_norms(path) == records
+
+
+def test_gradient_diagnostics_plot(tmp_path, monkeypatch):
+    from bptt import diagnostics
+    bm = bptt.LanguageModel(6, 3, 4, cell="gru", dtype=np.float64, seed=23)
+    tokens = np.random.default_rng(24).integers(0, 6, 2 * 12 + 1)
+    history = bptt.Trainer(bm, bptt.SGD(0.1), k1=3, k2=5, record_grad_norms=True).fit(tokens, 2)
+    with pytest.raises(ValueError, match="record_grad_norms"):
+        diagnostics.plot_grad_norms([])
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)     # as if not installed
+    with pytest.raises(ImportError, match="matplotlib"):
+        diagnostics.plot_grad_norms(history, tmp_path / "x.png")
+    monkeypatch.undo()
+    pytest.importorskip("matplotlib")
+    fig = diagnostics.plot_grad_norms(history, tmp_path / "norms.png")
+    assert (tmp_path / "norms.png").stat().st_size > 1000
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+    # the CLI's entry point: records one full window without changing the model
+    before = bm.state_dict()
+    records = diagnostics.write_grad_norms(bm, tokens, tmp_path / "g.json", {"k1": 3, "k2": 5, "batch_size": 2})
+    assert records[-1]["window"] == [4, 9] and (tmp_path / "g.png").is_file()
+    for name, v in bm.state_dict().items():
+        np.testing.assert_array_equal(v, before[name])
