@@ -142,19 +142,27 @@ def test_recurrent_matches_reference(engines, cell, path, dtype):
 
 
 @needs_cxx
+@pytest.mark.parametrize("splits", [1, 2, 8])
 @pytest.mark.parametrize("cell", CELLS)
-def test_persistent_several_rows_and_blocks(cell):
-    """B=5 on a 2-SM device: 3 rows per block, 2 blocks, the last one partial."""
-    eng = host_emulation.host_engine(reverse=True, limits=(host_emulation.H100_LIMITS[0], 2))
+def test_persistent_several_rows_blocks_and_splits(cell, splits):
+    """B=5 on a 2-SM device: 3 rows per block, 2 blocks, the last one partial; each dot
+    product split in 1, 2 or 8 parts (8 parts of H=6 units: some parts are empty). The
+    device's shared memory is set to exactly what `splits` parts need."""
+    T, B, I, H, dtype = 4, 5, 3, 6, np.float64
+    smem = _engine.persistent_smem_bytes(cell, H, 3, dtype, splits)
+    eng = host_emulation.host_engine(reverse=True, limits=(smem, 2))
     config.PATH = "persistent"
+    assert eng.choose_path(cell, B, H, dtype) == ("persistent", 3, splits)
     rng = np.random.default_rng(11)
-    p, dy, dfinal, grads0 = random_problem(rng, cell, 4, 5, 3, 6, np.float64)
+    p, dy, dfinal, grads0 = random_problem(rng, cell, T, B, I, H, dtype)
     want = run_reference(cell, p, dy, dfinal, 1, grads0)
     got = run_engine(eng, cell, p, dy, dfinal, 1, grads0)
-    compare(got, want, TOL[np.float64], cell)
+    compare(got, want, TOL[dtype], f"{cell} splits={splits}")
     persistent = [c for c in eng.launch.calls if "persistent" in c[0]]
-    assert [c[1] for c in persistent] == [2, 2]  # grid
-    assert all(c[2] == 32 for c in persistent)   # 3 rows * 6 units -> one warp
+    assert [c[1] for c in persistent] == [2, 2]                        # grid
+    assert [c[2] for c in persistent] == [-(-splits * 3 * H // 32) * 32] * 2  # threads
+    assert [c[3] for c in persistent] == list(
+        _engine.persistent_smem_layout(cell, H, 3, dtype, splits))
 
 
 @needs_cxx
@@ -232,18 +240,19 @@ def test_finite_differences(engines, cell):
 
 def test_path_choice_follows_size_and_config():
     eng = _engine.Engine(np, None, lambda: host_emulation.H100_LIMITS, np.array)
-    assert eng.choose_path("lstm", 32, 64, np.float32) == ("persistent", 1)
-    assert eng.choose_path("lstm", 32, 119, np.float32) == ("persistent", 1)
-    assert eng.choose_path("lstm", 32, 120, np.float32) == ("general", 0)   # W_hh too big
-    assert eng.choose_path("lstm", 32, 100, np.float64) == ("general", 0)   # 8-byte words
-    assert eng.choose_path("rnn_tanh", 32, 239, np.float32) == ("persistent", 1)
-    assert eng.choose_path("gru", 65, 64, np.float32) == ("general", 0)     # batch too big
+    assert eng.choose_path("lstm", 32, 64, np.float32) == ("persistent", 1, 8)
+    assert eng.choose_path("lstm", 32, 119, np.float32) == ("persistent", 1, 2)   # smem-bound
+    assert eng.choose_path("lstm", 32, 120, np.float32) == ("general", 0, 0)      # W_hh too big
+    assert eng.choose_path("lstm", 32, 100, np.float64) == ("general", 0, 0)      # 8-byte words
+    assert eng.choose_path("rnn_tanh", 32, 200, np.float32) == ("persistent", 1, 4)  # threads
+    assert eng.choose_path("rnn_tanh", 32, 239, np.float32) == ("persistent", 1, 1)  # smem
+    assert eng.choose_path("gru", 65, 64, np.float32) == ("general", 0, 0)        # batch too big
     config.PERSISTENT_MAX_BATCH = 1000
-    assert eng.choose_path("gru", 300, 16, np.float32) == ("persistent", 3)  # 300 rows / 132 SMs
+    assert eng.choose_path("gru", 300, 16, np.float32) == ("persistent", 3, 8)  # 300 rows / 132 SMs
     config.PATH = "general"
-    assert eng.choose_path("lstm", 1, 8, np.float32) == ("general", 0)
+    assert eng.choose_path("lstm", 1, 8, np.float32) == ("general", 0, 0)
     config.PATH = "persistent"
-    assert eng.choose_path("lstm", 200, 8, np.float32) == ("persistent", 2)
+    assert eng.choose_path("lstm", 200, 8, np.float32) == ("persistent", 2, 8)
     with pytest.raises(ValueError, match=r"persistent lstm kernel needs \d+ bytes.*largest H"):
         eng.choose_path("lstm", 4, 512, np.float32)
     config.PATH = "fastest"
@@ -275,9 +284,9 @@ def test_auto_path_launches(engines):
         run_engine(eng, "lstm", p, dy, dfinal, 0, grads0)
         names = [c[0] for c in eng.launch.calls]
         assert names and all(expect in n for n in names), names
-        if expect == "persistent":
+        if expect == "persistent":  # shared memory bytes, 8 splits
             assert [c[3] for c in eng.launch.calls] == [
-                (4 * 8 * 8 + 2 * 8) * 4, (4 * 8 * 8 + 4 * 8 + 3 * 8) * 4]  # shared memory bytes
+                (4 * 8 * 8 + 8 + 8 * 4 * 8) * 4, (4 * 8 * 8 + 4 * 8 + 8 * 8 + 2 * 8) * 4]
         else:
             assert len(names) == 4  # one gate kernel per step, forward and backward
 

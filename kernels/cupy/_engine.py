@@ -53,24 +53,41 @@ class RecurrentCache(NamedTuple):
     hn: Any
 
 
-def persistent_smem_bytes(cell, H, rows, dtype):
-    """Shared memory (bytes) the persistent kernels need per block, max of forward and backward.
+def persistent_smem_layout(cell, H, rows, dtype, splits=1):
+    """(forward, backward) shared memory bytes per block of the persistent kernels.
 
-    Forward: W_hh^T [G*H, H] + h [2, rows, H]. Backward: W_hh [G*H, H] + dg [rows, G*H]
-    + dh_rec, dc, dh_direct [rows, H] each.
+    Forward: W_hh^T [G*H, H] + h [rows, H] + partial sums [splits, rows, G*H].
+    Backward: W_hh [G*H, H] + dg [rows, G*H] + partial sums [splits, rows, H] + dc, dh_direct
+    [rows, H] each. (The layouts at the top of forward_/backward_persistent in recurrent.cu.)
     """
     gh = GATES[cell] * H
-    forward = gh * H + 2 * rows * H
-    backward = gh * H + rows * gh + 3 * rows * H
-    return max(forward, backward) * np.dtype(dtype).itemsize
+    forward = gh * H + rows * H + splits * rows * gh
+    backward = gh * H + rows * gh + splits * rows * H + 2 * rows * H
+    size = np.dtype(dtype).itemsize
+    return forward * size, backward * size
+
+
+def persistent_smem_bytes(cell, H, rows, dtype, splits=1):
+    """Shared memory bytes per block the persistent kernels need: max of forward and backward."""
+    return max(persistent_smem_layout(cell, H, rows, dtype, splits))
 
 
 def persistent_max_hidden(cell, dtype, smem_limit, rows=1):
-    """Largest H whose persistent kernels fit in ``smem_limit`` bytes of shared memory."""
+    """Largest H whose persistent kernels fit in ``smem_limit`` bytes (one split per dot)."""
     H = 0
     while persistent_smem_bytes(cell, H + 1, rows, dtype) <= smem_limit:
         H += 1
     return H
+
+
+def persistent_splits(cell, H, rows, dtype, smem_limit):
+    """Threads per dot product in the persistent kernels: the largest of 8, 4, 2, 1 that keeps
+    splits * rows * H within one block of threads and the shared memory within the limit."""
+    for splits in (8, 4, 2):
+        if (splits * rows * H <= MAX_PERSISTENT_THREADS
+                and persistent_smem_bytes(cell, H, rows, dtype, splits) <= smem_limit):
+            return splits
+    return 1
 
 
 def _ceil_div(a, b):
@@ -163,32 +180,30 @@ class Engine:
     # recurrent layers
 
     def choose_path(self, cell, B, H, dtype):
-        """("persistent", rows per block) or ("general", 0) for this size, as config says."""
+        """("persistent", rows per block, splits per dot) or ("general", 0, 0), as config says."""
         mode = config.PATH
         if mode not in config.PATHS:
             raise ValueError(f"bptt_kernels.cupy.config.PATH must be one of {config.PATHS}, "
                              f"got {mode!r}")
         if mode == "general":
-            return "general", 0
+            return "general", 0, 0
         smem_limit, n_sm = self.limits()
         rows = max(1, _ceil_div(B, n_sm))  # one block per SM at most, every block `rows` rows
         need = persistent_smem_bytes(cell, H, rows, dtype)
         fits = need <= smem_limit
-        if mode == "persistent":
-            if not fits:
-                raise ValueError(
-                    f"the persistent {cell} kernel needs {need} bytes of shared memory per block "
-                    f"for H={H}, B={B} ({rows} rows per block, {np.dtype(dtype).name}); this "
-                    f"device allows {smem_limit} (largest H at 1 row per block: "
-                    f"{persistent_max_hidden(cell, dtype, smem_limit)}). Use config.PATH = "
-                    f"'auto' or 'general'")
-            return "persistent", rows
-        if fits and B <= config.PERSISTENT_MAX_BATCH:
-            return "persistent", rows
-        return "general", 0
+        if mode == "persistent" and not fits:
+            raise ValueError(
+                f"the persistent {cell} kernel needs {need} bytes of shared memory per block "
+                f"for H={H}, B={B} ({rows} rows per block, {np.dtype(dtype).name}); this "
+                f"device allows {smem_limit} (largest H at 1 row per block: "
+                f"{persistent_max_hidden(cell, dtype, smem_limit)}). Use config.PATH = "
+                f"'auto' or 'general'")
+        if mode == "persistent" or (fits and B <= config.PERSISTENT_MAX_BATCH):
+            return "persistent", rows, persistent_splits(cell, H, rows, dtype, smem_limit)
+        return "general", 0, 0
 
-    def _persistent_launch(self, name, B, H, rows, smem, args):
-        threads = min(MAX_PERSISTENT_THREADS, _ceil_div(rows * H, 32) * 32)
+    def _persistent_launch(self, name, B, H, rows, splits, smem, args):
+        threads = min(MAX_PERSISTENT_THREADS, _ceil_div(splits * rows * H, 32) * 32)
         self.launch(name, _ceil_div(B, rows), threads, args, smem)
 
     def _step_grid(self, n):
@@ -227,12 +242,13 @@ class Engine:
         outs = tuple(none if a is None else a for a in (y, c, gates, hn))
         i32 = np.int32
 
-        path, rows = self.choose_path(cell, B, H, dtype)
+        path, rows, splits = self.choose_path(cell, B, H, dtype)
         if path == "persistent":
             self._persistent_launch(
-                kernel_name(f"{cell}_forward_persistent", dtype), B, H, rows,
-                (G * H * H + 2 * rows * H) * dtype.itemsize,
-                (i32(T), i32(B), i32(H), i32(rows), xproj, w_hh, b_hh, h0, c0) + outs)
+                kernel_name(f"{cell}_forward_persistent", dtype), B, H, rows, splits,
+                persistent_smem_layout(cell, H, rows, dtype, splits)[0],
+                (i32(T), i32(B), i32(H), i32(rows), i32(splits), xproj, w_hh, b_hh, h0, c0)
+                + outs)
         else:
             name = kernel_name(f"{cell}_forward_step", dtype)
             grid = self._step_grid(B * H)
@@ -286,15 +302,15 @@ class Engine:
         dc_final = dfinal[1] if cell == "lstm" else xp.zeros((B, H), dtype=dtype)
         i32 = np.int32
 
-        path, rows = self.choose_path(cell, B, H, dtype)
+        path, rows, splits = self.choose_path(cell, B, H, dtype)
         if path == "persistent":
             dh0 = self._empty((B, H), dtype)
             dc0 = self._empty((B, H), dtype)
             self._persistent_launch(
-                kernel_name(f"{cell}_backward_persistent", dtype), B, H, rows,
-                (G * H * H + rows * G * H + 3 * rows * H) * dtype.itemsize,
-                (i32(T), i32(t_start), i32(B), i32(H), i32(rows), dy, w_hh) + cached
-                + (dh_final, dc_final) + grads + (dh0, dc0))
+                kernel_name(f"{cell}_backward_persistent", dtype), B, H, rows, splits,
+                persistent_smem_layout(cell, H, rows, dtype, splits)[1],
+                (i32(T), i32(t_start), i32(B), i32(H), i32(rows), i32(splits), dy, w_hh)
+                + cached + (dh_final, dc_final) + grads + (dh0, dc0))
         else:
             name = kernel_name(f"{cell}_backward_step", dtype)
             grid = self._step_grid(B * H)

@@ -15,15 +15,21 @@
 //   ex.block(), ex.nblocks()      block index and count (persistent / per-row kernels),
 //   ex.tid(), ex.nthreads()       thread index and count inside the block (reductions),
 //   ex.sync()                     __syncthreads().
-// On the host, a block is ONE thread that owns every item (optionally in reverse order, so an
-// item that wrongly reads another item's result of the same phase shows up as a mismatch).
+// On the host, a grid-stride kernel is one thread owning every item; a block kernel runs its
+// blockDim threads as coroutines switched at every barrier, in order or in reverse order
+// (HostBlockRun below): a missing barrier, or a thread reading another thread's result of the
+// same phase, then reads NaN-poisoned shared memory or disagrees between the two orders.
 
 #ifndef BPTT_COMMON_CU
 #define BPTT_COMMON_CU
 
 #if defined(BPTT_HOST_HARNESS)
+#include <ucontext.h>
+
 #include <cmath>
+#include <functional>
 #include <limits>
+#include <memory>
 #include <vector>
 #define BPTT_HD inline
 #define BPTT_KERNEL(name, max_threads) extern "C" void name
@@ -75,37 +81,118 @@ BPTT_HD void atomic_add(Real* p, Real v) {
 
 // launch configuration for the next host "launch" (set from Python through ctypes)
 inline int host_grid = 1;
+inline int host_block = 1;
 inline int host_reverse = 0;
 inline long long host_smem_bytes = 0;
+inline int host_error = 0;  // set when the threads of a block reach different barriers
 
-extern "C" void bptt_host_config(int grid, int reverse, long long smem_bytes) {
+extern "C" void bptt_host_config(int grid, int block, int reverse, long long smem_bytes) {
     host_grid = grid;
+    host_block = block;
     host_reverse = reverse;
     host_smem_bytes = smem_bytes;
+    host_error = 0;
 }
 
-// Host emulation of a block (or of a whole grid-stride kernel): one thread owning all items.
-struct HostExec {
-    int blk;
+extern "C" int bptt_host_error() { return host_error; }
+
+// Grid-stride kernels (no barriers): one host thread owns every item.
+struct HostGridExec {
     int reverse;
-    int block() const { return blk; }
-    int nblocks() const { return host_grid; }
-    int tid() const { return 0; }
-    int nthreads() const { return 1; }
     long long count(long long n) const { return n; }
     long long item(long long k, long long n) const { return reverse ? n - 1 - k : k; }
-    void sync() const {}
 };
 
+struct HostBlockRun;
+inline HostBlockRun* host_run = nullptr;
+
+// One emulated CUDA thread of a block kernel: same items as on the device, and sync() a real
+// barrier: the thread yields to the block's scheduler until every thread has reached it.
+struct HostExec {
+    int blk, tid_, nthr;
+    int block() const { return blk; }
+    int nblocks() const { return host_grid; }
+    int tid() const { return tid_; }
+    int nthreads() const { return nthr; }
+    long long count(long long n) const { return tid_ < n ? (n - 1 - tid_) / nthr + 1 : 0; }
+    long long item(long long k, long long) const { return tid_ + k * nthr; }
+    void sync() const;
+};
+
+// The threads of a block as coroutines (ucontext), run one after the other (in reverse order
+// with host_reverse) from barrier to barrier. Shared memory is poisoned with NaN, so a thread
+// that reads what another thread writes after the barrier it forgot reads NaN.
+struct HostBlockRun {
+    std::function<void(const HostExec&)> body;
+    int blk = 0, nthreads = 1, current = 0;
+    std::vector<ucontext_t> ctx;
+    std::vector<int> done, syncs;
+    ucontext_t sched;
+};
+
+inline void host_thread_entry() {
+    HostBlockRun* run = host_run;
+    const int tid = run->current;
+    run->body(HostExec{run->blk, tid, run->nthreads});
+    run->done[tid] = 1;  // returning resumes the scheduler (uc_link)
+}
+
+inline void HostExec::sync() const {
+    HostBlockRun* run = host_run;
+    run->syncs[tid_] += 1;
+    swapcontext(&run->ctx[tid_], &run->sched);
+}
+
+template <class F>
+void host_run_block(int blk, F&& body) {
+    constexpr size_t kStack = 128 * 1024;
+    static std::vector<std::unique_ptr<char[]>> stacks;  // reused between blocks
+    const int n = host_block;
+    while ((int)stacks.size() < n) stacks.emplace_back(new char[kStack]);
+    HostBlockRun run;
+    run.body = body;
+    run.blk = blk;
+    run.nthreads = n;
+    run.ctx.resize(n);
+    run.done.assign(n, 0);
+    run.syncs.assign(n, 0);
+    for (int tid = 0; tid < n; ++tid) {
+        getcontext(&run.ctx[tid]);
+        run.ctx[tid].uc_stack.ss_sp = stacks[tid].get();
+        run.ctx[tid].uc_stack.ss_size = kStack;
+        run.ctx[tid].uc_link = &run.sched;
+        makecontext(&run.ctx[tid], host_thread_entry, 0);
+    }
+    HostBlockRun* outer = host_run;
+    host_run = &run;
+    for (bool running = true; running;) {
+        running = false;
+        for (int i = 0; i < n; ++i) {  // every live thread runs up to its next barrier
+            const int tid = host_reverse ? n - 1 - i : i;
+            if (run.done[tid]) continue;
+            running = true;
+            run.current = tid;
+            swapcontext(&run.sched, &run.ctx[tid]);
+        }
+        int at = -1;  // the live threads must all wait at the same barrier
+        for (int tid = 0; tid < n; ++tid) {
+            if (run.done[tid]) continue;
+            if (at < 0) at = run.syncs[tid];
+            else if (run.syncs[tid] != at) host_error = 1;
+        }
+    }
+    host_run = outer;
+}
+
 // shared memory emulated by a buffer poisoned with NaN for every block
-#define BPTT_GRID_EXEC(ex) const bptt::HostExec ex{0, bptt::host_reverse};
+#define BPTT_GRID_EXEC(ex) const bptt::HostGridExec ex{bptt::host_reverse};
 #define BPTT_BLOCKS_BEGIN(ex, smem, Real)                                                  \
     for (int bptt_blk = 0; bptt_blk < bptt::host_grid; ++bptt_blk) {                     \
         std::vector<Real> bptt_buf(bptt::host_smem_bytes / sizeof(Real) + 1,              \
                                    std::numeric_limits<Real>::quiet_NaN());               \
         Real* smem = bptt_buf.data();                                                     \
-        const bptt::HostExec ex{bptt_blk, bptt::host_reverse};
-#define BPTT_BLOCKS_END }
+        bptt::host_run_block(bptt_blk, [&](const bptt::HostExec& ex) {
+#define BPTT_BLOCKS_END });}
 
 #else  // CUDA
 

@@ -2,16 +2,20 @@
 
 The kernel sources (recurrent.cu, ops.cu) are compiled by a host C++ compiler with
 ``-DBPTT_HOST_HARNESS`` (host_harness.cpp): each ``__global__`` kernel becomes a plain function
-of the same name and arguments whose body is the very same template code, with a block
-emulated as one thread that owns every item and shared memory emulated by a NaN-poisoned
-buffer (see common.cu). :func:`host_engine` wires that library into the backend's own
-orchestration (:class:`bptt_kernels.cupy._engine.Engine`) with NumPy as the array module, so
-everything above the kernels (path choice, GEMM placement, caches, t_start, dh, weight-gradient
-GEMMs, argument order) runs exactly as on the GPU. What this cannot check: races between real
-threads, NVRTC-specific compilation, device libm accuracy; those need perf/gpu_check.py on a GPU.
+of the same name and arguments whose body is the very same template code. Grid-stride kernels
+run as one host thread owning every item; block kernels (persistent recurrences, softmax, sum
+of squares) run their blockDim threads as coroutines switched at every ``__syncthreads``, with
+shared memory poisoned with NaN (see common.cu). :func:`host_engine` wires that library into
+the backend's own orchestration (:class:`bptt_kernels.cupy._engine.Engine`) with NumPy as the
+array module, so everything above the kernels (path choice, GEMM placement, caches, t_start,
+dh, weight-gradient GEMMs, argument order) runs exactly as on the GPU. What this cannot check:
+races between threads of one barrier interval that the two schedules below do not expose,
+warp-level behaviour, NVRTC-specific compilation and device libm accuracy; perf/gpu_check.py
+covers those on a GPU.
 
-``reverse=True`` walks every kernel's items in reverse order, so a kernel whose item reads
-another item's output of the same phase (a missing barrier) disagrees between the two orders.
+``reverse=True`` runs the threads of a block in reverse order between barriers (and walks
+grid-stride items backwards), so a thread that reads another thread's output of the same
+barrier interval disagrees between the two orders.
 """
 
 import ctypes
@@ -81,7 +85,8 @@ class HostLauncher:
 
     def __init__(self, library_path, reverse=False):
         self.lib = ctypes.CDLL(library_path)
-        self.lib.bptt_host_config.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong]
+        self.lib.bptt_host_config.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                              ctypes.c_longlong]
         self.reverse = reverse
         self.calls = []  # (name, grid, block, shared_mem) of every launch, for tests
 
@@ -110,8 +115,10 @@ class HostLauncher:
         if grid < 1 or block < 1:
             raise ValueError(f"{name}: launch with grid={grid}, block={block}")
         self.calls.append((name, grid, block, shared_mem))
-        self.lib.bptt_host_config(int(grid), int(self.reverse), int(shared_mem))
+        self.lib.bptt_host_config(int(grid), int(block), int(self.reverse), int(shared_mem))
         getattr(self.lib, name)(*c_args)
+        if self.lib.bptt_host_error():
+            raise RuntimeError(f"{name}: the threads of a block reached different barriers")
 
 
 def host_engine(reverse=False, limits=H100_LIMITS, build_dir=None):

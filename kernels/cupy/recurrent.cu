@@ -14,8 +14,8 @@
 //
 //  persistent (small B, W_hh fits in shared memory): ONE launch runs all steps.
 //      One block per slice of `rows` batch rows; W_hh is copied once into shared memory and
-//      stays there; the block's hidden state lives in shared memory between steps.
-//      Forward: one __syncthreads per step.  Backward: two (gate gradients, then dh @ W_hh).
+//      stays there; the block's hidden state lives in shared memory between steps. Each dot
+//      product is split over `splits` threads. Two __syncthreads per step in each direction.
 //
 // Input projections x @ w_ih^T + b_ih for all steps (one GEMM before the loop) and the weight
 // gradients / dx (big GEMMs after the backward loop) are done in Python with cupy.matmul.
@@ -206,58 +206,82 @@ BPTT_HD void backward_step(const Exec& ex, const BwdArgs<Real>& a, int t, const 
 
 // ---------------------------------------------------------------------------------------------
 // Persistent path: one block per `rows` batch rows, all steps in one launch.
+// Each dot product over the hidden units is split in `splits` parts summed by different
+// threads (splits * rows * H threads of work per phase), the parts are added in shared memory.
 
-// Shared memory (Real elements): wt [H][GH] (W_hh transposed, so that threads j, j+1 read
-// neighbouring words) + h [2][rows][H] (double-buffered hidden state).
+// Part s of n items split in `splits` near-equal ranges: [part_begin(s), part_begin(s + 1)).
+BPTT_HD int part_begin(int s, int n, int splits) { return (int)((long long)s * n / splits); }
+
+// Shared memory (Real elements): wt [H][GH] (W_hh transposed: threads j, j+1 read neighbouring
+// words) + h [rows][H] (the block's hidden state) + part [splits][rows][GH] (partial sums).
+// Per step: phase A, item (s, r, j): part[s][r][g*H + j] = sum over k in part s of
+//   h[r][k] * W_hh[g*H + j][k]; phase B, item (r, j): hs = b_hh + sum of parts, cell forward.
 template <class Cell, class Real, class Exec>
 BPTT_HD void forward_persistent(const Exec& ex, Real* smem, const FwdArgs<Real>& a, int n_steps,
-                                int rows, const Real* w_hh, const Real* b_hh) {
+                                int rows, int splits, const Real* w_hh, const Real* b_hh) {
     constexpr int G = Cell::G;
     const int H = a.H, GH = G * a.H;
     const int b0 = ex.block() * rows;
     const int R = a.B - b0 < rows ? a.B - b0 : rows;  // rows of this block
     if (R <= 0) return;                                // whole block leaves together
     Real* wt = smem;                                   // H,GH
-    Real* hbuf = smem + (long long)GH * H;             // 2,rows,H
+    Real* h = wt + (long long)GH * H;                  // rows,H
+    Real* part = h + (long long)rows * H;              // splits,rows,GH
+    const long long RH = (long long)R * H, SRH = (long long)splits * RH;
     for (long long k = 0, m = ex.count((long long)GH * H); k < m; ++k) {
         const long long e = ex.item(k, (long long)GH * H);
         const long long gj = e / H, kk = e - gj * H;
         wt[kk * GH + gj] = w_hh[e];                    // w_hh [GH,H] -> wt [H,GH]
     }
-    for (long long k = 0, m = ex.count((long long)R * H); k < m; ++k) {
-        const long long e = ex.item(k, (long long)R * H);
-        hbuf[e] = a.h0[(long long)b0 * H + e];
+    for (long long k = 0, m = ex.count(RH); k < m; ++k) {
+        const long long e = ex.item(k, RH);
+        h[e] = a.h0[(long long)b0 * H + e];
     }
     ex.sync();
     for (int t = 0; t < n_steps; ++t) {
-        const Real* hprev = hbuf + (long long)(t & 1) * rows * H;      // R,H  h_{t-1}
-        Real* hnext = hbuf + (long long)((t + 1) & 1) * rows * H;      // R,H  h_t
-        for (long long k = 0, m = ex.count((long long)R * H); k < m; ++k) {
-            const long long e = ex.item(k, (long long)R * H);
-            const int r = (int)(e / H), j = (int)(e - (long long)r * H);
-            const Real* hr = hprev + (long long)r * H;
-            Real hs[G];
-            for (int q = 0; q < G; ++q) hs[q] = b_hh[q * H + j];
-            for (int kk = 0; kk < H; ++kk) {                           // hs += h_{t-1} W_hh^T
+        // phase A: partial sums of h_{t-1} W_hh^T
+        for (long long k = 0, m = ex.count(SRH); k < m; ++k) {
+            const long long e = ex.item(k, SRH);
+            const int s = (int)(e / RH);
+            const int r = (int)((e - s * RH) / H), j = (int)(e - s * RH - (long long)r * H);
+            const Real* hr = h + (long long)r * H;
+            Real acc[G];
+            for (int q = 0; q < G; ++q) acc[q] = Real(0);
+            for (int kk = part_begin(s, H, splits), k1 = part_begin(s + 1, H, splits); kk < k1; ++kk) {
                 const Real hk = hr[kk];
                 const Real* w = wt + (long long)kk * GH + j;
-                for (int q = 0; q < G; ++q) hs[q] += w[q * H] * hk;
+                for (int q = 0; q < G; ++q) acc[q] += w[q * H] * hk;
             }
-            hnext[e] = Cell::forward(a, t, b0 + r, j, hs, hr[j]);
+            Real* p = part + ((long long)s * rows + r) * GH + j;
+            for (int q = 0; q < G; ++q) p[q * H] = acc[q];
+        }
+        ex.sync();
+        // phase B: gates and new state of every (r, j)
+        for (long long k = 0, m = ex.count(RH); k < m; ++k) {
+            const long long e = ex.item(k, RH);
+            const int r = (int)(e / H), j = (int)(e - (long long)r * H);
+            Real hs[G];
+            for (int q = 0; q < G; ++q) {
+                hs[q] = b_hh[q * H + j];
+                for (int s = 0; s < splits; ++s) hs[q] += part[((long long)s * rows + r) * GH + q * H + j];
+            }
+            h[e] = Cell::forward(a, t, b0 + r, j, hs, h[e]);  // item e alone reads/writes h[e]
         }
         ex.sync();
     }
 }
 
 // Shared memory (Real elements): w [GH][H] (W_hh as is: threads k, k+1 read neighbours in
-// dh = dgh @ W_hh) + dg [rows][GH] + dh_rec, dc, dh_direct [rows][H] each.
+// dh = dg @ W_hh) + dg [rows][GH] + part [splits][rows][H] (partial sums of dh_rec)
+// + dc, dh_direct [rows][H]. Per step: phase A, item (r, j): dh_rec = sum of parts, gate
+// gradients; phase B, item (s, r, k): part[s][r][k] = sum over gj in part s of dg[r][gj] W[gj][k].
 // dh_final, dc_final [B,H]: gradients into the final state; dh0, dc0 [B,H] out: gradients
 // into the state entering step t_start (dc0 is zero for non-LSTM cells).
 template <class Cell, class Real, class Exec>
 BPTT_HD void backward_persistent(const Exec& ex, Real* smem, const BwdArgs<Real>& a,
-                                 int n_steps, int t_start, int rows, const Real* w_hh,
-                                 const Real* dh_final, const Real* dc_final, Real* dh0,
-                                 Real* dc0) {
+                                 int n_steps, int t_start, int rows, int splits,
+                                 const Real* w_hh, const Real* dh_final, const Real* dc_final,
+                                 Real* dh0, Real* dc0) {
     constexpr int G = Cell::G;
     const int H = a.H, GH = G * a.H;
     const int b0 = ex.block() * rows;
@@ -265,17 +289,23 @@ BPTT_HD void backward_persistent(const Exec& ex, Real* smem, const BwdArgs<Real>
     if (R <= 0) return;
     Real* w = smem;                                  // GH,H
     Real* dg = w + (long long)GH * H;                // rows,GH  gh of this step
-    Real* dh_rec = dg + (long long)rows * GH;        // rows,H   dL/dh_t through W_hh
-    Real* dc = dh_rec + (long long)rows * H;         // rows,H   running dL/dc
+    Real* part = dg + (long long)rows * GH;          // splits,rows,H  parts of dL/dh through W_hh
+    Real* dc = part + (long long)splits * rows * H;  // rows,H   running dL/dc
     Real* dh_dir = dc + (long long)rows * H;         // rows,H   GRU direct path
-    const long long RH = (long long)R * H, base = (long long)b0 * H;
+    const long long RH = (long long)R * H, SRH = (long long)splits * RH;
+    const long long base = (long long)b0 * H;
     for (long long k = 0, m = ex.count((long long)GH * H); k < m; ++k) {
         const long long e = ex.item(k, (long long)GH * H);
         w[e] = w_hh[e];
     }
+    for (long long k = 0, m = ex.count(SRH); k < m; ++k) {
+        const long long e = ex.item(k, SRH);
+        const int s = (int)(e / RH);
+        const long long rj = e - s * RH;
+        part[(long long)s * rows * H + rj] = s == 0 ? dh_final[base + rj] : Real(0);
+    }
     for (long long k = 0, m = ex.count(RH); k < m; ++k) {
         const long long e = ex.item(k, RH);
-        dh_rec[e] = dh_final[base + e];
         dc[e] = dc_final[base + e];
         dh_dir[e] = Real(0);
     }
@@ -285,28 +315,34 @@ BPTT_HD void backward_persistent(const Exec& ex, Real* smem, const BwdArgs<Real>
         for (long long k = 0, m = ex.count(RH); k < m; ++k) {
             const long long e = ex.item(k, RH);
             const int r = (int)(e / H), j = (int)(e - (long long)r * H);
+            Real dh_rec = Real(0);
+            for (int s = 0; s < splits; ++s) dh_rec += part[(long long)s * rows * H + e];
             const long long tj = at(t, b0 + r, a.B, H, j);
-            const Real dh = a.dy[tj] + dh_rec[e] + dh_dir[e];  // total dL/dh_t
+            const Real dh = a.dy[tj] + dh_rec + dh_dir[e];   // total dL/dh_t
             a.dh[tj] = dh;
             Real gh[G];
             Cell::backward(a, t, b0 + r, j, dh, dc[e], dh_dir[e], gh);
             for (int q = 0; q < G; ++q) dg[(long long)r * GH + q * H + j] = gh[q];
         }
         ex.sync();
-        // phase B: dh_rec = dg @ W_hh, to h_{t-1}
-        for (long long k = 0, m = ex.count(RH); k < m; ++k) {
-            const long long e = ex.item(k, RH);
-            const int r = (int)(e / H), kk = (int)(e - (long long)r * H);
+        // phase B: partial sums of dg @ W_hh, to h_{t-1}
+        for (long long k = 0, m = ex.count(SRH); k < m; ++k) {
+            const long long e = ex.item(k, SRH);
+            const int s = (int)(e / RH);
+            const int r = (int)((e - s * RH) / H), kk = (int)(e - s * RH - (long long)r * H);
             const Real* dgr = dg + (long long)r * GH;
             Real acc = Real(0);
-            for (int gj = 0; gj < GH; ++gj) acc += dgr[gj] * w[(long long)gj * H + kk];
-            dh_rec[e] = acc;
+            for (int gj = part_begin(s, GH, splits), g1 = part_begin(s + 1, GH, splits); gj < g1; ++gj)
+                acc += dgr[gj] * w[(long long)gj * H + kk];
+            part[(long long)s * rows * H + (long long)r * H + kk] = acc;
         }
         ex.sync();
     }
     for (long long k = 0, m = ex.count(RH); k < m; ++k) {
         const long long e = ex.item(k, RH);
-        dh0[base + e] = dh_rec[e] + dh_dir[e];
+        Real dh_rec = Real(0);
+        for (int s = 0; s < splits; ++s) dh_rec += part[(long long)s * rows * H + e];
+        dh0[base + e] = dh_rec + dh_dir[e];
         dc0[base + e] = dc[e];
     }
 }
@@ -334,23 +370,24 @@ BPTT_HD void backward_persistent(const Exec& ex, Real* smem, const BwdArgs<Real>
         bptt::backward_step<CELL>(ex, a, t, dh_rec, dc, dh_direct);                           \
     }                                                                                         \
     BPTT_KERNEL(NAME##_forward_persistent_##SFX, 1024)(                                       \
-        int n_steps, int B, int H, int rows, const Real* xp, const Real* w_hh,                \
+        int n_steps, int B, int H, int rows, int splits, const Real* xp, const Real* w_hh,    \
         const Real* b_hh, const Real* h0, const Real* c0, Real* y, Real* c, Real* gates,      \
         Real* hn) {                                                                           \
         const bptt::FwdArgs<Real> a{B, H, xp, h0, c0, y, c, gates, hn};                       \
         BPTT_BLOCKS_BEGIN(ex, smem, Real)                                                     \
-        bptt::forward_persistent<CELL>(ex, smem, a, n_steps, rows, w_hh, b_hh);               \
+        bptt::forward_persistent<CELL>(ex, smem, a, n_steps, rows, splits, w_hh, b_hh);       \
         BPTT_BLOCKS_END                                                                       \
     }                                                                                         \
     BPTT_KERNEL(NAME##_backward_persistent_##SFX, 1024)(                                      \
-        int n_steps, int t_start, int B, int H, int rows, const Real* dy, const Real* w_hh,   \
+        int n_steps, int t_start, int B, int H, int rows, int splits, const Real* dy,         \
+        const Real* w_hh,                                                                     \
         const Real* h0, const Real* c0, const Real* y, const Real* c, const Real* gates,      \
         const Real* hn, const Real* dh_final, const Real* dc_final, Real* dh, Real* dgx,      \
         Real* dgh, Real* dh0, Real* dc0) {                                                    \
         const bptt::BwdArgs<Real> a{B, H, dy, h0, c0, y, c, gates, hn, dh, dgx, dgh};         \
         BPTT_BLOCKS_BEGIN(ex, smem, Real)                                                     \
-        bptt::backward_persistent<CELL>(ex, smem, a, n_steps, t_start, rows, w_hh, dh_final,  \
-                                        dc_final, dh0, dc0);                                  \
+        bptt::backward_persistent<CELL>(ex, smem, a, n_steps, t_start, rows, splits, w_hh,    \
+                                        dh_final, dc_final, dh0, dc0);                        \
         BPTT_BLOCKS_END                                                                       \
     }
 
