@@ -89,6 +89,8 @@ def _kernels():
 
 
 KERNELS = _kernels()
+# kernels that accumulate or take their scalars in float64 on purpose (losses, norms, optimizers)
+_F64_BY_DESIGN = ("softmax_xent", "sgd", "adam", "sum_squares", "scale")
 
 
 def _ptxas_usage(ptx, tmp_path):
@@ -127,6 +129,10 @@ def test_kernel_compiles_to_ptx_sm90(name, fn, sig, tmp_path):
     ptx, restype = cuda_numba.compile_ptx(fn, sig, cc=CC)
     assert restype == types.void
     assert ".entry" in ptx and f".target sm_{CC[0]}{CC[1]}" in ptx
+    if name.endswith(".f32") and not name.startswith(_F64_BY_DESIGN):
+        # a bare float literal would silently promote float32 math to float64 (slow on GPUs)
+        f64_lines = [ln.strip() for ln in ptx.splitlines() if re.search(r"\.f64\b", ln)]
+        assert not f64_lines, f"float64 instructions in a float32 kernel: {f64_lines[:3]}"
     usage = _ptxas_usage(ptx, tmp_path)
     _REPORT.append((name, usage))
 

@@ -120,6 +120,27 @@ def test_sum_of_squares_and_scale(cuda, ref, rng, dtype):
         check(a, b, dtype, "scale_")
 
 
+def test_tunables_do_not_change_results(cuda, ref, rng):
+    """Block sizes are tunables: a non-power-of-two THREADS (the reductions round it down) and
+    another GEMM tile give the same answers; config.reset() restores the defaults."""
+    from bptt_kernels.cuda import config, gemm
+    defaults = (config.THREADS, config.GEMM_TILE)
+    config.THREADS, config.GEMM_TILE = 48, 3
+    logits = rng.standard_normal((3, 70))
+    targets = np.array([5, -1, 69])
+    want_d = np.empty_like(logits)
+    want = ref.softmax_cross_entropy(logits, targets, want_d, 1.0)
+    got_d = np.full_like(logits, np.nan)
+    assert abs(cuda.softmax_cross_entropy(logits, targets, got_d, 1.0) - want) <= 1e-12 * abs(want)
+    check(got_d, want_d, np.float64, "dlogits, THREADS=48")
+    a, b = rng.standard_normal((4, 5)), rng.standard_normal((5, 7))
+    c = np.full((4, 7), np.nan)
+    gemm.matmul(a, b, c)
+    check(c, a @ b, np.float64, "gemm, tile 3")
+    config.reset()
+    assert (config.THREADS, config.GEMM_TILE, config.PATH) == defaults + ("auto",)
+
+
 def test_plumbing_and_dispatch(cuda):
     import bptt
     assert cuda.NAME == "cuda" and cuda.xp is np

@@ -89,11 +89,13 @@ def test_matches_reference(cuda, ref, rng, cell, path, dt, shape, t_start):
         "rows before t_start must be zero"
 
 
+@pytest.mark.parametrize("path", ["general", "persistent"])
 @pytest.mark.parametrize("cell", CELLS)
-def test_finite_differences_float64(cuda, rng, cell):
+def test_finite_differences_float64(cuda, rng, cell, path):
     """<grad, v> against (L(p + eps v) - L(p - eps v)) / (2 eps) for a random direction v over
     every weight, bias, input and initial-state element; L = sum(y*R) + sum(final*S)."""
     T, B, I, H = 3, 2, 3, 4
+    cuda.config.PATH = path
     p = make_problem(rng, cell, T, B, I, H, np.float64)
     names = ["x", "w_ih", "w_hh", "b_ih", "b_hh"]
     flat = {k: p[k] for k in names}
