@@ -25,7 +25,9 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# perf/ goes LAST on the path: its profile.py must not shadow the standard library's profile
+_PERF = os.path.dirname(os.path.abspath(__file__))
+sys.path = [p for p in sys.path if os.path.abspath(p or os.curdir) != _PERF] + [_PERF]
 import _harness as hx  # noqa: E402
 
 VARIANTS = ("torch", "ours", "ours_k2")
@@ -232,7 +234,7 @@ def main(argv=None):
     print(hx.table(["run", "tokens/s", "per round", "ms/update", "ratio", "1st update s",
                     "loss 1st", "loss last", "peak RSS MiB"], rows))
     for v, why in dead.items():
-        print(f"{v}: not run ({why.splitlines()[0] if why else 'unknown'})")
+        print(f"{v}: not run ({why.strip().splitlines()[-1] if why.strip() else 'unknown'})")
     _, V, source = load_tokens(a.max_chars)
     print(f"\ntext: {source}, vocabulary {V}; '1st update s' = time of the first update of a fresh "
           f"process, model and data already built (includes Numba's compile or cache load for bptt).")

@@ -15,7 +15,9 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# perf/ goes LAST on the path: its profile.py must not shadow the standard library's profile
+_PERF = os.path.dirname(os.path.abspath(__file__))
+sys.path = [p for p in sys.path if os.path.abspath(p or os.curdir) != _PERF] + [_PERF]
 import _harness as hx  # noqa: E402
 
 
