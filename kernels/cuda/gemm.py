@@ -1,8 +1,9 @@
 """Matrix products and column sums for the recurrent layers.
 
 Numba-CUDA has no cuBLAS binding, so this module has its own simple tiled GEMM kernel
-(shared-memory tiles, one output element per thread). On a real GPU the default is
-``cupy.matmul`` (cuBLAS) on the same arrays; ``config.GEMM`` forces either.
+(shared-memory tiles, one output element per thread). On a real GPU the default is cuBLAS
+through CuPy on the same arrays (``cupy.matmul``; ``cupy.cublas.gemm`` with beta = 1 where the
+product accumulates into its output); ``config.GEMM`` forces either.
 
 Plain references beside the kernels (llm.c style), checked in tests/cudasim/test_ops.py:
 ``matmul(a, b, c, trans_a, trans_b, accumulate)``  ==  ``c[...] = op(a) @ op(b) (+ c)``
@@ -82,12 +83,12 @@ def matmul(a, b, c, trans_a=False, trans_b=False, accumulate=False):
     if M == 0 or N == 0:
         return
     if use_cublas():
-        op_a = a.T if trans_a else a
-        op_b = b.T if trans_b else b
-        if accumulate:
-            c += _device.cupy.matmul(op_a, op_b)
+        if accumulate:  # c = op(a) @ op(b) + 1 * c in one cuBLAS call, no temporary
+            from cupy import cublas
+            cublas.gemm("T" if trans_a else "N", "T" if trans_b else "N", a, b, out=c,
+                        alpha=1.0, beta=1.0)
         else:
-            _device.cupy.matmul(op_a, op_b, out=c)
+            _device.cupy.matmul(a.T if trans_a else a, b.T if trans_b else b, out=c)
         return
     tile = config.GEMM_TILE
     grid = ((N + tile - 1) // tile, (M + tile - 1) // tile)

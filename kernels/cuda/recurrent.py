@@ -11,6 +11,7 @@ backward  persistent: one launch for steps T-1 .. t_start
           dx = dgx @ W_ih,  dW_ih += dgx^T x,  dW_hh += dgh^T h_prev,  db_ih += sum dgx,  db_hh += sum dgh
 """
 
+import functools
 from typing import NamedTuple
 
 import numpy as np
@@ -91,15 +92,21 @@ def persistent_limits(cell, B, H, dtype):
     """
     itemsize = np.dtype(dtype).itemsize
     limit = shared_memory_limit()
+    need = _persistent_bytes(cell, B, H, itemsize)
+    return {"fits": need <= limit, "shared_bytes": need, "shared_limit": limit,
+            "max_H": _persistent_max_hidden(cell, B, itemsize, limit)}
 
-    def need(h):
-        return max(cells.persistent_shared_elems(cell, B, h)) * itemsize
 
-    max_h = 0
-    while need(max_h + 1) <= limit:
-        max_h += 1
-    return {"fits": need(H) <= limit, "shared_bytes": need(H), "shared_limit": limit,
-            "max_H": max_h}
+def _persistent_bytes(cell, B, H, itemsize):
+    return max(cells.persistent_shared_elems(cell, B, H)) * itemsize
+
+
+@functools.lru_cache(maxsize=None)
+def _persistent_max_hidden(cell, B, itemsize, limit):
+    h = 0
+    while _persistent_bytes(cell, B, h + 1, itemsize) <= limit:
+        h += 1
+    return h
 
 
 def choose_path(cell, B, H, dtype):
@@ -134,10 +141,10 @@ def _launch_persistent(kernel, args, work_items, shared_elems, dtype):
         compiled = kernel.compile(tuple(kernel.typeof_pyval(a) for a in args))
         cufunc = compiled._codelibrary.get_cufunc()
         threads = min(threads, cufunc.attrs.maxthreads // 32 * 32)  # register-limited
-        if nbytes > _NO_OPT_IN_SMEM and _opted_in.get(cufunc.handle, 0) < nbytes:
+        if nbytes > _NO_OPT_IN_SMEM and _opted_in.get(id(compiled), 0) < nbytes:
             attr = binding.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
             driver.cuKernelSetAttribute(attr, nbytes, cufunc.handle, cufunc.device.id)
-            _opted_in[cufunc.handle] = nbytes
+            _opted_in[id(compiled)] = nbytes  # compiled kernels live as long as the module
     kernel[1, threads, _device.stream(), nbytes](*args)
 
 

@@ -32,6 +32,40 @@ def test_gemm_kernel(cuda, rng, trans_a, trans_b, accumulate):
     check(c, want, np.float64, "gemm")
 
 
+def test_gemm_cublas_branch_calls(cuda, rng, monkeypatch):
+    """The cuBLAS branch (real GPUs only) passes the transposes and the accumulation through
+    as CuPy documents them: checked with NumPy stand-ins for cupy.matmul and cupy.cublas.gemm."""
+    import sys
+    import types
+
+    from bptt_kernels.cuda import _device, config, gemm
+
+    def fake_gemm(transa, transb, a, b, out=None, alpha=1.0, beta=0.0):
+        op = {"N": lambda m: m, "T": lambda m: m.T}
+        out[...] = alpha * (op[transa](a) @ op[transb](b)) + beta * out
+        return out
+
+    fake = types.ModuleType("cupy")
+    fake.matmul = np.matmul
+    fake.cublas = types.ModuleType("cupy.cublas")
+    fake.cublas.gemm = fake_gemm
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    monkeypatch.setitem(sys.modules, "cupy.cublas", fake.cublas)
+    monkeypatch.setattr(_device, "cupy", fake)
+    monkeypatch.setattr(_device, "SIMULATOR", False)
+    config.GEMM = "cublas"
+    for trans_a in (False, True):
+        for trans_b in (False, True):
+            for accumulate in (False, True):
+                a = rng.standard_normal((3, 2) if trans_a else (2, 3))
+                b = rng.standard_normal((4, 3) if trans_b else (3, 4))
+                c0 = rng.standard_normal((2, 4))
+                c = c0.copy()
+                gemm.matmul(a, b, c, trans_a, trans_b, accumulate)
+                want = (a.T if trans_a else a) @ (b.T if trans_b else b) + (c0 if accumulate else 0)
+                check(c, want, np.float64, f"cublas branch {trans_a} {trans_b} {accumulate}")
+
+
 def test_col_sum_add(cuda, rng):
     from bptt_kernels.cuda import gemm
     g = rng.standard_normal((131, 3))                  # several 64-row chunks
