@@ -152,7 +152,7 @@ def test_persistent_several_rows_blocks_and_splits(cell, splits):
     smem = _engine.persistent_smem_bytes(cell, H, 3, dtype, splits)
     eng = host_emulation.host_engine(reverse=True, limits=(smem, 2))
     config.PATH = "persistent"
-    assert eng.choose_path(cell, B, H, dtype) == ("persistent", 3, splits)
+    assert eng.plan(cell, B, H, dtype) == ("persistent", 3, splits)
     rng = np.random.default_rng(11)
     p, dy, dfinal, grads0 = random_problem(rng, cell, T, B, I, H, dtype)
     want = run_reference(cell, p, dy, dfinal, 1, grads0)
@@ -240,25 +240,27 @@ def test_finite_differences(engines, cell):
 
 def test_path_choice_follows_size_and_config():
     eng = _engine.Engine(np, None, lambda: host_emulation.H100_LIMITS, np.array)
-    assert eng.choose_path("lstm", 32, 64, np.float32) == ("persistent", 1, 8)
-    assert eng.choose_path("lstm", 32, 119, np.float32) == ("persistent", 1, 2)   # smem-bound
-    assert eng.choose_path("lstm", 32, 120, np.float32) == ("general", 0, 0)      # W_hh too big
-    assert eng.choose_path("lstm", 32, 100, np.float64) == ("general", 0, 0)      # 8-byte words
-    assert eng.choose_path("rnn_tanh", 32, 200, np.float32) == ("persistent", 1, 4)  # threads
-    assert eng.choose_path("rnn_tanh", 32, 239, np.float32) == ("persistent", 1, 1)  # smem
-    assert eng.choose_path("gru", 65, 64, np.float32) == ("general", 0, 0)        # batch too big
+    assert eng.plan("lstm", 32, 64, np.float32) == ("persistent", 1, 8)
+    assert eng.plan("lstm", 32, 119, np.float32) == ("persistent", 1, 2)   # smem-bound
+    assert eng.plan("lstm", 32, 120, np.float32) == ("general", 0, 0)      # W_hh too big
+    assert eng.plan("lstm", 32, 100, np.float64) == ("general", 0, 0)      # 8-byte words
+    assert eng.plan("rnn_tanh", 32, 200, np.float32) == ("persistent", 1, 4)  # threads
+    assert eng.plan("rnn_tanh", 32, 239, np.float32) == ("persistent", 1, 1)  # smem
+    assert eng.plan("gru", 65, 64, np.float32) == ("general", 0, 0)        # batch too big
     config.PERSISTENT_MAX_BATCH = 1000
-    assert eng.choose_path("gru", 300, 16, np.float32) == ("persistent", 3, 8)  # 300 rows / 132 SMs
+    assert eng.plan("gru", 300, 16, np.float32) == ("persistent", 3, 8)  # 300 rows / 132 SMs
     config.PATH = "general"
-    assert eng.choose_path("lstm", 1, 8, np.float32) == ("general", 0, 0)
+    assert eng.plan("lstm", 1, 8, np.float32) == ("general", 0, 0)
     config.PATH = "persistent"
-    assert eng.choose_path("lstm", 200, 8, np.float32) == ("persistent", 2, 8)
+    assert eng.plan("lstm", 200, 8, np.float32) == ("persistent", 2, 8)
     with pytest.raises(ValueError, match=r"persistent lstm kernel needs \d+ bytes.*largest H"):
-        eng.choose_path("lstm", 4, 512, np.float32)
+        eng.plan("lstm", 4, 512, np.float32)
     config.PATH = "fastest"
     with pytest.raises(ValueError, match="config.PATH must be one of"):
-        eng.choose_path("lstm", 4, 8, np.float32)
+        eng.plan("lstm", 4, 8, np.float32)
     config.reset()
+    assert eng.choose_path("lstm", 4, 8, np.float32) == "persistent"
+    assert eng.choose_path("lstm", 4, 512, np.float32) == "general"
     assert (config.PATH, config.PERSISTENT_MAX_BATCH, config.POISON_OUTPUTS) == ("auto", 64, False)
 
 
@@ -384,6 +386,45 @@ def test_load_source_inlines_the_header_once():
     assert text.count("#define BPTT_COMMON_CU") == 1
     both = _compile.load_source("host_harness.cpp")
     assert both.count("#define BPTT_COMMON_CU") == 1
+
+
+@needs_cxx
+@pytest.mark.parametrize("cell", CELLS)
+def test_bptt_layers_run_on_the_emulated_backend(monkeypatch, cell):
+    """bptt's own layer (2 layers, t_start > 0, return_dh) over the host-emulated CuPy backend
+    matches the same layer over the reference backend, on both paths."""
+    import bptt
+    from bptt import backend as dispatch
+
+    cls, kw = {"lstm": (bptt.LSTM, {}), "gru": (bptt.GRU, {}),
+               "rnn_tanh": (bptt.RNN, {"nonlinearity": "tanh"}),
+               "rnn_relu": (bptt.RNN, {"nonlinearity": "relu"})}[cell]
+    make = lambda: cls(4, 6, num_layers=2, dtype=np.float64, seed=3, **kw)  # noqa: E731
+    with bptt.use_backend("reference"):
+        want_layer = make()
+    host = host_emulation.host_backend(reverse=True)
+    monkeypatch.setattr(dispatch, "_current", host)
+    layer = make()
+    assert layer.backend is host
+    layer.load_state_dict(want_layer.state_dict())
+    rng = np.random.default_rng(2)
+    x, dy = rng.standard_normal((5, 3, 4)), rng.standard_normal((5, 3, 6))
+    y_ref, s_ref, c_ref = want_layer.forward(x)
+    dx_ref, ds_ref, dh_ref = want_layer.backward(dy, c_ref, t_start=2, return_dh=True)
+    for path in ("persistent", "general"):
+        config.PATH = path
+        layer.zero_grad()
+        y, s, c = layer.forward(x)
+        dx, ds, dh = layer.backward(dy, c, t_start=2, return_dh=True)
+        assert rel_err(y, y_ref) <= 1e-12 and rel_err(dx, dx_ref) <= 1e-12
+        for a, b in zip(s if cell == "lstm" else (s,), s_ref if cell == "lstm" else (s_ref,)):
+            assert rel_err(a, b) <= 1e-12
+        for a, b in zip(ds if cell == "lstm" else (ds,), ds_ref if cell == "lstm" else (ds_ref,)):
+            assert rel_err(a, b) <= 1e-12
+        for a, b in zip(dh, dh_ref):
+            assert rel_err(a, b) <= 1e-12
+        for name, g in layer.grads.items():
+            assert rel_err(g, want_layer.grads[name]) <= 1e-12, (path, name)
 
 
 # ------------------------------------------------------------------------------------------

@@ -62,6 +62,12 @@ def zeros(shape, dtype):
 
 # ---- recurrent layers ----
 
+def choose_path(cell, B, H, dtype):
+    """"persistent" or "general": the path a recurrent call of these sizes takes on the current
+    device under ``config.PATH`` (a ValueError where "persistent" is forced but cannot fit)."""
+    return _get().choose_path(cell, B, H, dtype)
+
+
 def _cell_functions(cell):
     def forward(x, state, w_ih, w_hh, b_ih, b_hh):
         return _get().recurrent_forward(cell, x, state, w_ih, w_hh, b_ih, b_hh)
@@ -126,7 +132,7 @@ def scale_(arrays, factor):
 
 __all__ = [
     "NAME", "xp", "DTYPES", "asarray", "to_host", "zeros", "config", "RecurrentCache",
-    "persistent_smem_bytes", "persistent_max_hidden",
+    "persistent_smem_bytes", "persistent_max_hidden", "choose_path",
     "lstm_forward", "lstm_backward", "gru_forward", "gru_backward",
     "rnn_tanh_forward", "rnn_tanh_backward", "rnn_relu_forward", "rnn_relu_backward",
     "softmax_cross_entropy", "embedding_forward", "embedding_backward",

@@ -180,6 +180,10 @@ class Engine:
     # recurrent layers
 
     def choose_path(self, cell, B, H, dtype):
+        """"persistent" or "general": the path a call of these sizes takes, per config.PATH."""
+        return self.plan(cell, B, H, dtype)[0]
+
+    def plan(self, cell, B, H, dtype):
         """("persistent", rows per block, splits per dot) or ("general", 0, 0), as config says."""
         mode = config.PATH
         if mode not in config.PATHS:
@@ -242,7 +246,7 @@ class Engine:
         outs = tuple(none if a is None else a for a in (y, c, gates, hn))
         i32 = np.int32
 
-        path, rows, splits = self.choose_path(cell, B, H, dtype)
+        path, rows, splits = self.plan(cell, B, H, dtype)
         if path == "persistent":
             self._persistent_launch(
                 kernel_name(f"{cell}_forward_persistent", dtype), B, H, rows, splits,
@@ -302,7 +306,7 @@ class Engine:
         dc_final = dfinal[1] if cell == "lstm" else xp.zeros((B, H), dtype=dtype)
         i32 = np.int32
 
-        path, rows, splits = self.choose_path(cell, B, H, dtype)
+        path, rows, splits = self.plan(cell, B, H, dtype)
         if path == "persistent":
             dh0 = self._empty((B, H), dtype)
             dc0 = self._empty((B, H), dtype)

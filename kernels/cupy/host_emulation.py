@@ -19,16 +19,21 @@ barrier interval disagrees between the two orders.
 """
 
 import ctypes
+import functools
 import hashlib
 import os
 import shutil
 import subprocess
 import tempfile
+import types
 
 import numpy as np
 
+from bptt_kernels import CELLS
+
+from . import config
 from ._compile import SOURCE_DIR, kernel_signatures
-from ._engine import Engine
+from ._engine import DTYPES, Engine
 
 HARNESS = "host_harness.cpp"
 HARNESS_SOURCES = (HARNESS, "common.cu", "recurrent.cu", "ops.cu")
@@ -125,3 +130,19 @@ def host_engine(reverse=False, limits=H100_LIMITS, build_dir=None):
     """An :class:`Engine` over NumPy whose kernels are the host build of the CUDA sources."""
     launcher = HostLauncher(build_library(build_dir), reverse=reverse)
     return Engine(np, launcher, lambda: limits, lambda a: np.array(a, copy=True))
+
+
+def host_backend(reverse=False, limits=H100_LIMITS, build_dir=None):
+    """A module-like object with the whole backend interface (NAME "cupy-host", xp numpy) over
+    :func:`host_engine`: the CuPy backend's code paths, usable by bptt's layers and trainer on
+    a machine without a GPU (slow; for tests)."""
+    eng = host_engine(reverse=reverse, limits=limits, build_dir=build_dir)
+    ns = types.SimpleNamespace(NAME="cupy-host", xp=np, DTYPES=DTYPES, config=config, engine=eng)
+    for name in ("asarray", "to_host", "zeros", "choose_path", "softmax_cross_entropy",
+                 "embedding_forward", "embedding_backward", "sgd_step", "adam_step",
+                 "sum_of_squares", "scale_"):
+        setattr(ns, name, getattr(eng, name))
+    for cell in CELLS:
+        setattr(ns, f"{cell}_forward", functools.partial(eng.recurrent_forward, cell))
+        setattr(ns, f"{cell}_backward", functools.partial(eng.recurrent_backward, cell))
+    return ns
