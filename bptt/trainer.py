@@ -52,7 +52,7 @@ import numpy as np
 
 from bptt import losses
 from bptt.models import LanguageModel, NonFiniteGradientError, SequenceModel
-from bptt.optim import ConstantLR, Schedule, clip_grad_norm_
+from bptt.optim import ConstantLR, Optimizer, Schedule, clip_grad_norm_
 
 ON_NONFINITE = ("raise", "skip")
 EVAL_CHUNK = 256   # steps per forward call in evaluate() when k1 is None
@@ -116,9 +116,11 @@ class Group:
 
     def segments(self, t0, t1):
         """Split [t0, t1) at reset rows -> list of (s0, s1, reset_here: bool)."""
-        cuts = [int(r) for r in self.reset_rows if t0 < r < t1]
-        bounds = [t0] + cuts + [t1]
-        return [(a, b, a in self.reset_rows) for a, b in zip(bounds[:-1], bounds[1:])]
+        lo, hi = np.searchsorted(self.reset_rows, [t0, t1])
+        rows = [int(r) for r in self.reset_rows[lo:hi]]      # reset rows in [t0, t1), sorted
+        starts = [t0] + [r for r in rows if r > t0]
+        ends = starts[1:] + [t1]
+        return [(a, b, a in rows) for a, b in zip(starts, ends)]
 
     def count(self, t0, t1):
         """Number of loss terms in steps [t0, t1) (the mean's divisor)."""
@@ -181,6 +183,8 @@ class Dataset:
                 raise ValueError(f"inputs must be float [N, T, I] with I = {model.input_size}; "
                                  f"got {inputs.dtype} {inputs.shape}")
             N, T = inputs.shape[:2]
+            if N < 1 or T < 1:
+                raise ValueError(f"inputs must hold at least one sequence of at least one step; got shape {inputs.shape}")
             O = model.output_size
             every = model.readout == "every_step"
             ok = {True: {"i": (N, T), "f": (N, T, O)}, False: {"i": (N,), "f": (N, O)}}[every]
@@ -257,6 +261,8 @@ class Trainer:
                  on_nonfinite="raise", record_grad_norms=False):
         if not isinstance(model, (LanguageModel, SequenceModel)):
             raise TypeError(f"model must be a bptt.LanguageModel or bptt.SequenceModel; got {type(model).__name__}")
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(f"optimizer must be a bptt.SGD or bptt.Adam; got {type(optimizer).__name__}")
         self.model = model
         self.optimizer = optimizer
         self.k1, self.k2 = check_truncation(k1, k2)
