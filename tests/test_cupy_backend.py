@@ -427,6 +427,32 @@ def test_bptt_layers_run_on_the_emulated_backend(monkeypatch, cell):
             assert rel_err(g, want_layer.grads[name]) <= 1e-12, (path, name)
 
 
+@needs_cxx
+@pytest.mark.parametrize("cell, optimizer, k1, k2", [
+    ("lstm", "adam", 5, 7), ("gru", "sgd", 4, 4), ("rnn_tanh", "sgd", 3, 6)])
+def test_trainer_runs_on_the_emulated_backend(monkeypatch, cell, optimizer, k1, k2):
+    """A language model trained with TBPTT(k1, k2), clipping and an optimizer over the
+    host-emulated CuPy backend (embedding, softmax cross-entropy, norms, optimizer kernels and
+    the recurrent paths together) follows the reference backend's loss and gradient norms."""
+    import bptt
+    from bptt import backend as dispatch
+
+    def history(backend):
+        monkeypatch.setattr(dispatch, "_current", backend)
+        model = bptt.LanguageModel(20, 8, 12, num_layers=2, cell=cell, dtype=np.float64, seed=1)
+        opt = (bptt.Adam(lr=1e-2, weight_decay=1e-3) if optimizer == "adam"
+               else bptt.SGD(0.5, momentum=0.9, nesterov=True))
+        trainer = bptt.Trainer(model, opt, k1=k1, k2=k2, clip_norm=1.0)
+        data = np.random.default_rng(0).integers(0, 20, 400)
+        return trainer.fit(data, batch_size=4, epochs=1, max_steps=6)
+
+    want = history(ref)
+    got = history(host_emulation.host_backend(reverse=True))
+    for key in ("loss", "grad_norm"):
+        assert len(got[key]) == len(want[key]) == 6
+        assert rel_err(got[key], want[key]) <= 1e-12, key
+
+
 # ------------------------------------------------------------------------------------------
 # non-recurrent kernels
 
