@@ -15,6 +15,8 @@ import math
 
 import numpy as np
 
+from bptt.backend import get_backend
+
 
 def _check_nonneg(name, value):
     if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) \
@@ -41,18 +43,21 @@ class Optimizer:
         if missing:
             raise ValueError(f"params and grads must have the same names; these differ: {sorted(missing)}")
 
-    def step(self, params, grads, backend):
-        """Update every params[name] in place from grads[name] (dicts of device arrays)."""
+    def step(self, params, grads, backend=None):
+        """Update every params[name] in place from grads[name] (dicts of device arrays of
+        ``backend``; default: the backend in use, ``bptt.get_backend()``)."""
         raise NotImplementedError
 
-    def state_dict(self, backend):
+    def state_dict(self, backend=None):
         """Host copies: {"type", "config", "lr", "steps", "buffers": {param: {buf: ndarray}}}."""
+        backend = backend or get_backend()
         return {"type": type(self).__name__, "config": self.config, "lr": self.lr, "steps": self.steps,
                 "buffers": {name: {k: np.array(backend.to_host(a), copy=True) for k, a in bufs.items()}
                             for name, bufs in self.state.items()}}
 
-    def load_state_dict(self, sd, backend):
+    def load_state_dict(self, sd, backend=None):
         """Restore from :meth:`state_dict` (buffers copied: the optimizer never aliases ``sd``)."""
+        backend = backend or get_backend()
         if sd.get("type") != type(self).__name__:
             raise ValueError(f"optimizer state is for {sd.get('type')!r}, not {type(self).__name__}")
         self.lr = float(sd["lr"])
@@ -87,7 +92,8 @@ class SGD(Optimizer):
         return {"lr": self.lr, "momentum": self.momentum, "weight_decay": self.weight_decay,
                 "nesterov": self.nesterov}
 
-    def step(self, params, grads, backend):
+    def step(self, params, grads, backend=None):
+        backend = backend or get_backend()
         self._check(params, grads)
         for name, p in params.items():
             g = grads[name]
@@ -122,7 +128,8 @@ class Adam(Optimizer):
     def config(self):
         return {"lr": self.lr, "betas": list(self.betas), "eps": self.eps, "weight_decay": self.weight_decay}
 
-    def step(self, params, grads, backend):
+    def step(self, params, grads, backend=None):
+        backend = backend or get_backend()
         self._check(params, grads)
         t = self.steps + 1
         for name, p in params.items():
@@ -138,7 +145,7 @@ class Adam(Optimizer):
 OPTIMIZERS = {"SGD": SGD, "Adam": Adam}
 
 
-def optimizer_from_state_dict(sd, backend):
+def optimizer_from_state_dict(sd, backend=None):
     """Rebuild an optimizer (type, config and buffers) from :meth:`Optimizer.state_dict`."""
     cls = OPTIMIZERS.get(sd.get("type"))
     if cls is None:
