@@ -142,6 +142,23 @@ def test_recurrent_matches_reference(engines, cell, path, dtype):
 
 
 @needs_cxx
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (1, 2, 3, 1), (2, 1, 1, 33), (12, 4, 10, 24)],
+                         ids=lambda s: "T%d-B%d-I%d-H%d" % s)
+@pytest.mark.parametrize("cell", CELLS)
+def test_edge_and_medium_shapes(engines, cell, shape):
+    """Single step / unit / row, and a medium float32 problem, on both paths."""
+    T, B, I, H = shape
+    dtype = np.float32 if T > 2 else np.float64
+    rng = np.random.default_rng(zlib.crc32(f"{cell}{shape}".encode()))
+    p, dy, dfinal, grads0 = random_problem(rng, cell, T, B, I, H, dtype)
+    t_start = T // 2
+    want = run_reference(cell, p, dy, dfinal, t_start, grads0)
+    for path in ("general", "persistent"):
+        got = run_engine(engines[True], cell, p, dy, dfinal, t_start, grads0, path, path)
+        compare(got, want, TOL[dtype], f"{cell} {shape} {path}")
+
+
+@needs_cxx
 @pytest.mark.parametrize("splits", [1, 2, 8])
 @pytest.mark.parametrize("cell", CELLS)
 def test_persistent_several_rows_blocks_and_splits(cell, splits):

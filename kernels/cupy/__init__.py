@@ -7,17 +7,23 @@ Recurrent layers run one of two paths, chosen per call by size (``config.PATH = 
 forced (``"persistent"`` / ``"general"``; see :mod:`bptt_kernels.cupy.config`):
 
 * persistent: one kernel launch runs all T steps; each block owns a slice of the batch and
-  keeps W_hh (and its hidden state) in shared memory across the steps. Used by "auto" for
-  B <= config.PERSISTENT_MAX_BATCH where W_hh fits in the device's opt-in shared memory per
-  block; on an H100 (227 KiB) with one batch row per block that is H <= 119 (LSTM), 138 (GRU),
-  239 (RNN) in float32 and H <= 84, 97, 168 in float64 (:func:`persistent_max_hidden`).
+  keeps W_hh (and its hidden state) in shared memory across the steps, every dot product split
+  over up to 8 threads. Used by "auto" for B <= config.PERSISTENT_MAX_BATCH where W_hh fits in
+  the device's opt-in shared memory per block; on an H100 (227 KiB) with one batch row per
+  block that is H <= 119 (LSTM), 138 (GRU), 239 (RNN) in float32 and H <= 84, 97, 168 in
+  float64 (:func:`persistent_max_hidden`; :func:`choose_path` says which path a size takes).
 * general (any size, Haste's design): the input projections of all steps as one GEMM, then per
   step one cuBLAS GEMM ``h @ W_hh^T`` and one fused gate kernel; backward likewise, with the
   weight gradients and dx as GEMMs over all steps after the loop.
 
+float32 GEMMs run in float32 (CuPy's default compute type): setting CUPY_TF32=1 would trade
+the 1e-5 float32 parity for TensorFloat-32 speed.
+
 Both paths save the same cache (:class:`RecurrentCache`), so a forward on one path can be
 followed by a backward on the other. Kernel sources: recurrent.cu, ops.cu (+ common.cu), shipped
 as package data and compiled on first use (importing this module compiles and allocates nothing).
+Without a GPU, :func:`bptt_kernels.cupy.host_emulation.host_backend` runs this backend's code
+with the same kernel sources built for the CPU (how the tests check it).
 """
 
 import cupy
