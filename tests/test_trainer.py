@@ -561,3 +561,21 @@ def test_gradient_diagnostics_plot(tmp_path, monkeypatch):
     assert records[-1]["window"] == [4, 9] and (tmp_path / "g.png").is_file()
     for name, v in bm.state_dict().items():
         np.testing.assert_array_equal(v, before[name])
+
+
+@pytest.mark.parametrize("backend_name", ["reference", "cpu"])
+def test_float32_training_learns_a_repeating_pattern(backend_name):
+    try:
+        switch = bptt.use_backend(backend_name)
+    except ImportError as e:
+        pytest.skip(f"backend {backend_name} not importable: {e}")
+    with switch:
+        tokens = np.tile(np.array([0, 3, 1, 4, 1, 5, 2, 6]), 40)
+        bm = bptt.LanguageModel(7, 8, 16, cell="gru", dropout=0.1, dtype=np.float32, seed=25)
+        trainer = bptt.Trainer(bm, bptt.Adam(0.02), k1=8, k2=12, clip_norm=1.0)
+        before = trainer.evaluate(tokens, 4)["loss"]
+        trainer.fit(tokens, 4, epochs=6)
+        after = trainer.evaluate(tokens, 4)
+        assert all(p.dtype == np.float32 for p in bm.params.values())
+        assert all(b.dtype == np.float32 for s in trainer.optimizer.state.values() for b in s.values())
+        assert after["loss"] < 0.3 * before and after["perplexity"] < 2.0
