@@ -2,8 +2,8 @@
 """Where the time of one bptt training step goes, and how long a fresh process takes to start.
 
 Part 1, breakdown. In one worker process (same thread settings as the benchmarks), every piece
-of one training step is timed on its own with the step's exact shapes, each the median of
-repeated calls after a warm-up:
+of one training step is timed on its own with the step's exact shapes, each the best of
+repeated calls after a warm-up (the minimum: least disturbed by other processes):
 
 * the backend's kernels: embedding gather/scatter, ``<cell>_forward``/``<cell>_backward`` per
   layer, ``softmax_cross_entropy``, ``sum_of_squares`` + ``scale_`` (clipping), ``adam_step``;
@@ -48,10 +48,12 @@ GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
 # =============================================================================================
 
 def bench(fn, budget=0.3, max_calls=30):
-    """Median seconds of ``fn()`` after one warm-up call, ~``budget`` seconds of calls."""
+    """Best (minimum) seconds of ``fn()`` over ~``budget`` seconds of calls (at least 5) after
+    one warm-up call. The minimum, not the median: the breakdown subtracts times, and the least
+    disturbed call is the best estimate of a piece's own cost on a shared machine."""
     first = hx.time_calls(fn, 1)[0]
-    calls = max(3, min(max_calls, int(budget / max(first, 1e-6))))
-    return hx.median(hx.time_calls(fn, calls))
+    calls = max(5, min(max_calls, int(budget / max(first, 1e-6))))
+    return min(hx.time_calls(fn, calls))
 
 
 class GemmReplay:
@@ -222,7 +224,7 @@ class Profiler:
         step_s = None
         try:
             stamps, _ = ours_run({**r, "k2": r["k1"], "lr": 2e-3, "clip": 0.25, "warmup": 3, "steps": 10})
-            step_s = hx.median([b - a for a, b in zip(stamps, stamps[1:])][3:])
+            step_s = min([b - a for a, b in zip(stamps, stamps[1:])][3:])
         except Exception as e:  # the trainer may not be there yet
             print(f"trainer step not measured: {type(e).__name__}: {e}", file=sys.stderr)
         n_params = sum(int(np.prod(s)) for s in shapes)
@@ -305,7 +307,7 @@ def print_breakdown(res):
     rows, step = res["rows"], res["step_s"]
     top = sum(s for _, s, _, lvl in rows if lvl == 1)
     total = step or top
-    print(f"\nBreakdown of {res['title']}.\nEach piece timed alone (median); indented rows are "
+    print(f"\nBreakdown of {res['title']}.\nEach piece timed alone (best of >= 5 calls); indented rows are "
           f"parts of the kernel above them; % of {'the measured trainer update' if step else 'the sum of pieces'}.\n")
     out = []
     for name, s, flops, lvl in rows:
