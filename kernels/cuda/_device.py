@@ -109,6 +109,16 @@ def is_device_array(a):
     return isinstance(a, xp.ndarray)
 
 
+def index_array(name, a):
+    """Integer indices (token ids, targets) as a device int64 array; host array-likes are
+    accepted and uploaded (they are small), floats or other types raise TypeError."""
+    if not is_device_array(a):
+        a = np.asarray(a)
+    if a.dtype.kind not in "iu":
+        raise TypeError(f"{name} must be an integer array, got dtype {a.dtype}")
+    return xp.asarray(a, dtype=np.int64)
+
+
 def check_array(name, a, ndim=None, dtype=None, shape=None):
     """Raise TypeError/ValueError naming ``name`` unless ``a`` is a C-contiguous device array
     with the given ``ndim``, ``dtype`` (or one of DTYPES) and ``shape`` (None entries: any)."""

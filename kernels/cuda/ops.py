@@ -97,12 +97,9 @@ def softmax_cross_entropy(logits, targets, dlogits, scale):
     _device.check_array("logits", logits, ndim=2)
     N, V = logits.shape
     _device.check_array("dlogits", dlogits, ndim=2, dtype=logits.dtype, shape=(N, V))
-    if not _device.is_device_array(targets):
-        raise TypeError(f"targets must be a {_device.xp.__name__}.ndarray, got {type(targets).__name__}")
-    if targets.shape != (N,) or targets.dtype.kind not in "iu":
-        raise ValueError(f"targets must be an integer array of shape [{N}], got {targets.dtype} "
-                         f"shape {list(targets.shape)}")
-    targets = targets.astype(np.int64, copy=False)
+    targets = _device.index_array("targets", targets)
+    if targets.shape != (N,):
+        raise ValueError(f"targets must have shape [{N}] (one per logits row), got {list(targets.shape)}")
     if N and int(targets.max()) >= V:
         raise ValueError(f"targets must be < V={V} (or negative to ignore a row), got {int(targets.max())}")
     losses = _device.empty((N,), np.float64)
@@ -139,10 +136,8 @@ def _scatter_add_kernel(dweight, ids, dout):
 
 
 def _flat_ids(ids, V):
-    if not _device.is_device_array(ids) or ids.dtype.kind not in "iu":
-        raise TypeError(f"ids must be an integer {_device.xp.__name__}.ndarray, got "
-                        f"{type(ids).__name__} {getattr(ids, 'dtype', '')}")
-    flat = ids.reshape(-1).astype(np.int64, copy=False)
+    """ids [...] -> device int64 [N], every id checked to lie in [0, V)."""
+    flat = _device.index_array("ids", ids).reshape(-1)
     if flat.size and (int(flat.min()) < 0 or int(flat.max()) >= V):
         raise ValueError(f"ids must be in [0, {V - 1}], got values in [{int(flat.min())}, {int(flat.max())}]")
     return flat
@@ -155,7 +150,7 @@ def embedding_forward(weight, ids):
     flat = _flat_ids(ids, V)
     out = _device.empty((flat.size, E), weight.dtype)
     _device.launch_1d(_gather_kernel, flat.size * E, weight, flat, out)
-    return out.reshape(tuple(ids.shape) + (E,))
+    return out.reshape(tuple(np.shape(ids)) + (E,))
 
 
 def embedding_backward(dweight, ids, dout):
@@ -163,7 +158,7 @@ def embedding_backward(dweight, ids, dout):
     _device.check_array("dweight", dweight, ndim=2)
     V, E = dweight.shape
     flat = _flat_ids(ids, V)
-    _device.check_array("dout", dout, dtype=dweight.dtype, shape=tuple(ids.shape) + (E,))
+    _device.check_array("dout", dout, dtype=dweight.dtype, shape=tuple(np.shape(ids)) + (E,))
     _device.launch_1d(_scatter_add_kernel, flat.size * E, dweight, flat, dout.reshape(flat.size, E))
 
 
