@@ -196,7 +196,7 @@ def save_trainer(trainer, path, meta=None):
     if pos is not None:
         ring = [{"s0": s.s0, "s1": s.s1, "cache": encode(s.cache, be, arrays, "ring/"),
                  "keep": encode(s.keep, be, arrays, "ring/")} for s in pos.ring]
-        position = {"group": pos.group, "offset": pos.offset, "fingerprint": pos.fingerprint,
+        position = {"backend": be.NAME, "group": pos.group, "offset": pos.offset, "fingerprint": pos.fingerprint,
                     "batch_size": pos.batch_size, "rng_state": pos.rng_state,
                     "state": encode(pos.state, be, arrays, "state/"), "ring": ring}
     header = {"format": FORMAT, "version": VERSION, "model": m_header, "optimizer": opt_sd,
@@ -228,6 +228,11 @@ def load_trainer(path):
         trainer.history = t["history"]
         trainer.meta = header.get("meta") or {}
         p = t["position"]
+        if p is not None and p["ring"] and p["backend"] != be.NAME:
+            raise CheckpointError(
+                f"{path}: saved inside a TBPTT window (k2 > k1) with backend {p['backend']!r}, whose saved "
+                f"activations only that backend can read; resume with BPTT_BACKEND={p['backend']} "
+                f"(the backend now is {be.NAME!r})")
         if p is not None:
             ring = []
             for s in p["ring"]:
@@ -237,6 +242,8 @@ def load_trainer(path):
                 ring.append(Segment(s["s0"], s["s1"], cache, None, decode(s["keep"], be, arrays)))
             trainer.position = Position(p["group"], p["offset"], decode(p["state"], be, arrays), tuple(ring),
                                         p["rng_state"], p["fingerprint"], p["batch_size"])
+    except CheckpointError:
+        raise
     except Exception as e:
         raise CheckpointError(f"{path}: cannot rebuild the trainer ({type(e).__name__}: {e})") from None
     return trainer

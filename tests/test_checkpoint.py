@@ -126,6 +126,22 @@ def test_ctrl_c_during_an_update_stops_at_a_chunk_boundary(tmp_path, monkeypatch
     assert_same_weights(resumed, full)
 
 
+def test_resume_inside_a_window_needs_the_same_backend(tmp_path):
+    tokens = np.random.default_rng(7).integers(0, 9, 60)
+    t = lm_trainer(k1=3, k2=5)
+    t.fit(tokens, 2, max_steps=2)
+    t.save_checkpoint(tmp_path / "c.npz")
+    try:
+        other = bptt.use_backend("cpu")
+    except ImportError as e:
+        pytest.skip(f"cpu backend not importable: {e}")
+    with other:
+        with pytest.raises(CheckpointError, match="BPTT_BACKEND=reference"):
+            bptt.Trainer.from_checkpoint(tmp_path / "c.npz")
+        model, _ = checkpoint.load_model(tmp_path / "c.npz")      # the weights load anywhere
+        assert model.backend.NAME == "cpu"
+
+
 def test_load_model_gives_the_same_outputs(tmp_path):
     t = lm_trainer(k1=4)
     tokens = np.random.default_rng(5).integers(0, 9, 40)
