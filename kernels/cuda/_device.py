@@ -18,6 +18,19 @@ from . import config
 
 SIMULATOR = config.SIMULATOR
 
+class _Missing:
+    """Stands in for CuPy where it does not import: the kernels still import (and compile to
+    PTX), and the first use of an array says why this backend cannot run."""
+
+    ndarray = ()  # isinstance(a, ()) is always False
+
+    def __init__(self, reason):
+        self._reason = reason
+
+    def __getattr__(self, name):
+        raise ImportError(self._reason)
+
+
 if SIMULATOR:
     xp = np
     cupy = None
@@ -25,9 +38,9 @@ else:  # a real GPU: CuPy arrays are this backend's device arrays
     try:
         import cupy
     except Exception as e:  # ImportError, or a CuPy built for another CUDA major version
-        raise ImportError(
+        cupy = _Missing(
             "the 'cuda' backend keeps its arrays as CuPy arrays on a real GPU, but cupy failed to "
-            f"import ({type(e).__name__}: {e}); install bptt[cuda12] or bptt[cuda13]") from e
+            f"import ({type(e).__name__}: {e}); install bptt[cuda12] or bptt[cuda13]")
     xp = cupy
 
 DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
