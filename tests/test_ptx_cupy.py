@@ -3,7 +3,8 @@
 * every kernels/cupy/*.cu compiles with ``nvcc --ptx -arch=sm_90`` (common.cu, the shared
   header, must define no kernel);
 * the self-contained text the backend hands to NVRTC (headers inlined) compiles with the
-  NVRTC library CuPy itself uses (where it is installed);
+  NVRTC library CuPy itself uses (where it is installed), and a compile unit (one cell and
+  dtype) holds exactly its kernels;
 * every kernel name the Python side launches (``_compile.KERNELS``) is an ``.entry`` of the
   PTX of its source, with as many parameters as the C signature the host launcher checks
   against, and no ``.entry`` is left unlaunched;
@@ -94,27 +95,34 @@ def test_launched_kernels_exist_in_ptx(ptx):
                 f"{name}: {entries[name]} PTX parameters, {len(sigs[name])} in the C signature")
 
 
-def test_nvrtc_compiles_the_sources():
-    """The NVRTC library CuPy compiles with at run time accepts the exact sources (offline)."""
+def _nvrtc_ptx(nvrtc, source, options):
+    prog = nvrtc.createProgram(_compile.load_source(source), source, (), ())
+    try:
+        try:
+            nvrtc.compileProgram(prog, tuple(options) + ("--gpu-architecture=compute_90",))
+        except Exception as e:
+            pytest.fail(f"NVRTC rejected {source} {options}: {e}\n{nvrtc.getProgramLog(prog)}")
+        ptx = nvrtc.getPTX(prog)
+    finally:
+        nvrtc.destroyProgram(prog)
+    return ptx.decode() if isinstance(ptx, bytes) else ptx
+
+
+def test_nvrtc_compiles_the_units_the_backend_loads():
+    """The NVRTC library CuPy compiles with at run time accepts the exact sources (offline),
+    and each compile unit the backend builds holds exactly the kernels it is asked for."""
     try:
         from cupy_backends.cuda.libs import nvrtc
         nvrtc.getVersion()
     except Exception as e:  # no cupy, or no libnvrtc
         pytest.skip(f"CuPy's NVRTC is not loadable here ({type(e).__name__}: {e})")
-    for source in _compile.SOURCES:
-        prog = nvrtc.createProgram(_compile.load_source(source), source, (), ())
-        try:
-            try:
-                nvrtc.compileProgram(prog, _compile.COMPILE_OPTIONS + ("--gpu-architecture=compute_90",))
-            except Exception as e:
-                pytest.fail(f"NVRTC rejected {source}: {e}\n{nvrtc.getProgramLog(prog)}")
-            ptx = nvrtc.getPTX(prog)
-        finally:
-            nvrtc.destroyProgram(prog)
-        text = ptx.decode() if isinstance(ptx, bytes) else ptx
-        launched = {k for k, s in _compile.KERNELS.items() if s == source}
-        missing = launched - set(_entries(text))
-        assert not missing, f"{source}: NVRTC PTX lacks {missing}"
+    for unit in sorted(set(_compile.UNITS.values())):
+        names = {k for k, u in _compile.UNITS.items() if u == unit}
+        (source,) = {_compile.KERNELS[k] for k in names}
+        entries = set(_entries(_nvrtc_ptx(nvrtc, source, _compile.unit_options(unit))))
+        assert entries == names, unit
+    assert set(_compile.UNITS) == set(_compile.KERNELS)
+    assert len(set(_compile.UNITS.values())) == 2 * len(_compile.CELLS) + 2
 
 
 def test_registers_and_spills(ptx, tmp_path, capsys):

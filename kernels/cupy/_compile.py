@@ -20,14 +20,17 @@ _CELL_KERNELS = ("forward_step", "backward_step", "forward_persistent", "backwar
 _OPS_KERNELS = ("softmax_xent", "embedding_forward", "embedding_backward", "sgd_step",
                 "adam_step", "sum_squares", "scale")
 
-# kernel name -> source file
+# kernel name -> source file; kernel name -> compile unit ("<cell>_<sfx>" or "<sfx>")
 KERNELS = {}
+UNITS = {}
 for _sfx in SUFFIX.values():
     for _cell in CELLS:
         for _k in _CELL_KERNELS:
             KERNELS[f"{_cell}_{_k}_{_sfx}"] = "recurrent.cu"
+            UNITS[f"{_cell}_{_k}_{_sfx}"] = f"{_cell}_{_sfx}"
     for _k in _OPS_KERNELS:
         KERNELS[f"{_k}_{_sfx}"] = "ops.cu"
+        UNITS[f"{_k}_{_sfx}"] = _sfx
 
 SOURCES = ("recurrent.cu", "ops.cu")  # the files holding kernels; common.cu is their header
 COMPILE_OPTIONS = ("-std=c++17",)
@@ -37,6 +40,11 @@ _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.M)
 def kernel_name(base, dtype):
     """Name of the kernel ``base`` for ``dtype``: ``kernel_name("scale", float32) == "scale_f32"``."""
     return f"{base}_{SUFFIX[np.dtype(dtype)]}"
+
+
+def unit_options(unit):
+    """NVRTC options that build only the kernels of compile unit ``unit`` from its source."""
+    return COMPILE_OPTIONS + ("-DBPTT_SELECT", f"-DBPTT_SELECT_{unit}")
 
 
 def load_source(filename, _seen=None):
@@ -57,7 +65,8 @@ def load_source(filename, _seen=None):
 
 
 class CupyLauncher:
-    """Launches kernels by name on the current CuPy stream, compiling each source on first use.
+    """Launches kernels by name on the current CuPy stream, compiling on first use only the
+    compile unit (one cell and dtype of recurrent.cu, one dtype of ops.cu) a kernel is in.
 
     ``launcher(name, grid, block, args, shared_mem=0)``: ``args`` are CuPy arrays and NumPy
     scalars typed exactly as the kernel's C parameters (np.int32 for int, np.int64 for
@@ -65,7 +74,7 @@ class CupyLauncher:
     """
 
     def __init__(self):
-        self._modules = {}   # source file -> cupy.RawModule
+        self._modules = {}   # compile unit -> cupy.RawModule
         self._kernels = {}   # kernel name -> cupy.RawKernel
 
     def _kernel(self, name):
@@ -73,11 +82,11 @@ class CupyLauncher:
         if kernel is None:
             import cupy
 
-            source = KERNELS[name]
-            module = self._modules.get(source)
+            unit = UNITS[name]
+            module = self._modules.get(unit)
             if module is None:
-                module = cupy.RawModule(code=load_source(source), options=COMPILE_OPTIONS)
-                self._modules[source] = module
+                module = cupy.RawModule(code=load_source(KERNELS[name]), options=unit_options(unit))
+                self._modules[unit] = module
             kernel = self._kernels[name] = module.get_function(name)
         return kernel
 

@@ -1,6 +1,7 @@
 // ops.cu -- the non-recurrent kernels of the CuPy backend: fused softmax cross-entropy,
 // embedding gather / scatter-add, torch.optim SGD and Adam steps, sum of squares, scale.
 // Shapes in the comment of every kernel; Real is float (f32) or double (f64).
+// Compiled with -DBPTT_SELECT -DBPTT_SELECT_<f32|f64>, only that dtype's kernels are built.
 
 #include "common.cu"
 
@@ -156,5 +157,9 @@ BPTT_HD void sum_squares_block(const Exec& ex, double* smem, long long n, const 
         for (long long k = 0, c = ex.count(n); k < c; ++k) a[ex.item(k, n)] *= factor;        \
     }
 
+#if !defined(BPTT_SELECT) || defined(BPTT_SELECT_f32)
 BPTT_OPS_KERNELS(f32, float)
+#endif
+#if !defined(BPTT_SELECT) || defined(BPTT_SELECT_f64)
 BPTT_OPS_KERNELS(f64, double)
+#endif

@@ -352,6 +352,8 @@ BPTT_HD void backward_persistent(const Exec& ex, Real* smem, const BwdArgs<Real>
 // ---------------------------------------------------------------------------------------------
 // Entry points (extern "C": the names the Python side launches; bptt_kernels.cupy._compile
 // lists them). Step kernels: 256 threads, grid-stride. Persistent: up to 1024 threads/block.
+// Compiled with -DBPTT_SELECT -DBPTT_SELECT_<cell>_<f32|f64>, a source yields only that cell's
+// and dtype's kernels (the backend compiles what a run uses: a fraction of the cold-start time).
 
 #define BPTT_RECURRENT_KERNELS(NAME, CELL, SFX, Real)                                         \
     BPTT_KERNEL(NAME##_forward_step_##SFX, 256)(                                              \
@@ -391,11 +393,27 @@ BPTT_HD void backward_persistent(const Exec& ex, Real* smem, const BwdArgs<Real>
         BPTT_BLOCKS_END                                                                       \
     }
 
+#if !defined(BPTT_SELECT) || defined(BPTT_SELECT_lstm_f32)
 BPTT_RECURRENT_KERNELS(lstm, bptt::Lstm<float>, f32, float)
+#endif
+#if !defined(BPTT_SELECT) || defined(BPTT_SELECT_lstm_f64)
 BPTT_RECURRENT_KERNELS(lstm, bptt::Lstm<double>, f64, double)
+#endif
+#if !defined(BPTT_SELECT) || defined(BPTT_SELECT_gru_f32)
 BPTT_RECURRENT_KERNELS(gru, bptt::Gru<float>, f32, float)
+#endif
+#if !defined(BPTT_SELECT) || defined(BPTT_SELECT_gru_f64)
 BPTT_RECURRENT_KERNELS(gru, bptt::Gru<double>, f64, double)
+#endif
+#if !defined(BPTT_SELECT) || defined(BPTT_SELECT_rnn_tanh_f32)
 BPTT_RECURRENT_KERNELS(rnn_tanh, bptt::RnnTanh<float>, f32, float)
+#endif
+#if !defined(BPTT_SELECT) || defined(BPTT_SELECT_rnn_tanh_f64)
 BPTT_RECURRENT_KERNELS(rnn_tanh, bptt::RnnTanh<double>, f64, double)
+#endif
+#if !defined(BPTT_SELECT) || defined(BPTT_SELECT_rnn_relu_f32)
 BPTT_RECURRENT_KERNELS(rnn_relu, bptt::RnnRelu<float>, f32, float)
+#endif
+#if !defined(BPTT_SELECT) || defined(BPTT_SELECT_rnn_relu_f64)
 BPTT_RECURRENT_KERNELS(rnn_relu, bptt::RnnRelu<double>, f64, double)
+#endif
