@@ -409,6 +409,9 @@ class SequenceModel(_RecurrentModel):
         y = cache.y
         dy = self.backend.xp.zeros(y.shape, self.dtype)
         if dout is not None:
+            expected = (y.shape[:2] if self.readout == "every_step" else y.shape[1:2]) + (self.output_size,)
+            if tuple(dout.shape) != expected:
+                raise ValueError(f"dout must have the outputs' shape {expected}; got {tuple(dout.shape)}")
             if self.readout == "every_step":
                 dy[t_start:] = self._linear_backward(dout[t_start:], y[t_start:], "readout.weight", "readout.bias")
             else:
