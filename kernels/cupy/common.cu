@@ -7,7 +7,7 @@
 // Every kernel source compiles three ways:
 //   * NVRTC through cupy.RawModule at run time (the GPU backend),
 //   * nvcc --ptx / --cubin -arch=sm_90 (the offline checks in tests/test_ptx_cupy.py),
-//   * a host C++ compiler with -DBPTT_HOST_HARNESS (host_harness.cpp): every kernel body then
+//   * a host C++ compiler with -DBPTT_HOST_HARNESS (host_emulation.py): every kernel body then
 //     runs on the CPU, with its CUDA threads emulated, so its arithmetic and indexing can be
 //     checked against bptt_kernels.reference on a machine without a GPU.
 // Kernel bodies are therefore written against a tiny execution policy ("Exec"):

@@ -1,7 +1,7 @@
 """Run the CuPy backend's CUDA kernels on the CPU: the evidence available without a GPU.
 
 The kernel sources (recurrent.cu, ops.cu) are compiled by a host C++ compiler with
-``-DBPTT_HOST_HARNESS`` (host_harness.cpp): each ``__global__`` kernel becomes a plain function
+``-DBPTT_HOST_HARNESS`` (one translation unit of both): each ``__global__`` kernel becomes a plain function
 of the same name and arguments whose body is the very same template code. Grid-stride kernels
 run as one host thread owning every item; block kernels (persistent recurrences, softmax, sum
 of squares) run their blockDim threads as coroutines switched at every ``__syncthreads``, with
@@ -32,11 +32,12 @@ import numpy as np
 from bptt_kernels import CELLS
 
 from . import config
-from ._compile import SOURCE_DIR, kernel_signatures
+from ._compile import SOURCE_DIR, SOURCES, kernel_signatures
 from ._engine import DTYPES, Engine
 
-HARNESS = "host_harness.cpp"
-HARNESS_SOURCES = (HARNESS, "common.cu", "recurrent.cu", "ops.cu")
+# the host build: every kernel source in one translation unit (common.cu is included once)
+HARNESS_TEXT = "".join(f'#include "{name}"\n' for name in SOURCES)
+HARNESS_SOURCES = ("common.cu",) + SOURCES
 # H100 SXM figures, so that path choices match the GPU: opt-in shared memory per block, SMs
 H100_LIMITS = (232448, 132)
 
@@ -54,7 +55,9 @@ def build_library(build_dir=None, compiler=None):
     compiler = compiler or find_compiler()
     if compiler is None:
         raise RuntimeError("no host C++ compiler found (set CXX, or install g++)")
-    digest = hashlib.sha256()
+    flags = ["-x", "c++", "-std=c++17", "-O2", "-fno-fast-math", "-ffp-contract=off",
+             "-DBPTT_HOST_HARNESS", "-shared", "-fPIC", "-Wall", "-Wextra", "-Werror"]
+    digest = hashlib.sha256("\0".join([compiler, HARNESS_TEXT] + flags).encode())
     for name in HARNESS_SOURCES:
         with open(os.path.join(SOURCE_DIR, name), "rb") as f:
             digest.update(f.read())
@@ -63,10 +66,8 @@ def build_library(build_dir=None, compiler=None):
     lib = os.path.join(build_dir, f"bptt_cupy_host_{digest.hexdigest()[:16]}.so")
     if not os.path.exists(lib):
         tmp = f"{lib}.{os.getpid()}.tmp"
-        cmd = [compiler, "-x", "c++", "-std=c++17", "-O2", "-fno-fast-math", "-ffp-contract=off",
-               "-DBPTT_HOST_HARNESS", "-shared", "-fPIC", "-Wall", "-Wextra", "-Werror",
-               "-I", SOURCE_DIR, os.path.join(SOURCE_DIR, HARNESS), "-o", tmp]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        cmd = [compiler] + flags + ["-I", SOURCE_DIR, "-", "-o", tmp]
+        proc = subprocess.run(cmd, input=HARNESS_TEXT, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"host harness build failed: {' '.join(cmd)}\n{proc.stderr}")
         os.replace(tmp, lib)  # atomic: concurrent builders do not see a half-written file
