@@ -88,19 +88,25 @@ def _kernels():
     return out
 
 
+def _max_registers(name):
+    """The register cap a kernel is jitted with (the persistent kernels'), for ptxas."""
+    return cells.PERSISTENT_JIT_OPTIONS.get("max_registers") if ".persistent_" in name else None
+
+
 KERNELS = _kernels()
 # kernels that accumulate or take their scalars in float64 on purpose (losses, norms, optimizers)
 _F64_BY_DESIGN = ("softmax_xent", "sgd", "adam", "sum_squares", "scale")
 
 
-def _ptxas_usage(ptx, tmp_path):
-    """(registers, spill stores + loads in bytes, summary line) from ptxas -v, or None."""
+def _ptxas_usage(ptx, tmp_path, max_registers=None):
+    """(registers, spill stores + loads in bytes) from ptxas -v, or None without ptxas."""
     ptxas = shutil.which("ptxas")
     if ptxas is None:
         return None
     src = tmp_path / "k.ptx"
     src.write_text(ptx)
-    res = subprocess.run([ptxas, f"-arch=sm_{CC[0]}{CC[1]}", "-v", str(src), "-o", os.devnull],
+    cap = [f"-maxrregcount={max_registers}"] if max_registers else []
+    res = subprocess.run([ptxas, f"-arch=sm_{CC[0]}{CC[1]}", "-v", *cap, str(src), "-o", os.devnull],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, f"ptxas rejected the PTX:\n{res.stderr[-2000:]}"
     regs = re.findall(r"Used (\d+) registers", res.stderr)
@@ -133,7 +139,7 @@ def test_kernel_compiles_to_ptx_sm90(name, fn, sig, tmp_path):
         # a bare float literal would silently promote float32 math to float64 (slow on GPUs)
         f64_lines = [ln.strip() for ln in ptx.splitlines() if re.search(r"\.f64\b", ln)]
         assert not f64_lines, f"float64 instructions in a float32 kernel: {f64_lines[:3]}"
-    usage = _ptxas_usage(ptx, tmp_path)
+    usage = _ptxas_usage(ptx, tmp_path, _max_registers(name))
     _REPORT.append((name, usage))
 
 
@@ -141,7 +147,8 @@ def test_print_register_report(capsys):
     """Prints the registers and spills ptxas reported (after the compile tests above)."""
     if not _REPORT:
         pytest.skip("no kernels compiled in this session")
-    lines = [f"{'kernel':40s} {'regs':>5s} {'spill bytes':>11s}"]
+    lines = [f"{'kernel':40s} {'regs':>5s} {'spill bytes':>11s}  (persistent: capped at "
+             f"{cells.PERSISTENT_JIT_OPTIONS.get('max_registers')} for 1024 threads)"]
     for name, usage in _REPORT:
         regs, spill = usage if usage else ("-", "-")
         lines.append(f"{name:40s} {regs!s:>5s} {spill!s:>11s}")

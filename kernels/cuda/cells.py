@@ -40,7 +40,7 @@ import math
 import numpy as np
 from numba import cuda, float32, float64
 
-from ._device import ONE, ZERO
+from ._device import ONE, SIMULATOR, ZERO
 
 _NUMBA_DTYPE = {np.dtype(np.float32): float32, np.dtype(np.float64): float64}
 
@@ -228,6 +228,13 @@ def persistent_shared_elems(cell, B, H):
     return GH * H + B * GH + B * H, GH * H + B * H
 
 
+# The persistent kernels run as ONE block: capping registers at 64 per thread lets that block
+# have 1024 threads (64K registers per SM). ptxas (sm_90) then reports at most ~200 bytes of
+# spills (LSTM/GRU forward, float64 backward), against 82-96 registers uncapped, which would
+# limit the block to 640 threads. (The simulator's jit takes no register option.)
+PERSISTENT_JIT_OPTIONS = {} if SIMULATOR else {"max_registers": 64}
+
+
 @functools.lru_cache(maxsize=None)
 def persistent_kernels(cell, dtype):
     """(persistent_forward, persistent_backward) kernels of ``cell`` for element type ``dtype``.
@@ -239,7 +246,7 @@ def persistent_kernels(cell, dtype):
     separate_dgh = SEPARATE_DGH[cell]
     nb_dtype = _NUMBA_DTYPE[np.dtype(dtype)]
 
-    @cuda.jit
+    @cuda.jit(**PERSISTENT_JIT_OPTIONS)
     def persistent_forward(xw, b_ih, b_hh, w_hh, hs, cs, gates, hn):
         # xw [T,B,G*H], w_hh [G*H,H], hs [T+1,B,H] (hs[0] = h0 in), cs [T+1,B,H] (cs[0] = c0 in)
         # shared: w_t [H*G*H] = W_hh^T (w_t[k*GH + gj] = w_hh[gj, k]: consecutive threads read
@@ -276,7 +283,7 @@ def persistent_kernels(cell, dtype):
                                                 b_ih, b_hh, hs, cs, gates, hn)
             cuda.syncthreads()
 
-    @cuda.jit
+    @cuda.jit(**PERSISTENT_JIT_OPTIONS)
     def persistent_backward(dy, dh_final, dc, w_hh, hs, cs, gates, hn, dgx, dgh, dh,
                             t_start, dh_start):
         # dy [T,B,H], dh_final [B,H] in, dc [B*H] in/out (LSTM), w_hh [G*H,H], dh_start [B,H] out
