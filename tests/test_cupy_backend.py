@@ -318,6 +318,8 @@ def test_bad_inputs_raise_clear_errors(engines):
     fwd = lambda **kw: eng.recurrent_forward("lstm", **{**p, **kw})  # noqa: E731
     with pytest.raises(ValueError, match=r"w_hh must have shape \(4\*H, H\)"):
         fwd(w_hh=p["w_hh"][:-1])
+    with pytest.raises(ValueError, match=r"w_hh must have shape \(4\*H, H\) = \(0, 0\)"):
+        fwd(w_hh=np.zeros((0, 0), np.float32))
     with pytest.raises(ValueError, match=r"w_ih must have shape \(20, 4\)"):
         fwd(w_ih=p["w_ih"][:, :3])
     with pytest.raises(TypeError, match="w_ih must have dtype float32, got float64"):

@@ -226,7 +226,7 @@ class Engine:
             raise ValueError(f"x must have at least one step and one batch row, got shape {x.shape}")
         w_hh = self._array("w_hh", w_hh, ndim=2, dtype=dtype)
         H = w_hh.shape[1]
-        if w_hh.shape[0] != G * H:
+        if H < 1 or w_hh.shape[0] != G * H:
             raise ValueError(f"w_hh must have shape ({G}*H, H) = ({G * H}, {H}) for {cell}, "
                              f"got {tuple(w_hh.shape)}")
         w_ih = self._array("w_ih", w_ih, (G * H, I), dtype)
