@@ -375,6 +375,32 @@ def time_backend(backend, cell, T, B, H, dtype=np.float32):
     return median_ms(step, cupy_events), path
 
 
+def path_comparison(backends, torch_ok, quick=False):
+    """Small sizes where the persistent path fits: forced persistent vs forced general per
+    backend (and torch), to check the size rule ``config.PATH = "auto"`` applies."""
+    rows = []
+    T = 100
+    sizes = [(1, 64), (8, 96)] if quick else [(1, 32), (1, 64), (1, 96), (8, 64), (8, 96), (64, 64)]
+    for cell in ("lstm", "gru"):
+        for B, H in sizes:
+            row = {"cell": cell, "T": T, "B": B, "H": H}
+            if torch_ok:
+                with contextlib.suppress(Exception):
+                    row["torch_ms"] = time_torch(cell, T, B, H)
+            for backend in backends:
+                for path in ("persistent", "general"):
+                    try:
+                        with backend_config(backend, PATH=path):
+                            row[f"{backend.NAME}_{path}_ms"] = time_backend(backend, cell, T, B, H)[0]
+                    except Exception as e:  # noqa: BLE001 -- e.g. does not fit on this device
+                        row[f"{backend.NAME}_{path}_error"] = f"{type(e).__name__}: {e}"[:200]
+                with contextlib.suppress(Exception):
+                    row[f"{backend.NAME}_auto"] = backend.choose_path(cell, B, H, np.float32)
+            rows.append(row)
+            print("  " + json.dumps(row), flush=True)
+    return rows
+
+
 def time_torch(cell, T, B, H):
     import torch
     mod = (torch.nn.LSTM if cell == "lstm" else torch.nn.GRU)(H, H).cuda()
@@ -455,7 +481,7 @@ def _fmt(v, spec):
     return format(v, spec) if isinstance(v, (int, float)) else "-"
 
 
-def format_table(checks, rows, e2e, skipped, gemm_rate=None):
+def format_table(checks, rows, e2e, skipped, gemm_rate=None, path_rows=()):
     """The compact report printed last (a string)."""
     lines = []
     failed = [c for c in checks if not c.get("ok")]
@@ -490,6 +516,20 @@ def format_table(checks, rows, e2e, skipped, gemm_rate=None):
             for n in names:
                 line += (f" {_fmt(r.get(n + '_ms'), '9.3f')} {_fmt(r.get(n + '_ratio'), '6.2f')}"
                          f" {_fmt(r.get(n + '_gflops'), '6.0f')} {r.get(n + '_path', '-')[:4]:>4s}")
+            lines.append(line)
+    if path_rows:
+        names = sorted({k.rsplit("_", 2)[0] for r in path_rows for k in r if k.endswith("_persistent_ms")})
+        lines.append("")
+        lines.append("persistent vs general path (ms per step, T=100, float32, I=H; auto's pick)")
+        head = f"{'cell':5s} {'B':>4s} {'H':>5s} {'torch':>8s}"
+        for n in names:
+            head += f" {n + ' pers':>10s} {n + ' gen':>9s} {'auto':>5s}"
+        lines.append(head)
+        for r in path_rows:
+            line = f"{r['cell']:5s} {r['B']:4d} {r['H']:5d} {_fmt(r.get('torch_ms'), '8.3f')}"
+            for n in names:
+                line += (f" {_fmt(r.get(n + '_persistent_ms'), '10.3f')} {_fmt(r.get(n + '_general_ms'), '9.3f')}"
+                         f" {str(r.get(n + '_auto', '-'))[:5]:>5s}")
             lines.append(line)
     for e in e2e:
         lines.append(f"e2e {e['backend']}: rc={e['rc']} {e['wall_s']}s  {e['last_line'][:110]}")
@@ -557,13 +597,17 @@ def main(argv=None):
     print(f"correctness: {sum(c['ok'] for c in checks)}/{len(checks)} ok in {info['correctness_s']} s",
           flush=True)
 
-    rows, gemm_rate = [], None
+    rows, path_rows, gemm_rate = [], [], None
     if backends and not args.skip_bench:
         t0 = time.perf_counter()
         with contextlib.suppress(Exception):
             gemm_rate = gemm_tflops()
         rows = benchmarks(backends, torch_ok, quick=args.quick)
+        path_rows = path_comparison(backends, torch_ok, quick=args.quick)
         info["bench_s"] = round(time.perf_counter() - t0, 1)
+    for b in backends:
+        with contextlib.suppress(Exception):
+            info[f"{b.NAME}_config"] = {k: getattr(b.config, k) for k in b.config._DEFAULTS}
 
     e2e = []
     if not args.skip_e2e:
@@ -574,9 +618,10 @@ def main(argv=None):
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump({"info": info, "skipped": skipped, "gemm_tflops": gemm_rate, "checks": checks,
-                   "timings": rows, "end_to_end": e2e}, f, indent=1, default=str)
+                   "timings": rows, "path_comparison": path_rows, "end_to_end": e2e},
+                  f, indent=1, default=str)
     print(f"wrote {args.json} ({info['total_s']} s in all)\n")
-    print(format_table(checks, rows, e2e, skipped, gemm_rate))
+    print(format_table(checks, rows, e2e, skipped, gemm_rate, path_rows))
     return 0 if checks and all(c["ok"] for c in checks) and all(e["rc"] == 0 for e in e2e) else 1
 
 

@@ -51,5 +51,8 @@ def test_check_ops_and_table(gpu_check, cuda, ref, rng):
     rows = [{"cell": "lstm", "T": 100, "B": 8, "H": 128, "torch_ms": 2.0, "cuda_ms": 1.0,
              "cuda_ratio": 0.5, "cuda_gflops": 123.0, "cuda_path": "general"}]
     e2e = [{"backend": "cuda", "rc": 0, "wall_s": 3.2, "last_line": "{}"}]
-    table = gpu_check.format_table(checks, rows, e2e, {"cupy": "no GPU"}, 50.0)
+    path_rows = [{"cell": "gru", "T": 100, "B": 1, "H": 64, "cuda_persistent_ms": 0.7,
+                  "cuda_general_ms": 3.1, "cuda_auto": "persistent"}]
+    table = gpu_check.format_table(checks, rows, e2e, {"cupy": "no GPU"}, 50.0, path_rows)
     assert "5/5 checks passed" in table and "0.50" in table and "skipped backend cupy" in table
+    assert "3.100" in table and "persi" in table
