@@ -63,7 +63,8 @@ def ptx(tmp_path_factory):
     out = {}
     for path in CU_FILES:
         name = os.path.basename(path)
-        _run([NVCC, "--ptx", f"-arch={ARCH}", *_compile.COMPILE_OPTIONS, path, "-o", str(d / f"{name}.ptx")])
+        _run([NVCC, "--ptx", f"-arch={ARCH}", *_compile.COMPILE_OPTIONS, *_compile.CUPY_ADDED_OPTIONS,
+              path, "-o", str(d / f"{name}.ptx")])
         out[name] = (d / f"{name}.ptx").read_text()
     return out
 
@@ -99,7 +100,8 @@ def _nvrtc_ptx(nvrtc, source, options):
     prog = nvrtc.createProgram(_compile.load_source(source), source, (), ())
     try:
         try:
-            nvrtc.compileProgram(prog, tuple(options) + ("--gpu-architecture=compute_90",))
+            nvrtc.compileProgram(prog, tuple(options) + _compile.CUPY_ADDED_OPTIONS
+                                 + ("--gpu-architecture=compute_90",))
         except Exception as e:
             pytest.fail(f"NVRTC rejected {source} {options}: {e}\n{nvrtc.getProgramLog(prog)}")
         ptx = nvrtc.getPTX(prog)
@@ -138,7 +140,8 @@ def test_registers_and_spills(ptx, tmp_path, capsys):
             log = _run([ptxas, f"-arch={ARCH}", "-v", str(src), "-o", cubin])
         else:
             log = _run([NVCC, "--cubin", f"-arch={ARCH}", "-Xptxas", "-v", *_compile.COMPILE_OPTIONS,
-                        os.path.join(_compile.SOURCE_DIR, source), "-o", cubin])
+                        *_compile.CUPY_ADDED_OPTIONS, os.path.join(_compile.SOURCE_DIR, source),
+                        "-o", cubin])
         for block in log.split("Compiling entry function")[1:]:
             name = re.search(r"'(\w+)'", block).group(1)
             regs = int(re.search(r"Used (\d+) registers", block).group(1))

@@ -34,6 +34,9 @@ for _sfx in SUFFIX.values():
 
 SOURCES = ("recurrent.cu", "ops.cu")  # the files holding kernels; common.cu is their header
 COMPILE_OPTIONS = ("-std=c++17",)
+# what cupy.RawModule adds to every compile on its own (float32 denormals flushed to zero);
+# the offline checks compile with it too, so they see the code the GPU will run
+CUPY_ADDED_OPTIONS = ("-ftz=true",)
 _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.M)
 
 
