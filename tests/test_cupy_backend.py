@@ -183,6 +183,37 @@ def test_persistent_several_rows_blocks_and_splits(cell, splits):
 
 
 @needs_cxx
+def test_random_configurations(engines):
+    """Random cell, shape, t_start, path, item order and device size (so rows per block and
+    splits per dot vary), float64 against the reference."""
+    hyp = pytest.importorskip("hypothesis")
+    st = hyp.strategies
+
+    @hyp.settings(max_examples=40, deadline=None, derandomize=True)
+    @hyp.given(cell=st.sampled_from(CELLS), T=st.integers(1, 5), B=st.integers(1, 7),
+               I=st.integers(1, 6), H=st.integers(1, 12), n_sm=st.integers(1, 4),
+               path=st.sampled_from(["persistent", "general"]), reverse=st.booleans(),
+               data=st.data())
+    def check(cell, T, B, I, H, n_sm, path, reverse, data):
+        t_start = data.draw(st.integers(0, T - 1))
+        rows = -(-B // n_sm)
+        splits = data.draw(st.sampled_from([1, 2, 4, 8]))
+        eng = engines[reverse]
+        eng._limits = (_engine.persistent_smem_bytes(cell, H, rows, np.float64, splits), n_sm)
+        rng = np.random.default_rng(T * 1000 + B * 100 + H)
+        p, dy, dfinal, grads0 = random_problem(rng, cell, T, B, I, H, np.float64)
+        want = run_reference(cell, p, dy, dfinal, t_start, grads0)
+        got = run_engine(eng, cell, p, dy, dfinal, t_start, grads0, path, path)
+        compare(got, want, TOL[np.float64], f"{cell} T{T} B{B} I{I} H{H} {path} rows{rows}")
+
+    try:
+        check()
+    finally:
+        for eng in engines.values():
+            eng._limits = host_emulation.H100_LIMITS
+
+
+@needs_cxx
 @pytest.mark.parametrize("cell", CELLS)
 def test_paths_share_the_cache(engines, cell):
     """Forward on one path, backward on the other: same results as the reference."""
