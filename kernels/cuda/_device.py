@@ -83,12 +83,18 @@ def blocks_for(n, threads):
     return max(1, min((n + threads - 1) // threads, 65535))
 
 
+def configure_1d(kernel, n):
+    """``kernel`` configured for a grid-stride launch over ``n`` items (``config.THREADS`` per
+    block, on :func:`stream`); call the result with the kernel's arguments. Configure once
+    outside a time loop, launch every step."""
+    threads = config.THREADS
+    return kernel[blocks_for(n, threads), threads, stream()]
+
+
 def launch_1d(kernel, n, *args):
     """Launch a grid-stride ``kernel(*args)`` over ``n`` items with ``config.THREADS`` per block."""
-    if n == 0:
-        return
-    threads = config.THREADS
-    kernel[blocks_for(n, threads), threads, stream()](*kernel_args(*args))
+    if n:
+        configure_1d(kernel, n)(*kernel_args(*args))
 
 
 def asarray(a, dtype):

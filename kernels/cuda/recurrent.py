@@ -215,9 +215,10 @@ def forward(cell, x, state, w_ih, w_hh, b_ih, b_hh):
         gates_forward = cells.gate_kernels(cell)[0]
         hw = _device.empty((B, GH), dtype)                        # B,G*H  one step's h W_hh^T
         step_args = _device.kernel_args(xw, hw.reshape(-1), b_ih, b_hh, hs, cs, gates, hn)
+        launch = _device.configure_1d(gates_forward, B * H)
         for t in range(T):
             matmul(hs[t], w_hh, hw, trans_b=True)
-            _device.launch_1d(gates_forward, B * H, t, *step_args)
+            launch(t, *step_args)
 
     final = (hs[T].copy(), cs[T].copy()) if is_lstm else (hs[T].copy(),)
     if is_lstm:
@@ -286,8 +287,9 @@ def backward(cell, dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_
         dh_rec = dfinal_state[0].copy()                           # B,H  dL/dh_t via recurrence
         step_args = _device.kernel_args(dy, dh_rec.reshape(-1), dc, hs, cs, gates, hn, dgx,
                                         dgh_arg, dh)
+        launch = _device.configure_1d(gates_backward, B * H)
         for t in range(T - 1, t_start - 1, -1):
-            _device.launch_1d(gates_backward, B * H, t, *step_args)
+            launch(t, *step_args)
             matmul(dg_rec[t], w_hh, dh_rec, accumulate=True)
         dh_prev = dh_rec
 
