@@ -185,6 +185,27 @@ def run_once(argv, env, timeout=600):
     return wall, result, proc
 
 
+def openblas_thread_setter():
+    """``set(n)`` for the thread count of the OpenBLAS bundled with NumPy (``numpy.libs``: the
+    library NumPy's matmul, and the cpu backend's GEMMs, call), or None where it is not found.
+    Loading it again by path returns the already loaded library, so the switch applies to it."""
+    import ctypes
+    import glob
+    import numpy
+    libdir = os.path.join(os.path.dirname(os.path.dirname(numpy.__file__)), "numpy.libs")
+    for path in sorted(glob.glob(os.path.join(libdir, "libscipy_openblas*.so*"))):
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for name in ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads"):
+            fn = getattr(lib, name, None)
+            if fn is not None:
+                fn.argtypes, fn.restype = [ctypes.c_int], None
+                return fn
+    return None
+
+
 # ---------------------------------------------------------------------------------------------
 # dependencies
 # ---------------------------------------------------------------------------------------------

@@ -24,6 +24,10 @@ Part 2, cold start (``--no-cold`` skips): wall time of ``bptt --help`` and of
 update, with NUMBA_CACHE_DIR pointed at an empty temporary directory (cold: everything
 compiles) and then at the same directory again (warm: cached machine code is loaded).
 
+Part 3 (``--blas-threads``): one layer's step (``--layer``, default lstm; T = ``--seq``) at a
+few (B, H), with the OpenBLAS that the kernels call switched between 1 and ``--threads``
+threads inside one process, interleaved: does the second BLAS thread pay for itself?
+
 Prints tables; writes JSON to perf/results/profile-<time>.json.
 """
 
@@ -232,7 +236,31 @@ class Profiler:
                 "title": f"one char-LM training update: embedding {E}, {L}-layer LSTM {H}, "
                          f"vocabulary {V}, B={B}, k1=k2={T}, Adam ({n_params} parameters), float32"}
 
+    def blas_threads(self, r):
+        """One layer's training step with NumPy's OpenBLAS at 1 and at ``threads`` threads,
+        switched inside this process, interleaved over ``rounds``."""
+        setter = hx.openblas_thread_setter()
+        if setter is None:
+            return {"error": "no thread switch found in numpy.libs' OpenBLAS"}
+        from bench_cells import OursSide
+        side, rows, counts = OursSide(), [], (1, r["threads"])
+        side.setup()
+        for B, H in r["shapes"]:
+            step = side.build(r["cell"], r["seq"], B, H, H)
+            times = {n: [] for n in counts}
+            for k in range(r["rounds"] + 1):
+                for n in (counts if k % 2 else counts[::-1]):
+                    setter(n)
+                    t = hx.time_calls(step, 1)[0]
+                    if k:  # round 0 is the warm-up
+                        times[n].append(t)
+            setter(r["threads"])
+            rows.append({"B": B, "H": H, **{f"t{n}": times[n] for n in counts}})
+        return {"rows": rows, "blas": getattr(self.be, "BLAS_LIBRARY", "?")}
+
     def handle(self, r):
+        if r.get("op") == "blas_threads":
+            return self.blas_threads(r)
         return self.layer_step(r) if r.get("cell") else self.lm_step(r)
 
 
@@ -345,6 +373,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=hx.DEFAULT_THREADS)
     p.add_argument("--no-breakdown", action="store_true")
     p.add_argument("--no-cold", action="store_true", help="skip the cold-start measurements")
+    p.add_argument("--blas-threads", action="store_true",
+                   help="also time a layer step with OpenBLAS at 1 vs --threads threads (in-process A/B)")
     p.add_argument("--cold-repeats", type=int, default=3, help="runs of each CLI timing (default 3)")
     p.add_argument("--worker", choices=("ours", "first"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -377,6 +407,28 @@ def main(argv=None):
                 print(f"GEMM replay: {w.ready['gemm_path']}")
             except hx.WorkerError as e:
                 print(f"breakdown failed: {e}", file=sys.stderr)
+            w.close()
+    if a.blas_threads and a.threads > 1:
+        w = hx.Worker(script, "ours", a.threads)
+        req = {"op": "blas_threads", "cell": a.layer or "lstm", "seq": a.seq, "threads": a.threads,
+               "rounds": 5, "shapes": [(1, 256), (32, 256), (32, 512), (128, 512)]}
+        try:
+            if not w.alive:
+                raise hx.WorkerError(w.error)
+            res = w.call(req)
+            out["blas_threads"] = res
+            n = a.threads
+            print(f"\nBLAS threads: one {req['cell']} layer step (forward + backward), T={a.seq}, I=H, "
+                  f"with the OpenBLAS of the kernels ({res['blas']}) switched between 1 and {n} "
+                  f"threads inside one process, 5 interleaved rounds; median (best) ms.\n")
+            table = [[r["B"], r["H"],
+                      f"{hx.median(r['t1']) * 1e3:.1f} ({min(r['t1']) * 1e3:.1f})",
+                      f"{hx.median(r[f't{n}']) * 1e3:.1f} ({min(r[f't{n}']) * 1e3:.1f})",
+                      f"{hx.median(r['t1']) / hx.median(r[f't{n}']):.2f}"] for r in res["rows"]]
+            print(hx.table(["B", "H", "1 thread", f"{n} threads", f"speed-up of {n}"], table))
+        except hx.WorkerError as e:
+            print(f"BLAS threads A/B not run: {e}", file=sys.stderr)
+        finally:
             w.close()
     if not a.no_cold:
         rows = cold_start(script, a.threads, lm, a.cold_repeats)
