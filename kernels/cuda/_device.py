@@ -12,7 +12,7 @@ Decision (documented in the package docstring too):
 """
 
 import numpy as np
-from numba import cuda
+from numba import cuda, float32, float64
 
 from . import config
 
@@ -44,6 +44,7 @@ else:  # a real GPU: CuPy arrays are this backend's device arrays
     xp = cupy
 
 DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+NUMBA_DTYPE = {np.dtype(np.float32): float32, np.dtype(np.float64): float64}  # for shared arrays
 
 # Typed constants for kernel arithmetic. Compiled, a bare 1.0 would promote float32 math to
 # float64, so the constants are float32 (exact, and promoted exactly in float64 kernels).

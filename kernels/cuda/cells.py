@@ -38,11 +38,10 @@ import functools
 import math
 
 import numpy as np
-from numba import cuda, float32, float64
+from numba import cuda
 
-from ._device import ONE, SIMULATOR, ZERO
+from ._device import NUMBA_DTYPE, ONE, SIMULATOR, ZERO
 
-_NUMBA_DTYPE = {np.dtype(np.float32): float32, np.dtype(np.float64): float64}
 
 
 @cuda.jit(device=True)
@@ -244,7 +243,7 @@ def persistent_kernels(cell, dtype):
     forward_point, backward_point = POINTS[cell]
     G = GATES[cell]
     separate_dgh = SEPARATE_DGH[cell]
-    nb_dtype = _NUMBA_DTYPE[np.dtype(dtype)]
+    nb_dtype = NUMBA_DTYPE[np.dtype(dtype)]
 
     @cuda.jit(**PERSISTENT_JIT_OPTIONS)
     def persistent_forward(xw, b_ih, b_hh, w_hh, hs, cs, gates, hn):

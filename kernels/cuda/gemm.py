@@ -13,18 +13,18 @@ Plain references beside the kernels (llm.c style), checked in tests/cudasim/test
 import functools
 
 import numpy as np
-from numba import cuda, float32, float64
+from numba import cuda
 
 from . import _device, config
+from ._device import NUMBA_DTYPE
 from ._device import ZERO as _ZERO
 
-_NUMBA_DTYPE = {np.dtype(np.float32): float32, np.dtype(np.float64): float64}
 
 
 @functools.lru_cache(maxsize=None)
 def _gemm_kernel(tile, dtype):
     """The tiled GEMM kernel for square tiles of edge ``tile`` and element type ``dtype``."""
-    nb_dtype = _NUMBA_DTYPE[np.dtype(dtype)]
+    nb_dtype = NUMBA_DTYPE[np.dtype(dtype)]
 
     @cuda.jit
     def gemm(a, b, c, trans_a, trans_b, accumulate):

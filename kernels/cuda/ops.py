@@ -8,12 +8,11 @@ import functools
 import math
 
 import numpy as np
-from numba import cuda, float32, float64
+from numba import cuda, float64
 
 from . import _device, config
-from ._device import ZERO as _ZERO
+from ._device import NUMBA_DTYPE
 
-_NUMBA_DTYPE = {np.dtype(np.float32): float32, np.dtype(np.float64): float64}
 
 
 def _block_threads():
@@ -50,7 +49,7 @@ def _block_reduce(red, value, is_max):
 
 @functools.lru_cache(maxsize=None)
 def _softmax_xent_kernel(threads, dtype):
-    nb_dtype = _NUMBA_DTYPE[np.dtype(dtype)]
+    nb_dtype = NUMBA_DTYPE[np.dtype(dtype)]
 
     @cuda.jit
     def softmax_xent(logits, targets, dlogits, scale, losses):
