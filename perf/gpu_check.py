@@ -74,7 +74,8 @@ def load_backend(name):
     """(module, None) or (None, why it is unusable)."""
     try:
         from bptt import backend as dispatcher
-        reason = dispatcher._unavailable_reason(name)
+        probe = getattr(dispatcher, "_unavailable_reason", lambda _name: None)  # the dispatcher's probe
+        reason = probe(name)
         if reason is not None:
             return None, reason
         return importlib.import_module(f"bptt_kernels.{name}"), None
