@@ -16,6 +16,14 @@ Recurrent paths (``config.PATH``, see :mod:`bptt_kernels.cuda.config`)
     projection of all steps as one GEMM, per step a GEMM ``h @ W_hh^T`` and one fused gate
     kernel (Haste's design), weight gradients as big GEMMs after the backward loop.
     ``auto`` picks persistent where it fits and B*H <= ``config.PERSISTENT_MAX_PAIRS``.
+    Persistent size limits: one block's shared memory must hold
+    ``(G*H*H + B*G*H + B*H) * itemsize`` bytes; largest H (at B = 1 / 8 / 64)::
+
+                         lstm           gru            rnn
+        227 KiB float32  119/115/86     138/133/102    240/233/185   (H100/H200, opt-in)
+        227 KiB float64   84/80/54       97/93/64      169/162/118
+         48 KiB float32   54/50/28       63/58/34      109/103/64    (no opt-in; simulator)
+         48 KiB float64   38/34/16       44/40/19       77/70/37
 Caches
     :class:`LSTMCache` (x, hs, cs, gates), :class:`GRUCache` (x, hs, gates, hn),
     :class:`RNNCache` (x, hs); ``hs [T+1,B,H]`` holds h_0..h_T and the returned ``y`` is the
