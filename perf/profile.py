@@ -28,6 +28,11 @@ Part 3 (``--blas-threads``): one layer's step (``--layer``, default lstm; T = ``
 few (B, H), with the OpenBLAS that the kernels call switched between 1 and ``--threads``
 threads inside one process, interleaved: does the second BLAS thread pay for itself?
 
+Part 4 (``--step-gemm``): GFLOP/s of the per-step recurrent GEMM for B in
+1, 8, 32, 128 and H in 256, 512, 1024, done the kernels' way (CBLAS sgemm with W_hh
+transposed, gemm_nt), with a pre-transposed copy of W_hh (gemm_nn), as B matrix-vector
+products, and by torch.mm; backward dg @ W_hh the kernels' way and by torch.mm.
+
 Prints tables; writes JSON to perf/results/profile-<time>.json.
 """
 
@@ -258,7 +263,58 @@ class Profiler:
             rows.append({"B": B, "H": H, **{f"t{n}": times[n] for n in counts}})
         return {"rows": rows, "blas": getattr(self.be, "BLAS_LIBRARY", "?")}
 
+    def step_gemm(self, r):
+        """GFLOP/s of the per-step recurrent GEMM of a layer, several ways (each timed call runs
+        ``n`` of them, ~0.5 GFLOP, at most T):
+        forward h[B,H] @ W_hh^T as the kernels call it (gemm_nt on W_hh [G*H,H]), as gemm_nn on
+        a transposed copy [H,G*H], as B matrix-vector products (NumPy, one per batch row), and
+        torch.mm; backward dg[B,G*H] @ W_hh (gemm_nn) and torch.mm."""
+        np, G = self.np, GATES[r["cell"]]
+        from numba import njit
+        from bptt_kernels.cpu._blas import gemm_nn, gemm_nt
+
+        @njit
+        def steps_nt(h, w, out, n):
+            for _ in range(n):
+                gemm_nt(h, w, out, 1.0)
+
+        @njit
+        def steps_nn(h, w, out, n):
+            for _ in range(n):
+                gemm_nn(h, w, out, 1.0)
+        try:
+            import torch
+            torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+        except ImportError:
+            torch = None
+        rng, rows = np.random.default_rng(0), []
+        for B, H in r["shapes"]:
+            w = rng.standard_normal((G * H, H), dtype=np.float32)
+            wt = np.ascontiguousarray(w.T)
+            h = rng.standard_normal((B, H), dtype=np.float32)
+            dg = rng.standard_normal((B, G * H), dtype=np.float32)
+            out, dh, vec = np.zeros((B, G * H), np.float32), np.zeros((B, H), np.float32), np.zeros(G * H, np.float32)
+            T = max(1, min(r["seq"], round(5e8 / (2.0 * B * G * H * H))))
+
+            def gemv_rows():
+                for _ in range(T):
+                    for b in range(B):
+                        np.dot(w, h[b], out=vec)
+            ways = {"fwd NT [kernels]": lambda: steps_nt(h, w, out, T),
+                    "fwd NN W^T copy": lambda: steps_nn(h, wt, out, T),
+                    "fwd B x gemv": gemv_rows,
+                    "bwd NN [kernels]": lambda: steps_nn(dg, w, dh, T)}
+            if torch is not None:
+                tw, th, tdg = torch.from_numpy(w), torch.from_numpy(h), torch.from_numpy(dg)
+                ways["fwd torch"] = lambda: [torch.mm(th, tw.t()) for _ in range(T)]
+                ways["bwd torch"] = lambda: [torch.mm(tdg, tw) for _ in range(T)]
+            flops = 2.0 * T * B * G * H * H
+            rows.append({"B": B, "H": H, **{k: flops / bench(f) / 1e9 for k, f in ways.items()}})
+        return {"rows": rows}
+
     def handle(self, r):
+        if r.get("op") == "step_gemm":
+            return self.step_gemm(r)
         if r.get("op") == "blas_threads":
             return self.blas_threads(r)
         return self.layer_step(r) if r.get("cell") else self.lm_step(r)
@@ -375,6 +431,8 @@ def main(argv=None):
     p.add_argument("--no-cold", action="store_true", help="skip the cold-start measurements")
     p.add_argument("--blas-threads", action="store_true",
                    help="also time a layer step with OpenBLAS at 1 vs --threads threads (in-process A/B)")
+    p.add_argument("--step-gemm", action="store_true",
+                   help="also compare ways to do the per-step recurrent GEMM (GFLOP/s)")
     p.add_argument("--cold-repeats", type=int, default=3, help="runs of each CLI timing (default 3)")
     p.add_argument("--worker", choices=("ours", "first"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -428,6 +486,28 @@ def main(argv=None):
             print(hx.table(["B", "H", "1 thread", f"{n} threads", f"speed-up of {n}"], table))
         except hx.WorkerError as e:
             print(f"BLAS threads A/B not run: {e}", file=sys.stderr)
+        finally:
+            w.close()
+    if a.step_gemm:
+        w = hx.Worker(script, "ours", a.threads)
+        cell = a.layer or "lstm"
+        req = {"op": "step_gemm", "cell": cell, "seq": a.seq,
+               "shapes": [(b, h) for h in (256, 512, 1024) for b in (1, 8, 32, 128)]}
+        try:
+            if not w.alive:
+                raise hx.WorkerError(w.error)
+            res = w.call(req)
+            out["step_gemm"] = res
+            keys = [k for k in res["rows"][0] if k not in ("B", "H")]
+            print(f"\nPer-step recurrent GEMM of a {cell} layer (W_hh {GATES[cell]}H x H), {a.threads} "
+                  f"threads, GFLOP/s (best of >= 5). fwd: h[B,H] @ W_hh^T; NT [kernels] = CBLAS "
+                  f"sgemm on W_hh as stored (gemm_nt, what the kernels do), NN W^T copy = sgemm on a "
+                  f"transposed copy (gemm_nn), B x gemv = one NumPy matrix-vector product per row, "
+                  f"torch = torch.mm. bwd: dg[B,{GATES[cell]}H] @ W_hh.\n")
+            print(hx.table(["B", "H"] + keys,
+                           [[r["B"], r["H"]] + [hx.fmt(r[k], ".1f") for k in keys] for r in res["rows"]]))
+        except hx.WorkerError as e:
+            print(f"per-step GEMM comparison not run: {e}", file=sys.stderr)
         finally:
             w.close()
     if not a.no_cold:
