@@ -40,7 +40,7 @@ def _positive_int(name, value, minimum=1):
     return int(value)
 
 
-def copy_task(n, lag, n_symbols=5, seed=None):
+def copy_task(n, lag, n_symbols=4, seed=None):
     """The copy-memory task: ``(inputs float32 [n, T, 10], targets int64 [n, T])``, T = 2*S + lag + 1.
 
     n: sequences; lag: blank steps between the last symbol and the delimiter (>= 0);
@@ -109,7 +109,7 @@ def mse(predictions, targets):
     return float(np.mean((predictions - targets) ** 2))
 
 
-def make_task(name, n, lag, n_symbols=5, seed=None):
+def make_task(name, n, lag, n_symbols=4, seed=None):
     """``(inputs, targets)`` of task ``name``: ``copy`` with this ``lag``, or ``adding`` of length ``lag``."""
     if name == "copy":
         return copy_task(n, lag, n_symbols=n_symbols, seed=seed)

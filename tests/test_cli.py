@@ -88,6 +88,18 @@ def test_train_eval_sample_resume(tmp_path, corpus_file, capsys):
     assert events.count("train_end") == 2 and events.count("eval") == 2
 
 
+def test_default_corpus_run(tmp_path, capsys, monkeypatch):
+    """No --data: the built-in corpus; no --out: runs/default under the working directory."""
+    monkeypatch.chdir(tmp_path)
+    rc, out, err = _run(capsys, ["train", "--max-chars", "3000", "--json", *TINY])
+    assert rc == 0, err
+    summary = _json_last_line(out)
+    assert summary["out"] == os.path.join("runs", "default") and summary["steps"] == 4
+    assert "python-help-topics" in err
+    assert (tmp_path / "runs" / "default" / CHECKPOINT_FILE).is_file()
+    assert len(summary["sample"]) == 20
+
+
 def test_word_level_run(tmp_path, corpus_file, capsys):
     run = tmp_path / "words"
     rc, out, err = _run(capsys, ["train", "--data", corpus_file, "--level", "word", "--out", run,
@@ -115,6 +127,19 @@ def test_task_runs(tmp_path, capsys, task, key):
     assert rc == 1 and "language model" in err
 
 
+def test_forget_bias_shifts_only_the_lstm_forget_gates():
+    from bptt.cli import _build_model
+    cfg = dict(task="copy", hidden_size=5, num_layers=2, cell="lstm", dtype="float64", seed=4)
+    plain = _build_model(dict(cfg, forget_bias=0.0)).state_dict()
+    shifted = _build_model(dict(cfg, forget_bias=2.5)).state_dict()
+    for name, value in plain.items():
+        delta = shifted[name] - value
+        if name.startswith("rnn.bias_ih"):
+            np.testing.assert_allclose(delta, np.repeat([0, 2.5, 0, 0], 5), atol=1e-12)   # gates i, f, g, o
+        else:
+            assert not delta.any(), name
+
+
 def _error_cases(tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
@@ -134,6 +159,7 @@ def _error_cases(tmp_path):
         "eval without checkpoint": (["eval", tmp_path], "no checkpoint"),
         "bad choice": (["train", "--cell", "transformer"], "invalid choice"),
         "negative size": (["train", "--hidden-size", "-3"], "must be > 0"),
+        "forget bias on gru": (["train", "--cell", "gru", "--forget-bias", "1"], "--forget-bias is for --cell lstm"),
     }
 
 
