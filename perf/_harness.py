@@ -82,10 +82,12 @@ class Worker:
     def __init__(self, script, side, threads=DEFAULT_THREADS, env_extra=None, args=()):
         self.side = side
         self._stderr = tempfile.TemporaryFile(mode="w+")
+        self.pid = None
         self._proc = subprocess.Popen(
             [sys.executable, script, "--worker", side, *args],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
             env=child_env(threads, **(env_extra or {})), text=True, cwd=REPO_DIR)
+        self.pid = self._proc.pid
         self.ready, self.error = None, None
         try:
             reply = self._read()
@@ -273,24 +275,30 @@ def peak_rss_mb():
 class LoadMonitor:
     """How busy the machine was with OTHER processes while a benchmark ran.
 
-    Busy CPU time of the whole machine (/proc/stat) minus this process and its waited-for
-    children (os.times), over the wall time: the average number of cores other processes
-    used. Call :meth:`stop` after the workers have exited. Linux only (else None)."""
+    Busy CPU time of the whole machine (/proc/stat) minus this process, its waited-for
+    children (os.times) and the still running processes ``pids`` (/proc/<pid>/stat), over the
+    wall time: the average number of cores other processes used. Linux only (else None)."""
 
-    def __init__(self):
+    def __init__(self, pids=()):
+        self.pids = tuple(pids)
         self._start = self._sample()
 
-    @staticmethod
-    def _sample():
+    def _sample(self):
         try:
             with open("/proc/stat") as f:
                 fields = [int(v) for v in f.readline().split()[1:]]
-        except (OSError, ValueError):
+            running = 0
+            for pid in self.pids:
+                with open(f"/proc/{pid}/stat") as f:
+                    stat = f.read().rsplit(")", 1)[1].split()
+                running += int(stat[11]) + int(stat[12])  # utime, stime (fields 14, 15)
+        except (OSError, ValueError, IndexError):
             return None
+        tick = os.sysconf("SC_CLK_TCK")
         busy = sum(fields) - fields[3] - fields[4]  # everything but idle and iowait
         t = os.times()
-        ours = t.user + t.system + t.children_user + t.children_system
-        return busy / os.sysconf("SC_CLK_TCK"), ours, time.perf_counter()
+        ours = t.user + t.system + t.children_user + t.children_system + running / tick
+        return busy / tick, ours, time.perf_counter()
 
     def stop(self):
         end = self._sample()

@@ -290,8 +290,11 @@ def main(argv=None):
                   f"{a.budget} min", file=sys.stderr)
             continue
         shape = {"cell": cell, "T": T, "B": B, "I": I, "H": H}
+        shape_monitor = hx.LoadMonitor(pids=[workers[s].pid for s in live])
         times = bench_shape(workers, shape, repeats, first=n % 2)
-        row = {**shape, "flops": flops, "times": times}
+        shape_load = shape_monitor.stop()
+        row = {**shape, "flops": flops, "times": times,
+               "others": shape_load and shape_load["other_processes_cores"]}
         for side in SIDES:
             t = hx.median(times.get(side) or [])
             row[f"{side}_s"] = t
@@ -329,17 +332,18 @@ def main(argv=None):
           f"ratio of the fastest runs (steadier when other processes load the machine). "
           f"GFLOP/s counts GEMM flops 6*T*B*G*H*(I+H).\nnumpy SGEMM 2048^3 float32: "
           f"{' / '.join(f'{g:.0f}' for g in sgemm)} GFLOP/s (start / end); %sgemm uses {peak:.0f}.\n"
-          f"{hx.load_note(load)}.\n")
+          f"{hx.load_note(load)}; 'others' = the same, cores, while that row ran.\n")
     rows = [[r["cell"], r["B"], r["H"], hx.fmt(r["torch_s"] and r["torch_s"] * 1e3, ".4g"),
              hx.fmt(r["ours_s"] and r["ours_s"] * 1e3, ".4g"), hx.fmt(r["ratio"], ".2f"),
              hx.fmt(r["ratio_best"], ".2f"),
              hx.fmt(r["torch_gflops"], ".1f"), hx.fmt(r["ours_gflops"], ".1f"),
              hx.fmt(r["torch_gflops"] and 100 * r["torch_gflops"] / peak, ".0f"),
              hx.fmt(r["ours_gflops"] and 100 * r["ours_gflops"] / peak, ".0f"),
-             len(r["times"].get("ours") or r["times"].get("torch") or [])]
+             len(r["times"].get("ours") or r["times"].get("torch") or []),
+             hx.fmt(r["others"], ".1f")]
             for r in results]
     print(hx.table(["cell", "B", "H", "torch ms", "ours ms", "ratio", "best", "GF/s torch", "GF/s ours",
-                    "%sgemm torch", "%sgemm ours", "runs"], rows))
+                    "%sgemm torch", "%sgemm ours", "runs", "others"], rows))
     summary = {}
     for cell in cells:
         ratios = [r["ratio"] for r in results if r["cell"] == cell and r["ratio"]]
