@@ -33,6 +33,7 @@ def plot_cells(json_path, png_path=None):
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker  # noqa: F401
     except ImportError:
         print("plot: matplotlib is not installed (pip install matplotlib, or the project's "
               "'plot' extra); no PNG written", file=sys.stderr)
@@ -53,7 +54,11 @@ def plot_cells(json_path, png_path=None):
             ax.plot([h for h, _ in pts], [v for _, v in pts], marker="o", label=f"B={B}")
         ax.axhline(1.0, color="gray", linestyle="--", linewidth=1)
         ax.set_xscale("log", base=2)
+        hs = sorted({r["H"] for r in rows if r["cell"] == cell})
+        ax.set_xticks(hs, [str(h) for h in hs])
+        ax.minorticks_off()
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
         ax.set_title(cell)
         ax.set_xlabel("hidden size H")
         ax.grid(True, which="both", alpha=0.3)
