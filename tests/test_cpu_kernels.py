@@ -320,3 +320,35 @@ def test_array_plumbing():
     assert isinstance(cpu.to_host(a), np.ndarray)
     z = cpu.zeros((2, 3), np.float64)
     assert z.shape == (2, 3) and not z.any()
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+@pytest.mark.parametrize("cell", CELLS)
+def test_time_loop_split_over_threads(cell, workers, monkeypatch):
+    """The time loop split by batch rows over 1 or 3 threads (B=5: uneven ranges) gives the
+    same result as the reference."""
+    from bptt_kernels.cpu import _loop
+    monkeypatch.setattr(_loop, "blas_threads", lambda: workers)
+    T, B, I, H = 6, 5, 4, 7
+    rng = np.random.default_rng(13)
+    x, state, w = random_layer(rng, cell, np.float64, T, B, I, H)
+    dy = rng.standard_normal((T, B, H))
+    dfinal = tuple(rng.standard_normal((B, H)) for _ in state)
+    grads0 = {n: np.zeros_like(a) for n, a in w.items()}
+    got = run_cell(cpu, cell, x, state, w, dy, dfinal, grads0, 1)
+    want = run_cell(ref, cell, x, state, w, dy, dfinal, grads0, 1)
+    for name in ("y", "dx", "dh"):
+        assert_close(got[name], want[name], np.float64, name)
+    for k in range(len(state)):
+        assert_close(got["dstate"][k], want["dstate"][k], np.float64, f"dstate[{k}]")
+    for name in grads0:
+        assert_close(got["grads"][name], want["grads"][name], np.float64, f"d{name}")
+
+
+def test_batch_slices_cover_rows():
+    from bptt_kernels.cpu._loop import batch_slices
+    for B in range(1, 12):
+        for workers in range(1, B + 1):
+            s = batch_slices(B, workers)
+            assert len(s) == workers and s[0][0] == 0 and s[-1][1] == B
+            assert all(a[1] == b[0] and a[0] < a[1] for a, b in zip(s, s[1:]))

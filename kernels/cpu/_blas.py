@@ -16,6 +16,16 @@ GEMM with row-major leading dimensions:
 * ``gemm_nt(a, b, c, beta)``  c[M,N] = a[M,K] @ b[N,K]^T + beta * c
 * ``gemm_nn(a, b, c, beta)``  c[M,N] = a[M,K] @ b[K,N]   + beta * c
 * ``gemm_tn(a, b, c, beta)``  c[M,N] = a[K,M]^T @ b[K,N] + beta * c
+
+Per-step GEMMs use ``gemm_step(a, w, w_t, c, beta)`` (c = a @ w^T + beta * c) with both
+layouts of the weight at hand: one row (batch 1) runs as dot products over w's rows, several
+rows as ``a @ w_t``. Measured per step, one thread, float32, OpenBLAS 0.3.30: LSTM H=256 B=1
+w-form 14 us against 36 us; B=32, H=128 w_t-form 52 us against 71 us (80 against 59 GFLOP/s);
+B=32, H=512 0.98 against 1.23 ms.
+
+``blas_threads()`` / ``set_blas_threads(n)`` read and set OpenBLAS's thread count (through
+``openblas_set_num_threads_local``, which returns the previous value); ``_loop.py`` uses them
+to keep the time loop's small GEMMs on one thread.
 """
 
 import ctypes
@@ -59,14 +69,33 @@ def _load_cblas():
             continue
         llvm.add_symbol("bptt_cblas_sgemm", s_addr)
         llvm.add_symbol("bptt_cblas_dgemm", d_addr)
-        return f"{os.path.basename(path)} ({s_name}, {d_name})"
+        return lib, f"{os.path.basename(path)} ({s_name}, {d_name})"
     raise ImportError(
         "bptt_kernels.cpu needs the OpenBLAS bundled with NumPy (numpy.libs) or SciPy "
         "(scipy.libs), as installed from PyPI wheels; none was usable. Tried: "
         + ("; ".join(tried) or "no candidate library found"))
 
 
-BLAS_LIBRARY = _load_cblas()
+_LIB, BLAS_LIBRARY = _load_cblas()
+_GET_THREADS = next((getattr(_LIB, n) for n in ("scipy_openblas_get_num_threads64_",
+                                               "scipy_openblas_get_num_threads",
+                                               "openblas_get_num_threads") if hasattr(_LIB, n)), None)
+_SET_THREADS = getattr(_LIB, "openblas_set_num_threads_local", None)  # OpenBLAS >= 0.3.27
+for _f in (_GET_THREADS, _SET_THREADS):
+    if _f is not None:
+        _f.restype = ctypes.c_int
+if _SET_THREADS is not None:
+    _SET_THREADS.argtypes = [ctypes.c_int]
+
+
+def blas_threads():
+    """How many threads OpenBLAS uses for a large GEMM (OPENBLAS_NUM_THREADS, threadpoolctl...)."""
+    return max(int(_GET_THREADS()), 1) if _GET_THREADS is not None else 1
+
+
+def set_blas_threads(n):
+    """Set OpenBLAS's thread count; return the previous one (no-op returning n if unsupported)."""
+    return int(_SET_THREADS(int(n))) if _SET_THREADS is not None else n
 
 # Integer arguments are declared 64-bit. For the 32-bit-integer fallback library this relies
 # on the x86-64 / AArch64 Linux calling conventions (integer arguments in 64-bit registers or
@@ -144,6 +173,15 @@ def gemm_nn(a, b, c, beta):
         return
     _gemm(_NO_TRANS, _NO_TRANS, m, n, k, 1.0, a, _row_stride(a), b, _row_stride(b),
           beta, c, _row_stride(c))
+
+
+@njit(cache=True)
+def gemm_step(a, w, w_t, c, beta):
+    """c[M,N] = a[M,K] @ w[N,K]^T + beta * c for one time step; w_t: [K,N] = w^T (contiguous)."""
+    if a.shape[0] == 1:
+        gemm_nt(a, w, c, beta)
+    else:
+        gemm_nn(a, w_t, c, beta)
 
 
 @njit(cache=True)

@@ -6,7 +6,8 @@
 Forward: one GEMM projects the inputs of all T steps; each step computes h @ W_hh^T (GEMM)
 into a [B,3H] scratch and runs the fused gate loop. Backward: the gate-gradient loop per step
 and one GEMM for the gradient flowing into h_{t-1}; parameter gradients and dx follow as large
-GEMMs over all steps. The input side and the hidden side differ only in the n block
+GEMMs over all steps; the time loops run split by batch rows over threads
+(``_loop.run_time_loop``). The input side and the hidden side differ only in the n block
 (dL/d(W_hn h + b_hn) = r * dL/d(n pre-activation)), so backward keeps both.
 """
 
@@ -15,7 +16,8 @@ from typing import NamedTuple
 import numpy as np
 
 from . import _args
-from ._blas import gemm_nn, gemm_nt
+from ._blas import gemm_nt, gemm_step
+from ._loop import run_time_loop
 from ._common import finish_backward
 from ._math import jit, one_like, sigmoid_, tanh_
 
@@ -51,17 +53,17 @@ def _cell_forward(g, hw, b_ih, b_hh, h_prev, hn, h, H):
         h[j] = (one - z) * n + z * h_prev[j]              # new hidden state
 
 
-@jit
-def _forward_kernel(x, h0, w_ih, w_hh, b_ih, b_hh, gates, hn, y, hw):
-    # x: [T,B,I]  h0: [B,H]  w_ih: [3H,I]  w_hh: [3H,H]  b_ih, b_hh: [3H]
-    # gates: [T,B,3H] out  hn, y: [T,B,H] out  hw: [B,3H] scratch
-    T, B, I = x.shape
+@jit(nogil=True)
+def _forward_steps(h0, w_hh, w_hh_t, b_ih, b_hh, gates, hn, y, hw, b0, b1):
+    # The time loop for batch rows b0:b1 (rows are independent: threads take disjoint ranges).
+    # h0: [B,H]  w_hh: [3H,H]  w_hh_t: [H,3H] = w_hh^T  b_ih, b_hh: [3H]
+    # gates: [T,B,3H] in x W_ih^T, out activated gates  hn, y: [T,B,H] out  hw: [B,3H] scratch
+    T = gates.shape[0]
     H = h0.shape[1]
-    gemm_nt(x.reshape(T * B, I), w_ih, gates.reshape(T * B, G * H), 0.0)  # x W_ih^T, all steps
     for t in range(T):
         h_prev = h0 if t == 0 else y[t - 1]
-        gemm_nt(h_prev, w_hh, hw, 0.0)                                      # h W_hh^T
-        for b in range(B):
+        gemm_step(h_prev[b0:b1], w_hh, w_hh_t, hw[b0:b1], 0.0)            # h W_hh^T
+        for b in range(b0, b1):
             _cell_forward(gates[t, b], hw[b], b_ih, b_hh, h_prev[b], hn[t, b], y[t, b], H)
 
 
@@ -86,35 +88,36 @@ def _cell_backward(dy, dh_next, gates, hn, h_prev, dg_x, dg_h, dh, H):
         dh_next[j] = dhj * z
 
 
-@jit
-def _backward_kernel(dy, x, h0, gates, hn, y, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh,
-                     t_start, dh_next, dg_x, dg_h, dx, dh):
-    # dy: [T,B,H]  x: [T,B,I]  h0: [B,H]  gates: [T,B,3H]  hn, y: [T,B,H]
-    # w_ih: [3H,I]  w_hh: [3H,H]  dw_ih: [3H,I] +=  dw_hh: [3H,H] +=  db_ih, db_hh: [3H] +=
+@jit(nogil=True)
+def _backward_steps(dy, h0, gates, hn, y, w_hh, w_hh_t, t_start, dh_next, dg_x, dg_h, dh, b0, b1):
+    # The time loop backwards for batch rows b0:b1 (threads take disjoint ranges).
+    # dy: [T,B,H]  h0: [B,H]  gates: [T,B,3H]  hn, y: [T,B,H]  w_hh: [3H,H]  w_hh_t: [H,3H]
+    # t_start: first step to backpropagate through
     # dh_next: [B,H] in: dL/dh_T, out: dL/d(h entering t_start)
-    # dg_x, dg_h: [T,B,3H] scratch  dx: [T,B,I] out  dh: [T,B,H] out
-    T, B, I = x.shape
+    # dg_x, dg_h: [T,B,3H] out (rows t >= t_start)  dh: [T,B,H] out (rows t >= t_start)
+    T = gates.shape[0]
     H = h0.shape[1]
     for t in range(T - 1, t_start - 1, -1):
         h_prev = h0 if t == 0 else y[t - 1]
-        for b in range(B):
+        for b in range(b0, b1):
             _cell_backward(dy[t, b], dh_next[b], gates[t, b], hn[t, b], h_prev[b],
                            dg_x[t, b], dg_h[t, b], dh[t, b], H)
-        gemm_nn(dg_h[t], w_hh, dh_next, 1.0)              # dL/dh_{t-1} = z dh + dg_h W_hh
-    finish_backward(x, h0, y, dg_x, dg_h, w_ih, dw_ih, dw_hh, db_ih, db_hh, dx, dh, t_start)
+        gemm_step(dg_h[t, b0:b1], w_hh_t, w_hh, dh_next[b0:b1], 1.0)  # += dg_h W_hh (z dh there)
 
 
 def gru_forward(x, state, w_ih, w_hh, b_ih, b_hh):
     """x [T,B,I], state (h0 [B,H],), w_ih [3H,I], w_hh [3H,H], b_ih, b_hh [3H]
     -> y [T,B,H], (h_T,), GRUCache."""
     x, (h0,), w_ih, w_hh, b_ih, b_hh = _args.forward_args(G, 1, x, state, w_ih, w_hh, b_ih, b_hh)
-    T, B, _ = x.shape
+    T, B, I = x.shape
     H = w_hh.shape[1]
     gates = _args.empty((T, B, G * H), x.dtype)
     hn, y = _args.empty((T, B, H), x.dtype), _args.empty((T, B, H), x.dtype)
-    h0 = h0.copy()
     hw = _args.empty((B, G * H), x.dtype)
-    _forward_kernel(x, h0, w_ih, w_hh, b_ih, b_hh, gates, hn, y, hw)
+    h0 = h0.copy()
+    gemm_nt(x.reshape(T * B, I), w_ih, gates.reshape(T * B, G * H), 0.0)  # x W_ih^T, all steps
+    run_time_loop(_forward_steps, (h0, w_hh, np.ascontiguousarray(w_hh.T), b_ih, b_hh,
+                                   gates, hn, y, hw), B, B * G * H * H)
     return y, (y[-1].copy(),), GRUCache(x, h0, gates, hn, y)
 
 
@@ -124,11 +127,15 @@ def gru_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh
     dy, (dh_next,), w_ih, w_hh, t_start = _args.backward_args(
         G, 1, GRUCache, dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh, t_start)
     x = cache.x
+    B, H = dh_next.shape
     dh_next = dh_next.copy()
     dg_x = _args.empty(cache.gates.shape, x.dtype)
     dg_h = _args.empty(cache.gates.shape, x.dtype)
     dx = _args.empty(x.shape, x.dtype)
     dh = _args.empty(dy.shape, x.dtype)
-    _backward_kernel(dy, x, cache.h0, cache.gates, cache.hn, cache.y, w_ih, w_hh,
-                     dw_ih, dw_hh, db_ih, db_hh, t_start, dh_next, dg_x, dg_h, dx, dh)
+    run_time_loop(_backward_steps, (dy, cache.h0, cache.gates, cache.hn, cache.y, w_hh,
+                                    np.ascontiguousarray(w_hh.T), t_start, dh_next, dg_x, dg_h,
+                                    dh), B, B * G * H * H)
+    finish_backward(x, cache.h0, cache.y, dg_x, dg_h, w_ih, dw_ih, dw_hh, db_ih, db_hh,
+                    dx, dh, t_start)
     return dx, (dh_next,), dh

@@ -7,7 +7,8 @@
 Forward: one GEMM projects the inputs of all T steps; each step adds h @ W_hh^T (GEMM) and
 runs the fused gate loop. Backward: each step runs the fused gate-gradient loop and one GEMM
 (dgates @ W_hh) for the gradient flowing into h_{t-1}; parameter gradients and dx follow as
-large GEMMs over all steps (``_common.finish_backward``).
+large GEMMs over all steps (``_common.finish_backward``). The time loops run split by batch
+rows over threads (``_loop.run_time_loop``).
 """
 
 from typing import NamedTuple
@@ -15,7 +16,8 @@ from typing import NamedTuple
 import numpy as np
 
 from . import _args
-from ._blas import gemm_nn, gemm_nt
+from ._blas import gemm_nt, gemm_step
+from ._loop import run_time_loop
 from ._common import finish_backward
 from ._math import jit, one_like, sigmoid_, tanh_
 
@@ -53,18 +55,18 @@ def _cell_forward(g, bias, c_prev, c, tanh_c, h, H):
         h[j] = o * tc                                     # new hidden state
 
 
-@jit
-def _forward_kernel(x, h0, c0, w_ih, w_hh, bias, gates, c, tanh_c, y):
-    # x: [T,B,I]  h0, c0: [B,H]  w_ih: [4H,I]  w_hh: [4H,H]  bias: [4H] (b_ih + b_hh)
-    # gates: [T,B,4H] out  c, tanh_c, y: [T,B,H] out
-    T, B, I = x.shape
+@jit(nogil=True)
+def _forward_steps(h0, c0, w_hh, w_hh_t, bias, gates, c, tanh_c, y, b0, b1):
+    # The time loop for batch rows b0:b1 (rows are independent: threads take disjoint ranges).
+    # h0, c0: [B,H]  w_hh: [4H,H]  w_hh_t: [H,4H] = w_hh^T  bias: [4H] (b_ih + b_hh)
+    # gates: [T,B,4H] in x W_ih^T, out activated gates  c, tanh_c, y: [T,B,H] out
+    T = gates.shape[0]
     H = h0.shape[1]
-    gemm_nt(x.reshape(T * B, I), w_ih, gates.reshape(T * B, G * H), 0.0)  # x W_ih^T, all steps
     for t in range(T):
-        h_prev = h0 if t == 0 else y[t - 1]
+        h_prev = h0[b0:b1] if t == 0 else y[t - 1, b0:b1]
         c_prev = c0 if t == 0 else c[t - 1]
-        gemm_nt(h_prev, w_hh, gates[t], 1.0)                                # += h W_hh^T
-        for b in range(B):
+        gemm_step(h_prev, w_hh, w_hh_t, gates[t, b0:b1], 1.0)             # += h W_hh^T
+        for b in range(b0, b1):
             _cell_forward(gates[t, b], bias, c_prev[b], c[t, b], tanh_c[t, b], y[t, b], H)
 
 
@@ -89,34 +91,36 @@ def _cell_backward(dy, dh_next, dc_next, gates, c_prev, tanh_c, dgates, dh, H):
         dc_next[j] = dcj * f
 
 
-@jit
-def _backward_kernel(dy, x, h0, c0, gates, c, tanh_c, y, w_ih, w_hh,
-                     dw_ih, dw_hh, db_ih, db_hh, t_start, dh_next, dc_next, dgates, dx, dh):
-    # dy: [T,B,H]  x: [T,B,I]  h0, c0: [B,H]  gates: [T,B,4H]  c, tanh_c, y: [T,B,H]
-    # w_ih: [4H,I]  w_hh: [4H,H]  dw_ih: [4H,I] +=  dw_hh: [4H,H] +=  db_ih, db_hh: [4H] +=
+@jit(nogil=True)
+def _backward_steps(dy, c0, gates, c, tanh_c, w_hh, w_hh_t, t_start, dh_next, dc_next,
+                    dgates, dh, b0, b1):
+    # The time loop backwards for batch rows b0:b1 (threads take disjoint ranges).
+    # dy: [T,B,H]  c0: [B,H]  gates: [T,B,4H]  c, tanh_c: [T,B,H]  w_hh: [4H,H]
+    # w_hh_t: [H,4H] = w_hh^T  t_start: first step to backpropagate through
     # dh_next, dc_next: [B,H] in: dL/d(final state), out: dL/d(state entering t_start)
-    # dgates: [T,B,4H] scratch  dx: [T,B,I] out  dh: [T,B,H] out
-    T, B, I = x.shape
-    H = h0.shape[1]
+    # dgates: [T,B,4H] out (rows t >= t_start)  dh: [T,B,H] out (rows t >= t_start)
+    T = gates.shape[0]
+    H = c0.shape[1]
     for t in range(T - 1, t_start - 1, -1):
         c_prev = c0 if t == 0 else c[t - 1]
-        for b in range(B):
+        for b in range(b0, b1):
             _cell_backward(dy[t, b], dh_next[b], dc_next[b], gates[t, b], c_prev[b],
                            tanh_c[t, b], dgates[t, b], dh[t, b], H)
-        gemm_nn(dgates[t], w_hh, dh_next, 0.0)                 # dL/dh_{t-1} = dgates W_hh
-    finish_backward(x, h0, y, dgates, dgates, w_ih, dw_ih, dw_hh, db_ih, db_hh, dx, dh, t_start)
+        gemm_step(dgates[t, b0:b1], w_hh_t, w_hh, dh_next[b0:b1], 0.0)  # dL/dh_{t-1} = dgates W_hh
 
 
 def lstm_forward(x, state, w_ih, w_hh, b_ih, b_hh):
     """x [T,B,I], state (h0 [B,H], c0 [B,H]), w_ih [4H,I], w_hh [4H,H], b_ih, b_hh [4H]
     -> y [T,B,H], (h_T, c_T), LSTMCache."""
     x, (h0, c0), w_ih, w_hh, b_ih, b_hh = _args.forward_args(G, 2, x, state, w_ih, w_hh, b_ih, b_hh)
-    T, B, _ = x.shape
+    T, B, I = x.shape
     H = w_hh.shape[1]
     gates = _args.empty((T, B, G * H), x.dtype)
     c, tanh_c, y = (_args.empty((T, B, H), x.dtype) for _ in range(3))
     h0, c0 = h0.copy(), c0.copy()
-    _forward_kernel(x, h0, c0, w_ih, w_hh, b_ih + b_hh, gates, c, tanh_c, y)
+    gemm_nt(x.reshape(T * B, I), w_ih, gates.reshape(T * B, G * H), 0.0)  # x W_ih^T, all steps
+    run_time_loop(_forward_steps, (h0, c0, w_hh, np.ascontiguousarray(w_hh.T), b_ih + b_hh,
+                                   gates, c, tanh_c, y), B, B * G * H * H)
     return y, (y[-1].copy(), c[-1].copy()), LSTMCache(x, h0, c0, gates, c, tanh_c, y)
 
 
@@ -126,11 +130,14 @@ def lstm_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_h
     dy, (dh_next, dc_next), w_ih, w_hh, t_start = _args.backward_args(
         G, 2, LSTMCache, dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh, t_start)
     x = cache.x
+    B, H = dh_next.shape
     dh_next, dc_next = dh_next.copy(), dc_next.copy()
     dgates = _args.empty(cache.gates.shape, x.dtype)
     dx = _args.empty(x.shape, x.dtype)
     dh = _args.empty(dy.shape, x.dtype)
-    _backward_kernel(dy, x, cache.h0, cache.c0, cache.gates, cache.c, cache.tanh_c, cache.y,
-                     w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh, t_start, dh_next, dc_next,
-                     dgates, dx, dh)
+    run_time_loop(_backward_steps, (dy, cache.c0, cache.gates, cache.c, cache.tanh_c, w_hh,
+                                    np.ascontiguousarray(w_hh.T), t_start, dh_next, dc_next,
+                                    dgates, dh), B, B * G * H * H)
+    finish_backward(x, cache.h0, cache.y, dgates, dgates, w_ih, dw_ih, dw_hh, db_ih, db_hh,
+                    dx, dh, t_start)
     return dx, (dh_next, dc_next), dh

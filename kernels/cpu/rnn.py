@@ -5,7 +5,8 @@
 Forward: one GEMM writes the input projections of all T steps straight into y; each step adds
 h @ W_hh^T (GEMM) and applies bias and activation in place. Backward: per step the activation
 derivative (from the saved output) and one GEMM for the gradient flowing into h_{t-1};
-parameter gradients and dx follow as large GEMMs over all steps.
+parameter gradients and dx follow as large GEMMs over all steps. The time loops run split by
+batch rows over threads (``_loop.run_time_loop``).
 """
 
 from typing import NamedTuple
@@ -13,7 +14,8 @@ from typing import NamedTuple
 import numpy as np
 
 from . import _args
-from ._blas import gemm_nn, gemm_nt
+from ._blas import gemm_nt, gemm_step
+from ._loop import run_time_loop
 from ._common import finish_backward
 from ._math import jit, one_like, tanh_
 
@@ -28,17 +30,18 @@ class RNNCache(NamedTuple):
     relu: bool          # activation: relu if True, else tanh
 
 
-@jit
-def _forward_kernel(x, h0, w_ih, w_hh, bias, relu, y):
-    # x: [T,B,I]  h0: [B,H]  w_ih: [H,I]  w_hh: [H,H]  bias: [H] (b_ih + b_hh)  relu: bool
-    # y: [T,B,H] out
-    T, B, I = x.shape
+@jit(nogil=True)
+def _forward_steps(h0, w_hh, w_hh_t, bias, relu, y, b0, b1):
+    # The time loop for batch rows b0:b1 (rows are independent: threads take disjoint ranges).
+    # h0: [B,H]  w_hh: [H,H]  w_hh_t: [H,H] = w_hh^T  bias: [H] (b_ih + b_hh)  relu: bool
+    # y: [T,B,H] in x W_ih^T, out h_1 .. h_T
+    T = y.shape[0]
     H = h0.shape[1]
     zero = 0 * bias[0]
-    gemm_nt(x.reshape(T * B, I), w_ih, y.reshape(T * B, H), 0.0)   # x W_ih^T, all steps
     for t in range(T):
-        gemm_nt(h0 if t == 0 else y[t - 1], w_hh, y[t], 1.0)        # += h W_hh^T
-        for b in range(B):
+        h_prev = h0 if t == 0 else y[t - 1]
+        gemm_step(h_prev[b0:b1], w_hh, w_hh_t, y[t, b0:b1], 1.0)          # += h W_hh^T
+        for b in range(b0, b1):
             h = y[t, b]
             if relu:
                 for j in range(H):
@@ -48,19 +51,17 @@ def _forward_kernel(x, h0, w_ih, w_hh, bias, relu, y):
                     h[j] = tanh_(h[j] + bias[j])
 
 
-@jit
-def _backward_kernel(dy, x, h0, y, relu, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh,
-                     t_start, dh_next, da, dx, dh):
-    # dy: [T,B,H]  x: [T,B,I]  h0: [B,H]  y: [T,B,H]  relu: bool
-    # w_ih: [H,I]  w_hh: [H,H]  dw_ih: [H,I] +=  dw_hh: [H,H] +=  db_ih, db_hh: [H] +=
+@jit(nogil=True)
+def _backward_steps(dy, y, relu, w_hh, w_hh_t, t_start, dh_next, da, dh, b0, b1):
+    # The time loop backwards for batch rows b0:b1 (threads take disjoint ranges).
+    # dy, y: [T,B,H]  relu: bool  w_hh: [H,H]  w_hh_t: [H,H] = w_hh^T  t_start: first step
     # dh_next: [B,H] in: dL/dh_T, out: dL/d(h entering t_start)
-    # da: [T,B,H] scratch dL/d(pre-activation)  dx: [T,B,I] out  dh: [T,B,H] out
-    T, B, I = x.shape
-    H = h0.shape[1]
+    # da: [T,B,H] out dL/d(pre-activation)  dh: [T,B,H] out (rows t >= t_start)
+    T, _, H = y.shape
     one = one_like(y[0, 0, 0])
     zero = 0 * one
     for t in range(T - 1, t_start - 1, -1):
-        for b in range(B):
+        for b in range(b0, b1):
             dyb, dnb, hb, dab, dhb = dy[t, b], dh_next[b], y[t, b], da[t, b], dh[t, b]
             for j in range(H):
                 dhj = dyb[j] + dnb[j]
@@ -69,16 +70,18 @@ def _backward_kernel(dy, x, h0, y, relu, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh,
                     dab[j] = dhj if hb[j] > zero else zero
                 else:
                     dab[j] = dhj * (one - hb[j] * hb[j])
-        gemm_nn(da[t], w_hh, dh_next, 0.0)                    # dL/dh_{t-1} = da W_hh
-    finish_backward(x, h0, y, da, da, w_ih, dw_ih, dw_hh, db_ih, db_hh, dx, dh, t_start)
+        gemm_step(da[t, b0:b1], w_hh_t, w_hh, dh_next[b0:b1], 0.0)    # dL/dh_{t-1} = da W_hh
 
 
 def _forward(relu, x, state, w_ih, w_hh, b_ih, b_hh):
     x, (h0,), w_ih, w_hh, b_ih, b_hh = _args.forward_args(G, 1, x, state, w_ih, w_hh, b_ih, b_hh)
-    T, B, _ = x.shape
-    y = _args.empty((T, B, w_hh.shape[1]), x.dtype)
+    T, B, I = x.shape
+    H = w_hh.shape[1]
+    y = _args.empty((T, B, H), x.dtype)
     h0 = h0.copy()
-    _forward_kernel(x, h0, w_ih, w_hh, b_ih + b_hh, relu, y)
+    gemm_nt(x.reshape(T * B, I), w_ih, y.reshape(T * B, H), 0.0)  # x W_ih^T, all steps
+    run_time_loop(_forward_steps, (h0, w_hh, np.ascontiguousarray(w_hh.T), b_ih + b_hh, relu, y),
+                  B, B * H * H)
     return y, (y[-1].copy(),), RNNCache(x, h0, y, relu)
 
 
@@ -89,12 +92,14 @@ def _backward(relu, dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db
         raise ValueError(f"cache comes from rnn_{'relu' if cache.relu else 'tanh'}_forward, "
                          f"not rnn_{'relu' if relu else 'tanh'}_forward")
     x = cache.x
+    B, H = dh_next.shape
     dh_next = dh_next.copy()
     da = _args.empty(dy.shape, x.dtype)
     dx = _args.empty(x.shape, x.dtype)
     dh = _args.empty(dy.shape, x.dtype)
-    _backward_kernel(dy, x, cache.h0, cache.y, relu, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh,
-                     t_start, dh_next, da, dx, dh)
+    run_time_loop(_backward_steps, (dy, cache.y, relu, w_hh, np.ascontiguousarray(w_hh.T),
+                                    t_start, dh_next, da, dh), B, B * H * H)
+    finish_backward(x, cache.h0, cache.y, da, da, w_ih, dw_ih, dw_hh, db_ih, db_hh, dx, dh, t_start)
     return dx, (dh_next,), dh
 
 
