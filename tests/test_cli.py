@@ -140,6 +140,27 @@ def test_forget_bias_shifts_only_the_lstm_forget_gates():
             assert not delta.any(), name
 
 
+def test_grad_norms_written(tmp_path, corpus_file, capsys):
+    run = tmp_path / "gn"
+    rc, out, err = _run(capsys, ["train", "--data", corpus_file, "--out", run, "--grad-norms", "--k2", "12",
+                                 "--json", *TINY])
+    assert rc == 0, err
+    records = json.loads((run / "grad_norms.json").read_text())
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    first = records[0]["dh_norms"][0]            # level 0, oldest step first, the whole k2 window
+    assert len(first) == 6 and all(v > 0 for v in first)   # the first window is the first chunk
+
+
+def test_diverging_run_is_one_line(tmp_path, corpus_file, capsys):
+    rc, out, err = _run(capsys, ["train", "--data", corpus_file, "--out", tmp_path / "div", "--cell", "rnn_relu",
+                                 "--lr", "1000", "--clip", "0", "--hidden-size", "16", "--max-steps", "30",
+                                 "--k1", "8", "--batch-size", "3"])
+    assert rc == 1
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("bptt train:")]
+    assert len(lines) == 1 and "non-finite" in lines[0] and "--lr" in lines[0]
+    assert "Traceback" not in err and "Warning" not in err
+
+
 def _error_cases(tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
@@ -247,3 +268,33 @@ def test_sampling_bad_arguments(lm_and_vocab):
     with pytest.raises(ValueError, match="top_k"):
         sample(model, vocab, 5, top_k=0)
     assert sample(model, vocab, 0, prime="ab€") == "ab€"
+
+
+class _Stream:
+    def __init__(self, tty):
+        self.tty, self.text = tty, ""
+
+    def isatty(self):
+        return self.tty
+
+    def write(self, s):
+        self.text += s
+
+    def flush(self):
+        pass
+
+
+@pytest.mark.parametrize("tty", [True, False])
+def test_progress_redraws_on_a_terminal_and_writes_lines_otherwise(tty):
+    from bptt.cli import Progress
+    stream = _Stream(tty)
+    progress = Progress(total=4, stream=stream, every_s=0.0)
+    for step in range(1, 5):
+        progress({"step": step, "epoch": 0, "loss": 2.0 / step, "tokens": 100})
+    progress.close()
+    assert "step 4" in stream.text and "100%" in stream.text and "tok/s" in stream.text
+    if tty:
+        assert stream.text.count("\r") >= 4 and stream.text.count("\n") == 1
+    else:
+        assert "\r" not in stream.text and stream.text.count("\n") >= 4
+    assert progress.recent_loss() == pytest.approx(np.mean([2.0, 1.0, 2 / 3, 0.5]))
