@@ -78,11 +78,9 @@ def _load(name):
         raise TypeError(f"backend name must be a str, got {type(name).__name__}")
     name = name.strip().lower()
     if name == "auto":
-        for candidate in ("cupy", "cuda"):
-            if _unavailable_reason(candidate) is None:
-                print(f"bptt: BPTT_BACKEND=auto picked '{candidate}'", file=sys.stderr)
-                return importlib.import_module(f"bptt_kernels.{candidate}")
-        return importlib.import_module("bptt_kernels.cpu")
+        picked = next((c for c in ("cupy", "cuda") if _unavailable_reason(c) is None), "cpu")
+        print(f"bptt: BPTT_BACKEND=auto picked '{picked}'", file=sys.stderr)
+        return importlib.import_module(f"bptt_kernels.{picked}")
     if name not in KNOWN:
         raise ValueError(
             f"unknown backend {name!r}; known backends: {', '.join(KNOWN + ('auto',))}")

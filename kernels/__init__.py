@@ -21,8 +21,9 @@ Array plumbing
 ``NAME``                          backend name: "reference", "cpu", "cuda", "cupy".
 ``xp``                            its array module (``numpy`` or ``cupy``).
 ``DTYPES``                        tuple of supported numpy dtypes (float32 always; float64 on cpu/reference).
-``asarray(a, dtype)``             copy a host/array-like to a C-contiguous device array of ``dtype``.
-``to_host(a)``                    device array -> ``numpy.ndarray``.
+``asarray(a, dtype)``             a host/array-like as a C-contiguous device array of ``dtype``; it may
+                                  share memory with ``a`` (numpy backends): copy before mutating.
+``to_host(a)``                    device array -> ``numpy.ndarray`` (may alias ``a`` on numpy backends).
 ``zeros(shape, dtype)``           zero-filled device array.
 
 Recurrent layers (one layer, all T steps per call; the time loop lives in the kernel)

@@ -158,8 +158,6 @@ def test_auto_picks_cpu_without_gpu(setting):
     assert run_auto(setting)[0] == "cpu"
 
 
-@pytest.mark.xfail(reason="the dispatcher reports auto's pick only when it picks a GPU backend; "
-                          "DESIGN.md 3 asks it to report every pick (remove this mark once it does)")
 def test_auto_reports_which_backend_it_picked():
     picked, stderr = run_auto("auto")
     assert "auto" in stderr and picked in stderr, f"stderr was: {stderr!r}"
