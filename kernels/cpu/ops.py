@@ -8,15 +8,36 @@ import math
 import numpy as np
 
 from . import _args
-from ._math import jit
+from ._math import exp_, jit
 
 
 # ----------------------------------------------------------------------------- cross-entropy
 
+@jit(fastmath={"reassoc"})
+def _sum_f64(a):
+    # a: [V] -> sum in float64; reassociation lets LLVM vectorise it (a pairwise-like order)
+    total = 0.0
+    for j in range(a.shape[0]):
+        total += np.float64(a[j])
+    return total
+
+
+@jit(fastmath={"nnan", "ninf", "nsz"})
+def _max(a):
+    # a: [V] -> max; vectorised on the promise of finite values (non-finite rows are caught
+    # by the caller through _sum_f64)
+    top = a[0]
+    for j in range(1, a.shape[0]):
+        v = a[j]
+        top = v if v > top else top
+    return top
+
+
 @jit
 def _xent_kernel(logits, targets, dlogits, scale):
     # logits: [N,V]  targets: [N] int (< 0: ignored)  dlogits: [N,V] out (may alias logits)
-    # scale: dlogits' factor, logits' dtype. Returns the summed loss (float64).
+    # scale: dlogits' factor, logits' dtype. Returns the summed loss (float64); a row with a
+    # non-finite logit makes it NaN.
     N, V = logits.shape
     loss = 0.0
     zero = 0 * scale
@@ -27,16 +48,13 @@ def _xent_kernel(logits, targets, dlogits, scale):
             for j in range(V):
                 out[j] = zero
             continue
-        top = row[0]
-        for j in range(1, V):
-            top = max(top, row[j])
+        finite = _sum_f64(row) * 0.0                      # 0, or NaN for a non-finite logit
+        top = _max(row)
         target_logit = row[t] - top                       # read before out overwrites row
-        total = 0.0                                       # sum of exp, in float64
         for j in range(V):
-            e = math.exp(row[j] - top)                    # <= 1: max subtracted
-            out[j] = e
-            total += e
-        loss += math.log(total) - target_logit            # -log softmax at the target
+            out[j] = exp_(row[j] - top)                   # <= 1: max subtracted
+        total = _sum_f64(out)
+        loss += math.log(total) - target_logit + finite   # -log softmax at the target
         factor = scale / total
         for j in range(V):
             out[j] = out[j] * factor
