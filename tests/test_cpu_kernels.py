@@ -358,6 +358,10 @@ def test_time_loop_split_over_threads(cell, workers, monkeypatch):
     same result as the reference."""
     from bptt_kernels.cpu import _loop
     monkeypatch.setattr(_loop, "blas_threads", lambda: workers)
+    monkeypatch.setattr(_loop, "LOOP_MIN_WORK_FOR_THREADS", 0)   # split even this small loop
+    calls = []
+    kernel_runner = _loop._on_one_blas_thread
+    monkeypatch.setattr(_loop, "_on_one_blas_thread", lambda *a: (calls.append(1), kernel_runner(*a)))
     T, B, I, H = 6, 5, 4, 7
     rng = np.random.default_rng(13)
     x, state, w = random_layer(rng, cell, np.float64, T, B, I, H)
@@ -366,6 +370,7 @@ def test_time_loop_split_over_threads(cell, workers, monkeypatch):
     grads0 = {n: np.zeros_like(a) for n, a in w.items()}
     got = run_cell(cpu, cell, x, state, w, dy, dfinal, grads0, 1)
     want = run_cell(ref, cell, x, state, w, dy, dfinal, grads0, 1)
+    assert len(calls) == 2 * (workers - 1)             # forward and backward, on pool threads
     for name in ("y", "dx", "dh"):
         assert_close(got[name], want[name], np.float64, name)
     for k in range(len(state)):

@@ -39,7 +39,10 @@ def finish_backward(x, h0, y, dg_x, dg_h, w_ih, dw_ih, dw_hh, db_ih, db_hh, dx, 
     gemm_tn(gh2[first:first + B], h_first, dw_hh, 1.0)
     gemm_tn(gh2[first + B:], y.reshape(T * B, H)[first:(T - 1) * B], dw_hh, 1.0)
     add_column_sums(gx2, db_ih)
-    add_column_sums(gh2[first:], db_hh)
+    if dg_h is dg_x:                                       # LSTM, Elman: db_hh == db_ih's update
+        add_column_sums(gx2, db_hh)
+    else:
+        add_column_sums(gh2[first:], db_hh)
     gemm_nn(gx2, w_ih, dx.reshape(T * B, I)[first:], 0.0)  # dx = dg_x W_ih
     dx[:t_start] = 0
     dh[:t_start] = 0

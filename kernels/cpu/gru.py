@@ -117,7 +117,7 @@ def gru_forward(x, state, w_ih, w_hh, b_ih, b_hh):
     h0 = h0.copy()
     gemm_nt(x.reshape(T * B, I), w_ih, gates.reshape(T * B, G * H), 0.0)  # x W_ih^T, all steps
     run_time_loop(_forward_steps, (h0, w_hh, np.ascontiguousarray(w_hh.T), b_ih, b_hh,
-                                   gates, hn, y, hw), B, B * G * H * H)
+                                   gates, hn, y, hw), B, T, B * G * H * H)
     return y, (y[-1].copy(),), GRUCache(x, h0, gates, hn, y)
 
 
@@ -135,7 +135,7 @@ def gru_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh
     dh = _args.empty(dy.shape, x.dtype)
     run_time_loop(_backward_steps, (dy, cache.h0, cache.gates, cache.hn, cache.y, w_hh,
                                     np.ascontiguousarray(w_hh.T), t_start, dh_next, dg_x, dg_h,
-                                    dh), B, B * G * H * H)
+                                    dh), B, x.shape[0] - t_start, B * G * H * H)
     finish_backward(x, cache.h0, cache.y, dg_x, dg_h, w_ih, dw_ih, dw_hh, db_ih, db_hh,
                     dx, dh, t_start)
     return dx, (dh_next,), dh

@@ -120,7 +120,7 @@ def lstm_forward(x, state, w_ih, w_hh, b_ih, b_hh):
     h0, c0 = h0.copy(), c0.copy()
     gemm_nt(x.reshape(T * B, I), w_ih, gates.reshape(T * B, G * H), 0.0)  # x W_ih^T, all steps
     run_time_loop(_forward_steps, (h0, c0, w_hh, np.ascontiguousarray(w_hh.T), b_ih + b_hh,
-                                   gates, c, tanh_c, y), B, B * G * H * H)
+                                   gates, c, tanh_c, y), B, T, B * G * H * H)
     return y, (y[-1].copy(), c[-1].copy()), LSTMCache(x, h0, c0, gates, c, tanh_c, y)
 
 
@@ -137,7 +137,7 @@ def lstm_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_h
     dh = _args.empty(dy.shape, x.dtype)
     run_time_loop(_backward_steps, (dy, cache.c0, cache.gates, cache.c, cache.tanh_c, w_hh,
                                     np.ascontiguousarray(w_hh.T), t_start, dh_next, dc_next,
-                                    dgates, dh), B, B * G * H * H)
+                                    dgates, dh), B, x.shape[0] - t_start, B * G * H * H)
     finish_backward(x, cache.h0, cache.y, dgates, dgates, w_ih, dw_ih, dw_hh, db_ih, db_hh,
                     dx, dh, t_start)
     return dx, (dh_next, dc_next), dh

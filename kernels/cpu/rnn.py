@@ -81,7 +81,7 @@ def _forward(relu, x, state, w_ih, w_hh, b_ih, b_hh):
     h0 = h0.copy()
     gemm_nt(x.reshape(T * B, I), w_ih, y.reshape(T * B, H), 0.0)  # x W_ih^T, all steps
     run_time_loop(_forward_steps, (h0, w_hh, np.ascontiguousarray(w_hh.T), b_ih + b_hh, relu, y),
-                  B, B * H * H)
+                  B, T, B * H * H)
     return y, (y[-1].copy(),), RNNCache(x, h0, y, relu)
 
 
@@ -98,7 +98,8 @@ def _backward(relu, dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db
     dx = _args.empty(x.shape, x.dtype)
     dh = _args.empty(dy.shape, x.dtype)
     run_time_loop(_backward_steps, (dy, cache.y, relu, w_hh, np.ascontiguousarray(w_hh.T),
-                                    t_start, dh_next, da, dh), B, B * H * H)
+                                    t_start, dh_next, da, dh),
+                  B, x.shape[0] - t_start, B * H * H)
     finish_backward(x, cache.h0, cache.y, da, da, w_ih, dw_ih, dw_hh, db_ih, db_hh, dx, dh, t_start)
     return dx, (dh_next,), dh
 
