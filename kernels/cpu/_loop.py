@@ -12,10 +12,13 @@ The kernels are compiled with ``nogil=True``; the threads are a small pool of Py
 While the loop runs, OpenBLAS is set to 1 thread (each time-loop thread calls it on its own);
 a single-row batch runs on one thread and keeps OpenBLAS's threads only for per-step GEMMs of
 at least ``STEP_GEMM_MIN_WORK_FOR_THREADS`` multiply-adds. The large GEMMs before and after the
-loop run outside it, on all of OpenBLAS's threads.
+loop run outside it, on all of OpenBLAS's threads. OpenBLAS's thread setting is process-wide
+state: calls from several Python threads at once are correct but may run their large GEMMs on
+fewer threads while another call's loop is running.
 """
 
 import concurrent.futures
+import os
 import threading
 
 from ._blas import blas_threads, set_blas_threads
@@ -27,16 +30,17 @@ STEP_GEMM_MIN_WORK_FOR_THREADS = 8_000_000
 # thread against 80-130 us split)
 LOOP_MIN_WORK_FOR_THREADS = 4_000_000
 
-_pool = None
+_pool = None             # (process id, executor, workers): a forked child makes its own pool
 _pool_lock = threading.Lock()
 
 
 def _get_pool(workers):
     global _pool
     with _pool_lock:
-        if _pool is None or _pool._max_workers < workers:
-            _pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="bptt-cpu")
-        return _pool
+        if _pool is None or _pool[0] != os.getpid() or _pool[2] < workers:
+            executor = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="bptt-cpu")
+            _pool = (os.getpid(), executor, workers)
+        return _pool[1]
 
 
 def batch_slices(B, workers):
