@@ -66,10 +66,14 @@ def bench(fn, budget=0.3, max_calls=30):
 
 
 class GemmReplay:
-    """The recurrent kernels' GEMMs with their exact shapes, timed alone.
+    """The recurrent kernels' GEMMs with their exact shapes, timed alone, along the kernels'
+    own call path where it can be found in ``bptt_kernels.cpu`` (private helpers, so each
+    level falls back to the previous one):
 
-    Uses the cpu backend's CBLAS helpers (``bptt_kernels.cpu._blas``) from @njit loops when
-    available, so the call path is the kernels' own; NumPy's matmul otherwise."""
+    1. ``_loop.run_time_loop`` + ``_blas.gemm_step``: per-step GEMMs on batch-row slices over
+       the kernels' threads, as the time loops run them (with their W_hh^T copy);
+    2. ``_blas.gemm_nt/gemm_nn`` from an @njit loop (CBLAS, one call per step);
+    3. NumPy matmul in a Python loop."""
 
     def __init__(self, np):
         self.np = np
@@ -82,25 +86,53 @@ class GemmReplay:
             self._nn = lambda a, b, c: np.matmul(a, b, out=c)
             self._tn = lambda a, b, c: np.matmul(a.T, b, out=c)
 
-            def steps(h, w, out, transpose):
-                mm = self._nt if transpose else self._nn
+            def steps(h, w, out, forward):
+                mm = self._nt if forward else self._nn
                 for t in range(h.shape[0]):
                     mm(h[t], w, out[t])
             self._steps = steps
             return
-        self.path = "cpu backend CBLAS helpers from @njit"
         self._nt = njit(lambda a, b, c: gemm_nt(a, b, c, 0.0))
         self._nn = njit(lambda a, b, c: gemm_nn(a, b, c, 0.0))
         self._tn = njit(lambda a, b, c: gemm_tn(a, b, c, 0.0))
+        try:
+            from bptt_kernels.cpu._blas import gemm_step
+            from bptt_kernels.cpu._loop import run_time_loop
+        except Exception:
+            self.path = "cpu backend CBLAS helpers (gemm_nt/gemm_nn) from @njit, one call per step"
 
-        @njit
-        def steps(h, w, out, transpose):
+            @njit
+            def steps_njit(h, w, out, forward):
+                for t in range(h.shape[0]):
+                    if forward:
+                        gemm_nt(h[t], w, out[t], 0.0)
+                    else:
+                        gemm_nn(h[t], w, out[t], 0.0)
+            self._steps = steps_njit
+            return
+        self.path = ("cpu backend time-loop path: _loop.run_time_loop over batch rows, "
+                     "_blas.gemm_step per step")
+
+        @njit(nogil=True)
+        def rows_forward(h, w, w_t, out, b0, b1):      # out[t, rows] = h[t, rows] @ w^T
             for t in range(h.shape[0]):
-                if transpose:
-                    gemm_nt(h[t], w, out[t], 0.0)
-                else:
-                    gemm_nn(h[t], w, out[t], 0.0)
-        self._steps = steps
+                gemm_step(h[t, b0:b1], w, w_t, out[t, b0:b1], 0.0)
+
+        @njit(nogil=True)
+        def rows_backward(dg, w, w_t, dh, b0, b1):     # dh[t, rows] = dg[t, rows] @ w
+            for t in range(dg.shape[0]):
+                gemm_step(dg[t, b0:b1], w_t, w, dh[t, b0:b1], 0.0)
+
+        import inspect
+        accepted = set(inspect.signature(run_time_loop).parameters)
+
+        def steps_loop(h, w, out, forward):
+            T, B = h.shape[:2]
+            named = {"kernel": rows_forward if forward else rows_backward,
+                     "args": (h, w, np.ascontiguousarray(w.T), out), "B": B, "T": T,
+                     "step_work": B * w.shape[0] * w.shape[1]}
+            run_time_loop(**{k: v for k, v in named.items() if k in accepted})
+        self._steps = steps_loop
 
     def layer(self, T, B, I, H, G, dtype):
         """{piece: seconds} of one layer's GEMMs (forward: input, recurrent; backward:
