@@ -6,7 +6,23 @@ GEMM before the time loop, each step is one GEMM (h @ W_hh^T, or dgates @ W_hh b
 plus a fused gate loop, and the parameter gradients and dx are large GEMMs after the loop.
 GEMMs call the CBLAS of NumPy's bundled OpenBLAS directly (``_blas.py``). float64 is exact
 (libm tanh/exp); float32 uses a vectorised rational tanh (``_math.py``, error stated there).
-Compiled code is cached on disk (``cache=True``), so only the first process compiles.
+Compiled code is cached on disk (``cache=True``), so only the first process compiles
+(all four cells in both dtypes: ~10 s cold, ~0.6 s from the cache, on the 2-core dev machine).
+
+Where the time goes and what was measured (float32, T=100, one thread, CPU time; the dev
+machine's cores were shared, so only ratios are meaningful):
+
+* GEMM calls: CBLAS of NumPy's OpenBLAS from compiled code (``_blas.py``), ~100 GFLOP/s for
+  the large GEMMs (= SGEMM 2048^3 on this machine). LSTM B=128, H=1024: 80% of SGEMM's
+  GFLOP/s on one thread.
+* Per-step GEMM layout (``_blas.gemm_step``): a transposed weight copy for several rows
+  (B=32, H=128 LSTM step 71 -> 52 us), dot-product form for one row.
+* Gate loops: gate blocks as 1-D views (41 -> 2.5 ns per element for the LSTM forward: plain
+  ``g[k*H + j]`` indexing kept LLVM from vectorising), ``error_model="numpy"`` (a division's
+  zero check also blocks vectorisation: float32 tanh 3.5 -> 0.36 ns), typed constants.
+* Threads (``_loop.py``): the time loop is split by batch rows over threads with no per-step
+  synchronisation; OpenBLAS's own threads inside the loop were 2-40x slower on the busy machine.
+* Softmax cross-entropy: vectorised float32 exp (N=700, V=10000: 28 -> 9 ms).
 """
 
 import numpy as np

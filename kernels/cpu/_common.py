@@ -2,6 +2,8 @@
 parameter gradients and dx as a few large GEMMs over all (T - t_start) * B rows at once.
 """
 
+import numpy as np
+
 from ._blas import gemm_nn, gemm_tn
 from ._math import jit
 
@@ -38,10 +40,13 @@ def finish_backward(x, h0, y, dg_x, dg_h, w_ih, dw_ih, dw_hh, db_ih, db_hh, dx, 
     h_first = h0 if t_start == 0 else y[t_start - 1]
     gemm_tn(gh2[first:first + B], h_first, dw_hh, 1.0)
     gemm_tn(gh2[first + B:], y.reshape(T * B, H)[first:(T - 1) * B], dw_hh, 1.0)
-    add_column_sums(gx2, db_ih)
-    if dg_h is dg_x:                                       # LSTM, Elman: db_hh == db_ih's update
-        add_column_sums(gx2, db_hh)
+    if dg_h is dg_x:                                       # LSTM, Elman: one sum for both
+        db = np.zeros(GH, db_ih.dtype)
+        add_column_sums(gx2, db)
+        db_ih += db
+        db_hh += db
     else:
+        add_column_sums(gx2, db_ih)
         add_column_sums(gh2[first:], db_hh)
     gemm_nn(gx2, w_ih, dx.reshape(T * B, I)[first:], 0.0)  # dx = dg_x W_ih
     dx[:t_start] = 0

@@ -15,8 +15,8 @@ import numpy as np
 
 from . import _args
 from ._blas import gemm_nt, gemm_step
-from ._loop import run_time_loop
 from ._common import finish_backward
+from ._loop import run_time_loop
 from ._math import jit, one_like, tanh_
 
 G = 1
