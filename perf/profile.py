@@ -29,9 +29,9 @@ few (B, H), with the OpenBLAS that the kernels call switched between 1 and ``--t
 threads inside one process, interleaved: does the second BLAS thread pay for itself?
 
 Part 4 (``--step-gemm``): GFLOP/s of the per-step recurrent GEMM for B in
-1, 8, 32, 128 and H in 256, 512, 1024, done the kernels' way (CBLAS sgemm with W_hh
-transposed, gemm_nt), with a pre-transposed copy of W_hh (gemm_nn), as B matrix-vector
-products, and by torch.mm; backward dg @ W_hh the kernels' way and by torch.mm.
+1, 8, 32, 128 and H in 256, 512, 1024: CBLAS sgemm on W_hh as stored (gemm_nt), on a
+pre-transposed copy (gemm_nn), as B matrix-vector products, and by torch.mm; backward
+dg @ W_hh by sgemm (gemm_nn) and by torch.mm.
 
 Prints tables; writes JSON to perf/results/profile-<time>.json.
 """
@@ -298,9 +298,9 @@ class Profiler:
     def step_gemm(self, r):
         """GFLOP/s of the per-step recurrent GEMM of a layer, several ways (each timed call runs
         ``n`` of them, ~0.5 GFLOP, at most T):
-        forward h[B,H] @ W_hh^T as the kernels call it (gemm_nt on W_hh [G*H,H]), as gemm_nn on
-        a transposed copy [H,G*H], as B matrix-vector products (NumPy, one per batch row), and
-        torch.mm; backward dg[B,G*H] @ W_hh (gemm_nn) and torch.mm."""
+        forward h[B,H] @ W_hh^T by CBLAS sgemm on W_hh [G*H,H] (gemm_nt), on a transposed copy
+        [H,G*H] (gemm_nn), as B matrix-vector products (NumPy, one per batch row), and torch.mm;
+        backward dg[B,G*H] @ W_hh (gemm_nn) and torch.mm."""
         np, G = self.np, GATES[r["cell"]]
         from numba import njit
         from bptt_kernels.cpu._blas import gemm_nn, gemm_nt
@@ -332,10 +332,10 @@ class Profiler:
                 for _ in range(T):
                     for b in range(B):
                         np.dot(w, h[b], out=vec)
-            ways = {"fwd NT [kernels]": lambda: steps_nt(h, w, out, T),
-                    "fwd NN W^T copy": lambda: steps_nn(h, wt, out, T),
+            ways = {"fwd sgemm NT": lambda: steps_nt(h, w, out, T),
+                    "fwd sgemm NN W^T": lambda: steps_nn(h, wt, out, T),
                     "fwd B x gemv": gemv_rows,
-                    "bwd NN [kernels]": lambda: steps_nn(dg, w, dh, T)}
+                    "bwd sgemm NN": lambda: steps_nn(dg, w, dh, T)}
             if torch is not None:
                 tw, th, tdg = torch.from_numpy(w), torch.from_numpy(h), torch.from_numpy(dg)
                 ways["fwd torch"] = lambda: [torch.mm(th, tw.t()) for _ in range(T)]
@@ -532,10 +532,11 @@ def main(argv=None):
             out["step_gemm"] = res
             keys = [k for k in res["rows"][0] if k not in ("B", "H")]
             print(f"\nPer-step recurrent GEMM of a {cell} layer (W_hh {GATES[cell]}H x H), {a.threads} "
-                  f"threads, GFLOP/s (best of >= 5). fwd: h[B,H] @ W_hh^T; NT [kernels] = CBLAS "
-                  f"sgemm on W_hh as stored (gemm_nt, what the kernels do), NN W^T copy = sgemm on a "
-                  f"transposed copy (gemm_nn), B x gemv = one NumPy matrix-vector product per row, "
-                  f"torch = torch.mm. bwd: dg[B,{GATES[cell]}H] @ W_hh.\n")
+                  f"threads, GFLOP/s (best of >= 5). fwd: h[B,H] @ W_hh^T; sgemm NT = CBLAS sgemm on "
+                  f"W_hh as stored (gemm_nt), sgemm NN W^T = on a transposed copy (gemm_nn), B x gemv "
+                  f"= one NumPy matrix-vector product per row, torch = torch.mm. bwd: "
+                  f"dg[B,{GATES[cell]}H] @ W_hh (gemm_nn). With threads, the kernels' time loops "
+                  f"give each thread B/threads rows.\n")
             print(hx.table(["B", "H"] + keys,
                            [[r["B"], r["H"]] + [hx.fmt(r[k], ".1f") for k in keys] for r in res["rows"]]))
         except hx.WorkerError as e:
