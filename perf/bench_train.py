@@ -195,7 +195,11 @@ def main(argv=None):
             try:
                 if not w.alive:
                     raise hx.WorkerError(w.error)
-                runs[variant].append(w.call(requests[variant]))
+                run_monitor = hx.LoadMonitor(pids=[w.pid])
+                run = w.call(requests[variant])
+                run_load = run_monitor.stop()
+                run["others"] = run_load and run_load["other_processes_cores"]
+                runs[variant].append(run)
             except hx.WorkerError as e:
                 dead[variant] = str(e).strip()
                 print(f"NOTE: {variant} cannot run: {dead[variant]}", file=sys.stderr)
@@ -217,22 +221,23 @@ def main(argv=None):
                       "first_step_s": hx.median([r["first_step_s"] for r in runs[v]]),
                       "loss_first": runs[v][0]["loss_first"], "loss_last": runs[v][0]["loss_last"],
                       "peak_rss_mb": hx.median([r["peak_rss_mb"] for r in runs[v]]),
+                      "others": hx.median([r["others"] for r in runs[v]]),
                       "per_round_tokens_per_s": [tokens / hx.median(r["step_s"]) for r in runs[v]]}
     ref = summary.get("torch", {}).get("tokens_per_s")
     print(f"\nChar-level LM training: embedding {a.embed}, {a.layers}-layer LSTM {a.hidden}, batch "
           f"{a.batch}, TBPTT k1={a.k1}, Adam, clip {a.clip}, float32, {a.threads} threads.\n"
           f"Median over {a.rounds} alternating fresh processes of the median of {a.steps} updates "
           f"(after {a.warmup} untimed). ratio = our tokens/s / torch tokens/s (>1: bptt faster).\n"
-          f"{hx.load_note(load)}.\n")
+          f"{hx.load_note(load)}; 'others' = the same, cores, median over that row's runs.\n")
     label = {"torch": "torch (k2=k1)", "ours": f"bptt k2=k1={a.k1}", "ours_k2": f"bptt k2={2 * a.k1}"}
     rows = [[label[v], hx.fmt(s["tokens_per_s"], ".0f"),
              " ".join(hx.fmt(x, ".0f") for x in s["per_round_tokens_per_s"]),
              hx.fmt(s["step_s"] * 1e3, ".1f"), hx.fmt(ref and s["tokens_per_s"] / ref, ".2f"),
              hx.fmt(s["first_step_s"], ".2f"), hx.fmt(s["loss_first"], ".3f"),
-             hx.fmt(s["loss_last"], ".3f"), hx.fmt(s["peak_rss_mb"], ".0f")]
+             hx.fmt(s["loss_last"], ".3f"), hx.fmt(s["peak_rss_mb"], ".0f"), hx.fmt(s["others"], ".1f")]
             for v, s in summary.items()]
     print(hx.table(["run", "tokens/s", "per round", "ms/update", "ratio", "1st update s",
-                    "loss 1st", "loss last", "peak RSS MiB"], rows))
+                    "loss 1st", "loss last", "peak RSS MiB", "others"], rows))
     for v, why in dead.items():
         print(f"{v}: not run ({why.strip().splitlines()[-1] if why.strip() else 'unknown'})")
     _, V, source = load_tokens(a.max_chars)
