@@ -16,6 +16,17 @@ and exit with status 1 (2 for unparsable arguments); set ``BPTT_DEBUG=1`` for a 
 
 Only the standard library is imported before the arguments are parsed, so ``bptt --help`` is
 instant; NumPy, Numba and the kernels load when a command runs.
+
+Examples::
+
+    bptt train                                    # char LSTM on the built-in corpus -> runs/default
+    bptt train --data ptb.train.txt --level word --cell gru --hidden-size 256 --out runs/ptb
+    bptt train --out runs/ptb --resume --epochs 1  # one more epoch of that run
+    bptt eval runs/default --data other.txt --json
+    bptt sample runs/default --prime "def " --length 200 --temperature 0.7 --top-k 10
+    bptt train --task copy --k1 10 --k2 10         # TBPTT window shorter than the 25-step recall: chance
+    bptt train --task copy --k1 10 --k2 30         # window spans it: recall accuracy > 0.9
+    bptt train --grad-norms --cell rnn_tanh --k1 20 --k2 60   # writes grad_norms.json / .png
 """
 
 import argparse
@@ -474,6 +485,7 @@ def cmd_train(args):
         meta = trainer.meta or {}
         cfg = _check_resume(cfg, meta)
         model = trainer.model
+        trainer.record_grad_norms = trainer.record_grad_norms or bool(cfg.get("grad_norms"))
     task = cfg.get("task")
 
     if task is None:
