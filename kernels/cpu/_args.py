@@ -35,10 +35,14 @@ def as_input(name, a, dtype=None, shape=None):
 
 
 def as_output(name, a, dtype, shape):
-    """``a`` must be a writable C-contiguous ndarray of exactly dtype/shape (written in place)."""
+    """``a`` must be a writable C-contiguous ndarray of dtype (None: float32 or float64) and
+    shape (entries None: any size), as it is written in place."""
     if not isinstance(a, np.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray (written in place), got {type(a).__name__}")
-    if a.dtype != dtype:
+    if dtype is None:
+        if a.dtype not in DTYPES:
+            raise TypeError(f"{name} must have dtype float32 or float64, got {a.dtype}")
+    elif a.dtype != dtype:
         raise TypeError(f"{name} must have dtype {np.dtype(dtype)}, got {a.dtype}")
     check_shape(name, a, shape)
     if not a.flags.c_contiguous or not a.flags.writeable:

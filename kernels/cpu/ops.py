@@ -123,8 +123,7 @@ def embedding_forward(weight, ids):
 
 def embedding_backward(dweight, ids, dout):
     """dweight [V,E] += scatter-add of dout [..., E] at ids [...] (repeated ids accumulate)."""
-    _args.as_output("dweight", dweight, dweight.dtype if isinstance(dweight, np.ndarray) else None,
-                    (None, None))
+    _args.as_output("dweight", dweight, None, (None, None))
     V, E = dweight.shape
     ids = _check_ids(ids, V)
     dout = _args.as_input("dout", dout, dweight.dtype, ids.shape + (E,))
@@ -134,11 +133,10 @@ def embedding_backward(dweight, ids, dout):
 
 # ----------------------------------------------------------------------------- optimizers
 
-def _flat_triplet(param, others, names):
-    """Check param and same-shaped state arrays (all written in place or read); return flat views."""
-    _args.as_output("param", param, param.dtype if isinstance(param, np.ndarray) else None, None)
-    if param.dtype not in _args.DTYPES:
-        raise TypeError(f"param must have dtype float32 or float64, got {param.dtype}")
+def _flat_views(param, others, names):
+    """Check param and its same-shaped companions (grad is read, the others are written in
+    place); return 1-D views of all of them."""
+    _args.as_output("param", param, None, None)
     flat = [param.reshape(-1)]
     for name, a in zip(names, others):
         if name == "grad":
@@ -166,7 +164,7 @@ def _sgd_kernel(param, grad, buf, lr, momentum, weight_decay, nesterov, first):
 def sgd_step(param, grad, buf, lr, momentum, weight_decay, nesterov, first):
     """One torch.optim.SGD step (dampening 0) in place on param [...] and buf [...]; grad unchanged.
     ``first``: True on the first step (the momentum buffer starts as the gradient)."""
-    p, g, b = _flat_triplet(param, (grad, buf), ("grad", "buf"))
+    p, g, b = _flat_views(param, (grad, buf), ("grad", "buf"))
     dt = param.dtype.type
     _sgd_kernel(p, g, b, dt(lr), dt(momentum), dt(weight_decay), bool(nesterov), bool(first))
 
@@ -193,7 +191,7 @@ def adam_step(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step):
     """One torch.optim.Adam step in place (L2 weight decay added to grad, bias correction with
     ``step`` counted from 1) on param, m, v [...]; grad unchanged."""
     step = _args.as_index("step", step, 1, np.iinfo(np.int64).max)
-    p, g, m_, v_ = _flat_triplet(param, (grad, m, v), ("grad", "m", "v"))
+    p, g, m_, v_ = _flat_views(param, (grad, m, v), ("grad", "m", "v"))
     dt = param.dtype.type
     step_size = lr / (1 - beta1 ** step)
     bc2_sqrt = (1 - beta2 ** step) ** 0.5
@@ -225,5 +223,5 @@ def sum_of_squares(arrays):
 def scale_(arrays, factor):
     """In place a *= factor for every array (factor cast to each array's dtype)."""
     for k, a in enumerate(arrays):
-        _args.as_output(f"arrays[{k}]", a, a.dtype if isinstance(a, np.ndarray) else None, None)
+        _args.as_output(f"arrays[{k}]", a, None, None)
         a *= a.dtype.type(factor)
