@@ -346,7 +346,10 @@ def test_array_plumbing():
     assert set(cpu.DTYPES) == {np.dtype(np.float32), np.dtype(np.float64)}
     a = cpu.asarray([[1, 2], [3, 4]], np.float32)
     assert a.dtype == np.float32 and a.flags.c_contiguous
-    assert isinstance(cpu.to_host(a), np.ndarray)
+    host = np.ones((2, 2), np.float32)
+    assert cpu.asarray(host, np.float32) is not host               # copies, like an upload
+    h = cpu.to_host(a)
+    assert isinstance(h, np.ndarray) and np.array_equal(h, a) and h is not a
     z = cpu.zeros((2, 3), np.float64)
     assert z.shape == (2, 3) and not z.any()
 

@@ -41,13 +41,14 @@ xp = np
 
 
 def asarray(a, dtype):
-    """A C-contiguous numpy array of ``dtype`` (copied only if needed)."""
-    return np.ascontiguousarray(a, dtype=dtype)
+    """A fresh C-contiguous numpy array of ``dtype`` holding ``a`` (always a copy, as a GPU
+    backend's upload: later in-place updates never reach the caller's array)."""
+    return np.array(a, dtype=dtype, order="C", copy=True)
 
 
 def to_host(a):
-    """The array itself, as numpy.ndarray (the CPU backend's arrays already live on the host)."""
-    return np.asarray(a)
+    """A fresh numpy copy of ``a`` (as a GPU backend's download: no aliasing of live arrays)."""
+    return np.array(a, copy=True)
 
 
 def zeros(shape, dtype):
