@@ -469,46 +469,58 @@ def _steps_per_epoch(cfg, data):
     return batches * chunks
 
 
+class _Data:
+    """What training reads: ``train``/``valid`` (token streams, or (inputs, targets) of a task),
+    ``vocab`` (None for tasks), ``per_epoch`` (updates per epoch), ``line`` (a summary for
+    stderr), ``tokens_per_update`` (tasks: steps x sequences one update stands for; else None)."""
+
+    def __init__(self, train, valid, vocab, per_epoch, line, tokens_per_update=None):
+        self.train, self.valid, self.vocab = train, valid, vocab
+        self.per_epoch, self.line, self.tokens_per_update = per_epoch, line, tokens_per_update
+
+
+def _prepare_data(cfg, vocab=None):
+    """Read the corpus (``vocab``: encode with it) or generate the task's sequences."""
+    task = cfg.get("task")
+    if task is None:
+        corpus = _load_corpus(cfg, vocab)
+        line = (f"data: {corpus.source} ({corpus.n_chars:,} chars, {cfg['level']} level, vocab {len(corpus.vocab)}, "
+                f"{len(corpus.train):,} train / {len(corpus.valid):,} valid tokens)")
+        return _Data(corpus.train, corpus.valid, corpus.vocab, _steps_per_epoch(cfg, corpus.train), line)
+    train = _task_data(cfg, cfg["n_train"], cfg["seed"])
+    valid = _task_data(cfg, cfg.get("n_valid") or TASK_DEFAULTS["n_valid"], cfg["seed"] + 1_000_003)
+    seq_len = train[0].shape[1]
+    per_epoch = _steps_per_epoch(cfg, train)
+    line = (f"data: task {task}, lag {cfg['lag']}, sequence length {seq_len}, "
+            f"{cfg['n_train']:,} train / {len(valid[0]):,} valid sequences")
+    return _Data(train, valid, None, per_epoch, line, cfg["n_train"] * seq_len / per_epoch)
+
+
 def cmd_train(args):
     cfg = _resolve_train(args)
     import warnings
     # overflow warnings of a diverging run would bury the trainer's one-line non-finite error
     warnings.filterwarnings("ignore", category=RuntimeWarning, module="bptt")
-    backend = _select_backend(cfg.get("backend"))
-    import bptt
-    from bptt.data import Vocabulary
-
     out = cfg.get("out") or os.path.join("runs", args.task or "default")
-    meta = None
     if args.resume:
-        trainer = bptt.Trainer.from_checkpoint(_checkpoint_path(out))
+        ckpt_path = _checkpoint_path(out)
+        backend = _select_backend(cfg.get("backend"))
+        import bptt
+        from bptt.data import Vocabulary
+        trainer = bptt.Trainer.from_checkpoint(ckpt_path)
         meta = trainer.meta or {}
         cfg = _check_resume(cfg, meta)
         model = trainer.model
         trainer.record_grad_norms = trainer.record_grad_norms or bool(cfg.get("grad_norms"))
-    task = cfg.get("task")
-
-    if task is None:
-        vocab = Vocabulary.from_json(meta["vocab"]) if meta else None
-        corpus = _load_corpus(cfg, vocab)
-        vocab = corpus.vocab
-        train_data, valid_data = corpus.train, corpus.valid
-        total_per_epoch = _steps_per_epoch(cfg, train_data)
-        source = corpus.source
-        data_line = (f"data: {source} ({corpus.n_chars:,} chars, {cfg['level']} level, vocab {len(vocab)}, "
-                     f"{len(train_data):,} train / {len(valid_data):,} valid tokens)")
+        data = _prepare_data(cfg, Vocabulary.from_json(meta["vocab"]) if meta.get("vocab") else None)
     else:
-        vocab = None
-        train_data = _task_data(cfg, cfg["n_train"], cfg["seed"])
-        valid_data = _task_data(cfg, cfg.get("n_valid") or TASK_DEFAULTS["n_valid"], cfg["seed"] + 1_000_003)
-        seq_len = train_data[0].shape[1]
-        total_per_epoch = _steps_per_epoch(cfg, train_data)
-        tokens_per_update = cfg["n_train"] * seq_len / total_per_epoch
-        data_line = (f"data: task {task}, lag {cfg['lag']}, sequence length {seq_len}, "
-                     f"{cfg['n_train']:,} train / {len(valid_data[0]):,} valid sequences")
-    if not args.resume:
-        model = _build_model(cfg, len(vocab) if vocab else None)
+        data = _prepare_data(cfg)        # data errors first, before any backend is chosen
+        backend = _select_backend(cfg.get("backend"))
+        import bptt
+        model = _build_model(cfg, len(data.vocab) if data.vocab else None)
         trainer = _build_trainer(cfg, model)
+    task = cfg.get("task")
+    vocab, train_data, valid_data, total_per_epoch = data.vocab, data.train, data.valid, data.per_epoch
 
     # fit's epochs and max_steps are totals over the trainer's life: a resumed run trains
     # --max-steps more updates and --epochs more epochs (an unfinished epoch counts as one)
@@ -517,14 +529,14 @@ def cmd_train(args):
     total = min(total_per_epoch * cfg["epochs"], cfg["max_steps"] or math.inf)
     tbptt = "full BPTT" if cfg["k1"] is None else f"TBPTT k1={cfg['k1']} k2={cfg['k2']}"
     err = sys.stderr
-    print(data_line, file=err)
+    print(data.line, file=err)
     fb = f", forget bias {cfg['forget_bias']}" if cfg["cell"] == "lstm" and cfg.get("forget_bias") else ""
     print(f"model: {cfg['cell']} {cfg['num_layers']}x{cfg['hidden_size']}{fb}, {tbptt}, batch {cfg['batch_size']}, "
           f"{cfg['optimizer']} lr {cfg['lr']}, clip {cfg['clip']}, backend {backend.NAME}, "
           f"{'resuming' if args.resume else 'run dir'} {out}", file=err)
 
     os.makedirs(out, exist_ok=True)
-    progress = Progress(total, run_dir=out, tokens_per_update=None if task is None else tokens_per_update)
+    progress = Progress(total, run_dir=out, tokens_per_update=data.tokens_per_update)
     meta = {"config": {k: v for k, v in cfg.items() if k not in ("json", "resume", "backend", "out")},
             "vocab": vocab.to_json() if vocab else None, "bptt_version": bptt.__version__}
     ckpt = os.path.join(out, CHECKPOINT_FILE)
@@ -646,6 +658,8 @@ def _load_run(run_dir, backend_name):
 
 
 def cmd_eval(args):
+    from bptt.data import Corpus, Vocabulary, read_text
+    text = read_text(args.data) if args.data is not None else None   # file errors before the model loads
     model, meta, backend = _load_run(args.run_dir, args.backend)
     cfg = meta["config"]
     import bptt
@@ -655,13 +669,11 @@ def cmd_eval(args):
         valid = _task_data(cfg, cfg.get("n_valid") or TASK_DEFAULTS["n_valid"], cfg["seed"] + 1_000_003)
         metrics = _task_metrics(cfg, model, bptt.Trainer(model, bptt.SGD(0.0), k1=cfg["k1"], k2=cfg["k2"]), valid)
         metrics["loss"] = metrics.pop("val_loss")
-        source = f"task {cfg['task']} (fresh sequences)"
+        source = f"task {cfg['task']} (the held-out sequences of training)"
     else:
-        from bptt.data import Vocabulary, load_corpus
         vocab = Vocabulary.from_json(meta["vocab"])
-        if args.data is not None:
-            corpus = load_corpus(args.data, vocab.level, vocab=vocab, valid_fraction=0.0)
-            ids, source = corpus.train, args.data
+        if text is not None:
+            ids, source = Corpus(text, vocab.level, 0.0, args.data, vocab).train, args.data
         else:
             ids, source = _load_corpus(cfg, vocab).valid, "held-out part of the training corpus"
         trainer = bptt.Trainer(model, bptt.SGD(0.0), k1=cfg["k1"], k2=cfg["k2"])

@@ -178,6 +178,7 @@ def _error_cases(tmp_path):
         "task with data": (["train", "--task", "copy", "--data", good], "--data is for text corpora"),
         "resume without run": (["train", "--resume", "--out", tmp_path / "none"], "no such run directory"),
         "eval without checkpoint": (["eval", tmp_path], "no checkpoint"),
+        "eval on a missing file": (["eval", tmp_path, "--data", tmp_path / "gone.txt"], "gone.txt: no such file"),
         "bad choice": (["train", "--cell", "transformer"], "invalid choice"),
         "negative size": (["train", "--hidden-size", "-3"], "must be > 0"),
         "forget bias on gru": (["train", "--cell", "gru", "--forget-bias", "1"], "--forget-bias is for --cell lstm"),
