@@ -47,6 +47,9 @@ def plot_grad_norms(history_or_records, path=None, level=-1, max_windows=8):
 
     Needs matplotlib (``pip install bptt[plot]``). Saves to ``path`` when given; returns the figure.
     """
+    records = _records(history_or_records)
+    if not records:
+        raise ValueError("no gradient diagnostics recorded: train with Trainer(..., record_grad_norms=True)")
     try:
         import matplotlib
         if path is not None:
@@ -55,9 +58,6 @@ def plot_grad_norms(history_or_records, path=None, level=-1, max_windows=8):
     except ImportError:
         raise ImportError("plot_grad_norms needs matplotlib: pip install matplotlib "
                           "(or bptt[plot]); save_grad_norms writes the same data as JSON") from None
-    records = _records(history_or_records)
-    if not records:
-        raise ValueError("no gradient diagnostics recorded: train with Trainer(..., record_grad_norms=True)")
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     picks = sorted(set(np.linspace(0, len(records) - 1, min(max_windows, len(records))).astype(int)))
     for i in picks:
