@@ -356,24 +356,24 @@ def test_array_plumbing():
 
 @pytest.mark.parametrize("workers", [1, 3])
 @pytest.mark.parametrize("cell", CELLS)
-def test_time_loop_split_over_threads(cell, workers, monkeypatch):
-    """The time loop split by batch rows over 1 or 3 threads (B=5: uneven ranges) gives the
-    same result as the reference."""
+def test_layer_split_over_threads(cell, workers, monkeypatch):
+    """A layer call cut into 1 or 3 pieces per phase (B=5: uneven batch ranges, t_start=1)
+    gives the reference's result."""
     from bptt_kernels.cpu import _loop
     monkeypatch.setattr(_loop, "blas_threads", lambda: workers)
-    monkeypatch.setattr(_loop, "LOOP_MIN_WORK_FOR_THREADS", 0)   # split even this small loop
+    monkeypatch.setattr(_loop, "MIN_WORK_FOR_THREADS", 0)   # split even this small layer
     calls = []
-    kernel_runner = _loop._on_one_blas_thread
-    monkeypatch.setattr(_loop, "_on_one_blas_thread", lambda *a: (calls.append(1), kernel_runner(*a)))
+    run_piece = _loop._on_one_blas_thread
+    monkeypatch.setattr(_loop, "_on_one_blas_thread", lambda *a: (calls.append(1), run_piece(*a)))
     T, B, I, H = 6, 5, 4, 7
     rng = np.random.default_rng(13)
     x, state, w = random_layer(rng, cell, np.float64, T, B, I, H)
     dy = rng.standard_normal((T, B, H))
     dfinal = tuple(rng.standard_normal((B, H)) for _ in state)
-    grads0 = {n: np.zeros_like(a) for n, a in w.items()}
+    grads0 = {n: rng.standard_normal(a.shape) for n, a in w.items()}
     got = run_cell(cpu, cell, x, state, w, dy, dfinal, grads0, 1)
     want = run_cell(ref, cell, x, state, w, dy, dfinal, grads0, 1)
-    assert len(calls) == 2 * (workers - 1)             # forward and backward, on pool threads
+    assert len(calls) == 4 * (workers - 1)             # 4 phases, all but one piece on the pool
     for name in ("y", "dx", "dh"):
         assert_close(got[name], want[name], np.float64, name)
     for k in range(len(state)):
@@ -382,10 +382,11 @@ def test_time_loop_split_over_threads(cell, workers, monkeypatch):
         assert_close(got["grads"][name], want["grads"][name], np.float64, f"d{name}")
 
 
-def test_batch_slices_cover_rows():
-    from bptt_kernels.cpu._loop import batch_slices
-    for B in range(1, 12):
-        for workers in range(1, B + 1):
-            s = batch_slices(B, workers)
-            assert len(s) == workers and s[0][0] == 0 and s[-1][1] == B
-            assert all(a[1] == b[0] and a[0] < a[1] for a, b in zip(s, s[1:]))
+def test_part_ranges_cover_rows():
+    from bptt_kernels.cpu._loop import part_range
+    for n in range(0, 12):
+        for parts in range(1, 6):
+            ranges = [part_range(n, k, parts) for k in range(parts)]
+            assert ranges[0][0] == 0 and ranges[-1][1] == n
+            assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+            assert max(b - a for a, b in ranges) - min(b - a for a, b in ranges) <= 1

@@ -1,10 +1,12 @@
-"""The part of every recurrent backward pass that comes after the time loop (Haste style):
-parameter gradients and dx as a few large GEMMs over all (T - t_start) * B rows at once.
+"""The large GEMMs around the time loops (Haste style): the input projection of all T steps
+before the forward loop, and after the backward loop the parameter gradients and dx over all
+(T - t_start) * B rows at once. Each takes (part, parts) to run in pieces on threads.
 """
 
 import numpy as np
 
-from ._blas import gemm_nn, gemm_tn
+from ._blas import gemm_nn, gemm_nt, gemm_tn
+from ._loop import part_range
 from ._math import jit
 
 
@@ -17,8 +19,17 @@ def add_column_sums(a, out):
             out[n] += row[n]
 
 
-@jit
-def finish_backward(x, h0, y, dg_x, dg_h, w_ih, dw_ih, dw_hh, db_ih, db_hh, dx, dh, t_start):
+@jit(nogil=True)
+def project_inputs(x, w_ih, out, part, parts):
+    """out[T,B,G*H] = x[T,B,I] @ w_ih[G*H,I]^T, rows of T*B split into ``parts`` pieces."""
+    T, B, I = x.shape
+    m0, m1 = part_range(T * B, part, parts)
+    gemm_nt(x.reshape(T * B, I)[m0:m1], w_ih, out.reshape(T * B, out.shape[2])[m0:m1], 0.0)
+
+
+@jit(nogil=True)
+def finish_backward(x, h0, y, dg_x, dg_h, w_ih, dw_ih, dw_hh, db_ih, db_hh, dx, dh, t_start,
+                    part, parts):
     """Accumulate parameter gradients and write dx from the per-step gate gradients.
 
     x: [T,B,I] layer input   h0: [B,H] initial hidden state   y: [T,B,H] h_1 .. h_T
@@ -27,27 +38,33 @@ def finish_backward(x, h0, y, dg_x, dg_h, w_ih, dw_ih, dw_hh, db_ih, db_hh, dx, 
           (the same array as dg_x for LSTM and Elman cells)
     w_ih: [G*H,I]   dw_ih: [G*H,I] +=   dw_hh: [G*H,H] +=   db_ih, db_hh: [G*H] +=
     dx: [T,B,I] out (rows t < t_start set to zero)   dh: [T,B,H] (rows t < t_start set to zero)
+    part, parts: this call does rows r0:r1 of the weight and bias gradients and rows m0:m1
+    of dx's window (``part_range``); the pieces are independent.
     """
     T, B, I = x.shape
     H = h0.shape[1]
     GH = dg_x.shape[2]
     first = t_start * B                                    # first row of the window
-    x2 = x.reshape(T * B, I)[first:]                       # N,I with N = (T-t_start)*B
+    N = (T - t_start) * B
+    x2 = x.reshape(T * B, I)[first:]                       # N,I
     gx2 = dg_x.reshape(T * B, GH)[first:]                  # N,G*H
-    gh2 = dg_h.reshape(T * B, GH)                          # T*B,G*H
-    gemm_tn(gx2, x2, dw_ih, 1.0)                           # dW_ih += dg_x^T x
+    gh2 = dg_h.reshape(T * B, GH)[first:]                  # N,G*H
+    r0, r1 = part_range(GH, part, parts)                   # gate rows of this piece
+    gemm_tn(gx2[:, r0:r1], x2, dw_ih[r0:r1], 1.0)          # dW_ih += dg_x^T x
     # dW_hh += dg_h^T h_prev: step t_start sees h0 or y[t_start-1], later steps see y[t-1]
     h_first = h0 if t_start == 0 else y[t_start - 1]
-    gemm_tn(gh2[first:first + B], h_first, dw_hh, 1.0)
-    gemm_tn(gh2[first + B:], y.reshape(T * B, H)[first:(T - 1) * B], dw_hh, 1.0)
+    gemm_tn(gh2[:B, r0:r1], h_first, dw_hh[r0:r1], 1.0)
+    gemm_tn(gh2[B:, r0:r1], y.reshape(T * B, H)[first:(T - 1) * B], dw_hh[r0:r1], 1.0)
     if dg_h is dg_x:                                       # LSTM, Elman: one sum for both
-        db = np.zeros(GH, db_ih.dtype)
-        add_column_sums(gx2, db)
-        db_ih += db
-        db_hh += db
+        db = np.zeros(r1 - r0, db_ih.dtype)
+        add_column_sums(gx2[:, r0:r1], db)
+        db_ih[r0:r1] += db
+        db_hh[r0:r1] += db
     else:
-        add_column_sums(gx2, db_ih)
-        add_column_sums(gh2[first:], db_hh)
-    gemm_nn(gx2, w_ih, dx.reshape(T * B, I)[first:], 0.0)  # dx = dg_x W_ih
-    dx[:t_start] = 0
-    dh[:t_start] = 0
+        add_column_sums(gx2[:, r0:r1], db_ih[r0:r1])
+        add_column_sums(gh2[:, r0:r1], db_hh[r0:r1])
+    m0, m1 = part_range(N, part, parts)                    # dx rows of this piece
+    gemm_nn(gx2[m0:m1], w_ih, dx.reshape(T * B, I)[first + m0:first + m1], 0.0)  # dx = dg_x W_ih
+    if part == 0:
+        dx[:t_start] = 0
+        dh[:t_start] = 0

@@ -7,7 +7,7 @@ Forward: one GEMM projects the inputs of all T steps; each step computes h @ W_h
 into a [B,3H] scratch and runs the fused gate loop. Backward: the gate-gradient loop per step
 and one GEMM for the gradient flowing into h_{t-1}; parameter gradients and dx follow as large
 GEMMs over all steps; the time loops run split by batch rows over threads
-(``_loop.run_time_loop``). The input side and the hidden side differ only in the n block
+(``_loop.py``). The input side and the hidden side differ only in the n block
 (dL/d(W_hn h + b_hn) = r * dL/d(n pre-activation)), so backward keeps both.
 """
 
@@ -16,9 +16,9 @@ from typing import NamedTuple
 import numpy as np
 
 from . import _args
-from ._blas import gemm_nt, gemm_step
-from ._common import finish_backward
-from ._loop import run_time_loop
+from ._blas import gemm_step
+from ._common import finish_backward, project_inputs
+from ._loop import layer_threads, part_range, run_parts
 from ._math import jit, one_like, sigmoid_, tanh_
 
 G = 3
@@ -54,12 +54,13 @@ def _cell_forward(g, hw, b_ih, b_hh, h_prev, hn, h, H):
 
 
 @jit(nogil=True)
-def _forward_steps(h0, w_hh, w_hh_t, b_ih, b_hh, gates, hn, y, hw, b0, b1):
-    # The time loop for batch rows b0:b1 (rows are independent: threads take disjoint ranges).
+def _forward_steps(h0, w_hh, w_hh_t, b_ih, b_hh, gates, hn, y, hw, part, parts):
+    # The time loop for this part's batch rows b0:b1 (rows are independent of each other).
     # h0: [B,H]  w_hh: [3H,H]  w_hh_t: [H,3H] = w_hh^T  b_ih, b_hh: [3H]
     # gates: [T,B,3H] in x W_ih^T, out activated gates  hn, y: [T,B,H] out  hw: [B,3H] scratch
     T = gates.shape[0]
     H = h0.shape[1]
+    b0, b1 = part_range(gates.shape[1], part, parts)              # batch rows
     for t in range(T):
         h_prev = h0 if t == 0 else y[t - 1]
         gemm_step(h_prev[b0:b1], w_hh, w_hh_t, hw[b0:b1], 0.0)            # h W_hh^T
@@ -89,14 +90,15 @@ def _cell_backward(dy, dh_next, gates, hn, h_prev, dg_x, dg_h, dh, H):
 
 
 @jit(nogil=True)
-def _backward_steps(dy, h0, gates, hn, y, w_hh, w_hh_t, t_start, dh_next, dg_x, dg_h, dh, b0, b1):
-    # The time loop backwards for batch rows b0:b1 (threads take disjoint ranges).
+def _backward_steps(dy, h0, gates, hn, y, w_hh, w_hh_t, t_start, dh_next, dg_x, dg_h, dh, part, parts):
+    # The time loop backwards for this part's batch rows b0:b1.
     # dy: [T,B,H]  h0: [B,H]  gates: [T,B,3H]  hn, y: [T,B,H]  w_hh: [3H,H]  w_hh_t: [H,3H]
     # t_start: first step to backpropagate through
     # dh_next: [B,H] in: dL/dh_T, out: dL/d(h entering t_start)
     # dg_x, dg_h: [T,B,3H] out (rows t >= t_start)  dh: [T,B,H] out (rows t >= t_start)
     T = gates.shape[0]
     H = h0.shape[1]
+    b0, b1 = part_range(dy.shape[1], part, parts)                  # batch rows
     for t in range(T - 1, t_start - 1, -1):
         h_prev = h0 if t == 0 else y[t - 1]
         for b in range(b0, b1):
@@ -115,9 +117,10 @@ def gru_forward(x, state, w_ih, w_hh, b_ih, b_hh):
     hn, y = _args.empty((T, B, H), x.dtype), _args.empty((T, B, H), x.dtype)
     hw = _args.empty((B, G * H), x.dtype)
     h0 = h0.copy()
-    gemm_nt(x.reshape(T * B, I), w_ih, gates.reshape(T * B, G * H), 0.0)  # x W_ih^T, all steps
-    run_time_loop(_forward_steps, (h0, w_hh, np.ascontiguousarray(w_hh.T), b_ih, b_hh,
-                                   gates, hn, y, hw), B, T, B * G * H * H)
+    with layer_threads(T * B * G * H * (I + H)) as parts:
+        run_parts(project_inputs, (x, w_ih, gates), parts)               # x W_ih^T, all steps
+        run_parts(_forward_steps, (h0, w_hh, np.ascontiguousarray(w_hh.T), b_ih, b_hh,
+                                   gates, hn, y, hw), min(parts, B))
     return y, (y[-1].copy(),), GRUCache(x, h0, gates, hn, y)
 
 
@@ -133,9 +136,11 @@ def gru_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh
     dg_h = _args.empty(cache.gates.shape, x.dtype)
     dx = _args.empty(x.shape, x.dtype)
     dh = _args.empty(dy.shape, x.dtype)
-    run_time_loop(_backward_steps, (dy, cache.h0, cache.gates, cache.hn, cache.y, w_hh,
+    T, _, I = x.shape
+    with layer_threads((T - t_start) * B * G * H * (2 * I + 2 * H)) as parts:
+        run_parts(_backward_steps, (dy, cache.h0, cache.gates, cache.hn, cache.y, w_hh,
                                     np.ascontiguousarray(w_hh.T), t_start, dh_next, dg_x, dg_h,
-                                    dh), B, x.shape[0] - t_start, B * G * H * H)
-    finish_backward(x, cache.h0, cache.y, dg_x, dg_h, w_ih, dw_ih, dw_hh, db_ih, db_hh,
-                    dx, dh, t_start)
+                                    dh), min(parts, B))
+        run_parts(finish_backward, (x, cache.h0, cache.y, dg_x, dg_h, w_ih, dw_ih, dw_hh,
+                                    db_ih, db_hh, dx, dh, t_start), parts)
     return dx, (dh_next,), dh

@@ -8,7 +8,7 @@ Forward: one GEMM projects the inputs of all T steps; each step adds h @ W_hh^T 
 runs the fused gate loop. Backward: each step runs the fused gate-gradient loop and one GEMM
 (dgates @ W_hh) for the gradient flowing into h_{t-1}; parameter gradients and dx follow as
 large GEMMs over all steps (``_common.finish_backward``). The time loops run split by batch
-rows over threads (``_loop.run_time_loop``).
+rows over threads (``_loop.py``).
 """
 
 from typing import NamedTuple
@@ -16,9 +16,9 @@ from typing import NamedTuple
 import numpy as np
 
 from . import _args
-from ._blas import gemm_nt, gemm_step
-from ._common import finish_backward
-from ._loop import run_time_loop
+from ._blas import gemm_step
+from ._common import finish_backward, project_inputs
+from ._loop import layer_threads, part_range, run_parts
 from ._math import jit, one_like, sigmoid_, tanh_
 
 G = 4
@@ -56,12 +56,13 @@ def _cell_forward(g, bias, c_prev, c, tanh_c, h, H):
 
 
 @jit(nogil=True)
-def _forward_steps(h0, c0, w_hh, w_hh_t, bias, gates, c, tanh_c, y, b0, b1):
-    # The time loop for batch rows b0:b1 (rows are independent: threads take disjoint ranges).
+def _forward_steps(h0, c0, w_hh, w_hh_t, bias, gates, c, tanh_c, y, part, parts):
+    # The time loop for this part's batch rows b0:b1 (rows are independent of each other).
     # h0, c0: [B,H]  w_hh: [4H,H]  w_hh_t: [H,4H] = w_hh^T  bias: [4H] (b_ih + b_hh)
     # gates: [T,B,4H] in x W_ih^T, out activated gates  c, tanh_c, y: [T,B,H] out
     T = gates.shape[0]
     H = h0.shape[1]
+    b0, b1 = part_range(gates.shape[1], part, parts)              # batch rows
     for t in range(T):
         h_prev = h0[b0:b1] if t == 0 else y[t - 1, b0:b1]
         c_prev = c0 if t == 0 else c[t - 1]
@@ -93,14 +94,15 @@ def _cell_backward(dy, dh_next, dc_next, gates, c_prev, tanh_c, dgates, dh, H):
 
 @jit(nogil=True)
 def _backward_steps(dy, c0, gates, c, tanh_c, w_hh, w_hh_t, t_start, dh_next, dc_next,
-                    dgates, dh, b0, b1):
-    # The time loop backwards for batch rows b0:b1 (threads take disjoint ranges).
+                    dgates, dh, part, parts):
+    # The time loop backwards for this part's batch rows b0:b1.
     # dy: [T,B,H]  c0: [B,H]  gates: [T,B,4H]  c, tanh_c: [T,B,H]  w_hh: [4H,H]
     # w_hh_t: [H,4H] = w_hh^T  t_start: first step to backpropagate through
     # dh_next, dc_next: [B,H] in: dL/d(final state), out: dL/d(state entering t_start)
     # dgates: [T,B,4H] out (rows t >= t_start)  dh: [T,B,H] out (rows t >= t_start)
     T = gates.shape[0]
     H = c0.shape[1]
+    b0, b1 = part_range(dy.shape[1], part, parts)                  # batch rows
     for t in range(T - 1, t_start - 1, -1):
         c_prev = c0 if t == 0 else c[t - 1]
         for b in range(b0, b1):
@@ -118,9 +120,10 @@ def lstm_forward(x, state, w_ih, w_hh, b_ih, b_hh):
     gates = _args.empty((T, B, G * H), x.dtype)
     c, tanh_c, y = (_args.empty((T, B, H), x.dtype) for _ in range(3))
     h0, c0 = h0.copy(), c0.copy()
-    gemm_nt(x.reshape(T * B, I), w_ih, gates.reshape(T * B, G * H), 0.0)  # x W_ih^T, all steps
-    run_time_loop(_forward_steps, (h0, c0, w_hh, np.ascontiguousarray(w_hh.T), b_ih + b_hh,
-                                   gates, c, tanh_c, y), B, T, B * G * H * H)
+    with layer_threads(T * B * G * H * (I + H)) as parts:
+        run_parts(project_inputs, (x, w_ih, gates), parts)               # x W_ih^T, all steps
+        run_parts(_forward_steps, (h0, c0, w_hh, np.ascontiguousarray(w_hh.T), b_ih + b_hh,
+                                   gates, c, tanh_c, y), min(parts, B))
     return y, (y[-1].copy(), c[-1].copy()), LSTMCache(x, h0, c0, gates, c, tanh_c, y)
 
 
@@ -135,9 +138,11 @@ def lstm_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_h
     dgates = _args.empty(cache.gates.shape, x.dtype)
     dx = _args.empty(x.shape, x.dtype)
     dh = _args.empty(dy.shape, x.dtype)
-    run_time_loop(_backward_steps, (dy, cache.c0, cache.gates, cache.c, cache.tanh_c, w_hh,
+    T, _, I = x.shape
+    with layer_threads((T - t_start) * B * G * H * (2 * I + 2 * H)) as parts:
+        run_parts(_backward_steps, (dy, cache.c0, cache.gates, cache.c, cache.tanh_c, w_hh,
                                     np.ascontiguousarray(w_hh.T), t_start, dh_next, dc_next,
-                                    dgates, dh), B, x.shape[0] - t_start, B * G * H * H)
-    finish_backward(x, cache.h0, cache.y, dgates, dgates, w_ih, dw_ih, dw_hh, db_ih, db_hh,
-                    dx, dh, t_start)
+                                    dgates, dh), min(parts, B))
+        run_parts(finish_backward, (x, cache.h0, cache.y, dgates, dgates, w_ih, dw_ih, dw_hh,
+                                    db_ih, db_hh, dx, dh, t_start), parts)
     return dx, (dh_next, dc_next), dh

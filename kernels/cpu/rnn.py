@@ -6,7 +6,7 @@ Forward: one GEMM writes the input projections of all T steps straight into y; e
 h @ W_hh^T (GEMM) and applies bias and activation in place. Backward: per step the activation
 derivative (from the saved output) and one GEMM for the gradient flowing into h_{t-1};
 parameter gradients and dx follow as large GEMMs over all steps. The time loops run split by
-batch rows over threads (``_loop.run_time_loop``).
+batch rows over threads (``_loop.py``).
 """
 
 from typing import NamedTuple
@@ -14,9 +14,9 @@ from typing import NamedTuple
 import numpy as np
 
 from . import _args
-from ._blas import gemm_nt, gemm_step
-from ._common import finish_backward
-from ._loop import run_time_loop
+from ._blas import gemm_step
+from ._common import finish_backward, project_inputs
+from ._loop import layer_threads, part_range, run_parts
 from ._math import jit, one_like, tanh_
 
 G = 1
@@ -31,13 +31,14 @@ class RNNCache(NamedTuple):
 
 
 @jit(nogil=True)
-def _forward_steps(h0, w_hh, w_hh_t, bias, relu, y, b0, b1):
-    # The time loop for batch rows b0:b1 (rows are independent: threads take disjoint ranges).
+def _forward_steps(h0, w_hh, w_hh_t, bias, relu, y, part, parts):
+    # The time loop for this part's batch rows b0:b1 (rows are independent of each other).
     # h0: [B,H]  w_hh: [H,H]  w_hh_t: [H,H] = w_hh^T  bias: [H] (b_ih + b_hh)  relu: bool
     # y: [T,B,H] in x W_ih^T, out h_1 .. h_T
     T = y.shape[0]
     H = h0.shape[1]
     zero = 0 * bias[0]
+    b0, b1 = part_range(y.shape[1], part, parts)              # batch rows
     for t in range(T):
         h_prev = h0 if t == 0 else y[t - 1]
         gemm_step(h_prev[b0:b1], w_hh, w_hh_t, y[t, b0:b1], 1.0)          # += h W_hh^T
@@ -52,14 +53,15 @@ def _forward_steps(h0, w_hh, w_hh_t, bias, relu, y, b0, b1):
 
 
 @jit(nogil=True)
-def _backward_steps(dy, y, relu, w_hh, w_hh_t, t_start, dh_next, da, dh, b0, b1):
-    # The time loop backwards for batch rows b0:b1 (threads take disjoint ranges).
+def _backward_steps(dy, y, relu, w_hh, w_hh_t, t_start, dh_next, da, dh, part, parts):
+    # The time loop backwards for this part's batch rows b0:b1.
     # dy, y: [T,B,H]  relu: bool  w_hh: [H,H]  w_hh_t: [H,H] = w_hh^T  t_start: first step
     # dh_next: [B,H] in: dL/dh_T, out: dL/d(h entering t_start)
     # da: [T,B,H] out dL/d(pre-activation)  dh: [T,B,H] out (rows t >= t_start)
     T, _, H = y.shape
     one = one_like(y[0, 0, 0])
     zero = 0 * one
+    b0, b1 = part_range(dy.shape[1], part, parts)                  # batch rows
     for t in range(T - 1, t_start - 1, -1):
         for b in range(b0, b1):
             dyb, dnb, hb, dab, dhb = dy[t, b], dh_next[b], y[t, b], da[t, b], dh[t, b]
@@ -79,9 +81,10 @@ def _forward(relu, x, state, w_ih, w_hh, b_ih, b_hh):
     H = w_hh.shape[1]
     y = _args.empty((T, B, H), x.dtype)
     h0 = h0.copy()
-    gemm_nt(x.reshape(T * B, I), w_ih, y.reshape(T * B, H), 0.0)  # x W_ih^T, all steps
-    run_time_loop(_forward_steps, (h0, w_hh, np.ascontiguousarray(w_hh.T), b_ih + b_hh, relu, y),
-                  B, T, B * H * H)
+    with layer_threads(T * B * H * (I + H)) as parts:
+        run_parts(project_inputs, (x, w_ih, y), parts)                   # x W_ih^T, all steps
+        run_parts(_forward_steps, (h0, w_hh, np.ascontiguousarray(w_hh.T), b_ih + b_hh, relu, y),
+                  min(parts, B))
     return y, (y[-1].copy(),), RNNCache(x, h0, y, relu)
 
 
@@ -97,10 +100,12 @@ def _backward(relu, dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db
     da = _args.empty(dy.shape, x.dtype)
     dx = _args.empty(x.shape, x.dtype)
     dh = _args.empty(dy.shape, x.dtype)
-    run_time_loop(_backward_steps, (dy, cache.y, relu, w_hh, np.ascontiguousarray(w_hh.T),
-                                    t_start, dh_next, da, dh),
-                  B, x.shape[0] - t_start, B * H * H)
-    finish_backward(x, cache.h0, cache.y, da, da, w_ih, dw_ih, dw_hh, db_ih, db_hh, dx, dh, t_start)
+    T, _, I = x.shape
+    with layer_threads((T - t_start) * B * H * (2 * I + 2 * H)) as parts:
+        run_parts(_backward_steps, (dy, cache.y, relu, w_hh, np.ascontiguousarray(w_hh.T),
+                                    t_start, dh_next, da, dh), min(parts, B))
+        run_parts(finish_backward, (x, cache.h0, cache.y, da, da, w_ih, dw_ih, dw_hh,
+                                    db_ih, db_hh, dx, dh, t_start), parts)
     return dx, (dh_next,), dh
 
 
