@@ -66,73 +66,128 @@ def bench(fn, budget=0.3, max_calls=30):
 
 
 class GemmReplay:
-    """The recurrent kernels' GEMMs with their exact shapes, timed alone, along the kernels'
-    own call path where it can be found in ``bptt_kernels.cpu`` (private helpers, so each
-    level falls back to the previous one):
+    """The recurrent kernels' GEMMs with their exact shapes, timed alone, the way the cpu
+    backend runs them, with its CBLAS helpers (``bptt_kernels.cpu._blas``) from @njit code:
 
-    1. ``_loop.run_time_loop`` + ``_blas.gemm_step``: per-step GEMMs on batch-row slices over
-       the kernels' threads, as the time loops run them (with their W_hh^T copy);
-    2. ``_blas.gemm_nt/gemm_nn`` from an @njit loop (CBLAS, one call per step);
-    3. NumPy matmul in a Python loop."""
+    * where the backend runs a layer's phases on its own threads (it has ``_loop``), the replay
+      does the same: OpenBLAS single-threaded, each phase cut into ``threads`` pieces on a
+      thread pool (input projection and dx by rows, the time loop by batch rows, weight
+      gradients by gate rows), a layer below the backend's ``MIN_WORK_FOR_THREADS`` in one piece;
+    * otherwise one CBLAS call per GEMM, OpenBLAS using its own threads;
+    * NumPy's matmul where the helpers cannot be imported.
+    Per-step products use ``_blas.gemm_step`` (the backend's choice of weight layout) if present."""
 
-    def __init__(self, np):
-        self.np = np
+    def __init__(self, np, threads):
+        self.np, self.parts = np, threads
         try:
             from numba import njit
             from bptt_kernels.cpu._blas import gemm_nn, gemm_nt, gemm_tn
         except Exception as e:  # the backend may not be there yet, or may change
             self.path = f"numpy (cpu backend BLAS helpers not importable: {type(e).__name__})"
-            self._nt = lambda a, b, c: np.matmul(a, b.T, out=c)
-            self._nn = lambda a, b, c: np.matmul(a, b, out=c)
-            self._tn = lambda a, b, c: np.matmul(a.T, b, out=c)
-
-            def steps(h, w, out, forward):
-                mm = self._nt if forward else self._nn
-                for t in range(h.shape[0]):
-                    mm(h[t], w, out[t])
-            self._steps = steps
+            self.phases = self._numpy_phases(np)
             return
-        self._nt = njit(lambda a, b, c: gemm_nt(a, b, c, 0.0))
-        self._nn = njit(lambda a, b, c: gemm_nn(a, b, c, 0.0))
-        self._tn = njit(lambda a, b, c: gemm_tn(a, b, c, 0.0))
         try:
             from bptt_kernels.cpu._blas import gemm_step
-            from bptt_kernels.cpu._loop import run_time_loop
-        except Exception:
-            self.path = "cpu backend CBLAS helpers (gemm_nt/gemm_nn) from @njit, one call per step"
-
+        except ImportError:
             @njit
-            def steps_njit(h, w, out, forward):
-                for t in range(h.shape[0]):
-                    if forward:
-                        gemm_nt(h[t], w, out[t], 0.0)
-                    else:
-                        gemm_nn(h[t], w, out[t], 0.0)
-            self._steps = steps_njit
-            return
-        self.path = ("cpu backend time-loop path: _loop.run_time_loop over batch rows, "
-                     "_blas.gemm_step per step")
+            def gemm_step(a, w, w_t, c, beta):
+                gemm_nt(a, w, c, beta)
+        try:
+            from bptt_kernels.cpu import _loop
+            self.min_work = getattr(_loop, "MIN_WORK_FOR_THREADS", 0)
+            self.split = threads > 1
+        except ImportError:
+            self.min_work, self.split = 0, False
+        self.set_blas = hx.openblas_thread_setter() if self.split else None
+        if self.split and self.set_blas is None:
+            self.split = False
+        self.path = (f"cpu backend CBLAS helpers, {threads} pieces on a thread pool, OpenBLAS on 1 "
+                     f"thread (as the backend's _loop)" if self.split else
+                     "cpu backend CBLAS helpers, one call per GEMM, OpenBLAS's own threads")
 
         @njit(nogil=True)
-        def rows_forward(h, w, w_t, out, b0, b1):      # out[t, rows] = h[t, rows] @ w^T
+        def piece(n, part, parts):
+            base, extra = divmod(n, parts)
+            start = part * base + min(part, extra)
+            return start, start + base + (1 if part < extra else 0)
+
+        @njit(nogil=True)
+        def input_gemm(x, w, out, part, parts):          # out[rows] = x[rows] @ w^T
+            m0, m1 = piece(x.shape[0], part, parts)
+            gemm_nt(x[m0:m1], w, out[m0:m1], 0.0)
+
+        @njit(nogil=True)
+        def steps_forward(h, w, w_t, out, part, parts):  # out[t, rows] = h[t, rows] @ w^T
+            b0, b1 = piece(h.shape[1], part, parts)
             for t in range(h.shape[0]):
                 gemm_step(h[t, b0:b1], w, w_t, out[t, b0:b1], 0.0)
 
         @njit(nogil=True)
-        def rows_backward(dg, w, w_t, dh, b0, b1):     # dh[t, rows] = dg[t, rows] @ w
+        def steps_backward(dg, w, w_t, dh, part, parts):  # dh[t, rows] = dg[t, rows] @ w
+            b0, b1 = piece(dg.shape[1], part, parts)
             for t in range(dg.shape[0]):
                 gemm_step(dg[t, b0:b1], w_t, w, dh[t, b0:b1], 0.0)
 
-        import inspect
-        accepted = set(inspect.signature(run_time_loop).parameters)
+        @njit(nogil=True)
+        def weight_grad(dg, a, dw, part, parts):         # dw[gate rows] = dg[:, gate rows]^T @ a
+            r0, r1 = piece(dw.shape[0], part, parts)
+            gemm_tn(dg[:, r0:r1], a, dw[r0:r1], 0.0)
 
-        def steps_loop(h, w, out, forward):
-            T, B = h.shape[:2]
-            named = {"kernel": rows_forward if forward else rows_backward,
-                     "args": (h, w, np.ascontiguousarray(w.T), out), "B": B, "T": T,
-                     "step_work": B * w.shape[0] * w.shape[1]}
-            run_time_loop(**{k: v for k, v in named.items() if k in accepted})
-        self._steps = steps_loop
+        @njit(nogil=True)
+        def input_grad(dg, w, dx, part, parts):          # dx[rows] = dg[rows] @ w
+            m0, m1 = piece(dg.shape[0], part, parts)
+            gemm_nn(dg[m0:m1], w, dx[m0:m1], 0.0)
+        self.kernels = (input_gemm, steps_forward, steps_backward, weight_grad, input_grad)
+        self.phases = self._split_phases
+
+    def _run(self, kernel, args, parts):
+        if parts <= 1:
+            kernel(*args, 0, 1)
+            return
+        import concurrent.futures
+        if getattr(self, "_pool", None) is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(self.parts - 1)
+
+        def on_one_blas_thread(part):
+            self.set_blas(1)
+            kernel(*args, part, parts)
+        futures = [self._pool.submit(on_one_blas_thread, p) for p in range(1, parts)]
+        kernel(*args, 0, parts)
+        for f in futures:
+            f.result()
+
+    def _split_phases(self, parts):
+        input_gemm, steps_forward, steps_backward, weight_grad, input_grad = self.kernels
+        np, run = self.np, self._run
+
+        def wrap(kernel, make_args):
+            def call(*a):
+                if self.set_blas is not None:
+                    self.set_blas(1)
+                try:
+                    run(kernel, make_args(*a), parts)
+                finally:
+                    if self.set_blas is not None:
+                        self.set_blas(self.parts)
+            return call
+        return (wrap(input_gemm, lambda x, w, out: (x, w, out)),
+                wrap(steps_forward, lambda h, w, out: (h, w, np.ascontiguousarray(w.T), out)),
+                wrap(steps_backward, lambda dg, w, dh: (dg, w, np.ascontiguousarray(w.T), dh)),
+                wrap(weight_grad, lambda dg, a, dw: (dg, a, dw)),
+                wrap(input_grad, lambda dg, w, dx: (dg, w, dx)))
+
+    @staticmethod
+    def _numpy_phases(np):
+        def steps(mm):
+            def run(h, w, out):
+                for t in range(h.shape[0]):
+                    mm(h[t], w, out[t])
+            return run
+        return lambda parts: (lambda x, w, out: np.matmul(x, w.T, out=out),
+                              steps(lambda a, w, c: np.matmul(a, w.T, out=c)),
+                              steps(lambda a, w, c: np.matmul(a, w, out=c)),
+                              lambda dg, a, dw: np.matmul(dg.T, a, out=dw),
+                              lambda dg, w, dx: np.matmul(dg, w, out=dx))
 
     def layer(self, T, B, I, H, G, dtype):
         """{piece: seconds} of one layer's GEMMs (forward: input, recurrent; backward:
@@ -144,13 +199,16 @@ class GemmReplay:
         gates, dh = np.empty((T * B, G * H), dtype), np.empty((T, B, H), dtype)
         dw_ih, dw_hh, dx = np.empty((G * H, I), dtype), np.empty((G * H, H), dtype), np.empty((T * B, I), dtype)
         dg2, h2 = dg.reshape(T * B, G * H), h.reshape(T * B, H)
+        work = T * B * G * H * (I + H)  # multiply-adds of the forward GEMMs
+        parts = self.parts if work >= getattr(self, "min_work", 0) else 1
+        input_gemm, steps_forward, steps_backward, weight_grad, input_grad = self.phases(parts)
         secs = {
-            "fwd input GEMM (x W_ih^T, all T)": bench(lambda: self._nt(x, w_ih, gates)),
-            "fwd recurrent GEMMs (h W_hh^T, T x)": bench(lambda: self._steps(h, w_hh, dg, True)),
-            "bwd recurrent GEMMs (dg W_hh, T x)": bench(lambda: self._steps(dg, w_hh, dh, False)),
-            "bwd dW_ih GEMM (dg^T x)": bench(lambda: self._tn(dg2, x, dw_ih)),
-            "bwd dW_hh GEMM (dg^T h)": bench(lambda: self._tn(dg2, h2, dw_hh)),
-            "bwd dx GEMM (dg W_ih)": bench(lambda: self._nn(dg2, w_ih, dx)),
+            "fwd input GEMM (x W_ih^T, all T)": bench(lambda: input_gemm(x, w_ih, gates)),
+            "fwd recurrent GEMMs (h W_hh^T, T x)": bench(lambda: steps_forward(h, w_hh, dg)),
+            "bwd recurrent GEMMs (dg W_hh, T x)": bench(lambda: steps_backward(dg, w_hh, dh)),
+            "bwd dW_ih GEMM (dg^T x)": bench(lambda: weight_grad(dg2, x, dw_ih)),
+            "bwd dW_hh GEMM (dg^T h)": bench(lambda: weight_grad(dg2, h2, dw_hh)),
+            "bwd dx GEMM (dg W_ih)": bench(lambda: input_grad(dg2, w_ih, dx)),
         }
         n = 2.0 * T * B * G * H
         flops = dict(zip(secs, (n * I, n * H, n * H, n * I, n * H, n * I)))
@@ -164,7 +222,7 @@ class Profiler:
         bptt.use_backend(os.environ.get("BPTT_BACKEND", "cpu"))
         self.be = bptt.get_backend()
         hx.pin_threads(int(os.environ["OMP_NUM_THREADS"]))
-        self.gemm = GemmReplay(self.np)
+        self.gemm = GemmReplay(self.np, int(os.environ["OMP_NUM_THREADS"]))
         return {"backend": self.be.NAME, "gemm_path": self.gemm.path}
 
     def layer_rows(self, cell, T, B, I, H, x, dtype):
