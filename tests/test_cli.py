@@ -299,3 +299,18 @@ def test_progress_redraws_on_a_terminal_and_writes_lines_otherwise(tty):
     else:
         assert "\r" not in stream.text and stream.text.count("\n") >= 4
     assert progress.recent_loss() == pytest.approx(np.mean([2.0, 1.0, 2 / 3, 0.5]))
+
+
+@pytest.mark.slow
+def test_copy_task_needs_a_window_that_spans_the_dependency(tmp_path, capsys):
+    """The TBPTT demonstration with the CLI's copy-task defaults (lag 20: each symbol is recalled
+    25 steps after it was shown; 1000 updates): TBPTT(10, 10) stays at chance (1/8), TBPTT(10, 30),
+    whose window spans the dependency, learns the task."""
+    accuracy = {}
+    for k2 in (10, 30):
+        rc, out, err = _run(capsys, ["train", "--task", "copy", "--k1", "10", "--k2", k2,
+                                     "--out", tmp_path / f"k2_{k2}", "--json"])
+        assert rc == 0, err
+        accuracy[k2] = _json_last_line(out)["recall_accuracy"]
+    assert accuracy[10] < 0.2
+    assert accuracy[30] > 0.9
