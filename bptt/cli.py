@@ -619,34 +619,20 @@ def _task_metrics(cfg, model, trainer, valid_data):
 
 
 def _write_grad_norms(trainer, out):
-    """Write the trainer's gradient diagnostics (``history["grad_diagnostics"]``: per update, the
-    norm ||dL/dh_t|| of every step of the backpropagated window, per level, oldest step first,
-    and every parameter's gradient norm) to ``grad_norms.json``, and where matplotlib is
-    installed a plot ``grad_norms.png`` of ||dL/dh_t|| against steps back from the window's end
-    (top level) for a few updates spread over the run. Returns the JSON path."""
-    records = trainer.history.get("grad_diagnostics") or []
-    path = os.path.join(out, "grad_norms.json")
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(records, f)
+    """Write the trainer's gradient diagnostics (per update: ||dL/dh_t|| of every step of the
+    backpropagated window, per level, and every parameter's gradient norm; see
+    :mod:`bptt.diagnostics`) to ``grad_norms.json``, and where matplotlib is installed their plot
+    to ``grad_norms.png``. Returns the JSON path."""
+    from bptt import diagnostics
+    path = diagnostics.save_grad_norms(trainer.history, os.path.join(out, "grad_norms.json"))
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return path
-    if records:
-        fig, ax = plt.subplots(figsize=(7, 4))
-        picks = sorted({0, len(records) // 4, len(records) // 2, 3 * len(records) // 4, len(records) - 1})
-        for i in picks:
-            norms = records[i]["dh_norms"][-1][::-1]      # top level, steps back from the window end
-            ax.semilogy(range(len(norms)), [max(v, 1e-30) for v in norms], label=f"update {records[i]['step']}")
-        ax.set_xlabel("steps back from the end of the window")
-        ax.set_ylabel("||dL/dh_t|| (top level)")
-        ax.set_title("gradient flow back through time")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(os.path.join(out, "grad_norms.png"), dpi=100)
-        plt.close(fig)
+    if trainer.history.get("grad_diagnostics"):
+        plt.close(diagnostics.plot_grad_norms(trainer.history, os.path.join(out, "grad_norms.png")))
     return path
 
 
