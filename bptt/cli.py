@@ -477,6 +477,43 @@ def _steps_per_epoch(cfg, data):
     return batches * chunks
 
 
+class _StopRequested(Exception):
+    pass
+
+
+class _StopAfterUpdate:
+    """Ctrl-C during training stops after the current update, so the checkpoint saved then is
+    consistent (weights, optimizer and stream position all after the same update); a second
+    Ctrl-C interrupts at once. Used as a context manager (installs the SIGINT handler in the
+    main thread) and as a trainer callback (raises between updates once a stop was asked)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        import signal
+        import threading
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+        return self
+
+    def __exit__(self, kind, value, tb):
+        import signal
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return kind is _StopRequested
+
+    def _on_sigint(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __call__(self, event):
+        if self.requested:
+            raise _StopRequested
+
+
 class _Data:
     """What training reads: ``train``/``valid`` (token streams, or (inputs, targets) of a task),
     ``vocab`` (None for tasks), ``per_epoch`` (updates per epoch), ``line`` (a summary for
@@ -548,16 +585,17 @@ def cmd_train(args):
     meta = {"config": {k: v for k, v in cfg.items() if k not in ("json", "resume", "backend", "out")},
             "vocab": vocab.to_json() if vocab else None, "bptt_version": bptt.__version__}
     ckpt = os.path.join(out, CHECKPOINT_FILE)
-    interrupted = False
+    stop = _StopAfterUpdate()
     try:
-        trainer.fit(train_data, cfg["batch_size"], epochs=epochs, max_steps=max_steps, callbacks=(progress,))
-    except KeyboardInterrupt:
-        interrupted = True
+        with stop:
+            trainer.fit(train_data, cfg["batch_size"], epochs=epochs, max_steps=max_steps,
+                        callbacks=(progress, stop))
     finally:
         progress.close()
     trainer.save_checkpoint(ckpt, meta=meta)
-    if interrupted:
-        print(f"interrupted: checkpoint saved to {ckpt}; continue with --resume", file=err)
+    if stop.requested:
+        print(f"interrupted after update {trainer.step}: checkpoint saved to {ckpt}; continue with --resume",
+              file=err)
         return 130
     wall = progress.elapsed()
 

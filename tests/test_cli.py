@@ -315,3 +315,30 @@ def test_copy_task_needs_a_window_that_spans_the_dependency(tmp_path, capsys):
         accuracy[k2] = _json_last_line(out)["recall_accuracy"]
     assert accuracy[10] < 0.2
     assert accuracy[30] > 0.9
+
+
+def test_ctrl_c_saves_a_consistent_checkpoint_and_resumes(tmp_path):
+    """SIGINT during training: stop after the current update, save, exit 130; --resume goes on."""
+    import signal
+    import time
+    data = tmp_path / "t.txt"
+    data.write_text(TEXT * 20)
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "bptt", "train", "--data", str(data), "--out", str(run), "--hidden-size", "8",
+           "--embedding-size", "4", "--k1", "4", "--batch-size", "2", "--epochs", "1000", "--sample-length", "0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (run / METRICS_FILE).exists():          # the progress log: fit() is running
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted after update" in err and "Traceback" not in err
+    from bptt.checkpoint import load_model
+    _, meta = load_model(run / CHECKPOINT_FILE)
+    assert meta["config"]["hidden_size"] == 8
+    resumed = subprocess.run(cmd[:4] + ["--out", str(run), "--resume", "--max-steps", "2", "--json"],
+                             capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    assert _json_last_line(resumed.stdout)["updates_this_run"] == 2
