@@ -549,12 +549,12 @@ def cmd_train(args):
     out = cfg.get("out") or os.path.join("runs", args.task or "default")
     if args.resume:
         ckpt_path = _checkpoint_path(out)
+        meta = _read_meta(ckpt_path)
+        cfg = _check_resume(cfg, meta)   # flag conflicts first, before any backend is chosen
         backend = _select_backend(cfg.get("backend"))
         import bptt
         from bptt.data import Vocabulary
         trainer = bptt.Trainer.from_checkpoint(ckpt_path)
-        meta = trainer.meta or {}
-        cfg = _check_resume(cfg, meta)
         model = trainer.model
         trainer.record_grad_norms = trainer.record_grad_norms or bool(cfg.get("grad_norms"))
         data = _prepare_data(cfg, Vocabulary.from_json(meta["vocab"]) if meta.get("vocab") else None)
@@ -678,26 +678,41 @@ def _write_grad_norms(trainer, out):
 # eval and sample
 
 
-def _load_run(run_dir, backend_name):
-    path = _checkpoint_path(run_dir)
-    backend = _select_backend(backend_name)
-    from bptt.checkpoint import load_model
-    model, meta = load_model(path)
-    meta = meta or {}
+def _read_meta(path):
+    """The meta dict of the checkpoint ``path`` (no model is built, no backend chosen)."""
+    from bptt.checkpoint import read
+    meta = read(path)[0].get("meta") or {}
     if "config" not in meta:
         raise UsageError(f"{path}: not a checkpoint written by 'bptt train' (no config in its meta)")
+    return meta
+
+
+def _load_run(run_dir, backend_name, check=None):
+    """(model, meta, backend) of the run in ``run_dir``; ``check(meta)`` runs before a backend is
+    chosen or the model built, so flag errors come first."""
+    path = _checkpoint_path(run_dir)
+    meta = _read_meta(path)
+    if check is not None:
+        check(meta)
+    backend = _select_backend(backend_name)
+    from bptt.checkpoint import load_model
+    model, _ = load_model(path)
     return model, meta, backend
 
 
 def cmd_eval(args):
     from bptt.data import Corpus, Vocabulary, read_text
     text = read_text(args.data) if args.data is not None else None   # file errors before the model loads
-    model, meta, backend = _load_run(args.run_dir, args.backend)
+
+    def check(meta):
+        task = meta["config"].get("task")
+        if task is not None and args.data is not None:
+            raise UsageError(f"--data is for language models; {args.run_dir} holds a --task {task} model")
+
+    model, meta, backend = _load_run(args.run_dir, args.backend, check)
     cfg = meta["config"]
     import bptt
     if cfg.get("task") is not None:
-        if args.data is not None:
-            raise UsageError(f"--data is for language models; {args.run_dir} holds a --task {cfg['task']} model")
         valid = _task_data(cfg, cfg.get("n_valid") or TASK_DEFAULTS["n_valid"], cfg["seed"] + 1_000_003)
         metrics = _task_metrics(cfg, model, bptt.Trainer(model, bptt.SGD(0.0), k1=cfg["k1"], k2=cfg["k2"]), valid)
         metrics["loss"] = metrics.pop("val_loss")
@@ -726,9 +741,12 @@ def cmd_eval(args):
 
 
 def cmd_sample(args):
-    model, meta, _ = _load_run(args.run_dir, args.backend)
-    if meta["config"].get("task") is not None or not meta.get("vocab"):
-        raise UsageError(f"{args.run_dir} holds a --task model; sampling needs a language model")
+
+    def check(meta):
+        if meta["config"].get("task") is not None or not meta.get("vocab"):
+            raise UsageError(f"{args.run_dir} holds a --task model; sampling needs a language model")
+
+    model, meta, _ = _load_run(args.run_dir, args.backend, check)
     from bptt.data import Vocabulary
     from bptt.sampling import sample
     vocab = Vocabulary.from_json(meta["vocab"])

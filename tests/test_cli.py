@@ -84,6 +84,11 @@ def test_train_eval_sample_resume(tmp_path, corpus_file, capsys):
     resumed = _json_last_line(out)
     assert resumed["steps"] == 7 and resumed["updates_this_run"] == 3
 
+    rc, out, err = _run(capsys, ["train", "--out", run, "--resume", "--hidden-size", "99"])
+    assert rc == 1 and err.strip().splitlines() == [
+        "bptt train: error: --hidden-size 99 differs from the checkpoint's 12: a resumed run keeps its model, "
+        "data and optimizer"]
+
     events = [json.loads(line)["event"] for line in (run / METRICS_FILE).read_text().splitlines()]
     assert events.count("train_end") == 2 and events.count("eval") == 2
 
@@ -124,7 +129,7 @@ def test_task_runs(tmp_path, capsys, task, key):
     rc, out, _ = _run(capsys, ["eval", run, "--json"])
     assert rc == 0 and key in _json_last_line(out)
     rc, _, err = _run(capsys, ["sample", run])
-    assert rc == 1 and "language model" in err
+    assert rc == 1 and len(err.strip().splitlines()) == 1 and "sampling needs a language model" in err
 
 
 def test_forget_bias_shifts_only_the_lstm_forget_gates():
@@ -169,6 +174,9 @@ def _error_cases(tmp_path):
     latin.write_bytes("caf\xe9\n".encode("latin-1"))
     good = tmp_path / "good.txt"
     good.write_text(TEXT)
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / CHECKPOINT_FILE).write_bytes(b"PK\x03\x04 truncated")
     return {
         "missing file": (["train", "--data", tmp_path / "nope.txt"], "nope.txt"),
         "empty file": (["train", "--data", empty], "empty.txt: file is empty"),
@@ -179,6 +187,7 @@ def _error_cases(tmp_path):
         "task with data": (["train", "--task", "copy", "--data", good], "--data is for text corpora"),
         "resume without run": (["train", "--resume", "--out", tmp_path / "none"], "no such run directory"),
         "eval without checkpoint": (["eval", tmp_path], "no checkpoint"),
+        "corrupt checkpoint": (["sample", corrupt], "checkpoint.npz: not a readable bptt checkpoint"),
         "eval on a missing file": (["eval", tmp_path, "--data", tmp_path / "gone.txt"], "gone.txt: no such file"),
         "bad choice": (["train", "--cell", "transformer"], "invalid choice"),
         "negative size": (["train", "--hidden-size", "-3"], "must be > 0"),
