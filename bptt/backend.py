@@ -27,8 +27,24 @@ class BackendUnavailableError(RuntimeError):
     """A backend was asked for by name but cannot run here."""
 
 
+def _driver_missing():
+    """The reason no NVIDIA driver is usable here, or None. Cheap: loads libcuda only, so that
+    ``auto`` on a CPU-only machine does not pay for importing cupy and numba.cuda."""
+    import ctypes
+    for lib in ("libcuda.so.1", "libcuda.so", "nvcuda.dll", "libcuda.dylib"):
+        try:
+            ctypes.CDLL(lib)
+            return None
+        except OSError:
+            continue
+    return "no NVIDIA driver found (libcuda could not be loaded)"
+
+
 def _probe_cupy():
     """Return None if CuPy can allocate on a GPU here, else the reason it cannot."""
+    missing = _driver_missing()
+    if missing:
+        return missing
     try:
         import cupy
     except Exception as e:  # ImportError, or a broken CUDA install
@@ -45,11 +61,15 @@ def _probe_cupy():
 
 def _probe_cuda():
     """Return None if Numba-CUDA can use a GPU here (or the simulator is on), else the reason."""
+    simulator = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+    missing = None if simulator else _driver_missing()
+    if missing:
+        return missing
     try:
         from numba import cuda
     except Exception as e:
         return f"numba.cuda failed to import ({type(e).__name__}: {e}); install bptt[cuda12] or bptt[cuda13]"
-    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+    if simulator:
         return None  # the CUDA simulator runs kernels on the CPU (slowly); used by the tests
     try:
         if not cuda.is_available():
