@@ -360,7 +360,7 @@ def test_layer_split_over_threads(cell, workers, monkeypatch):
     """A layer call cut into 1 or 3 pieces per phase (B=5: uneven batch ranges, t_start=1)
     gives the reference's result."""
     from bptt_kernels.cpu import _loop
-    monkeypatch.setattr(_loop, "blas_threads", lambda: workers)
+    monkeypatch.setattr(_loop, "THREADS", workers)
     monkeypatch.setattr(_loop, "MIN_WORK_FOR_THREADS", 0)   # split even this small layer
     calls = []
     run_piece = _loop._on_one_blas_thread
@@ -390,3 +390,30 @@ def test_part_ranges_cover_rows():
             assert ranges[0][0] == 0 and ranges[-1][1] == n
             assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
             assert max(b - a for a, b in ranges) - min(b - a for a, b in ranges) <= 1
+
+
+def _threads_in_fresh_process(env_value):
+    """(THREADS, OpenBLAS thread count after import, stderr) of a fresh process importing the backend."""
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="2")
+    env.pop("BPTT_NUM_THREADS", None)
+    if env_value is not None:
+        env["BPTT_NUM_THREADS"] = env_value
+    code = ("from bptt_kernels.cpu import _loop, _blas; "
+            "print(_loop.THREADS, _blas.blas_threads())")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    return r.returncode, r.stdout.split(), r.stderr
+
+
+@pytest.mark.parametrize("setting, threads", [(None, "2"), ("3", "3")])
+def test_import_takes_thread_count_then_sets_openblas_to_one(setting, threads):
+    rc, out, err = _threads_in_fresh_process(setting)
+    assert rc == 0, err
+    assert out == [threads, "1"]
+
+
+def test_bad_thread_setting_is_a_clear_error():
+    rc, out, err = _threads_in_fresh_process("two")
+    assert rc != 0 and "BPTT_NUM_THREADS must be a positive integer" in err

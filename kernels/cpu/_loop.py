@@ -17,8 +17,13 @@ OpenBLAS threads against 0.14 ms with 1, and a whole LSTM layer (T=100, B=32, H=
 forward+backward) ran 64 ms with OpenBLAS's threads in and around the time loop against
 40 ms once its helper threads went to sleep right after each GEMM.
 
-OpenBLAS's thread setting is process-wide state: calls from several Python threads at once
-are correct but may run NumPy's large GEMMs elsewhere on fewer threads meanwhile.
+OpenBLAS's thread setting is process-wide state. Importing this backend therefore reads it
+once (or ``BPTT_NUM_THREADS``) as the number of pieces a large layer call is cut into, and then
+sets OpenBLAS to ONE thread for the whole process: after any NumPy GEMM on several threads
+(a model's decoder, say) OpenBLAS's idle helper threads spin-wait and steal a core from the
+layer threads. Measured (perf/bench_train.py, char-LM, 2-layer LSTM 256, B=32, 2 cores):
+12,500 tokens/s with OpenBLAS at 2 threads outside layer calls, 19,300 with it idle-free.
+The cost: other NumPy GEMMs in the same process run on one thread.
 """
 
 import concurrent.futures
@@ -32,6 +37,18 @@ from ._math import jit
 # the pool and joining costs ~50 us: T=1, B=4, H=16 LSTM forward+backward took 30 us on one
 # thread against 80-130 us split)
 MIN_WORK_FOR_THREADS = 4_000_000
+
+def _thread_count():
+    setting = os.environ.get("BPTT_NUM_THREADS", "").strip()
+    if not setting:
+        return blas_threads()
+    if not setting.isdigit() or int(setting) < 1:
+        raise ValueError(f"BPTT_NUM_THREADS must be a positive integer; got {setting!r}")
+    return int(setting)
+
+
+THREADS = _thread_count()  # pieces a large layer call runs in (OpenBLAS's count at import)
+set_blas_threads(1)        # for good: no spin-waiting OpenBLAS helper threads (see above)
 
 _pool = None             # (process id, executor, workers): a forked child makes its own pool
 _pool_lock = threading.Lock()
@@ -56,11 +73,11 @@ def part_range(n, part, parts):
 
 class layer_threads:
     """``with layer_threads(work) as parts:`` -- how many pieces this layer call runs in
-    (OpenBLAS's thread count if the call does at least MIN_WORK_FOR_THREADS multiply-adds,
-    else 1); OpenBLAS runs on one thread inside the block."""
+    (THREADS if the call does at least MIN_WORK_FOR_THREADS multiply-adds, else 1); OpenBLAS
+    runs on one thread inside the block, also if someone raised its count meanwhile."""
 
     def __init__(self, work):
-        self.parts = blas_threads() if work >= MIN_WORK_FOR_THREADS else 1
+        self.parts = THREADS if work >= MIN_WORK_FOR_THREADS else 1
 
     def __enter__(self):
         self.previous = set_blas_threads(1)
