@@ -417,3 +417,22 @@ def test_import_takes_thread_count_then_sets_openblas_to_one(setting, threads):
 def test_bad_thread_setting_is_a_clear_error():
     rc, out, err = _threads_in_fresh_process("two")
     assert rc != 0 and "BPTT_NUM_THREADS must be a positive integer" in err
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("rows, k", [(1, 512), (2, 512), (3, 256), (4, 256), (4, 64), (1, 64), (7, 256)])
+@pytest.mark.parametrize("beta", [0.0, 1.0, 0.5])
+def test_step_gemm_paths_match_numpy(dtype, rows, k, beta):
+    """gemm_step (c = a @ w^T + beta c) on both of its paths: the row loop for few rows and a
+    large weight, sgemm otherwise; c starts NaN-poisoned when beta == 0."""
+    from bptt_kernels.cpu import _blas
+    rng = np.random.default_rng(rows * 1000 + k)
+    n = 4 * k
+    a = rng.standard_normal((rows, k)).astype(dtype)
+    w = rng.standard_normal((n, k)).astype(dtype)
+    c0 = rng.standard_normal((rows, n)).astype(dtype)
+    c = np.full_like(c0, np.nan) if beta == 0.0 else c0.copy()
+    _blas.gemm_step(a, w, np.ascontiguousarray(w.T), c, beta)
+    want = a.astype(np.float64) @ w.T.astype(np.float64) + (beta * c0 if beta else 0.0)
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    assert np.max(np.abs(c - want)) <= tol * np.max(np.abs(want))

@@ -19,7 +19,7 @@ GEMM with row-major leading dimensions:
 
 Per-step GEMMs use ``gemm_step(a, w, w_t, c, beta)`` (c = a @ w^T + beta * c) with both
 layouts of the weight at hand: one row (batch 1) runs as dot products over w's rows, several
-rows as ``a @ w_t``. Measured per step, one thread, float32, OpenBLAS 0.3.30: LSTM H=256 B=1
+rows as ``a @ w_t``, and a few rows against a large weight as a plain row loop (see SMALL_ROWS). Measured per step, one thread, float32, OpenBLAS 0.3.30: LSTM H=256 B=1
 w-form 14 us against 36 us; B=32, H=128 w_t-form 52 us against 71 us (80 against 59 GFLOP/s);
 B=32, H=512 0.98 against 1.23 ms.
 
@@ -175,10 +175,49 @@ def gemm_nn(a, b, c, beta):
           beta, c, _row_stride(c))
 
 
+# Per-step GEMMs with few rows (batch rows per thread): OpenBLAS's sgemm repacks the whole
+# weight on every call, and once W_hh outgrows the cache that costs far more than the math.
+# Microbenchmark, one thread, float32, W [4K, K], us per call (loop / sgemm NT / sgemm NN):
+#   K=128:  1 row 4.0/3.2/2.7     4 rows 15.6/40.5/4.8
+#   K=256:  1 row 17.9/14.4/36.4  2 rows 38.3/153/26.6   4 rows 67.8/166/131
+#   K=512:  1 row 96/714/391      4 rows 260/644/408
+#   K=1024: 1 row 511/3198/2236   4 rows 1342/3384/2092
+# hence: the row loop for <= 4 rows with a weight of >= 512K elements (GRU H=512 has 786K;
+# its B=1 training step took 76 ms through sgemm), or 3-4 rows with >= 256K; else sgemm (NT, the dot-product form, for one row; NN for more).
+SMALL_ROWS = 4
+LOOP_WEIGHT_SIZE = 1 << 19       # elements of w from which 1-4 rows use the loop
+LOOP_WEIGHT_SIZE_3_ROWS = 1 << 18  # ... and from which 3-4 rows do
+
+
+@njit(cache=True, error_model="numpy")
+def _small_rows_gemm(a, w_t, c, beta):
+    """c[M,N] = a[M,K] @ w_t[K,N] + beta * c for small M, as M sums of K scaled rows of w_t
+    (reads w_t once per row; the inner loop over N vectorises)."""
+    m_rows, k_dim = a.shape
+    zero = c.dtype.type(0)
+    for m in range(m_rows):
+        crow = c[m]                                   # N
+        if beta == 0.0:
+            crow[:] = zero
+        elif beta != 1.0:
+            crow *= c.dtype.type(beta)
+        arow = a[m]                                   # K
+        for k in range(k_dim):
+            s = arow[k]
+            wrow = w_t[k]                             # N
+            for n in range(crow.shape[0]):
+                crow[n] += s * wrow[n]
+
+
 @njit(cache=True)
 def gemm_step(a, w, w_t, c, beta):
     """c[M,N] = a[M,K] @ w[N,K]^T + beta * c for one time step; w_t: [K,N] = w^T (contiguous)."""
-    if a.shape[0] == 1:
+    m = a.shape[0]
+    if m <= SMALL_ROWS and (w.size >= LOOP_WEIGHT_SIZE or (m >= 3 and w.size >= LOOP_WEIGHT_SIZE_3_ROWS)):
+        if w_t.shape[0] != a.shape[1] or c.shape[0] != m or c.shape[1] != w_t.shape[1]:
+            raise ValueError("gemm_step: shape mismatch")
+        _small_rows_gemm(a, w_t, c, beta)
+    elif m == 1:
         gemm_nt(a, w, c, beta)
     else:
         gemm_nn(a, w_t, c, beta)
