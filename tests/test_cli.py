@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 import bptt
-from bptt import backend as dispatch
 from bptt.cli import CHECKPOINT_FILE, METRICS_FILE, main
 
 # tiny models: every run is a few updates
@@ -18,14 +17,6 @@ TINY = ["--hidden-size", "12", "--embedding-size", "6", "--k1", "6", "--batch-si
         "--max-steps", "4", "--sample-length", "20"]
 TEXT = ("def add(a, b):\n    return a + b\n\nclass Point:\n    x = 0\n    y = 0\n\n"
         "for i in range(10):\n    print(add(i, i))\n") * 4
-
-
-@pytest.fixture(autouse=True)
-def _restore_backend():
-    """``--backend`` switches the process-wide backend: put the previous one back after each test."""
-    previous = dispatch._current
-    yield
-    dispatch._current = previous
 
 
 @pytest.fixture
