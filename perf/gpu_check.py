@@ -5,7 +5,8 @@ Run on a machine with an NVIDIA GPU (torch with CUDA, cupy and numba-cuda instal
 the repository root; no package index needed (the repo is put on the import path if bptt is
 not installed):
 
-    python perf/gpu_check.py [--json PATH] [--quick]
+    python perf/gpu_check.py [--json PATH] [--quick] [--backends cuda,cupy]
+                             [--skip-correctness] [--skip-bench] [--skip-e2e]
 
 1. Correctness, for each GPU backend that imports (``cuda``: Numba-CUDA, ``cupy``), fresh
    random inputs, outputs NaN-poisoned (each backend's ``config.POISON_OUTPUTS``), gradient
@@ -144,11 +145,12 @@ def compare(got, want, keys=("y", "final", "dx", "dstate", "dh", "grads")):
 
 def torch_reference(cell, p, device="cuda"):
     """torch.nn (cuDNN on a GPU) with autograd, the same weights, t_start = 0: a dict like
-    :func:`run_backend` (without dh), gradients from zero."""
+    :func:`run_backend` (without dh), gradients from zero. Always computed in float64: cuDNN's
+    own float32 error (1.1e-5 relative seen on an H100) would count against a float32 check."""
     import torch
     T, B, I = p["x"].shape
     H = p["w_hh"].shape[1]
-    dtype = torch.float64 if p["x"].dtype == np.float64 else torch.float32
+    dtype = torch.float64
     if cell == "lstm":
         mod = torch.nn.LSTM(I, H)
     elif cell == "gru":
@@ -542,6 +544,8 @@ def main(argv=None):
     ap.add_argument("--json", default=os.path.join(os.environ.get("OUT") or os.path.join(REPO, "perf", "results"),
                                                    "gpu_check.json"), help="where to write the JSON results")
     ap.add_argument("--quick", action="store_true", help="fewer checks and sizes (about a minute)")
+    ap.add_argument("--backends", default="cuda,cupy", help="comma-separated GPU backends to check")
+    ap.add_argument("--skip-correctness", action="store_true")
     ap.add_argument("--skip-bench", action="store_true")
     ap.add_argument("--skip-e2e", action="store_true")
     args = ap.parse_args(argv)
@@ -550,7 +554,7 @@ def main(argv=None):
 
     skipped = {}
     backends = []
-    for name in ("cuda", "cupy"):
+    for name in args.backends.split(","):
         mod, why = load_backend(name)
         if mod is None:
             skipped[name] = why
@@ -593,7 +597,8 @@ def main(argv=None):
 
     rng = np.random.default_rng()  # fresh inputs every run
     t0 = time.perf_counter()
-    checks = correctness(backends, oracle, rng, "cuda" if torch_ok else None, quick=args.quick)
+    checks = [] if args.skip_correctness else correctness(
+        backends, oracle, rng, "cuda" if torch_ok else None, quick=args.quick)
     info["correctness_s"] = round(time.perf_counter() - t0, 1)
     print(f"correctness: {sum(c['ok'] for c in checks)}/{len(checks)} ok in {info['correctness_s']} s",
           flush=True)
@@ -623,7 +628,8 @@ def main(argv=None):
                   f, indent=1, default=str)
     print(f"wrote {args.json} ({info['total_s']} s in all)\n")
     print(format_table(checks, rows, e2e, skipped, gemm_rate, path_rows))
-    return 0 if checks and all(c["ok"] for c in checks) and all(e["rc"] == 0 for e in e2e) else 1
+    checks_ok = all(c["ok"] for c in checks) and (checks or args.skip_correctness)
+    return 0 if checks_ok and all(e["rc"] == 0 for e in e2e) else 1
 
 
 if __name__ == "__main__":

@@ -12,9 +12,17 @@ Decision (documented in the package docstring too):
 """
 
 import numpy as np
-from numba import cuda, float32, float64
 
-from . import config
+if not hasattr(np, "row_stack"):
+    # NumPy 2.5 removed np.row_stack (an alias of np.vstack), but numba-cuda <= 0.30 registers
+    # a typing overload for it on first compile and fails every kernel launch with
+    # AttributeError (NVIDIA/numba-cuda#907, which upstream will not fix). Restoring the
+    # alias is the whole workaround; seen on an H100 with numba-cuda 0.30.4 + NumPy 2.5.2.
+    np.row_stack = np.vstack
+
+from numba import cuda, float32, float64  # noqa: E402 -- after the NumPy alias above
+
+from . import config  # noqa: E402
 
 SIMULATOR = config.SIMULATOR
 
