@@ -382,6 +382,82 @@ def test_layer_split_over_threads(cell, workers, monkeypatch):
         assert_close(got["grads"][name], want["grads"][name], np.float64, f"d{name}")
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("workers, B", [(2, 1), (3, 1), (3, 2)])
+@pytest.mark.parametrize("cell", CELLS)
+def test_time_loop_split_by_units(cell, workers, B, dtype, monkeypatch):
+    """Fewer batch rows than threads: the time loops are cut by hidden units (H=37: uneven
+    ranges, some not a multiple of 4) and meet at a barrier every step; t_start=2. Same result
+    as the reference, and the unit split did run (on its own pool)."""
+    from bptt_kernels.cpu import _loop
+    monkeypatch.setattr(_loop, "THREADS", workers)
+    monkeypatch.setattr(_loop, "MIN_WORK_FOR_THREADS", 0)
+    pools = []
+    run_parts = _loop.run_parts
+    monkeypatch.setattr(_loop, "run_parts", lambda k, a, p, pool="parts": (
+        pools.append(pool), run_parts(k, a, p, pool)))
+    T, I, H = 9, 6, 37
+    rng = np.random.default_rng(workers * 10 + B)
+    x, state, w = random_layer(rng, cell, dtype, T, B, I, H)
+    dy = rng.standard_normal((T, B, H)).astype(dtype)
+    dfinal = tuple(rng.standard_normal((B, H)).astype(dtype) for _ in state)
+    grads0 = {n: rng.standard_normal(a.shape).astype(dtype) for n, a in w.items()}
+    got = run_cell(cpu, cell, x, state, w, dy, dfinal, grads0, 2)
+    want = run_cell(ref, cell, x, state, w, dy, dfinal, grads0, 2)
+    assert pools.count("together") == 2                     # forward and backward time loops
+    for name in ("y", "dx", "dh"):
+        assert_close(got[name], want[name], dtype, name)
+    for k in range(len(state)):
+        assert_close(got["dstate"][k], want["dstate"][k], dtype, f"dstate[{k}]")
+    for name in grads0:
+        assert_close(got["grads"][name], want["grads"][name], dtype, f"d{name}")
+
+
+def test_unit_split_busy_falls_back_to_batch_split(monkeypatch):
+    """While another call holds the unit split's pool, a call splits by batch rows instead
+    (a barrier needs all its pieces running at once) and still gives the right result."""
+    from bptt_kernels.cpu import _loop
+    monkeypatch.setattr(_loop, "THREADS", 2)
+    monkeypatch.setattr(_loop, "MIN_WORK_FOR_THREADS", 0)
+    rng = np.random.default_rng(5)
+    x, state, w = random_layer(rng, "lstm", np.float64, 5, 1, 3, 10)
+    dy = rng.standard_normal((5, 1, 10))
+    dfinal = tuple(rng.standard_normal((1, 10)) for _ in state)
+    grads0 = {n: rng.standard_normal(a.shape) for n, a in w.items()}
+    assert _loop._together_lock.acquire(blocking=False)
+    try:
+        got = run_cell(cpu, "lstm", x, state, w, dy, dfinal, grads0, 0)
+    finally:
+        _loop._together_lock.release()
+    want = run_cell(ref, "lstm", x, state, w, dy, dfinal, grads0, 0)
+    for name in ("y", "dx", "dh"):
+        assert_close(got[name], want[name], np.float64, name)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("beta", [0.0, 1.0, 0.5])
+@pytest.mark.parametrize("j0, j1", [(0, 13), (3, 10), (5, 6), (4, 4)])
+def test_unit_product_matches_numpy(dtype, beta, j0, j1):
+    """unit_product writes exactly the units j0:j1 of each gate block (row counts of 0-3 past
+    a multiple of 4 included); with beta = 0 the NaN-poisoned output is never read."""
+    from bptt_kernels.cpu._blas import unit_product
+    rng = np.random.default_rng(j0 * 100 + j1)
+    B, K, H, blocks = 3, 29, 13, 3
+    a = rng.standard_normal((B, K)).astype(dtype)
+    w = rng.standard_normal((blocks * H, K)).astype(dtype)
+    c0 = rng.standard_normal((B, blocks * H)).astype(dtype)
+    c = np.full_like(c0, np.nan) if beta == 0.0 else c0.copy()
+    unit_product(a, w, c, beta, blocks, H, j0, j1)
+    full = a.astype(np.float64) @ w.T.astype(np.float64) + (beta * c0 if beta else 0.0)
+    mine = np.zeros(blocks * H, bool)
+    for g in range(blocks):
+        mine[g * H + j0:g * H + j1] = True
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    assert np.max(np.abs(c[:, mine] - full[:, mine]), initial=0) <= tol * np.max(np.abs(full))
+    untouched = c[:, ~mine]
+    assert (np.isnan(untouched).all() if beta == 0.0 else np.array_equal(untouched, c0[:, ~mine]))
+
+
 def test_part_ranges_cover_rows():
     from bptt_kernels.cpu._loop import part_range
     for n in range(0, 12):

@@ -7,7 +7,11 @@ runs single-threaded:
 1. the input projection x W_ih^T: split by rows of the [T*B, I] input;
 2. the time loop: split by batch rows. Row b of h_t depends only on row b of h_{t-1}, so each
    thread runs all T steps for its own rows and the threads meet once at the end, not at
-   every step;
+   every step. With fewer batch rows than threads (B = 1) it is split by hidden units
+   instead: each thread owns units j0:j1, i.e. its rows of W_hh (the matrix-vector products
+   of a small batch are bound by streaming W_hh from cache, and now each core streams only
+   its share) and the gate math of its units; the threads meet at a spin barrier
+   (``_barrier.py``) after every step, since every unit of h_t needs all of h_{t-1};
 3. (backward) the weight gradients, split by their rows, and dx, split by input rows.
 
 Why not OpenBLAS's threads: they synchronise inside every GEMM (every time step, for the
@@ -30,6 +34,9 @@ import concurrent.futures
 import os
 import threading
 
+import numpy as np
+
+from ._barrier import PAD
 from ._blas import blas_threads, set_blas_threads
 from ._math import jit
 
@@ -50,17 +57,19 @@ def _thread_count():
 THREADS = _thread_count()  # pieces a large layer call runs in (OpenBLAS's count at import)
 set_blas_threads(1)        # for good: no spin-waiting OpenBLAS helper threads (see above)
 
-_pool = None             # (process id, executor, workers): a forked child makes its own pool
+_pools = {}              # name -> (process id, executor, workers): a forked child makes its own
 _pool_lock = threading.Lock()
+_together_lock = threading.Lock()  # held by the one call whose threads meet at barriers
+NO_FLAGS = np.zeros(0, np.int64)   # "split by batch rows": no barrier counters
 
 
-def _get_pool(workers):
-    global _pool
+def _get_pool(workers, name="parts"):
     with _pool_lock:
-        if _pool is None or _pool[0] != os.getpid() or _pool[2] < workers:
-            executor = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="bptt-cpu")
-            _pool = (os.getpid(), executor, workers)
-        return _pool[1]
+        pool = _pools.get(name)
+        if pool is None or pool[0] != os.getpid() or pool[2] < workers:
+            executor = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix=f"bptt-{name}")
+            _pools[name] = pool = (os.getpid(), executor, workers)
+        return pool[1]
 
 
 @jit
@@ -95,14 +104,40 @@ def _on_one_blas_thread(kernel, *args):
     kernel(*args)
 
 
-def run_parts(kernel, args, parts):
+def run_parts(kernel, args, parts, pool="parts"):
     """``kernel(*args, part, parts)`` for every part in range(parts): this thread takes part 0,
     the pool the others; returns after all are done (re-raising a piece's exception)."""
     if parts <= 1:
         kernel(*args, 0, 1)
         return
-    futures = [_get_pool(parts - 1).submit(_on_one_blas_thread, kernel, *args, part, parts)
+    futures = [_get_pool(parts - 1, pool).submit(_on_one_blas_thread, kernel, *args, part, parts)
                for part in range(1, parts)]
     kernel(*args, 0, parts)
     for f in futures:
         f.result()
+
+
+@jit
+def split_ranges(B, H, flags, part, parts):
+    """(b0, b1, j0, j1): the batch rows and hidden units of piece ``part`` of a time loop;
+    split by batch rows if ``flags`` is empty, else by units (see run_time_loop)."""
+    if flags.size == 0:
+        b0, b1 = part_range(B, part, parts)
+        return b0, b1, 0, H
+    j0, j1 = part_range(H, part, parts)
+    return 0, B, j0, j1
+
+
+def run_time_loop(kernel, args, parts, B):
+    """Run a cell's time loop ``kernel(*args, flags, part, parts)`` in ``parts`` pieces: by batch
+    rows (``flags`` empty) when B >= parts, else by hidden units (``flags``: fresh barrier
+    counters; the pieces meet after every step). A barrier needs every piece running at once,
+    so unit splits use a pool of their own, one call at a time; a call that finds it busy (a
+    second Python thread training meanwhile) splits by batch rows instead."""
+    if parts <= 1 or B >= parts or not _together_lock.acquire(blocking=False):
+        run_parts(kernel, args + (NO_FLAGS,), min(parts, B))
+        return
+    try:
+        run_parts(kernel, args + (np.zeros(parts * PAD, np.int64),), parts, pool="together")
+    finally:
+        _together_lock.release()

@@ -6,7 +6,8 @@ Forward: one GEMM writes the input projections of all T steps straight into y; e
 h @ W_hh^T (GEMM) and applies bias and activation in place. Backward: per step the activation
 derivative (from the saved output) and one GEMM for the gradient flowing into h_{t-1};
 parameter gradients and dx follow as large GEMMs over all steps. The time loops run split by
-batch rows over threads (``_loop.py``).
+batch rows over threads, or by hidden units when there are fewer rows than threads
+(``_loop.py``).
 """
 
 from typing import NamedTuple
@@ -14,9 +15,10 @@ from typing import NamedTuple
 import numpy as np
 
 from . import _args
-from ._blas import gemm_step
+from ._barrier import barrier
+from ._blas import gemm_step, unit_product
 from ._common import finish_backward, project_inputs
-from ._loop import layer_threads, part_range, run_parts
+from ._loop import layer_threads, run_parts, run_time_loop, split_ranges
 from ._math import jit, one_like, tanh_
 
 G = 1
@@ -31,48 +33,60 @@ class RNNCache(NamedTuple):
 
 
 @jit(nogil=True)
-def _forward_steps(h0, w_hh, w_hh_t, bias, relu, y, part, parts):
-    # The time loop for this part's batch rows b0:b1 (rows are independent of each other).
+def _forward_steps(h0, w_hh, w_hh_t, bias, relu, y, flags, part, parts):
+    # The time loop for this part's batch rows b0:b1 and units j0:j1 (_loop.run_time_loop).
     # h0: [B,H]  w_hh: [H,H]  w_hh_t: [H,H] = w_hh^T  bias: [H] (b_ih + b_hh)  relu: bool
-    # y: [T,B,H] in x W_ih^T, out h_1 .. h_T
-    T = y.shape[0]
-    H = h0.shape[1]
+    # y: [T,B,H] in x W_ih^T, out h_1 .. h_T  flags: barrier counters when split by units
+    T, B, H = y.shape
     zero = 0 * bias[0]
-    b0, b1 = part_range(y.shape[1], part, parts)              # batch rows
+    b0, b1, j0, j1 = split_ranges(B, H, flags, part, parts)
+    bias_units = bias[j0:j1]
     for t in range(T):
         h_prev = h0 if t == 0 else y[t - 1]
-        gemm_step(h_prev[b0:b1], w_hh, w_hh_t, y[t, b0:b1], 1.0)          # += h W_hh^T
+        if flags.size == 0:
+            gemm_step(h_prev[b0:b1], w_hh, w_hh_t, y[t, b0:b1], 1.0)      # += h W_hh^T
+        else:
+            unit_product(h_prev, w_hh, y[t], 1.0, G, H, j0, j1)          # own rows
         for b in range(b0, b1):
-            h = y[t, b]
+            h = y[t, b, j0:j1]
             if relu:
-                for j in range(H):
-                    h[j] = max(h[j] + bias[j], zero)
+                for j in range(j1 - j0):
+                    h[j] = max(h[j] + bias_units[j], zero)
             else:
-                for j in range(H):
-                    h[j] = tanh_(h[j] + bias[j])
+                for j in range(j1 - j0):
+                    h[j] = tanh_(h[j] + bias_units[j])
+        if flags.size:
+            barrier(flags, part, parts, t + 1)                            # all of h_t written
 
 
 @jit(nogil=True)
-def _backward_steps(dy, y, relu, w_hh, w_hh_t, t_start, dh_next, da, dh, part, parts):
-    # The time loop backwards for this part's batch rows b0:b1.
+def _backward_steps(dy, y, relu, w_hh, w_hh_t, t_start, dh_next, da, dh, flags, part, parts):
+    # The time loop backwards for this part's batch rows b0:b1 and units j0:j1.
     # dy, y: [T,B,H]  relu: bool  w_hh: [H,H]  w_hh_t: [H,H] = w_hh^T  t_start: first step
     # dh_next: [B,H] in: dL/dh_T, out: dL/d(h entering t_start)
     # da: [T,B,H] out dL/d(pre-activation)  dh: [T,B,H] out (rows t >= t_start)
-    T, _, H = y.shape
+    # flags: barrier counters when split by units, else empty
+    T, B, H = y.shape
     one = one_like(y[0, 0, 0])
     zero = 0 * one
-    b0, b1 = part_range(dy.shape[1], part, parts)                  # batch rows
+    b0, b1, j0, j1 = split_ranges(B, H, flags, part, parts)
     for t in range(T - 1, t_start - 1, -1):
         for b in range(b0, b1):
-            dyb, dnb, hb, dab, dhb = dy[t, b], dh_next[b], y[t, b], da[t, b], dh[t, b]
-            for j in range(H):
-                dhj = dyb[j] + dnb[j]
-                dhb[j] = dhj
-                if relu:
-                    dab[j] = dhj if hb[j] > zero else zero
-                else:
-                    dab[j] = dhj * (one - hb[j] * hb[j])
-        gemm_step(da[t, b0:b1], w_hh_t, w_hh, dh_next[b0:b1], 0.0)    # dL/dh_{t-1} = da W_hh
+            dyb, dnb, hb = dy[t, b, j0:j1], dh_next[b, j0:j1], y[t, b, j0:j1]
+            dab, dhb = da[t, b, j0:j1], dh[t, b, j0:j1]
+            for j in range(j1 - j0):
+                dhb[j] = dyb[j] + dnb[j]                                  # total dL/dh_t
+            if relu:
+                for j in range(j1 - j0):
+                    dab[j] = dhb[j] if hb[j] > zero else zero
+            else:
+                for j in range(j1 - j0):
+                    dab[j] = dhb[j] * (one - hb[j] * hb[j])
+        if flags.size == 0:
+            gemm_step(da[t, b0:b1], w_hh_t, w_hh, dh_next[b0:b1], 0.0)    # dL/dh_{t-1} = da W_hh
+        else:
+            barrier(flags, part, parts, T - t)                            # all of da_t written
+            unit_product(da[t], w_hh_t, dh_next, 0.0, 1, H, j0, j1)      # own units of dh_{t-1}
 
 
 def _forward(relu, x, state, w_ih, w_hh, b_ih, b_hh):
@@ -83,8 +97,8 @@ def _forward(relu, x, state, w_ih, w_hh, b_ih, b_hh):
     h0 = h0.copy()
     with layer_threads(T * B * H * (I + H)) as parts:
         run_parts(project_inputs, (x, w_ih, y), parts)                   # x W_ih^T, all steps
-        run_parts(_forward_steps, (h0, w_hh, np.ascontiguousarray(w_hh.T), b_ih + b_hh, relu, y),
-                  min(parts, B))
+        run_time_loop(_forward_steps, (h0, w_hh, np.ascontiguousarray(w_hh.T), b_ih + b_hh,
+                                       relu, y), parts, B)
     return y, (y[-1].copy(),), RNNCache(x, h0, y, relu)
 
 
@@ -102,8 +116,8 @@ def _backward(relu, dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db
     dh = _args.empty(dy.shape, x.dtype)
     T, _, I = x.shape
     with layer_threads((T - t_start) * B * H * (2 * I + 2 * H)) as parts:
-        run_parts(_backward_steps, (dy, cache.y, relu, w_hh, np.ascontiguousarray(w_hh.T),
-                                    t_start, dh_next, da, dh), min(parts, B))
+        run_time_loop(_backward_steps, (dy, cache.y, relu, w_hh, np.ascontiguousarray(w_hh.T),
+                                        t_start, dh_next, da, dh), parts, B)
         run_parts(finish_backward, (x, cache.h0, cache.y, da, da, w_ih, dw_ih, dw_hh,
                                     db_ih, db_hh, dx, dh, t_start), parts)
     return dx, (dh_next,), dh
