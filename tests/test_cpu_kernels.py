@@ -1,7 +1,7 @@
 """The CPU backend (Numba @njit kernels) against the float64 NumPy reference, kernel by kernel.
 
-Every output buffer the CPU kernels allocate is poisoned with NaN (through ``_args.empty``),
-so an element a kernel forgets to write fails. Inputs are fresh random numbers per case.
+Every output and scratch buffer the CPU kernels allocate is poisoned with NaN (through
+``_args.empty`` and ``_args.scratch``), so an element a kernel forgets to write fails. Inputs are fresh random numbers per case.
 Error measure: max |a - b| / max |b| over the array (float64 reference computed from the same
 inputs cast to float64).
 """
@@ -22,6 +22,7 @@ N_STATE = {"lstm": 2, "gru": 1, "rnn_tanh": 1, "rnn_relu": 1}
 @pytest.fixture(autouse=True)
 def poisoned_buffers(monkeypatch):
     monkeypatch.setattr(_args, "empty", lambda shape, dtype: np.full(shape, np.nan, dtype))
+    monkeypatch.setattr(_args, "scratch", lambda name, shape, dtype: np.full(shape, np.nan, dtype))
 
 
 def rel_err(a, b):
@@ -456,6 +457,30 @@ def test_unit_product_matches_numpy(dtype, beta, j0, j1):
     assert np.max(np.abs(c[:, mine] - full[:, mine]), initial=0) <= tol * np.max(np.abs(full))
     untouched = c[:, ~mine]
     assert (np.isnan(untouched).all() if beta == 0.0 else np.array_equal(untouched, c0[:, ~mine]))
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_reused_scratch_gives_fresh_results(cell, monkeypatch):
+    """Backward passes reuse their gate-gradient scratch (same thread, name, shape): a second
+    call over other data, and a call with t_start > 0 after one with t_start = 0 (rows below
+    t_start hold the old call's values), both match the reference."""
+    monkeypatch.undo()                                      # the real empty and scratch
+    rng = np.random.default_rng(21)
+    T, B, I, H = 6, 3, 4, 9
+    seen = []
+    for t_start in (0, 3):
+        x, state, w = random_layer(rng, cell, np.float64, T, B, I, H)
+        dy = rng.standard_normal((T, B, H))
+        dfinal = tuple(rng.standard_normal((B, H)) for _ in state)
+        grads0 = {n: rng.standard_normal(a.shape) for n, a in w.items()}
+        got = run_cell(cpu, cell, x, state, w, dy, dfinal, grads0, t_start)
+        want = run_cell(ref, cell, x, state, w, dy, dfinal, grads0, t_start)
+        for name in ("dx", "dh"):
+            assert_close(got[name][t_start:], want[name][t_start:], np.float64, name)
+        for name in grads0:
+            assert_close(got["grads"][name], want["grads"][name], np.float64, f"d{name}")
+        seen.append({k: id(v) for k, v in _args._scratch.buffers.items()})
+    assert seen[0] == seen[1]                               # the same buffers, reused
 
 
 def test_part_ranges_cover_rows():

@@ -6,6 +6,7 @@ kernel ever reads out of bounds or mixes dtypes silently.
 """
 
 import operator
+import threading
 
 import numpy as np
 
@@ -16,6 +17,25 @@ def empty(shape, dtype):
     """Every output and scratch buffer of the CPU kernels comes from here (the tests replace it
     with a NaN-filled allocator, so an element a kernel forgets to write fails the checks)."""
     return np.empty(shape, dtype)
+
+
+_scratch = threading.local()
+
+
+def scratch(name, shape, dtype):
+    """A buffer that lives only inside one kernel call (a backward pass's gate gradients),
+    kept per thread and handed out again to the next call with the same name, shape and
+    dtype. A fresh multi-megabyte array costs the kernel's zeroing of every page on first
+    touch: GRU B=32 H=128 T=100 allocates ~21 MB per training step, and the step ran
+    18.5 -> 12.8 ms with allocations served from reused memory. The contents are whatever
+    the last call left: the kernels write every element they read."""
+    cache = getattr(_scratch, "buffers", None)
+    if cache is None:
+        cache = _scratch.buffers = {}
+    buf = cache.get(name)
+    if buf is None or buf.shape != tuple(shape) or buf.dtype != dtype:
+        cache[name] = buf = empty(shape, dtype)
+    return buf
 
 
 def as_input(name, a, dtype=None, shape=None):

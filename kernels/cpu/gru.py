@@ -148,7 +148,7 @@ def gru_forward(x, state, w_ih, w_hh, b_ih, b_hh):
     H = w_hh.shape[1]
     gates = _args.empty((T, B, G * H), x.dtype)
     hn, y = _args.empty((T, B, H), x.dtype), _args.empty((T, B, H), x.dtype)
-    hw = _args.empty((B, G * H), x.dtype)
+    hw = _args.scratch("gru.hw", (B, G * H), x.dtype)
     h0 = h0.copy()
     with layer_threads(T * B * G * H * (I + H)) as parts:
         run_parts(project_inputs, (x, w_ih, gates), parts)               # x W_ih^T, all steps
@@ -165,8 +165,8 @@ def gru_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh
     x = cache.x
     B, H = dh_next.shape
     dh_next = dh_next.copy()
-    dg_x = _args.empty(cache.gates.shape, x.dtype)
-    dg_h = _args.empty(cache.gates.shape, x.dtype)
+    dg_x = _args.scratch("gru.dg_x", cache.gates.shape, x.dtype)
+    dg_h = _args.scratch("gru.dg_h", cache.gates.shape, x.dtype)
     dx = _args.empty(x.shape, x.dtype)
     dh = _args.empty(dy.shape, x.dtype)
     T, _, I = x.shape

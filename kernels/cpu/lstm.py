@@ -168,7 +168,7 @@ def lstm_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_h
     x = cache.x
     B, H = dh_next.shape
     dh_next, dc_next = dh_next.copy(), dc_next.copy()
-    dgates = _args.empty(cache.gates.shape, x.dtype)
+    dgates = _args.scratch("lstm.dgates", cache.gates.shape, x.dtype)
     dx = _args.empty(x.shape, x.dtype)
     dh = _args.empty(dy.shape, x.dtype)
     T, _, I = x.shape

@@ -111,7 +111,7 @@ def _backward(relu, dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db
     x = cache.x
     B, H = dh_next.shape
     dh_next = dh_next.copy()
-    da = _args.empty(dy.shape, x.dtype)
+    da = _args.scratch("rnn.da", dy.shape, x.dtype)
     dx = _args.empty(x.shape, x.dtype)
     dh = _args.empty(dy.shape, x.dtype)
     T, _, I = x.shape
