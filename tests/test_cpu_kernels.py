@@ -384,15 +384,19 @@ def test_layer_split_over_threads(cell, workers, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-@pytest.mark.parametrize("workers, B", [(2, 1), (3, 1), (3, 2)])
+@pytest.mark.parametrize("workers, B, large_weight", [(2, 1, False), (3, 1, False), (3, 2, False),
+                                                      (2, 5, True)])
 @pytest.mark.parametrize("cell", CELLS)
-def test_time_loop_split_by_units(cell, workers, B, dtype, monkeypatch):
-    """Fewer batch rows than threads: the time loops are cut by hidden units (H=37: uneven
-    ranges, some not a multiple of 4) and meet at a barrier every step; t_start=2. Same result
-    as the reference, and the unit split did run (on its own pool)."""
+def test_time_loop_split_by_units(cell, workers, B, large_weight, dtype, monkeypatch):
+    """Fewer batch rows than threads, or a few rows per thread and a weight counted as large:
+    the time loops are cut by hidden units (H=37: uneven ranges, some not a multiple of 4) and
+    meet at a barrier every step; t_start=2. Same result as the reference, and the unit split
+    did run (on its own pool)."""
     from bptt_kernels.cpu import _loop
     monkeypatch.setattr(_loop, "THREADS", workers)
     monkeypatch.setattr(_loop, "MIN_WORK_FOR_THREADS", 0)
+    if large_weight:
+        monkeypatch.setattr(_loop, "UNIT_SPLIT_WEIGHT_SIZE", 1)
     pools = []
     run_parts = _loop.run_parts
     monkeypatch.setattr(_loop, "run_parts", lambda k, a, p, pool="parts": (

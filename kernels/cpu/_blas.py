@@ -239,40 +239,47 @@ def gemm_tn(a, b, c, beta):
 # Per-step products of a time loop split by hidden units (``_loop.py``): each thread owns the
 # units j0:j1, i.e. the rows g*H + j0 : g*H + j1 of each of the G gate blocks of W_hh in the
 # forward pass, and the units' own rows of W_hh^T in the backward pass. Dot products over
-# contiguous weight rows, four rows at a time sharing the loads of the vector; fastmath lets
-# LLVM vectorise the reductions (the sums are reassociated: float32 results differ from
-# sgemm's in the last bits, as two BLAS builds' would). Measured one thread, float32, rows of
-# K=256 out of L2: ~30 GFLOP/s, which is what a matrix-vector product streaming W from L2
-# reaches; the gain of the split is that each core streams only its share of W_hh.
+# contiguous weight rows, four weight rows at a time sharing each load of a batch row, and
+# all batch rows against those four weight rows before moving on, so W streams through the
+# core once per step whatever B is. fastmath lets LLVM vectorise the reductions (the sums
+# are reassociated: float32 results differ from sgemm's in the last bits, as two BLAS
+# builds' would). Measured one thread, float32, B=1, K=256 out of L2: ~30-40 GFLOP/s, what a
+# matrix-vector product streaming W from L2 reaches; the split's gain is that each core
+# streams only its share of W_hh.
 @njit(cache=True, error_model="numpy", fastmath={"reassoc", "contract", "nsz"})
-def _dot_rows(w, v, out, r0, r1, beta):
-    """out[r] = w[r] . v + beta * out[r] for r in [r0, r1).  w: [R,K]  v: [K]  out: [R]."""
-    k_dim = v.shape[0]
-    zero = out.dtype.type(0)
-    scale = out.dtype.type(beta)
+def _dot_rows(w, a, c, r0, r1, beta):
+    """c[b, r] = w[r] . a[b] + beta * c[b, r] for r in [r0, r1) and every row b of a.
+    w: [R,K]  a: [B,K]  c: [B,R]."""
+    k_dim = a.shape[1]
+    zero = c.dtype.type(0)
+    scale = c.dtype.type(beta)
     r = r0
-    while r + 4 <= r1:                                # four rows share each load of v
+    while r + 4 <= r1:                                # four weight rows share each load of a[b]
         w0, w1, w2, w3 = w[r], w[r + 1], w[r + 2], w[r + 3]
-        a0 = a1 = a2 = a3 = zero
-        for k in range(k_dim):
-            vk = v[k]
-            a0 += w0[k] * vk
-            a1 += w1[k] * vk
-            a2 += w2[k] * vk
-            a3 += w3[k] * vk
-        if beta != 0.0:                               # (beta = 0 never reads out)
-            a0 += scale * out[r]
-            a1 += scale * out[r + 1]
-            a2 += scale * out[r + 2]
-            a3 += scale * out[r + 3]
-        out[r], out[r + 1], out[r + 2], out[r + 3] = a0, a1, a2, a3
+        for b in range(a.shape[0]):
+            v, out = a[b], c[b]
+            a0 = a1 = a2 = a3 = zero
+            for k in range(k_dim):
+                vk = v[k]
+                a0 += w0[k] * vk
+                a1 += w1[k] * vk
+                a2 += w2[k] * vk
+                a3 += w3[k] * vk
+            if beta != 0.0:                           # (beta = 0 never reads c)
+                a0 += scale * out[r]
+                a1 += scale * out[r + 1]
+                a2 += scale * out[r + 2]
+                a3 += scale * out[r + 3]
+            out[r], out[r + 1], out[r + 2], out[r + 3] = a0, a1, a2, a3
         r += 4
     while r < r1:                                     # the last 0-3 rows
         wr = w[r]
-        a = zero
-        for k in range(k_dim):
-            a += wr[k] * v[k]
-        out[r] = a if beta == 0.0 else a + scale * out[r]
+        for b in range(a.shape[0]):
+            v = a[b]
+            acc = zero
+            for k in range(k_dim):
+                acc += wr[k] * v[k]
+            c[b, r] = acc if beta == 0.0 else acc + scale * c[b, r]
         r += 1
 
 
@@ -281,6 +288,5 @@ def unit_product(a, w, c, beta, blocks, H, j0, j1):
     """c[b, g*H + j] = a[b] . w[g*H + j] + beta * c[b, g*H + j] for every row b of a, every
     block g < blocks and the units j in [j0, j1) owned by this thread.
     a: [B,K]  w: [blocks*H, K] (contiguous rows)  c: [B, blocks*H]."""
-    for b in range(a.shape[0]):
-        for g in range(blocks):
-            _dot_rows(w, a[b], c[b], g * H + j0, g * H + j1, beta)
+    for g in range(blocks):
+        _dot_rows(w, a, c, g * H + j0, g * H + j1, beta)

@@ -153,7 +153,7 @@ def gru_forward(x, state, w_ih, w_hh, b_ih, b_hh):
     with layer_threads(T * B * G * H * (I + H)) as parts:
         run_parts(project_inputs, (x, w_ih, gates), parts)               # x W_ih^T, all steps
         run_time_loop(_forward_steps, (h0, w_hh, np.ascontiguousarray(w_hh.T), b_ih, b_hh,
-                                       gates, hn, y, hw), parts, B)
+                                       gates, hn, y, hw), parts, B, w_hh.size)
     return y, (y[-1].copy(),), GRUCache(x, h0, gates, hn, y)
 
 
@@ -173,7 +173,7 @@ def gru_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh
     with layer_threads((T - t_start) * B * G * H * (2 * I + 2 * H)) as parts:
         run_time_loop(_backward_steps, (dy, cache.h0, cache.gates, cache.hn, cache.y, w_hh,
                                         np.ascontiguousarray(w_hh.T), t_start, dh_next, dg_x,
-                                        dg_h, dh), parts, B)
+                                        dg_h, dh), parts, B, w_hh.size)
         run_parts(finish_backward, (x, cache.h0, cache.y, dg_x, dg_h, w_ih, dw_ih, dw_hh,
                                     db_ih, db_hh, dx, dh, t_start), parts)
     return dx, (dh_next,), dh

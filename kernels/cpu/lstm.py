@@ -156,7 +156,7 @@ def lstm_forward(x, state, w_ih, w_hh, b_ih, b_hh):
     with layer_threads(T * B * G * H * (I + H)) as parts:
         run_parts(project_inputs, (x, w_ih, gates), parts)               # x W_ih^T, all steps
         run_time_loop(_forward_steps, (h0, c0, w_hh, np.ascontiguousarray(w_hh.T), b_ih + b_hh,
-                                       gates, c, tanh_c, y), parts, B)
+                                       gates, c, tanh_c, y), parts, B, w_hh.size)
     return y, (y[-1].copy(), c[-1].copy()), LSTMCache(x, h0, c0, gates, c, tanh_c, y)
 
 
@@ -175,7 +175,7 @@ def lstm_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_h
     with layer_threads((T - t_start) * B * G * H * (2 * I + 2 * H)) as parts:
         run_time_loop(_backward_steps, (dy, cache.c0, cache.gates, cache.c, cache.tanh_c, w_hh,
                                         np.ascontiguousarray(w_hh.T), t_start, dh_next, dc_next,
-                                        dgates, dh), parts, B)
+                                        dgates, dh), parts, B, w_hh.size)
         run_parts(finish_backward, (x, cache.h0, cache.y, dgates, dgates, w_ih, dw_ih, dw_hh,
                                     db_ih, db_hh, dx, dh, t_start), parts)
     return dx, (dh_next, dc_next), dh

@@ -98,7 +98,7 @@ def _forward(relu, x, state, w_ih, w_hh, b_ih, b_hh):
     with layer_threads(T * B * H * (I + H)) as parts:
         run_parts(project_inputs, (x, w_ih, y), parts)                   # x W_ih^T, all steps
         run_time_loop(_forward_steps, (h0, w_hh, np.ascontiguousarray(w_hh.T), b_ih + b_hh,
-                                       relu, y), parts, B)
+                                       relu, y), parts, B, w_hh.size)
     return y, (y[-1].copy(),), RNNCache(x, h0, y, relu)
 
 
@@ -117,7 +117,7 @@ def _backward(relu, dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db
     T, _, I = x.shape
     with layer_threads((T - t_start) * B * H * (2 * I + 2 * H)) as parts:
         run_time_loop(_backward_steps, (dy, cache.y, relu, w_hh, np.ascontiguousarray(w_hh.T),
-                                        t_start, dh_next, da, dh), parts, B)
+                                        t_start, dh_next, da, dh), parts, B, w_hh.size)
         run_parts(finish_backward, (x, cache.h0, cache.y, da, da, w_ih, dw_ih, dw_hh,
                                     db_ih, db_hh, dx, dh, t_start), parts)
     return dx, (dh_next,), dh
