@@ -524,6 +524,24 @@ def test_bad_thread_setting_is_a_clear_error():
     assert rc != 0 and "BPTT_NUM_THREADS must be a positive integer" in err
 
 
+@pytest.mark.parametrize("setting, applied", [(None, "True"), ("0", "False")])
+def test_import_keeps_freed_memory_unless_told_not_to(setting, applied):
+    """glibc's malloc thresholds are raised at import (freed multi-MB arrays stay mapped for
+    the next call), and BPTT_KEEP_FREED_MEMORY=0 leaves them alone."""
+    import os
+    import subprocess
+    import sys
+    if not hasattr(__import__("ctypes").CDLL(None), "mallopt"):
+        pytest.skip("libc without mallopt (not glibc)")
+    env = {k: v for k, v in os.environ.items() if k != "BPTT_KEEP_FREED_MEMORY"}
+    if setting is not None:
+        env["BPTT_KEEP_FREED_MEMORY"] = setting
+    r = subprocess.run([sys.executable, "-c", "import bptt_kernels.cpu as c; print(c.KEEPS_FREED_MEMORY)"],
+                       env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [applied]
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("rows, k", [(1, 512), (2, 512), (3, 256), (4, 256), (4, 64), (1, 64), (7, 256)])
 @pytest.mark.parametrize("beta", [0.0, 1.0, 0.5])
