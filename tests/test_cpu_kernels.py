@@ -385,7 +385,7 @@ def test_layer_split_over_threads(cell, workers, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("workers, B, large_weight", [(2, 1, False), (3, 1, False), (3, 2, False),
-                                                      (2, 5, True)])
+                                                      (2, 5, True), (2, 9, True)])
 @pytest.mark.parametrize("cell", CELLS)
 def test_time_loop_split_by_units(cell, workers, B, large_weight, dtype, monkeypatch):
     """Fewer batch rows than threads, or a few rows per thread and a weight counted as large:
@@ -396,7 +396,8 @@ def test_time_loop_split_by_units(cell, workers, B, large_weight, dtype, monkeyp
     monkeypatch.setattr(_loop, "THREADS", workers)
     monkeypatch.setattr(_loop, "MIN_WORK_FOR_THREADS", 0)
     if large_weight:
-        monkeypatch.setattr(_loop, "UNIT_SPLIT_WEIGHT_SIZE", 1)
+        monkeypatch.setattr(_loop, "UNIT_SPLIT_WEIGHT_DOT", 1)
+        monkeypatch.setattr(_loop, "UNIT_SPLIT_WEIGHT_GEMM", 1)
     pools = []
     run_parts = _loop.run_parts
     monkeypatch.setattr(_loop, "run_parts", lambda k, a, p, pool="parts": (
@@ -416,6 +417,17 @@ def test_time_loop_split_by_units(cell, workers, B, large_weight, dtype, monkeyp
         assert_close(got["dstate"][k], want["dstate"][k], dtype, f"dstate[{k}]")
     for name in grads0:
         assert_close(got["grads"][name], want["grads"][name], dtype, f"d{name}")
+
+
+def test_split_by_units_rule():
+    """The time-loop split follows the measured rule in _loop.py: units for fewer rows than
+    threads, for few rows with a large W_hh; batch rows otherwise and on one thread."""
+    from bptt_kernels.cpu._loop import split_by_units
+    assert split_by_units(1, 2, 16) and split_by_units(2, 3, 16)
+    assert not split_by_units(1, 1, 1 << 24)
+    assert split_by_units(4, 2, 1 << 19) and not split_by_units(4, 2, (1 << 19) - 1)
+    assert split_by_units(32, 2, 1 << 18) and not split_by_units(32, 2, (1 << 18) - 1)
+    assert split_by_units(64, 2, 1 << 22) and not split_by_units(65, 2, 1 << 22)
 
 
 def test_unit_split_busy_falls_back_to_batch_split(monkeypatch):
@@ -442,17 +454,20 @@ def test_unit_split_busy_falls_back_to_batch_split(monkeypatch):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("beta", [0.0, 1.0, 0.5])
 @pytest.mark.parametrize("j0, j1", [(0, 13), (3, 10), (5, 6), (4, 4)])
-def test_unit_product_matches_numpy(dtype, beta, j0, j1):
-    """unit_product writes exactly the units j0:j1 of each gate block (row counts of 0-3 past
-    a multiple of 4 included); with beta = 0 the NaN-poisoned output is never read."""
-    from bptt_kernels.cpu._blas import unit_product
-    rng = np.random.default_rng(j0 * 100 + j1)
-    B, K, H, blocks = 3, 29, 13, 3
+@pytest.mark.parametrize("B", [3, 9])
+def test_unit_product_matches_numpy(dtype, beta, j0, j1, B):
+    """unit_product writes exactly the units j0:j1 of each gate block, on both of its paths
+    (dot products for B=3, with row counts of 0-3 past a multiple of 4; sgemm on column
+    blocks for B=9); with beta = 0 the NaN-poisoned output is never read."""
+    from bptt_kernels.cpu._blas import UNIT_GEMM_ROWS, unit_product
+    assert 3 < UNIT_GEMM_ROWS <= 9
+    rng = np.random.default_rng(j0 * 100 + j1 + B)
+    K, H, blocks = 29, 13, 3
     a = rng.standard_normal((B, K)).astype(dtype)
     w = rng.standard_normal((blocks * H, K)).astype(dtype)
     c0 = rng.standard_normal((B, blocks * H)).astype(dtype)
     c = np.full_like(c0, np.nan) if beta == 0.0 else c0.copy()
-    unit_product(a, w, c, beta, blocks, H, j0, j1)
+    unit_product(a, w, np.ascontiguousarray(w.T), c, beta, blocks, H, j0, j1)
     full = a.astype(np.float64) @ w.T.astype(np.float64) + (beta * c0 if beta else 0.0)
     mine = np.zeros(blocks * H, bool)
     for g in range(blocks):

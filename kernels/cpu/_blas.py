@@ -283,10 +283,22 @@ def _dot_rows(w, a, c, r0, r1, beta):
         r += 1
 
 
+UNIT_GEMM_ROWS = 8   # from this many batch rows, sgemm on column blocks (below)
+
+
 @njit(cache=True)
-def unit_product(a, w, c, beta, blocks, H, j0, j1):
+def unit_product(a, w, w_t, c, beta, blocks, H, j0, j1):
     """c[b, g*H + j] = a[b] . w[g*H + j] + beta * c[b, g*H + j] for every row b of a, every
     block g < blocks and the units j in [j0, j1) owned by this thread.
-    a: [B,K]  w: [blocks*H, K] (contiguous rows)  c: [B, blocks*H]."""
-    for g in range(blocks):
-        _dot_rows(w, a, c, g * H + j0, g * H + j1, beta)
+    a: [B,K]  w: [blocks*H, K]  w_t: [K, blocks*H] = w^T  c: [B, blocks*H].
+    Fewer than UNIT_GEMM_ROWS rows: the dot products above. More: one sgemm per gate block on
+    the columns g*H + j0 : g*H + j1 of w_t and c (OpenBLAS packs only this thread's share of
+    the weight per call; 2 threads, LSTM B=32 H=256 T=100 forward 30 -> 25 ms against the
+    split by batch rows)."""
+    if a.shape[0] >= UNIT_GEMM_ROWS:
+        for g in range(blocks):
+            k0, k1 = g * H + j0, g * H + j1
+            gemm_nn(a, w_t[:, k0:k1], c[:, k0:k1], beta)
+    else:
+        for g in range(blocks):
+            _dot_rows(w, a, c, g * H + j0, g * H + j1, beta)

@@ -38,7 +38,7 @@ import threading
 import numpy as np
 
 from ._barrier import PAD
-from ._blas import blas_threads, set_blas_threads
+from ._blas import UNIT_GEMM_ROWS, blas_threads, set_blas_threads
 from ._math import jit
 
 # multiply-adds of a whole layer call from which it is split over threads (handing work to
@@ -130,26 +130,42 @@ def split_ranges(B, H, flags, part, parts):
 
 
 # When the time loop is split by hidden units rather than batch rows: always with fewer rows
-# than threads, and with up to UNIT_SPLIT_ROWS rows per thread once W_hh has
-# UNIT_SPLIT_WEIGHT_SIZE elements (each core then streams half of a weight that no longer sits
-# in its cache, instead of all of it). Measured, 2 threads, T=100, float32, step ms batch/unit:
-#   LSTM H=256 (262K): B=2 6.4/6.6  B=8 24/19     H=512 (1M): B=2 36/29  B=8 115/84  B=16 180/187
-#   GRU  H=256 (197K): B=2 4.7/4.8  B=8 12/17     H=512 (786K): B=2 36/21  B=8 103/63  B=16 126/113
-#   RNN  H=512 (262K): B=2 7.4/12   B=8 28/23     H=1024 (1M): B=2 33/31  B=8 112/91  B=16 185/145
-#   H=128, any cell, B=2-16: batch rows 20-120% faster
-UNIT_SPLIT_ROWS = 8
-UNIT_SPLIT_WEIGHT_SIZE = 1 << 19
+# than threads; otherwise once W_hh is large enough that each core streaming (or, through
+# sgemm, packing) only its share of it pays for the barrier per step: from
+# UNIT_SPLIT_WEIGHT_DOT elements while B < UNIT_GEMM_ROWS (the dot-product path of
+# ``_blas.unit_product``), from UNIT_SPLIT_WEIGHT_GEMM elements up to UNIT_SPLIT_ROWS rows per
+# thread (its sgemm path). Measured, 2 threads, T=100, float32, step ms by batch rows / units:
+#   LSTM H=256 (262K): B=2 6.4/6.6  B=8 30/22  B=32 76/71  B=64 138/140
+#        H=512 (1M):   B=2 36/29  B=8 101/92  B=32 336/252  B=64 524/508  B=128 923/906
+#        H=1024 (4M):  B=8 473/489  B=32 1322/1090  B=64 2358/2020
+#   GRU  H=256 (197K): B=2 4.7/4.8  B=8 13/13  B=32 57/58  B=128 184/207
+#        H=512 (786K): B=2 36/21  B=8 70/59  B=32 193/187;  H=1024: B=8 515/289  B=32 872/799
+#   RNN  H=512 (262K): B=2 7.4/12  B=4 11/15  B=8 39/23  B=32 62/62;  H=1024: B=32 297/269
+#   H=128, any cell, B=2-128: batch rows as fast or faster (GRU B=8 3.8/6.3)
+UNIT_SPLIT_WEIGHT_DOT = 1 << 19
+UNIT_SPLIT_WEIGHT_GEMM = 1 << 18
+UNIT_SPLIT_ROWS = 32
+
+
+def split_by_units(B, parts, weight_size):
+    """Whether a time loop over B rows in ``parts`` pieces with a W_hh of ``weight_size``
+    elements runs split by hidden units (see the table above)."""
+    if parts <= 1:
+        return False
+    if B < parts:
+        return True
+    if B < UNIT_GEMM_ROWS:
+        return weight_size >= UNIT_SPLIT_WEIGHT_DOT
+    return B <= UNIT_SPLIT_ROWS * parts and weight_size >= UNIT_SPLIT_WEIGHT_GEMM
 
 
 def run_time_loop(kernel, args, parts, B, weight_size):
     """Run a cell's time loop ``kernel(*args, flags, part, parts)`` in ``parts`` pieces: by batch
-    rows (``flags`` empty), or by hidden units (``flags``: fresh barrier counters; the pieces
-    meet after every step) when B < parts or, for a W_hh of ``weight_size`` >=
-    UNIT_SPLIT_WEIGHT_SIZE elements, B <= UNIT_SPLIT_ROWS * parts. A barrier needs every
-    piece running at once, so unit splits use a pool of their own, one call at a time; a call
-    that finds it busy (a second Python thread training meanwhile) splits by batch rows."""
-    by_units = B < parts or (B <= UNIT_SPLIT_ROWS * parts and weight_size >= UNIT_SPLIT_WEIGHT_SIZE)
-    if parts <= 1 or not by_units or not _together_lock.acquire(blocking=False):
+    rows (``flags`` empty), or by hidden units where ``split_by_units`` says so (``flags``:
+    fresh barrier counters; the pieces meet after every step). A barrier needs every piece
+    running at once, so unit splits use a pool of their own, one call at a time; a call that
+    finds it busy (a second Python thread training meanwhile) splits by batch rows."""
+    if not split_by_units(B, parts, weight_size) or not _together_lock.acquire(blocking=False):
         run_parts(kernel, args + (NO_FLAGS,), min(parts, B))
         return
     try:

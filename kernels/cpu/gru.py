@@ -79,7 +79,7 @@ def _forward_steps(h0, w_hh, w_hh_t, b_ih, b_hh, gates, hn, y, hw, flags, part, 
         if flags.size == 0:
             gemm_step(h_prev[b0:b1], w_hh, w_hh_t, hw[b0:b1], 0.0)        # h W_hh^T
         else:
-            unit_product(h_prev, w_hh, hw, 0.0, G, H, j0, j1)            # own gate rows
+            unit_product(h_prev, w_hh, w_hh_t, hw, 0.0, G, H, j0, j1)            # own gate rows
         for b in range(b0, b1):
             _cell_forward(gates[t, b], hw[b], b_ih, b_hh, h_prev[b], hn[t, b], y[t, b], H, j0, j1)
         if flags.size:
@@ -137,7 +137,7 @@ def _backward_steps(dy, h0, gates, hn, y, w_hh, w_hh_t, t_start, dh_next, dg_x, 
             gemm_step(dg_h[t, b0:b1], w_hh_t, w_hh, dh_next[b0:b1], 1.0)  # += dg_h W_hh (z dh there)
         else:
             barrier(flags, part, parts, T - t)                        # all of dg_h_t written
-            unit_product(dg_h[t], w_hh_t, dh_next, 1.0, 1, H, j0, j1)     # own units of dh_{t-1}
+            unit_product(dg_h[t], w_hh_t, w_hh, dh_next, 1.0, 1, H, j0, j1)     # own units of dh_{t-1}
 
 
 def gru_forward(x, state, w_ih, w_hh, b_ih, b_hh):

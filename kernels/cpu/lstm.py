@@ -85,7 +85,7 @@ def _forward_steps(h0, c0, w_hh, w_hh_t, bias, gates, c, tanh_c, y, flags, part,
         if flags.size == 0:
             gemm_step(h_prev[b0:b1], w_hh, w_hh_t, gates[t, b0:b1], 1.0)  # += h W_hh^T
         else:
-            unit_product(h_prev, w_hh, gates[t], 1.0, G, H, j0, j1)     # own gate rows
+            unit_product(h_prev, w_hh, w_hh_t, gates[t], 1.0, G, H, j0, j1)     # own gate rows
         for b in range(b0, b1):
             _cell_forward(gates[t, b], bias, c_prev[b], c[t, b], tanh_c[t, b], y[t, b], H, j0, j1)
         if flags.size:
@@ -141,7 +141,7 @@ def _backward_steps(dy, c0, gates, c, tanh_c, w_hh, w_hh_t, t_start, dh_next, dc
             gemm_step(dgates[t, b0:b1], w_hh_t, w_hh, dh_next[b0:b1], 0.0)  # dL/dh_{t-1} = dgates W_hh
         else:
             barrier(flags, part, parts, T - t)                        # all of dgates_t written
-            unit_product(dgates[t], w_hh_t, dh_next, 0.0, 1, H, j0, j1)   # own units of dh_{t-1}
+            unit_product(dgates[t], w_hh_t, w_hh, dh_next, 0.0, 1, H, j0, j1)   # own units of dh_{t-1}
 
 
 def lstm_forward(x, state, w_ih, w_hh, b_ih, b_hh):

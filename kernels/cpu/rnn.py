@@ -46,7 +46,7 @@ def _forward_steps(h0, w_hh, w_hh_t, bias, relu, y, flags, part, parts):
         if flags.size == 0:
             gemm_step(h_prev[b0:b1], w_hh, w_hh_t, y[t, b0:b1], 1.0)      # += h W_hh^T
         else:
-            unit_product(h_prev, w_hh, y[t], 1.0, G, H, j0, j1)          # own rows
+            unit_product(h_prev, w_hh, w_hh_t, y[t], 1.0, G, H, j0, j1)          # own rows
         for b in range(b0, b1):
             h = y[t, b, j0:j1]
             if relu:
@@ -86,7 +86,7 @@ def _backward_steps(dy, y, relu, w_hh, w_hh_t, t_start, dh_next, da, dh, flags, 
             gemm_step(da[t, b0:b1], w_hh_t, w_hh, dh_next[b0:b1], 0.0)    # dL/dh_{t-1} = da W_hh
         else:
             barrier(flags, part, parts, T - t)                            # all of da_t written
-            unit_product(da[t], w_hh_t, dh_next, 0.0, 1, H, j0, j1)      # own units of dh_{t-1}
+            unit_product(da[t], w_hh_t, w_hh, dh_next, 0.0, 1, H, j0, j1)      # own units of dh_{t-1}
 
 
 def _forward(relu, x, state, w_ih, w_hh, b_ih, b_hh):
