@@ -558,6 +558,28 @@ def test_import_keeps_freed_memory_unless_told_not_to(setting, applied):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("beta", [0.0, 1.0, 0.5])
+@pytest.mark.parametrize("m, k, n", [(8, 1000, 300), (3, 40, 50), (2, 20000, 90)])
+def test_gemm_nn_blocked_matches_numpy(dtype, beta, m, k, n):
+    """c = a @ b + beta c in column blocks (8 x 1000: blocks of 112 columns, the last 76 wide;
+    3 x 40: one call; 2 x 20000: blocks would be under 64 columns, so one call), on column
+    views of wider arrays as the unit split passes them; columns outside the views untouched."""
+    from bptt_kernels.cpu._blas import gemm_nn_blocked
+    rng = np.random.default_rng(m * k + n)
+    a = rng.standard_normal((m, k)).astype(dtype)
+    b_wide = rng.standard_normal((k, n + 7)).astype(dtype)
+    c_wide = rng.standard_normal((m, n + 7)).astype(dtype)
+    c0 = c_wide.copy()
+    if beta == 0.0:
+        c_wide[:, 3:3 + n] = np.nan
+    gemm_nn_blocked(a, b_wide[:, 3:3 + n], c_wide[:, 3:3 + n], beta)
+    want = a.astype(np.float64) @ b_wide[:, 3:3 + n].astype(np.float64) + (beta * c0[:, 3:3 + n] if beta else 0.0)
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    assert np.max(np.abs(c_wide[:, 3:3 + n] - want)) <= tol * np.max(np.abs(want))
+    assert np.array_equal(c_wide[:, :3], c0[:, :3]) and np.array_equal(c_wide[:, 3 + n:], c0[:, 3 + n:])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("rows, k", [(1, 512), (2, 512), (3, 256), (4, 256), (4, 64), (1, 64), (7, 256)])
 @pytest.mark.parametrize("beta", [0.0, 1.0, 0.5])
 def test_step_gemm_paths_match_numpy(dtype, rows, k, beta):

@@ -19,7 +19,8 @@ GEMM with row-major leading dimensions:
 
 Per-step GEMMs use ``gemm_step(a, w, w_t, c, beta)`` (c = a @ w^T + beta * c) with both
 layouts of the weight at hand: one row (batch 1) runs as dot products over w's rows, several
-rows as ``a @ w_t``, and a few rows against a large weight as a plain row loop (see SMALL_ROWS). Measured per step, one thread, float32, OpenBLAS 0.3.30: LSTM H=256 B=1
+rows as ``a @ w_t`` in column blocks small enough for OpenBLAS's unpacked kernels
+(``gemm_nn_blocked``), and a few rows against a large weight as a plain row loop (see SMALL_ROWS). Measured per step, one thread, float32, OpenBLAS 0.3.30: LSTM H=256 B=1
 w-form 14 us against 36 us; B=32, H=128 w_t-form 52 us against 71 us (80 against 59 GFLOP/s);
 B=32, H=512 0.98 against 1.23 ms.
 
@@ -209,6 +210,33 @@ def _small_rows_gemm(a, w_t, c, beta):
                 crow[n] += s * wrow[n]
 
 
+# OpenBLAS (0.3.17+, x86-64) runs a GEMM with M*N*K <= 1e6 through "small matrix" kernels
+# that skip packing the operands; a larger one packs all of b on every call. A time step's GEMM
+# against a constant weight repacks it every step, so it goes in column blocks that stay under
+# that size. Microbenchmark, one thread, float32, GFLOP/s whole call -> blocks of the size
+# below: [8,512]@[512,1024] 32 -> 106 (128 columns), [16,256]@[256,1024] 46 -> 109,
+# [32,128]@[128,512] 85 -> 110, [8,1024]@[1024,2048] 36 -> 95 (64 columns).
+SMALL_GEMM_MNK = 1_000_000
+MIN_BLOCK = 64
+
+
+@njit(cache=True)
+def gemm_nn_blocked(a, b, c, beta):
+    """c[M,N] = a[M,K] @ b[K,N] + beta * c as sgemm calls on column blocks of b and c, each
+    small enough (M*K*block <= SMALL_GEMM_MNK, block a multiple of 16) for OpenBLAS's unpacked
+    small-matrix kernels; one call when blocks would be narrower than MIN_BLOCK columns
+    (32-column blocks ran at 45-50 GFLOP/s, under a packed call's rate)."""
+    m, k = a.shape
+    n = c.shape[1]
+    block = (SMALL_GEMM_MNK // max(m * k, 1)) // 16 * 16
+    if block < MIN_BLOCK or block >= n:
+        gemm_nn(a, b, c, beta)
+        return
+    for j in range(0, n, block):
+        j1 = min(j + block, n)
+        gemm_nn(a, b[:, j:j1], c[:, j:j1], beta)
+
+
 @njit(cache=True)
 def gemm_step(a, w, w_t, c, beta):
     """c[M,N] = a[M,K] @ w[N,K]^T + beta * c for one time step; w_t: [K,N] = w^T (contiguous)."""
@@ -220,7 +248,7 @@ def gemm_step(a, w, w_t, c, beta):
     elif m == 1:
         gemm_nt(a, w, c, beta)
     else:
-        gemm_nn(a, w_t, c, beta)
+        gemm_nn_blocked(a, w_t, c, beta)
 
 
 @njit(cache=True)
@@ -298,7 +326,7 @@ def unit_product(a, w, w_t, c, beta, blocks, H, j0, j1):
     if a.shape[0] >= UNIT_GEMM_ROWS:
         for g in range(blocks):
             k0, k1 = g * H + j0, g * H + j1
-            gemm_nn(a, w_t[:, k0:k1], c[:, k0:k1], beta)
+            gemm_nn_blocked(a, w_t[:, k0:k1], c[:, k0:k1], beta)
     else:
         for g in range(blocks):
             _dot_rows(w, a, c, g * H + j0, g * H + j1, beta)
