@@ -28,7 +28,9 @@ PERSISTENT_THREADS
     per-kernel limit, which depends on registers, is also respected on a real GPU).
 PERSISTENT_MAX_PAIRS
     ``auto`` uses the persistent path only while ``B*H`` is at most this (beyond it one block
-    does too much work per step and the general path's many blocks win).
+    does too much work per step and the general path's many blocks win). Measured on an H100,
+    T=100 training step, persistent / general ms: LSTM B*H = 64 1.8/20, 768 10.3/21.7,
+    4096 34.7/20.4; GRU 768 8.1/32.3, 4096 26.6/31.8.
 POISON_OUTPUTS
     Fill every uninitialised array the backend allocates (outputs, caches, scratch) with NaN
     before the kernels write it, so an element a kernel forgets shows up in a parity check
@@ -48,7 +50,7 @@ _DEFAULTS = {
     "THREADS": 32 if SIMULATOR else 256,
     "GEMM_TILE": 4 if SIMULATOR else 16,
     "PERSISTENT_THREADS": 32 if SIMULATOR else 1024,
-    "PERSISTENT_MAX_PAIRS": 8192,
+    "PERSISTENT_MAX_PAIRS": 2048,
     "PERSISTENT_SMEM_BYTES": None,
     "POISON_OUTPUTS": False,
 }
