@@ -561,7 +561,7 @@ def test_import_keeps_freed_memory_unless_told_not_to(setting, applied):
 @pytest.mark.parametrize("beta", [0.0, 1.0, 0.5])
 @pytest.mark.parametrize("m, k, n", [(8, 1000, 300), (3, 40, 50), (2, 20000, 90)])
 def test_gemm_nn_blocked_matches_numpy(dtype, beta, m, k, n):
-    """c = a @ b + beta c in column blocks (8 x 1000: blocks of 112 columns, the last 76 wide;
+    """c = a @ b + beta c in column blocks (8 x 1000: three blocks of 112, 112 and 76 columns;
     3 x 40: one call; 2 x 20000: blocks would be under 64 columns, so one call), on column
     views of wider arrays as the unit split passes them; columns outside the views untouched."""
     from bptt_kernels.cpu._blas import gemm_nn_blocked

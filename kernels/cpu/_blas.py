@@ -232,6 +232,8 @@ def gemm_nn_blocked(a, b, c, beta):
     if block < MIN_BLOCK or block >= n:
         gemm_nn(a, b, c, beta)
         return
+    blocks = -(-n // block)                               # as few calls as that allows,
+    block = (-(-n // blocks) + 15) // 16 * 16             # of even widths (256: 128 + 128, not 240 + 16)
     for j in range(0, n, block):
         j1 = min(j + block, n)
         gemm_nn(a, b[:, j:j1], c[:, j:j1], beta)
