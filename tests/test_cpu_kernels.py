@@ -430,6 +430,36 @@ def test_split_by_units_rule():
     assert split_by_units(64, 2, 1 << 22) and not split_by_units(65, 2, 1 << 22)
 
 
+def test_unit_split_piece_that_stops_releases_the_others(monkeypatch):
+    """If the calling thread's piece stops (an exception, Ctrl-C) while a pool piece waits at a
+    barrier for it, the error reaches the caller, the waiting piece returns (barrier says it
+    was aborted) instead of spinning for good, and the next unit-split call runs normally."""
+    import threading
+    from bptt_kernels.cpu import _loop
+    from bptt_kernels.cpu._barrier import barrier
+    monkeypatch.setattr(_loop, "THREADS", 2)
+    monkeypatch.setattr(_loop, "MIN_WORK_FOR_THREADS", 0)
+    aborted = threading.Event()
+
+    def piece(flags, part, parts):
+        if part == 0:
+            raise KeyboardInterrupt                       # before reaching its first barrier
+        if barrier(flags, part, parts, 1):
+            aborted.set()
+
+    with pytest.raises(KeyboardInterrupt):
+        _loop.run_time_loop(piece, (), 2, 1, 0)
+    assert aborted.wait(10), "the pool piece still waits at its barrier"
+    rng = np.random.default_rng(8)
+    x, state, w = random_layer(rng, "gru", np.float64, 4, 1, 3, 6)
+    dy = rng.standard_normal((4, 1, 6))
+    dfinal = tuple(rng.standard_normal((1, 6)) for _ in state)
+    grads0 = {n: rng.standard_normal(a.shape) for n, a in w.items()}
+    got = run_cell(cpu, "gru", x, state, w, dy, dfinal, grads0, 0)
+    want = run_cell(ref, "gru", x, state, w, dy, dfinal, grads0, 0)
+    assert_close(got["dx"], want["dx"], np.float64, "dx")
+
+
 def test_unit_split_busy_falls_back_to_batch_split(monkeypatch):
     """While another call holds the unit split's pool, a call splits by batch rows instead
     (a barrier needs all its pieces running at once) and still gives the right result."""

@@ -5,11 +5,16 @@ every step needs the whole h_{t-1} that all threads wrote, so the threads meet a
 step. A pool handoff (~50 us) per step would cost more than the step; this barrier costs
 well under a microsecond while all threads are on their own cores.
 
-``flags`` is an int64 array of ``parts * PAD`` zeros made fresh for each call: thread ``part``
-owns the counter ``flags[part * PAD]`` (one cache line each). ``barrier(flags, part, parts,
-count)`` publishes this thread's ``count`` with a release store (everything the thread wrote
-before is visible to a thread that sees the count) and waits, with acquire loads, until every
-counter reaches ``count``. ``count`` must grow by one per barrier (1, 2, 3...).
+``flags`` is an int64 array of ``(parts + 1) * PAD`` zeros made fresh for each call: thread
+``part`` owns the counter ``flags[part * PAD]`` (one cache line each). ``barrier(flags, part,
+parts, count)`` publishes this thread's ``count`` with a release store (everything the thread
+wrote before is visible to a thread that sees the count) and waits, with acquire loads, until
+every counter reaches ``count``. ``count`` must grow by one per barrier (1, 2, 3...).
+
+``flags[parts * PAD]`` is the abort word: the caller sets it when a piece stopped early (an
+exception, Ctrl-C before the calling thread entered its piece), and then barrier returns True
+instead of waiting for a count that will never come; the kernels return at once. Without it a
+pool thread would spin at its barrier for good, and the next call queued behind it would hang.
 
 A waiting thread calls ``sched_yield`` after SPINS_BEFORE_YIELD polls, so that a thread
 descheduled by other load gets its core back instead of the waiter burning its time slice.
@@ -55,13 +60,21 @@ def _store_release(typingctx, arr, index, value):
 
 @jit
 def barrier(flags, part, parts, count):
-    """Wait until all ``parts`` threads have called barrier with this ``count``.
-    flags: [parts * PAD] int64 (zeros at the start of the call)."""
+    """Wait until all ``parts`` threads have called barrier with this ``count``; False, or True
+    if the call was aborted meanwhile. flags: [(parts + 1) * PAD] int64 (zeros at the start)."""
     _store_release(flags, part * PAD, count)
     for q in range(parts):
         spins = 0
         while _load_acquire(flags, q * PAD) < count:
+            if _load_acquire(flags, parts * PAD) != 0:
+                return True
             spins += 1
             if spins == SPINS_BEFORE_YIELD:
                 _sched_yield()
                 spins = 0
+    return False
+
+
+def abort(flags, parts):
+    """Release every piece waiting at a barrier of this call (see above)."""
+    flags[parts * PAD] = 1

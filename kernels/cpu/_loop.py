@@ -37,7 +37,7 @@ import threading
 
 import numpy as np
 
-from ._barrier import PAD
+from ._barrier import PAD, abort
 from ._blas import UNIT_GEMM_ROWS, blas_threads, set_blas_threads
 from ._math import jit
 
@@ -168,7 +168,11 @@ def run_time_loop(kernel, args, parts, B, weight_size):
     if not split_by_units(B, parts, weight_size) or not _together_lock.acquire(blocking=False):
         run_parts(kernel, args + (NO_FLAGS,), min(parts, B))
         return
+    flags = np.zeros((parts + 1) * PAD, np.int64)
     try:
-        run_parts(kernel, args + (np.zeros(parts * PAD, np.int64),), parts, pool="together")
+        run_parts(kernel, args + (flags,), parts, pool="together")
+    except BaseException:
+        abort(flags, parts)          # pieces still waiting for the one that stopped return
+        raise
     finally:
         _together_lock.release()

@@ -70,7 +70,7 @@ def _forward_steps(h0, w_hh, w_hh_t, b_ih, b_hh, gates, hn, y, hw, flags, part, 
     # The time loop for this part's batch rows b0:b1 and units j0:j1 (_loop.run_time_loop).
     # h0: [B,H]  w_hh: [3H,H]  w_hh_t: [H,3H] = w_hh^T  b_ih, b_hh: [3H]
     # gates: [T,B,3H] in x W_ih^T, out activated gates  hn, y: [T,B,H] out  hw: [B,3H] scratch
-    # flags: barrier counters when split by units, else empty
+    # flags: barrier counters and abort word when split by units, else empty
     T, B = gates.shape[:2]
     H = h0.shape[1]
     b0, b1, j0, j1 = split_ranges(B, H, flags, part, parts)
@@ -82,8 +82,8 @@ def _forward_steps(h0, w_hh, w_hh_t, b_ih, b_hh, gates, hn, y, hw, flags, part, 
             unit_product(h_prev, w_hh, w_hh_t, hw, 0.0, G, H, j0, j1)            # own gate rows
         for b in range(b0, b1):
             _cell_forward(gates[t, b], hw[b], b_ih, b_hh, h_prev[b], hn[t, b], y[t, b], H, j0, j1)
-        if flags.size:
-            barrier(flags, part, parts, t + 1)                            # all of h_t written
+        if flags.size and barrier(flags, part, parts, t + 1):         # all of h_t written
+            return                                                # the call was aborted
 
 
 @jit(inline="always")
@@ -124,7 +124,7 @@ def _backward_steps(dy, h0, gates, hn, y, w_hh, w_hh_t, t_start, dh_next, dg_x, 
     # t_start: first step to backpropagate through
     # dh_next: [B,H] in: dL/dh_T, out: dL/d(h entering t_start)
     # dg_x, dg_h: [T,B,3H] out (rows t >= t_start)  dh: [T,B,H] out (rows t >= t_start)
-    # flags: barrier counters when split by units, else empty
+    # flags: barrier counters and abort word when split by units, else empty
     T, B = gates.shape[:2]
     H = h0.shape[1]
     b0, b1, j0, j1 = split_ranges(B, H, flags, part, parts)
@@ -136,7 +136,8 @@ def _backward_steps(dy, h0, gates, hn, y, w_hh, w_hh_t, t_start, dh_next, dg_x, 
         if flags.size == 0:
             gemm_step(dg_h[t, b0:b1], w_hh_t, w_hh, dh_next[b0:b1], 1.0)  # += dg_h W_hh (z dh there)
         else:
-            barrier(flags, part, parts, T - t)                        # all of dg_h_t written
+            if barrier(flags, part, parts, T - t):                    # all of dg_h_t written
+                return                                            # the call was aborted
             unit_product(dg_h[t], w_hh_t, w_hh, dh_next, 1.0, 1, H, j0, j1)     # own units of dh_{t-1}
 
 

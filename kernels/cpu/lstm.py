@@ -75,7 +75,7 @@ def _forward_steps(h0, c0, w_hh, w_hh_t, bias, gates, c, tanh_c, y, flags, part,
     # The time loop for this part's batch rows b0:b1 and units j0:j1 (_loop.run_time_loop).
     # h0, c0: [B,H]  w_hh: [4H,H]  w_hh_t: [H,4H] = w_hh^T  bias: [4H] (b_ih + b_hh)
     # gates: [T,B,4H] in x W_ih^T, out activated gates  c, tanh_c, y: [T,B,H] out
-    # flags: barrier counters when split by units, else empty
+    # flags: barrier counters and abort word when split by units, else empty
     T, B = gates.shape[:2]
     H = h0.shape[1]
     b0, b1, j0, j1 = split_ranges(B, H, flags, part, parts)
@@ -88,8 +88,8 @@ def _forward_steps(h0, c0, w_hh, w_hh_t, bias, gates, c, tanh_c, y, flags, part,
             unit_product(h_prev, w_hh, w_hh_t, gates[t], 1.0, G, H, j0, j1)     # own gate rows
         for b in range(b0, b1):
             _cell_forward(gates[t, b], bias, c_prev[b], c[t, b], tanh_c[t, b], y[t, b], H, j0, j1)
-        if flags.size:
-            barrier(flags, part, parts, t + 1)                            # all of h_t written
+        if flags.size and barrier(flags, part, parts, t + 1):         # all of h_t written
+            return                                                # the call was aborted
 
 
 @jit(inline="always")
@@ -128,7 +128,7 @@ def _backward_steps(dy, c0, gates, c, tanh_c, w_hh, w_hh_t, t_start, dh_next, dc
     # w_hh_t: [H,4H] = w_hh^T  t_start: first step to backpropagate through
     # dh_next, dc_next: [B,H] in: dL/d(final state), out: dL/d(state entering t_start)
     # dgates: [T,B,4H] out (rows t >= t_start)  dh: [T,B,H] out (rows t >= t_start)
-    # flags: barrier counters when split by units, else empty
+    # flags: barrier counters and abort word when split by units, else empty
     T, B = gates.shape[:2]
     H = c0.shape[1]
     b0, b1, j0, j1 = split_ranges(B, H, flags, part, parts)
@@ -140,7 +140,8 @@ def _backward_steps(dy, c0, gates, c, tanh_c, w_hh, w_hh_t, t_start, dh_next, dc
         if flags.size == 0:
             gemm_step(dgates[t, b0:b1], w_hh_t, w_hh, dh_next[b0:b1], 0.0)  # dL/dh_{t-1} = dgates W_hh
         else:
-            barrier(flags, part, parts, T - t)                        # all of dgates_t written
+            if barrier(flags, part, parts, T - t):                    # all of dgates_t written
+                return                                            # the call was aborted
             unit_product(dgates[t], w_hh_t, w_hh, dh_next, 0.0, 1, H, j0, j1)   # own units of dh_{t-1}
 
 

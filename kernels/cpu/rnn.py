@@ -36,7 +36,7 @@ class RNNCache(NamedTuple):
 def _forward_steps(h0, w_hh, w_hh_t, bias, relu, y, flags, part, parts):
     # The time loop for this part's batch rows b0:b1 and units j0:j1 (_loop.run_time_loop).
     # h0: [B,H]  w_hh: [H,H]  w_hh_t: [H,H] = w_hh^T  bias: [H] (b_ih + b_hh)  relu: bool
-    # y: [T,B,H] in x W_ih^T, out h_1 .. h_T  flags: barrier counters when split by units
+    # y: [T,B,H] in x W_ih^T, out h_1 .. h_T  flags: barrier words when split by units
     T, B, H = y.shape
     zero = 0 * bias[0]
     b0, b1, j0, j1 = split_ranges(B, H, flags, part, parts)
@@ -55,8 +55,8 @@ def _forward_steps(h0, w_hh, w_hh_t, bias, relu, y, flags, part, parts):
             else:
                 for j in range(j1 - j0):
                     h[j] = tanh_(h[j] + bias_units[j])
-        if flags.size:
-            barrier(flags, part, parts, t + 1)                            # all of h_t written
+        if flags.size and barrier(flags, part, parts, t + 1):         # all of h_t written
+            return                                                # the call was aborted
 
 
 @jit(nogil=True)
@@ -65,7 +65,7 @@ def _backward_steps(dy, y, relu, w_hh, w_hh_t, t_start, dh_next, da, dh, flags, 
     # dy, y: [T,B,H]  relu: bool  w_hh: [H,H]  w_hh_t: [H,H] = w_hh^T  t_start: first step
     # dh_next: [B,H] in: dL/dh_T, out: dL/d(h entering t_start)
     # da: [T,B,H] out dL/d(pre-activation)  dh: [T,B,H] out (rows t >= t_start)
-    # flags: barrier counters when split by units, else empty
+    # flags: barrier counters and abort word when split by units, else empty
     T, B, H = y.shape
     one = one_like(y[0, 0, 0])
     zero = 0 * one
@@ -85,7 +85,8 @@ def _backward_steps(dy, y, relu, w_hh, w_hh_t, t_start, dh_next, da, dh, flags, 
         if flags.size == 0:
             gemm_step(da[t, b0:b1], w_hh_t, w_hh, dh_next[b0:b1], 0.0)    # dL/dh_{t-1} = da W_hh
         else:
-            barrier(flags, part, parts, T - t)                            # all of da_t written
+            if barrier(flags, part, parts, T - t):                    # all of da_t written
+                return                                            # the call was aborted
             unit_product(da[t], w_hh_t, w_hh, dh_next, 0.0, 1, H, j0, j1)      # own units of dh_{t-1}
 
 
