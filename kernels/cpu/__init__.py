@@ -32,6 +32,8 @@ machine's cores were shared, so only ratios are meaningful):
   (LSTM cell 24 -> 2.9 ns per unit).
 * Memory: backward's gate gradients are reused per-thread scratch (``_args.scratch``), and
   freed large arrays stay in the heap (``_memory.py``): char-LM update 84-93 -> 75 ms.
+* Per-step GEMMs in column blocks under OpenBLAS's small-matrix size, which skips repacking
+  the weight every step (``_blas.gemm_nn_blocked``; GRU B=8 steps 1.2-1.3x faster).
 """
 
 import numpy as np
