@@ -391,17 +391,17 @@ def test_time_loop_split_by_units(cell, workers, B, large_weight, dtype, monkeyp
     """Fewer batch rows than threads, or a few rows per thread and a weight counted as large:
     the time loops are cut by hidden units (H=37: uneven ranges, some not a multiple of 4) and
     meet at a barrier every step; t_start=2. Same result as the reference, and the unit split
-    did run (on its own pool)."""
+    did run (its pieces together)."""
     from bptt_kernels.cpu import _loop
     monkeypatch.setattr(_loop, "THREADS", workers)
     monkeypatch.setattr(_loop, "MIN_WORK_FOR_THREADS", 0)
     if large_weight:
         monkeypatch.setattr(_loop, "UNIT_SPLIT_WEIGHT_DOT", 1)
         monkeypatch.setattr(_loop, "UNIT_SPLIT_WEIGHT_GEMM", 1)
-    pools = []
+    together = []
     run_parts = _loop.run_parts
-    monkeypatch.setattr(_loop, "run_parts", lambda k, a, p, pool="parts": (
-        pools.append(pool), run_parts(k, a, p, pool)))
+    monkeypatch.setattr(_loop, "run_parts", lambda k, a, p, **kw: (
+        together.append(kw.get("together", False)), run_parts(k, a, p, **kw))[1])
     T, I, H = 9, 6, 37
     rng = np.random.default_rng(workers * 10 + B)
     x, state, w = random_layer(rng, cell, dtype, T, B, I, H)
@@ -410,7 +410,7 @@ def test_time_loop_split_by_units(cell, workers, B, large_weight, dtype, monkeyp
     grads0 = {n: rng.standard_normal(a.shape).astype(dtype) for n, a in w.items()}
     got = run_cell(cpu, cell, x, state, w, dy, dfinal, grads0, 2)
     want = run_cell(ref, cell, x, state, w, dy, dfinal, grads0, 2)
-    assert pools.count("together") == 2                     # forward and backward time loops
+    assert together.count(True) == 2                        # forward and backward time loops
     for name in ("y", "dx", "dh"):
         assert_close(got[name], want[name], dtype, name)
     for k in range(len(state)):
@@ -461,8 +461,9 @@ def test_unit_split_piece_that_stops_releases_the_others(monkeypatch):
 
 
 def test_unit_split_busy_falls_back_to_batch_split(monkeypatch):
-    """While another call holds the unit split's pool, a call splits by batch rows instead
-    (a barrier needs all its pieces running at once) and still gives the right result."""
+    """While another Python thread's call holds the workers, a call splits by batch rows and
+    runs its pieces one after another (a barrier needs all its pieces running at once), and
+    still gives the right result."""
     from bptt_kernels.cpu import _loop
     monkeypatch.setattr(_loop, "THREADS", 2)
     monkeypatch.setattr(_loop, "MIN_WORK_FOR_THREADS", 0)
@@ -471,11 +472,11 @@ def test_unit_split_busy_falls_back_to_batch_split(monkeypatch):
     dy = rng.standard_normal((5, 1, 10))
     dfinal = tuple(rng.standard_normal((1, 10)) for _ in state)
     grads0 = {n: rng.standard_normal(a.shape) for n, a in w.items()}
-    assert _loop._together_lock.acquire(blocking=False)
+    assert _loop._team_lock.acquire(blocking=False)
     try:
         got = run_cell(cpu, "lstm", x, state, w, dy, dfinal, grads0, 0)
     finally:
-        _loop._together_lock.release()
+        _loop._team_lock.release()
     want = run_cell(ref, "lstm", x, state, w, dy, dfinal, grads0, 0)
     for name in ("y", "dx", "dh"):
         assert_close(got[name], want[name], np.float64, name)
