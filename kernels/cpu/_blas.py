@@ -332,3 +332,15 @@ def unit_product(a, w, w_t, c, beta, blocks, H, j0, j1):
     else:
         for g in range(blocks):
             _dot_rows(w, a, c, g * H + j0, g * H + j1, beta)
+
+
+@njit(cache=True)
+def step_product(a, w, w_t, c, beta, blocks, H, b0, b1, j0, j1, by_units):
+    """One time step's c = a @ w^T + beta * c for this thread's piece of a time loop
+    (``_loop.split_ranges``): its batch rows b0:b1 (``gemm_step``), or with ``by_units`` all
+    rows and its units j0:j1 of each of the ``blocks`` gate blocks (``unit_product``).
+    a: [B,K]  w: [blocks*H, K]  w_t: [K, blocks*H] = w^T  c: [B, blocks*H]."""
+    if by_units:
+        unit_product(a, w, w_t, c, beta, blocks, H, j0, j1)
+    else:
+        gemm_step(a[b0:b1], w, w_t, c[b0:b1], beta)

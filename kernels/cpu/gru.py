@@ -17,7 +17,7 @@ import numpy as np
 
 from . import _args
 from ._barrier import barrier
-from ._blas import gemm_step, unit_product
+from ._blas import step_product
 from ._common import finish_backward, project_inputs
 from ._loop import layer_threads, run_parts, run_time_loop, split_ranges
 from ._math import jit, one_like, sigmoid_, tanh_
@@ -76,10 +76,8 @@ def _forward_steps(h0, w_hh, w_hh_t, b_ih, b_hh, gates, hn, y, hw, flags, part, 
     b0, b1, j0, j1 = split_ranges(B, H, flags, part, parts)
     for t in range(T):
         h_prev = h0 if t == 0 else y[t - 1]
-        if flags.size == 0:
-            gemm_step(h_prev[b0:b1], w_hh, w_hh_t, hw[b0:b1], 0.0)        # h W_hh^T
-        else:
-            unit_product(h_prev, w_hh, w_hh_t, hw, 0.0, G, H, j0, j1)            # own gate rows
+        step_product(h_prev, w_hh, w_hh_t, hw, 0.0, G, H, b0, b1, j0, j1,
+                     flags.size != 0)                                   # h W_hh^T
         for b in range(b0, b1):
             _cell_forward(gates[t, b], hw[b], b_ih, b_hh, h_prev[b], hn[t, b], y[t, b], H, j0, j1)
         if flags.size and barrier(flags, part, parts, t + 1):         # all of h_t written
@@ -133,12 +131,10 @@ def _backward_steps(dy, h0, gates, hn, y, w_hh, w_hh_t, t_start, dh_next, dg_x, 
         for b in range(b0, b1):
             _cell_backward(dy[t, b], dh_next[b], gates[t, b], hn[t, b], h_prev[b],
                            dg_x[t, b], dg_h[t, b], dh[t, b], H, j0, j1)
-        if flags.size == 0:
-            gemm_step(dg_h[t, b0:b1], w_hh_t, w_hh, dh_next[b0:b1], 1.0)  # += dg_h W_hh (z dh there)
-        else:
-            if barrier(flags, part, parts, T - t):                    # all of dg_h_t written
-                return                                            # the call was aborted
-            unit_product(dg_h[t], w_hh_t, w_hh, dh_next, 1.0, 1, H, j0, j1)     # own units of dh_{t-1}
+        if flags.size and barrier(flags, part, parts, T - t):         # all of dg_h_t written
+            return                                                # the call was aborted
+        step_product(dg_h[t], w_hh_t, w_hh, dh_next, 1.0, 1, H, b0, b1, j0, j1,
+                     flags.size != 0)                                   # += dg_h W_hh (z dh there)
 
 
 def gru_forward(x, state, w_ih, w_hh, b_ih, b_hh):

@@ -17,7 +17,7 @@ import numpy as np
 
 from . import _args
 from ._barrier import barrier
-from ._blas import gemm_step, unit_product
+from ._blas import step_product
 from ._common import finish_backward, project_inputs
 from ._loop import layer_threads, run_parts, run_time_loop, split_ranges
 from ._math import jit, one_like, sigmoid_, tanh_
@@ -82,10 +82,8 @@ def _forward_steps(h0, c0, w_hh, w_hh_t, bias, gates, c, tanh_c, y, flags, part,
     for t in range(T):
         h_prev = h0 if t == 0 else y[t - 1]
         c_prev = c0 if t == 0 else c[t - 1]
-        if flags.size == 0:
-            gemm_step(h_prev[b0:b1], w_hh, w_hh_t, gates[t, b0:b1], 1.0)  # += h W_hh^T
-        else:
-            unit_product(h_prev, w_hh, w_hh_t, gates[t], 1.0, G, H, j0, j1)     # own gate rows
+        step_product(h_prev, w_hh, w_hh_t, gates[t], 1.0, G, H, b0, b1, j0, j1,
+                     flags.size != 0)                                   # += h W_hh^T
         for b in range(b0, b1):
             _cell_forward(gates[t, b], bias, c_prev[b], c[t, b], tanh_c[t, b], y[t, b], H, j0, j1)
         if flags.size and barrier(flags, part, parts, t + 1):         # all of h_t written
@@ -137,12 +135,10 @@ def _backward_steps(dy, c0, gates, c, tanh_c, w_hh, w_hh_t, t_start, dh_next, dc
         for b in range(b0, b1):
             _cell_backward(dy[t, b], dh_next[b], dc_next[b], gates[t, b], c_prev[b],
                            tanh_c[t, b], dgates[t, b], dh[t, b], H, j0, j1)
-        if flags.size == 0:
-            gemm_step(dgates[t, b0:b1], w_hh_t, w_hh, dh_next[b0:b1], 0.0)  # dL/dh_{t-1} = dgates W_hh
-        else:
-            if barrier(flags, part, parts, T - t):                    # all of dgates_t written
-                return                                            # the call was aborted
-            unit_product(dgates[t], w_hh_t, w_hh, dh_next, 0.0, 1, H, j0, j1)   # own units of dh_{t-1}
+        if flags.size and barrier(flags, part, parts, T - t):         # all of dgates_t written
+            return                                                # the call was aborted
+        step_product(dgates[t], w_hh_t, w_hh, dh_next, 0.0, 1, H, b0, b1, j0, j1,
+                     flags.size != 0)                                   # dL/dh_{t-1} = dgates W_hh
 
 
 def lstm_forward(x, state, w_ih, w_hh, b_ih, b_hh):

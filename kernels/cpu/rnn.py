@@ -16,7 +16,7 @@ import numpy as np
 
 from . import _args
 from ._barrier import barrier
-from ._blas import gemm_step, unit_product
+from ._blas import step_product
 from ._common import finish_backward, project_inputs
 from ._loop import layer_threads, run_parts, run_time_loop, split_ranges
 from ._math import jit, one_like, tanh_
@@ -43,10 +43,8 @@ def _forward_steps(h0, w_hh, w_hh_t, bias, relu, y, flags, part, parts):
     bias_units = bias[j0:j1]
     for t in range(T):
         h_prev = h0 if t == 0 else y[t - 1]
-        if flags.size == 0:
-            gemm_step(h_prev[b0:b1], w_hh, w_hh_t, y[t, b0:b1], 1.0)      # += h W_hh^T
-        else:
-            unit_product(h_prev, w_hh, w_hh_t, y[t], 1.0, G, H, j0, j1)          # own rows
+        step_product(h_prev, w_hh, w_hh_t, y[t], 1.0, G, H, b0, b1, j0, j1,
+                     flags.size != 0)                                   # += h W_hh^T
         for b in range(b0, b1):
             h = y[t, b, j0:j1]
             if relu:
@@ -82,12 +80,10 @@ def _backward_steps(dy, y, relu, w_hh, w_hh_t, t_start, dh_next, da, dh, flags, 
             else:
                 for j in range(j1 - j0):
                     dab[j] = dhb[j] * (one - hb[j] * hb[j])
-        if flags.size == 0:
-            gemm_step(da[t, b0:b1], w_hh_t, w_hh, dh_next[b0:b1], 0.0)    # dL/dh_{t-1} = da W_hh
-        else:
-            if barrier(flags, part, parts, T - t):                    # all of da_t written
-                return                                            # the call was aborted
-            unit_product(da[t], w_hh_t, w_hh, dh_next, 0.0, 1, H, j0, j1)      # own units of dh_{t-1}
+        if flags.size and barrier(flags, part, parts, T - t):         # all of da_t written
+            return                                                # the call was aborted
+        step_product(da[t], w_hh_t, w_hh, dh_next, 0.0, 1, H, b0, b1, j0, j1,
+                     flags.size != 0)                                   # dL/dh_{t-1} = da W_hh
 
 
 def _forward(relu, x, state, w_ih, w_hh, b_ih, b_hh):
