@@ -509,6 +509,71 @@ def test_unit_product_matches_numpy(dtype, beta, j0, j1, B):
     assert (np.isnan(untouched).all() if beta == 0.0 else np.array_equal(untouched, c0[:, ~mine]))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("beta", [0.0, 1.0, 0.5])
+@pytest.mark.parametrize("by_units", [True, False])
+def test_step_weight_panels_match_numpy(dtype, beta, by_units):
+    """step_product through a piece's packed weight panels (step_weight picks them: share of
+    >= 2^18 elements, several rows) writes exactly the piece's rows and columns, partial last
+    panels included: by units, 9 rows and units 37:337 of 3 gate blocks (panels 64 wide:
+    4 x 64 + 44 per block); by batch rows, rows 3:7 and all 1100 columns (17 x 64 + 12)."""
+    from bptt_kernels.cpu._blas import PANEL_MIN_WEIGHT, step_product, step_weight
+    rng = np.random.default_rng(int(by_units) * 10 + int(2 * beta))
+    if by_units:
+        B, K, blocks, H, b0, b1, j0, j1 = 9, 300, 3, 400, 0, 9, 37, 337
+    else:
+        B, K, blocks, H, b0, b1, j0, j1 = 10, 250, 1, 1100, 3, 7, 0, 1100
+    a = rng.standard_normal((B, K)).astype(dtype)
+    w = rng.standard_normal((blocks * H, K)).astype(dtype)
+    sw = step_weight(w, np.ascontiguousarray(w.T), blocks, H, b0, b1, j0, j1, by_units)
+    assert sw.width == 64 and sw.panels.size == K * blocks * (j1 - j0) >= PANEL_MIN_WEIGHT
+    c0 = rng.standard_normal((B, blocks * H)).astype(dtype)
+    c = np.full_like(c0, np.nan) if beta == 0.0 else c0.copy()
+    step_product(a, sw, c, beta)
+    full = a.astype(np.float64) @ w.T.astype(np.float64) + (beta * c0 if beta else 0.0)
+    mine = np.zeros((B, blocks * H), bool)
+    for g in range(blocks):
+        mine[b0:b1, g * H + j0:g * H + j1] = True
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    assert np.max(np.abs(c[mine] - full[mine])) <= tol * np.max(np.abs(full))
+    assert (np.isnan(c[~mine]).all() if beta == 0.0 else np.array_equal(c[~mine], c0[~mine]))
+    small = step_weight(w[:, :50], np.ascontiguousarray(w[:, :50].T), blocks, H, b0, b1, j0, j1,
+                        by_units)
+    assert small.width == 0 and small.panels.size == 0      # share under 2^18: no panels
+
+
+@pytest.mark.parametrize("split", ["units", "rows"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_layers_with_weight_panels(cell, split, monkeypatch):
+    """A layer whose pieces multiply by packed weight panels in both time loops (8 rows, W_hh
+    large enough; split by units, or by batch rows of 4) gives the reference's result."""
+    from bptt_kernels.cpu import _loop
+    from bptt_kernels.cpu._blas import step_weight
+    monkeypatch.setattr(_loop, "THREADS", 2)
+    if split == "rows":
+        monkeypatch.setattr(_loop, "UNIT_SPLIT_ROWS", 1)    # 8 rows > 1 per piece: batch rows
+    G = GATES[cell]
+    T, B, I, H = 3, 8, 16, 1024 if G == 1 else 512
+    assert _loop.split_by_units(B, 2, G * H * H) == (split == "units")
+    rng = np.random.default_rng(G)
+    x, state, w = random_layer(rng, cell, np.float32, T, B, I, H)
+    w_hh = w["w_hh"]
+    cols = (0, H // 2) if split == "units" else (0, H)
+    rows = (0, B) if split == "units" else (0, B // 2)
+    by_units = split == "units"
+    assert step_weight(w_hh, np.ascontiguousarray(w_hh.T), G, H, *rows, *cols, by_units).width
+    assert step_weight(np.ascontiguousarray(w_hh.T), w_hh, 1, H, *rows, *cols, by_units).width
+    dy = rng.standard_normal((T, B, H)).astype(np.float32)
+    dfinal = tuple(rng.standard_normal((B, H)).astype(np.float32) for _ in state)
+    grads0 = {n: rng.standard_normal(a.shape).astype(np.float32) for n, a in w.items()}
+    got = run_cell(cpu, cell, x, state, w, dy, dfinal, grads0, 0)
+    want = run_cell(ref, cell, f64(x), f64(state), f64(w), f64(dy), f64(dfinal), f64(grads0), 0)
+    for name in ("y", "dx", "dh"):
+        assert_close(got[name], want[name], np.float32, name)
+    for name in grads0:
+        assert_close(got["grads"][name], want["grads"][name], np.float32, f"d{name}")
+
+
 @pytest.mark.parametrize("cell", CELLS)
 def test_reused_scratch_gives_fresh_results(cell, monkeypatch):
     """Backward passes reuse their gate-gradient scratch (same thread, name, shape): a second

@@ -17,7 +17,7 @@ import numpy as np
 
 from . import _args
 from ._barrier import barrier
-from ._blas import step_product
+from ._blas import step_product, step_weight
 from ._common import finish_backward, project_inputs
 from ._loop import layer_threads, run_parts, run_time_loop, split_ranges
 from ._math import jit, one_like, sigmoid_, tanh_
@@ -74,10 +74,10 @@ def _forward_steps(h0, w_hh, w_hh_t, b_ih, b_hh, gates, hn, y, hw, flags, part, 
     T, B = gates.shape[:2]
     H = h0.shape[1]
     b0, b1, j0, j1 = split_ranges(B, H, flags, part, parts)
+    sw = step_weight(w_hh, w_hh_t, G, H, b0, b1, j0, j1, flags.size != 0)
     for t in range(T):
         h_prev = h0 if t == 0 else y[t - 1]
-        step_product(h_prev, w_hh, w_hh_t, hw, 0.0, G, H, b0, b1, j0, j1,
-                     flags.size != 0)                                   # h W_hh^T
+        step_product(h_prev, sw, hw, 0.0)                             # h W_hh^T
         for b in range(b0, b1):
             _cell_forward(gates[t, b], hw[b], b_ih, b_hh, h_prev[b], hn[t, b], y[t, b], H, j0, j1)
         if flags.size and barrier(flags, part, parts, t + 1):         # all of h_t written
@@ -126,6 +126,7 @@ def _backward_steps(dy, h0, gates, hn, y, w_hh, w_hh_t, t_start, dh_next, dg_x, 
     T, B = gates.shape[:2]
     H = h0.shape[1]
     b0, b1, j0, j1 = split_ranges(B, H, flags, part, parts)
+    sw = step_weight(w_hh_t, w_hh, 1, H, b0, b1, j0, j1, flags.size != 0)
     for t in range(T - 1, t_start - 1, -1):
         h_prev = h0 if t == 0 else y[t - 1]
         for b in range(b0, b1):
@@ -133,8 +134,7 @@ def _backward_steps(dy, h0, gates, hn, y, w_hh, w_hh_t, t_start, dh_next, dg_x, 
                            dg_x[t, b], dg_h[t, b], dh[t, b], H, j0, j1)
         if flags.size and barrier(flags, part, parts, T - t):         # all of dg_h_t written
             return                                                # the call was aborted
-        step_product(dg_h[t], w_hh_t, w_hh, dh_next, 1.0, 1, H, b0, b1, j0, j1,
-                     flags.size != 0)                                   # += dg_h W_hh (z dh there)
+        step_product(dg_h[t], sw, dh_next, 1.0)                       # += dg_h W_hh (z dh there)
 
 
 def gru_forward(x, state, w_ih, w_hh, b_ih, b_hh):

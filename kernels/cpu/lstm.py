@@ -17,7 +17,7 @@ import numpy as np
 
 from . import _args
 from ._barrier import barrier
-from ._blas import step_product
+from ._blas import step_product, step_weight
 from ._common import finish_backward, project_inputs
 from ._loop import layer_threads, run_parts, run_time_loop, split_ranges
 from ._math import jit, one_like, sigmoid_, tanh_
@@ -79,11 +79,11 @@ def _forward_steps(h0, c0, w_hh, w_hh_t, bias, gates, c, tanh_c, y, flags, part,
     T, B = gates.shape[:2]
     H = h0.shape[1]
     b0, b1, j0, j1 = split_ranges(B, H, flags, part, parts)
+    sw = step_weight(w_hh, w_hh_t, G, H, b0, b1, j0, j1, flags.size != 0)
     for t in range(T):
         h_prev = h0 if t == 0 else y[t - 1]
         c_prev = c0 if t == 0 else c[t - 1]
-        step_product(h_prev, w_hh, w_hh_t, gates[t], 1.0, G, H, b0, b1, j0, j1,
-                     flags.size != 0)                                   # += h W_hh^T
+        step_product(h_prev, sw, gates[t], 1.0)                       # += h W_hh^T
         for b in range(b0, b1):
             _cell_forward(gates[t, b], bias, c_prev[b], c[t, b], tanh_c[t, b], y[t, b], H, j0, j1)
         if flags.size and barrier(flags, part, parts, t + 1):         # all of h_t written
@@ -130,6 +130,7 @@ def _backward_steps(dy, c0, gates, c, tanh_c, w_hh, w_hh_t, t_start, dh_next, dc
     T, B = gates.shape[:2]
     H = c0.shape[1]
     b0, b1, j0, j1 = split_ranges(B, H, flags, part, parts)
+    sw = step_weight(w_hh_t, w_hh, 1, H, b0, b1, j0, j1, flags.size != 0)
     for t in range(T - 1, t_start - 1, -1):
         c_prev = c0 if t == 0 else c[t - 1]
         for b in range(b0, b1):
@@ -137,8 +138,7 @@ def _backward_steps(dy, c0, gates, c, tanh_c, w_hh, w_hh_t, t_start, dh_next, dc
                            tanh_c[t, b], dgates[t, b], dh[t, b], H, j0, j1)
         if flags.size and barrier(flags, part, parts, T - t):         # all of dgates_t written
             return                                                # the call was aborted
-        step_product(dgates[t], w_hh_t, w_hh, dh_next, 0.0, 1, H, b0, b1, j0, j1,
-                     flags.size != 0)                                   # dL/dh_{t-1} = dgates W_hh
+        step_product(dgates[t], sw, dh_next, 0.0)                     # dL/dh_{t-1} = dgates W_hh
 
 
 def lstm_forward(x, state, w_ih, w_hh, b_ih, b_hh):

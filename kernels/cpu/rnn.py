@@ -16,7 +16,7 @@ import numpy as np
 
 from . import _args
 from ._barrier import barrier
-from ._blas import step_product
+from ._blas import step_product, step_weight
 from ._common import finish_backward, project_inputs
 from ._loop import layer_threads, run_parts, run_time_loop, split_ranges
 from ._math import jit, one_like, tanh_
@@ -40,11 +40,11 @@ def _forward_steps(h0, w_hh, w_hh_t, bias, relu, y, flags, part, parts):
     T, B, H = y.shape
     zero = 0 * bias[0]
     b0, b1, j0, j1 = split_ranges(B, H, flags, part, parts)
+    sw = step_weight(w_hh, w_hh_t, G, H, b0, b1, j0, j1, flags.size != 0)
     bias_units = bias[j0:j1]
     for t in range(T):
         h_prev = h0 if t == 0 else y[t - 1]
-        step_product(h_prev, w_hh, w_hh_t, y[t], 1.0, G, H, b0, b1, j0, j1,
-                     flags.size != 0)                                   # += h W_hh^T
+        step_product(h_prev, sw, y[t], 1.0)                           # += h W_hh^T
         for b in range(b0, b1):
             h = y[t, b, j0:j1]
             if relu:
@@ -68,6 +68,7 @@ def _backward_steps(dy, y, relu, w_hh, w_hh_t, t_start, dh_next, da, dh, flags, 
     one = one_like(y[0, 0, 0])
     zero = 0 * one
     b0, b1, j0, j1 = split_ranges(B, H, flags, part, parts)
+    sw = step_weight(w_hh_t, w_hh, 1, H, b0, b1, j0, j1, flags.size != 0)
     for t in range(T - 1, t_start - 1, -1):
         for b in range(b0, b1):
             dyb, dnb, hb = dy[t, b, j0:j1], dh_next[b, j0:j1], y[t, b, j0:j1]
@@ -82,8 +83,7 @@ def _backward_steps(dy, y, relu, w_hh, w_hh_t, t_start, dh_next, da, dh, flags, 
                     dab[j] = dhb[j] * (one - hb[j] * hb[j])
         if flags.size and barrier(flags, part, parts, T - t):         # all of da_t written
             return                                                # the call was aborted
-        step_product(da[t], w_hh_t, w_hh, dh_next, 0.0, 1, H, b0, b1, j0, j1,
-                     flags.size != 0)                                   # dL/dh_{t-1} = da W_hh
+        step_product(da[t], sw, dh_next, 0.0)                         # dL/dh_{t-1} = da W_hh
 
 
 def _forward(relu, x, state, w_ih, w_hh, b_ih, b_hh):
