@@ -17,12 +17,15 @@ GEMM with row-major leading dimensions:
 * ``gemm_nn(a, b, c, beta)``  c[M,N] = a[M,K] @ b[K,N]   + beta * c
 * ``gemm_tn(a, b, c, beta)``  c[M,N] = a[K,M]^T @ b[K,N] + beta * c
 
-Per-step GEMMs use ``gemm_step(a, w, w_t, c, beta)`` (c = a @ w^T + beta * c) with both
-layouts of the weight at hand: one row (batch 1) runs as dot products over w's rows, several
-rows as ``a @ w_t`` in column blocks small enough for OpenBLAS's unpacked kernels
-(``gemm_nn_blocked``), and a few rows against a large weight as a plain row loop (see SMALL_ROWS). Measured per step, one thread, float32, OpenBLAS 0.3.30: LSTM H=256 B=1
-w-form 14 us against 36 us; B=32, H=128 w_t-form 52 us against 71 us (80 against 59 GFLOP/s);
-B=32, H=512 0.98 against 1.23 ms.
+A time loop's per-step products go through ``step_weight``/``step_product`` (below): one
+piece of the loop (its batch rows, or its hidden units' columns) multiplies by a view of the
+weight chosen once per layer call: a large share copied into contiguous panels (one small
+sgemm per panel), else ``gemm_step`` (one row: dot products over w's rows by sgemm NT;
+several: ``a @ w_t`` in column blocks small enough for OpenBLAS's unpacked kernels,
+``gemm_nn_blocked``), or for a split by units with few rows, dot products over the units' own
+weight rows (``unit_product``). Measured per step, one thread, float32, OpenBLAS 0.3.30:
+LSTM H=256 B=1 w-form 14 us against 36 us; B=32, H=128 w_t-form 52 us against 71 us (80
+against 59 GFLOP/s); B=32, H=512 0.98 against 1.23 ms.
 
 ``blas_threads()`` / ``set_blas_threads(n)`` read and set OpenBLAS's thread count (through
 ``openblas_set_num_threads_local``, which returns the previous value); ``_loop.py`` runs
@@ -177,40 +180,6 @@ def gemm_nn(a, b, c, beta):
           beta, c, _row_stride(c))
 
 
-# Per-step GEMMs with few rows (batch rows per thread): OpenBLAS's sgemm repacks the whole
-# weight on every call, and once W_hh outgrows the cache that costs far more than the math.
-# Microbenchmark, one thread, float32, W [4K, K], us per call (loop / sgemm NT / sgemm NN):
-#   K=128:  1 row 4.0/3.2/2.7     4 rows 15.6/40.5/4.8
-#   K=256:  1 row 17.9/14.4/36.4  2 rows 38.3/153/26.6   4 rows 67.8/166/131
-#   K=512:  1 row 96/714/391      4 rows 260/644/408
-#   K=1024: 1 row 511/3198/2236   4 rows 1342/3384/2092
-# hence: the row loop for <= 4 rows with a weight of >= 512K elements (GRU H=512 has 786K;
-# its B=1 training step took 76 ms through sgemm), or 3-4 rows with >= 256K; else sgemm (NT, the dot-product form, for one row; NN for more).
-SMALL_ROWS = 4
-LOOP_WEIGHT_SIZE = 1 << 19       # elements of w from which 1-4 rows use the loop
-LOOP_WEIGHT_SIZE_3_ROWS = 1 << 18  # ... and from which 3-4 rows do
-
-
-@njit(cache=True, error_model="numpy")
-def _small_rows_gemm(a, w_t, c, beta):
-    """c[M,N] = a[M,K] @ w_t[K,N] + beta * c for small M, as M sums of K scaled rows of w_t
-    (reads w_t once per row; the inner loop over N vectorises)."""
-    m_rows, k_dim = a.shape
-    zero = c.dtype.type(0)
-    for m in range(m_rows):
-        crow = c[m]                                   # N
-        if beta == 0.0:
-            crow[:] = zero
-        elif beta != 1.0:
-            crow *= c.dtype.type(beta)
-        arow = a[m]                                   # K
-        for k in range(k_dim):
-            s = arow[k]
-            wrow = w_t[k]                             # N
-            for n in range(crow.shape[0]):
-                crow[n] += s * wrow[n]
-
-
 # OpenBLAS (0.3.17+, x86-64) runs a GEMM with M*N*K <= 1e6 through "small matrix" kernels
 # that skip packing the operands; a larger one packs all of b on every call. A time step's GEMM
 # against a constant weight repacks it every step, so it goes in column blocks that stay under
@@ -242,13 +211,9 @@ def gemm_nn_blocked(a, b, c, beta):
 
 @njit(cache=True)
 def gemm_step(a, w, w_t, c, beta):
-    """c[M,N] = a[M,K] @ w[N,K]^T + beta * c for one time step; w_t: [K,N] = w^T (contiguous)."""
-    m = a.shape[0]
-    if m <= SMALL_ROWS and (w.size >= LOOP_WEIGHT_SIZE or (m >= 3 and w.size >= LOOP_WEIGHT_SIZE_3_ROWS)):
-        if w_t.shape[0] != a.shape[1] or c.shape[0] != m or c.shape[1] != w_t.shape[1]:
-            raise ValueError("gemm_step: shape mismatch")
-        _small_rows_gemm(a, w_t, c, beta)
-    elif m == 1:
+    """c[M,N] = a[M,K] @ w[N,K]^T + beta * c for one time step; w_t: [K,N] = w^T (contiguous).
+    One row: sgemm NT (dot products over w's rows); several: gemm_nn_blocked on w_t."""
+    if a.shape[0] == 1:
         gemm_nt(a, w, c, beta)
     else:
         gemm_nn_blocked(a, w_t, c, beta)
@@ -343,9 +308,13 @@ def unit_product(a, w, w_t, c, beta, blocks, H, j0, j1):
 # calls stream their weight. Measured, 2 threads, float32, us per step (median of 7; column
 # blocks -> panels): split by units, LSTM B=8 H=1024 1046-1656 -> 447-891, B=32 H=512
 # 600 -> 396, B=32 H=1024 2373-2477 -> 1846-1986, GRU B=8 H=1024 575-665 -> 348-366; split
-# by batch rows (each piece packs all of W), LSTM B=8 H=512 441 -> 206 (4 rows each: the
-# row loop), B=32 H=512 1011 -> 445; a share under 2^18 elements: within noise either way.
-# Panels 64 columns wide at most (128: B=8 H=1024 1.7x slower, over the small-matrix size).
+# by batch rows (each piece packs all of W), LSTM B=8 H=512 441 -> 206 (4 rows each: a
+# row loop then), B=32 H=512 1011 -> 445; split by units, B=4 (against the dot products):
+# LSTM/GRU/Elman H=1024 step 224/161/47 -> 193/128/37 ms, T=100; B=1 within noise
+# (dots kept); one row, one thread, LSTM K=512: panels 49 us, the old row loop 70, sgemm
+# NT 714; a share under 2^18 elements: within noise either way.
+# Panels at most 64 columns wide: caps of 32/64/128 gave LSTM B=8 H=1024 891/451/447 us,
+# GRU 692/348/366.
 PANEL_MIN_WEIGHT = 1 << 18
 PANEL_MAX_WIDTH = 64
 
@@ -402,9 +371,9 @@ def step_weight(w, w_t, blocks, H, b0, b1, j0, j1, by_units):
     """What a time-loop piece (``_loop.split_ranges``: batch rows b0:b1, or with ``by_units``
     all rows and units j0:j1 of each of the ``blocks`` gate blocks) multiplies its steps by,
     with its share of the weight packed in panels when that share has at least
-    PANEL_MIN_WEIGHT elements, the piece has several rows (from UNIT_GEMM_ROWS when split by
-    units: fewer take the dot products) and panels of >= 16 columns stay under OpenBLAS's
-    small-matrix size. w: [blocks*H, K]  w_t: [K, blocks*H] = w^T."""
+    PANEL_MIN_WEIGHT elements, panels of >= 16 columns stay under OpenBLAS's small-matrix size,
+    and the piece is not one row split by units (its dot products were as fast).
+    w: [blocks*H, K]  w_t: [K, blocks*H] = w^T."""
     rows, K = b1 - b0, w.shape[1]
     if by_units:
         segments, stride, s0, s1 = blocks, H, j0, j1
@@ -412,7 +381,7 @@ def step_weight(w, w_t, blocks, H, b0, b1, j0, j1, by_units):
         segments, stride, s0, s1 = 1, w.shape[0], 0, w.shape[0]
     width = min(PANEL_MAX_WIDTH, SMALL_GEMM_MNK // max(rows * K, 1) // 16 * 16)
     if (K * segments * (s1 - s0) < PANEL_MIN_WEIGHT or width < 16
-            or rows < (UNIT_GEMM_ROWS if by_units else 2)):
+            or (by_units and rows < 2)):
         width = 0
     panels = (pack_panels(w_t, segments, stride, s0, s1, width) if width
               else np.empty(0, w.dtype))
