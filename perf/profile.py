@@ -76,7 +76,8 @@ class GemmReplay:
       gradients by gate rows), a layer below the backend's ``MIN_WORK_FOR_THREADS`` in one piece;
     * otherwise one CBLAS call per GEMM, OpenBLAS using its own threads;
     * NumPy's matmul where the helpers cannot be imported.
-    Per-step products use ``_blas.gemm_step`` (the backend's choice of weight layout) if present."""
+    Per-step products use ``_blas.step_weight``/``step_product`` (the backend's choice of
+    weight layout, panels included) for pieces of batch rows, if present."""
 
     def __init__(self, np, threads):
         self.np, self.parts = np, threads
@@ -88,11 +89,15 @@ class GemmReplay:
             self.phases = self._numpy_phases(np)
             return
         try:
-            from bptt_kernels.cpu._blas import gemm_step
+            from bptt_kernels.cpu._blas import step_product, step_weight
         except ImportError:
             @njit
-            def gemm_step(a, w, w_t, c, beta):
-                gemm_nt(a, w, c, beta)
+            def step_weight(w, w_t, blocks, H, b0, b1, j0, j1, by_units):
+                return w, b0, b1
+
+            @njit
+            def step_product(a, sw, c, beta):
+                gemm_nt(a[sw[1]:sw[2]], sw[0], c[sw[1]:sw[2]], beta)
         try:
             from bptt_kernels.cpu import _loop
             self.min_work = getattr(_loop, "MIN_WORK_FOR_THREADS", 0)
@@ -120,14 +125,16 @@ class GemmReplay:
         @njit(nogil=True)
         def steps_forward(h, w, w_t, out, part, parts):  # out[t, rows] = h[t, rows] @ w^T
             b0, b1 = piece(h.shape[1], part, parts)
+            sw = step_weight(w, w_t, 1, w.shape[0], b0, b1, 0, w.shape[0], False)
             for t in range(h.shape[0]):
-                gemm_step(h[t, b0:b1], w, w_t, out[t, b0:b1], 0.0)
+                step_product(h[t], sw, out[t], 0.0)
 
         @njit(nogil=True)
         def steps_backward(dg, w, w_t, dh, part, parts):  # dh[t, rows] = dg[t, rows] @ w
             b0, b1 = piece(dg.shape[1], part, parts)
+            sw = step_weight(w_t, w, 1, w.shape[1], b0, b1, 0, w.shape[1], False)
             for t in range(dg.shape[0]):
-                gemm_step(dg[t, b0:b1], w_t, w, dh[t, b0:b1], 0.0)
+                step_product(dg[t], sw, dh[t], 0.0)
 
         @njit(nogil=True)
         def weight_grad(dg, a, dw, part, parts):         # dw[gate rows] = dg[:, gate rows]^T @ a

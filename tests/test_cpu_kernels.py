@@ -384,20 +384,18 @@ def test_layer_split_over_threads(cell, workers, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-@pytest.mark.parametrize("workers, B, large_weight", [(2, 1, False), (3, 1, False), (3, 2, False),
-                                                      (2, 5, True), (2, 9, True)])
+@pytest.mark.parametrize("workers, B", [(2, 1), (3, 1), (3, 2), (2, 5), (2, 9)])
 @pytest.mark.parametrize("cell", CELLS)
-def test_time_loop_split_by_units(cell, workers, B, large_weight, dtype, monkeypatch):
-    """Fewer batch rows than threads, or a few rows per thread and a weight counted as large:
+def test_time_loop_split_by_units(cell, workers, B, dtype, monkeypatch):
+    """Fewer batch rows than threads, or a few rows per thread, and a weight counted as large:
     the time loops are cut by hidden units (H=37: uneven ranges, some not a multiple of 4) and
     meet at a barrier every step; t_start=2. Same result as the reference, and the unit split
     did run (its pieces together)."""
     from bptt_kernels.cpu import _loop
     monkeypatch.setattr(_loop, "THREADS", workers)
     monkeypatch.setattr(_loop, "MIN_WORK_FOR_THREADS", 0)
-    if large_weight:
-        monkeypatch.setattr(_loop, "UNIT_SPLIT_WEIGHT_DOT", 1)
-        monkeypatch.setattr(_loop, "UNIT_SPLIT_WEIGHT_GEMM", 1)
+    for threshold in ("UNIT_SPLIT_WEIGHT_ONE_ROW", "UNIT_SPLIT_WEIGHT_FEW_ROWS", "UNIT_SPLIT_WEIGHT"):
+        monkeypatch.setattr(_loop, threshold, 1)
     together = []
     run_parts = _loop.run_parts
     monkeypatch.setattr(_loop, "run_parts", lambda k, a, p, **kw: (
@@ -421,9 +419,10 @@ def test_time_loop_split_by_units(cell, workers, B, large_weight, dtype, monkeyp
 
 def test_split_by_units_rule():
     """The time-loop split follows the measured rule in _loop.py: units for fewer rows than
-    threads, for few rows with a large W_hh; batch rows otherwise and on one thread."""
+    threads or few rows, each with a large enough W_hh; batch rows otherwise and on one thread."""
     from bptt_kernels.cpu._loop import split_by_units
-    assert split_by_units(1, 2, 16) and split_by_units(2, 3, 16)
+    assert split_by_units(1, 2, 1 << 17) and split_by_units(2, 3, 1 << 17)
+    assert not split_by_units(1, 2, (1 << 17) - 1) and not split_by_units(2, 3, (1 << 17) - 1)
     assert not split_by_units(1, 1, 1 << 24)
     assert split_by_units(4, 2, 1 << 19) and not split_by_units(4, 2, (1 << 19) - 1)
     assert split_by_units(32, 2, 1 << 18) and not split_by_units(32, 2, (1 << 18) - 1)
@@ -448,7 +447,7 @@ def test_unit_split_piece_that_stops_releases_the_others(monkeypatch):
             aborted.set()
 
     with pytest.raises(KeyboardInterrupt):
-        _loop.run_time_loop(piece, (), 2, 1, 0)
+        _loop.run_time_loop(piece, (), 2, 1, 1 << 20)     # B=1 < 2 pieces, large W: units
     assert aborted.wait(10), "the pool piece still waits at its barrier"
     rng = np.random.default_rng(8)
     x, state, w = random_layer(rng, "gru", np.float64, 4, 1, 3, 6)
@@ -467,6 +466,7 @@ def test_unit_split_busy_falls_back_to_batch_split(monkeypatch):
     from bptt_kernels.cpu import _loop
     monkeypatch.setattr(_loop, "THREADS", 2)
     monkeypatch.setattr(_loop, "MIN_WORK_FOR_THREADS", 0)
+    monkeypatch.setattr(_loop, "UNIT_SPLIT_WEIGHT_ONE_ROW", 1)   # B=1 would split by units
     rng = np.random.default_rng(5)
     x, state, w = random_layer(rng, "lstm", np.float64, 5, 1, 3, 10)
     dy = rng.standard_normal((5, 1, 10))
@@ -482,51 +482,35 @@ def test_unit_split_busy_falls_back_to_batch_split(monkeypatch):
         assert_close(got[name], want[name], np.float64, name)
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("beta", [0.0, 1.0, 0.5])
-@pytest.mark.parametrize("j0, j1", [(0, 13), (3, 10), (5, 6), (4, 4)])
-@pytest.mark.parametrize("B", [3, 9])
-def test_unit_product_matches_numpy(dtype, beta, j0, j1, B):
-    """unit_product writes exactly the units j0:j1 of each gate block, on both of its paths
-    (dot products for B=3, with row counts of 0-3 past a multiple of 4; sgemm on column
-    blocks for B=9); with beta = 0 the NaN-poisoned output is never read."""
-    from bptt_kernels.cpu._blas import UNIT_GEMM_ROWS, unit_product
-    assert 3 < UNIT_GEMM_ROWS <= 9
-    rng = np.random.default_rng(j0 * 100 + j1 + B)
-    K, H, blocks = 29, 13, 3
-    a = rng.standard_normal((B, K)).astype(dtype)
-    w = rng.standard_normal((blocks * H, K)).astype(dtype)
-    c0 = rng.standard_normal((B, blocks * H)).astype(dtype)
-    c = np.full_like(c0, np.nan) if beta == 0.0 else c0.copy()
-    unit_product(a, w, np.ascontiguousarray(w.T), c, beta, blocks, H, j0, j1)
-    full = a.astype(np.float64) @ w.T.astype(np.float64) + (beta * c0 if beta else 0.0)
-    mine = np.zeros(blocks * H, bool)
-    for g in range(blocks):
-        mine[g * H + j0:g * H + j1] = True
-    tol = 1e-5 if dtype == np.float32 else 1e-12
-    assert np.max(np.abs(c[:, mine] - full[:, mine]), initial=0) <= tol * np.max(np.abs(full))
-    untouched = c[:, ~mine]
-    assert (np.isnan(untouched).all() if beta == 0.0 else np.array_equal(untouched, c0[:, ~mine]))
+# step_product cases: (by_units, B, b0, b1, K, blocks, H, j0, j1, transposed, path)
+STEP_CASES = [
+    (True, 1, 0, 1, 29, 3, 13, 3, 10, False, "dots"),     # 7 units: 4 + 3 rows of w
+    (True, 1, 0, 1, 29, 3, 13, 4, 4, False, "dots"),      # no units at all
+    (False, 3, 1, 2, 29, 1, 39, 0, 39, False, "dots"),    # one batch row of three
+    (True, 1, 0, 1, 29, 1, 13, 2, 13, True, "panels"),    # one row, weight given as w^T
+    (True, 2, 0, 2, 29, 3, 13, 5, 12, False, "panels"),   # 7 columns: one partial panel each
+    (True, 9, 0, 9, 300, 3, 400, 37, 337, False, "panels"),  # 4 x 64 + 44 per gate block
+    (False, 10, 3, 7, 250, 1, 1100, 0, 1100, True, "panels"),  # rows 3:7, 17 x 64 + 12
+    (False, 70, 0, 70, 1000, 1, 50, 0, 50, False, "one panel"),  # 70 x 1000 rows: 16 too wide
+]
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("beta", [0.0, 1.0, 0.5])
-@pytest.mark.parametrize("by_units", [True, False])
-def test_step_weight_panels_match_numpy(dtype, beta, by_units):
-    """step_product through a piece's packed weight panels (step_weight picks them: share of
-    >= 2^18 elements; by units, more than one row) writes exactly the piece's rows and columns, partial last
-    panels included: by units, 9 rows and units 37:337 of 3 gate blocks (panels 64 wide:
-    4 x 64 + 44 per block); by batch rows, rows 3:7 and all 1100 columns (17 x 64 + 12)."""
-    from bptt_kernels.cpu._blas import PANEL_MIN_WEIGHT, step_product, step_weight
-    rng = np.random.default_rng(int(by_units) * 10 + int(2 * beta))
-    if by_units:
-        B, K, blocks, H, b0, b1, j0, j1 = 9, 300, 3, 400, 0, 9, 37, 337
-    else:
-        B, K, blocks, H, b0, b1, j0, j1 = 10, 250, 1, 1100, 3, 7, 0, 1100
+@pytest.mark.parametrize("case", STEP_CASES, ids=lambda c: f"{c[-1]}-B{c[1]}-K{c[4]}")
+def test_step_product_matches_numpy(dtype, beta, case):
+    """step_product (c = a @ w^T + beta c for one time-loop piece) on each of step_weight's
+    paths writes exactly the piece's batch rows and columns (units j0:j1 of each gate block,
+    or all), partial panels included; with beta = 0 the NaN-poisoned output is never read."""
+    from bptt_kernels.cpu._blas import PANEL_MAX_WIDTH, step_product, step_weight
+    by_units, B, b0, b1, K, blocks, H, j0, j1, transposed, path = case
+    rng = np.random.default_rng(B * 1000 + K + j0)
     a = rng.standard_normal((B, K)).astype(dtype)
     w = rng.standard_normal((blocks * H, K)).astype(dtype)
-    sw = step_weight(w, np.ascontiguousarray(w.T), blocks, H, b0, b1, j0, j1, by_units)
-    assert sw.width == 64 and sw.panels.size == K * blocks * (j1 - j0) >= PANEL_MIN_WEIGHT
+    sw = step_weight(np.ascontiguousarray(w.T) if transposed else w, transposed, blocks, H,
+                     b0, b1, j0, j1, by_units)
+    want_width = {"dots": 0, "panels": PANEL_MAX_WIDTH, "one panel": blocks * H}[path]
+    assert sw.width == want_width
     c0 = rng.standard_normal((B, blocks * H)).astype(dtype)
     c = np.full_like(c0, np.nan) if beta == 0.0 else c0.copy()
     step_product(a, sw, c, beta)
@@ -535,20 +519,15 @@ def test_step_weight_panels_match_numpy(dtype, beta, by_units):
     for g in range(blocks):
         mine[b0:b1, g * H + j0:g * H + j1] = True
     tol = 1e-5 if dtype == np.float32 else 1e-12
-    assert np.max(np.abs(c[mine] - full[mine])) <= tol * np.max(np.abs(full))
+    assert np.max(np.abs(c[mine] - full[mine]), initial=0) <= tol * np.max(np.abs(full))
     assert (np.isnan(c[~mine]).all() if beta == 0.0 else np.array_equal(c[~mine], c0[~mine]))
-    small = step_weight(w[:, :50], np.ascontiguousarray(w[:, :50].T), blocks, H, b0, b1, j0, j1,
-                        by_units)
-    assert small.width == 0 and small.panels.size == 0      # share under 2^18: no panels
-    one_row = step_weight(w, np.ascontiguousarray(w.T), blocks, H, b0, b0 + 1, j0, j1, by_units)
-    assert (one_row.width == 0) == by_units                 # by units, one row: dot products
 
 
 @pytest.mark.parametrize("split", ["units", "rows"])
 @pytest.mark.parametrize("cell", CELLS)
 def test_layers_with_weight_panels(cell, split, monkeypatch):
-    """A layer whose pieces multiply by packed weight panels in both time loops (8 rows, W_hh
-    large enough; split by units, or by batch rows of 4) gives the reference's result."""
+    """A layer of realistic size whose pieces multiply by packed weight panels in both time
+    loops (8 rows; split by units, or by batch rows of 4) gives the reference's result."""
     from bptt_kernels.cpu import _loop
     from bptt_kernels.cpu._blas import step_weight
     monkeypatch.setattr(_loop, "THREADS", 2)
@@ -563,8 +542,8 @@ def test_layers_with_weight_panels(cell, split, monkeypatch):
     cols = (0, H // 2) if split == "units" else (0, H)
     rows = (0, B) if split == "units" else (0, B // 2)
     by_units = split == "units"
-    assert step_weight(w_hh, np.ascontiguousarray(w_hh.T), G, H, *rows, *cols, by_units).width
-    assert step_weight(np.ascontiguousarray(w_hh.T), w_hh, 1, H, *rows, *cols, by_units).width
+    assert step_weight(w_hh, False, G, H, *rows, *cols, by_units).width
+    assert step_weight(w_hh, True, 1, H, *rows, *cols, by_units).width
     dy = rng.standard_normal((T, B, H)).astype(np.float32)
     dfinal = tuple(rng.standard_normal((B, H)).astype(np.float32) for _ in state)
     grads0 = {n: rng.standard_normal(a.shape).astype(np.float32) for n, a in w.items()}
@@ -655,42 +634,3 @@ def test_import_keeps_freed_memory_unless_told_not_to(setting, applied):
     assert r.stdout.split() == [applied]
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("beta", [0.0, 1.0, 0.5])
-@pytest.mark.parametrize("m, k, n", [(8, 1000, 300), (3, 40, 50), (2, 20000, 90)])
-def test_gemm_nn_blocked_matches_numpy(dtype, beta, m, k, n):
-    """c = a @ b + beta c in column blocks (8 x 1000: three blocks of 112, 112 and 76 columns;
-    3 x 40: one call; 2 x 20000: blocks would be under 64 columns, so one call), on column
-    views of wider arrays as the unit split passes them; columns outside the views untouched."""
-    from bptt_kernels.cpu._blas import gemm_nn_blocked
-    rng = np.random.default_rng(m * k + n)
-    a = rng.standard_normal((m, k)).astype(dtype)
-    b_wide = rng.standard_normal((k, n + 7)).astype(dtype)
-    c_wide = rng.standard_normal((m, n + 7)).astype(dtype)
-    c0 = c_wide.copy()
-    if beta == 0.0:
-        c_wide[:, 3:3 + n] = np.nan
-    gemm_nn_blocked(a, b_wide[:, 3:3 + n], c_wide[:, 3:3 + n], beta)
-    want = a.astype(np.float64) @ b_wide[:, 3:3 + n].astype(np.float64) + (beta * c0[:, 3:3 + n] if beta else 0.0)
-    tol = 1e-5 if dtype == np.float32 else 1e-12
-    assert np.max(np.abs(c_wide[:, 3:3 + n] - want)) <= tol * np.max(np.abs(want))
-    assert np.array_equal(c_wide[:, :3], c0[:, :3]) and np.array_equal(c_wide[:, 3 + n:], c0[:, 3 + n:])
-
-
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("rows, k", [(1, 512), (2, 512), (4, 64), (1, 64), (7, 256)])
-@pytest.mark.parametrize("beta", [0.0, 1.0, 0.5])
-def test_step_gemm_paths_match_numpy(dtype, rows, k, beta):
-    """gemm_step (c = a @ w^T + beta c) on both of its paths: sgemm NT for one row, column
-    blocks of w^T for more; c starts NaN-poisoned when beta == 0."""
-    from bptt_kernels.cpu import _blas
-    rng = np.random.default_rng(rows * 1000 + k)
-    n = 4 * k
-    a = rng.standard_normal((rows, k)).astype(dtype)
-    w = rng.standard_normal((n, k)).astype(dtype)
-    c0 = rng.standard_normal((rows, n)).astype(dtype)
-    c = np.full_like(c0, np.nan) if beta == 0.0 else c0.copy()
-    _blas.gemm_step(a, w, np.ascontiguousarray(w.T), c, beta)
-    want = a.astype(np.float64) @ w.T.astype(np.float64) + (beta * c0 if beta else 0.0)
-    tol = 1e-5 if dtype == np.float32 else 1e-12
-    assert np.max(np.abs(c - want)) <= tol * np.max(np.abs(want))

@@ -17,15 +17,11 @@ GEMM with row-major leading dimensions:
 * ``gemm_nn(a, b, c, beta)``  c[M,N] = a[M,K] @ b[K,N]   + beta * c
 * ``gemm_tn(a, b, c, beta)``  c[M,N] = a[K,M]^T @ b[K,N] + beta * c
 
-A time loop's per-step products go through ``step_weight``/``step_product`` (below): one
-piece of the loop (its batch rows, or its hidden units' columns) multiplies by a view of the
-weight chosen once per layer call: a large share copied into contiguous panels (one small
-sgemm per panel), else ``gemm_step`` (one row: dot products over w's rows by sgemm NT;
-several: ``a @ w_t`` in column blocks small enough for OpenBLAS's unpacked kernels,
-``gemm_nn_blocked``), or for a split by units with few rows, dot products over the units' own
-weight rows (``unit_product``). Measured per step, one thread, float32, OpenBLAS 0.3.30:
-LSTM H=256 B=1 w-form 14 us against 36 us; B=32, H=128 w_t-form 52 us against 71 us (80
-against 59 GFLOP/s); B=32, H=512 0.98 against 1.23 ms.
+A time loop's per-step products go through ``step_weight``/``step_product`` (below): once
+per layer call each piece of the loop (its batch rows, or its hidden units' columns) copies
+its share of the weight into contiguous panels and then runs one small sgemm per panel and
+step; one row against W_hh as stored (the forward pass at B=1) takes dot products over the
+weight's rows instead, with no copy.
 
 ``blas_threads()`` / ``set_blas_threads(n)`` read and set OpenBLAS's thread count (through
 ``openblas_set_num_threads_local``, which returns the previous value); ``_loop.py`` runs
@@ -180,45 +176,6 @@ def gemm_nn(a, b, c, beta):
           beta, c, _row_stride(c))
 
 
-# OpenBLAS (0.3.17+, x86-64) runs a GEMM with M*N*K <= 1e6 through "small matrix" kernels
-# that skip packing the operands; a larger one packs all of b on every call. A time step's GEMM
-# against a constant weight repacks it every step, so it goes in column blocks that stay under
-# that size. Microbenchmark, one thread, float32, GFLOP/s whole call -> blocks of the size
-# below: [8,512]@[512,1024] 32 -> 106 (128 columns), [16,256]@[256,1024] 46 -> 109,
-# [32,128]@[128,512] 85 -> 110, [8,1024]@[1024,2048] 36 -> 95 (64 columns).
-SMALL_GEMM_MNK = 1_000_000
-MIN_BLOCK = 64
-
-
-@njit(cache=True)
-def gemm_nn_blocked(a, b, c, beta):
-    """c[M,N] = a[M,K] @ b[K,N] + beta * c as sgemm calls on column blocks of b and c, each
-    small enough (M*K*block <= SMALL_GEMM_MNK, block a multiple of 16) for OpenBLAS's unpacked
-    small-matrix kernels; one call when blocks would be narrower than MIN_BLOCK columns
-    (32-column blocks ran at 45-50 GFLOP/s, under a packed call's rate)."""
-    m, k = a.shape
-    n = c.shape[1]
-    block = (SMALL_GEMM_MNK // max(m * k, 1)) // 16 * 16
-    if block < MIN_BLOCK or block >= n:
-        gemm_nn(a, b, c, beta)
-        return
-    blocks = -(-n // block)                               # as few calls as that allows,
-    block = (-(-n // blocks) + 15) // 16 * 16             # of even widths (256: 128 + 128, not 240 + 16)
-    for j in range(0, n, block):
-        j1 = min(j + block, n)
-        gemm_nn(a, b[:, j:j1], c[:, j:j1], beta)
-
-
-@njit(cache=True)
-def gemm_step(a, w, w_t, c, beta):
-    """c[M,N] = a[M,K] @ w[N,K]^T + beta * c for one time step; w_t: [K,N] = w^T (contiguous).
-    One row: sgemm NT (dot products over w's rows); several: gemm_nn_blocked on w_t."""
-    if a.shape[0] == 1:
-        gemm_nt(a, w, c, beta)
-    else:
-        gemm_nn_blocked(a, w_t, c, beta)
-
-
 @njit(cache=True)
 def gemm_tn(a, b, c, beta):
     """c[M,N] = a[K,M]^T @ b[K,N] + beta * c."""
@@ -232,16 +189,12 @@ def gemm_tn(a, b, c, beta):
           beta, c, _row_stride(c))
 
 
-# Per-step products of a time loop split by hidden units (``_loop.py``): each thread owns the
-# units j0:j1, i.e. the rows g*H + j0 : g*H + j1 of each of the G gate blocks of W_hh in the
-# forward pass, and the units' own rows of W_hh^T in the backward pass. Dot products over
-# contiguous weight rows, four weight rows at a time sharing each load of a batch row, and
-# all batch rows against those four weight rows before moving on, so W streams through the
-# core once per step whatever B is. fastmath lets LLVM vectorise the reductions (the sums
-# are reassociated: float32 results differ from sgemm's in the last bits, as two BLAS
-# builds' would). Measured one thread, float32, B=1, K=256 out of L2: ~30-40 GFLOP/s, what a
-# matrix-vector product streaming W from L2 reaches; the split's gain is that each core
-# streams only its share of W_hh.
+# One row against W_hh as stored (``step_weight``): dot products over contiguous weight rows,
+# four rows at a time sharing each load of the batch row. fastmath lets LLVM vectorise the
+# reductions (the sums are reassociated: float32 results differ from sgemm's in the last bits,
+# as two BLAS builds' would). Measured one thread, float32, B=1, K=256 out of L2: ~30-40
+# GFLOP/s, what a matrix-vector product streaming W from L2 reaches (sgemm NT on one row took
+# 14 us where this took ~16, and 714 us against 57 at K=512, W out of L2).
 @njit(cache=True, error_model="numpy", fastmath={"reassoc", "contract", "nsz"})
 def _dot_rows(w, a, c, r0, r1, beta):
     """c[b, r] = w[r] . a[b] + beta * c[b, r] for r in [r0, r1) and every row b of a.
@@ -279,67 +232,76 @@ def _dot_rows(w, a, c, r0, r1, beta):
         r += 1
 
 
-UNIT_GEMM_ROWS = 8   # from this many batch rows, sgemm on column blocks (below)
-
-
-@njit(cache=True)
-def unit_product(a, w, w_t, c, beta, blocks, H, j0, j1):
-    """c[b, g*H + j] = a[b] . w[g*H + j] + beta * c[b, g*H + j] for every row b of a, every
-    block g < blocks and the units j in [j0, j1) owned by this thread.
-    a: [B,K]  w: [blocks*H, K]  w_t: [K, blocks*H] = w^T  c: [B, blocks*H].
-    Fewer than UNIT_GEMM_ROWS rows: the dot products above. More: one sgemm per gate block on
-    the columns g*H + j0 : g*H + j1 of w_t and c (OpenBLAS packs only this thread's share of
-    the weight per call; 2 threads, LSTM B=32 H=256 T=100 forward 30 -> 25 ms against the
-    split by batch rows)."""
-    if a.shape[0] >= UNIT_GEMM_ROWS:
-        for g in range(blocks):
-            k0, k1 = g * H + j0, g * H + j1
-            gemm_nn_blocked(a, w_t[:, k0:k1], c[:, k0:k1], beta)
-    else:
-        for g in range(blocks):
-            _dot_rows(w, a, c, g * H + j0, g * H + j1, beta)
-
-
-# Panels. Once a piece's share of the weight outgrows its core's L2 (1 MB here), the column
-# blocks of w_t [K, N] that gemm_nn_blocked hands to OpenBLAS are a poor stream: K rows of a
-# few hundred bytes, each a row stride (N floats, often a 4 KB page or more) after the last,
-# and the hardware prefetchers stop at page boundaries, so every row waits on L3. Copied once
-# per layer call into panels, each a contiguous [K, width] block, the same small-matrix sgemm
-# calls stream their weight. Measured, 2 threads, float32, us per step (median of 7; column
-# blocks -> panels): split by units, LSTM B=8 H=1024 1046-1656 -> 447-891, B=32 H=512
-# 600 -> 396, B=32 H=1024 2373-2477 -> 1846-1986, GRU B=8 H=1024 575-665 -> 348-366; split
-# by batch rows (each piece packs all of W), LSTM B=8 H=512 441 -> 206 (4 rows each: a
-# row loop then), B=32 H=512 1011 -> 445; split by units, B=4 (against the dot products):
-# LSTM/GRU/Elman H=1024 step 224/161/47 -> 193/128/37 ms, T=100; B=1 within noise
-# (dots kept); one row, one thread, LSTM K=512: panels 49 us, the old row loop 70, sgemm
-# NT 714; a share under 2^18 elements: within noise either way.
-# Panels at most 64 columns wide: caps of 32/64/128 gave LSTM B=8 H=1024 891/451/447 us,
-# GRU 692/348/366.
-PANEL_MIN_WEIGHT = 1 << 18
+# Panels. A piece of a time loop multiplies every step by its share of W_hh^T: the columns of
+# its units (split by units) or all of them (split by batch rows). Those columns, read in
+# place, are a poor stream: K rows of a few hundred bytes, each a row stride (often a 4 KB page
+# or more) after the last, and the hardware prefetchers stop at page boundaries. So each piece
+# copies its share once per layer call into panels, each a contiguous [K, width] block (from
+# W_hh's rows, transposing tile by tile, or from the columns of a weight already in [K, N]
+# form), and runs one small-matrix sgemm per panel and step. Measured, 2 threads, float32, us
+# per step (median of 7; columns of a transposed copy -> panels): split by units, LSTM B=8
+# H=1024 1046-1656 -> 447-891, B=32 H=512 600 -> 396, B=32 H=1024 2373-2477 -> 1846-1986,
+# GRU B=8 H=1024 575-665 -> 348-366; by batch rows (each piece packs all of W), B=8 H=512
+# 441 -> 206, B=32 H=512 1011 -> 445; split by units, B=4, against the dot products: LSTM/GRU/
+# Elman H=1024 step 224/161/47 -> 193/128/37 ms (T=100); one row, one thread, K=512: panels
+# 49 us, dot products 57, a row loop 70, sgemm NT 714. One row against W_hh as stored (the
+# forward pass) keeps the dot products above (B=1 within noise, and no copy). Shares under
+# 2^18 elements: within noise either way. The transposed copy this replaces
+# (np.ascontiguousarray(w_hh.T), one per layer call and direction) took 0.3 / 3.9 / 31 ms at
+# LSTM H = 256 / 512 / 1024; a piece packs its half of that H = 1024 weight in 3.6 ms from
+# W_hh's rows (0.4 ms at H = 512) and ~4x faster from columns (the backward pass).
+# Panels at most 64 columns wide (caps of 32/64/128 gave LSTM B=8 H=1024 891/451/447 us, GRU
+# 692/348/366); where even 16 columns would pass the small-matrix size (many rows, large K)
+# one panel per segment and one ordinary sgemm call on it.
+# OpenBLAS (0.3.17+, x86-64) runs a GEMM with M*N*K <= 1e6 through "small matrix" kernels
+# that skip packing the operands; a larger one packs all of b on every call, which for a time
+# step's GEMM against the constant weight means repacking it every step. Per-step products
+# therefore go in panels of columns narrow enough to stay under that size.
+SMALL_GEMM_MNK = 1_000_000
 PANEL_MAX_WIDTH = 64
+TILE = 32
 
 
 @njit(cache=True)
-def pack_panels(w_t, segments, stride, s0, s1, width):
-    """The columns g*stride + s0 : g*stride + s1 (g < segments) of w_t [K,N], cut into panels
-    of at most ``width`` columns, each stored as one contiguous [K, cols] block, one after
-    another -> [K * segments * (s1 - s0)]."""
-    K = w_t.shape[0]
-    panels = np.empty(K * segments * (s1 - s0), w_t.dtype)
+def _transpose_into(a, out):
+    """out[K,n] = a[n,K]^T, in TILE x TILE tiles (a plain column walk of a large a misses the
+    cache on every element: NumPy's own transposed copy of a [4096,1024] float32 took 31 ms)."""
+    n, K = a.shape
+    for i0 in range(0, n, TILE):
+        i1 = min(i0 + TILE, n)
+        for k0 in range(0, K, TILE):
+            k1 = min(k0 + TILE, K)
+            for i in range(i0, i1):
+                row = a[i]
+                for k in range(k0, k1):
+                    out[k, i] = row[k]
+
+
+@njit(cache=True)
+def pack_panels(w, transposed, segments, stride, s0, s1, width):
+    """The columns g*stride + s0 : g*stride + s1 (g < segments) of w^T, cut into panels of at
+    most ``width`` columns, each stored as one contiguous [K, cols] block, one after another
+    -> [K * segments * (s1 - s0)]. w: [N,K], or with ``transposed`` w^T itself [K,N]."""
+    K = w.shape[0] if transposed else w.shape[1]
+    panels = np.empty(K * segments * (s1 - s0), w.dtype)
     at = 0
     for g in range(segments):
         end = g * stride + s1
         for p0 in range(g * stride + s0, end, width):
             cols = min(width, end - p0)
-            panels[at:at + K * cols].reshape((K, cols))[:] = w_t[:, p0:p0 + cols]
+            panel = panels[at:at + K * cols].reshape((K, cols))
+            if transposed:
+                panel[:] = w[:, p0:p0 + cols]
+            else:
+                _transpose_into(w[p0:p0 + cols], panel)
             at += K * cols
     return panels
 
 
 @njit(cache=True)
 def panel_product(a, panels, c, beta, segments, stride, s0, s1, width):
-    """c[:, g*stride + s0 : g*stride + s1] = a[M,K] @ (those columns of w_t) + beta * c, for
-    g < segments, one small sgemm per panel of ``pack_panels(w_t, segments, stride, s0, s1,
+    """c[:, g*stride + s0 : g*stride + s1] = a[M,K] @ (those columns of w^T) + beta * c, for
+    g < segments, one sgemm per panel of ``pack_panels(w, .., segments, stride, s0, s1,
     width)``. a: [M,K]  c: [M,N]."""
     K = a.shape[1]
     at = 0
@@ -353,39 +315,37 @@ def panel_product(a, panels, c, beta, segments, stride, s0, s1, width):
 
 class StepWeight(NamedTuple):
     """One time-loop piece's recurrent weight (``step_weight``), for ``step_product``."""
-    w: np.ndarray        # [N,K]  N = segments * stride
-    w_t: np.ndarray      # [K,N] = w^T
-    panels: np.ndarray   # the piece's columns of w_t in panels (pack_panels), or empty
-    width: int           # panel width; 0: no panels
+    w: np.ndarray        # [N,K] (dot products), or [K,N] when given transposed
+    panels: np.ndarray   # the piece's columns of w^T in panels (pack_panels), or empty
+    width: int           # panel width; 0: dot products over w's rows, no panels
     segments: int        # the piece's columns: g*stride + s0 : g*stride + s1, g < segments
     stride: int          #   (by units: the gate blocks, H and the units j0:j1;
     s0: int              #    by batch rows: one segment, all N columns)
     s1: int
     b0: int              # the piece's batch rows
     b1: int
-    by_units: bool
 
 
 @njit(cache=True)
-def step_weight(w, w_t, blocks, H, b0, b1, j0, j1, by_units):
+def step_weight(w, transposed, blocks, H, b0, b1, j0, j1, by_units):
     """What a time-loop piece (``_loop.split_ranges``: batch rows b0:b1, or with ``by_units``
-    all rows and units j0:j1 of each of the ``blocks`` gate blocks) multiplies its steps by,
-    with its share of the weight packed in panels when that share has at least
-    PANEL_MIN_WEIGHT elements, panels of >= 16 columns stay under OpenBLAS's small-matrix size,
-    and the piece is not one row split by units (its dot products were as fast).
-    w: [blocks*H, K]  w_t: [K, blocks*H] = w^T."""
-    rows, K = b1 - b0, w.shape[1]
+    all rows and units j0:j1 of each of the ``blocks`` gate blocks) multiplies its steps by:
+    for one row against w as stored, dot products over w's rows; else its share of w^T packed
+    in panels (see above). w: [blocks*H, K] for c = a @ w^T, or with ``transposed`` that w^T
+    itself, [K, blocks*H] (the backward pass's W_hh)."""
+    rows = b1 - b0
+    N, K = (w.shape[1], w.shape[0]) if transposed else w.shape
     if by_units:
         segments, stride, s0, s1 = blocks, H, j0, j1
     else:
-        segments, stride, s0, s1 = 1, w.shape[0], 0, w.shape[0]
+        segments, stride, s0, s1 = 1, N, 0, N
+    if rows == 1 and not transposed:
+        return StepWeight(w, np.empty(0, w.dtype), 0, segments, stride, s0, s1, b0, b1)
     width = min(PANEL_MAX_WIDTH, SMALL_GEMM_MNK // max(rows * K, 1) // 16 * 16)
-    if (K * segments * (s1 - s0) < PANEL_MIN_WEIGHT or width < 16
-            or (by_units and rows < 2)):
-        width = 0
-    panels = (pack_panels(w_t, segments, stride, s0, s1, width) if width
-              else np.empty(0, w.dtype))
-    return StepWeight(w, w_t, panels, width, segments, stride, s0, s1, b0, b1, by_units)
+    if width < 16:
+        width = max(s1 - s0, 1)                       # one ordinary sgemm per segment
+    panels = pack_panels(w, transposed, segments, stride, s0, s1, width)
+    return StepWeight(w, panels, width, segments, stride, s0, s1, b0, b1)
 
 
 @njit(cache=True)
@@ -396,7 +356,6 @@ def step_product(a, sw, c, beta):
     a, c = a[sw.b0:sw.b1], c[sw.b0:sw.b1]
     if sw.width:
         panel_product(a, sw.panels, c, beta, sw.segments, sw.stride, sw.s0, sw.s1, sw.width)
-    elif sw.by_units:
-        unit_product(a, sw.w, sw.w_t, c, beta, sw.segments, sw.stride, sw.s0, sw.s1)
     else:
-        gemm_step(a, sw.w, sw.w_t, c, beta)
+        for g in range(sw.segments):
+            _dot_rows(sw.w, a, c, g * sw.stride + sw.s0, g * sw.stride + sw.s1, beta)

@@ -37,7 +37,7 @@ import threading
 import numpy as np
 
 from ._barrier import PAD, abort
-from ._blas import UNIT_GEMM_ROWS, blas_threads, set_blas_threads
+from ._blas import blas_threads, set_blas_threads
 from ._math import jit
 
 # multiply-adds of a whole layer call from which it is split over threads (handing work to
@@ -198,12 +198,13 @@ def split_ranges(B, H, flags, part, parts):
     return 0, B, j0, j1
 
 
-# When the time loop is split by hidden units rather than batch rows: always with fewer rows
-# than threads; otherwise once W_hh is large enough that each core streaming (or, through
-# sgemm, packing) only its share of it pays for the barrier per step: from
-# UNIT_SPLIT_WEIGHT_DOT elements while B < UNIT_GEMM_ROWS (the dot-product path of
-# ``_blas.unit_product``), from UNIT_SPLIT_WEIGHT_GEMM elements up to UNIT_SPLIT_ROWS rows per
-# thread (its sgemm path). Measured, 2 threads, T=100, float32, step ms by batch rows / units:
+# When the time loop is split by hidden units rather than batch rows: with fewer rows than
+# threads once W_hh has UNIT_SPLIT_WEIGHT_ONE_ROW elements (below that, one thread runs the loop
+# alone: the barrier per step costs more than half a small product saves); otherwise once W_hh
+# is large enough that each core streaming (or packing) only its share of it pays for the
+# barrier per step: from UNIT_SPLIT_WEIGHT_FEW_ROWS elements while B < FEW_ROWS, from
+# UNIT_SPLIT_WEIGHT elements up to UNIT_SPLIT_ROWS rows per thread. Measured, 2 threads,
+# T=100, float32, step ms by batch rows / units:
 #   LSTM H=256 (262K): B=2 6.4/6.6  B=8 30/22  B=32 76/71  B=64 138/140
 #        H=512 (1M):   B=2 36/29  B=8 101/92  B=32 336/252  B=64 524/508  B=128 923/906
 #        H=1024 (4M):  B=8 473/489  B=32 1322/1090  B=64 2358/2020
@@ -211,8 +212,13 @@ def split_ranges(B, H, flags, part, parts):
 #        H=512 (786K): B=2 36/21  B=8 70/59  B=32 193/187;  H=1024: B=8 515/289  B=32 872/799
 #   RNN  H=512 (262K): B=2 7.4/12  B=4 11/15  B=8 39/23  B=32 62/62;  H=1024: B=32 297/269
 #   H=128, any cell, B=2-128: batch rows as fast or faster (GRU B=8 3.8/6.3)
-UNIT_SPLIT_WEIGHT_DOT = 1 << 19
-UNIT_SPLIT_WEIGHT_GEMM = 1 << 18
+#   B=1, forward / backward ms, one thread / by units: LSTM H=64 (16K) 0.19/0.24 0.26/0.46,
+#   H=128 (65K) 0.68/0.87 1.09/0.88, H=256 (262K) 2.8/3.8 2.3/2.5; GRU H=128 (49K) 0.43/0.61
+#   0.62/0.64, H=256 (197K) 1.8/2.5 1.2/1.6; RNN H=256 (65K) 0.51/0.81 0.61/0.75
+UNIT_SPLIT_WEIGHT_ONE_ROW = 1 << 17
+FEW_ROWS = 8
+UNIT_SPLIT_WEIGHT_FEW_ROWS = 1 << 19
+UNIT_SPLIT_WEIGHT = 1 << 18
 UNIT_SPLIT_ROWS = 32
 
 
@@ -222,10 +228,10 @@ def split_by_units(B, parts, weight_size):
     if parts <= 1:
         return False
     if B < parts:
-        return True
-    if B < UNIT_GEMM_ROWS:
-        return weight_size >= UNIT_SPLIT_WEIGHT_DOT
-    return B <= UNIT_SPLIT_ROWS * parts and weight_size >= UNIT_SPLIT_WEIGHT_GEMM
+        return weight_size >= UNIT_SPLIT_WEIGHT_ONE_ROW
+    if B < FEW_ROWS:
+        return weight_size >= UNIT_SPLIT_WEIGHT_FEW_ROWS
+    return B <= UNIT_SPLIT_ROWS * parts and weight_size >= UNIT_SPLIT_WEIGHT
 
 
 def run_time_loop(kernel, args, parts, B, weight_size):

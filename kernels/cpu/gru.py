@@ -66,15 +66,15 @@ def _cell_forward(g, hw, b_ih, b_hh, h_prev, hn, h, H, j0, j1):
 
 
 @jit(nogil=True)
-def _forward_steps(h0, w_hh, w_hh_t, b_ih, b_hh, gates, hn, y, hw, flags, part, parts):
+def _forward_steps(h0, w_hh, b_ih, b_hh, gates, hn, y, hw, flags, part, parts):
     # The time loop for this part's batch rows b0:b1 and units j0:j1 (_loop.run_time_loop).
-    # h0: [B,H]  w_hh: [3H,H]  w_hh_t: [H,3H] = w_hh^T  b_ih, b_hh: [3H]
+    # h0: [B,H]  w_hh: [3H,H]  b_ih, b_hh: [3H]
     # gates: [T,B,3H] in x W_ih^T, out activated gates  hn, y: [T,B,H] out  hw: [B,3H] scratch
     # flags: barrier counters and abort word when split by units, else empty
     T, B = gates.shape[:2]
     H = h0.shape[1]
     b0, b1, j0, j1 = split_ranges(B, H, flags, part, parts)
-    sw = step_weight(w_hh, w_hh_t, G, H, b0, b1, j0, j1, flags.size != 0)
+    sw = step_weight(w_hh, False, G, H, b0, b1, j0, j1, flags.size != 0)
     for t in range(T):
         h_prev = h0 if t == 0 else y[t - 1]
         step_product(h_prev, sw, hw, 0.0)                             # h W_hh^T
@@ -115,10 +115,10 @@ def _cell_backward(dy, dh_next, gates, hn, h_prev, dg_x, dg_h, dh, H, j0, j1):
 
 
 @jit(nogil=True)
-def _backward_steps(dy, h0, gates, hn, y, w_hh, w_hh_t, t_start, dh_next, dg_x, dg_h, dh,
-                    flags, part, parts):
+def _backward_steps(dy, h0, gates, hn, y, w_hh, t_start, dh_next, dg_x, dg_h, dh, flags, part,
+                    parts):
     # The time loop backwards for this part's batch rows b0:b1 and units j0:j1.
-    # dy: [T,B,H]  h0: [B,H]  gates: [T,B,3H]  hn, y: [T,B,H]  w_hh: [3H,H]  w_hh_t: [H,3H]
+    # dy: [T,B,H]  h0: [B,H]  gates: [T,B,3H]  hn, y: [T,B,H]  w_hh: [3H,H]
     # t_start: first step to backpropagate through
     # dh_next: [B,H] in: dL/dh_T, out: dL/d(h entering t_start)
     # dg_x, dg_h: [T,B,3H] out (rows t >= t_start)  dh: [T,B,H] out (rows t >= t_start)
@@ -126,7 +126,7 @@ def _backward_steps(dy, h0, gates, hn, y, w_hh, w_hh_t, t_start, dh_next, dg_x, 
     T, B = gates.shape[:2]
     H = h0.shape[1]
     b0, b1, j0, j1 = split_ranges(B, H, flags, part, parts)
-    sw = step_weight(w_hh_t, w_hh, 1, H, b0, b1, j0, j1, flags.size != 0)
+    sw = step_weight(w_hh, True, 1, H, b0, b1, j0, j1, flags.size != 0)
     for t in range(T - 1, t_start - 1, -1):
         h_prev = h0 if t == 0 else y[t - 1]
         for b in range(b0, b1):
@@ -149,8 +149,8 @@ def gru_forward(x, state, w_ih, w_hh, b_ih, b_hh):
     h0 = h0.copy()
     with layer_threads(T * B * G * H * (I + H)) as parts:
         run_parts(project_inputs, (x, w_ih, gates), parts)               # x W_ih^T, all steps
-        run_time_loop(_forward_steps, (h0, w_hh, np.ascontiguousarray(w_hh.T), b_ih, b_hh,
-                                       gates, hn, y, hw), parts, B, w_hh.size)
+        run_time_loop(_forward_steps, (h0, w_hh, b_ih, b_hh, gates, hn, y, hw),
+                      parts, B, w_hh.size)
     return y, (y[-1].copy(),), GRUCache(x, h0, gates, hn, y)
 
 
@@ -169,8 +169,7 @@ def gru_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh
     T, _, I = x.shape
     with layer_threads((T - t_start) * B * G * H * (2 * I + 2 * H)) as parts:
         run_time_loop(_backward_steps, (dy, cache.h0, cache.gates, cache.hn, cache.y, w_hh,
-                                        np.ascontiguousarray(w_hh.T), t_start, dh_next, dg_x,
-                                        dg_h, dh), parts, B, w_hh.size)
+                                        t_start, dh_next, dg_x, dg_h, dh), parts, B, w_hh.size)
         run_parts(finish_backward, (x, cache.h0, cache.y, dg_x, dg_h, w_ih, dw_ih, dw_hh,
                                     db_ih, db_hh, dx, dh, t_start), parts)
     return dx, (dh_next,), dh

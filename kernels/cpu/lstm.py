@@ -71,15 +71,15 @@ def _cell_forward(g, bias, c_prev, c, tanh_c, h, H, j0, j1):
 
 
 @jit(nogil=True)
-def _forward_steps(h0, c0, w_hh, w_hh_t, bias, gates, c, tanh_c, y, flags, part, parts):
+def _forward_steps(h0, c0, w_hh, bias, gates, c, tanh_c, y, flags, part, parts):
     # The time loop for this part's batch rows b0:b1 and units j0:j1 (_loop.run_time_loop).
-    # h0, c0: [B,H]  w_hh: [4H,H]  w_hh_t: [H,4H] = w_hh^T  bias: [4H] (b_ih + b_hh)
+    # h0, c0: [B,H]  w_hh: [4H,H]  bias: [4H] (b_ih + b_hh)
     # gates: [T,B,4H] in x W_ih^T, out activated gates  c, tanh_c, y: [T,B,H] out
     # flags: barrier counters and abort word when split by units, else empty
     T, B = gates.shape[:2]
     H = h0.shape[1]
     b0, b1, j0, j1 = split_ranges(B, H, flags, part, parts)
-    sw = step_weight(w_hh, w_hh_t, G, H, b0, b1, j0, j1, flags.size != 0)
+    sw = step_weight(w_hh, False, G, H, b0, b1, j0, j1, flags.size != 0)
     for t in range(T):
         h_prev = h0 if t == 0 else y[t - 1]
         c_prev = c0 if t == 0 else c[t - 1]
@@ -119,18 +119,18 @@ def _cell_backward(dy, dh_next, dc_next, gates, c_prev, tanh_c, dgates, dh, H, j
 
 
 @jit(nogil=True)
-def _backward_steps(dy, c0, gates, c, tanh_c, w_hh, w_hh_t, t_start, dh_next, dc_next,
+def _backward_steps(dy, c0, gates, c, tanh_c, w_hh, t_start, dh_next, dc_next,
                     dgates, dh, flags, part, parts):
     # The time loop backwards for this part's batch rows b0:b1 and units j0:j1.
     # dy: [T,B,H]  c0: [B,H]  gates: [T,B,4H]  c, tanh_c: [T,B,H]  w_hh: [4H,H]
-    # w_hh_t: [H,4H] = w_hh^T  t_start: first step to backpropagate through
+    # t_start: first step to backpropagate through
     # dh_next, dc_next: [B,H] in: dL/d(final state), out: dL/d(state entering t_start)
     # dgates: [T,B,4H] out (rows t >= t_start)  dh: [T,B,H] out (rows t >= t_start)
     # flags: barrier counters and abort word when split by units, else empty
     T, B = gates.shape[:2]
     H = c0.shape[1]
     b0, b1, j0, j1 = split_ranges(B, H, flags, part, parts)
-    sw = step_weight(w_hh_t, w_hh, 1, H, b0, b1, j0, j1, flags.size != 0)
+    sw = step_weight(w_hh, True, 1, H, b0, b1, j0, j1, flags.size != 0)
     for t in range(T - 1, t_start - 1, -1):
         c_prev = c0 if t == 0 else c[t - 1]
         for b in range(b0, b1):
@@ -152,8 +152,8 @@ def lstm_forward(x, state, w_ih, w_hh, b_ih, b_hh):
     h0, c0 = h0.copy(), c0.copy()
     with layer_threads(T * B * G * H * (I + H)) as parts:
         run_parts(project_inputs, (x, w_ih, gates), parts)               # x W_ih^T, all steps
-        run_time_loop(_forward_steps, (h0, c0, w_hh, np.ascontiguousarray(w_hh.T), b_ih + b_hh,
-                                       gates, c, tanh_c, y), parts, B, w_hh.size)
+        run_time_loop(_forward_steps, (h0, c0, w_hh, b_ih + b_hh, gates, c, tanh_c, y),
+                      parts, B, w_hh.size)
     return y, (y[-1].copy(), c[-1].copy()), LSTMCache(x, h0, c0, gates, c, tanh_c, y)
 
 
@@ -171,8 +171,7 @@ def lstm_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_h
     T, _, I = x.shape
     with layer_threads((T - t_start) * B * G * H * (2 * I + 2 * H)) as parts:
         run_time_loop(_backward_steps, (dy, cache.c0, cache.gates, cache.c, cache.tanh_c, w_hh,
-                                        np.ascontiguousarray(w_hh.T), t_start, dh_next, dc_next,
-                                        dgates, dh), parts, B, w_hh.size)
+                                        t_start, dh_next, dc_next, dgates, dh), parts, B, w_hh.size)
         run_parts(finish_backward, (x, cache.h0, cache.y, dgates, dgates, w_ih, dw_ih, dw_hh,
                                     db_ih, db_hh, dx, dh, t_start), parts)
     return dx, (dh_next, dc_next), dh

@@ -33,14 +33,14 @@ class RNNCache(NamedTuple):
 
 
 @jit(nogil=True)
-def _forward_steps(h0, w_hh, w_hh_t, bias, relu, y, flags, part, parts):
+def _forward_steps(h0, w_hh, bias, relu, y, flags, part, parts):
     # The time loop for this part's batch rows b0:b1 and units j0:j1 (_loop.run_time_loop).
-    # h0: [B,H]  w_hh: [H,H]  w_hh_t: [H,H] = w_hh^T  bias: [H] (b_ih + b_hh)  relu: bool
+    # h0: [B,H]  w_hh: [H,H]  bias: [H] (b_ih + b_hh)  relu: bool
     # y: [T,B,H] in x W_ih^T, out h_1 .. h_T  flags: barrier words when split by units
     T, B, H = y.shape
     zero = 0 * bias[0]
     b0, b1, j0, j1 = split_ranges(B, H, flags, part, parts)
-    sw = step_weight(w_hh, w_hh_t, G, H, b0, b1, j0, j1, flags.size != 0)
+    sw = step_weight(w_hh, False, G, H, b0, b1, j0, j1, flags.size != 0)
     bias_units = bias[j0:j1]
     for t in range(T):
         h_prev = h0 if t == 0 else y[t - 1]
@@ -58,9 +58,9 @@ def _forward_steps(h0, w_hh, w_hh_t, bias, relu, y, flags, part, parts):
 
 
 @jit(nogil=True)
-def _backward_steps(dy, y, relu, w_hh, w_hh_t, t_start, dh_next, da, dh, flags, part, parts):
+def _backward_steps(dy, y, relu, w_hh, t_start, dh_next, da, dh, flags, part, parts):
     # The time loop backwards for this part's batch rows b0:b1 and units j0:j1.
-    # dy, y: [T,B,H]  relu: bool  w_hh: [H,H]  w_hh_t: [H,H] = w_hh^T  t_start: first step
+    # dy, y: [T,B,H]  relu: bool  w_hh: [H,H]  t_start: first step
     # dh_next: [B,H] in: dL/dh_T, out: dL/d(h entering t_start)
     # da: [T,B,H] out dL/d(pre-activation)  dh: [T,B,H] out (rows t >= t_start)
     # flags: barrier counters and abort word when split by units, else empty
@@ -68,7 +68,7 @@ def _backward_steps(dy, y, relu, w_hh, w_hh_t, t_start, dh_next, da, dh, flags, 
     one = one_like(y[0, 0, 0])
     zero = 0 * one
     b0, b1, j0, j1 = split_ranges(B, H, flags, part, parts)
-    sw = step_weight(w_hh_t, w_hh, 1, H, b0, b1, j0, j1, flags.size != 0)
+    sw = step_weight(w_hh, True, 1, H, b0, b1, j0, j1, flags.size != 0)
     for t in range(T - 1, t_start - 1, -1):
         for b in range(b0, b1):
             dyb, dnb, hb = dy[t, b, j0:j1], dh_next[b, j0:j1], y[t, b, j0:j1]
@@ -94,8 +94,7 @@ def _forward(relu, x, state, w_ih, w_hh, b_ih, b_hh):
     h0 = h0.copy()
     with layer_threads(T * B * H * (I + H)) as parts:
         run_parts(project_inputs, (x, w_ih, y), parts)                   # x W_ih^T, all steps
-        run_time_loop(_forward_steps, (h0, w_hh, np.ascontiguousarray(w_hh.T), b_ih + b_hh,
-                                       relu, y), parts, B, w_hh.size)
+        run_time_loop(_forward_steps, (h0, w_hh, b_ih + b_hh, relu, y), parts, B, w_hh.size)
     return y, (y[-1].copy(),), RNNCache(x, h0, y, relu)
 
 
@@ -113,8 +112,8 @@ def _backward(relu, dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db
     dh = _args.empty(dy.shape, x.dtype)
     T, _, I = x.shape
     with layer_threads((T - t_start) * B * H * (2 * I + 2 * H)) as parts:
-        run_time_loop(_backward_steps, (dy, cache.y, relu, w_hh, np.ascontiguousarray(w_hh.T),
-                                        t_start, dh_next, da, dh), parts, B, w_hh.size)
+        run_time_loop(_backward_steps, (dy, cache.y, relu, w_hh, t_start, dh_next, da, dh),
+                      parts, B, w_hh.size)
         run_parts(finish_backward, (x, cache.h0, cache.y, da, da, w_ih, dw_ih, dw_hh,
                                     db_ih, db_hh, dx, dh, t_start), parts)
     return dx, (dh_next,), dh
