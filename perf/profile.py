@@ -92,12 +92,16 @@ class GemmReplay:
             from bptt_kernels.cpu._blas import step_product, step_weight
         except ImportError:
             @njit
-            def step_weight(w, w_t, blocks, H, b0, b1, j0, j1, by_units):
-                return w, b0, b1
+            def step_weight(w, transposed, blocks, H, b0, b1, j0, j1, by_units):
+                return w, transposed, b0, b1
 
             @njit
             def step_product(a, sw, c, beta):
-                gemm_nt(a[sw[1]:sw[2]], sw[0], c[sw[1]:sw[2]], beta)
+                w, transposed, b0, b1 = sw
+                if transposed:
+                    gemm_nn(a[b0:b1], w, c[b0:b1], beta)
+                else:
+                    gemm_nt(a[b0:b1], w, c[b0:b1], beta)
         try:
             from bptt_kernels.cpu import _loop
             self.min_work = getattr(_loop, "MIN_WORK_FOR_THREADS", 0)
@@ -123,16 +127,16 @@ class GemmReplay:
             gemm_nt(x[m0:m1], w, out[m0:m1], 0.0)
 
         @njit(nogil=True)
-        def steps_forward(h, w, w_t, out, part, parts):  # out[t, rows] = h[t, rows] @ w^T
+        def steps_forward(h, w, out, part, parts):       # out[t, rows] = h[t, rows] @ w^T
             b0, b1 = piece(h.shape[1], part, parts)
-            sw = step_weight(w, w_t, 1, w.shape[0], b0, b1, 0, w.shape[0], False)
+            sw = step_weight(w, False, 1, w.shape[0], b0, b1, 0, w.shape[0], False)
             for t in range(h.shape[0]):
                 step_product(h[t], sw, out[t], 0.0)
 
         @njit(nogil=True)
-        def steps_backward(dg, w, w_t, dh, part, parts):  # dh[t, rows] = dg[t, rows] @ w
+        def steps_backward(dg, w, dh, part, parts):      # dh[t, rows] = dg[t, rows] @ w
             b0, b1 = piece(dg.shape[1], part, parts)
-            sw = step_weight(w_t, w, 1, w.shape[1], b0, b1, 0, w.shape[1], False)
+            sw = step_weight(w, True, 1, w.shape[1], b0, b1, 0, w.shape[1], False)
             for t in range(dg.shape[0]):
                 step_product(dg[t], sw, dh[t], 0.0)
 
@@ -166,7 +170,7 @@ class GemmReplay:
 
     def _split_phases(self, parts):
         input_gemm, steps_forward, steps_backward, weight_grad, input_grad = self.kernels
-        np, run = self.np, self._run
+        run = self._run
 
         def wrap(kernel, make_args):
             def call(*a):
@@ -179,8 +183,8 @@ class GemmReplay:
                         self.set_blas(self.parts)
             return call
         return (wrap(input_gemm, lambda x, w, out: (x, w, out)),
-                wrap(steps_forward, lambda h, w, out: (h, w, np.ascontiguousarray(w.T), out)),
-                wrap(steps_backward, lambda dg, w, dh: (dg, w, np.ascontiguousarray(w.T), dh)),
+                wrap(steps_forward, lambda h, w, out: (h, w, out)),
+                wrap(steps_backward, lambda dg, w, dh: (dg, w, dh)),
                 wrap(weight_grad, lambda dg, a, dw: (dg, a, dw)),
                 wrap(input_grad, lambda dg, w, dx: (dg, w, dx)))
 
