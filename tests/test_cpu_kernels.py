@@ -426,7 +426,8 @@ def test_split_by_units_rule():
     assert not split_by_units(1, 1, 1 << 24)
     assert split_by_units(4, 2, 1 << 19) and not split_by_units(4, 2, (1 << 19) - 1)
     assert split_by_units(32, 2, 1 << 18) and not split_by_units(32, 2, (1 << 18) - 1)
-    assert split_by_units(64, 2, 1 << 22) and not split_by_units(65, 2, 1 << 22)
+    assert split_by_units(64, 2, 1 << 18) and not split_by_units(65, 2, (1 << 20) - 1)
+    assert split_by_units(128, 2, 1 << 20) and not split_by_units(129, 2, 1 << 22)
 
 
 def test_unit_split_piece_that_stops_releases_the_others(monkeypatch):

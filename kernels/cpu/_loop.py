@@ -203,7 +203,9 @@ def split_ranges(B, H, flags, part, parts):
 # alone: the barrier per step costs more than half a small product saves); otherwise once W_hh
 # is large enough that each core streaming (or packing) only its share of it pays for the
 # barrier per step: from UNIT_SPLIT_WEIGHT_FEW_ROWS elements while B < FEW_ROWS, from
-# UNIT_SPLIT_WEIGHT elements up to UNIT_SPLIT_ROWS rows per thread. Measured, 2 threads,
+# UNIT_SPLIT_WEIGHT elements up to UNIT_SPLIT_ROWS rows per thread, from UNIT_SPLIT_WEIGHT_LARGE
+# up to UNIT_SPLIT_ROWS_LARGE (at 64 rows per thread a step's sgemm is an ordinary one that
+# packs the whole weight it is given, every step: half of it by units). Measured, 2 threads,
 # T=100, float32, step ms by batch rows / units:
 #   LSTM H=256 (262K): B=2 6.4/6.6  B=8 30/22  B=32 76/71  B=64 138/140
 #        H=512 (1M):   B=2 36/29  B=8 101/92  B=32 336/252  B=64 524/508  B=128 923/906
@@ -215,11 +217,16 @@ def split_ranges(B, H, flags, part, parts):
 #   B=1, forward / backward ms, one thread / by units: LSTM H=64 (16K) 0.19/0.24 0.26/0.46,
 #   H=128 (65K) 0.68/0.87 1.09/0.88, H=256 (262K) 2.8/3.8 2.3/2.5; GRU H=128 (49K) 0.43/0.61
 #   0.62/0.64, H=256 (197K) 1.8/2.5 1.2/1.6; RNN H=256 (65K) 0.51/0.81 0.61/0.75
+#   B=128 (T=20-100, ms per T=100): LSTM H=256 (262K) 237/250, H=512 (1M) 917/889 891/900,
+#   H=1024 (4M) 4125/3774 3725/3503; GRU H=512 (786K) 674/690, H=1024 (3M) 2798/2665;
+#   RNN H=512 (262K) 214/221, H=1024 (1M) 907/863
 UNIT_SPLIT_WEIGHT_ONE_ROW = 1 << 17
 FEW_ROWS = 8
 UNIT_SPLIT_WEIGHT_FEW_ROWS = 1 << 19
 UNIT_SPLIT_WEIGHT = 1 << 18
 UNIT_SPLIT_ROWS = 32
+UNIT_SPLIT_WEIGHT_LARGE = 1 << 20
+UNIT_SPLIT_ROWS_LARGE = 64
 
 
 def split_by_units(B, parts, weight_size):
@@ -231,7 +238,9 @@ def split_by_units(B, parts, weight_size):
         return weight_size >= UNIT_SPLIT_WEIGHT_ONE_ROW
     if B < FEW_ROWS:
         return weight_size >= UNIT_SPLIT_WEIGHT_FEW_ROWS
-    return B <= UNIT_SPLIT_ROWS * parts and weight_size >= UNIT_SPLIT_WEIGHT
+    if B <= UNIT_SPLIT_ROWS * parts:
+        return weight_size >= UNIT_SPLIT_WEIGHT
+    return B <= UNIT_SPLIT_ROWS_LARGE * parts and weight_size >= UNIT_SPLIT_WEIGHT_LARGE
 
 
 def run_time_loop(kernel, args, parts, B, weight_size):
