@@ -394,7 +394,7 @@ def test_time_loop_split_by_units(cell, workers, B, dtype, monkeypatch):
     from bptt_kernels.cpu import _loop
     monkeypatch.setattr(_loop, "THREADS", workers)
     monkeypatch.setattr(_loop, "MIN_WORK_FOR_THREADS", 0)
-    for threshold in ("UNIT_SPLIT_WEIGHT_ONE_ROW", "UNIT_SPLIT_WEIGHT_FEW_ROWS", "UNIT_SPLIT_WEIGHT"):
+    for threshold in ("UNIT_SPLIT_WEIGHT_FEW_ROWS", "UNIT_SPLIT_WEIGHT"):
         monkeypatch.setattr(_loop, threshold, 1)
     together = []
     run_parts = _loop.run_parts
@@ -418,13 +418,15 @@ def test_time_loop_split_by_units(cell, workers, B, dtype, monkeypatch):
 
 
 def test_split_by_units_rule():
-    """The time-loop split follows the measured rule in _loop.py: units for fewer rows than
-    threads or few rows, each with a large enough W_hh; batch rows otherwise and on one thread."""
+    """The time-loop split follows the measured rule in _loop.py: units for few rows (or fewer
+    than threads) or up to 32 and 64 per thread, each with a large enough W_hh; batch rows
+    otherwise and on one thread."""
     from bptt_kernels.cpu._loop import split_by_units
     assert split_by_units(1, 2, 1 << 17) and split_by_units(2, 3, 1 << 17)
     assert not split_by_units(1, 2, (1 << 17) - 1) and not split_by_units(2, 3, (1 << 17) - 1)
     assert not split_by_units(1, 1, 1 << 24)
-    assert split_by_units(4, 2, 1 << 19) and not split_by_units(4, 2, (1 << 19) - 1)
+    assert split_by_units(7, 2, 1 << 17) and not split_by_units(7, 2, (1 << 17) - 1)
+    assert split_by_units(9, 16, 1 << 17) and not split_by_units(9, 16, (1 << 17) - 1)
     assert split_by_units(32, 2, 1 << 18) and not split_by_units(32, 2, (1 << 18) - 1)
     assert split_by_units(64, 2, 1 << 18) and not split_by_units(65, 2, (1 << 20) - 1)
     assert split_by_units(128, 2, 1 << 20) and not split_by_units(129, 2, 1 << 22)
@@ -467,7 +469,7 @@ def test_unit_split_busy_falls_back_to_batch_split(monkeypatch):
     from bptt_kernels.cpu import _loop
     monkeypatch.setattr(_loop, "THREADS", 2)
     monkeypatch.setattr(_loop, "MIN_WORK_FOR_THREADS", 0)
-    monkeypatch.setattr(_loop, "UNIT_SPLIT_WEIGHT_ONE_ROW", 1)   # B=1 would split by units
+    monkeypatch.setattr(_loop, "UNIT_SPLIT_WEIGHT_FEW_ROWS", 1)  # B=1 would split by units
     rng = np.random.default_rng(5)
     x, state, w = random_layer(rng, "lstm", np.float64, 5, 1, 3, 10)
     dy = rng.standard_normal((5, 1, 10))
