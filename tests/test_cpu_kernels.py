@@ -489,7 +489,7 @@ def test_unit_split_busy_falls_back_to_batch_split(monkeypatch):
 STEP_CASES = [
     (True, 1, 0, 1, 29, 3, 13, 3, 10, False, "dots"),     # 7 units: 4 + 3 rows of w
     (True, 1, 0, 1, 29, 3, 13, 4, 4, False, "dots"),      # no units at all
-    (False, 3, 1, 2, 29, 1, 39, 0, 39, False, "dots"),    # one batch row of three
+    (False, 3, 1, 2, 29, 1, 39, 0, 39, False, "panels"),  # one batch row of three
     (True, 1, 0, 1, 29, 1, 13, 2, 13, True, "panels"),    # one row, weight given as w^T
     (True, 2, 0, 2, 29, 3, 13, 5, 12, False, "panels"),   # 7 columns: one partial panel each
     (True, 9, 0, 9, 300, 3, 400, 37, 337, False, "panels"),  # 4 x 64 + 44 per gate block
@@ -536,6 +536,7 @@ def test_layers_with_weight_panels(cell, split, monkeypatch):
     monkeypatch.setattr(_loop, "THREADS", 2)
     if split == "rows":
         monkeypatch.setattr(_loop, "UNIT_SPLIT_ROWS", 1)    # 8 rows > 1 per piece: batch rows
+        monkeypatch.setattr(_loop, "UNIT_SPLIT_ROWS_LARGE", 1)
     G = GATES[cell]
     T, B, I, H = 3, 8, 16, 1024 if G == 1 else 512
     assert _loop.split_by_units(B, 2, G * H * H) == (split == "units")

@@ -20,8 +20,8 @@ GEMM with row-major leading dimensions:
 A time loop's per-step products go through ``step_weight``/``step_product`` (below): once
 per layer call each piece of the loop (its batch rows, or its hidden units' columns) copies
 its share of the weight into contiguous panels and then runs one small sgemm per panel and
-step; one row against W_hh as stored (the forward pass at B=1) takes dot products over the
-weight's rows instead, with no copy.
+step; one row split by units against W_hh as stored (the forward pass at B=1) takes dot
+products over the weight's rows instead, with no copy.
 
 ``blas_threads()`` / ``set_blas_threads(n)`` read and set OpenBLAS's thread count (through
 ``openblas_set_num_threads_local``, which returns the previous value); ``_loop.py`` runs
@@ -189,7 +189,7 @@ def gemm_tn(a, b, c, beta):
           beta, c, _row_stride(c))
 
 
-# One row against W_hh as stored (``step_weight``): dot products over contiguous weight rows,
+# One row split by units against W_hh as stored (``step_weight``): dot products over contiguous weight rows,
 # four rows at a time sharing each load of the batch row. fastmath lets LLVM vectorise the
 # reductions (the sums are reassociated: float32 results differ from sgemm's in the last bits,
 # as two BLAS builds' would). Measured one thread, float32, B=1, K=256 out of L2: ~30-40
@@ -244,9 +244,11 @@ def _dot_rows(w, a, c, r0, r1, beta):
 # GRU B=8 H=1024 575-665 -> 348-366; by batch rows (each piece packs all of W), B=8 H=512
 # 441 -> 206, B=32 H=512 1011 -> 445; split by units, B=4, against the dot products: LSTM/GRU/
 # Elman H=1024 step 224/161/47 -> 193/128/37 ms (T=100); one row, one thread, K=512: panels
-# 49 us, dot products 57, a row loop 70, sgemm NT 714. One row against W_hh as stored (the
-# forward pass) keeps the dot products above (B=1 within noise, and no copy). Shares under
-# 2^18 elements: within noise either way. The transposed copy this replaces
+# 49 us, dot products 57, a row loop 70, sgemm NT 714. One row split by units against W_hh as
+# stored (the forward pass at B=1, H >= 256) keeps the dot products above (no copy; panels
+# there: LSTM H=512 forward 5.9 -> 7.5 ms, others within noise), while one row on one thread
+# (H <= 128) takes panels (LSTM H=128 forward 0.76 -> 0.61 ms, GRU 0.57 -> 0.51). Shares
+# under 2^18 elements at B >= 8: within noise either way. The transposed copy this replaces
 # (np.ascontiguousarray(w_hh.T), one per layer call and direction) took 0.3 / 3.9 / 31 ms at
 # LSTM H = 256 / 512 / 1024; a piece packs its half of that H = 1024 weight in 3.6 ms from
 # W_hh's rows (0.4 ms at H = 512) and ~4x faster from columns (the backward pass).
@@ -330,16 +332,16 @@ class StepWeight(NamedTuple):
 def step_weight(w, transposed, blocks, H, b0, b1, j0, j1, by_units):
     """What a time-loop piece (``_loop.split_ranges``: batch rows b0:b1, or with ``by_units``
     all rows and units j0:j1 of each of the ``blocks`` gate blocks) multiplies its steps by:
-    for one row against w as stored, dot products over w's rows; else its share of w^T packed
-    in panels (see above). w: [blocks*H, K] for c = a @ w^T, or with ``transposed`` that w^T
-    itself, [K, blocks*H] (the backward pass's W_hh)."""
+    for one row split by units against w as stored, dot products over w's rows; else its share
+    of w^T packed in panels (see above). w: [blocks*H, K] for c = a @ w^T, or with
+    ``transposed`` that w^T itself, [K, blocks*H] (the backward pass's W_hh)."""
     rows = b1 - b0
     N, K = (w.shape[1], w.shape[0]) if transposed else w.shape
     if by_units:
         segments, stride, s0, s1 = blocks, H, j0, j1
     else:
         segments, stride, s0, s1 = 1, N, 0, N
-    if rows == 1 and not transposed:
+    if by_units and rows == 1 and not transposed:
         return StepWeight(w, np.empty(0, w.dtype), 0, segments, stride, s0, s1, b0, b1)
     width = min(PANEL_MAX_WIDTH, SMALL_GEMM_MNK // max(rows * K, 1) // 16 * 16)
     if width < 16:
