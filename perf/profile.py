@@ -92,7 +92,7 @@ class GemmReplay:
             from bptt_kernels.cpu._blas import step_product, step_weight
         except ImportError:
             @njit
-            def step_weight(w, transposed, blocks, H, b0, b1, j0, j1, by_units):
+            def step_weight(w, transposed, blocks, H, b0, b1, j0, j1, by_units, steps):
                 return w, transposed, b0, b1
 
             @njit
@@ -129,14 +129,15 @@ class GemmReplay:
         @njit(nogil=True)
         def steps_forward(h, w, out, part, parts):       # out[t, rows] = h[t, rows] @ w^T
             b0, b1 = piece(h.shape[1], part, parts)
-            sw = step_weight(w, False, 1, w.shape[0], b0, b1, 0, w.shape[0], False)
+            sw = step_weight(w, False, 1, w.shape[0], b0, b1, 0, w.shape[0], False, h.shape[0])
             for t in range(h.shape[0]):
                 step_product(h[t], sw, out[t], 0.0)
 
         @njit(nogil=True)
         def steps_backward(dg, w, dh, part, parts):      # dh[t, rows] = dg[t, rows] @ w
             b0, b1 = piece(dg.shape[1], part, parts)
-            sw = step_weight(w, True, 1, w.shape[1], b0, b1, 0, w.shape[1], False)
+            sw = step_weight(w, True, 1, w.shape[1], b0, b1, 0, w.shape[1], False,
+                             dg.shape[0])
             for t in range(dg.shape[0]):
                 step_product(dg[t], sw, dh[t], 0.0)
 

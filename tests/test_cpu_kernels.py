@@ -485,16 +485,19 @@ def test_unit_split_busy_falls_back_to_batch_split(monkeypatch):
         assert_close(got[name], want[name], np.float64, name)
 
 
-# step_product cases: (by_units, B, b0, b1, K, blocks, H, j0, j1, transposed, path)
+# step_product cases: (by_units, B, b0, b1, K, blocks, H, j0, j1, transposed, steps, path)
 STEP_CASES = [
-    (True, 1, 0, 1, 29, 3, 13, 3, 10, False, "dots"),     # 7 units: 4 + 3 rows of w
-    (True, 1, 0, 1, 29, 3, 13, 4, 4, False, "dots"),      # no units at all
-    (False, 3, 1, 2, 29, 1, 39, 0, 39, False, "panels"),  # one batch row of three
-    (True, 1, 0, 1, 29, 1, 13, 2, 13, True, "panels"),    # one row, weight given as w^T
-    (True, 2, 0, 2, 29, 3, 13, 5, 12, False, "panels"),   # 7 columns: one partial panel each
-    (True, 9, 0, 9, 300, 3, 400, 37, 337, False, "panels"),  # 4 x 64 + 44 per gate block
-    (False, 10, 3, 7, 250, 1, 1100, 0, 1100, True, "panels"),  # rows 3:7, 17 x 64 + 12
-    (False, 70, 0, 70, 1000, 1, 50, 0, 50, False, "one panel"),  # 70 x 1000 rows: 16 too wide
+    (True, 1, 0, 1, 29, 3, 13, 3, 10, False, 100, "dots"),   # 7 units: 4 + 3 rows of w
+    (True, 1, 0, 1, 29, 3, 13, 4, 4, False, 100, "dots"),    # no units at all
+    (False, 3, 1, 2, 29, 1, 39, 0, 39, False, 100, "panels"),  # one batch row of three
+    (False, 3, 1, 2, 29, 1, 39, 0, 39, False, 7, "dots"),    # ... in a short call
+    (True, 1, 0, 1, 29, 1, 13, 2, 13, True, 100, "panels"),  # one row, weight given as w^T
+    (True, 2, 0, 2, 29, 3, 13, 5, 12, False, 8, "panels"),   # 7 columns: one partial panel each
+    (True, 2, 0, 2, 29, 3, 13, 5, 12, True, 1, "in place"),  # sgemm NN on w^T's columns
+    (True, 9, 0, 9, 300, 3, 400, 37, 337, False, 100, "panels"),  # 4 x 64 + 44 per gate block
+    (True, 9, 0, 9, 300, 3, 400, 37, 337, False, 2, "in place"),  # sgemm NT on w's rows
+    (False, 10, 3, 7, 250, 1, 1100, 0, 1100, True, 100, "panels"),  # rows 3:7, 17 x 64 + 12
+    (False, 70, 0, 70, 1000, 1, 50, 0, 50, False, 100, "one panel"),  # 16 columns too wide
 ]
 
 
@@ -503,16 +506,17 @@ STEP_CASES = [
 @pytest.mark.parametrize("case", STEP_CASES, ids=lambda c: f"{c[-1]}-B{c[1]}-K{c[4]}")
 def test_step_product_matches_numpy(dtype, beta, case):
     """step_product (c = a @ w^T + beta c for one time-loop piece) on each of step_weight's
-    paths writes exactly the piece's batch rows and columns (units j0:j1 of each gate block,
-    or all), partial panels included; with beta = 0 the NaN-poisoned output is never read."""
+    paths (panels; w in place for short calls: dot products, sgemm NT or NN) writes exactly the
+    piece's batch rows and columns (units j0:j1 of each gate block, or all), partial panels
+    included; with beta = 0 the NaN-poisoned output is never read."""
     from bptt_kernels.cpu._blas import PANEL_MAX_WIDTH, step_product, step_weight
-    by_units, B, b0, b1, K, blocks, H, j0, j1, transposed, path = case
+    by_units, B, b0, b1, K, blocks, H, j0, j1, transposed, steps, path = case
     rng = np.random.default_rng(B * 1000 + K + j0)
     a = rng.standard_normal((B, K)).astype(dtype)
     w = rng.standard_normal((blocks * H, K)).astype(dtype)
     sw = step_weight(np.ascontiguousarray(w.T) if transposed else w, transposed, blocks, H,
-                     b0, b1, j0, j1, by_units)
-    want_width = {"dots": 0, "panels": PANEL_MAX_WIDTH, "one panel": blocks * H}[path]
+                     b0, b1, j0, j1, by_units, steps)
+    want_width = {"dots": 0, "in place": 0, "panels": PANEL_MAX_WIDTH, "one panel": blocks * H}[path]
     assert sw.width == want_width
     c0 = rng.standard_normal((B, blocks * H)).astype(dtype)
     c = np.full_like(c0, np.nan) if beta == 0.0 else c0.copy()
@@ -538,7 +542,7 @@ def test_layers_with_weight_panels(cell, split, monkeypatch):
         monkeypatch.setattr(_loop, "UNIT_SPLIT_ROWS", 1)    # 8 rows > 1 per piece: batch rows
         monkeypatch.setattr(_loop, "UNIT_SPLIT_ROWS_LARGE", 1)
     G = GATES[cell]
-    T, B, I, H = 3, 8, 16, 1024 if G == 1 else 512
+    T, B, I, H = 9, 8, 16, 1024 if G == 1 else 512
     assert _loop.split_by_units(B, 2, G * H * H) == (split == "units")
     rng = np.random.default_rng(G)
     x, state, w = random_layer(rng, cell, np.float32, T, B, I, H)
@@ -546,8 +550,8 @@ def test_layers_with_weight_panels(cell, split, monkeypatch):
     cols = (0, H // 2) if split == "units" else (0, H)
     rows = (0, B) if split == "units" else (0, B // 2)
     by_units = split == "units"
-    assert step_weight(w_hh, False, G, H, *rows, *cols, by_units).width
-    assert step_weight(w_hh, True, 1, H, *rows, *cols, by_units).width
+    assert step_weight(w_hh, False, G, H, *rows, *cols, by_units, T).width
+    assert step_weight(w_hh, True, 1, H, *rows, *cols, by_units, T).width
     dy = rng.standard_normal((T, B, H)).astype(np.float32)
     dfinal = tuple(rng.standard_normal((B, H)).astype(np.float32) for _ in state)
     grads0 = {n: rng.standard_normal(a.shape).astype(np.float32) for n, a in w.items()}

@@ -317,9 +317,10 @@ def panel_product(a, panels, c, beta, segments, stride, s0, s1, width):
 
 class StepWeight(NamedTuple):
     """One time-loop piece's recurrent weight (``step_weight``), for ``step_product``."""
-    w: np.ndarray        # [N,K] (dot products), or [K,N] when given transposed
+    w: np.ndarray        # [N,K], or [K,N] when given transposed
+    transposed: bool
     panels: np.ndarray   # the piece's columns of w^T in panels (pack_panels), or empty
-    width: int           # panel width; 0: dot products over w's rows, no panels
+    width: int           # panel width; 0: no panels, w used in place
     segments: int        # the piece's columns: g*stride + s0 : g*stride + s1, g < segments
     stride: int          #   (by units: the gate blocks, H and the units j0:j1;
     s0: int              #    by batch rows: one segment, all N columns)
@@ -328,36 +329,51 @@ class StepWeight(NamedTuple):
     b1: int
 
 
+# A call of fewer steps than this uses the weight in place: packing costs a pass over the
+# piece's share, which a few steps do not win back (a T=1 call, as in sampling, would pay it
+# for one product).
+PANEL_MIN_STEPS = 8
+
+
 @njit(cache=True)
-def step_weight(w, transposed, blocks, H, b0, b1, j0, j1, by_units):
+def step_weight(w, transposed, blocks, H, b0, b1, j0, j1, by_units, steps):
     """What a time-loop piece (``_loop.split_ranges``: batch rows b0:b1, or with ``by_units``
-    all rows and units j0:j1 of each of the ``blocks`` gate blocks) multiplies its steps by:
-    for one row split by units against w as stored, dot products over w's rows; else its share
-    of w^T packed in panels (see above). w: [blocks*H, K] for c = a @ w^T, or with
-    ``transposed`` that w^T itself, [K, blocks*H] (the backward pass's W_hh)."""
+    all rows and units j0:j1 of each of the ``blocks`` gate blocks) multiplies each of its
+    ``steps`` steps by: its share of w^T packed in panels (see above), unless the piece is one
+    row split by units against w as stored or runs fewer than PANEL_MIN_STEPS steps; then w
+    in place. w: [blocks*H, K] for c = a @ w^T, or with ``transposed`` that w^T itself,
+    [K, blocks*H] (the backward pass's W_hh)."""
     rows = b1 - b0
     N, K = (w.shape[1], w.shape[0]) if transposed else w.shape
     if by_units:
         segments, stride, s0, s1 = blocks, H, j0, j1
     else:
         segments, stride, s0, s1 = 1, N, 0, N
-    if by_units and rows == 1 and not transposed:
-        return StepWeight(w, np.empty(0, w.dtype), 0, segments, stride, s0, s1, b0, b1)
+    if steps < PANEL_MIN_STEPS or (by_units and rows == 1 and not transposed):
+        return StepWeight(w, transposed, np.empty(0, w.dtype), 0, segments, stride, s0, s1,
+                          b0, b1)
     width = min(PANEL_MAX_WIDTH, SMALL_GEMM_MNK // max(rows * K, 1) // 16 * 16)
     if width < 16:
         width = max(s1 - s0, 1)                       # one ordinary sgemm per segment
     panels = pack_panels(w, transposed, segments, stride, s0, s1, width)
-    return StepWeight(w, panels, width, segments, stride, s0, s1, b0, b1)
+    return StepWeight(w, transposed, panels, width, segments, stride, s0, s1, b0, b1)
 
 
 @njit(cache=True)
 def step_product(a, sw, c, beta):
     """One time step's c = a @ w^T + beta * c for the piece of a time loop that ``sw``
-    (``step_weight``) belongs to: its batch rows, or all rows and its units' columns.
-    a: [B,K]  c: [B,N]."""
+    (``step_weight``) belongs to: its batch rows, or all rows and its units' columns. Without
+    panels, w in place: one row against w as stored by dot products over its rows, more by
+    sgemm NT on its rows; given transposed, sgemm NN on its columns. a: [B,K]  c: [B,N]."""
     a, c = a[sw.b0:sw.b1], c[sw.b0:sw.b1]
     if sw.width:
         panel_product(a, sw.panels, c, beta, sw.segments, sw.stride, sw.s0, sw.s1, sw.width)
-    else:
-        for g in range(sw.segments):
-            _dot_rows(sw.w, a, c, g * sw.stride + sw.s0, g * sw.stride + sw.s1, beta)
+        return
+    for g in range(sw.segments):
+        n0, n1 = g * sw.stride + sw.s0, g * sw.stride + sw.s1
+        if sw.transposed:
+            gemm_nn(a, sw.w[:, n0:n1], c[:, n0:n1], beta)
+        elif a.shape[0] == 1:
+            _dot_rows(sw.w, a, c, n0, n1, beta)
+        else:
+            gemm_nt(a, sw.w[n0:n1], c[:, n0:n1], beta)

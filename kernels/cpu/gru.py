@@ -74,7 +74,7 @@ def _forward_steps(h0, w_hh, b_ih, b_hh, gates, hn, y, hw, flags, part, parts):
     T, B = gates.shape[:2]
     H = h0.shape[1]
     b0, b1, j0, j1 = split_ranges(B, H, flags, part, parts)
-    sw = step_weight(w_hh, False, G, H, b0, b1, j0, j1, flags.size != 0)
+    sw = step_weight(w_hh, False, G, H, b0, b1, j0, j1, flags.size != 0, T)
     for t in range(T):
         h_prev = h0 if t == 0 else y[t - 1]
         step_product(h_prev, sw, hw, 0.0)                             # h W_hh^T
@@ -126,7 +126,7 @@ def _backward_steps(dy, h0, gates, hn, y, w_hh, t_start, dh_next, dg_x, dg_h, dh
     T, B = gates.shape[:2]
     H = h0.shape[1]
     b0, b1, j0, j1 = split_ranges(B, H, flags, part, parts)
-    sw = step_weight(w_hh, True, 1, H, b0, b1, j0, j1, flags.size != 0)
+    sw = step_weight(w_hh, True, 1, H, b0, b1, j0, j1, flags.size != 0, T - t_start)
     for t in range(T - 1, t_start - 1, -1):
         h_prev = h0 if t == 0 else y[t - 1]
         for b in range(b0, b1):

@@ -79,7 +79,7 @@ def _forward_steps(h0, c0, w_hh, bias, gates, c, tanh_c, y, flags, part, parts):
     T, B = gates.shape[:2]
     H = h0.shape[1]
     b0, b1, j0, j1 = split_ranges(B, H, flags, part, parts)
-    sw = step_weight(w_hh, False, G, H, b0, b1, j0, j1, flags.size != 0)
+    sw = step_weight(w_hh, False, G, H, b0, b1, j0, j1, flags.size != 0, T)
     for t in range(T):
         h_prev = h0 if t == 0 else y[t - 1]
         c_prev = c0 if t == 0 else c[t - 1]
@@ -130,7 +130,7 @@ def _backward_steps(dy, c0, gates, c, tanh_c, w_hh, t_start, dh_next, dc_next,
     T, B = gates.shape[:2]
     H = c0.shape[1]
     b0, b1, j0, j1 = split_ranges(B, H, flags, part, parts)
-    sw = step_weight(w_hh, True, 1, H, b0, b1, j0, j1, flags.size != 0)
+    sw = step_weight(w_hh, True, 1, H, b0, b1, j0, j1, flags.size != 0, T - t_start)
     for t in range(T - 1, t_start - 1, -1):
         c_prev = c0 if t == 0 else c[t - 1]
         for b in range(b0, b1):

@@ -40,7 +40,7 @@ def _forward_steps(h0, w_hh, bias, relu, y, flags, part, parts):
     T, B, H = y.shape
     zero = 0 * bias[0]
     b0, b1, j0, j1 = split_ranges(B, H, flags, part, parts)
-    sw = step_weight(w_hh, False, G, H, b0, b1, j0, j1, flags.size != 0)
+    sw = step_weight(w_hh, False, G, H, b0, b1, j0, j1, flags.size != 0, T)
     bias_units = bias[j0:j1]
     for t in range(T):
         h_prev = h0 if t == 0 else y[t - 1]
@@ -68,7 +68,7 @@ def _backward_steps(dy, y, relu, w_hh, t_start, dh_next, da, dh, flags, part, pa
     one = one_like(y[0, 0, 0])
     zero = 0 * one
     b0, b1, j0, j1 = split_ranges(B, H, flags, part, parts)
-    sw = step_weight(w_hh, True, 1, H, b0, b1, j0, j1, flags.size != 0)
+    sw = step_weight(w_hh, True, 1, H, b0, b1, j0, j1, flags.size != 0, T - t_start)
     for t in range(T - 1, t_start - 1, -1):
         for b in range(b0, b1):
             dyb, dnb, hb = dy[t, b, j0:j1], dh_next[b, j0:j1], y[t, b, j0:j1]
