@@ -374,11 +374,17 @@ class Profiler:
         """GFLOP/s of the per-step recurrent GEMM of a layer, several ways (each timed call runs
         ``n`` of them, ~0.5 GFLOP, at most T):
         forward h[B,H] @ W_hh^T by CBLAS sgemm on W_hh [G*H,H] (gemm_nt), on a transposed copy
-        [H,G*H] (gemm_nn), as B matrix-vector products (NumPy, one per batch row), and torch.mm;
-        backward dg[B,G*H] @ W_hh (gemm_nn) and torch.mm."""
+        [H,G*H] (gemm_nn), as B matrix-vector products (NumPy, one per batch row), through the
+        backend's per-step panels (step_weight/step_product as one piece of a T-step call:
+        packing excluded, it happens once per layer call) and torch.mm; backward
+        dg[B,G*H] @ W_hh (gemm_nn), through panels, and torch.mm."""
         np, G = self.np, GATES[r["cell"]]
         from numba import njit
         from bptt_kernels.cpu._blas import gemm_nn, gemm_nt
+        try:
+            from bptt_kernels.cpu._blas import step_product, step_weight
+        except ImportError:
+            step_weight = None
 
         @njit
         def steps_nt(h, w, out, n):
@@ -389,6 +395,11 @@ class Profiler:
         def steps_nn(h, w, out, n):
             for _ in range(n):
                 gemm_nn(h, w, out, 1.0)
+
+        @njit
+        def steps_panels(h, sw, out, n):
+            for _ in range(n):
+                step_product(h, sw, out, 1.0)
         try:
             import torch
             torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
@@ -411,6 +422,11 @@ class Profiler:
                     "fwd sgemm NN W^T": lambda: steps_nn(h, wt, out, T),
                     "fwd B x gemv": gemv_rows,
                     "bwd sgemm NN": lambda: steps_nn(dg, w, dh, T)}
+            if step_weight is not None:
+                sw_f = step_weight(w, False, 1, G * H, 0, B, 0, G * H, False, r["seq"])
+                sw_b = step_weight(w, True, 1, H, 0, B, 0, H, False, r["seq"])
+                ways["fwd panels"] = lambda: steps_panels(h, sw_f, out, T)
+                ways["bwd panels"] = lambda: steps_panels(dg, sw_b, dh, T)
             if torch is not None:
                 tw, th, tdg = torch.from_numpy(w), torch.from_numpy(h), torch.from_numpy(dg)
                 ways["fwd torch"] = lambda: [torch.mm(th, tw.t()) for _ in range(T)]
@@ -609,9 +625,10 @@ def main(argv=None):
             print(f"\nPer-step recurrent GEMM of a {cell} layer (W_hh {GATES[cell]}H x H), {a.threads} "
                   f"threads, GFLOP/s (best of >= 5). fwd: h[B,H] @ W_hh^T; sgemm NT = CBLAS sgemm on "
                   f"W_hh as stored (gemm_nt), sgemm NN W^T = on a transposed copy (gemm_nn), B x gemv "
-                  f"= one NumPy matrix-vector product per row, torch = torch.mm. bwd: "
+                  f"= one NumPy matrix-vector product per row, panels = the backend's per-step "
+                  f"panels (_blas.step_weight, packing excluded), torch = torch.mm. bwd: "
                   f"dg[B,{GATES[cell]}H] @ W_hh (gemm_nn). With threads, the kernels' time loops "
-                  f"give each thread B/threads rows.\n")
+                  f"give each thread B/threads rows or H/threads units.\n")
             print(hx.table(["B", "H"] + keys,
                            [[r["B"], r["H"]] + [hx.fmt(r[k], ".1f") for k in keys] for r in res["rows"]]))
         except hx.WorkerError as e:
