@@ -252,13 +252,13 @@ def _dot_rows(w, a, c, r0, r1, beta):
 # (np.ascontiguousarray(w_hh.T), one per layer call and direction) took 0.3 / 3.9 / 31 ms at
 # LSTM H = 256 / 512 / 1024; a piece packs its half of that H = 1024 weight in 3.6 ms from
 # W_hh's rows (0.4 ms at H = 512) and ~4x faster from columns (the backward pass).
-# Panels at most 64 columns wide (caps of 32/64/128 gave LSTM B=8 H=1024 891/451/447 us, GRU
-# 692/348/366); where even 16 columns would pass the small-matrix size (many rows, large K)
-# one panel per segment and one ordinary sgemm call on it.
 # OpenBLAS (0.3.17+, x86-64) runs a GEMM with M*N*K <= 1e6 through "small matrix" kernels
 # that skip packing the operands; a larger one packs all of b on every call, which for a time
 # step's GEMM against the constant weight means repacking it every step. Per-step products
 # therefore go in panels of columns narrow enough to stay under that size.
+# Panels at most 64 columns wide (caps of 32/64/128 gave LSTM B=8 H=1024 891/451/447 us, GRU
+# 692/348/366); where even 16 columns would pass the small-matrix size (many rows, large K)
+# one panel per segment and one ordinary sgemm call on it.
 SMALL_GEMM_MNK = 1_000_000
 PANEL_MAX_WIDTH = 64
 TILE = 32
