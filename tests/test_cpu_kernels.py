@@ -419,17 +419,16 @@ def test_time_loop_split_by_units(cell, workers, B, dtype, monkeypatch):
 
 def test_split_by_units_rule():
     """The time-loop split follows the measured rule in _loop.py: units for few rows (or fewer
-    than threads) or up to 32 and 64 per thread, each with a large enough W_hh; batch rows
-    otherwise and on one thread."""
+    than threads) or up to 64 per thread, each with a large enough W_hh; batch rows otherwise
+    and on one thread."""
     from bptt_kernels.cpu._loop import split_by_units
     assert split_by_units(1, 2, 1 << 17) and split_by_units(2, 3, 1 << 17)
     assert not split_by_units(1, 2, (1 << 17) - 1) and not split_by_units(2, 3, (1 << 17) - 1)
     assert not split_by_units(1, 1, 1 << 24)
     assert split_by_units(7, 2, 1 << 17) and not split_by_units(7, 2, (1 << 17) - 1)
     assert split_by_units(9, 16, 1 << 17) and not split_by_units(9, 16, (1 << 17) - 1)
-    assert split_by_units(32, 2, 1 << 18) and not split_by_units(32, 2, (1 << 18) - 1)
-    assert split_by_units(64, 2, 1 << 18) and not split_by_units(65, 2, (1 << 20) - 1)
-    assert split_by_units(128, 2, 1 << 20) and not split_by_units(129, 2, 1 << 22)
+    assert split_by_units(8, 2, 1 << 21) and not split_by_units(8, 2, (1 << 21) - 1)
+    assert split_by_units(128, 2, 1 << 21) and not split_by_units(129, 2, 1 << 24)
 
 
 def test_unit_split_piece_that_stops_releases_the_others(monkeypatch):
@@ -538,9 +537,7 @@ def test_layers_with_weight_panels(cell, split, monkeypatch):
     from bptt_kernels.cpu import _loop
     from bptt_kernels.cpu._blas import step_weight
     monkeypatch.setattr(_loop, "THREADS", 2)
-    if split == "rows":
-        monkeypatch.setattr(_loop, "UNIT_SPLIT_ROWS", 1)    # 8 rows > 1 per piece: batch rows
-        monkeypatch.setattr(_loop, "UNIT_SPLIT_ROWS_LARGE", 1)
+    monkeypatch.setattr(_loop, "UNIT_SPLIT_WEIGHT", 1 if split == "units" else 1 << 40)
     G = GATES[cell]
     T, B, I, H = 9, 8, 16, 1024 if G == 1 else 512
     assert _loop.split_by_units(B, 2, G * H * H) == (split == "units")

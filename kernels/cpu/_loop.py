@@ -202,33 +202,25 @@ def split_ranges(B, H, flags, part, parts):
 # enough that each core streaming (or packing) only its share of it pays for the barrier per
 # step: with fewer than FEW_ROWS rows (or fewer rows than threads) from UNIT_SPLIT_WEIGHT_FEW_ROWS
 # elements (below that one row runs on one thread alone), up to UNIT_SPLIT_ROWS rows per
-# thread from UNIT_SPLIT_WEIGHT, up to UNIT_SPLIT_ROWS_LARGE from UNIT_SPLIT_WEIGHT_LARGE (at 64
-# rows per thread a step's sgemm is an ordinary one that packs the whole weight it is given,
-# every step: half of it by units). Measured, 2 threads, T=100, float32, step ms by batch
-# rows / units:
+# thread from UNIT_SPLIT_WEIGHT. Measured with the per-step panels of ``_blas.step_weight``,
+# 2 threads, float32, ms per T=100 step, batch rows / units:
 #   B=1, forward / backward, one thread / units: LSTM H=64 (16K) 0.19/0.24 0.26/0.46,
 #   H=128 (65K) 0.68/0.87 1.09/0.88, H=256 (262K) 2.8/3.8 2.3/2.5; GRU H=128 (49K) 0.43/0.61
 #   0.62/0.64, H=256 (197K) 1.8/2.5 1.2/1.6; RNN H=256 (65K) 0.51/0.81 0.61/0.75
-#   B=2 / B=4 (per-step products in panels): LSTM H=128 (65K) 1.63/1.57 2.82/2.99, H=256
-#   (262K) 5.6/4.5 8.8/8.3, H=512 24/19 32/29, H=1024 122/72 180/129; GRU H=128 1.66/1.56
-#   2.26/2.49, H=256 (197K) 5.6/5.3 6.2/6.0, H=512 16/13 25/23, H=1024 77/51 115/85;
-#   RNN H=256 (65K) 1.58/1.32 2.07/2.09, H=512 (262K) 5.5/4.0 7.7/7.0, H=1024 21/17 30/28
-#   LSTM H=256 (262K): B=8 30/22  B=32 76/71  B=64 138/140
-#        H=512 (1M):   B=8 101/92  B=32 336/252  B=64 524/508
-#        H=1024 (4M):  B=8 473/489  B=32 1322/1090  B=64 2358/2020
-#   GRU  H=256 (197K): B=8 13/13  B=32 57/58
-#        H=512 (786K): B=8 70/59  B=32 193/187;  H=1024: B=8 515/289  B=32 872/799
-#   RNN  H=512 (262K): B=8 39/23  B=32 62/62;  H=1024: B=32 297/269
-#   H=128, any cell, B=8-128: batch rows as fast or faster (GRU B=8 3.8/6.3)
-#   B=128 (T=20-100, ms per T=100): LSTM H=256 (262K) 237/250, H=512 (1M) 917/889 891/900,
-#   H=1024 (4M) 4125/3774 3725/3503; GRU H=512 (786K) 674/690, H=1024 (3M) 2798/2665;
-#   RNN H=512 (262K) 214/221, H=1024 (1M) 907/863
+#   B=2 / B=4: LSTM H=128 (65K) 1.63/1.57 2.82/2.99, H=256 (262K) 5.6/4.5 8.8/8.3, H=512
+#   24/19 32/29, H=1024 122/72 180/129; GRU H=128 1.66/1.56 2.26/2.49, H=256 (197K) 5.6/5.3
+#   6.2/6.0, H=512 16/13 25/23, H=1024 77/51 115/85; RNN H=256 (65K) 1.58/1.32 2.07/2.09,
+#   H=512 (262K) 5.5/4.0 7.7/7.0, H=1024 21/17 30/28
+#   B=8 / 32 / 64: LSTM H=256 (262K) 15.7/16.0 60/69 117/142, H=512 (1M) 59/64 224/246
+#   466/463, H=1024 (4M) 332/263 1069/926 1957/1865; GRU H=512 (786K) 45/46 159/167 331/353,
+#   H=1024 (3M) 200/200 736-796/709-749 1436/1454; RNN H=512 (262K) 14.5/14.2 52/53 111/112,
+#   H=1024 (1M) 72/69 230/220 440/457; H=128, any cell: batch rows 7-25% faster
+#   B=128: LSTM H=256 237/250, H=512 917/889 891/900, H=1024 4125/3774 3725/3503; GRU H=512
+#   674/690, H=1024 2798/2665; RNN H=512 214/221, H=1024 907/863
 FEW_ROWS = 8
 UNIT_SPLIT_WEIGHT_FEW_ROWS = 1 << 17
-UNIT_SPLIT_WEIGHT = 1 << 18
-UNIT_SPLIT_ROWS = 32
-UNIT_SPLIT_WEIGHT_LARGE = 1 << 20
-UNIT_SPLIT_ROWS_LARGE = 64
+UNIT_SPLIT_WEIGHT = 1 << 21
+UNIT_SPLIT_ROWS = 64
 
 
 def split_by_units(B, parts, weight_size):
@@ -238,9 +230,7 @@ def split_by_units(B, parts, weight_size):
         return False
     if B < parts or B < FEW_ROWS:
         return weight_size >= UNIT_SPLIT_WEIGHT_FEW_ROWS
-    if B <= UNIT_SPLIT_ROWS * parts:
-        return weight_size >= UNIT_SPLIT_WEIGHT
-    return B <= UNIT_SPLIT_ROWS_LARGE * parts and weight_size >= UNIT_SPLIT_WEIGHT_LARGE
+    return B <= UNIT_SPLIT_ROWS * parts and weight_size >= UNIT_SPLIT_WEIGHT
 
 
 def run_time_loop(kernel, args, parts, B, weight_size):
