@@ -18,7 +18,8 @@ machine's cores were shared, so only ratios are meaningful):
 * Per-step GEMM layout (``_blas.step_weight``): each piece of a time loop packs its share of
   W_hh^T once per layer call into contiguous panels under OpenBLAS's small-matrix size, one
   sgemm per panel and step (LSTM B=8 H=1024 T=100 step 452 -> 291 ms; the transposed copy of
-  W_hh this replaced cost 31 ms per layer call at H=1024); dot products for one row.
+  W_hh this replaced cost 31 ms per layer call at H=1024); dot products for one row split by
+  units; calls of under 8 steps use W_hh in place.
 * Gate loops: gate blocks as 1-D views (41 -> 2.5 ns per element for the LSTM forward: plain
   ``g[k*H + j]`` indexing kept LLVM from vectorising), ``error_model="numpy"`` (a division's
   zero check also blocks vectorisation: float32 tanh 3.5 -> 0.36 ns), typed constants.

@@ -202,11 +202,12 @@ def split_ranges(B, H, flags, part, parts):
 # enough that each core streaming (or packing) only its share of it pays for the barrier per
 # step: with fewer than FEW_ROWS rows (or fewer rows than threads) from UNIT_SPLIT_WEIGHT_FEW_ROWS
 # elements (below that one row runs on one thread alone), up to UNIT_SPLIT_ROWS rows per
-# thread from UNIT_SPLIT_WEIGHT. Measured with the per-step panels of ``_blas.step_weight``,
-# 2 threads, float32, ms per T=100 step, batch rows / units:
-#   B=1, forward / backward, one thread / units: LSTM H=64 (16K) 0.19/0.24 0.26/0.46,
-#   H=128 (65K) 0.68/0.87 1.09/0.88, H=256 (262K) 2.8/3.8 2.3/2.5; GRU H=128 (49K) 0.43/0.61
-#   0.62/0.64, H=256 (197K) 1.8/2.5 1.2/1.6; RNN H=256 (65K) 0.51/0.81 0.61/0.75
+# thread from UNIT_SPLIT_WEIGHT. Measured (B >= 2 with the per-step panels of
+# ``_blas.step_weight``), 2 threads, float32, ms per T=100 step, batch rows / units:
+#   B=1 (before the panels), forward / backward, one thread / units: LSTM H=64 (16K)
+#   0.19/0.24 0.26/0.46, H=128 (65K) 0.68/0.87 1.09/0.88, H=256 (262K) 2.8/3.8 2.3/2.5; GRU
+#   H=128 (49K) 0.43/0.61 0.62/0.64, H=256 (197K) 1.8/2.5 1.2/1.6; RNN H=256 (65K) 0.51/0.81
+#   0.61/0.75
 #   B=2 / B=4: LSTM H=128 (65K) 1.63/1.57 2.82/2.99, H=256 (262K) 5.6/4.5 8.8/8.3, H=512
 #   24/19 32/29, H=1024 122/72 180/129; GRU H=128 1.66/1.56 2.26/2.49, H=256 (197K) 5.6/5.3
 #   6.2/6.0, H=512 16/13 25/23, H=1024 77/51 115/85; RNN H=256 (65K) 1.58/1.32 2.07/2.09,
