@@ -189,8 +189,8 @@ def gemm_tn(a, b, c, beta):
           beta, c, _row_stride(c))
 
 
-# One row split by units against W_hh as stored (``step_weight``): dot products over contiguous weight rows,
-# four rows at a time sharing each load of the batch row. fastmath lets LLVM vectorise the
+# One row split by units against W_hh as stored (``step_weight``): dot products over
+# contiguous weight rows, four rows at a time sharing each load of the batch row. fastmath lets LLVM vectorise the
 # reductions (the sums are reassociated: float32 results differ from sgemm's in the last bits,
 # as two BLAS builds' would). Measured one thread, float32, B=1, K=256 out of L2: ~30-40
 # GFLOP/s, what a matrix-vector product streaming W from L2 reaches (sgemm NT on one row took

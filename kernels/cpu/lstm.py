@@ -8,7 +8,7 @@ Forward: one GEMM projects the inputs of all T steps; each step adds h @ W_hh^T 
 runs the fused gate loop. Backward: each step runs the fused gate-gradient loop and one GEMM
 (dgates @ W_hh) for the gradient flowing into h_{t-1}; parameter gradients and dx follow as
 large GEMMs over all steps (``_common.finish_backward``). The time loops run split by batch
-rows over threads, or by hidden units when there are fewer rows than threads (``_loop.py``).
+rows over threads, or by hidden units for few rows or a large W_hh (``_loop.split_by_units``).
 """
 
 from typing import NamedTuple

@@ -6,8 +6,8 @@ Forward: one GEMM writes the input projections of all T steps straight into y; e
 h @ W_hh^T (GEMM) and applies bias and activation in place. Backward: per step the activation
 derivative (from the saved output) and one GEMM for the gradient flowing into h_{t-1};
 parameter gradients and dx follow as large GEMMs over all steps. The time loops run split by
-batch rows over threads, or by hidden units when there are fewer rows than threads
-(``_loop.py``).
+batch rows over threads, or by hidden units for few rows or a large W_hh
+(``_loop.split_by_units``).
 """
 
 from typing import NamedTuple
