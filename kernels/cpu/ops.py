@@ -88,8 +88,13 @@ def softmax_cross_entropy(logits, targets, dlogits, scale):
 @jit
 def _gather_kernel(weight, ids, out):
     # weight: [V,E]  ids: [N] int  out: [N,E]
+    # (an element loop: Numba's row assignment out[n] = weight[i] checks the two for overlap
+    # first and ran 4.5x slower, 0.82 against 0.18 ms for N=1600, E=1024 float32)
+    E = weight.shape[1]
     for n in range(ids.shape[0]):
-        out[n] = weight[ids[n]]
+        dst, src = out[n], weight[ids[n]]
+        for e in range(E):
+            dst[e] = src[e]
 
 
 @jit
