@@ -31,18 +31,20 @@ _layer_ids = itertools.count(1)
 class LayerCache:
     """What :meth:`forward` saved for :meth:`backward`.
 
-    owner    id of the layer that made it (``layer.layer_id``)
-    T, B     time steps and batch size of the forward call
-    layers   one backend cache per stacked layer, bottom first
+    owner      id of the layer that made it (``layer.layer_id``)
+    T, B       time steps and batch size of the forward call
+    layers     one backend cache per stacked layer, bottom first
+    projected  the forward got x W_ih^T of the bottom layer (``forward(..., projected=True)``)
     """
 
-    __slots__ = ("owner", "T", "B", "layers")
+    __slots__ = ("owner", "T", "B", "layers", "projected")
 
-    def __init__(self, owner, T, B, layers):
-        self.owner, self.T, self.B, self.layers = owner, T, B, layers
+    def __init__(self, owner, T, B, layers, projected=False):
+        self.owner, self.T, self.B, self.layers, self.projected = owner, T, B, layers, projected
 
     def __repr__(self):
-        return f"LayerCache(owner={self.owner}, T={self.T}, B={self.B}, layers={len(self.layers)})"
+        return (f"LayerCache(owner={self.owner}, T={self.T}, B={self.B}, layers={len(self.layers)}"
+                f"{', projected' if self.projected else ''})")
 
 
 class _RecurrentLayer:
@@ -183,19 +185,25 @@ class _RecurrentLayer:
 
     # ------------------------------------------------------------------ forward / backward
 
-    def forward(self, x, state=None):
+    def forward(self, x, state=None, projected=False):
         """Run all layers over T steps.
 
         x      [T, B, I] float array-like (converted to the layer dtype)
         state  h [L, B, H] (LSTM: (h, c)), or None for zeros
+        projected  x is [T, B, G*H] = x_t weight_ih_l0^T, the bottom layer's input projection
+               done by the caller (a language model takes it from a table E weight_ih_l0^T);
+               :meth:`backward` then returns dL/d(that) in place of dx and leaves the
+               gradient of weight_ih_l0 to the caller
         Returns y [T, B, H] (top layer's hidden state after every step), the final state
         (like ``state``), and a :class:`LayerCache` for :meth:`backward`.
         """
         x = _checks.as_float_array("x", x, self.dtype, self.backend)
         _checks.expect_ndim("x", x, 3, "[T, B, I]")
         T, B, I = x.shape
-        if I != self.input_size:
-            raise ValueError(f"x must have shape [T, B, I] with I = input_size = {self.input_size}; "
+        width, what = ((GATES[self.cell] * self.hidden_size, "G*H (projected=True)") if projected
+                       else (self.input_size, "input_size"))
+        if I != width:
+            raise ValueError(f"x must have shape [T, B, I] with I = {what} = {width}; "
                              f"got {_checks.describe(x)}")
         if T < 1 or B < 1:
             raise ValueError(f"x must have at least one time step and one batch row; got {_checks.describe(x)}")
@@ -208,14 +216,17 @@ class _RecurrentLayer:
         inp = x
         for k in range(self.num_layers):
             layer_state = tuple(s[k] for s in states)                   # each [B, H]
-            inp, final, cache = self._forward_kernel(inp, layer_state, *self._layer_params(k))
+            w_ih, w_hh, b_ih, b_hh = self._layer_params(k)
+            if k == 0 and projected:
+                w_ih = None                                             # inp is x W_ih^T
+            inp, final, cache = self._forward_kernel(inp, layer_state, w_ih, w_hh, b_ih, b_hh)
             caches.append(cache)
             finals.append(final)
         y = inp
         if self.backend.xp is np:
             y = y.view()
             y.flags.writeable = False               # the cache holds y: no in-place changes
-        return y, self._pack_state(finals), LayerCache(self.layer_id, T, B, caches)
+        return y, self._pack_state(finals), LayerCache(self.layer_id, T, B, caches, bool(projected))
 
     def backward(self, dy, cache, dstate=None, t_start=0, return_dh=False):
         """Backpropagate through the steps t_start .. T-1 of a forward call.
@@ -225,7 +236,9 @@ class _RecurrentLayer:
         dstate    dL/d(final state), like ``state``; None for zeros
         t_start   0 <= t_start < T: the gradient is cut at the state entering step t_start
                   (as if the forward had started there from a detached state)
-        Accumulates (+=) into ``grads``. Returns dx [T, B, I] (rows t < t_start are zero) and
+        Accumulates (+=) into ``grads``. Returns dx [T, B, I] (rows t < t_start are zero; after a
+        ``forward(..., projected=True)``, dL/d(x W_ih^T) [T, B, G*H], and weight_ih_l0's
+        gradient is left to the caller) and
         dL/d(state entering step t_start), like ``state``; with ``return_dh=True`` also dh, a
         list of one [T, B, H] array per layer (bottom first): the total dL/dh_t of every step.
         """
@@ -251,9 +264,12 @@ class _RecurrentLayer:
         d_out = dy                                  # dL/d(output of layer k), [T, B, H]
         for k in reversed(range(self.num_layers)):
             w_ih, w_hh, _, _ = self._layer_params(k)
+            dw_ih, dw_hh, db_ih, db_hh = self._layer_grads(k)
+            if k == 0 and cache.projected:
+                w_ih = dw_ih = None                                     # dx: dL/d(x W_ih^T)
             d_out, dinit[k], dh_all[k] = self._backward_kernel(
                 d_out, tuple(s[k] for s in dstates), cache.layers[k], w_ih, w_hh,
-                *self._layer_grads(k), t_start=t_start)
+                dw_ih, dw_hh, db_ih, db_hh, t_start=t_start)
         dx = d_out
         if return_dh:
             return dx, self._pack_state(dinit), dh_all

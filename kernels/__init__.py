@@ -59,6 +59,13 @@ For each cell in ("lstm", "gru", "rnn_tanh", "rnn_relu") the backend has
                       flows back through the recurrence); rows t < t_start are zero.
                       This is the vanishing/exploding-gradient diagnostic.
 
+    Input projection done by the caller: pass ``w_ih=None`` to the forward and x as
+    [T, B, G*H] holding x_t W_ih^T already (without b_ih, which the kernel still adds); the
+    backward then takes ``w_ih=None`` and ``dw_ih=None`` and returns, in place of dx,
+    dL/d(x W_ih^T) [T, B, G*H] (rows t < t_start zero), leaving dW_ih to the caller. A
+    language model folds its embedding into this: (E W_ih^T)[ids] = E[ids] W_ih^T, one
+    [V, G*H] table instead of a GEMM over all T*B rows (see bptt.models.LanguageModel).
+
 Non-recurrent pieces used by the trainer
 ----------------------------------------
 ``softmax_cross_entropy(logits, targets, dlogits, scale)`` -> float

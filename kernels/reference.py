@@ -69,32 +69,43 @@ def _dtanh_from_output(h):
 # Shared backward bookkeeping
 
 
-def _backward_buffers(cache_x, dy, t_start):
-    """Check ``t_start`` and allocate dx [T,B,I] and dh [T,B,H] (rows before t_start stay zero)."""
+def _backward_buffer(dy, t_start):
+    """Check ``t_start`` and allocate dh [T,B,H] (rows before t_start stay zero)."""
     T = dy.shape[0]
     if not 0 <= t_start < T:
         raise ValueError(f"t_start must be in [0, {T - 1}] for T={T} steps, got {t_start}")
-    dx = np.zeros_like(cache_x)                     # T,B,I
-    dh = np.zeros_like(dy)                          # T,B,H
-    return dx, dh
+    return np.zeros_like(dy)                        # T,B,H
 
 
-def _accumulate_weight_grads(x, h_prev, dgates_x, dgates_h, t_start, dw_ih, dw_hh, db_ih, db_hh):
-    """Accumulate (+=) parameter gradients from per-step gate gradients over steps t_start..T-1.
+def _input_projection(x, w_ih, b_ih):
+    """x W_ih^T + b_ih for all steps at once; with w_ih None, x already is x W_ih^T."""
+    return (x if w_ih is None else x @ w_ih.T) + b_ih   # T,B,G*H
+
+
+def _finish_backward(x, h_prev, dgates_x, dgates_h, t_start, w_ih, dw_ih, dw_hh, db_ih, db_hh):
+    """Accumulate (+=) parameter gradients from per-step gate gradients over steps t_start..T-1
+    and return dx [T,B,I] (rows before t_start zero); with w_ih None, dL/d(x W_ih^T) [T,B,G*H]
+    in its place, and dw_ih is not touched.
 
     x [T,B,I] inputs, h_prev [T,B,H] state entering each step, dgates_x [T,B,G*H] gradient of
     the input-side pre-activations (x W_ih^T + b_ih), dgates_h [T,B,G*H] gradient of the
     hidden-side pre-activations (h W_hh^T + b_hh). Equal for LSTM and RNN, not for GRU's n gate.
     """
     gh = dgates_x.shape[-1]
-    x2 = x[t_start:].reshape(-1, x.shape[-1])            # N,I  with N = (T-t_start)*B
-    h2 = h_prev[t_start:].reshape(-1, h_prev.shape[-1])  # N,H
+    h2 = h_prev[t_start:].reshape(-1, h_prev.shape[-1])  # N,H  with N = (T-t_start)*B
     gx2 = dgates_x[t_start:].reshape(-1, gh)             # N,G*H
     gh2 = dgates_h[t_start:].reshape(-1, gh)             # N,G*H
-    dw_ih += gx2.T @ x2                                  # G*H,I
     dw_hh += gh2.T @ h2                                  # G*H,H
     db_ih += gx2.sum(axis=0)                             # G*H
     db_hh += gh2.sum(axis=0)                             # G*H
+    if w_ih is None:
+        dx = np.zeros_like(dgates_x)                     # T,B,G*H
+        dx[t_start:] = dgates_x[t_start:]                # dL/d(x W_ih^T) itself
+        return dx
+    dw_ih += gx2.T @ x[t_start:].reshape(-1, x.shape[-1])  # G*H,I
+    dx = np.zeros_like(x)                                # T,B,I
+    dx[t_start:] = dgates_x[t_start:] @ w_ih
+    return dx
 
 
 def _states_entering(h0, y):
@@ -121,7 +132,7 @@ class RNNCache(NamedTuple):
 def _rnn_forward(act, x, state, w_ih, w_hh, b_ih, b_hh):
     (h0,) = state
     T = x.shape[0]
-    xw = x @ w_ih.T + b_ih                          # T,B,H   input projection, all steps at once
+    xw = _input_projection(x, w_ih, b_ih)           # T,B,H   input projection, all steps at once
     y = np.empty(x.shape[:2] + (w_hh.shape[1],), dtype=x.dtype)  # T,B,H
     h = h0                                          # B,H
     for t in range(T):
@@ -134,16 +145,15 @@ def _rnn_backward(dact_from_output, dy, dfinal_state, cache, w_ih, w_hh,
                   dw_ih, dw_hh, db_ih, db_hh, t_start):
     x, h0, y = cache
     T = y.shape[0]
-    dx, dh = _backward_buffers(x, dy, t_start)
+    dh = _backward_buffer(dy, t_start)
     da = np.zeros_like(y)                           # T,B,H   dL/d(pre-activation)
     (dh_next,) = dfinal_state                       # B,H     gradient arriving from step t+1
     for t in reversed(range(t_start, T)):
         dh[t] = dy[t] + dh_next                     # B,H   total dL/dh_t
         da[t] = dh[t] * dact_from_output(y[t])      # B,H   back through the activation
         dh_next = da[t] @ w_hh                      # B,H   to h_{t-1}
-    dx[t_start:] = da[t_start:] @ w_ih              # T,B,I
-    _accumulate_weight_grads(x, _states_entering(h0, y), da, da, t_start,
-                             dw_ih, dw_hh, db_ih, db_hh)
+    dx = _finish_backward(x, _states_entering(h0, y), da, da, t_start,
+                          w_ih, dw_ih, dw_hh, db_ih, db_hh)
     return dx, (dh_next,), dh
 
 
@@ -208,7 +218,7 @@ def lstm_forward(x, state, w_ih, w_hh, b_ih, b_hh):
     h0, c0 = state
     T, B, _ = x.shape
     H = w_hh.shape[1]
-    xw = x @ w_ih.T + b_ih                          # T,B,4H  input projection, all steps at once
+    xw = _input_projection(x, w_ih, b_ih)           # T,B,4H  input projection, all steps at once
     gates = np.empty((T, B, 4 * H), dtype=x.dtype)  # T,B,4H
     c_all = np.empty((T, B, H), dtype=x.dtype)      # T,B,H
     tanh_c = np.empty((T, B, H), dtype=x.dtype)     # T,B,H
@@ -236,7 +246,7 @@ def lstm_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_h
     x, h0, c0, gates, c_all, tanh_c, y = cache
     T = y.shape[0]
     H = y.shape[2]
-    dx, dh = _backward_buffers(x, dy, t_start)
+    dh = _backward_buffer(dy, t_start)
     dgates = np.zeros_like(gates)                   # T,B,4H  dL/d(gate pre-activations)
     dh_next, dc_next = dfinal_state                 # B,H     gradients arriving from step t+1
     for t in reversed(range(t_start, T)):
@@ -256,9 +266,8 @@ def lstm_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_h
             do * o * (1 - o),                       # through sigmoid
         ], axis=1)                                  # B,4H
         dh_next = dgates[t] @ w_hh                  # B,H   to h_{t-1}
-    dx[t_start:] = dgates[t_start:] @ w_ih          # T,B,I
-    _accumulate_weight_grads(x, _states_entering(h0, y), dgates, dgates, t_start,
-                             dw_ih, dw_hh, db_ih, db_hh)
+    dx = _finish_backward(x, _states_entering(h0, y), dgates, dgates, t_start,
+                          w_ih, dw_ih, dw_hh, db_ih, db_hh)
     return dx, (dh_next, dc_next), dh
 
 
@@ -294,7 +303,7 @@ def gru_forward(x, state, w_ih, w_hh, b_ih, b_hh):
     (h0,) = state
     T, B, _ = x.shape
     H = w_hh.shape[1]
-    xw = x @ w_ih.T + b_ih                          # T,B,3H  input projection, all steps at once
+    xw = _input_projection(x, w_ih, b_ih)           # T,B,3H  input projection, all steps at once
     gates = np.empty((T, B, 3 * H), dtype=x.dtype)  # T,B,3H
     hn_all = np.empty((T, B, H), dtype=x.dtype)     # T,B,H
     y = np.empty((T, B, H), dtype=x.dtype)          # T,B,H
@@ -319,7 +328,7 @@ def gru_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh
     x, h0, gates, hn_all, y = cache
     T = y.shape[0]
     H = y.shape[2]
-    dx, dh = _backward_buffers(x, dy, t_start)
+    dh = _backward_buffer(dy, t_start)
     dgates_x = np.zeros_like(gates)                 # T,B,3H  dL/d(x W_ih^T + b_ih)
     dgates_h = np.zeros_like(gates)                 # T,B,3H  dL/d(h W_hh^T + b_hh)
     h_prev_all = _states_entering(h0, y)            # T,B,H
@@ -337,9 +346,8 @@ def gru_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh
         dgates_x[t] = np.concatenate([dar, daz, dan], axis=1)       # B,3H
         dgates_h[t] = np.concatenate([dar, daz, dan * r], axis=1)   # B,3H  hn enters times r
         dh_next = dh[t] * z + dgates_h[t] @ w_hh    # B,H   to h_{t-1}: direct path + matmul
-    dx[t_start:] = dgates_x[t_start:] @ w_ih        # T,B,I
-    _accumulate_weight_grads(x, h_prev_all, dgates_x, dgates_h, t_start,
-                             dw_ih, dw_hh, db_ih, db_hh)
+    dx = _finish_backward(x, h_prev_all, dgates_x, dgates_h, t_start,
+                          w_ih, dw_ih, dw_hh, db_ih, db_hh)
     return dx, (dh_next,), dh
 
 

@@ -136,3 +136,56 @@ def random_state():
 def state_parts():
     """state_parts(state): h or (h, c) -> tuple of host arrays."""
     return _state_parts
+
+
+def _check_projected_input(forward, backward, asarray, to_host, cell, dtype, shape, rng, rtol):
+    """A recurrent forward given x W_ih^T with w_ih=None, and its backward with w_ih=dw_ih=None,
+    must give what the ordinary calls give: y, the final state, dh, d(state) and the dW_hh,
+    db_ih, db_hh increments; and in place of dx a g [T,B,G*H] with rows t < t_start zero,
+    g W_ih = dx and g^T x = the ordinary call's dW_ih increment (checked in float64).
+
+    forward(x, state, w_ih, w_hh, b_ih, b_hh) and backward(dy, dfinal, cache, w_ih, w_hh,
+    dw_ih, dw_hh, db_ih, db_hh, t_start) are one backend's calls for ``cell``; asarray(a) and
+    to_host(a) move host arrays in and out; shape is (T, B, I, H, t_start)."""
+    T, B, I, H, t_start = shape
+    GH = {"lstm": 4, "gru": 3}.get(cell, 1) * H
+
+    def rand(*s):
+        return rng.standard_normal(s).astype(dtype)
+
+    x, w_ih, w_hh = rand(T, B, I), rand(GH, I) * 0.5, rand(GH, H) * 0.5
+    b_ih, b_hh, dy = rand(GH), rand(GH), rand(T, B, H)
+    n_states = 2 if cell == "lstm" else 1
+    state = tuple(asarray(rand(B, H)) for _ in range(n_states))
+    dfinal = tuple(asarray(rand(B, H)) for _ in range(n_states))
+    grads0 = [rand(GH, I), rand(GH, H), rand(GH), rand(GH)]          # accumulated into
+    dev = {name: asarray(a) for name, a in dict(w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh, dy=dy).items()}
+
+    y, final, cache = forward(asarray(x), state, dev["w_ih"], dev["w_hh"], dev["b_ih"], dev["b_hh"])
+    grads = [asarray(g.copy()) for g in grads0]
+    dx, dstate, dh = backward(dev["dy"], dfinal, cache, dev["w_ih"], dev["w_hh"], *grads, t_start)
+
+    xw = (x.astype(np.float64) @ w_ih.T.astype(np.float64)).astype(dtype)   # T,B,G*H
+    y_p, final_p, cache_p = forward(asarray(xw), state, None, dev["w_hh"], dev["b_ih"], dev["b_hh"])
+    grads_p = [asarray(g.copy()) for g in grads0[1:]]
+    g, dstate_p, dh_p = backward(dev["dy"], dfinal, cache_p, None, dev["w_hh"], None, *grads_p, t_start)
+
+    for what, a, b in [("y", y_p, y), ("dh", dh_p, dh)] + [
+            (f"final[{k}]", a, b) for k, (a, b) in enumerate(zip(final_p, final))] + [
+            (f"dstate[{k}]", a, b) for k, (a, b) in enumerate(zip(dstate_p, dstate))] + [
+            (name, a, b) for name, a, b in zip(("dw_hh", "db_ih", "db_hh"), grads_p, grads[1:])]:
+        _assert_close(to_host(a), to_host(b), rtol, f"projected input: {what}")
+    g = to_host(g).astype(np.float64)
+    assert g.shape == (T, B, GH), f"dL/d(x W_ih^T) has shape {g.shape}, not {(T, B, GH)}"
+    assert np.all(g[:t_start] == 0), "dL/d(x W_ih^T) rows before t_start must be zero"
+    _assert_close(g @ w_ih.astype(np.float64), to_host(dx), rtol, "projected input: g W_ih against dx")
+    dw_ih_step = to_host(grads[0]).astype(np.float64) - grads0[0]
+    _assert_close(g.reshape(-1, GH).T @ x.reshape(-1, I).astype(np.float64), dw_ih_step,
+                  rtol * 10, "projected input: g^T x against the dW_ih increment")
+
+
+@pytest.fixture
+def check_projected_input():
+    """check_projected_input(forward, backward, asarray, to_host, cell, dtype, shape, rng, rtol)
+    (see _check_projected_input)."""
+    return _check_projected_input

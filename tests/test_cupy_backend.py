@@ -142,6 +142,25 @@ def test_recurrent_matches_reference(engines, cell, path, dtype):
 
 
 @needs_cxx
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("path", ["general", "persistent"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_input_projected_by_the_caller(engines, cell, path, dtype, check_projected_input):
+    """w_ih=None: x is x W_ih^T already, and the backward returns dL/d(x W_ih^T) for dx."""
+    rng = np.random.default_rng(zlib.crc32(f"projected {cell} {path} {DTYPE_IDS[dtype]}".encode()))
+    eng = engines[False]
+    config.PATH = path
+
+    def forward(*args):
+        return eng.recurrent_forward(cell, *args)
+
+    def backward(*args):
+        return eng.recurrent_backward(cell, *args)
+    check_projected_input(forward, backward, lambda a: a, np.asarray, cell, dtype,
+                          (6, 3, 5, 7, 3), rng, TOL[dtype])
+
+
+@needs_cxx
 @pytest.mark.parametrize("shape", [(1, 1, 1, 1), (1, 2, 3, 1), (2, 1, 1, 33), (12, 4, 10, 24)],
                          ids=lambda s: "T%d-B%d-I%d-H%d" % s)
 @pytest.mark.parametrize("cell", CELLS)

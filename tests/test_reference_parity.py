@@ -99,6 +99,30 @@ def test_recurrent_kernels_match_reference(cell, dtype, shape, rng):
         check(a, b, dtype, name)
 
 
+@pytest.mark.parametrize("shape", [(6, 3, 5, 4, 2), (9, 1, 3, 40, 0), (5, 4, 7, 3, 4)],
+                         ids=lambda s: "T{}B{}I{}H{}t{}".format(*s))
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("module", [ref, cpu], ids=["reference", "cpu"])
+def test_input_projected_by_the_caller(module, cell, dtype, shape, rng, check_projected_input):
+    """w_ih=None: x is x W_ih^T already, and the backward returns dL/d(x W_ih^T) for dx."""
+    check_projected_input(getattr(module, f"{cell}_forward"), getattr(module, f"{cell}_backward"),
+                          lambda a: a, np.asarray, cell, dtype, shape, rng, RTOL[np.dtype(dtype)])
+
+
+def test_input_projected_by_the_caller_bad_arguments(rng):
+    x, w_ih, w_hh, b = (rng.standard_normal(s) for s in [(3, 2, 5), (8, 5), (8, 2), (8,)])
+    state = (np.zeros((2, 2)), np.zeros((2, 2)))
+    with pytest.raises(ValueError, match="projected"):          # x must be [T, B, 4H] then
+        cpu.lstm_forward(x, state, None, w_hh, b, b)
+    y, final, cache = cpu.lstm_forward(x, state, w_ih, w_hh, b, b)
+    grads = [np.zeros_like(w_hh), np.zeros_like(b), np.zeros_like(b)]
+    with pytest.raises(ValueError, match="both be None"):
+        cpu.lstm_backward(np.ones_like(y), final, cache, None, w_hh, np.zeros_like(w_ih), *grads)
+    with pytest.raises(ValueError, match="both be None"):
+        cpu.lstm_backward(np.ones_like(y), final, cache, w_ih, w_hh, None, *grads)
+
+
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("alias", [False, True], ids=["separate", "in_place"])
 def test_softmax_cross_entropy_matches_reference(dtype, alias, rng):

@@ -103,7 +103,8 @@ def as_state(name, state, n, dtype, B, H):
 
 
 def forward_args(G, n_state, x, state, w_ih, w_hh, b_ih, b_hh):
-    """Check a recurrent forward call; return (x, state, w_ih, w_hh, b_ih, b_hh) as contiguous arrays."""
+    """Check a recurrent forward call; return (x, state, w_ih, w_hh, b_ih, b_hh) as contiguous
+    arrays (w_ih None: x is the input already projected, [T, B, G*H])."""
     x = as_input("x", x, shape=(None, None, None))
     T, B, I = x.shape
     if T < 1 or B < 1:
@@ -112,7 +113,10 @@ def forward_args(G, n_state, x, state, w_ih, w_hh, b_ih, b_hh):
     H = w_hh.shape[1]
     if H < 1 or w_hh.shape[0] != G * H:
         raise ValueError(f"w_hh must have shape [{G}*H, H], got {list(w_hh.shape)}")
-    w_ih = as_input("w_ih", w_ih, x.dtype, (G * H, I))
+    if w_ih is None:
+        check_shape("x (projected: w_ih is None)", x, (T, B, G * H))
+    else:
+        w_ih = as_input("w_ih", w_ih, x.dtype, (G * H, I))
     b_ih = as_input("b_ih", b_ih, x.dtype, (G * H,))
     b_hh = as_input("b_hh", b_hh, x.dtype, (G * H,))
     state = as_state("state", state, n_state, x.dtype, B, H)
@@ -121,7 +125,8 @@ def forward_args(G, n_state, x, state, w_ih, w_hh, b_ih, b_hh):
 
 def backward_args(G, n_state, cache_type, dy, dfinal_state, cache, w_ih, w_hh,
                   dw_ih, dw_hh, db_ih, db_hh, t_start):
-    """Check a recurrent backward call; return (dy, dfinal_state, w_ih, w_hh, t_start)."""
+    """Check a recurrent backward call; return (dy, dfinal_state, w_ih, w_hh, t_start)
+    (w_ih and dw_ih both None: the caller takes dL/d(x W_ih^T) in place of dx)."""
     if not isinstance(cache, cache_type):
         raise TypeError(f"cache must be the {cache_type.__name__} returned by the matching forward, "
                         f"got {type(cache).__name__}")
@@ -130,9 +135,12 @@ def backward_args(G, n_state, cache_type, dy, dfinal_state, cache, w_ih, w_hh,
     H = cache.y.shape[2]
     dy = as_input("dy", dy, dtype, (T, B, H))
     dfinal_state = as_state("dfinal_state", dfinal_state, n_state, dtype, B, H)
-    w_ih = as_input("w_ih", w_ih, dtype, (G * H, I))
+    if (w_ih is None) != (dw_ih is None):
+        raise ValueError("w_ih and dw_ih must both be None (input projected by the caller) or both arrays")
+    if w_ih is not None:
+        w_ih = as_input("w_ih", w_ih, dtype, (G * H, I))
+        as_output("dw_ih", dw_ih, dtype, (G * H, I))
     w_hh = as_input("w_hh", w_hh, dtype, (G * H, H))
-    as_output("dw_ih", dw_ih, dtype, (G * H, I))
     as_output("dw_hh", dw_hh, dtype, (G * H, H))
     as_output("db_ih", db_ih, dtype, (G * H,))
     as_output("db_hh", db_hh, dtype, (G * H,))

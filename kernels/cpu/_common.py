@@ -5,8 +5,9 @@ before the forward loop, and after the backward loop the parameter gradients and
 
 import numpy as np
 
+from . import _args
 from ._blas import gemm_nn, gemm_nt, gemm_tn
-from ._loop import part_range
+from ._loop import part_range, run_parts
 from ._math import jit
 
 
@@ -28,16 +29,62 @@ def project_inputs(x, w_ih, out, part, parts):
 
 
 @jit(nogil=True)
-def finish_backward(x, h0, y, dg_x, dg_h, w_ih, dw_ih, dw_hh, db_ih, db_hh, dx, dh, t_start,
+def copy_inputs(x, out, part, parts):
+    """out[T,B,G*H] = x[T,B,G*H] (an input the caller projected), rows of T*B in ``parts`` pieces."""
+    T, B, N = x.shape
+    m0, m1 = part_range(T * B, part, parts)
+    x2, out2 = x.reshape(T * B, N), out.reshape(T * B, N)
+    for m in range(m0, m1):             # element loops (see ops._gather_kernel)
+        src, dst = x2[m], out2[m]
+        for n in range(N):
+            dst[n] = src[n]
+
+
+def input_projection(x, w_ih, out, parts):
+    """out[T,B,G*H] = x W_ih^T for all steps (``project_inputs``), or x itself where w_ih is
+    None (the caller projected the input: x is [T,B,G*H]); in ``parts`` pieces."""
+    if w_ih is None:
+        run_parts(copy_inputs, (x, out), parts)
+    else:
+        run_parts(project_inputs, (x, w_ih, out), parts)
+
+
+def gate_gradients(name, shape, dtype, w_ih):
+    """A backward's [T,B,G*H] gate gradients: per-thread scratch (``_args.scratch``), or a
+    fresh array where the backward returns them as dL/d(x W_ih^T) (w_ih None)."""
+    return _args.scratch(name, shape, dtype) if w_ih is not None else _args.empty(shape, dtype)
+
+
+def input_side(x, w_ih, dw_ih, dg_x, t_start):
+    """What ``finish_backward`` gets as (x, w_ih, dw_ih, dx), and what a backward returns as dx.
+
+    Usually x, w_ih, dw_ih and a fresh dx [T,B,I], which is returned. Where w_ih is None (the
+    caller projected the input): size-0 stand-ins of the same array types, so that
+    finish_backward's dW_ih and dx GEMMs do nothing (and compile no variant of their own),
+    and dg_x [T,B,G*H] itself is returned as dL/d(x W_ih^T), its rows t < t_start zeroed
+    here (the time loop writes the others).
+    """
+    if w_ih is not None:
+        dx = _args.empty(x.shape, x.dtype)
+        return (x, w_ih, dw_ih, dx), dx
+    T, B, GH = dg_x.shape
+    dg_x[:t_start] = 0
+    no_input, no_weight = np.empty((T, B, 0), dg_x.dtype), np.empty((GH, 0), dg_x.dtype)
+    return (no_input, no_weight, no_weight, no_input), dg_x
+
+
+@jit(nogil=True)
+def finish_backward(x, w_ih, dw_ih, dx, h0, y, dg_x, dg_h, dw_hh, db_ih, db_hh, dh, t_start,
                     part, parts):
     """Accumulate parameter gradients and write dx from the per-step gate gradients.
 
-    x: [T,B,I] layer input   h0: [B,H] initial hidden state   y: [T,B,H] h_1 .. h_T
+    x: [T,B,I] layer input   w_ih: [G*H,I]   dw_ih: [G*H,I] +=
+    dx: [T,B,I] out (rows t < t_start set to zero)   (I = 0: no input side, ``input_side``)
+    h0: [B,H] initial hidden state   y: [T,B,H] h_1 .. h_T
     dg_x: [T,B,G*H] dL/d(input-side pre-activations: x W_ih^T + b_ih), rows t >= t_start
     dg_h: [T,B,G*H] dL/d(hidden-side pre-activations: h W_hh^T + b_hh), rows t >= t_start
           (the same array as dg_x for LSTM and Elman cells)
-    w_ih: [G*H,I]   dw_ih: [G*H,I] +=   dw_hh: [G*H,H] +=   db_ih, db_hh: [G*H] +=
-    dx: [T,B,I] out (rows t < t_start set to zero)   dh: [T,B,H] (rows t < t_start set to zero)
+    dw_hh: [G*H,H] +=   db_ih, db_hh: [G*H] +=   dh: [T,B,H] (rows t < t_start set to zero)
     part, parts: this call does rows r0:r1 of the weight and bias gradients and rows m0:m1
     of dx's window (``part_range``); the pieces are independent.
     """

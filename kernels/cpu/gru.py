@@ -19,7 +19,7 @@ import numpy as np
 from . import _args
 from ._barrier import barrier
 from ._blas import step_product, step_weight
-from ._common import finish_backward, project_inputs
+from ._common import finish_backward, gate_gradients, input_projection, input_side
 from ._loop import layer_threads, run_parts, run_time_loop, split_ranges
 from ._math import jit, one_like, sigmoid_, tanh_
 
@@ -28,7 +28,7 @@ G = 3
 
 class GRUCache(NamedTuple):
     """What ``gru_backward`` needs from ``gru_forward`` (T steps, batch B, sizes I, H)."""
-    x: np.ndarray       # [T,B,I]  layer input (the caller's array, not copied)
+    x: np.ndarray       # [T,B,I]  layer input, or x W_ih^T [T,B,3H] (the caller's array, not copied)
     h0: np.ndarray      # [B,H]    initial hidden state (copy)
     gates: np.ndarray   # [T,B,3H] activated gates per step: r, z, n blocks of H
     hn: np.ndarray      # [T,B,H]  W_hn h_{t-1} + b_hn (the term r multiplies)
@@ -140,7 +140,7 @@ def _backward_steps(dy, h0, gates, hn, y, w_hh, t_start, dh_next, dg_x, dg_h, dh
 
 def gru_forward(x, state, w_ih, w_hh, b_ih, b_hh):
     """x [T,B,I], state (h0 [B,H],), w_ih [3H,I], w_hh [3H,H], b_ih, b_hh [3H]
-    -> y [T,B,H], (h_T,), GRUCache."""
+    -> y [T,B,H], (h_T,), GRUCache. w_ih None: x is x W_ih^T [T,B,3H]."""
     x, (h0,), w_ih, w_hh, b_ih, b_hh = _args.forward_args(G, 1, x, state, w_ih, w_hh, b_ih, b_hh)
     T, B, I = x.shape
     H = w_hh.shape[1]
@@ -149,7 +149,7 @@ def gru_forward(x, state, w_ih, w_hh, b_ih, b_hh):
     hw = _args.scratch("gru.hw", (B, G * H), x.dtype)
     h0 = h0.copy()
     with layer_threads(T * B * G * H * (I + H)) as parts:
-        run_parts(project_inputs, (x, w_ih, gates), parts)               # x W_ih^T, all steps
+        input_projection(x, w_ih, gates, parts)                         # x W_ih^T, all steps
         run_time_loop(_forward_steps, (h0, w_hh, b_ih, b_hh, gates, hn, y, hw),
                       parts, B, w_hh.size)
     return y, (y[-1].copy(),), GRUCache(x, h0, gates, hn, y)
@@ -157,20 +157,21 @@ def gru_forward(x, state, w_ih, w_hh, b_ih, b_hh):
 
 def gru_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh, t_start=0):
     """dy [T,B,H], dfinal_state (dh_T,), cache from gru_forward; accumulates dw_ih, dw_hh,
-    db_ih, db_hh -> dx [T,B,I], (dh entering step t_start,), dh [T,B,H]."""
+    db_ih, db_hh -> dx [T,B,I], (dh entering step t_start,), dh [T,B,H].
+    w_ih and dw_ih None: dL/d(x W_ih^T) [T,B,3H] in place of dx."""
     dy, (dh_next,), w_ih, w_hh, t_start = _args.backward_args(
         G, 1, GRUCache, dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh, t_start)
     x = cache.x
     B, H = dh_next.shape
     dh_next = dh_next.copy()
-    dg_x = _args.scratch("gru.dg_x", cache.gates.shape, x.dtype)
+    dg_x = gate_gradients("gru.dg_x", cache.gates.shape, x.dtype, w_ih)
     dg_h = _args.scratch("gru.dg_h", cache.gates.shape, x.dtype)
-    dx = _args.empty(x.shape, x.dtype)
+    input_args, dx = input_side(x, w_ih, dw_ih, dg_x, t_start)
     dh = _args.empty(dy.shape, x.dtype)
     T, _, I = x.shape
     with layer_threads((T - t_start) * B * G * H * (2 * I + 2 * H)) as parts:
         run_time_loop(_backward_steps, (dy, cache.h0, cache.gates, cache.hn, cache.y, w_hh,
                                         t_start, dh_next, dg_x, dg_h, dh), parts, B, w_hh.size)
-        run_parts(finish_backward, (x, cache.h0, cache.y, dg_x, dg_h, w_ih, dw_ih, dw_hh,
-                                    db_ih, db_hh, dx, dh, t_start), parts)
+        run_parts(finish_backward, input_args + (cache.h0, cache.y, dg_x, dg_h, dw_hh,
+                                                 db_ih, db_hh, dh, t_start), parts)
     return dx, (dh_next,), dh

@@ -18,7 +18,7 @@ import numpy as np
 from . import _args
 from ._barrier import barrier
 from ._blas import step_product, step_weight
-from ._common import finish_backward, project_inputs
+from ._common import finish_backward, gate_gradients, input_projection, input_side
 from ._loop import layer_threads, run_parts, run_time_loop, split_ranges
 from ._math import jit, one_like, sigmoid_, tanh_
 
@@ -27,7 +27,7 @@ G = 4
 
 class LSTMCache(NamedTuple):
     """What ``lstm_backward`` needs from ``lstm_forward`` (T steps, batch B, sizes I, H)."""
-    x: np.ndarray       # [T,B,I]  layer input (the caller's array, not copied)
+    x: np.ndarray       # [T,B,I]  layer input, or [T,B,4H] x W_ih^T (the caller's array, not copied)
     h0: np.ndarray      # [B,H]    initial hidden state (copy)
     c0: np.ndarray      # [B,H]    initial cell state (copy)
     gates: np.ndarray   # [T,B,4H] activated gates per step: i, f, g, o blocks of H
@@ -143,7 +143,7 @@ def _backward_steps(dy, c0, gates, c, tanh_c, w_hh, t_start, dh_next, dc_next,
 
 def lstm_forward(x, state, w_ih, w_hh, b_ih, b_hh):
     """x [T,B,I], state (h0 [B,H], c0 [B,H]), w_ih [4H,I], w_hh [4H,H], b_ih, b_hh [4H]
-    -> y [T,B,H], (h_T, c_T), LSTMCache."""
+    -> y [T,B,H], (h_T, c_T), LSTMCache. w_ih None: x is x W_ih^T [T,B,4H]."""
     x, (h0, c0), w_ih, w_hh, b_ih, b_hh = _args.forward_args(G, 2, x, state, w_ih, w_hh, b_ih, b_hh)
     T, B, I = x.shape
     H = w_hh.shape[1]
@@ -151,7 +151,7 @@ def lstm_forward(x, state, w_ih, w_hh, b_ih, b_hh):
     c, tanh_c, y = (_args.empty((T, B, H), x.dtype) for _ in range(3))
     h0, c0 = h0.copy(), c0.copy()
     with layer_threads(T * B * G * H * (I + H)) as parts:
-        run_parts(project_inputs, (x, w_ih, gates), parts)               # x W_ih^T, all steps
+        input_projection(x, w_ih, gates, parts)                         # x W_ih^T, all steps
         run_time_loop(_forward_steps, (h0, c0, w_hh, b_ih + b_hh, gates, c, tanh_c, y),
                       parts, B, w_hh.size)
     return y, (y[-1].copy(), c[-1].copy()), LSTMCache(x, h0, c0, gates, c, tanh_c, y)
@@ -159,19 +159,20 @@ def lstm_forward(x, state, w_ih, w_hh, b_ih, b_hh):
 
 def lstm_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh, t_start=0):
     """dy [T,B,H], dfinal_state (dh_T, dc_T), cache from lstm_forward; accumulates dw_ih,
-    dw_hh, db_ih, db_hh -> dx [T,B,I], (dh, dc) entering step t_start, dh [T,B,H]."""
+    dw_hh, db_ih, db_hh -> dx [T,B,I], (dh, dc) entering step t_start, dh [T,B,H].
+    w_ih and dw_ih None: dL/d(x W_ih^T) [T,B,4H] in place of dx."""
     dy, (dh_next, dc_next), w_ih, w_hh, t_start = _args.backward_args(
         G, 2, LSTMCache, dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh, t_start)
     x = cache.x
     B, H = dh_next.shape
     dh_next, dc_next = dh_next.copy(), dc_next.copy()
-    dgates = _args.scratch("lstm.dgates", cache.gates.shape, x.dtype)
-    dx = _args.empty(x.shape, x.dtype)
+    dgates = gate_gradients("lstm.dgates", cache.gates.shape, x.dtype, w_ih)
+    input_args, dx = input_side(x, w_ih, dw_ih, dgates, t_start)
     dh = _args.empty(dy.shape, x.dtype)
     T, _, I = x.shape
     with layer_threads((T - t_start) * B * G * H * (2 * I + 2 * H)) as parts:
         run_time_loop(_backward_steps, (dy, cache.c0, cache.gates, cache.c, cache.tanh_c, w_hh,
                                         t_start, dh_next, dc_next, dgates, dh), parts, B, w_hh.size)
-        run_parts(finish_backward, (x, cache.h0, cache.y, dgates, dgates, w_ih, dw_ih, dw_hh,
-                                    db_ih, db_hh, dx, dh, t_start), parts)
+        run_parts(finish_backward, input_args + (cache.h0, cache.y, dgates, dgates, dw_hh,
+                                                 db_ih, db_hh, dh, t_start), parts)
     return dx, (dh_next, dc_next), dh

@@ -17,7 +17,7 @@ import numpy as np
 from . import _args
 from ._barrier import barrier
 from ._blas import step_product, step_weight
-from ._common import finish_backward, project_inputs
+from ._common import finish_backward, gate_gradients, input_projection, input_side
 from ._loop import layer_threads, run_parts, run_time_loop, split_ranges
 from ._math import jit, one_like, tanh_
 
@@ -26,7 +26,7 @@ G = 1
 
 class RNNCache(NamedTuple):
     """What ``rnn_*_backward`` needs from the forward (T steps, batch B, sizes I, H)."""
-    x: np.ndarray       # [T,B,I]  layer input (the caller's array, not copied)
+    x: np.ndarray       # [T,B,I]  layer input, or x W_ih^T [T,B,H] (the caller's array, not copied)
     h0: np.ndarray      # [B,H]    initial hidden state (copy)
     y: np.ndarray       # [T,B,H]  hidden state after each step, h_1 .. h_T (the returned y)
     relu: bool          # activation: relu if True, else tanh
@@ -93,7 +93,7 @@ def _forward(relu, x, state, w_ih, w_hh, b_ih, b_hh):
     y = _args.empty((T, B, H), x.dtype)
     h0 = h0.copy()
     with layer_threads(T * B * H * (I + H)) as parts:
-        run_parts(project_inputs, (x, w_ih, y), parts)                   # x W_ih^T, all steps
+        input_projection(x, w_ih, y, parts)                             # x W_ih^T, all steps
         run_time_loop(_forward_steps, (h0, w_hh, b_ih + b_hh, relu, y), parts, B, w_hh.size)
     return y, (y[-1].copy(),), RNNCache(x, h0, y, relu)
 
@@ -107,37 +107,41 @@ def _backward(relu, dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db
     x = cache.x
     B, H = dh_next.shape
     dh_next = dh_next.copy()
-    da = _args.scratch("rnn.da", dy.shape, x.dtype)
-    dx = _args.empty(x.shape, x.dtype)
+    da = gate_gradients("rnn.da", dy.shape, x.dtype, w_ih)
+    input_args, dx = input_side(x, w_ih, dw_ih, da, t_start)
     dh = _args.empty(dy.shape, x.dtype)
     T, _, I = x.shape
     with layer_threads((T - t_start) * B * H * (2 * I + 2 * H)) as parts:
         run_time_loop(_backward_steps, (dy, cache.y, relu, w_hh, t_start, dh_next, da, dh),
                       parts, B, w_hh.size)
-        run_parts(finish_backward, (x, cache.h0, cache.y, da, da, w_ih, dw_ih, dw_hh,
-                                    db_ih, db_hh, dx, dh, t_start), parts)
+        run_parts(finish_backward, input_args + (cache.h0, cache.y, da, da, dw_hh,
+                                                 db_ih, db_hh, dh, t_start), parts)
     return dx, (dh_next,), dh
 
 
 def rnn_tanh_forward(x, state, w_ih, w_hh, b_ih, b_hh):
     """x [T,B,I], state (h0 [B,H],), w_ih [H,I], w_hh [H,H], b_ih, b_hh [H]
-    -> y [T,B,H], (h_T,), RNNCache. h' = tanh(W_ih x + b_ih + W_hh h + b_hh)."""
+    -> y [T,B,H], (h_T,), RNNCache. h' = tanh(W_ih x + b_ih + W_hh h + b_hh).
+    w_ih None: x is x W_ih^T [T,B,H]."""
     return _forward(False, x, state, w_ih, w_hh, b_ih, b_hh)
 
 
 def rnn_tanh_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh, t_start=0):
     """dy [T,B,H], dfinal_state (dh_T,), cache from rnn_tanh_forward; accumulates parameter
-    gradients -> dx [T,B,I], (dh entering step t_start,), dh [T,B,H]."""
+    gradients -> dx [T,B,I], (dh entering step t_start,), dh [T,B,H]. w_ih and dw_ih None:
+    dL/d(x W_ih^T) [T,B,H] in place of dx."""
     return _backward(False, dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh, t_start)
 
 
 def rnn_relu_forward(x, state, w_ih, w_hh, b_ih, b_hh):
     """x [T,B,I], state (h0 [B,H],), w_ih [H,I], w_hh [H,H], b_ih, b_hh [H]
-    -> y [T,B,H], (h_T,), RNNCache. h' = relu(W_ih x + b_ih + W_hh h + b_hh)."""
+    -> y [T,B,H], (h_T,), RNNCache. h' = relu(W_ih x + b_ih + W_hh h + b_hh).
+    w_ih None: x is x W_ih^T [T,B,H]."""
     return _forward(True, x, state, w_ih, w_hh, b_ih, b_hh)
 
 
 def rnn_relu_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh, t_start=0):
     """dy [T,B,H], dfinal_state (dh_T,), cache from rnn_relu_forward; accumulates parameter
-    gradients -> dx [T,B,I], (dh entering step t_start,), dh [T,B,H]."""
+    gradients -> dx [T,B,I], (dh entering step t_start,), dh [T,B,H]. w_ih and dw_ih None:
+    dL/d(x W_ih^T) [T,B,H] in place of dx."""
     return _backward(True, dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh, t_start)

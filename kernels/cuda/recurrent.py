@@ -2,13 +2,15 @@
 
 Both paths share the cell math of :mod:`.cells` and the GEMMs of :mod:`.gemm`:
 
-forward   xw = x @ W_ih^T                      one GEMM over all T*B rows (hoisted out of the loop)
+forward   xw = x @ W_ih^T                      one GEMM over all T*B rows (hoisted out of the loop;
+                                               w_ih None: x is xw, projected by the caller)
           persistent: one launch for all steps (W_hh in shared memory)
           general:    per step  hw = h_t @ W_hh^T (GEMM), gates_forward (fused cell kernel)
 backward  persistent: one launch for steps T-1 .. t_start
           general:    per step  gates_backward, then dh_rec += dg_rec[t] @ W_hh (GEMM)
           then, over the N = (T-t_start)*B rows of steps t_start..T-1, as big GEMMs:
           dx = dgx @ W_ih,  dW_ih += dgx^T x,  dW_hh += dgh^T h_prev,  db_ih += sum dgx,  db_hh += sum dgh
+          (w_ih None: no dx or dW_ih; dgx itself is returned in place of dx)
 """
 
 import functools
@@ -163,7 +165,8 @@ def _check_state(name, state, n, B, H, dtype):
 
 def _check_weights(cell, I, H, dtype, w_ih, w_hh, b_ih, b_hh, prefix=""):
     GH = cells.GATES[cell] * H
-    _device.check_array(prefix + "w_ih", w_ih, ndim=2, dtype=dtype, shape=(GH, I))
+    if w_ih is not None:                     # None: the caller projected the input
+        _device.check_array(prefix + "w_ih", w_ih, ndim=2, dtype=dtype, shape=(GH, I))
     _device.check_array(prefix + "w_hh", w_hh, ndim=2, dtype=dtype, shape=(GH, H))
     _device.check_array(prefix + "b_ih", b_ih, ndim=1, dtype=dtype, shape=(GH,))
     _device.check_array(prefix + "b_hh", b_hh, ndim=1, dtype=dtype, shape=(GH,))
@@ -182,7 +185,7 @@ def forward(cell, x, state, w_ih, w_hh, b_ih, b_hh):
     """One layer of ``cell`` over all T steps; see the backend interface for the contract.
 
     x [T,B,I], state (h0 [B,H],) or (h0, c0) for lstm, w_ih [G*H,I], w_hh [G*H,H], b_ih/b_hh [G*H].
-    Returns y [T,B,H] (the view ``cache.hs[1:]``: do not modify it in place while the cache
+    w_ih None: x is x W_ih^T [T,B,G*H] already. Returns y [T,B,H] (the view ``cache.hs[1:]``: do not modify it in place while the cache
     is needed), the final state (fresh arrays) and the cell's cache NamedTuple.
     """
     _device.check_array("x", x, ndim=3)
@@ -192,10 +195,12 @@ def forward(cell, x, state, w_ih, w_hh, b_ih, b_hh):
         raise ValueError(f"x must have at least one time step, got shape {list(x.shape)}")
     _device.check_array("w_hh", w_hh, ndim=2, dtype=dtype)
     H = w_hh.shape[1]
+    GH = cells.GATES[cell] * H
+    if w_ih is None:
+        _device.check_array("x (projected: w_ih is None)", x, ndim=3, shape=(T, B, GH))
     _check_weights(cell, I, H, dtype, w_ih, w_hh, b_ih, b_hh)
     is_lstm = cell == "lstm"
     _check_state("state", state, 2 if is_lstm else 1, B, H, dtype)
-    GH = cells.GATES[cell] * H
 
     hs = _device.empty((T + 1, B, H), dtype)                      # T+1,B,H
     hs[0] = state[0]
@@ -205,8 +210,10 @@ def forward(cell, x, state, w_ih, w_hh, b_ih, b_hh):
     gates = _device.empty((T, B, GH), dtype) if cell in ("lstm", "gru") else _dummy(3, dtype)
     hn = _device.empty((T, B, H), dtype) if cell == "gru" else _dummy(3, dtype)
 
-    xw = _device.empty((T, B, GH), dtype)                         # T,B,G*H
-    matmul(x.reshape(T * B, I), w_ih, xw.reshape(T * B, GH), trans_b=True)
+    xw = x                                                        # T,B,G*H (read only)
+    if w_ih is not None:
+        xw = _device.empty((T, B, GH), dtype)
+        matmul(x.reshape(T * B, I), w_ih, xw.reshape(T * B, GH), trans_b=True)
     if choose_path(cell, B, H, dtype) == "persistent":
         kernel = cells.persistent_kernels(cell, dtype)[0]
         _launch_persistent(kernel, (xw, b_ih, b_hh, w_hh, hs, cs, gates, hn), B * GH,
@@ -238,7 +245,8 @@ def backward(cell, dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_
     """Backward of :func:`forward`; see the backend interface for the contract.
 
     dy [T,B,H], dfinal_state like the state (None: zeros), dw_*/db_* accumulated (+=).
-    Returns dx [T,B,I], the gradient of the state entering step ``t_start``, dh [T,B,H].
+    Returns dx [T,B,I], the gradient of the state entering step ``t_start``, dh [T,B,H];
+    with w_ih and dw_ih None, dL/d(x W_ih^T) [T,B,G*H] in place of dx.
     """
     if not isinstance(cache, _CACHE[cell]):
         raise TypeError(f"cache must be the {_CACHE[cell].__name__} returned by "
@@ -254,7 +262,10 @@ def backward(cell, dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_
     if dfinal_state is None:
         dfinal_state = tuple(_device.zeros((B, H), dtype) for _ in range(2 if is_lstm else 1))
     _check_state("dfinal_state", dfinal_state, 2 if is_lstm else 1, B, H, dtype)
-    _device.check_array("w_ih", w_ih, ndim=2, dtype=dtype, shape=(GH, I))
+    if (w_ih is None) != (dw_ih is None):
+        raise ValueError("w_ih and dw_ih must both be None (input projected by the caller) or both arrays")
+    if w_ih is not None:
+        _device.check_array("w_ih", w_ih, ndim=2, dtype=dtype, shape=(GH, I))
     _device.check_array("w_hh", w_hh, ndim=2, dtype=dtype, shape=(GH, H))
     _check_weights(cell, I, H, dtype, dw_ih, dw_hh, db_ih, db_hh, prefix="d")
     if isinstance(t_start, bool) or not isinstance(t_start, (int, np.integer)):
@@ -266,8 +277,6 @@ def backward(cell, dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_
     cs = cache.cs if is_lstm else _dummy(3, dtype)
     gates = cache.gates if cell in ("lstm", "gru") else _dummy(3, dtype)
     hn = cache.hn if cell == "gru" else _dummy(3, dtype)
-    dx = _device.empty((T, B, I), dtype)                          # T,B,I
-    dx[:t_start] = 0
     dh = _device.empty((T, B, H), dtype)                          # T,B,H
     dh[:t_start] = 0
     dgx = _device.empty((T, B, GH), dtype)                        # T,B,G*H (rows >= t_start written)
@@ -296,10 +305,16 @@ def backward(cell, dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_
     N = (T - t_start) * B                                         # rows of steps t_start..T-1
     dgx2 = dgx[t_start:].reshape(N, GH)
     dgh2 = dg_rec[t_start:].reshape(N, GH)
-    matmul(dgx2, w_ih, dx[t_start:].reshape(N, I))                # dx = dgx @ W_ih
-    matmul(dgx2, x[t_start:].reshape(N, I), dw_ih, trans_a=True, accumulate=True)
     matmul(dgh2, hs[t_start:T].reshape(N, H), dw_hh, trans_a=True, accumulate=True)
     col_sum_add(dgx2, db_ih)
     col_sum_add(dgh2, db_hh)
+    if w_ih is None:                                              # dL/d(x W_ih^T) itself
+        dgx[:t_start] = 0
+        dx = dgx
+    else:
+        dx = _device.empty((T, B, I), dtype)                      # T,B,I
+        dx[:t_start] = 0
+        matmul(dgx2, w_ih, dx[t_start:].reshape(N, I))            # dx = dgx @ W_ih
+        matmul(dgx2, x[t_start:].reshape(N, I), dw_ih, trans_a=True, accumulate=True)
     dstate = (dh_prev, dc.reshape(B, H)) if is_lstm else (dh_prev,)
     return dx, dstate, dh

@@ -8,11 +8,13 @@ machines without a GPU. Every GEMM is ``xp.matmul`` (cuBLAS under CuPy).
 
 Recurrent layers (see recurrent.cu for the kernels and the cache):
 
-* forward: ``xproj = x @ w_ih^T + b_ih`` for all T steps in one GEMM, then either the
+* forward: ``xproj = x @ w_ih^T + b_ih`` for all T steps in one GEMM (``x + b_ih`` where the
+  caller projected the input: w_ih None), then either the
   persistent kernel (one launch for all steps, W_hh in shared memory) or, per step, the GEMM
   ``h_{t-1} @ w_hh^T`` and one fused gate kernel;
 * backward: per step the fused gate-gradient kernel and ``dgh[t] @ w_hh`` (or the persistent
-  kernel), then ``dw_ih``, ``dw_hh``, the biases and ``dx`` as GEMMs over all (T - t_start) * B rows.
+  kernel), then ``dw_ih``, ``dw_hh``, the biases and ``dx`` as GEMMs over all (T - t_start) * B rows
+  (w_ih None: no dw_ih or dx; the input-side gate gradients are returned in place of dx).
 """
 
 from typing import Any, NamedTuple
@@ -229,7 +231,10 @@ class Engine:
         if H < 1 or w_hh.shape[0] != G * H:
             raise ValueError(f"w_hh must have shape ({G}*H, H) = ({G * H}, {H}) for {cell}, "
                              f"got {tuple(w_hh.shape)}")
-        w_ih = self._array("w_ih", w_ih, (G * H, I), dtype)
+        if w_ih is None:                     # the caller projected the input: x is x W_ih^T
+            self._array("x (projected: w_ih is None)", x, (T, B, G * H), dtype)
+        else:
+            w_ih = self._array("w_ih", w_ih, (G * H, I), dtype)
         b_ih = self._array("b_ih", b_ih, (G * H,), dtype)
         b_hh = self._array("b_hh", b_hh, (G * H,), dtype)
         st = self._state("state", state, cell, B, H, dtype)
@@ -237,8 +242,11 @@ class Engine:
         none = self._placeholder(dtype)
         c0 = st[1] if cell == "lstm" else none
 
-        xproj = xp.matmul(x.reshape(T * B, I), w_ih.T).reshape(T, B, G * H)  # T,B,GH
-        xproj += b_ih
+        if w_ih is None:
+            xproj = x + b_ih                                                   # T,B,GH
+        else:
+            xproj = xp.matmul(x.reshape(T * B, I), w_ih.T).reshape(T, B, G * H)  # T,B,GH
+            xproj += b_ih
         y = self._empty((T, B, H), dtype)
         gates = self._empty((T, B, G * H), dtype) if cell in ("lstm", "gru") else None
         c = self._empty((T, B, H), dtype) if cell == "lstm" else None
@@ -286,9 +294,13 @@ class Engine:
             raise ValueError(f"t_start must be in [0, {T - 1}] for T={T} steps, got {t_start}")
         dy = self._array("dy", dy, (T, B, H), dtype)
         dfinal = self._state("dfinal_state", dfinal_state, cell, B, H, dtype)
-        w_ih = self._array("w_ih", w_ih, (G * H, I), dtype)
+        if (w_ih is None) != (dw_ih is None):
+            raise ValueError("w_ih and dw_ih must both be None (input projected by the caller) "
+                             "or both arrays")
+        if w_ih is not None:
+            w_ih = self._array("w_ih", w_ih, (G * H, I), dtype)
+            dw_ih = self._array("dw_ih", dw_ih, (G * H, I), dtype, contiguous=True)
         w_hh = self._array("w_hh", w_hh, (G * H, H), dtype)
-        dw_ih = self._array("dw_ih", dw_ih, (G * H, I), dtype, contiguous=True)
         dw_hh = self._array("dw_hh", dw_hh, (G * H, H), dtype, contiguous=True)
         db_ih = self._array("db_ih", db_ih, (G * H,), dtype, contiguous=True)
         db_hh = self._array("db_hh", db_hh, (G * H,), dtype, contiguous=True)
@@ -332,7 +344,6 @@ class Engine:
         n = (T - t_start) * B
         gx2 = dgx[t_start:].reshape(n, G * H)                           # n,GH
         gh2 = dgh[t_start:].reshape(n, G * H)                           # n,GH
-        dw_ih += xp.matmul(gx2.T, x[t_start:].reshape(n, I))
         db_ih += gx2.sum(axis=0)
         db_hh += gh2.sum(axis=0)
         h_first = cache.h0 if t_start == 0 else y[t_start - 1]          # B,H  entering t_start
@@ -340,8 +351,13 @@ class Engine:
         if t_start < T - 1:                                             # h entering t+1 is y[t]
             dw_hh += xp.matmul(dgh[t_start + 1:].reshape(n - B, G * H).T,
                                y[t_start:T - 1].reshape(n - B, H))
-        dx = xp.zeros((T, B, I), dtype=dtype)                            # T,B,I
-        xp.matmul(gx2, w_ih, out=dx[t_start:].reshape(n, I))
+        if w_ih is None:                                                # dL/d(x W_ih^T) itself
+            dgx[:t_start] = 0
+            dx = dgx
+        else:
+            dw_ih += xp.matmul(gx2.T, x[t_start:].reshape(n, I))
+            dx = xp.zeros((T, B, I), dtype=dtype)                        # T,B,I
+            xp.matmul(gx2, w_ih, out=dx[t_start:].reshape(n, I))
         dstate = (dh0, dc0) if cell == "lstm" else (dh0,)
         return dx, dstate, dh
 

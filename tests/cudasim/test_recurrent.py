@@ -91,6 +91,17 @@ def test_matches_reference(cuda, ref, rng, cell, path, dt, shape, t_start):
 
 @pytest.mark.parametrize("path", ["general", "persistent"])
 @pytest.mark.parametrize("cell", CELLS)
+def test_input_projected_by_the_caller(cuda, rng, cell, path, check_projected_input):
+    """w_ih=None: x is x W_ih^T already, and the backward returns dL/d(x W_ih^T) for dx."""
+    cuda.config.PATH = path
+    T, B, I, H = SHAPE_A["T"], SHAPE_A["B"], SHAPE_A["I"], SHAPE_A["H"]
+    check_projected_input(getattr(cuda, f"{cell}_forward"), getattr(cuda, f"{cell}_backward"),
+                          lambda a: cuda.asarray(a, a.dtype), cuda.to_host, cell, np.float64,
+                          (T, B, I, H, 2), rng, RTOL[np.dtype(np.float64)])
+
+
+@pytest.mark.parametrize("path", ["general", "persistent"])
+@pytest.mark.parametrize("cell", CELLS)
 def test_finite_differences_float64(cuda, rng, cell, path):
     """<grad, v> against (L(p + eps v) - L(p - eps v)) / (2 eps) for a random direction v over
     every weight, bias, input and initial-state element; L = sum(y*R) + sum(final*S)."""
