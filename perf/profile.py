@@ -5,8 +5,9 @@ Part 1, breakdown. In one worker process (same thread settings as the benchmarks
 of one training step is timed on its own with the step's exact shapes, each the best of
 repeated calls after a warm-up (the minimum: least disturbed by other processes):
 
-* the backend's kernels: embedding gather/scatter, ``<cell>_forward``/``<cell>_backward`` per
-  layer, ``softmax_cross_entropy``, ``sum_of_squares`` + ``scale_`` (clipping), ``adam_step``;
+* the backend's kernels: embedding gather/scatter (or, where the model folds the embedding
+  into layer 0's input projection, making and gathering the table E W_ih^T and its backward),
+  ``<cell>_forward``/``<cell>_backward`` per layer, ``softmax_cross_entropy``, ``sum_of_squares`` + ``scale_`` (clipping), ``adam_step``;
 * the GEMMs inside the recurrent kernels, replayed alone with the same shapes and the same
   BLAS call path (the cpu backend's CBLAS helpers from an @njit loop when importable, else
   NumPy): the input projection, the T per-step recurrent GEMMs, and after the backward loop
@@ -51,6 +52,7 @@ import _harness as hx  # noqa: E402
 from bench_train import load_tokens, ours_run  # noqa: E402
 
 GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
+INPUT_SIDE = ("fwd input GEMM", "bwd dW_ih GEMM", "bwd dx GEMM")   # gone with a projected input
 
 
 # =============================================================================================
@@ -234,18 +236,22 @@ class Profiler:
         bptt = hx.require("bptt", "profile")
         bptt.use_backend(os.environ.get("BPTT_BACKEND", "cpu"))
         self.be = bptt.get_backend()
+        self.models = hx.require("bptt.models", "profile")
         hx.pin_threads(int(os.environ["OMP_NUM_THREADS"]))
         self.gemm = GemmReplay(self.np, int(os.environ["OMP_NUM_THREADS"]))
         return {"backend": self.be.NAME, "gemm_path": self.gemm.path}
 
-    def layer_rows(self, cell, T, B, I, H, x, dtype):
+    def layer_rows(self, cell, T, B, I, H, x, dtype, projected=False):
         """Rows (name, seconds, flops, level) of one layer's forward or backward; returns
-        (forward rows, backward rows, y)."""
+        (forward rows, backward rows, y). ``projected``: x is x W_ih^T [T,B,G*H] already (the
+        kernels get w_ih = None: no input GEMM, dW_ih or dx)."""
         np, be, G = self.np, self.be, GATES[cell]
         rng = np.random.default_rng(2)
         u = lambda *shape: be.asarray(rng.uniform(-H ** -0.5, H ** -0.5, shape), dtype)
         w_ih, w_hh, b_ih, b_hh = u(G * H, I), u(G * H, H), u(G * H), u(G * H)
         grads = [be.zeros(a.shape, dtype) for a in (w_ih, w_hh, b_ih, b_hh)]
+        if projected:
+            w_ih, grads[0] = None, None
         n_state = 2 if cell == "lstm" else 1
         state = tuple(be.zeros((B, H), dtype) for _ in range(n_state))
         fwd, bwd = getattr(be, f"{cell}_forward"), getattr(be, f"{cell}_backward")
@@ -254,6 +260,8 @@ class Profiler:
         t_fwd = bench(lambda: fwd(x, state, w_ih, w_hh, b_ih, b_hh))
         t_bwd = bench(lambda: bwd(dy, state, cache, w_ih, w_hh, *grads))
         secs, flops = self.gemm.layer(T, B, I, H, G, dtype)
+        if projected:
+            secs = {k: v for k, v in secs.items() if k.split(" (")[0] not in INPUT_SIDE}
         f_keys = [k for k in secs if k.startswith("fwd")]
         b_keys = [k for k in secs if k.startswith("bwd")]
         f_rows = [(f"{cell} forward kernel", t_fwd, sum(flops[k] for k in f_keys), 1)]
@@ -285,14 +293,28 @@ class Profiler:
         xp = be.xp
         rows_f, rows_b = [], []
 
-        x = be.embedding_forward(emb, ids)
-        rows_f.append(("embedding forward", bench(lambda: be.embedding_forward(emb, ids)), None, 1))
+        G = 4
+        # the model folds the embedding into level 0's input projection for long chunks over a
+        # small vocabulary (bptt.models.EMBEDDING_FOLD_ROWS_PER_WORD): a [V, G*H] table, gathered
+        folded = T * B >= getattr(self.models, "EMBEDDING_FOLD_ROWS_PER_WORD", float("inf")) * V
+        if folded:
+            w_ih0 = u(G * H, E)
+
+            def embed():
+                return be.embedding_forward(xp.matmul(emb, w_ih0.T), ids)
+            rows_f.append(("embedding folded: table E W_ih^T + gather", bench(embed),
+                           2.0 * V * E * G * H, 1))
+        else:
+            def embed():
+                return be.embedding_forward(emb, ids)
+            rows_f.append(("embedding forward", bench(embed), None, 1))
+        x = embed()
         layer_params = []
         for k in range(L):
-            f, b, x = self.layer_rows("lstm", T, B, E if k == 0 else H, H, x, dtype)
+            f, b, x = self.layer_rows("lstm", T, B, E if k == 0 else H, H, x, dtype,
+                                      projected=folded and k == 0)
             rows_f += [(f"L{k} {n}" if lvl == 1 else n, s, fl, lvl) for n, s, fl, lvl in f]
             rows_b = [(f"L{k} {n}" if lvl == 1 else n, s, fl, lvl) for n, s, fl, lvl in b] + rows_b
-            G = 4
             I = E if k == 0 else H
             layer_params += [(G * H, I), (G * H, H), (G * H,), (G * H,)]
         h2 = x.reshape(T * B, H)
@@ -313,8 +335,21 @@ class Profiler:
             xp.matmul(dlogits, w_dec, out=dh2)
             return b_dec_grad
         rows_b = [("decoder backward GEMMs + bias", bench(decoder_backward), 4.0 * T * B * H * V, 1)] + rows_b
-        demb, dx = xp.zeros_like(emb), be.asarray(rng.standard_normal((T, B, E)), dtype)
-        rows_b.append(("embedding backward (scatter-add)", bench(lambda: be.embedding_backward(demb, ids, dx)), None, 1))
+        if folded:
+            dxw = be.asarray(rng.standard_normal((T, B, G * H)), dtype)
+            dw_ih0, demb = xp.zeros_like(w_ih0), xp.zeros_like(emb)
+
+            def embedding_backward():
+                dtable = xp.zeros((V, G * H), dtype)
+                be.embedding_backward(dtable, ids, dxw)
+                dw_ih0[...] += xp.matmul(dtable.T, emb)
+                demb[...] += xp.matmul(dtable, w_ih0)
+            rows_b.append(("embedding backward (folded): scatter-add + 2 GEMMs",
+                           bench(embedding_backward), 4.0 * V * E * G * H, 1))
+        else:
+            demb, dx = xp.zeros_like(emb), be.asarray(rng.standard_normal((T, B, E)), dtype)
+            rows_b.append(("embedding backward (scatter-add)",
+                           bench(lambda: be.embedding_backward(demb, ids, dx)), None, 1))
 
         shapes = [(V, E)] + layer_params + [(V, H), (V,)]
         params = [u(*s) for s in shapes]

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import bptt
+import bptt.models
 from bptt.losses import cross_entropy, mse
 
 torch = pytest.importorskip("torch")
@@ -40,10 +41,12 @@ def torch_state(cell, h):
     return tuple(torch.tensor(s) for s in h) if cell == "lstm" else torch.tensor(h)
 
 
+@pytest.mark.parametrize("fold", [False, True], ids=["plain", "folded_embedding"])
 @pytest.mark.parametrize("cell, L, tie", [("lstm", 2, False), ("gru", 1, False), ("rnn_tanh", 2, True),
                                           ("rnn_relu", 1, False)])
-def test_language_model_matches_torch_rnnmodel(cell, L, tie):
+def test_language_model_matches_torch_rnnmodel(cell, L, tie, fold, monkeypatch):
     V, E, H, T, B = 13, 5, 5 if tie else 6, 7, 3
+    monkeypatch.setattr(bptt.models, "EMBEDDING_FOLD_ROWS_PER_WORD", 1 if fold else 100)   # T*B = 21
     tm = torch_lm(cell, V, E, H, L, tie)
     bm = bptt.LanguageModel(V, E, H, L, cell=cell, tie_weights=tie, dtype=np.float64, seed=1)
     bm.load_state_dict(tm.state_dict())
@@ -52,6 +55,7 @@ def test_language_model_matches_torch_rnnmodel(cell, L, tie):
     h0 = bm.init_state(B)
     h0 = tuple(rng.standard_normal(s.shape) * 0.5 for s in h0) if cell == "lstm" else rng.standard_normal(h0.shape) * 0.5
     logits, state, cache = bm.forward(ids, h0)
+    assert cache.stack.layers[0].projected == fold
     t_h0 = torch_state(cell, h0)
     t_h0 = tuple(s.requires_grad_() for s in t_h0) if cell == "lstm" else t_h0.requires_grad_()
     out, t_state = tm.rnn(tm.encoder(torch.tensor(ids)), t_h0)
@@ -79,6 +83,36 @@ def test_language_model_matches_torch_rnnmodel(cell, L, tie):
     assert set(sd) == set(tm.state_dict())
     for name, v in tm.state_dict().items():
         np.testing.assert_array_equal(sd[name], v.numpy())
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh", "rnn_relu"])
+def test_folded_embedding_matches_plain_path_on_cpu(cell, dtype, monkeypatch):
+    """Long chunks over a small vocabulary fold the embedding into level 0's input projection;
+    logits, final state, every gradient and d(state) must match the plain path's, also with
+    the gradient cut inside the chunk (t_start > 0) and a tied decoder."""
+    pytest.importorskip("bptt_kernels.cpu")
+    V, E, H, L, T, B, t_start = 7, 6, 6, 2, 9, 4, 3        # T*B = 36 >= 4 V: folds by default
+    rng = np.random.default_rng(11)
+    ids, targets = rng.integers(0, V, (T, B)), rng.integers(0, V, (T, B))
+
+    def parts(name, state):
+        return {f"{name}[{k}]": a for k, a in enumerate(state if isinstance(state, tuple) else (state,))}
+
+    results = {}
+    with bptt.use_backend("cpu"):
+        for fold in (False, True):
+            monkeypatch.setattr(bptt.models, "EMBEDDING_FOLD_ROWS_PER_WORD", 4 if fold else 10 ** 9)
+            bm = bptt.LanguageModel(V, E, H, L, cell=cell, tie_weights=True, dtype=dtype, seed=3)
+            logits, state, cache = bm.forward(ids)
+            assert cache.stack.layers[0].projected == fold
+            _, dlogits = cross_entropy(bm.backend, logits, targets)
+            dstate = bm.backward(dlogits, cache, t_start=t_start)
+            results[fold] = {"logits": logits, **parts("state", state), **bm.grads, **parts("dstate", dstate)}
+    rtol = 1e-12 if dtype == np.float64 else 2e-5
+    for name, want in results[False].items():
+        err = np.abs(results[True][name] - want).max() / np.abs(want).max()
+        assert err <= rtol, f"{name}: folded path differs from the plain one by {err:.1e}"
 
 
 def test_initialisation_as_word_language_model():
