@@ -235,17 +235,15 @@ class _RecurrentModel:
 
     def _linear_forward(self, h, wname, bname):
         W, b = self.params[wname], self.params[bname]
-        out = self.backend.xp.matmul(h.reshape(-1, h.shape[-1]), W.T) + b
+        out = self.backend.linear_forward(h.reshape(-1, h.shape[-1]), W, b)
         return out.reshape(h.shape[:-1] + (W.shape[0],))
 
     def _linear_backward(self, dout, h, wname, bname):
         """Accumulate dW, db from dout [..., O] and h [..., H]; return dh [..., H]."""
         W = self.params[wname]
-        d2 = dout.reshape(-1, W.shape[0])
-        h2 = h.reshape(-1, W.shape[1])
-        self.grads[wname] += d2.T @ h2
-        self.grads[bname] += d2.sum(axis=0)
-        return (d2 @ W).reshape(h.shape)
+        dh = self.backend.linear_backward(dout.reshape(-1, W.shape[0]), h.reshape(-1, W.shape[1]),
+                                          W, self.grads[wname], self.grads[bname])
+        return dh.reshape(h.shape)
 
 
 class LMCache:

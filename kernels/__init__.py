@@ -73,6 +73,10 @@ Non-recurrent pieces used by the trainer
         Returns the SUM of -log softmax(logits)[n, targets[n]] over counted rows (a Python float)
         and writes dlogits [N, V] = scale * (softmax(logits) - onehot(targets)) in one pass,
         numerically stable (max subtracted). ``dlogits`` may be the same array as ``logits``.
+``linear_forward(x, w, b)`` -> out
+        x [N, I], w [O, I], b [O] -> out [N, O] = x w^T + b (a model's decoder / readout).
+``linear_backward(dout, x, w, dw, db)`` -> dx
+        dout [N, O]; dw [O, I] += dout^T x, db [O] += column sums of dout; dx [N, I] = dout w.
 ``embedding_forward(weight, ids)`` -> out
         weight [V, E], ids int64 [...] -> out [..., E] (a gather).
 ``embedding_backward(dweight, ids, dout)``

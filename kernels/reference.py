@@ -377,6 +377,19 @@ def softmax_cross_entropy(logits, targets, dlogits, scale):
     return float(loss)
 
 
+def linear_forward(x, w, b):
+    """x [N,I], w [O,I], b [O] -> x w^T + b [N,O]. (Array operators only, so the GPU
+    backends reuse it on their own arrays.)"""
+    return x @ w.T + b                              # N,O
+
+
+def linear_backward(dout, x, w, dw, db):
+    """dout [N,O], x [N,I], w [O,I]; dw [O,I] += dout^T x, db [O] += column sums -> dx [N,I]."""
+    dw += dout.T @ x                                # O,I
+    db += dout.sum(axis=0)                          # O
+    return dout @ w                                 # N,I
+
+
 def embedding_forward(weight, ids):
     """Gather rows: weight [V,E], ids int [...] -> out [...,E]."""
     return weight[ids]

@@ -318,23 +318,16 @@ class Profiler:
             I = E if k == 0 else H
             layer_params += [(G * H, I), (G * H, H), (G * H,), (G * H,)]
         h2 = x.reshape(T * B, H)
-        logits = xp.empty((T * B, V), dtype)
-
-        def decoder_forward():
-            xp.matmul(h2, w_dec.T, out=logits)
-            xp.add(logits, b_dec, out=logits)
-        rows_f.append(("decoder forward GEMM + bias", bench(decoder_forward), 2.0 * T * B * H * V, 1))
+        logits = be.linear_forward(h2, w_dec, b_dec)
+        rows_f.append(("decoder forward GEMM + bias", bench(lambda: be.linear_forward(h2, w_dec, b_dec)),
+                       2.0 * T * B * H * V, 1))
         dlogits = xp.empty_like(logits)
         rows_f.append(("softmax cross-entropy (loss + dlogits)",
                        bench(lambda: be.softmax_cross_entropy(logits, targets, dlogits, 1.0 / (T * B))), None, 1))
-        dw_dec, dh2 = xp.zeros_like(w_dec), xp.empty_like(h2)
-
-        def decoder_backward():
-            dw_dec[...] += dlogits.T @ h2
-            b_dec_grad = dlogits.sum(axis=0)
-            xp.matmul(dlogits, w_dec, out=dh2)
-            return b_dec_grad
-        rows_b = [("decoder backward GEMMs + bias", bench(decoder_backward), 4.0 * T * B * H * V, 1)] + rows_b
+        dw_dec, db_dec = xp.zeros_like(w_dec), xp.zeros_like(b_dec)
+        rows_b = [("decoder backward GEMMs + bias",
+                   bench(lambda: be.linear_backward(dlogits, h2, w_dec, dw_dec, db_dec)),
+                   4.0 * T * B * H * V, 1)] + rows_b
         if folded:
             dxw = be.asarray(rng.standard_normal((T, B, G * H)), dtype)
             dw_ih0, demb = xp.zeros_like(w_ih0), xp.zeros_like(emb)

@@ -422,8 +422,9 @@ def test_host_launcher_checks_arguments(engines):
 
 def test_interface_matches_reference():
     """Same public names and signatures as the reference backend (the interface contract)."""
-    names = ["asarray", "to_host", "zeros", "softmax_cross_entropy", "embedding_forward",
-             "embedding_backward", "sgd_step", "adam_step", "sum_of_squares", "scale_"]
+    names = ["asarray", "to_host", "zeros", "softmax_cross_entropy", "linear_forward",
+             "linear_backward", "embedding_forward", "embedding_backward", "sgd_step",
+             "adam_step", "sum_of_squares", "scale_"]
     names += [f"{c}_{d}" for c in CELLS for d in ("forward", "backward")]
     for n in names:
         assert callable(getattr(cb, n)), n

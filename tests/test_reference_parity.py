@@ -123,6 +123,35 @@ def test_input_projected_by_the_caller_bad_arguments(rng):
         cpu.lstm_backward(np.ones_like(y), final, cache, w_ih, w_hh, None, *grads)
 
 
+@pytest.mark.parametrize("shape", [(1, 3, 2), (7, 5, 9), (1600, 256, 104)], ids=lambda s: "N{}I{}O{}".format(*s))
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_linear_matches_reference(dtype, shape, rng):
+    """The output map x w^T + b and its backward (the largest shape runs in pieces on threads)."""
+    N, I, O = shape
+    x, w, b, dout = (rng.standard_normal(s).astype(dtype) for s in [(N, I), (O, I), (O,), (N, O)])
+    dw0, db0 = rng.standard_normal((O, I)).astype(dtype), rng.standard_normal(O).astype(dtype)
+    f64 = [a.astype(np.float64) for a in (x, w, b, dout, dw0, db0)]
+    check(cpu.linear_forward(x, w, b), ref.linear_forward(*f64[:3]), dtype, "linear_forward")
+    dw, db = dw0.copy(), db0.copy()
+    dw_r, db_r = f64[4].copy(), f64[5].copy()
+    dx = cpu.linear_backward(dout, x, w, dw, db)
+    check(dx, ref.linear_backward(f64[3], f64[0], f64[1], dw_r, db_r), dtype, "linear dx")
+    check(dw, dw_r, dtype, "linear dw")
+    check(db, db_r, dtype, "linear db")
+    with pytest.raises(ValueError, match="w must have shape"):
+        cpu.linear_forward(x, w[:, :-1] if I > 1 else np.ones((O, 2), dtype), b)
+
+
+def test_backend_interface_matches_reference():
+    """cpu has every public function of the reference, with the same signature."""
+    import inspect
+    names = [n for n, f in vars(ref).items() if inspect.isfunction(f) and not n.startswith("_")
+             and f.__module__ == ref.__name__ and n != "sigmoid"]
+    assert "linear_forward" in names and "lstm_backward" in names
+    for n in names:
+        assert inspect.signature(getattr(cpu, n)) == inspect.signature(getattr(ref, n)), n
+
+
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("alias", [False, True], ids=["separate", "in_place"])
 def test_softmax_cross_entropy_matches_reference(dtype, alias, rng):

@@ -43,6 +43,7 @@ from ._args import DTYPES
 from ._blas import BLAS_LIBRARY
 from ._memory import KEEPS_FREED_MEMORY
 from .gru import GRUCache, gru_backward, gru_forward
+from .linear import linear_backward, linear_forward
 from .lstm import LSTMCache, lstm_backward, lstm_forward
 from .ops import (adam_step, embedding_backward, embedding_forward, scale_, sgd_step,
                   softmax_cross_entropy, sum_of_squares)
@@ -74,6 +75,7 @@ __all__ = [
     "lstm_forward", "lstm_backward", "gru_forward", "gru_backward",
     "rnn_tanh_forward", "rnn_tanh_backward", "rnn_relu_forward", "rnn_relu_backward",
     "LSTMCache", "GRUCache", "RNNCache",
-    "softmax_cross_entropy", "embedding_forward", "embedding_backward",
+    "softmax_cross_entropy", "linear_forward", "linear_backward",
+    "embedding_forward", "embedding_backward",
     "sgd_step", "adam_step", "sum_of_squares", "scale_",
 ]

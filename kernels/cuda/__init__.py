@@ -30,6 +30,7 @@ Caches
     view ``hs[1:]`` (as the reference's y is its cache's y: do not modify it in place).
 """
 
+from ..reference import linear_backward, linear_forward  # array operators: run on xp's arrays
 from . import config
 from ._device import DTYPES, SIMULATOR, asarray, to_host, xp, zeros
 from .ops import (adam_step, embedding_backward, embedding_forward, scale_, sgd_step,
@@ -92,6 +93,7 @@ __all__ = [
     "lstm_forward", "lstm_backward", "gru_forward", "gru_backward",
     "rnn_tanh_forward", "rnn_tanh_backward", "rnn_relu_forward", "rnn_relu_backward",
     "LSTMCache", "GRUCache", "RNNCache", "persistent_limits", "choose_path",
-    "softmax_cross_entropy", "embedding_forward", "embedding_backward",
+    "softmax_cross_entropy", "linear_forward", "linear_backward",
+    "embedding_forward", "embedding_backward",
     "sgd_step", "adam_step", "sum_of_squares", "scale_",
 ]

@@ -29,6 +29,7 @@ with the same kernel sources built for the CPU (how the tests check it).
 import cupy
 import numpy as np
 
+from ..reference import linear_backward, linear_forward  # array operators: run on cupy arrays
 from . import config
 from ._compile import CupyLauncher, cupy_device_limits
 from ._engine import DTYPES as _ENGINE_DTYPES
@@ -141,6 +142,7 @@ __all__ = [
     "persistent_smem_bytes", "persistent_max_hidden", "choose_path",
     "lstm_forward", "lstm_backward", "gru_forward", "gru_backward",
     "rnn_tanh_forward", "rnn_tanh_backward", "rnn_relu_forward", "rnn_relu_backward",
-    "softmax_cross_entropy", "embedding_forward", "embedding_backward",
+    "softmax_cross_entropy", "linear_forward", "linear_backward",
+    "embedding_forward", "embedding_backward",
     "sgd_step", "adam_step", "sum_of_squares", "scale_",
 ]

@@ -30,6 +30,7 @@ import types
 import numpy as np
 
 from bptt_kernels import CELLS
+from bptt_kernels.reference import linear_backward, linear_forward
 
 from . import config
 from ._compile import SOURCE_DIR, SOURCES, kernel_signatures
@@ -143,6 +144,7 @@ def host_backend(reverse=False, limits=H100_LIMITS, build_dir=None):
                  "embedding_forward", "embedding_backward", "sgd_step", "adam_step",
                  "sum_of_squares", "scale_"):
         setattr(ns, name, getattr(eng, name))
+    ns.linear_forward, ns.linear_backward = linear_forward, linear_backward   # as the GPU module
     for cell in CELLS:
         setattr(ns, f"{cell}_forward", functools.partial(eng.recurrent_forward, cell))
         setattr(ns, f"{cell}_backward", functools.partial(eng.recurrent_backward, cell))

@@ -186,3 +186,13 @@ def test_plumbing_and_dispatch(cuda):
     assert not cuda.zeros((2, 3), np.float64).any()
     with bptt.use_backend("cuda") as backend:
         assert backend is cuda and bptt.get_backend() is cuda
+
+
+def test_backend_interface_matches_reference(cuda, ref):
+    """The cuda module has every public function of the reference, with the same signature."""
+    import inspect
+    names = [n for n, f in vars(ref).items() if inspect.isfunction(f) and not n.startswith("_")
+             and f.__module__ == ref.__name__ and n != "sigmoid"]
+    assert "linear_forward" in names and "lstm_backward" in names
+    for n in names:
+        assert inspect.signature(getattr(cuda, n)) == inspect.signature(getattr(ref, n)), n
