@@ -486,8 +486,10 @@ def test_unit_split_busy_falls_back_to_batch_split(monkeypatch):
 
 # step_product cases: (by_units, B, b0, b1, K, blocks, H, j0, j1, transposed, steps, path)
 STEP_CASES = [
-    (True, 1, 0, 1, 29, 3, 13, 3, 10, False, 100, "dots"),   # 7 units: 4 + 3 rows of w
-    (True, 1, 0, 1, 29, 3, 13, 4, 4, False, 100, "dots"),    # no units at all
+    (True, 1, 0, 1, 29, 3, 13, 3, 10, False, 100, "panels"),  # one row, a small share of w
+    (True, 1, 0, 1, 29, 3, 13, 4, 4, False, 100, "panels"),  # no units at all
+    (True, 1, 0, 1, 520, 4, 70, 2, 69, False, 100, "dots"),  # one row, 4*67*520 > 2^17: 67 rows
+    (True, 1, 0, 1, 520, 4, 70, 35, 35, False, 100, "panels"),  # ... no units: nothing to copy
     (False, 3, 1, 2, 29, 1, 39, 0, 39, False, 100, "panels"),  # one batch row of three
     (False, 3, 1, 2, 29, 1, 39, 0, 39, False, 7, "dots"),    # ... in a short call
     (True, 1, 0, 1, 29, 1, 13, 2, 13, True, 100, "panels"),  # one row, weight given as w^T
@@ -498,6 +500,22 @@ STEP_CASES = [
     (False, 10, 3, 7, 250, 1, 1100, 0, 1100, True, 100, "panels"),  # rows 3:7, 17 x 64 + 12
     (False, 70, 0, 70, 1000, 1, 50, 0, 50, False, 100, "one panel"),  # 16 columns too wide
 ]
+
+
+@pytest.mark.parametrize("rows", [(3, 33), (50, 9)], ids=["T*B=99: by columns", "T*B=450: by rows"])
+@pytest.mark.parametrize("parts", [1, 2, 3])
+def test_project_inputs_pieces(rows, parts):
+    """The input projection x W_ih^T, split by output columns for few rows, by rows otherwise:
+    every piece writes its share and only its share (out starts NaN)."""
+    from bptt_kernels.cpu._common import PROJECT_BY_COLUMNS_ROWS, project_inputs
+    T, B = rows
+    assert (T * B < PROJECT_BY_COLUMNS_ROWS) == (T * B == 99)
+    rng = np.random.default_rng(T * B + parts)
+    x, w = rng.standard_normal((T, B, 7)), rng.standard_normal((13, 7))
+    out = np.full((T, B, 13), np.nan)
+    for part in range(parts):
+        project_inputs(x, w, out, part, parts)
+    np.testing.assert_allclose(out, x @ w.T, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

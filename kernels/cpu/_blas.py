@@ -245,9 +245,12 @@ def _dot_rows(w, a, c, r0, r1, beta):
 # 441 -> 206, B=32 H=512 1011 -> 445; split by units, B=4, against the dot products: LSTM/GRU/
 # Elman H=1024 step 224/161/47 -> 193/128/37 ms (T=100); one row, one thread, K=512: panels
 # 49 us, dot products 57, a row loop 70, sgemm NT 714. One row split by units against W_hh as
-# stored (the forward pass at B=1, H >= 256) keeps the dot products above (no copy; panels
-# there: LSTM H=512 forward 5.9 -> 7.5 ms, others within noise), while one row on one thread
-# (H <= 128) takes panels (LSTM H=128 forward 0.76 -> 0.61 ms, GRU 0.57 -> 0.51). Shares
+# stored (the forward pass at B=1, H >= 256) takes panels while its share fits in half a
+# core's L2 (ONE_ROW_PANEL_MAX elements: LSTM H=256 forward time loop, median of 200, in 4
+# alternating processes: 0.92-1.62 -> 0.91-0.99 ms), and keeps the dot products above for a
+# larger share, streamed from L3 either way (no copy; panels there: LSTM H=512 forward
+# 5.9 -> 7.5 ms); one row on one thread (H <= 128) takes panels (LSTM H=128 forward
+# 0.76 -> 0.61 ms, GRU 0.57 -> 0.51). Shares
 # under 2^18 elements at B >= 8: within noise either way. The transposed copy this replaces
 # (np.ascontiguousarray(w_hh.T), one per layer call and direction) took 0.3 / 3.9 / 31 ms at
 # LSTM H = 256 / 512 / 1024; a piece packs its half of that H = 1024 weight in 3.6 ms from
@@ -336,6 +339,7 @@ class StepWeight(NamedTuple):
 # piece's share, which a few steps do not win back (a T=1 call, as in sampling, would pay it
 # for one product).
 PANEL_MIN_STEPS = 8
+ONE_ROW_PANEL_MAX = 1 << 17   # elements of a one-row piece's share that still takes panels
 
 
 @njit(cache=True)
@@ -343,8 +347,8 @@ def step_weight(w, transposed, blocks, H, b0, b1, j0, j1, by_units, steps):
     """What a time-loop piece (``_loop.split_ranges``: batch rows b0:b1, or with ``by_units``
     all rows and units j0:j1 of each of the ``blocks`` gate blocks) multiplies each of its
     ``steps`` steps by: its share of w^T packed in panels (see above), unless the piece is one
-    row split by units against w as stored or runs fewer than PANEL_MIN_STEPS steps; then w
-    in place. w: [blocks*H, K] for c = a @ w^T, or with ``transposed`` that w^T itself,
+    row split by units against w as stored with a share over ONE_ROW_PANEL_MAX elements, or
+    runs fewer than PANEL_MIN_STEPS steps; then w in place. w: [blocks*H, K] for c = a @ w^T, or with ``transposed`` that w^T itself,
     [K, blocks*H] (the backward pass's W_hh)."""
     rows = b1 - b0
     N, K = (w.shape[1], w.shape[0]) if transposed else w.shape
@@ -352,7 +356,9 @@ def step_weight(w, transposed, blocks, H, b0, b1, j0, j1, by_units, steps):
         segments, stride, s0, s1 = blocks, H, j0, j1
     else:
         segments, stride, s0, s1 = 1, N, 0, N
-    if steps < PANEL_MIN_STEPS or (by_units and rows == 1 and not transposed):
+    one_row_large = (by_units and rows == 1 and not transposed
+                     and segments * (s1 - s0) * K > ONE_ROW_PANEL_MAX)
+    if steps < PANEL_MIN_STEPS or one_row_large:
         return StepWeight(w, transposed, np.empty(0, w.dtype), 0, segments, stride, s0, s1,
                           b0, b1)
     width = min(PANEL_MAX_WIDTH, SMALL_GEMM_MNK // max(rows * K, 1) // 16 * 16)
