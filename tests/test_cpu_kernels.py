@@ -498,7 +498,10 @@ STEP_CASES = [
     (True, 9, 0, 9, 300, 3, 400, 37, 337, False, 100, "panels"),  # 4 x 64 + 44 per gate block
     (True, 9, 0, 9, 300, 3, 400, 37, 337, False, 2, "in place"),  # sgemm NT on w's rows
     (False, 10, 3, 7, 250, 1, 1100, 0, 1100, True, 100, "panels"),  # rows 3:7, 17 x 64 + 12
-    (False, 70, 0, 70, 1000, 1, 50, 0, 50, False, 100, "one panel"),  # 16 columns too wide
+    (False, 70, 0, 70, 1000, 1, 150, 0, 150, False, 100, "panels"),  # K-blocks of 216 rows
+    (True, 8, 0, 8, 2100, 4, 30, 3, 29, True, 100, "panels"),  # 26 columns, K-blocks of 1952
+    (False, 600, 0, 600, 40, 1, 37, 0, 37, False, 100, "16-wide"),  # K-blocks of 104 rows
+    (False, 4000, 0, 4000, 20, 1, 30, 0, 30, False, 100, "one panel"),  # K-blocks < 16 rows
 ]
 
 
@@ -526,15 +529,18 @@ def test_step_product_matches_numpy(dtype, beta, case):
     paths (panels; w in place for short calls: dot products, sgemm NT or NN) writes exactly the
     piece's batch rows and columns (units j0:j1 of each gate block, or all), partial panels
     included; with beta = 0 the NaN-poisoned output is never read."""
-    from bptt_kernels.cpu._blas import PANEL_MAX_WIDTH, step_product, step_weight
+    from bptt_kernels.cpu._blas import PANEL_MAX_WIDTH, SMALL_GEMM_MNK, step_product, step_weight
     by_units, B, b0, b1, K, blocks, H, j0, j1, transposed, steps, path = case
     rng = np.random.default_rng(B * 1000 + K + j0)
     a = rng.standard_normal((B, K)).astype(dtype)
     w = rng.standard_normal((blocks * H, K)).astype(dtype)
     sw = step_weight(np.ascontiguousarray(w.T) if transposed else w, transposed, blocks, H,
                      b0, b1, j0, j1, by_units, steps)
-    want_width = {"dots": 0, "in place": 0, "panels": PANEL_MAX_WIDTH, "one panel": blocks * H}[path]
+    want_width = {"dots": 0, "in place": 0, "panels": PANEL_MAX_WIDTH, "16-wide": 16,
+                  "one panel": blocks * H}[path]
     assert sw.width == want_width
+    if path in ("panels", "16-wide"):                   # K-blocks within OpenBLAS's small size
+        assert 16 <= sw.kblock <= K and (b1 - b0) * sw.width * sw.kblock <= SMALL_GEMM_MNK
     c0 = rng.standard_normal((B, blocks * H)).astype(dtype)
     c = np.full_like(c0, np.nan) if beta == 0.0 else c0.copy()
     step_product(a, sw, c, beta)

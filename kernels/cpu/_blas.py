@@ -258,12 +258,18 @@ def _dot_rows(w, a, c, r0, r1, beta):
 # OpenBLAS (0.3.17+, x86-64) runs a GEMM with M*N*K <= 1e6 through "small matrix" kernels
 # that skip packing the operands; a larger one packs all of b on every call, which for a time
 # step's GEMM against the constant weight means repacking it every step. Per-step products
-# therefore go in panels of columns narrow enough to stay under that size.
-# Panels at most 64 columns wide (caps of 32/64/128 gave LSTM B=8 H=1024 891/451/447 us, GRU
-# 692/348/366); where even 16 columns would pass the small-matrix size (many rows, large K)
-# one panel per segment and one ordinary sgemm call on it.
+# therefore go in panels of 64 columns (caps of 32/64/128 gave LSTM B=8 H=1024 891/451/447 us,
+# GRU 692/348/366), and where a panel's whole K would pass that size, in K-blocks of a panel:
+# sgemm on a[:, k0:k1] and panel rows k0:k1 (contiguous), accumulating into the same c.
+# Measured one thread, float32, [M,K] @ [K,2048] per step, GFLOP/s, one ordinary sgemm per
+# 512-column segment (or 16-32-wide panels of the whole K) -> 64-wide panels in K-blocks:
+# K=1024 M=32/64/128/256 88/79/87/90 -> 99/101/95/101; K=2048 (the backward pass's dgates W_hh
+# at H=512) M=16/32/64/128/256 72/60/76/81/85 -> 88/93/101/96/103; K=256-512, M=8-64 within
+# noise. Where even 16-wide panels would need K-blocks under 16 rows (several thousand batch
+# rows in one piece): one panel per segment and one ordinary sgemm call on it.
 SMALL_GEMM_MNK = 1_000_000
 PANEL_MAX_WIDTH = 64
+MIN_KBLOCK = 32   # narrower K-blocks than this: panels 16 wide instead of 64
 TILE = 32
 
 
@@ -307,17 +313,20 @@ def pack_panels(w, transposed, segments, stride, s0, s1, width):
 
 
 @njit(cache=True)
-def panel_product(a, panels, c, beta, segments, stride, s0, s1, width):
+def panel_product(a, panels, c, beta, segments, stride, s0, s1, width, kblock):
     """c[:, g*stride + s0 : g*stride + s1] = a[M,K] @ (those columns of w^T) + beta * c, for
     g < segments, one sgemm per panel of ``pack_panels(w, .., segments, stride, s0, s1,
-    width)``. a: [M,K]  c: [M,N]."""
+    width)`` and K-block of ``kblock`` rows. a: [M,K]  c: [M,N]."""
     K = a.shape[1]
     at = 0
     for g in range(segments):
         end = g * stride + s1
         for p0 in range(g * stride + s0, end, width):
             cols = min(width, end - p0)
-            gemm_nn(a, panels[at:at + K * cols].reshape((K, cols)), c[:, p0:p0 + cols], beta)
+            panel, out = panels[at:at + K * cols].reshape((K, cols)), c[:, p0:p0 + cols]
+            for k0 in range(0, K, kblock):
+                k1 = min(k0 + kblock, K)
+                gemm_nn(a[:, k0:k1], panel[k0:k1], out, beta if k0 == 0 else 1.0)
             at += K * cols
 
 
@@ -327,6 +336,7 @@ class StepWeight(NamedTuple):
     transposed: bool
     panels: np.ndarray   # the piece's columns of w^T in panels (pack_panels), or empty
     width: int           # panel width; 0: no panels, w used in place
+    kblock: int          # rows of a panel per sgemm (K-blocks under the small-matrix size)
     segments: int        # the piece's columns: g*stride + s0 : g*stride + s1, g < segments
     stride: int          #   (by units: the gate blocks, H and the units j0:j1;
     s0: int              #    by batch rows: one segment, all N columns)
@@ -359,13 +369,25 @@ def step_weight(w, transposed, blocks, H, b0, b1, j0, j1, by_units, steps):
     one_row_large = (by_units and rows == 1 and not transposed
                      and segments * (s1 - s0) * K > ONE_ROW_PANEL_MAX)
     if steps < PANEL_MIN_STEPS or one_row_large:
-        return StepWeight(w, transposed, np.empty(0, w.dtype), 0, segments, stride, s0, s1,
+        return StepWeight(w, transposed, np.empty(0, w.dtype), 0, 0, segments, stride, s0, s1,
                           b0, b1)
-    width = min(PANEL_MAX_WIDTH, SMALL_GEMM_MNK // max(rows * K, 1) // 16 * 16)
-    if width < 16:
-        width = max(s1 - s0, 1)                       # one ordinary sgemm per segment
+    width, kblock = _panel_shape(rows, K)
+    if width == 0:
+        width, kblock = max(s1 - s0, 1), max(K, 1)    # one ordinary sgemm per segment
     panels = pack_panels(w, transposed, segments, stride, s0, s1, width)
-    return StepWeight(w, transposed, panels, width, segments, stride, s0, s1, b0, b1)
+    return StepWeight(w, transposed, panels, width, kblock, segments, stride, s0, s1, b0, b1)
+
+
+@njit(cache=True)
+def _panel_shape(rows, K):
+    """(width, kblock) of the panels for ``rows`` rows against K: the widest panel up to
+    PANEL_MAX_WIDTH, and K-blocks, with rows * width * kblock within the small-matrix size
+    (kblock a multiple of 8, at most K); (0, 0) where that leaves under 16 rows per K-block."""
+    for width in (PANEL_MAX_WIDTH, 16):
+        kblock = min(K, SMALL_GEMM_MNK // max(rows * width, 1) // 8 * 8)
+        if kblock >= min(K, MIN_KBLOCK if width > 16 else 16):
+            return width, max(kblock, 1)
+    return 0, 0
 
 
 @njit(cache=True)
@@ -376,7 +398,8 @@ def step_product(a, sw, c, beta):
     sgemm NT on its rows; given transposed, sgemm NN on its columns. a: [B,K]  c: [B,N]."""
     a, c = a[sw.b0:sw.b1], c[sw.b0:sw.b1]
     if sw.width:
-        panel_product(a, sw.panels, c, beta, sw.segments, sw.stride, sw.s0, sw.s1, sw.width)
+        panel_product(a, sw.panels, c, beta, sw.segments, sw.stride, sw.s0, sw.s1, sw.width,
+                      sw.kblock)
         return
     for g in range(sw.segments):
         n0, n1 = g * sw.stride + sw.s0, g * sw.stride + sw.s1
