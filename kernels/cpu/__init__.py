@@ -16,10 +16,15 @@ machine's cores were shared, so only ratios are meaningful):
   the large GEMMs (= SGEMM 2048^3 on this machine). LSTM B=128, H=1024: 80% of SGEMM's
   GFLOP/s on one thread.
 * Per-step GEMM layout (``_blas.step_weight``): each piece of a time loop packs its share of
-  W_hh^T once per layer call into contiguous panels under OpenBLAS's small-matrix size, one
-  sgemm per panel and step (LSTM B=8 H=1024 T=100 step 452 -> 291 ms; the transposed copy of
-  W_hh this replaced cost 31 ms per layer call at H=1024); dot products for one row split by
-  units; calls of under 8 steps use W_hh in place.
+  W_hh^T once per layer call into contiguous 64-wide panels, one sgemm per panel, K-block and
+  step under OpenBLAS's small-matrix size (LSTM B=8 H=1024 T=100 step 452 -> 291 ms; the
+  transposed copy of W_hh this replaced cost 31 ms per layer call at H=1024; K-blocks in place
+  of whole-segment sgemm at many rows: [128,1024] @ [1024,2048] 87 -> 95-103 GFLOP/s); dot
+  products for one row split by units with a share over 2^17 elements; calls of under 8
+  steps use W_hh in place.
+* Input projections of few rows split by output columns (``_common.project_inputs``); a
+  model's decoder on the same threads (``linear.py``); a caller may project the input itself
+  (``w_ih=None``: a language model's folded embedding).
 * Gate loops: gate blocks as 1-D views (41 -> 2.5 ns per element for the LSTM forward: plain
   ``g[k*H + j]`` indexing kept LLVM from vectorising), ``error_model="numpy"`` (a division's
   zero check also blocks vectorisation: float32 tanh 3.5 -> 0.36 ns), typed constants.
