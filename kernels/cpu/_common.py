@@ -12,11 +12,14 @@ from ._math import jit
 
 
 @jit
-def add_column_sums(a, out):
-    """out[N] += sum over rows of a[M, N]."""
+def add_column_sums(a, c0, c1, out):
+    """out[c1 - c0] += sum over rows of a[M, c0:c1]. (The columns are cut from each row of a
+    row-contiguous a, so the inner loop runs over a contiguous view and vectorises; a[:, c0:c1]
+    handed in instead would be a strided 2-D view, and it ran 3.4x slower: [3200, 1024] of a
+    [3200, 2048] float32 array, 2.8 -> 0.82 ms.)"""
     for m in range(a.shape[0]):
-        row = a[m]
-        for n in range(out.shape[0]):
+        row = a[m][c0:c1]
+        for n in range(c1 - c0):
             out[n] += row[n]
 
 
@@ -118,12 +121,12 @@ def finish_backward(x, w_ih, dw_ih, dx, h0, y, dg_x, dg_h, dw_hh, db_ih, db_hh, 
     gemm_tn(gh2[B:, r0:r1], y.reshape(T * B, H)[first:(T - 1) * B], dw_hh[r0:r1], 1.0)
     if dg_h is dg_x:                                       # LSTM, Elman: one sum for both
         db = np.zeros(r1 - r0, db_ih.dtype)
-        add_column_sums(gx2[:, r0:r1], db)
+        add_column_sums(gx2, r0, r1, db)
         db_ih[r0:r1] += db
         db_hh[r0:r1] += db
     else:
-        add_column_sums(gx2[:, r0:r1], db_ih[r0:r1])
-        add_column_sums(gh2[:, r0:r1], db_hh[r0:r1])
+        add_column_sums(gx2, r0, r1, db_ih[r0:r1])
+        add_column_sums(gh2, r0, r1, db_hh[r0:r1])
     m0, m1 = part_range(N, part, parts)                    # dx rows of this piece
     gemm_nn(gx2[m0:m1], w_ih, dx.reshape(T * B, I)[first + m0:first + m1], 0.0)  # dx = dg_x W_ih
     if part == 0:

@@ -31,7 +31,7 @@ def _backward_rows(dout, x, w, dw, db, dx, part, parts):
     # this piece: rows o0:o1 of dw and db, rows n0:n1 of dx
     o0, o1 = part_range(w.shape[0], part, parts)
     gemm_tn(dout[:, o0:o1], x, dw[o0:o1], 1.0)            # dW += dout^T x
-    add_column_sums(dout[:, o0:o1], db[o0:o1])            # db += sum over rows of dout
+    add_column_sums(dout, o0, o1, db[o0:o1])              # db += sum over rows of dout
     n0, n1 = part_range(x.shape[0], part, parts)
     gemm_nn(dout[n0:n1], w, dx[n0:n1], 0.0)               # dx = dout W
 
