@@ -363,6 +363,7 @@ def test_layer_split_over_threads(cell, workers, monkeypatch):
     from bptt_kernels.cpu import _loop
     monkeypatch.setattr(_loop, "THREADS", workers)
     monkeypatch.setattr(_loop, "MIN_WORK_FOR_THREADS", 0)   # split even this small layer
+    monkeypatch.setattr(_loop, "MIN_PHASE_WORK_FOR_THREADS", 0)   # ... and each GEMM phase
     calls = []
     run_piece = _loop._on_one_blas_thread
     monkeypatch.setattr(_loop, "_on_one_blas_thread", lambda *a: (calls.append(1), run_piece(*a)))
@@ -381,6 +382,27 @@ def test_layer_split_over_threads(cell, workers, monkeypatch):
         assert_close(got["dstate"][k], want["dstate"][k], np.float64, f"dstate[{k}]")
     for name in grads0:
         assert_close(got["grads"][name], want["grads"][name], np.float64, f"d{name}")
+
+
+def test_small_gemm_phases_stay_in_one_piece(monkeypatch):
+    """A split call runs a GEMM phase (input projection; weight gradients and dx) of under
+    MIN_PHASE_WORK_FOR_THREADS multiply-adds as one piece: only the time loops go to the pool."""
+    from bptt_kernels.cpu import _loop
+    monkeypatch.setattr(_loop, "THREADS", 2)
+    monkeypatch.setattr(_loop, "MIN_WORK_FOR_THREADS", 0)
+    calls = []
+    run_piece = _loop._on_one_blas_thread
+    monkeypatch.setattr(_loop, "_on_one_blas_thread", lambda *a: (calls.append(a[0].__name__), run_piece(*a)))
+    rng = np.random.default_rng(3)
+    x, state, w = random_layer(rng, "gru", np.float64, 6, 5, 4, 7)
+    dy = rng.standard_normal((6, 5, 7))
+    dfinal = tuple(rng.standard_normal((5, 7)) for _ in state)
+    grads0 = {n: rng.standard_normal(a.shape) for n, a in w.items()}
+    got = run_cell(cpu, "gru", x, state, w, dy, dfinal, grads0, 2)
+    assert calls == ["_forward_steps", "_backward_steps"]
+    want = run_cell(ref, "gru", x, state, w, dy, dfinal, grads0, 2)
+    for name in ("y", "dx", "dh"):
+        assert_close(got[name], want[name], np.float64, name)
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
@@ -440,6 +462,7 @@ def test_unit_split_piece_that_stops_releases_the_others(monkeypatch):
     from bptt_kernels.cpu._barrier import barrier
     monkeypatch.setattr(_loop, "THREADS", 2)
     monkeypatch.setattr(_loop, "MIN_WORK_FOR_THREADS", 0)
+    monkeypatch.setattr(_loop, "MIN_PHASE_WORK_FOR_THREADS", 0)
     aborted = threading.Event()
 
     def piece(flags, part, parts):
@@ -468,6 +491,7 @@ def test_unit_split_busy_falls_back_to_batch_split(monkeypatch):
     from bptt_kernels.cpu import _loop
     monkeypatch.setattr(_loop, "THREADS", 2)
     monkeypatch.setattr(_loop, "MIN_WORK_FOR_THREADS", 0)
+    monkeypatch.setattr(_loop, "MIN_PHASE_WORK_FOR_THREADS", 0)
     monkeypatch.setattr(_loop, "UNIT_SPLIT_WEIGHT_FEW_ROWS", 1)  # B=1 would split by units
     rng = np.random.default_rng(5)
     x, state, w = random_layer(rng, "lstm", np.float64, 5, 1, 3, 10)

@@ -7,7 +7,7 @@ import numpy as np
 
 from . import _args
 from ._blas import gemm_nn, gemm_nt, gemm_tn
-from ._loop import part_range, run_parts
+from ._loop import part_range, phase_parts, run_parts
 from ._math import jit
 
 
@@ -59,11 +59,11 @@ def copy_inputs(x, out, part, parts):
 
 def input_projection(x, w_ih, out, parts):
     """out[T,B,G*H] = x W_ih^T for all steps (``project_inputs``), or x itself where w_ih is
-    None (the caller projected the input: x is [T,B,G*H]); in ``parts`` pieces."""
+    None (the caller projected the input: x is [T,B,G*H]); in up to ``parts`` pieces."""
     if w_ih is None:
         run_parts(copy_inputs, (x, out), parts)
     else:
-        run_parts(project_inputs, (x, w_ih, out), parts)
+        run_parts(project_inputs, (x, w_ih, out), phase_parts(parts, x.size * out.shape[2]))
 
 
 def gate_gradients(name, shape, dtype, w_ih):
@@ -88,6 +88,15 @@ def input_side(x, w_ih, dw_ih, dg_x, t_start):
     dg_x[:t_start] = 0
     no_input, no_weight = np.empty((T, B, 0), dg_x.dtype), np.empty((GH, 0), dg_x.dtype)
     return (no_input, no_weight, no_weight, no_input), dg_x
+
+
+def run_finish_backward(input_args, h0, y, dg_x, dg_h, dw_hh, db_ih, db_hh, dh, t_start, parts):
+    """``finish_backward`` over the rows t >= t_start in up to ``parts`` pieces (``phase_parts``
+    of its GEMMs' multiply-adds); input_args: (x, w_ih, dw_ih, dx) from ``input_side``."""
+    T, B, I = input_args[0].shape
+    work = (T - t_start) * B * dg_x.shape[2] * (2 * I + h0.shape[1])
+    run_parts(finish_backward, input_args + (h0, y, dg_x, dg_h, dw_hh, db_ih, db_hh, dh, t_start),
+              phase_parts(parts, work))
 
 
 @jit(nogil=True)

@@ -44,6 +44,12 @@ from ._math import jit
 # the pool and joining costs ~50 us: T=1, B=4, H=16 LSTM forward+backward took 30 us on one
 # thread against 80-130 us split)
 MIN_WORK_FOR_THREADS = 4_000_000
+# multiply-adds of one GEMM phase of a split call (the input projection; weight gradients and
+# dx) from which that phase runs in pieces too. Measured, LSTM, T=100, 2 threads, us (one
+# piece / two): weight gradients and dx at B=1 H=64 (4.9M) 117 / 155, B=1 H=128 (19.7M)
+# 448 / 345; input projection at B=1 H=128 (6.6M) 172 / 173, B=4 H=64 (6.6M) 164 / 197,
+# B=1 H=256 (26M) 724 / 518.
+MIN_PHASE_WORK_FOR_THREADS = 10_000_000
 
 def _thread_count():
     setting = os.environ.get("BPTT_NUM_THREADS", "").strip()
@@ -133,6 +139,11 @@ class layer_threads:
     def __exit__(self, *exc):
         set_blas_threads(self.previous)
         return False
+
+
+def phase_parts(parts, work):
+    """Pieces for one GEMM phase of ``work`` multiply-adds in a call split into ``parts``."""
+    return parts if work >= MIN_PHASE_WORK_FOR_THREADS else 1
 
 
 def _on_one_blas_thread(kernel, *args):

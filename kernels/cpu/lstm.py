@@ -18,8 +18,8 @@ import numpy as np
 from . import _args
 from ._barrier import barrier
 from ._blas import step_product, step_weight
-from ._common import finish_backward, gate_gradients, input_projection, input_side
-from ._loop import layer_threads, run_parts, run_time_loop, split_ranges
+from ._common import gate_gradients, input_projection, input_side, run_finish_backward
+from ._loop import layer_threads, run_time_loop, split_ranges
 from ._math import jit, one_like, sigmoid_, tanh_
 
 G = 4
@@ -173,6 +173,6 @@ def lstm_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_h
     with layer_threads((T - t_start) * B * G * H * (2 * I + 2 * H)) as parts:
         run_time_loop(_backward_steps, (dy, cache.c0, cache.gates, cache.c, cache.tanh_c, w_hh,
                                         t_start, dh_next, dc_next, dgates, dh), parts, B, w_hh.size)
-        run_parts(finish_backward, input_args + (cache.h0, cache.y, dgates, dgates, dw_hh,
-                                                 db_ih, db_hh, dh, t_start), parts)
+        run_finish_backward(input_args, cache.h0, cache.y, dgates, dgates, dw_hh, db_ih, db_hh, dh,
+                            t_start, parts)
     return dx, (dh_next, dc_next), dh

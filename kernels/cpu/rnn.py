@@ -17,8 +17,8 @@ import numpy as np
 from . import _args
 from ._barrier import barrier
 from ._blas import step_product, step_weight
-from ._common import finish_backward, gate_gradients, input_projection, input_side
-from ._loop import layer_threads, run_parts, run_time_loop, split_ranges
+from ._common import gate_gradients, input_projection, input_side, run_finish_backward
+from ._loop import layer_threads, run_time_loop, split_ranges
 from ._math import jit, one_like, tanh_
 
 G = 1
@@ -114,8 +114,8 @@ def _backward(relu, dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db
     with layer_threads((T - t_start) * B * H * (2 * I + 2 * H)) as parts:
         run_time_loop(_backward_steps, (dy, cache.y, relu, w_hh, t_start, dh_next, da, dh),
                       parts, B, w_hh.size)
-        run_parts(finish_backward, input_args + (cache.h0, cache.y, da, da, dw_hh,
-                                                 db_ih, db_hh, dh, t_start), parts)
+        run_finish_backward(input_args, cache.h0, cache.y, da, da, dw_hh, db_ih, db_hh, dh,
+                            t_start, parts)
     return dx, (dh_next,), dh
 
 
