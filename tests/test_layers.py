@@ -82,6 +82,40 @@ def test_t_start_equals_forward_from_detached_state(backend, cell, t_start, rng,
         assert_close(grads[n], host(g), rtol, f"d{n}")
 
 
+@pytest.mark.parametrize("cell", CELLS)
+def test_projected_input_matches_plain_input(backend, cell, rng, make_layer, random_state,
+                                             state_parts, assert_close, tol):
+    """forward(x W_ih^T, projected=True) gives the plain forward's outputs; its backward returns
+    g = dL/d(x W_ih^T) with g W_ih = dx, accumulates every gradient but weight_ih_l0's (whose
+    increment is g^T x), and x of the wrong width names the expected one."""
+    T, B, I, H, t_start = 5, 3, 4, 6, 2
+    layer = make_layer(cell, I, H, num_layers=2, seed=4)
+    x, dy = rng.standard_normal((T, B, I)), rng.standard_normal((T, B, H))
+    state, dfinal = random_state(layer, B, rng), random_state(layer, B, rng)
+    y, final, cache = layer.forward(x, state)
+    dx, dstate = layer.backward(dy, cache, dfinal, t_start=t_start)
+    plain = {n: host(g).copy() for n, g in layer.grads.items()}
+    layer.zero_grad()
+    w_ih = host(layer.params["weight_ih_l0"])
+    y_p, final_p, cache_p = layer.forward(x @ w_ih.T, state, projected=True)
+    g, dstate_p = layer.backward(dy, cache_p, dfinal, t_start=t_start)
+    rtol = tol(np.float64)
+    assert_close(host(y_p), host(y), rtol, "y")
+    for k, (a, b) in enumerate(zip(state_parts(final_p) + state_parts(dstate_p),
+                                   state_parts(final) + state_parts(dstate))):
+        assert_close(a, b, rtol, f"state {k}")
+    g = host(g)
+    assert g.shape == (T, B, layer.params["weight_hh_l0"].shape[0]) and not g[:t_start].any()
+    assert_close(g @ w_ih, host(dx), rtol, "g W_ih")
+    assert not host(layer.grads["weight_ih_l0"]).any()
+    assert_close(g.reshape(-1, g.shape[2]).T @ x.reshape(-1, I), plain["weight_ih_l0"], rtol, "g^T x")
+    for n, grad in layer.grads.items():
+        if n != "weight_ih_l0":
+            assert_close(host(grad), plain[n], rtol, f"d{n}")
+    with pytest.raises(ValueError, match=r"G\*H \(projected=True\)"):
+        layer.forward(x, state, projected=True)
+
+
 def test_dh_top_layer_is_dy_plus_recurrent_gradient(backend, rng, make_layer, state_parts):
     """dh[top][t] = dy[t] + dL/dh_t through step t+1; at the last step that is dy + dstate."""
     layer = make_layer("gru", 3, 4, num_layers=1, seed=4)
