@@ -468,7 +468,6 @@ def _steps_per_epoch(cfg, data):
     batches = math.ceil(len(inputs) / b)
     if k1 is None:
         return batches
-    steps = inputs.shape[1]
     if targets.ndim == 2 and targets.dtype.kind in "iu":   # every-step class targets, -1 = none
         scored = np.nonzero((targets >= 0).any(axis=0))[0]
         chunks = len({int(t) // k1 for t in scored})
