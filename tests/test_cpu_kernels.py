@@ -48,6 +48,16 @@ def random_layer(rng, cell, dtype, T, B, I, H):
     return x, state, w
 
 
+def random_problem(rng, cell, dtype, T, B, I, H):
+    """random_layer's (x, state, w) plus dy [T,B,H], dfinal (like state) and starting gradients
+    grads0 (like w; nonzero, so that += is checked)."""
+    x, state, w = random_layer(rng, cell, dtype, T, B, I, H)
+    dy = rng.standard_normal((T, B, H)).astype(dtype)
+    dfinal = tuple(rng.standard_normal((B, H)).astype(dtype) for _ in state)
+    grads0 = {n: rng.standard_normal(a.shape).astype(dtype) for n, a in w.items()}
+    return x, state, w, dy, dfinal, grads0
+
+
 def f64(tree):
     if isinstance(tree, (tuple, list)):
         return type(tree)(f64(a) for a in tree)
@@ -77,10 +87,7 @@ SHAPES = [(1, 1, 3, 4), (5, 3, 4, 6), (7, 2, 9, 37), (12, 5, 3, 20), (3, 1, 2, 1
 def test_cell_matches_reference(cell, dtype, shape):
     T, B, I, H = shape
     rng = np.random.default_rng([CELLS.index(cell), T, B, I, H])  # reproducible per case
-    x, state, w = random_layer(rng, cell, dtype, T, B, I, H)
-    dy = rng.standard_normal((T, B, H)).astype(dtype)
-    dfinal = tuple(rng.standard_normal((B, H)).astype(dtype) for _ in state)
-    grads0 = {n: rng.standard_normal(a.shape).astype(dtype) for n, a in w.items()}  # += checked
+    x, state, w, dy, dfinal, grads0 = random_problem(rng, cell, dtype, T, B, I, H)
     for t_start in sorted({0, T // 2, T - 1}):
         got = run_cell(cpu, cell, x, state, w, dy, dfinal, grads0, t_start)
         want = run_cell(ref, cell, *f64((x, state, w, dy, dfinal, grads0)), t_start)
@@ -369,10 +376,7 @@ def test_layer_split_over_threads(cell, workers, monkeypatch):
     monkeypatch.setattr(_loop, "_on_one_blas_thread", lambda *a: (calls.append(1), run_piece(*a)))
     T, B, I, H = 6, 5, 4, 7
     rng = np.random.default_rng(13)
-    x, state, w = random_layer(rng, cell, np.float64, T, B, I, H)
-    dy = rng.standard_normal((T, B, H))
-    dfinal = tuple(rng.standard_normal((B, H)) for _ in state)
-    grads0 = {n: rng.standard_normal(a.shape) for n, a in w.items()}
+    x, state, w, dy, dfinal, grads0 = random_problem(rng, cell, np.float64, T, B, I, H)
     got = run_cell(cpu, cell, x, state, w, dy, dfinal, grads0, 1)
     want = run_cell(ref, cell, x, state, w, dy, dfinal, grads0, 1)
     assert len(calls) == 4 * (workers - 1)             # 4 phases, all but one piece on the pool
@@ -394,10 +398,7 @@ def test_small_gemm_phases_stay_in_one_piece(monkeypatch):
     run_piece = _loop._on_one_blas_thread
     monkeypatch.setattr(_loop, "_on_one_blas_thread", lambda *a: (calls.append(a[0].__name__), run_piece(*a)))
     rng = np.random.default_rng(3)
-    x, state, w = random_layer(rng, "gru", np.float64, 6, 5, 4, 7)
-    dy = rng.standard_normal((6, 5, 7))
-    dfinal = tuple(rng.standard_normal((5, 7)) for _ in state)
-    grads0 = {n: rng.standard_normal(a.shape) for n, a in w.items()}
+    x, state, w, dy, dfinal, grads0 = random_problem(rng, "gru", np.float64, 6, 5, 4, 7)
     got = run_cell(cpu, "gru", x, state, w, dy, dfinal, grads0, 2)
     assert calls == ["_forward_steps", "_backward_steps"]
     want = run_cell(ref, "gru", x, state, w, dy, dfinal, grads0, 2)
@@ -424,10 +425,7 @@ def test_time_loop_split_by_units(cell, workers, B, dtype, monkeypatch):
         together.append(kw.get("together", False)), run_parts(k, a, p, **kw))[1])
     T, I, H = 9, 6, 37
     rng = np.random.default_rng(workers * 10 + B)
-    x, state, w = random_layer(rng, cell, dtype, T, B, I, H)
-    dy = rng.standard_normal((T, B, H)).astype(dtype)
-    dfinal = tuple(rng.standard_normal((B, H)).astype(dtype) for _ in state)
-    grads0 = {n: rng.standard_normal(a.shape).astype(dtype) for n, a in w.items()}
+    x, state, w, dy, dfinal, grads0 = random_problem(rng, cell, dtype, T, B, I, H)
     got = run_cell(cpu, cell, x, state, w, dy, dfinal, grads0, 2)
     want = run_cell(ref, cell, x, state, w, dy, dfinal, grads0, 2)
     assert together.count(True) == 2                        # forward and backward time loops
@@ -475,10 +473,7 @@ def test_unit_split_piece_that_stops_releases_the_others(monkeypatch):
         _loop.run_time_loop(piece, (), 2, 1, 1 << 20)     # B=1 < 2 pieces, large W: units
     assert aborted.wait(10), "the pool piece still waits at its barrier"
     rng = np.random.default_rng(8)
-    x, state, w = random_layer(rng, "gru", np.float64, 4, 1, 3, 6)
-    dy = rng.standard_normal((4, 1, 6))
-    dfinal = tuple(rng.standard_normal((1, 6)) for _ in state)
-    grads0 = {n: rng.standard_normal(a.shape) for n, a in w.items()}
+    x, state, w, dy, dfinal, grads0 = random_problem(rng, "gru", np.float64, 4, 1, 3, 6)
     got = run_cell(cpu, "gru", x, state, w, dy, dfinal, grads0, 0)
     want = run_cell(ref, "gru", x, state, w, dy, dfinal, grads0, 0)
     assert_close(got["dx"], want["dx"], np.float64, "dx")
@@ -494,10 +489,7 @@ def test_unit_split_busy_falls_back_to_batch_split(monkeypatch):
     monkeypatch.setattr(_loop, "MIN_PHASE_WORK_FOR_THREADS", 0)
     monkeypatch.setattr(_loop, "UNIT_SPLIT_WEIGHT_FEW_ROWS", 1)  # B=1 would split by units
     rng = np.random.default_rng(5)
-    x, state, w = random_layer(rng, "lstm", np.float64, 5, 1, 3, 10)
-    dy = rng.standard_normal((5, 1, 10))
-    dfinal = tuple(rng.standard_normal((1, 10)) for _ in state)
-    grads0 = {n: rng.standard_normal(a.shape) for n, a in w.items()}
+    x, state, w, dy, dfinal, grads0 = random_problem(rng, "lstm", np.float64, 5, 1, 3, 10)
     assert _loop._team_lock.acquire(blocking=False)
     try:
         got = run_cell(cpu, "lstm", x, state, w, dy, dfinal, grads0, 0)
@@ -618,10 +610,7 @@ def test_reused_scratch_gives_fresh_results(cell, monkeypatch):
     T, B, I, H = 6, 3, 4, 9
     seen = []
     for t_start in (0, 3):
-        x, state, w = random_layer(rng, cell, np.float64, T, B, I, H)
-        dy = rng.standard_normal((T, B, H))
-        dfinal = tuple(rng.standard_normal((B, H)) for _ in state)
-        grads0 = {n: rng.standard_normal(a.shape) for n, a in w.items()}
+        x, state, w, dy, dfinal, grads0 = random_problem(rng, cell, np.float64, T, B, I, H)
         got = run_cell(cpu, cell, x, state, w, dy, dfinal, grads0, t_start)
         want = run_cell(ref, cell, x, state, w, dy, dfinal, grads0, t_start)
         for name in ("dx", "dh"):
