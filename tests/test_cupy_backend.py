@@ -497,14 +497,22 @@ def test_bptt_layers_run_on_the_emulated_backend(monkeypatch, cell):
 
 
 @needs_cxx
+@pytest.mark.parametrize("fold", [False, True], ids=["plain", "folded_embedding"])
 @pytest.mark.parametrize("cell, optimizer, k1, k2", [
     ("lstm", "adam", 5, 7), ("gru", "sgd", 4, 4), ("rnn_tanh", "sgd", 3, 6)])
-def test_trainer_runs_on_the_emulated_backend(monkeypatch, cell, optimizer, k1, k2):
+def test_trainer_runs_on_the_emulated_backend(monkeypatch, cell, optimizer, k1, k2, fold):
     """A language model trained with TBPTT(k1, k2), clipping and an optimizer over the
     host-emulated CuPy backend (embedding, softmax cross-entropy, norms, optimizer kernels and
-    the recurrent paths together) follows the reference backend's loss and gradient norms."""
+    the recurrent paths together) follows the reference backend's loss and gradient norms;
+    also with the embedding folded into layer 0's input projection (projected input)."""
     import bptt
+    import bptt.models
     from bptt import backend as dispatch
+    # chunks of T*B = 12-28 rows against V = 20: the model folds only when told to
+    monkeypatch.setattr(bptt.models, "EMBEDDING_FOLD_ROWS_PER_WORD", 0.5 if fold else 4)
+    folds, decide = [], bptt.models.LanguageModel._folds_embedding
+    monkeypatch.setattr(bptt.models.LanguageModel, "_folds_embedding",
+                        lambda self, *a: folds.append(decide(self, *a)) or folds[-1])
 
     def history(backend):
         monkeypatch.setattr(dispatch, "_current", backend)
@@ -520,6 +528,7 @@ def test_trainer_runs_on_the_emulated_backend(monkeypatch, cell, optimizer, k1, 
     for key in ("loss", "grad_norm"):
         assert len(got[key]) == len(want[key]) == 6
         assert rel_err(got[key], want[key]) <= 1e-12, key
+    assert folds and all(f == fold for f in folds)
 
 
 # ------------------------------------------------------------------------------------------

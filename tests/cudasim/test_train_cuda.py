@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import bptt
+import bptt.models
 
 
 def _train(backend_name, data, cell):
@@ -16,14 +17,21 @@ def _train(backend_name, data, cell):
     return history, params
 
 
+@pytest.mark.parametrize("fold", [False, True], ids=["plain", "folded_embedding"])
 @pytest.mark.parametrize("cell", ["lstm"])
-def test_tbptt_training_matches_reference(cuda, cell):
+def test_tbptt_training_matches_reference(cuda, cell, fold, monkeypatch):
     if not all(hasattr(bptt, n) for n in ("LanguageModel", "Trainer", "Adam")):
         pytest.skip("bptt.LanguageModel / Trainer / Adam not available")
+    # T*B = 6 rows against V = 11: the model folds its embedding only when told to
+    monkeypatch.setattr(bptt.models, "EMBEDDING_FOLD_ROWS_PER_WORD", 0.5 if fold else 4)
+    folds, decide = [], bptt.models.LanguageModel._folds_embedding
+    monkeypatch.setattr(bptt.models.LanguageModel, "_folds_embedding",
+                        lambda self, *a: folds.append(decide(self, *a)) or folds[-1])
     data = np.random.default_rng(11).integers(0, 11, 40)
     want_hist, want = _train("reference", data, cell)
     got_hist, got = _train("cuda", data, cell)
     np.testing.assert_allclose(got_hist["loss"], want_hist["loss"], rtol=1e-10)
+    assert folds and all(f == fold for f in folds)
     assert got.keys() == want.keys()
     for k in want:
         err = np.max(np.abs(got[k] - want[k])) / np.max(np.abs(want[k]))
