@@ -93,3 +93,11 @@ Non-recurrent pieces used by the trainer
 
 CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
 GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
+
+
+def check_input_weight_pair(w_ih, dw_ih):
+    """A backward's w_ih and dw_ih are both arrays, or both None (the input was projected by
+    the caller); ValueError otherwise. Shared by every backend's argument checks."""
+    if (w_ih is None) != (dw_ih is None):
+        raise ValueError("w_ih and dw_ih must both be None (input projected by the caller) "
+                         "or both arrays")

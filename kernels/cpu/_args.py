@@ -10,6 +10,8 @@ import threading
 
 import numpy as np
 
+from bptt_kernels import check_input_weight_pair
+
 DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
@@ -135,8 +137,7 @@ def backward_args(G, n_state, cache_type, dy, dfinal_state, cache, w_ih, w_hh,
     H = cache.y.shape[2]
     dy = as_input("dy", dy, dtype, (T, B, H))
     dfinal_state = as_state("dfinal_state", dfinal_state, n_state, dtype, B, H)
-    if (w_ih is None) != (dw_ih is None):
-        raise ValueError("w_ih and dw_ih must both be None (input projected by the caller) or both arrays")
+    check_input_weight_pair(w_ih, dw_ih)
     if w_ih is not None:
         w_ih = as_input("w_ih", w_ih, dtype, (G * H, I))
         as_output("dw_ih", dw_ih, dtype, (G * H, I))

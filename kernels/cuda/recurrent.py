@@ -19,6 +19,8 @@ from typing import NamedTuple
 import numpy as np
 from numba import cuda
 
+from bptt_kernels import check_input_weight_pair
+
 from . import _device, cells, config
 from .gemm import col_sum_add, matmul
 
@@ -185,8 +187,9 @@ def forward(cell, x, state, w_ih, w_hh, b_ih, b_hh):
     """One layer of ``cell`` over all T steps; see the backend interface for the contract.
 
     x [T,B,I], state (h0 [B,H],) or (h0, c0) for lstm, w_ih [G*H,I], w_hh [G*H,H], b_ih/b_hh [G*H].
-    w_ih None: x is x W_ih^T [T,B,G*H] already. Returns y [T,B,H] (the view ``cache.hs[1:]``: do not modify it in place while the cache
-    is needed), the final state (fresh arrays) and the cell's cache NamedTuple.
+    w_ih None: x is x W_ih^T [T,B,G*H] already. Returns y [T,B,H] (the view ``cache.hs[1:]``:
+    do not modify it in place while the cache is needed), the final state (fresh arrays) and
+    the cell's cache NamedTuple.
     """
     _device.check_array("x", x, ndim=3)
     T, B, I = x.shape
@@ -262,8 +265,7 @@ def backward(cell, dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_
     if dfinal_state is None:
         dfinal_state = tuple(_device.zeros((B, H), dtype) for _ in range(2 if is_lstm else 1))
     _check_state("dfinal_state", dfinal_state, 2 if is_lstm else 1, B, H, dtype)
-    if (w_ih is None) != (dw_ih is None):
-        raise ValueError("w_ih and dw_ih must both be None (input projected by the caller) or both arrays")
+    check_input_weight_pair(w_ih, dw_ih)
     if w_ih is not None:
         _device.check_array("w_ih", w_ih, ndim=2, dtype=dtype, shape=(GH, I))
     _device.check_array("w_hh", w_hh, ndim=2, dtype=dtype, shape=(GH, H))

@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from bptt_kernels import CELLS, GATES
+from bptt_kernels import CELLS, GATES, check_input_weight_pair
 
 from . import config
 from ._compile import SUFFIX, kernel_name
@@ -294,9 +294,7 @@ class Engine:
             raise ValueError(f"t_start must be in [0, {T - 1}] for T={T} steps, got {t_start}")
         dy = self._array("dy", dy, (T, B, H), dtype)
         dfinal = self._state("dfinal_state", dfinal_state, cell, B, H, dtype)
-        if (w_ih is None) != (dw_ih is None):
-            raise ValueError("w_ih and dw_ih must both be None (input projected by the caller) "
-                             "or both arrays")
+        check_input_weight_pair(w_ih, dw_ih)
         if w_ih is not None:
             w_ih = self._array("w_ih", w_ih, (G * H, I), dtype)
             dw_ih = self._array("dw_ih", dw_ih, (G * H, I), dtype, contiguous=True)
