@@ -6,6 +6,8 @@ Error measure: max |a - b| / max |b| over the array (float64 reference computed 
 inputs cast to float64).
 """
 
+import math
+
 import numpy as np
 import pytest
 
@@ -340,9 +342,15 @@ def test_optimizers_match_torch():
 
 def test_norm_helpers():
     rng = np.random.default_rng(12)
-    arrays = [rng.standard_normal((3, 4)).astype(np.float32), rng.standard_normal(5)]
+    # a long array too: the vectorised sum's main loop and its remainder (100_003 = 16k + 3)
+    arrays = [rng.standard_normal((3, 4)).astype(np.float32), rng.standard_normal(5),
+              rng.standard_normal(100_003).astype(np.float32)]
     want = ref.sum_of_squares([a.astype(np.float64) for a in arrays])
     assert abs(cpu.sum_of_squares(arrays) - want) <= 1e-12 * want
+    for bad in (np.nan, np.inf, -np.inf):          # a non-finite element anywhere shows
+        spoiled = arrays[2].copy()
+        spoiled[rng.integers(spoiled.size)] = bad
+        assert not math.isfinite(cpu.sum_of_squares([arrays[0], spoiled]))
     copies = [a.copy() for a in arrays]
     cpu.scale_(arrays, 0.5)
     for a, c in zip(arrays, copies):
