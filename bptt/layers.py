@@ -197,6 +197,12 @@ class _RecurrentLayer:
         Returns y [T, B, H] (top layer's hidden state after every step), the final state
         (like ``state``), and a :class:`LayerCache` for :meth:`backward`.
         """
+        return self._forward(x, state, projected, check_finite=True)
+
+    def _forward(self, x, state, projected, check_finite):
+        """:meth:`forward`; ``check_finite=False`` skips the scan of x for NaN/inf, for a caller
+        whose x comes out of its own finite computation (a model's upper levels, a projected
+        table): a non-finite x would show in that caller's loss anyway."""
         x = _checks.as_float_array("x", x, self.dtype, self.backend)
         _checks.expect_ndim("x", x, 3, "[T, B, I]")
         T, B, I = x.shape
@@ -207,7 +213,8 @@ class _RecurrentLayer:
                              f"got {_checks.describe(x)}")
         if T < 1 or B < 1:
             raise ValueError(f"x must have at least one time step and one batch row; got {_checks.describe(x)}")
-        _checks.expect_finite("x", x, self.backend)
+        if check_finite:
+            _checks.expect_finite("x", x, self.backend)
         if state is None:
             state = self.init_state(B)
         states = self._state_arrays("state", state, B)
@@ -242,6 +249,11 @@ class _RecurrentLayer:
         dL/d(state entering step t_start), like ``state``; with ``return_dh=True`` also dh, a
         list of one [T, B, H] array per layer (bottom first): the total dL/dh_t of every step.
         """
+        return self._backward(dy, cache, dstate, t_start, return_dh, check_finite=True)
+
+    def _backward(self, dy, cache, dstate, t_start, return_dh, check_finite):
+        """:meth:`backward`; ``check_finite=False`` skips the scan of dy for NaN/inf (a model
+        that has checked it already)."""
         if not isinstance(cache, LayerCache):
             raise TypeError(f"cache must be the LayerCache returned by this layer's forward; "
                             f"got {type(cache).__name__}")
@@ -251,7 +263,8 @@ class _RecurrentLayer:
         T, B = cache.T, cache.B
         dy = _checks.as_float_array("dy", dy, self.dtype, self.backend)
         _checks.expect_shape("dy", dy, (T, B, self.hidden_size), "[T, B, H] (like y)")
-        _checks.expect_finite("dy", dy, self.backend)
+        if check_finite:
+            _checks.expect_finite("dy", dy, self.backend)
         t_start = _checks.expect_int("t_start", t_start, 0, T - 1)
         if dstate is None:
             dstates = tuple(self.backend.zeros((self.num_layers, B, self.hidden_size), self.dtype)

@@ -209,7 +209,10 @@ class _RecurrentModel:
             if k > 0:
                 x, mask = self._dropout(x, train)
                 masks.append(mask)
-            x, final, cache = layer.forward(x, states[k], projected=projected and k == 0)
+            # only a user's x needs the scan for NaN/inf: the levels above take the output of
+            # the one below, a projected x comes from the model's weights
+            x, final, cache = layer._forward(x, states[k], projected and k == 0,
+                                             check_finite=k == 0 and not projected)
             caches.append(cache)
             finals.append(final)
         return x, self._join_state(finals), StackCache(caches, masks)
@@ -225,8 +228,8 @@ class _RecurrentModel:
             for part in (dstates[k] if isinstance(dstates[k], tuple) else (dstates[k],)):
                 if part is not None:
                     _check_finite_grad(xp, part, f"the final state of recurrent level {k}")
-            dy, dinit[k], (dh_all[k],) = self.layers[k].backward(dy, cache.layers[k], dstates[k], t_start,
-                                                                return_dh=True)
+            dy, dinit[k], (dh_all[k],) = self.layers[k]._backward(dy, cache.layers[k], dstates[k], t_start,
+                                                                 return_dh=True, check_finite=False)
             if k > 0 and cache.masks[k - 1] is not None:
                 dy = dy * cache.masks[k - 1]
         return dy, self._join_state(dinit), dh_all

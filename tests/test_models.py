@@ -6,6 +6,7 @@ import pytest
 
 import bptt
 import bptt.models
+import bptt.trainer
 from bptt.losses import cross_entropy, mse
 
 torch = pytest.importorskip("torch")
@@ -228,3 +229,23 @@ def test_model_argument_and_state_dict_errors():
     tsd["decoder.weight"] = tsd["decoder.weight"] + 1
     with pytest.raises(ValueError, match="tied"):
         tied.load_state_dict(tsd)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning", "ignore:overflow:RuntimeWarning")
+def test_non_finite_values_inside_a_model_show_as_a_non_finite_loss():
+    """A user's NaN input is refused at the bottom level, naming the input; a NaN that arises
+    inside the model (here from a level's weight) is not scanned for level by level: it
+    reaches the outputs, and the trainer reports a non-finite loss."""
+    rng = np.random.default_rng(31)
+    bm = bptt.SequenceModel(3, 4, 2, num_layers=2, cell="lstm", dtype=np.float64, seed=32)
+    x = rng.standard_normal((5, 2, 3))
+    x[2, 1, 0] = np.nan
+    with pytest.raises(ValueError, match=r"contains 1 non-finite value .* index \(2, 1, 0\)"):
+        bm.forward(x)
+    lm = bptt.LanguageModel(7, 3, 4, num_layers=2, cell="gru", dtype=np.float64, seed=33)
+    lm.params["rnn.weight_hh_l0"][1, 2] = np.inf        # level 1 then takes NaN inputs
+    logits, _, _ = lm.forward(rng.integers(0, 7, (6, 2)))
+    assert not np.isfinite(logits).all()
+    trainer = bptt.Trainer(lm, bptt.SGD(0.5), k1=3)
+    with pytest.raises(bptt.trainer.NonFiniteError, match="loss"):
+        trainer.fit(rng.integers(0, 7, 40), 2)
