@@ -34,6 +34,7 @@ import json
 import math
 import os
 import sys
+import threading
 import time
 
 CHECKPOINT_FILE = "checkpoint.npz"
@@ -237,9 +238,12 @@ class Progress:
     Every ``log_every`` steps the event is also appended to the run's JSONL log. Tokens are the
     event's (the chunk's steps x streams) unless ``tokens_per_update`` says how many steps x
     sequences one update stands for (tasks, where chunks without targets make no update).
+    ``wait_notice``: a line written once if no update has arrived ``wait_notice_s`` seconds after
+    construction (the first run of a Numba backend compiles its kernels before the first update).
     """
 
-    def __init__(self, total, stream=None, every_s=None, run_dir=None, log_every=50, tokens_per_update=None):
+    def __init__(self, total, stream=None, every_s=None, run_dir=None, log_every=50, tokens_per_update=None,
+                 wait_notice=None, wait_notice_s=3.0):
         self.total = total
         self.stream = stream if stream is not None else sys.stderr
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
@@ -255,8 +259,26 @@ class Progress:
         self.step = 0
         self.first_step = None
         self.last_event = None
+        self._waiting = None
+        if wait_notice:
+            self._waiting = threading.Timer(wait_notice_s, self._write_line, (wait_notice,))
+            self._waiting.daemon = True
+            self._waiting.start()
+
+    def _write_line(self, text):
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def _stop_waiting(self):
+        """Cancel the wait notice (if it has not been written) and wait for its thread."""
+        if self._waiting is not None:
+            self._waiting.cancel()
+            self._waiting.join()
+            self._waiting = None
 
     def __call__(self, event):
+        if self._waiting is not None:
+            self._stop_waiting()
         loss = float(event["loss"])
         self.losses.append(loss)
         if math.isfinite(loss):
@@ -312,6 +334,7 @@ class Progress:
         self.stream.flush()
 
     def close(self):
+        self._stop_waiting()
         self.draw()
         if self.tty and self.step:
             self.stream.write("\n")
@@ -580,7 +603,10 @@ def cmd_train(args):
           f"{'resuming' if args.resume else 'run dir'} {out}", file=err)
 
     os.makedirs(out, exist_ok=True)
-    progress = Progress(total, run_dir=out, tokens_per_update=data.tokens_per_update)
+    compiles = backend.NAME in ("cpu", "cuda")       # Numba: compiled on first use, then cached
+    notice = ("(no update yet: the first run on a machine compiles the kernels, about 20 s; "
+              "later runs load them from the cache)") if compiles else None
+    progress = Progress(total, run_dir=out, tokens_per_update=data.tokens_per_update, wait_notice=notice)
     meta = {"config": {k: v for k, v in cfg.items() if k not in ("json", "resume", "backend", "out")},
             "vocab": vocab.to_json() if vocab else None, "bptt_version": bptt.__version__}
     ckpt = os.path.join(out, CHECKPOINT_FILE)

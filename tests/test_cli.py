@@ -302,6 +302,21 @@ def test_progress_redraws_on_a_terminal_and_writes_lines_otherwise(tty):
     assert progress.recent_loss() == pytest.approx(np.mean([2.0, 1.0, 2 / 3, 0.5]))
 
 
+def test_progress_says_why_the_first_update_is_slow_only_while_it_is():
+    from bptt.cli import Progress
+    stream = _Stream(False)
+    progress = Progress(total=2, stream=stream, every_s=0.0, wait_notice="compiling", wait_notice_s=0.01)
+    progress._waiting.join()                          # the notice is due: it is written once
+    progress({"step": 1, "epoch": 0, "loss": 1.0, "tokens": 10})
+    progress.close()
+    assert stream.text.startswith("compiling\n") and stream.text.count("compiling") == 1
+    stream = _Stream(False)
+    progress = Progress(total=2, stream=stream, every_s=0.0, wait_notice="compiling", wait_notice_s=60)
+    progress({"step": 1, "epoch": 0, "loss": 1.0, "tokens": 10})   # an update came first
+    progress.close()
+    assert "compiling" not in stream.text and "step 1" in stream.text
+
+
 @pytest.mark.slow
 def test_copy_task_needs_a_window_that_spans_the_dependency(tmp_path, capsys):
     """The TBPTT demonstration with the CLI's copy-task defaults (lag 20: each symbol is recalled
