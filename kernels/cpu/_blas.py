@@ -20,8 +20,9 @@ GEMM with row-major leading dimensions:
 A time loop's per-step products go through ``step_weight``/``step_product`` (below): once
 per layer call each piece of the loop (its batch rows, or its hidden units' columns) copies
 its share of the weight into contiguous panels and then runs one small sgemm per panel and
-step; one row split by units against W_hh as stored (the forward pass at B=1) takes dot
-products over the weight's rows instead, with no copy.
+step. Two kinds of piece use the weight in place, with no copy: one batch row that owns all
+of it (B = 1 on one thread) calls sgemv; one row split by units against W_hh as stored (the
+forward pass at B=1 on several threads) takes dot products over the weight's rows.
 
 ``blas_threads()`` / ``set_blas_threads(n)`` read and set OpenBLAS's thread count (through
 ``openblas_set_num_threads_local``, which returns the previous value); ``_loop.py`` runs
@@ -43,7 +44,7 @@ _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
 
 
 def _candidate_libraries():
-    """(path, sgemm symbol, dgemm symbol) to try, best first."""
+    """(path, symbol suffix) to try, best first."""
     found = []
     for pkg, pattern, suffix in (("numpy", "libscipy_openblas64_*", "64_"),
                                  ("scipy", "libscipy_openblas-*", "")):
@@ -53,24 +54,28 @@ def _candidate_libraries():
             continue
         libdir = os.path.join(os.path.dirname(os.path.dirname(mod.__file__)), pkg + ".libs")
         for path in sorted(glob.glob(os.path.join(libdir, pattern + ".so*"))):
-            found.append((path, "scipy_cblas_sgemm" + suffix, "scipy_cblas_dgemm" + suffix))
+            found.append((path, suffix))
     return found
 
 
+_FUNCTIONS = ("sgemm", "dgemm", "sgemv", "dgemv")
+
+
 def _load_cblas():
-    """Register the first usable CBLAS sgemm/dgemm with LLVM; return a description."""
+    """Register the first library's CBLAS sgemm, dgemm, sgemv, dgemv with LLVM; return it and
+    a description."""
     tried = []
-    for path, s_name, d_name in _candidate_libraries():
+    for path, suffix in _candidate_libraries():
+        names = [f"scipy_cblas_{f}{suffix}" for f in _FUNCTIONS]
         try:
             lib = ctypes.CDLL(path)
-            s_addr = ctypes.cast(getattr(lib, s_name), ctypes.c_void_p).value
-            d_addr = ctypes.cast(getattr(lib, d_name), ctypes.c_void_p).value
+            addresses = [ctypes.cast(getattr(lib, n), ctypes.c_void_p).value for n in names]
         except (OSError, AttributeError) as e:
             tried.append(f"{path}: {e}")
             continue
-        llvm.add_symbol("bptt_cblas_sgemm", s_addr)
-        llvm.add_symbol("bptt_cblas_dgemm", d_addr)
-        return lib, f"{os.path.basename(path)} ({s_name}, {d_name})"
+        for f, address in zip(_FUNCTIONS, addresses):
+            llvm.add_symbol("bptt_cblas_" + f, address)
+        return lib, f"{os.path.basename(path)} ({', '.join(names)})"
     raise ImportError(
         "bptt_kernels.cpu needs the OpenBLAS bundled with NumPy (numpy.libs) or SciPy "
         "(scipy.libs), as installed from PyPI wheels; none was usable. Tried: "
@@ -110,6 +115,12 @@ _dgemm = types.ExternalFunction("bptt_cblas_dgemm", types.void(
     types.float64, _ptr, _i64))
 
 
+_sgemv = types.ExternalFunction("bptt_cblas_sgemv", types.void(
+    _i64, _i64, _i64, _i64, types.float32, _ptr, _i64, _ptr, _i64, types.float32, _ptr, _i64))
+_dgemv = types.ExternalFunction("bptt_cblas_dgemv", types.void(
+    _i64, _i64, _i64, _i64, types.float64, _ptr, _i64, _ptr, _i64, types.float64, _ptr, _i64))
+
+
 @intrinsic
 def _data_ptr(typingctx, arr):
     """The address of arr's first element, as void*."""
@@ -138,6 +149,28 @@ def _gemm_impl(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
     def impl(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
         fn(_ROW_MAJOR, trans_a, trans_b, m, n, k, cast(alpha), _data_ptr(a), lda,
            _data_ptr(b), ldb, cast(beta), _data_ptr(c), ldc)
+    return impl
+
+
+def _gemv(trans, m, n, a, lda, x, beta, y):
+    """Row-major CBLAS y = op(a) @ x + beta * y on the data of a, x, y (dtype picks s/d)."""
+    raise NotImplementedError("only callable from @njit code")
+
+
+@overload(_gemv, jit_options={"cache": True})
+def _gemv_impl(trans, m, n, a, lda, x, beta, y):
+    if not (a.dtype == x.dtype == y.dtype):
+        raise TypeError("gemv operands must share one dtype")
+    if y.dtype == types.float32:
+        fn, cast = _sgemv, np.float32
+    elif y.dtype == types.float64:
+        fn, cast = _dgemv, np.float64
+    else:
+        raise TypeError(f"gemv supports float32 and float64, not {y.dtype}")
+
+    def impl(trans, m, n, a, lda, x, beta, y):
+        fn(_ROW_MAJOR, trans, m, n, cast(1.0), _data_ptr(a), lda, _data_ptr(x), 1, cast(beta),
+           _data_ptr(y), 1)
     return impl
 
 
@@ -187,6 +220,17 @@ def gemm_tn(a, b, c, beta):
         return
     _gemm(_TRANS, _NO_TRANS, m, n, k, 1.0, a, _row_stride(a), b, _row_stride(b),
           beta, c, _row_stride(c))
+
+
+@njit(cache=True)
+def gemv_row(a, w, c, beta, transposed):
+    """c[N] = a[K] @ w^T + beta * c for w [N,K], or with ``transposed`` a[K] @ w for w [K,N]:
+    one row's product against the weight in place (rows contiguous, any row stride). With
+    beta 0, c is zeroed first rather than trusting BLAS not to read it (NaN * 0)."""
+    if beta == 0.0:
+        c[:] = 0
+    trans = _TRANS if transposed else _NO_TRANS
+    _gemv(trans, w.shape[0], w.shape[1], w, _row_stride(w), a, 1.0 if beta == 0.0 else beta, c)
 
 
 # One row split by units against W_hh as stored (``step_weight``): dot products over
@@ -249,8 +293,15 @@ def _dot_rows(w, a, c, r0, r1, beta):
 # core's L2 (ONE_ROW_PANEL_MAX elements: LSTM H=256 forward time loop, median of 200, in 4
 # alternating processes: 0.92-1.62 -> 0.91-0.99 ms), and keeps the dot products above for a
 # larger share, streamed from L3 either way (no copy; panels there: LSTM H=512 forward
-# 5.9 -> 7.5 ms); one row on one thread (H <= 128) takes panels (LSTM H=128 forward
-# 0.76 -> 0.61 ms, GRU 0.57 -> 0.51). Shares
+# 5.9 -> 7.5 ms). One row on one thread (B = 1, H <= 128) calls sgemv on the whole weight
+# in place: sgemv runs as fast as the panels' sgemm calls on one row (H = 64 / 128 / 256,
+# forward, us per step: 1.14 / 3.9 / 13.0 both; backward 0.83 / 2.9 / 12.9 against 0.85 / 2.8
+# / 11.6), and the packing, which a one-row loop of 100 steps did not win back, is gone
+# (forward 19 / 69 us per call at H = 64 / 128, backward 15 / 54). LSTM B = 1 time loops, ms,
+# medians of 1000 calls in 3 alternating process pairs, panels -> sgemv: H = 64 forward
+# 0.136-0.155 -> 0.119-0.122, backward 0.100-0.125 -> 0.100-0.102; H = 128 forward 0.42-0.53
+# -> 0.34-0.40, backward 0.32-0.38 -> 0.27-0.36. (Before the panels, these loops ran dot
+# products: LSTM H=128 forward 0.76 ms, panels 0.61, in an older build.) Shares
 # under 2^18 elements at B >= 8: within noise either way. The transposed copy this replaces
 # (np.ascontiguousarray(w_hh.T), one per layer call and direction) took 0.3 / 3.9 / 31 ms at
 # LSTM H = 256 / 512 / 1024; a piece packs its half of that H = 1024 weight in 3.6 ms from
@@ -357,8 +408,9 @@ def step_weight(w, transposed, blocks, H, b0, b1, j0, j1, by_units, steps):
     """What a time-loop piece (``_loop.split_ranges``: batch rows b0:b1, or with ``by_units``
     all rows and units j0:j1 of each of the ``blocks`` gate blocks) multiplies each of its
     ``steps`` steps by: its share of w^T packed in panels (see above), unless the piece is one
-    row split by units against w as stored with a share over ONE_ROW_PANEL_MAX elements, or
-    runs fewer than PANEL_MIN_STEPS steps; then w in place. w: [blocks*H, K] for c = a @ w^T, or with ``transposed`` that w^T itself,
+    batch row owning all of w, or one row split by units against w as stored with a share
+    over ONE_ROW_PANEL_MAX elements, or runs fewer than PANEL_MIN_STEPS steps; then w in
+    place. w: [blocks*H, K] for c = a @ w^T, or with ``transposed`` that w^T itself,
     [K, blocks*H] (the backward pass's W_hh)."""
     rows = b1 - b0
     N, K = (w.shape[1], w.shape[0]) if transposed else w.shape
@@ -368,7 +420,7 @@ def step_weight(w, transposed, blocks, H, b0, b1, j0, j1, by_units, steps):
         segments, stride, s0, s1 = 1, N, 0, N
     one_row_large = (by_units and rows == 1 and not transposed
                      and segments * (s1 - s0) * K > ONE_ROW_PANEL_MAX)
-    if steps < PANEL_MIN_STEPS or one_row_large:
+    if steps < PANEL_MIN_STEPS or one_row_large or (rows == 1 and not by_units):
         return StepWeight(w, transposed, np.empty(0, w.dtype), 0, 0, segments, stride, s0, s1,
                           b0, b1)
     width, kblock = _panel_shape(rows, K)
@@ -394,8 +446,9 @@ def _panel_shape(rows, K):
 def step_product(a, sw, c, beta):
     """One time step's c = a @ w^T + beta * c for the piece of a time loop that ``sw``
     (``step_weight``) belongs to: its batch rows, or all rows and its units' columns. Without
-    panels, w in place: one row against w as stored by dot products over its rows, more by
-    sgemm NT on its rows; given transposed, sgemm NN on its columns. a: [B,K]  c: [B,N]."""
+    panels, w in place: one row and all of w by sgemv; one row and some units of w as stored
+    by dot products over their rows; more rows by sgemm NT on w's rows or, given transposed,
+    sgemm NN on its columns. a: [B,K]  c: [B,N]."""
     a, c = a[sw.b0:sw.b1], c[sw.b0:sw.b1]
     if sw.width:
         panel_product(a, sw.panels, c, beta, sw.segments, sw.stride, sw.s0, sw.s1, sw.width,
@@ -403,7 +456,10 @@ def step_product(a, sw, c, beta):
         return
     for g in range(sw.segments):
         n0, n1 = g * sw.stride + sw.s0, g * sw.stride + sw.s1
-        if sw.transposed:
+        if a.shape[0] == 1 and sw.segments == 1:
+            gemv_row(a[0], sw.w[:, n0:n1] if sw.transposed else sw.w[n0:n1], c[0, n0:n1], beta,
+                     sw.transposed)
+        elif sw.transposed:
             gemm_nn(a, sw.w[:, n0:n1], c[:, n0:n1], beta)
         elif a.shape[0] == 1:
             _dot_rows(sw.w, a, c, n0, n1, beta)
