@@ -510,15 +510,15 @@ def test_unit_split_busy_falls_back_to_batch_split(monkeypatch):
 
 # step_product cases: (by_units, B, b0, b1, K, blocks, H, j0, j1, transposed, steps, path)
 STEP_CASES = [
-    (True, 1, 0, 1, 29, 3, 13, 3, 10, False, 100, "panels"),  # one row, a small share of w
-    (True, 1, 0, 1, 29, 3, 13, 4, 4, False, 100, "panels"),  # no units at all
-    (True, 1, 0, 1, 520, 4, 70, 2, 69, False, 100, "dots"),  # one row, 4*67*520 > 2^17: 67 rows
-    (True, 1, 0, 1, 520, 4, 70, 35, 35, False, 100, "panels"),  # ... no units: nothing to copy
+    (True, 1, 0, 1, 29, 3, 13, 3, 10, False, 100, "gemv"),  # one row, units 3:10 of 3 blocks
+    (True, 1, 0, 1, 29, 3, 13, 4, 4, False, 100, "gemv"),   # no units at all
+    (True, 1, 0, 1, 520, 4, 70, 2, 69, False, 100, "gemv"),  # 67 of 70 units, K = 520
     (False, 3, 1, 2, 29, 1, 39, 0, 39, False, 100, "gemv"),  # one batch row of three: sgemv
     (False, 3, 1, 2, 29, 1, 39, 0, 39, True, 100, "gemv"),   # ... on w^T
     (False, 3, 1, 2, 29, 1, 39, 0, 39, False, 7, "gemv"),    # ... in a short call
     (False, 1, 0, 1, 29, 1, 39, 0, 39, True, 1, "gemv"),     # B = 1, T = 1 (sampling)
-    (True, 1, 0, 1, 29, 1, 13, 2, 13, True, 100, "panels"),  # one row, weight given as w^T
+    (True, 1, 0, 1, 29, 1, 13, 2, 13, True, 100, "panels"),  # one row, units of w^T's columns
+    (True, 1, 0, 1, 29, 1, 13, 2, 13, True, 5, "in place"),  # ... short call: sgemm NN
     (True, 2, 0, 2, 29, 3, 13, 5, 12, False, 8, "panels"),   # 7 columns: one partial panel each
     (True, 2, 0, 2, 29, 3, 13, 5, 12, True, 1, "in place"),  # sgemm NN on w^T's columns
     (True, 9, 0, 9, 300, 3, 400, 37, 337, False, 100, "panels"),  # 4 x 64 + 44 per gate block
@@ -552,7 +552,7 @@ def test_project_inputs_pieces(rows, parts):
 @pytest.mark.parametrize("case", STEP_CASES, ids=lambda c: f"{c[-1]}-B{c[1]}-K{c[4]}")
 def test_step_product_matches_numpy(dtype, beta, case):
     """step_product (c = a @ w^T + beta c for one time-loop piece) on each of step_weight's
-    paths (panels; w in place for one row or short calls: sgemv, dot products, sgemm NT or NN)
+    paths (panels; w in place for one row or short calls: sgemv, sgemm NT or NN)
     writes exactly the piece's batch rows and columns (units j0:j1 of each gate block, or all),
     partial panels included; with beta = 0 the NaN-poisoned output is never read."""
     from bptt_kernels.cpu._blas import PANEL_MAX_WIDTH, SMALL_GEMM_MNK, step_product, step_weight
@@ -562,7 +562,7 @@ def test_step_product_matches_numpy(dtype, beta, case):
     w = rng.standard_normal((blocks * H, K)).astype(dtype)
     sw = step_weight(np.ascontiguousarray(w.T) if transposed else w, transposed, blocks, H,
                      b0, b1, j0, j1, by_units, steps)
-    want_width = {"dots": 0, "gemv": 0, "in place": 0, "panels": PANEL_MAX_WIDTH, "16-wide": 16,
+    want_width = {"gemv": 0, "in place": 0, "panels": PANEL_MAX_WIDTH, "16-wide": 16,
                   "one panel": blocks * H}[path]
     assert sw.width == want_width
     if path in ("panels", "16-wide"):                   # K-blocks within OpenBLAS's small size

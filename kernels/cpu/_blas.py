@@ -20,9 +20,7 @@ GEMM with row-major leading dimensions:
 A time loop's per-step products go through ``step_weight``/``step_product`` (below): once
 per layer call each piece of the loop (its batch rows, or its hidden units' columns) copies
 its share of the weight into contiguous panels and then runs one small sgemm per panel and
-step. Two kinds of piece use the weight in place, with no copy: one batch row that owns all
-of it (B = 1 on one thread) calls sgemv; one row split by units against W_hh as stored (the
-forward pass at B=1 on several threads) takes dot products over the weight's rows.
+step; a piece of one batch row (B = 1) calls sgemv on the weight in place instead.
 
 ``blas_threads()`` / ``set_blas_threads(n)`` read and set OpenBLAS's thread count (through
 ``openblas_set_num_threads_local``, which returns the previous value); ``_loop.py`` runs
@@ -233,49 +231,6 @@ def gemv_row(a, w, c, beta, transposed):
     _gemv(trans, w.shape[0], w.shape[1], w, _row_stride(w), a, 1.0 if beta == 0.0 else beta, c)
 
 
-# One row split by units against W_hh as stored (``step_weight``): dot products over
-# contiguous weight rows, four rows at a time sharing each load of the batch row. fastmath lets LLVM vectorise the
-# reductions (the sums are reassociated: float32 results differ from sgemm's in the last bits,
-# as two BLAS builds' would). Measured one thread, float32, B=1, K=256 out of L2: ~30-40
-# GFLOP/s, what a matrix-vector product streaming W from L2 reaches (sgemm NT on one row took
-# 14 us where this took ~16, and 714 us against 57 at K=512, W out of L2).
-@njit(cache=True, error_model="numpy", fastmath={"reassoc", "contract", "nsz"})
-def _dot_rows(w, a, c, r0, r1, beta):
-    """c[b, r] = w[r] . a[b] + beta * c[b, r] for r in [r0, r1) and every row b of a.
-    w: [R,K]  a: [B,K]  c: [B,R]."""
-    k_dim = a.shape[1]
-    zero = c.dtype.type(0)
-    scale = c.dtype.type(beta)
-    r = r0
-    while r + 4 <= r1:                                # four weight rows share each load of a[b]
-        w0, w1, w2, w3 = w[r], w[r + 1], w[r + 2], w[r + 3]
-        for b in range(a.shape[0]):
-            v, out = a[b], c[b]
-            a0 = a1 = a2 = a3 = zero
-            for k in range(k_dim):
-                vk = v[k]
-                a0 += w0[k] * vk
-                a1 += w1[k] * vk
-                a2 += w2[k] * vk
-                a3 += w3[k] * vk
-            if beta != 0.0:                           # (beta = 0 never reads c)
-                a0 += scale * out[r]
-                a1 += scale * out[r + 1]
-                a2 += scale * out[r + 2]
-                a3 += scale * out[r + 3]
-            out[r], out[r + 1], out[r + 2], out[r + 3] = a0, a1, a2, a3
-        r += 4
-    while r < r1:                                     # the last 0-3 rows
-        wr = w[r]
-        for b in range(a.shape[0]):
-            v = a[b]
-            acc = zero
-            for k in range(k_dim):
-                acc += wr[k] * v[k]
-            c[b, r] = acc if beta == 0.0 else acc + scale * c[b, r]
-        r += 1
-
-
 # Panels. A piece of a time loop multiplies every step by its share of W_hh^T: the columns of
 # its units (split by units) or all of them (split by batch rows). Those columns, read in
 # place, are a poor stream: K rows of a few hundred bytes, each a row stride (often a 4 KB page
@@ -286,23 +241,22 @@ def _dot_rows(w, a, c, r0, r1, beta):
 # per step (median of 7; columns of a transposed copy -> panels): split by units, LSTM B=8
 # H=1024 1046-1656 -> 447-891, B=32 H=512 600 -> 396, B=32 H=1024 2373-2477 -> 1846-1986,
 # GRU B=8 H=1024 575-665 -> 348-366; by batch rows (each piece packs all of W), B=8 H=512
-# 441 -> 206, B=32 H=512 1011 -> 445; split by units, B=4, against the dot products: LSTM/GRU/
-# Elman H=1024 step 224/161/47 -> 193/128/37 ms (T=100); one row, one thread, K=512: panels
-# 49 us, dot products 57, a row loop 70, sgemm NT 714. One row split by units against W_hh as
-# stored (the forward pass at B=1, H >= 256) takes panels while its share fits in half a
-# core's L2 (ONE_ROW_PANEL_MAX elements: LSTM H=256 forward time loop, median of 200, in 4
-# alternating processes: 0.92-1.62 -> 0.91-0.99 ms), and keeps the dot products above for a
-# larger share, streamed from L3 either way (no copy; panels there: LSTM H=512 forward
-# 5.9 -> 7.5 ms). One row on one thread (B = 1, H <= 128) calls sgemv on the whole weight
-# in place: sgemv runs as fast as the panels' sgemm calls on one row (H = 64 / 128 / 256,
-# forward, us per step: 1.14 / 3.9 / 13.0 both; backward 0.83 / 2.9 / 12.9 against 0.85 / 2.8
-# / 11.6), and the packing, which a one-row loop of 100 steps did not win back, is gone
-# (forward 19 / 69 us per call at H = 64 / 128, backward 15 / 54). LSTM B = 1 time loops, ms,
-# medians of 1000 calls in 3 alternating process pairs, panels -> sgemv: H = 64 forward
-# 0.136-0.155 -> 0.119-0.122, backward 0.100-0.125 -> 0.100-0.102; H = 128 forward 0.42-0.53
-# -> 0.34-0.40, backward 0.32-0.38 -> 0.27-0.36. (Before the panels, these loops ran dot
-# products: LSTM H=128 forward 0.76 ms, panels 0.61, in an older build.) Shares
-# under 2^18 elements at B >= 8: within noise either way. The transposed copy this replaces
+# 441 -> 206, B=32 H=512 1011 -> 445; split by units, B=4, against dot products over W_hh's
+# rows: LSTM/GRU/Elman H=1024 step 224/161/47 -> 193/128/37 ms (T=100).
+# A piece of ONE batch row multiplies by the weight in place with sgemv instead (no panels),
+# except a piece split by units of the
+# weight given transposed (the backward pass at B = 1 on several threads), whose columns are a
+# strided block: panels there. Per step sgemv runs as fast as the panels' sgemm calls on one
+# row (one thread, us, H = 64 / 128 / 256: forward 1.14 / 3.9 / 13.0 both, backward 0.83 /
+# 2.9 / 12.9 against 0.85 / 2.8 / 11.6), so the packing, which a one-row loop did not win back
+# (forward 19 / 69 / 196 us per call at H = 64 / 128 / 256, backward 15 / 54 / 147), is gone.
+# B = 1 forward time loops, ms, medians of 200-600 calls in 3 alternating process pairs,
+# before -> after (earlier, one row split by units took panels up to a share of 2^17
+# elements and dot products over W_hh's rows above): LSTM H = 64 0.136-0.155 -> 0.119-0.125,
+# H = 128 0.43-0.46 -> 0.35-0.42, H = 256 0.88-1.22 -> 0.79-1.12, H = 512 3.4-4.2 -> 3.3-3.5;
+# GRU H = 128 0.34-0.42 -> 0.28-0.34, H = 512 2.7-3.5 -> 2.6-2.9; Elman H = 512 0.77-1.18 ->
+# 0.65-0.74.
+# Shares under 2^18 elements at B >= 8: within noise either way. The transposed copy this replaces
 # (np.ascontiguousarray(w_hh.T), one per layer call and direction) took 0.3 / 3.9 / 31 ms at
 # LSTM H = 256 / 512 / 1024; a piece packs its half of that H = 1024 weight in 3.6 ms from
 # W_hh's rows (0.4 ms at H = 512) and ~4x faster from columns (the backward pass).
@@ -400,7 +354,6 @@ class StepWeight(NamedTuple):
 # piece's share, which a few steps do not win back (a T=1 call, as in sampling, would pay it
 # for one product).
 PANEL_MIN_STEPS = 8
-ONE_ROW_PANEL_MAX = 1 << 17   # elements of a one-row piece's share that still takes panels
 
 
 @njit(cache=True)
@@ -408,9 +361,8 @@ def step_weight(w, transposed, blocks, H, b0, b1, j0, j1, by_units, steps):
     """What a time-loop piece (``_loop.split_ranges``: batch rows b0:b1, or with ``by_units``
     all rows and units j0:j1 of each of the ``blocks`` gate blocks) multiplies each of its
     ``steps`` steps by: its share of w^T packed in panels (see above), unless the piece is one
-    batch row owning all of w, or one row split by units against w as stored with a share
-    over ONE_ROW_PANEL_MAX elements, or runs fewer than PANEL_MIN_STEPS steps; then w in
-    place. w: [blocks*H, K] for c = a @ w^T, or with ``transposed`` that w^T itself,
+    batch row (but not split by units of a transposed w) or runs fewer than PANEL_MIN_STEPS
+    steps; then w in place. w: [blocks*H, K] for c = a @ w^T, or with ``transposed`` that w^T itself,
     [K, blocks*H] (the backward pass's W_hh)."""
     rows = b1 - b0
     N, K = (w.shape[1], w.shape[0]) if transposed else w.shape
@@ -418,9 +370,7 @@ def step_weight(w, transposed, blocks, H, b0, b1, j0, j1, by_units, steps):
         segments, stride, s0, s1 = blocks, H, j0, j1
     else:
         segments, stride, s0, s1 = 1, N, 0, N
-    one_row_large = (by_units and rows == 1 and not transposed
-                     and segments * (s1 - s0) * K > ONE_ROW_PANEL_MAX)
-    if steps < PANEL_MIN_STEPS or one_row_large or (rows == 1 and not by_units):
+    if steps < PANEL_MIN_STEPS or (rows == 1 and not (by_units and transposed)):
         return StepWeight(w, transposed, np.empty(0, w.dtype), 0, 0, segments, stride, s0, s1,
                           b0, b1)
     width, kblock = _panel_shape(rows, K)
@@ -446,9 +396,9 @@ def _panel_shape(rows, K):
 def step_product(a, sw, c, beta):
     """One time step's c = a @ w^T + beta * c for the piece of a time loop that ``sw``
     (``step_weight``) belongs to: its batch rows, or all rows and its units' columns. Without
-    panels, w in place: one row and all of w by sgemv; one row and some units of w as stored
-    by dot products over their rows; more rows by sgemm NT on w's rows or, given transposed,
-    sgemm NN on its columns. a: [B,K]  c: [B,N]."""
+    panels, w in place: one row by sgemv on w's rows (or, given transposed, on all of it);
+    more rows by sgemm NT on w's rows or, given transposed, sgemm NN on its columns.
+    a: [B,K]  c: [B,N]."""
     a, c = a[sw.b0:sw.b1], c[sw.b0:sw.b1]
     if sw.width:
         panel_product(a, sw.panels, c, beta, sw.segments, sw.stride, sw.s0, sw.s1, sw.width,
@@ -456,12 +406,10 @@ def step_product(a, sw, c, beta):
         return
     for g in range(sw.segments):
         n0, n1 = g * sw.stride + sw.s0, g * sw.stride + sw.s1
-        if a.shape[0] == 1 and sw.segments == 1:
+        if a.shape[0] == 1 and (sw.segments == 1 or not sw.transposed):
             gemv_row(a[0], sw.w[:, n0:n1] if sw.transposed else sw.w[n0:n1], c[0, n0:n1], beta,
                      sw.transposed)
         elif sw.transposed:
             gemm_nn(a, sw.w[:, n0:n1], c[:, n0:n1], beta)
-        elif a.shape[0] == 1:
-            _dot_rows(sw.w, a, c, n0, n1, beta)
         else:
             gemm_nt(a, sw.w[n0:n1], c[:, n0:n1], beta)
