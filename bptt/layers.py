@@ -152,9 +152,13 @@ class _RecurrentLayer:
     def init_state(self, batch_size):
         """Zero state for ``batch_size`` streams: h [L, B, H], or (h, c) for LSTM."""
         B = _checks.expect_int("batch_size", batch_size, 1)
-        shape = (self.num_layers, B, self.hidden_size)
-        zeros = tuple(self.backend.zeros(shape, self.dtype) for _ in range(self._n_states))
+        zeros = self._zero_states(B)
         return zeros if self.cell == "lstm" else zeros[0]
+
+    def _zero_states(self, B):
+        """A tuple of _n_states zero arrays [L, B, H] (what a state or dstate of None means)."""
+        shape = (self.num_layers, B, self.hidden_size)
+        return tuple(self.backend.zeros(shape, self.dtype) for _ in range(self._n_states))
 
     def _state_arrays(self, name, state, B):
         """Validate a user state (h, or (h, c) for LSTM) -> tuple of [L, B, H] backend arrays."""
@@ -179,8 +183,11 @@ class _RecurrentLayer:
 
     def _pack_state(self, per_layer):
         """Per-layer tuples of [B, H] arrays -> h [L, B, H] (or (h, c) for LSTM)."""
-        xp = self.backend.xp
-        packed = tuple(xp.stack([s[i] for s in per_layer]) for i in range(self._n_states))
+        if len(per_layer) == 1:          # one layer: a copy with a new axis (np.stack: ~4x slower)
+            packed = tuple(s[None].copy() for s in per_layer[0])
+        else:
+            xp = self.backend.xp
+            packed = tuple(xp.stack([s[i] for s in per_layer]) for i in range(self._n_states))
         return packed if self.cell == "lstm" else packed[0]
 
     # ------------------------------------------------------------------ forward / backward
@@ -215,9 +222,7 @@ class _RecurrentLayer:
             raise ValueError(f"x must have at least one time step and one batch row; got {_checks.describe(x)}")
         if check_finite:
             _checks.expect_finite("x", x, self.backend)
-        if state is None:
-            state = self.init_state(B)
-        states = self._state_arrays("state", state, B)
+        states = self._zero_states(B) if state is None else self._state_arrays("state", state, B)
 
         caches, finals = [], []
         inp = x
@@ -266,11 +271,7 @@ class _RecurrentLayer:
         if check_finite:
             _checks.expect_finite("dy", dy, self.backend)
         t_start = _checks.expect_int("t_start", t_start, 0, T - 1)
-        if dstate is None:
-            dstates = tuple(self.backend.zeros((self.num_layers, B, self.hidden_size), self.dtype)
-                            for _ in range(self._n_states))
-        else:
-            dstates = self._state_arrays("dstate", dstate, B)
+        dstates = self._zero_states(B) if dstate is None else self._state_arrays("dstate", dstate, B)
 
         dinit = [None] * self.num_layers
         dh_all = [None] * self.num_layers
