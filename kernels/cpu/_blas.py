@@ -133,16 +133,22 @@ def _gemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
     raise NotImplementedError("only callable from @njit code")
 
 
+def _typed_function(kind, *operands):
+    """(external function, scalar cast) of the CBLAS ``kind`` ("gemm", "gemv") for the
+    operands' common dtype, at typing time."""
+    dtype = operands[0].dtype
+    if any(o.dtype != dtype for o in operands):
+        raise TypeError(f"{kind} operands must share one dtype")
+    by_dtype = {"gemm": {types.float32: (_sgemm, np.float32), types.float64: (_dgemm, np.float64)},
+                "gemv": {types.float32: (_sgemv, np.float32), types.float64: (_dgemv, np.float64)}}
+    if dtype not in by_dtype[kind]:
+        raise TypeError(f"{kind} supports float32 and float64, not {dtype}")
+    return by_dtype[kind][dtype]
+
+
 @overload(_gemm, jit_options={"cache": True})
 def _gemm_impl(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
-    if not (a.dtype == b.dtype == c.dtype):
-        raise TypeError("gemm operands must share one dtype")
-    if c.dtype == types.float32:
-        fn, cast = _sgemm, np.float32
-    elif c.dtype == types.float64:
-        fn, cast = _dgemm, np.float64
-    else:
-        raise TypeError(f"gemm supports float32 and float64, not {c.dtype}")
+    fn, cast = _typed_function("gemm", a, b, c)
 
     def impl(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
         fn(_ROW_MAJOR, trans_a, trans_b, m, n, k, cast(alpha), _data_ptr(a), lda,
@@ -157,14 +163,7 @@ def _gemv(trans, m, n, a, lda, x, beta, y):
 
 @overload(_gemv, jit_options={"cache": True})
 def _gemv_impl(trans, m, n, a, lda, x, beta, y):
-    if not (a.dtype == x.dtype == y.dtype):
-        raise TypeError("gemv operands must share one dtype")
-    if y.dtype == types.float32:
-        fn, cast = _sgemv, np.float32
-    elif y.dtype == types.float64:
-        fn, cast = _dgemv, np.float64
-    else:
-        raise TypeError(f"gemv supports float32 and float64, not {y.dtype}")
+    fn, cast = _typed_function("gemv", a, x, y)
 
     def impl(trans, m, n, a, lda, x, beta, y):
         fn(_ROW_MAJOR, trans, m, n, cast(1.0), _data_ptr(a), lda, _data_ptr(x), 1, cast(beta),
