@@ -518,7 +518,7 @@ STEP_CASES = [
     (False, 3, 1, 2, 29, 1, 39, 0, 39, False, 7, "gemv"),    # ... in a short call
     (False, 1, 0, 1, 29, 1, 39, 0, 39, True, 1, "gemv"),     # B = 1, T = 1 (sampling)
     (True, 1, 0, 1, 29, 1, 13, 2, 13, True, 100, "panels"),  # one row, units of w^T's columns
-    (True, 1, 0, 1, 29, 1, 13, 2, 13, True, 5, "in place"),  # ... short call: sgemm NN
+    (True, 1, 0, 1, 29, 1, 13, 2, 13, True, 5, "gemv"),     # ... short call: sgemv on them
     (True, 2, 0, 2, 29, 3, 13, 5, 12, False, 8, "panels"),   # 7 columns: one partial panel each
     (True, 2, 0, 2, 29, 3, 13, 5, 12, True, 1, "in place"),  # sgemm NN on w^T's columns
     (True, 9, 0, 9, 300, 3, 400, 37, 337, False, 100, "panels"),  # 4 x 64 + 44 per gate block

@@ -243,22 +243,22 @@ def gemv_row(a, w, c, beta, transposed):
 # 441 -> 206, B=32 H=512 1011 -> 445; split by units, B=4, against dot products over W_hh's
 # rows: LSTM/GRU/Elman H=1024 step 224/161/47 -> 193/128/37 ms (T=100).
 # A piece of ONE batch row multiplies by the weight in place with sgemv instead (no panels),
-# except a piece split by units of the
-# weight given transposed (the backward pass at B = 1 on several threads), whose columns are a
-# strided block: panels there. Per step sgemv runs as fast as the panels' sgemm calls on one
-# row (one thread, us, H = 64 / 128 / 256: forward 1.14 / 3.9 / 13.0 both, backward 0.83 /
-# 2.9 / 12.9 against 0.85 / 2.8 / 11.6), so the packing, which a one-row loop did not win back
-# (forward 19 / 69 / 196 us per call at H = 64 / 128 / 256, backward 15 / 54 / 147), is gone.
+# except a piece split by units of the weight given transposed (the backward pass at B = 1 on
+# several threads), whose columns are a strided block: panels there. Per step sgemv runs as
+# fast as the panels' sgemm calls on one row (one thread, us, H = 64 / 128 / 256: forward
+# 1.14 / 3.9 / 13.0 both, backward 0.83 / 2.9 / 12.9 against 0.85 / 2.8 / 11.6), so the
+# packing, which a one-row loop did not win back (forward 19 / 69 / 196 us per call at
+# H = 64 / 128 / 256, backward 15 / 54 / 147), is gone.
 # B = 1 forward time loops, ms, medians of 200-600 calls in 3 alternating process pairs,
 # before -> after (earlier, one row split by units took panels up to a share of 2^17
-# elements and dot products over W_hh's rows above): LSTM H = 64 0.136-0.155 -> 0.119-0.125,
+# elements and dot products over W_hh's rows beyond): LSTM H = 64 0.136-0.155 -> 0.119-0.125,
 # H = 128 0.43-0.46 -> 0.35-0.42, H = 256 0.88-1.22 -> 0.79-1.12, H = 512 3.4-4.2 -> 3.3-3.5;
 # GRU H = 128 0.34-0.42 -> 0.28-0.34, H = 512 2.7-3.5 -> 2.6-2.9; Elman H = 512 0.77-1.18 ->
-# 0.65-0.74.
-# Shares under 2^18 elements at B >= 8: within noise either way. The transposed copy this replaces
-# (np.ascontiguousarray(w_hh.T), one per layer call and direction) took 0.3 / 3.9 / 31 ms at
-# LSTM H = 256 / 512 / 1024; a piece packs its half of that H = 1024 weight in 3.6 ms from
-# W_hh's rows (0.4 ms at H = 512) and ~4x faster from columns (the backward pass).
+# 0.65-0.74. Shares under 2^18 elements at B >= 8: within noise either way. The transposed
+# copy this replaces (np.ascontiguousarray(w_hh.T), one per layer call and direction) took
+# 0.3 / 3.9 / 31 ms at LSTM H = 256 / 512 / 1024; a piece packs its half of that H = 1024
+# weight in 3.6 ms from W_hh's rows (0.4 ms at H = 512) and ~4x faster from columns (the
+# backward pass).
 # OpenBLAS (0.3.17+, x86-64) runs a GEMM with M*N*K <= 1e6 through "small matrix" kernels
 # that skip packing the operands; a larger one packs all of b on every call, which for a time
 # step's GEMM against the constant weight means repacking it every step. Per-step products
@@ -361,8 +361,8 @@ def step_weight(w, transposed, blocks, H, b0, b1, j0, j1, by_units, steps):
     all rows and units j0:j1 of each of the ``blocks`` gate blocks) multiplies each of its
     ``steps`` steps by: its share of w^T packed in panels (see above), unless the piece is one
     batch row (but not split by units of a transposed w) or runs fewer than PANEL_MIN_STEPS
-    steps; then w in place. w: [blocks*H, K] for c = a @ w^T, or with ``transposed`` that w^T itself,
-    [K, blocks*H] (the backward pass's W_hh)."""
+    steps; then w in place. w: [blocks*H, K] for c = a @ w^T, or with ``transposed`` that w^T
+    itself, [K, blocks*H] (the backward pass's W_hh)."""
     rows = b1 - b0
     N, K = (w.shape[1], w.shape[0]) if transposed else w.shape
     if by_units:
@@ -395,7 +395,7 @@ def _panel_shape(rows, K):
 def step_product(a, sw, c, beta):
     """One time step's c = a @ w^T + beta * c for the piece of a time loop that ``sw``
     (``step_weight``) belongs to: its batch rows, or all rows and its units' columns. Without
-    panels, w in place: one row by sgemv on w's rows (or, given transposed, on all of it);
+    panels, w in place: one row by sgemv on w's rows (given transposed: on its columns);
     more rows by sgemm NT on w's rows or, given transposed, sgemm NN on its columns.
     a: [B,K]  c: [B,N]."""
     a, c = a[sw.b0:sw.b1], c[sw.b0:sw.b1]
@@ -405,7 +405,7 @@ def step_product(a, sw, c, beta):
         return
     for g in range(sw.segments):
         n0, n1 = g * sw.stride + sw.s0, g * sw.stride + sw.s1
-        if a.shape[0] == 1 and (sw.segments == 1 or not sw.transposed):
+        if a.shape[0] == 1:
             gemv_row(a[0], sw.w[:, n0:n1] if sw.transposed else sw.w[n0:n1], c[0, n0:n1], beta,
                      sw.transposed)
         elif sw.transposed:
