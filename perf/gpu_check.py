@@ -6,14 +6,16 @@ the repository root; no package index needed (the repo is put on the import path
 not installed):
 
     python perf/gpu_check.py [--json PATH] [--quick] [--backends cuda,cupy]
-                             [--skip-correctness] [--skip-bench] [--skip-e2e]
+                             [--oracle cpu|reference] [--skip-correctness] [--skip-bench]
+                             [--skip-e2e]
 
 1. Correctness, for each GPU backend that imports (``cuda``: Numba-CUDA, ``cupy``), fresh
    random inputs, outputs NaN-poisoned (each backend's ``config.POISON_OUTPUTS``), gradient
    buffers pre-filled (backward must accumulate):
    * every cell (lstm, gru, rnn_tanh, rnn_relu), float64 and float32, both recurrent paths
      (persistent where it fits, general), t_start 0 and > 0, against the ``cpu`` backend
-     (or ``reference`` where cpu does not import): y, final state, dx, dstate, dh, all grads;
+     (``--oracle reference``: the float64 NumPy reference, which needs no kernel compile; it is
+     the fallback where cpu does not import): y, final state, dx, dstate, dh, all grads;
    * the same weights through ``torch.nn`` (cuDNN) with autograd (t_start = 0);
    * cuda backend: the Numba tiled GEMM as well as cuBLAS (``config.GEMM``);
    * softmax cross-entropy, embedding gather/scatter, SGD, Adam, sum of squares, scale.
@@ -545,6 +547,8 @@ def main(argv=None):
                                                    "gpu_check.json"), help="where to write the JSON results")
     ap.add_argument("--quick", action="store_true", help="fewer checks and sizes (about a minute)")
     ap.add_argument("--backends", default="cuda,cupy", help="comma-separated GPU backends to check")
+    ap.add_argument("--oracle", choices=("cpu", "reference"), default="cpu",
+                    help="what the GPU backends are checked against")
     ap.add_argument("--skip-correctness", action="store_true")
     ap.add_argument("--skip-bench", action="store_true")
     ap.add_argument("--skip-e2e", action="store_true")
@@ -561,8 +565,8 @@ def main(argv=None):
             print(f"skipping backend {name}: {why}", flush=True)
         else:
             backends.append(mod)
-    oracle, why = load_backend("cpu")
-    if oracle is not None:
+    oracle, why = load_backend(args.oracle)
+    if oracle is not None and args.oracle == "cpu":
         try:  # the cpu kernels compile on first use (np.dot inside @njit needs scipy)
             run_backend(oracle, "gru", make_problem(np.random.default_rng(0), "gru", 2, 2, 3, 4, np.float64), 0)
         except Exception as e:  # noqa: BLE001
