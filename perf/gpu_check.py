@@ -12,8 +12,8 @@ not installed):
 1. Correctness, for each GPU backend that imports (``cuda``: Numba-CUDA, ``cupy``), fresh
    random inputs, outputs NaN-poisoned (each backend's ``config.POISON_OUTPUTS``), gradient
    buffers pre-filled (backward must accumulate):
-   * every cell (lstm, gru, rnn_tanh, rnn_relu), float64 and float32, both recurrent paths
-     (persistent where it fits, general), t_start 0 and > 0, against the ``cpu`` backend
+   * every cell (lstm, gru, rnn_tanh, rnn_relu), float64 and float32, every recurrent path
+     (persistent, cooperative, general), t_start 0 and > 0, against the ``cpu`` backend
      (``--oracle reference``: the float64 NumPy reference, which needs no kernel compile; it is
      the fallback where cpu does not import): y, final state, dx, dstate, dh, all grads;
    * the same weights through ``torch.nn`` (cuDNN) with autograd (t_start = 0);
@@ -299,20 +299,29 @@ def check_ops(backend, oracle, rng, dtype, small=False):
     return results
 
 
+def backend_paths(backend):
+    """The recurrent paths ``backend.config.PATH`` can force (all but "auto")."""
+    return tuple(p for p in getattr(backend.config, "PATHS", ("persistent", "general")) if p != "auto")
+
+
 def correctness(backends, oracle, rng, torch_device, quick=False):
     """The full list of correctness checks (see the module docstring)."""
-    small, large = (9, 3, 7, 33), (6, 5, 40, 160)
+    small, large, wide = (9, 3, 7, 33), (6, 5, 40, 160), (5, 4, 24, 600)
     results = []
     for backend in backends:
+        paths = backend_paths(backend)
         for cell in CELLS:
             for dtype in (np.float64, np.float32):
-                for path in ("persistent", "general"):
+                for path in paths:
                     for t_start in (0, 3):
                         results.append(check_recurrent(
                             backend, oracle, cell, small, dtype, t_start, rng, path=path,
                             torch_device=torch_device if t_start == 0 else None))
                 results.append(check_recurrent(backend, oracle, cell, large, dtype, 2, rng,
                                                torch_device=None if quick else torch_device))
+                if "cooperative" in paths:  # several units per block, 120 blocks
+                    results.append(check_recurrent(backend, oracle, cell, wide, dtype, 1, rng,
+                                                   path="cooperative"))
                 if backend.NAME == "cuda" and not quick:
                     results.append(check_recurrent(backend, oracle, cell, large, dtype, 1, rng,
                                                    path="general", GEMM="numba"))
@@ -381,11 +390,13 @@ def time_backend(backend, cell, T, B, H, dtype=np.float32):
 
 
 def path_comparison(backends, torch_ok, quick=False):
-    """Small sizes where the persistent path fits: forced persistent vs forced general per
-    backend (and torch), to check the size rule ``config.PATH = "auto"`` applies."""
+    """Every path forced, per backend (and torch), at sizes around the limits of the
+    one-launch paths, to check the size rule ``config.PATH = "auto"`` applies."""
     rows = []
     T = 100
-    sizes = [(1, 64), (8, 96)] if quick else [(1, 32), (1, 64), (1, 96), (8, 64), (8, 96), (64, 64)]
+    sizes = [(1, 64), (8, 96), (8, 512)] if quick else [
+        (1, 32), (1, 96), (8, 64), (8, 96), (64, 64), (1, 256), (8, 256), (32, 256), (64, 256),
+        (1, 1024), (16, 512), (32, 512)]
     for cell in ("lstm", "gru"):
         for B, H in sizes:
             row = {"cell": cell, "T": T, "B": B, "H": H}
@@ -393,7 +404,7 @@ def path_comparison(backends, torch_ok, quick=False):
                 with contextlib.suppress(Exception):
                     row["torch_ms"] = time_torch(cell, T, B, H)
             for backend in backends:
-                for path in ("persistent", "general"):
+                for path in backend_paths(backend):
                     try:
                         with backend_config(backend, PATH=path):
                             row[f"{backend.NAME}_{path}_ms"] = time_backend(backend, cell, T, B, H)[0]
@@ -523,18 +534,20 @@ def format_table(checks, rows, e2e, skipped, gemm_rate=None, path_rows=()):
                          f" {_fmt(r.get(n + '_gflops'), '6.0f')} {r.get(n + '_path', '-')[:4]:>4s}")
             lines.append(line)
     if path_rows:
-        names = sorted({k.rsplit("_", 2)[0] for r in path_rows for k in r if k.endswith("_persistent_ms")})
+        names = sorted({k.rsplit("_", 2)[0] for r in path_rows for k in r if k.endswith("_general_ms")})
+        paths = [p for p in ("persistent", "cooperative", "general")
+                 if any(k.endswith(f"_{p}_ms") or k.endswith(f"_{p}_error") for r in path_rows for k in r)]
         lines.append("")
-        lines.append("persistent vs general path (ms per step, T=100, float32, I=H; auto's pick)")
+        lines.append("every path forced (ms per step, T=100, float32, I=H; - : does not fit; auto's pick)")
         head = f"{'cell':5s} {'B':>4s} {'H':>5s} {'torch':>8s}"
         for n in names:
-            head += f" {n + ' pers':>10s} {n + ' gen':>9s} {'auto':>5s}"
+            head += "".join(f" {n + ' ' + p[:4]:>10s}" for p in paths) + f" {'auto':>5s}"
         lines.append(head)
         for r in path_rows:
             line = f"{r['cell']:5s} {r['B']:4d} {r['H']:5d} {_fmt(r.get('torch_ms'), '8.3f')}"
             for n in names:
-                line += (f" {_fmt(r.get(n + '_persistent_ms'), '10.3f')} {_fmt(r.get(n + '_general_ms'), '9.3f')}"
-                         f" {str(r.get(n + '_auto', '-'))[:5]:>5s}")
+                line += "".join(f" {_fmt(r.get(f'{n}_{p}_ms'), '10.3f')}" for p in paths)
+                line += f" {str(r.get(n + '_auto', '-'))[:5]:>5s}"
             lines.append(line)
     for e in e2e:
         lines.append(f"e2e {e['backend']}: rc={e['rc']} {e['wall_s']}s  {e['last_line'][:110]}")

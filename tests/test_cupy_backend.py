@@ -16,6 +16,7 @@ machine perf/gpu_check.py runs the same comparisons through the backend interfac
 """
 
 import inspect
+import itertools
 import os
 import subprocess
 import sys
@@ -31,6 +32,8 @@ from bptt_kernels.cupy import _compile, _engine, config, host_emulation
 
 TOL = {np.float32: 1e-5, np.float64: 1e-12}
 DTYPE_IDS = {np.float32: "f32", np.float64: "f64"}
+PATHS = ("general", "persistent", "cooperative")
+KERNEL_KIND = {"general": "_step_", "persistent": "_persistent_", "cooperative": "_cooperative_"}
 
 needs_cxx = pytest.mark.skipif(host_emulation.find_compiler() is None,
                                reason="no host C++ compiler (g++/c++/clang++) to build the kernels")
@@ -123,12 +126,12 @@ def random_problem(rng, cell, T, B, I, H, dtype):
 
 @needs_cxx
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=DTYPE_IDS.get)
-@pytest.mark.parametrize("path", ["general", "persistent"])
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("cell", CELLS)
 def test_recurrent_matches_reference(engines, cell, path, dtype):
     rng = np.random.default_rng(zlib.crc32(f"{cell} {path} {DTYPE_IDS[dtype]}".encode()))
     T, B, I, H = 6, 3, 5, 7
-    kind = "_persistent_" if path == "persistent" else "_step_"
+    kind = KERNEL_KIND[path]
     for t_start in (0, 3):
         p, dy, dfinal, grads0 = random_problem(rng, cell, T, B, I, H, dtype)
         want = run_reference(cell, p, dy, dfinal, t_start, grads0)
@@ -143,7 +146,7 @@ def test_recurrent_matches_reference(engines, cell, path, dtype):
 
 @needs_cxx
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=DTYPE_IDS.get)
-@pytest.mark.parametrize("path", ["general", "persistent"])
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("cell", CELLS)
 def test_input_projected_by_the_caller(engines, cell, path, dtype, check_projected_input):
     """w_ih=None: x is x W_ih^T already, and the backward returns dL/d(x W_ih^T) for dx."""
@@ -165,14 +168,14 @@ def test_input_projected_by_the_caller(engines, cell, path, dtype, check_project
                          ids=lambda s: "T%d-B%d-I%d-H%d" % s)
 @pytest.mark.parametrize("cell", CELLS)
 def test_edge_and_medium_shapes(engines, cell, shape):
-    """Single step / unit / row, and a medium float32 problem, on both paths."""
+    """Single step / unit / row, and a medium float32 problem, on every path."""
     T, B, I, H = shape
     dtype = np.float32 if T > 2 else np.float64
     rng = np.random.default_rng(zlib.crc32(f"{cell}{shape}".encode()))
     p, dy, dfinal, grads0 = random_problem(rng, cell, T, B, I, H, dtype)
     t_start = T // 2
     want = run_reference(cell, p, dy, dfinal, t_start, grads0)
-    for path in ("general", "persistent"):
+    for path in PATHS:
         got = run_engine(engines[True], cell, p, dy, dfinal, t_start, grads0, path, path)
         compare(got, want, TOL[dtype], f"{cell} {shape} {path}")
 
@@ -202,23 +205,50 @@ def test_persistent_several_rows_blocks_and_splits(cell, splits):
 
 
 @needs_cxx
+@pytest.mark.parametrize("splits", [1, 2, 8])
+@pytest.mark.parametrize("cell", CELLS)
+def test_cooperative_units_blocks_and_splits(cell, splits):
+    """H=8 on a 3-SM device: 3 units per block, 3 blocks, the last one with 2 units; each dot
+    product split in 1, 2 or 8 parts. The shared memory is exactly what `splits` parts need."""
+    T, B, I, H, dtype = 4, 3, 3, 8, np.float64
+    smem = max(_engine.cooperative_smem_layout(cell, H, B, 3, dtype, splits))
+    eng = host_emulation.host_engine(reverse=True, limits=(smem, 3))
+    config.PATH = "cooperative"
+    assert eng.plan(cell, B, H, dtype) == ("cooperative", 3, splits)
+    rng = np.random.default_rng(12)
+    p, dy, dfinal, grads0 = random_problem(rng, cell, T, B, I, H, dtype)
+    want = run_reference(cell, p, dy, dfinal, 1, grads0)
+    got = run_engine(eng, cell, p, dy, dfinal, 1, grads0)
+    compare(got, want, TOL[dtype], f"{cell} splits={splits}")
+    calls = [c for c in eng.launch.calls if "cooperative" in c[0]]
+    assert [c[1] for c in calls] == [3, 3]                              # grid: one per SM
+    assert [c[2] for c in calls] == [-(-splits * B * 3 // 32) * 32] * 2  # threads
+    assert [c[3] for c in calls] == list(
+        _engine.cooperative_smem_layout(cell, H, B, 3, dtype, splits))
+
+
+@needs_cxx
 def test_random_configurations(engines):
-    """Random cell, shape, t_start, path, item order and device size (so rows per block and
-    splits per dot vary), float64 against the reference."""
+    """Random cell, shape, t_start, path, item order and device size (so rows or units per
+    block and splits per dot vary), float64 against the reference."""
     hyp = pytest.importorskip("hypothesis")
     st = hyp.strategies
 
     @hyp.settings(max_examples=40, deadline=None, derandomize=True)
     @hyp.given(cell=st.sampled_from(CELLS), T=st.integers(1, 5), B=st.integers(1, 7),
                I=st.integers(1, 6), H=st.integers(1, 12), n_sm=st.integers(1, 4),
-               path=st.sampled_from(["persistent", "general"]), reverse=st.booleans(),
-               data=st.data())
+               path=st.sampled_from(PATHS), reverse=st.booleans(), data=st.data())
     def check(cell, T, B, I, H, n_sm, path, reverse, data):
         t_start = data.draw(st.integers(0, T - 1))
         rows = -(-B // n_sm)
         splits = data.draw(st.sampled_from([1, 2, 4, 8]))
         eng = engines[reverse]
-        eng._limits = (_engine.persistent_smem_bytes(cell, H, rows, np.float64, splits), n_sm)
+        if path == "cooperative":  # units per block from n_sm; shared memory for `splits`
+            units = _engine.cooperative_units(H, n_sm)
+            smem = max(_engine.cooperative_smem_layout(cell, H, B, units, np.float64, splits))
+        else:
+            smem = _engine.persistent_smem_bytes(cell, H, rows, np.float64, splits)
+        eng._limits = (smem, n_sm)
         rng = np.random.default_rng(T * 1000 + B * 100 + H)
         p, dy, dfinal, grads0 = random_problem(rng, cell, T, B, I, H, np.float64)
         want = run_reference(cell, p, dy, dfinal, t_start, grads0)
@@ -235,11 +265,11 @@ def test_random_configurations(engines):
 @needs_cxx
 @pytest.mark.parametrize("cell", CELLS)
 def test_paths_share_the_cache(engines, cell):
-    """Forward on one path, backward on the other: same results as the reference."""
+    """Forward on one path, backward on another: same results as the reference."""
     rng = np.random.default_rng(5)
     p, dy, dfinal, grads0 = random_problem(rng, cell, 5, 2, 4, 5, np.float64)
     want = run_reference(cell, p, dy, dfinal, 0, grads0)
-    for fwd, bwd in (("persistent", "general"), ("general", "persistent")):
+    for fwd, bwd in itertools.permutations(PATHS, 2):
         got = run_engine(engines[False], cell, p, dy, dfinal, 0, grads0, fwd, bwd)
         compare(got, want, TOL[np.float64], f"{cell} {fwd}->{bwd}")
 
@@ -252,7 +282,7 @@ def test_relu_and_saturation_edges(engines, cell):
     p, dy, dfinal, grads0 = random_problem(rng, cell, 4, 3, 4, 5, np.float64)
     p["x"] *= 30
     want = run_reference(cell, p, dy, dfinal, 0, grads0)
-    for path in ("general", "persistent"):
+    for path in PATHS:
         got = run_engine(engines[True], cell, p, dy, dfinal, 0, grads0, path, path)
         compare(got, want, TOL[np.float64], f"{cell} {path}")
 
@@ -268,7 +298,7 @@ def test_finite_differences(engines, cell):
     p = make_layer(rng, cell, T, B, I, H, np.float64)
     R = rng.standard_normal((T, B, H))
     S = [rng.standard_normal((B, H)) for _ in p["state"]]
-    for path in ("general", "persistent"):
+    for path in PATHS:
         config.PATH = path
 
         def loss():
@@ -309,8 +339,15 @@ def test_path_choice_follows_size_and_config():
     eng = _engine.Engine(np, None, lambda: host_emulation.H100_LIMITS, np.array)
     assert eng.plan("lstm", 32, 64, np.float32) == ("persistent", 1, 8)
     assert eng.plan("lstm", 32, 119, np.float32) == ("persistent", 1, 2)   # smem-bound
-    assert eng.plan("lstm", 32, 120, np.float32) == ("general", 0, 0)      # W_hh too big
-    assert eng.plan("lstm", 32, 100, np.float64) == ("general", 0, 0)      # 8-byte words
+    # W_hh too big for one block: the cooperative kernel spreads it over the SMs
+    assert eng.plan("lstm", 32, 120, np.float32) == ("cooperative", 1, 32)
+    assert eng.plan("lstm", 32, 100, np.float64) == ("cooperative", 1, 32)   # 8-byte words
+    assert eng.plan("lstm", 1, 1024, np.float32) == ("cooperative", 8, 32)
+    assert eng.plan("lstm", 8, 1024, np.float32) == ("cooperative", 8, 16)
+    assert eng.plan("lstm", 16, 1024, np.float32) == ("cooperative", 8, 8)   # smem-bound
+    assert eng.plan("lstm", 32, 1024, np.float32) == ("general", 0, 0)       # does not fit
+    assert eng.plan("lstm", 33, 512, np.float32) == ("general", 0, 0)        # batch too big
+    assert eng.plan("lstm", 1, 4096, np.float32) == ("general", 0, 0)        # W_hh 256 MiB
     assert eng.plan("rnn_tanh", 32, 200, np.float32) == ("persistent", 1, 4)  # threads
     assert eng.plan("rnn_tanh", 32, 239, np.float32) == ("persistent", 1, 1)  # smem
     assert eng.plan("gru", 65, 64, np.float32) == ("general", 0, 0)        # batch too big
@@ -322,13 +359,23 @@ def test_path_choice_follows_size_and_config():
     assert eng.plan("lstm", 200, 8, np.float32) == ("persistent", 2, 8)
     with pytest.raises(ValueError, match=r"persistent lstm kernel needs \d+ bytes.*largest H"):
         eng.plan("lstm", 4, 512, np.float32)
+    config.PATH = "cooperative"
+    assert eng.plan("gru", 100, 8, np.float32) == ("cooperative", 1, 8)      # forced: any B
+    with pytest.raises(ValueError, match=r"cooperative lstm kernel needs 32 threads and \d+ bytes"
+                                         r".*32 units in each of 128 blocks.*132 SMs"):
+        eng.plan("lstm", 1, 4096, np.float32)
     config.PATH = "fastest"
     with pytest.raises(ValueError, match="config.PATH must be one of"):
         eng.plan("lstm", 4, 8, np.float32)
     config.reset()
     assert eng.choose_path("lstm", 4, 8, np.float32) == "persistent"
+    assert eng.choose_path("lstm", 4, 512, np.float32) == "cooperative"
+    assert eng.choose_path("lstm", 64, 512, np.float32) == "general"
+    config.COOPERATIVE_MAX_BATCH = 2
     assert eng.choose_path("lstm", 4, 512, np.float32) == "general"
-    assert (config.PATH, config.PERSISTENT_MAX_BATCH, config.POISON_OUTPUTS) == ("auto", 64, False)
+    config.reset()
+    assert (config.PATH, config.PERSISTENT_MAX_BATCH, config.COOPERATIVE_MAX_BATCH,
+            config.POISON_OUTPUTS) == ("auto", 64, 32, False)
 
 
 def test_persistent_limits_table():
@@ -347,8 +394,8 @@ def test_persistent_limits_table():
 def test_auto_path_launches(engines):
     eng = engines[False]
     rng = np.random.default_rng(3)
-    for H, expect in ((8, "persistent"), (130, "step")):
-        p, dy, dfinal, grads0 = random_problem(rng, "lstm", 2, 2, 3, H, np.float32)
+    for H, B, expect in ((8, 2, "persistent"), (130, 33, "step")):
+        p, dy, dfinal, grads0 = random_problem(rng, "lstm", 2, B, 3, H, np.float32)
         eng.launch.calls.clear()
         run_engine(eng, "lstm", p, dy, dfinal, 0, grads0)
         names = [c[0] for c in eng.launch.calls]
@@ -358,6 +405,16 @@ def test_auto_path_launches(engines):
                 (4 * 8 * 8 + 8 + 8 * 4 * 8) * 4, (4 * 8 * 8 + 4 * 8 + 8 * 8 + 2 * 8) * 4]
         else:
             assert len(names) == 4  # one gate kernel per step, forward and backward
+    # past the persistent kernel's batch limit on a 4-SM device: the cooperative kernel
+    smem = max(_engine.cooperative_smem_layout("gru", 40, 2, 10, np.float32, 2))
+    small = host_emulation.host_engine(limits=(smem, 4))
+    config.PERSISTENT_MAX_BATCH = 1
+    p, dy, dfinal, grads0 = random_problem(rng, "gru", 3, 2, 3, 40, np.float32)
+    want = run_reference("gru", p, dy, dfinal, 0, grads0)
+    got = run_engine(small, "gru", p, dy, dfinal, 0, grads0)
+    compare(got, want, TOL[np.float32], "gru auto cooperative")
+    assert [c[:3] for c in small.launch.calls if "cooperative" in c[0]] == [
+        ("gru_forward_cooperative_f32", 4, 64), ("gru_backward_cooperative_f32", 4, 64)]
 
 
 @needs_cxx
@@ -444,7 +501,7 @@ def test_import_compiles_and_allocates_nothing():
         "import bptt_kernels.cupy as m\n"
         "from bptt_kernels.cupy import _compile\n"
         "assert m._gpu_engine is None\n"
-        "assert len(_compile.KERNELS) == 46\n"
+        "assert len(_compile.KERNELS) == 62\n"
         "print('ok')\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
@@ -480,7 +537,7 @@ def test_bptt_layers_run_on_the_emulated_backend(monkeypatch, cell):
     x, dy = rng.standard_normal((5, 3, 4)), rng.standard_normal((5, 3, 6))
     y_ref, s_ref, c_ref = want_layer.forward(x)
     dx_ref, ds_ref, dh_ref = want_layer.backward(dy, c_ref, t_start=2, return_dh=True)
-    for path in ("persistent", "general"):
+    for path in PATHS:
         config.PATH = path
         layer.zero_grad()
         y, s, c = layer.forward(x)
@@ -663,7 +720,7 @@ needs_gpu = pytest.mark.skipif(_GPU_REASON is not None,
 
 @needs_gpu
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=DTYPE_IDS.get)
-@pytest.mark.parametrize("path", ["general", "persistent"])
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("cell", CELLS)
 def test_gpu_recurrent_matches_reference(cell, path, dtype):
     import cupy

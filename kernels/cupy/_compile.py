@@ -16,7 +16,8 @@ from bptt_kernels import CELLS
 SOURCE_DIR = os.path.dirname(os.path.abspath(__file__))
 SUFFIX = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}
 
-_CELL_KERNELS = ("forward_step", "backward_step", "forward_persistent", "backward_persistent")
+_CELL_KERNELS = ("forward_step", "backward_step", "forward_persistent", "backward_persistent",
+                 "forward_cooperative", "backward_cooperative")
 _OPS_KERNELS = ("softmax_xent", "embedding_forward", "embedding_backward", "sgd_step",
                 "adam_step", "sum_squares", "scale")
 

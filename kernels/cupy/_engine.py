@@ -10,10 +10,11 @@ Recurrent layers (see recurrent.cu for the kernels and the cache):
 
 * forward: ``xproj = x @ w_ih^T + b_ih`` for all T steps in one GEMM (``x + b_ih`` where the
   caller projected the input: w_ih None), then either the
-  persistent kernel (one launch for all steps, W_hh in shared memory) or, per step, the GEMM
-  ``h_{t-1} @ w_hh^T`` and one fused gate kernel;
+  persistent kernel (one launch for all steps, W_hh in one block's shared memory), the
+  cooperative kernel (one launch, W_hh spread over the shared memory of every SM, a grid
+  barrier per step) or, per step, the GEMM ``h_{t-1} @ w_hh^T`` and one fused gate kernel;
 * backward: per step the fused gate-gradient kernel and ``dgh[t] @ w_hh`` (or the persistent
-  kernel), then ``dw_ih``, ``dw_hh``, the biases and ``dx`` as GEMMs over all (T - t_start) * B rows
+  or cooperative kernel), then ``dw_ih``, ``dw_hh``, the biases and ``dx`` as GEMMs over all (T - t_start) * B rows
   (w_ih None: no dw_ih or dx; the input-side gate gradients are returned in place of dx).
 """
 
@@ -90,6 +91,38 @@ def persistent_splits(cell, H, rows, dtype, smem_limit):
                 and persistent_smem_bytes(cell, H, rows, dtype, splits) <= smem_limit):
             return splits
     return 1
+
+
+def cooperative_units(H, n_sm):
+    """Hidden units per block of the cooperative kernels: the fewest that need no more blocks
+    than SMs (every block must be resident at once)."""
+    return _ceil_div(H, n_sm)
+
+
+def cooperative_smem_layout(cell, H, B, units, dtype, splits=1):
+    """(forward, backward) shared memory bytes per block of the cooperative kernels.
+
+    Forward: W_hh's rows of the block's units [H, odd(G*U)] + h [B, H] + partial sums
+    [splits, B, G*U]. Backward: W_hh's columns of the block's units [G*H, odd(U)] + one gate's
+    gradients [B, H] + partial sums [splits, B, U] + dc, dh_direct [B, U] each. (The layouts
+    at the top of forward_/backward_cooperative in recurrent.cu.)
+    """
+    G, U = GATES[cell], units
+    forward = H * (G * U | 1) + B * H + splits * B * G * U
+    backward = G * H * (U | 1) + B * H + splits * B * U + 2 * B * U
+    size = np.dtype(dtype).itemsize
+    return forward * size, backward * size
+
+
+def cooperative_splits(cell, H, B, units, dtype, smem_limit):
+    """Threads per dot product in the cooperative kernels: the largest of 32, 16, .., 1 (at
+    most H) that keeps splits * B * units within one block of threads and the shared memory
+    within the limit; None where nothing fits."""
+    for splits in (32, 16, 8, 4, 2, 1):
+        if ((splits <= H or splits == 1) and splits * B * units <= MAX_PERSISTENT_THREADS
+                and max(cooperative_smem_layout(cell, H, B, units, dtype, splits)) <= smem_limit):
+            return splits
+    return None
 
 
 def _ceil_div(a, b):
@@ -186,7 +219,8 @@ class Engine:
         return self.plan(cell, B, H, dtype)[0]
 
     def plan(self, cell, B, H, dtype):
-        """("persistent", rows per block, splits per dot) or ("general", 0, 0), as config says."""
+        """("persistent", rows per block, splits per dot), ("cooperative", units per block,
+        splits per dot) or ("general", 0, 0), as config says."""
         mode = config.PATH
         if mode not in config.PATHS:
             raise ValueError(f"bptt_kernels.cupy.config.PATH must be one of {config.PATHS}, "
@@ -194,6 +228,8 @@ class Engine:
         if mode == "general":
             return "general", 0, 0
         smem_limit, n_sm = self.limits()
+        if mode == "cooperative":
+            return self._cooperative_plan(cell, B, H, dtype, required=True)
         rows = max(1, _ceil_div(B, n_sm))  # one block per SM at most, every block `rows` rows
         need = persistent_smem_bytes(cell, H, rows, dtype)
         fits = need <= smem_limit
@@ -206,11 +242,35 @@ class Engine:
                 f"'auto' or 'general'")
         if mode == "persistent" or (fits and B <= config.PERSISTENT_MAX_BATCH):
             return "persistent", rows, persistent_splits(cell, H, rows, dtype, smem_limit)
+        if B <= config.COOPERATIVE_MAX_BATCH:
+            return self._cooperative_plan(cell, B, H, dtype, required=False)
         return "general", 0, 0
+
+    def _cooperative_plan(self, cell, B, H, dtype, required):
+        smem_limit, n_sm = self.limits()
+        units = cooperative_units(H, n_sm)
+        splits = cooperative_splits(cell, H, B, units, dtype, smem_limit)
+        if splits is not None:
+            return "cooperative", units, splits
+        if not required:
+            return "general", 0, 0
+        need = max(cooperative_smem_layout(cell, H, B, units, dtype))
+        raise ValueError(
+            f"the cooperative {cell} kernel needs {B * units} threads and {need} bytes of shared "
+            f"memory per block for H={H}, B={B} ({units} units in each of {_ceil_div(H, units)} "
+            f"blocks, {np.dtype(dtype).name}); this device allows {MAX_PERSISTENT_THREADS} and "
+            f"{smem_limit} on each of its {n_sm} SMs. Use config.PATH = 'auto' or 'general'")
 
     def _persistent_launch(self, name, B, H, rows, splits, smem, args):
         threads = min(MAX_PERSISTENT_THREADS, _ceil_div(splits * rows * H, 32) * 32)
         self.launch(name, _ceil_div(B, rows), threads, args, smem)
+
+    def _cooperative_launch(self, name, B, H, units, splits, smem, args):
+        """One block per `units` hidden units (no more blocks than SMs: all resident), at
+        least splits * B * units threads; a fresh zero barrier counter."""
+        threads = min(MAX_PERSISTENT_THREADS, _ceil_div(splits * B * units, 32) * 32)
+        barrier = self.xp.zeros(1, dtype=np.uint32)
+        self.launch(name, _ceil_div(H, units), threads, args + (barrier,), smem)
 
     def _step_grid(self, n):
         return max(1, min(MAX_GRID, _ceil_div(n, STEP_THREADS)))
@@ -259,6 +319,12 @@ class Engine:
             self._persistent_launch(
                 kernel_name(f"{cell}_forward_persistent", dtype), B, H, rows, splits,
                 persistent_smem_layout(cell, H, rows, dtype, splits)[0],
+                (i32(T), i32(B), i32(H), i32(rows), i32(splits), xproj, w_hh, b_hh, h0, c0)
+                + outs)
+        elif path == "cooperative":
+            self._cooperative_launch(
+                kernel_name(f"{cell}_forward_cooperative", dtype), B, H, rows, splits,
+                cooperative_smem_layout(cell, H, B, rows, dtype, splits)[0],
                 (i32(T), i32(B), i32(H), i32(rows), i32(splits), xproj, w_hh, b_hh, h0, c0)
                 + outs)
         else:
@@ -317,14 +383,19 @@ class Engine:
         i32 = np.int32
 
         path, rows, splits = self.plan(cell, B, H, dtype)
-        if path == "persistent":
+        if path in ("persistent", "cooperative"):
             dh0 = self._empty((B, H), dtype)
             dc0 = self._empty((B, H), dtype)
-            self._persistent_launch(
-                kernel_name(f"{cell}_backward_persistent", dtype), B, H, rows, splits,
-                persistent_smem_layout(cell, H, rows, dtype, splits)[1],
-                (i32(T), i32(t_start), i32(B), i32(H), i32(rows), i32(splits), dy, w_hh)
-                + cached + (dh_final, dc_final) + grads + (dh0, dc0))
+            args = ((i32(T), i32(t_start), i32(B), i32(H), i32(rows), i32(splits), dy, w_hh)
+                    + cached + (dh_final, dc_final) + grads + (dh0, dc0))
+            if path == "persistent":
+                self._persistent_launch(
+                    kernel_name(f"{cell}_backward_persistent", dtype), B, H, rows, splits,
+                    persistent_smem_layout(cell, H, rows, dtype, splits)[1], args)
+            else:
+                self._cooperative_launch(
+                    kernel_name(f"{cell}_backward_cooperative", dtype), B, H, rows, splits,
+                    cooperative_smem_layout(cell, H, B, rows, dtype, splits)[1], args)
         else:
             name = kernel_name(f"{cell}_backward_step", dtype)
             grid = self._step_grid(B * H)

@@ -15,10 +15,16 @@
 //   ex.block(), ex.nblocks()      block index and count (persistent / per-row kernels),
 //   ex.tid(), ex.nthreads()       thread index and count inside the block (reductions),
 //   ex.sync()                     __syncthreads().
+// and, in the cooperative kernels only (every block resident at once, see recurrent.cu):
+//   ex.grid_sync()                a barrier of every thread of the grid,
+//   ldcg(p)                       a load of what another block wrote before the last grid_sync
+//                                 (through L2: an SM's L1 is not coherent with the others').
 // On the host, a grid-stride kernel is one thread owning every item; a block kernel runs its
 // blockDim threads as coroutines switched at every barrier, in order or in reverse order
 // (HostBlockRun below): a missing barrier, or a thread reading another thread's result of the
 // same phase, then reads NaN-poisoned shared memory or disagrees between the two orders.
+// A cooperative kernel runs the threads of all its blocks as one set of coroutines, and a
+// grid barrier is a barrier of all of them.
 
 #ifndef BPTT_COMMON_CU
 #define BPTT_COMMON_CU
@@ -109,80 +115,112 @@ inline HostBlockRun* host_run = nullptr;
 // One emulated CUDA thread of a block kernel: same items as on the device, and sync() a real
 // barrier: the thread yields to the block's scheduler until every thread has reached it.
 struct HostExec {
-    int blk, tid_, nthr;
+    int blk, tid_, nthr, slot;  // slot: this thread's index among the coroutines of the run
     int block() const { return blk; }
     int nblocks() const { return host_grid; }
     int tid() const { return tid_; }
     int nthreads() const { return nthr; }
     long long count(long long n) const { return tid_ < n ? (n - 1 - tid_) / nthr + 1 : 0; }
     long long item(long long k, long long) const { return tid_ + k * nthr; }
-    void sync() const;
+    void sync() const { wait(false); }
+    void grid_sync() const { wait(true); }
+    void wait(bool grid) const;
 };
 
-// The threads of a block as coroutines (ucontext), run one after the other (in reverse order
-// with host_reverse) from barrier to barrier. Shared memory is poisoned with NaN, so a thread
-// that reads what another thread writes after the barrier it forgot reads NaN.
+// The threads of `nblk` blocks as coroutines (ucontext), run one after the other (in reverse
+// order with host_reverse) from barrier to barrier. Shared memory is poisoned with NaN, so a
+// thread that reads what another thread writes after the barrier it forgot reads NaN. The
+// blocks of a cooperative run go one at a time from grid barrier to grid barrier (the first
+// or, reversed, the last block first): a block that skips a grid barrier races ahead and
+// reads what the other blocks have not written yet.
 struct HostBlockRun {
     std::function<void(const HostExec&)> body;
-    int blk = 0, nthreads = 1, current = 0;
+    int first_blk = 0, nthreads = 1, current = 0;
     std::vector<ucontext_t> ctx;
-    std::vector<int> done, syncs;
+    std::vector<int> done, syncs, at_grid;
     ucontext_t sched;
 };
 
 inline void host_thread_entry() {
     HostBlockRun* run = host_run;
-    const int tid = run->current;
-    run->body(HostExec{run->blk, tid, run->nthreads});
-    run->done[tid] = 1;  // returning resumes the scheduler (uc_link)
+    const int slot = run->current;
+    run->body(HostExec{run->first_blk + slot / host_block, slot % host_block, host_block, slot});
+    run->done[slot] = 1;  // returning resumes the scheduler (uc_link)
 }
 
-inline void HostExec::sync() const {
+inline void HostExec::wait(bool grid) const {
     HostBlockRun* run = host_run;
-    run->syncs[tid_] += 1;
-    swapcontext(&run->ctx[tid_], &run->sched);
+    run->syncs[slot] += 1;
+    run->at_grid[slot] = grid;
+    swapcontext(&run->ctx[slot], &run->sched);
 }
 
+// the live threads among slots [first, first + n) wait at one barrier (same count, same kind)
+inline bool host_same_barrier(const HostBlockRun& run, int first, int n) {
+    int at = -1, grid = -1;
+    for (int slot = first; slot < first + n; ++slot) {
+        if (run.done[slot]) continue;
+        if (at < 0) { at = run.syncs[slot]; grid = run.at_grid[slot]; }
+        else if (run.syncs[slot] != at || run.at_grid[slot] != grid) return false;
+    }
+    return true;
+}
+
+// Blocks first_blk .. first_blk + nblk - 1 together (nblk = 1: one block of a block kernel;
+// nblk = host_grid: the whole grid of a cooperative kernel).
 template <class F>
-void host_run_block(int blk, F&& body) {
+void host_run_blocks(int first_blk, int nblk, F&& body) {
     constexpr size_t kStack = 128 * 1024;
-    static std::vector<std::unique_ptr<char[]>> stacks;  // reused between blocks
-    const int n = host_block;
+    static std::vector<std::unique_ptr<char[]>> stacks;  // reused between runs
+    const int n = nblk * host_block;
     while ((int)stacks.size() < n) stacks.emplace_back(new char[kStack]);
     HostBlockRun run;
     run.body = body;
-    run.blk = blk;
+    run.first_blk = first_blk;
     run.nthreads = n;
     run.ctx.resize(n);
     run.done.assign(n, 0);
     run.syncs.assign(n, 0);
-    for (int tid = 0; tid < n; ++tid) {
-        getcontext(&run.ctx[tid]);
-        run.ctx[tid].uc_stack.ss_sp = stacks[tid].get();
-        run.ctx[tid].uc_stack.ss_size = kStack;
-        run.ctx[tid].uc_link = &run.sched;
-        makecontext(&run.ctx[tid], host_thread_entry, 0);
+    run.at_grid.assign(n, 0);
+    for (int slot = 0; slot < n; ++slot) {
+        getcontext(&run.ctx[slot]);
+        run.ctx[slot].uc_stack.ss_sp = stacks[slot].get();
+        run.ctx[slot].uc_stack.ss_size = kStack;
+        run.ctx[slot].uc_link = &run.sched;
+        makecontext(&run.ctx[slot], host_thread_entry, 0);
     }
     HostBlockRun* outer = host_run;
     host_run = &run;
-    for (bool running = true; running;) {
-        running = false;
-        for (int i = 0; i < n; ++i) {  // every live thread runs up to its next barrier
-            const int tid = host_reverse ? n - 1 - i : i;
-            if (run.done[tid]) continue;
-            running = true;
-            run.current = tid;
-            swapcontext(&run.sched, &run.ctx[tid]);
+    const int nb = host_block;
+    for (;;) {
+        for (int bi = 0; bi < nblk; ++bi) {  // each block up to its next grid barrier, or its end
+            const int first = (host_reverse ? nblk - 1 - bi : bi) * nb;
+            for (bool ran = true; ran;) {
+                ran = false;
+                for (int i = 0; i < nb; ++i) {  // every live thread runs up to its next barrier
+                    const int slot = first + (host_reverse ? nb - 1 - i : i);
+                    if (run.done[slot] || run.at_grid[slot]) continue;
+                    ran = true;
+                    run.current = slot;
+                    swapcontext(&run.sched, &run.ctx[slot]);
+                }
+                if (!host_same_barrier(run, first, nb)) host_error = 1;
+            }
         }
-        int at = -1;  // the live threads must all wait at the same barrier
-        for (int tid = 0; tid < n; ++tid) {
-            if (run.done[tid]) continue;
-            if (at < 0) at = run.syncs[tid];
-            else if (run.syncs[tid] != at) host_error = 1;
+        bool live = false;
+        for (int slot = 0; slot < n; ++slot) live = live || !run.done[slot];
+        if (!live) break;
+        if (!host_same_barrier(run, 0, n)) {  // a thread left or skipped a grid barrier
+            host_error = 1;
+            break;
         }
+        run.at_grid.assign(n, 0);  // every block has arrived: release them all
     }
     host_run = outer;
 }
+
+template <class Real>
+inline Real ldcg(const Real* p) { return *p; }
 
 // shared memory emulated by a buffer poisoned with NaN for every block
 #define BPTT_GRID_EXEC(ex) const bptt::HostGridExec ex{bptt::host_reverse};
@@ -191,8 +229,18 @@ void host_run_block(int blk, F&& body) {
         std::vector<Real> bptt_buf(bptt::host_smem_bytes / sizeof(Real) + 1,              \
                                    std::numeric_limits<Real>::quiet_NaN());               \
         Real* smem = bptt_buf.data();                                                     \
-        bptt::host_run_block(bptt_blk, [&](const bptt::HostExec& ex) {
+        bptt::host_run_blocks(bptt_blk, 1, [&](const bptt::HostExec& ex) {
 #define BPTT_BLOCKS_END });}
+// a cooperative kernel: every block at once, each with its own poisoned shared memory
+#define BPTT_GRID_BEGIN(ex, smem, Real, barrier)                                           \
+    {                                                                                     \
+        (void)barrier;                                                                    \
+        const long long bptt_words = bptt::host_smem_bytes / (long long)sizeof(Real) + 1; \
+        std::vector<Real> bptt_buf(bptt_words * bptt::host_grid,                          \
+                                   std::numeric_limits<Real>::quiet_NaN());               \
+        bptt::host_run_blocks(0, bptt::host_grid, [&](const bptt::HostExec& ex) {         \
+            Real* smem = bptt_buf.data() + ex.block() * bptt_words;
+#define BPTT_GRID_END });}
 
 #else  // CUDA
 
@@ -260,6 +308,38 @@ struct BlockExec {
     }
 };
 
+// A block of a cooperative kernel: BlockExec plus a barrier of the whole grid on a counter in
+// global memory that starts at 0 and only grows (barrier n is passed when it reaches
+// n * gridDim.x). Every block must be resident at once: the engine launches at most one
+// block per SM, each within the SM's limits.
+struct GridSyncExec : BlockExec {
+    unsigned int* counter;
+    mutable unsigned int target;  // thread 0's count of arrivals that ends its next barrier
+    BPTT_HD explicit GridSyncExec(unsigned int* c) : counter(c), target(0) {}
+    BPTT_HD void grid_sync() const {
+#if defined(__CUDA_ARCH__)
+        __syncthreads();                       // the block's writes precede thread 0's fence
+        if (threadIdx.x == 0) {
+            target += gridDim.x;
+            __threadfence();                   // ... and are visible device-wide
+            atomicAdd(counter, 1u);
+            while (*(volatile unsigned int*)counter < target) __nanosleep(32);
+            __threadfence();
+        }
+        __syncthreads();
+#endif
+    }
+};
+
+template <class Real>
+BPTT_HD Real ldcg(const Real* p) {
+#if defined(__CUDA_ARCH__)
+    return __ldcg(p);
+#else
+    return *p;
+#endif
+}
+
 extern __shared__ __align__(16) unsigned char bptt_dynamic_smem[];
 
 #define BPTT_GRID_EXEC(ex) const bptt::GridExec ex;
@@ -268,6 +348,11 @@ extern __shared__ __align__(16) unsigned char bptt_dynamic_smem[];
         Real* smem = reinterpret_cast<Real*>(bptt::bptt_dynamic_smem);    \
         const bptt::BlockExec ex;
 #define BPTT_BLOCKS_END }
+#define BPTT_GRID_BEGIN(ex, smem, Real, barrier)                           \
+    {                                                                     \
+        Real* smem = reinterpret_cast<Real*>(bptt::bptt_dynamic_smem);    \
+        const bptt::GridSyncExec ex(barrier);
+#define BPTT_GRID_END }
 
 #endif
 

@@ -2,12 +2,18 @@
 
 ``PATH``
     Which recurrent implementation runs: ``"auto"`` (default) picks by size, ``"persistent"``
-    forces the one-launch kernel (a ValueError where W_hh does not fit in shared memory),
-    ``"general"`` forces the per-step cuBLAS GEMM + fused gate kernel path.
+    forces the one-launch kernel whose blocks own batch rows (a ValueError where W_hh does not
+    fit in one block's shared memory), ``"cooperative"`` the one-launch kernel whose blocks own
+    hidden units and meet at a grid barrier each step (a ValueError where W_hh does not fit in
+    the shared memory of all SMs together), ``"general"`` the per-step cuBLAS GEMM + fused
+    gate kernel path.
 ``PERSISTENT_MAX_BATCH``
     ``"auto"`` uses the persistent kernel only for batches up to this size (and only where
     W_hh and the per-block state fit in the device's opt-in shared memory per block): one
     block per batch row reuses W_hh for one row only, so for large B cuBLAS wins.
+``COOPERATIVE_MAX_BATCH``
+    Where the persistent kernel is not used, ``"auto"`` uses the cooperative kernel for batches
+    up to this size where it fits; larger batches take the general path.
 ``POISON_OUTPUTS``
     Fill every freshly allocated output and cache array with NaN before the kernels write it,
     so an element a kernel forgets to write fails a parity check (tests; costs a fill).
@@ -20,12 +26,14 @@ Example::
     config.reset()
 """
 
-PATHS = ("auto", "persistent", "general")
+PATHS = ("auto", "persistent", "cooperative", "general")
 
-_DEFAULTS = {"PATH": "auto", "PERSISTENT_MAX_BATCH": 64, "POISON_OUTPUTS": False}
+_DEFAULTS = {"PATH": "auto", "PERSISTENT_MAX_BATCH": 64, "COOPERATIVE_MAX_BATCH": 32,
+             "POISON_OUTPUTS": False}
 
 PATH = _DEFAULTS["PATH"]
 PERSISTENT_MAX_BATCH = _DEFAULTS["PERSISTENT_MAX_BATCH"]
+COOPERATIVE_MAX_BATCH = _DEFAULTS["COOPERATIVE_MAX_BATCH"]
 POISON_OUTPUTS = _DEFAULTS["POISON_OUTPUTS"]
 
 

@@ -5,7 +5,8 @@ The kernel sources (recurrent.cu, ops.cu) are compiled by a host C++ compiler wi
 of the same name and arguments whose body is the very same template code. Grid-stride kernels
 run as one host thread owning every item; block kernels (persistent recurrences, softmax, sum
 of squares) run their blockDim threads as coroutines switched at every ``__syncthreads``, with
-shared memory poisoned with NaN (see common.cu). :func:`host_engine` wires that library into
+shared memory poisoned with NaN (see common.cu); cooperative kernels run the threads of all
+their blocks as one set of coroutines, a grid barrier being a barrier of them all. :func:`host_engine` wires that library into
 the backend's own orchestration (:class:`bptt_kernels.cupy._engine.Engine`) with NumPy as the
 array module, so everything above the kernels (path choice, GEMM placement, caches, t_start,
 dh, weight-gradient GEMMs, argument order) runs exactly as on the GPU. What this cannot check:
@@ -78,7 +79,8 @@ def build_library(build_dir=None, compiler=None):
 # C parameter type -> (ctypes type of a scalar | NumPy dtype of an array)
 _SCALARS = {"int": (np.int32, ctypes.c_int), "long long": (np.int64, ctypes.c_longlong),
             "float": (np.float32, ctypes.c_float), "double": (np.float64, ctypes.c_double)}
-_POINTERS = {"float*": np.float32, "double*": np.float64, "long long*": np.int64}
+_POINTERS = {"float*": np.float32, "double*": np.float64, "long long*": np.int64,
+             "unsigned int*": np.uint32}
 
 
 class HostLauncher:

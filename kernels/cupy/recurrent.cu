@@ -17,6 +17,13 @@
 //      stays there; the block's hidden state lives in shared memory between steps. Each dot
 //      product is split over `splits` threads. Two __syncthreads per step in each direction.
 //
+//  cooperative (small B, any H whose W_hh fits in the shared memory of all SMs together):
+//      ONE launch runs all steps. Block p owns the hidden units [p*U, p*U + U) of every batch
+//      row and keeps W_hh's weights of those units in shared memory; the blocks meet at a
+//      grid-wide barrier once per step, after which every block reads the step's h_t (forward)
+//      or gate gradients (backward) that all blocks wrote. At most one block per SM, so all
+//      are resident at once (the barrier needs that).
+//
 // Input projections x @ w_ih^T + b_ih for all steps (one GEMM before the loop) and the weight
 // gradients / dx (big GEMMs after the backward loop) are done in Python with cupy.matmul.
 //
@@ -70,6 +77,7 @@ struct BwdArgs {
 template <class Real>
 struct Lstm {
     static constexpr int G = 4;
+    static constexpr bool separate_dgh = false;  // dgx is also the rows that multiply W_hh
     BPTT_HD static Real forward(const FwdArgs<Real>& a, int t, int b, int j, const Real (&hs)[G],
                                 Real /*h_prev*/) {
         const int H = a.H, B = a.B;
@@ -109,6 +117,7 @@ struct Lstm {
 template <class Real>
 struct Gru {
     static constexpr int G = 3;
+    static constexpr bool separate_dgh = true;   // dgh differs from dgx in its n rows
     BPTT_HD static Real forward(const FwdArgs<Real>& a, int t, int b, int j, const Real (&hs)[G],
                                 Real h_prev) {
         const int H = a.H, B = a.B;
@@ -145,6 +154,7 @@ struct Gru {
 template <class Real, bool Relu>
 struct Rnn {
     static constexpr int G = 1;
+    static constexpr bool separate_dgh = false;
     BPTT_HD static Real forward(const FwdArgs<Real>& a, int t, int b, int j, const Real (&hs)[G],
                                 Real /*h_prev*/) {
         const Real pre = a.xp[at(t, b, a.B, a.H, j)] + hs[0];
@@ -347,6 +357,166 @@ BPTT_HD void backward_persistent(const Exec& ex, Real* smem, const BwdArgs<Real>
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Cooperative path: block p owns units j0 = p*U .. j0 + Ub - 1 (Ub = U, fewer in the last
+// block) of all B rows; one grid barrier per step. Every thread of every block runs every
+// barrier (no early return). Row strides of the weight tables are odd: threads whose table
+// rows differ then read different banks.
+
+BPTT_HD int odd_stride(int n) { return n | 1; }
+
+// Shared memory (Real elements): w [H][odd(G*U)] (w[k][q*U + u] = W_hh[q*H + j0 + u][k])
+// + h [B][H] (h_{t-1} of every row and unit) + part [splits][B][G*U] (partial sums).
+// Per step: load h_{t-1} (written by every block); phase A, item (s, r, u): the block's
+// G*U dot products of row r over the k of part s; phase B, item (r, u): hs = b_hh + sum of
+// parts, cell forward (writes y[t], the cache); grid barrier.
+template <class Cell, class Real, class Exec>
+BPTT_HD void forward_cooperative(const Exec& ex, Real* smem, const FwdArgs<Real>& a, int n_steps,
+                                 int U, int splits, const Real* w_hh, const Real* b_hh) {
+    constexpr int G = Cell::G;
+    const int H = a.H, B = a.B, GU = G * U, WS = odd_stride(G * U);
+    const int j0 = ex.block() * U;
+    const int Ub = H - j0 < U ? H - j0 : U;           // units of this block (>= 1)
+    Real* w = smem;                                    // H,WS
+    Real* h = w + (long long)H * WS;                   // B,H
+    Real* part = h + (long long)B * H;                 // splits,B,GU
+    const long long nw = (long long)G * Ub * H, BH = (long long)B * H;
+    for (long long k = 0, m = ex.count(nw); k < m; ++k) {
+        const long long e = ex.item(k, nw);
+        const int qu = (int)(e / H), kk = (int)(e - (long long)qu * H);
+        const int q = qu / Ub, u = qu - q * Ub;
+        w[(long long)kk * WS + q * U + u] = w_hh[((long long)q * H + j0 + u) * H + kk];
+    }
+    const long long BU = (long long)B * Ub, SBU = (long long)splits * BU;
+    for (int t = 0; t < n_steps; ++t) {
+        const Real* hg = t == 0 ? a.h0 : a.y + (long long)(t - 1) * BH;  // B,H  h_{t-1}
+        for (long long k = 0, m = ex.count(BH); k < m; ++k) {
+            const long long e = ex.item(k, BH);
+            h[e] = ldcg(hg + e);
+        }
+        ex.sync();
+        // phase A: partial sums of h_{t-1} W_hh^T for the block's units
+        for (long long k = 0, m = ex.count(SBU); k < m; ++k) {
+            const long long e = ex.item(k, SBU);
+            const int s = (int)(e / BU);
+            const int r = (int)((e - s * BU) / Ub), u = (int)(e - s * BU - (long long)r * Ub);
+            const Real* hr = h + (long long)r * H;
+            Real acc[G];
+            for (int q = 0; q < G; ++q) acc[q] = Real(0);
+            for (int kk = part_begin(s, H, splits), k1 = part_begin(s + 1, H, splits); kk < k1; ++kk) {
+                const Real hk = hr[kk];
+                const Real* wk = w + (long long)kk * WS + u;
+                for (int q = 0; q < G; ++q) acc[q] += wk[q * U] * hk;
+            }
+            Real* p = part + ((long long)s * B + r) * GU + u;
+            for (int q = 0; q < G; ++q) p[q * U] = acc[q];
+        }
+        ex.sync();
+        // phase B: gates and new state of the block's (r, u)
+        for (long long k = 0, m = ex.count(BU); k < m; ++k) {
+            const long long e = ex.item(k, BU);
+            const int r = (int)(e / Ub), u = (int)(e - (long long)r * Ub), j = j0 + u;
+            Real hs[G];
+            for (int q = 0; q < G; ++q) {
+                hs[q] = b_hh[q * H + j];
+                for (int s = 0; s < splits; ++s) hs[q] += part[((long long)s * B + r) * GU + q * U + u];
+            }
+            Cell::forward(a, t, r, j, hs, h[(long long)r * H + j]);
+        }
+        ex.grid_sync();  // y[t] complete: the next step's h
+    }
+}
+
+// Shared memory (Real elements): w [GH][odd(U)] (w[gj][u] = W_hh[gj][j0 + u]) + dg [B][H]
+// (one gate's rows of the step's dL/d(h W_hh^T), all units) + part [splits][B][U] (partial
+// sums of dL/dh through W_hh) + dc, dh_direct [B][U]. Per step: phase A, item (r, u): total
+// dL/dh_t, cell backward (writes dh, dgx, dgh of step t); grid barrier; phase B, thread
+// (s, r, u) of splits*B*U: for each gate q, load that gate's rows of every unit, add
+// sum over k in part s of dg[r][q*H + k] * W_hh[q*H + k][j]. dg_rec [T,B,GH]: the rows that
+// multiply W_hh (dgh for the GRU, dgx otherwise). dh_final, dc_final [B,H]; dh0, dc0 [B,H] out.
+template <class Cell, class Real, class Exec>
+BPTT_HD void backward_cooperative(const Exec& ex, Real* smem, const BwdArgs<Real>& a,
+                                  const Real* dg_rec, int n_steps, int t_start, int U, int splits,
+                                  const Real* w_hh, const Real* dh_final, const Real* dc_final,
+                                  Real* dh0, Real* dc0) {
+    constexpr int G = Cell::G;
+    const int H = a.H, B = a.B, GH = G * a.H, US = odd_stride(U);
+    const int j0 = ex.block() * U;
+    const int Ub = H - j0 < U ? H - j0 : U;
+    Real* w = smem;                                    // GH,US
+    Real* dg = w + (long long)GH * US;                 // B,H
+    Real* part = dg + (long long)B * H;                // splits,B,U
+    Real* dc = part + (long long)splits * B * U;       // B,U  running dL/dc
+    Real* dh_dir = dc + (long long)B * U;              // B,U  GRU direct path
+    const long long BU = (long long)B * Ub, SBU = (long long)splits * BU, BH = (long long)B * H;
+    for (long long k = 0, m = ex.count((long long)GH * Ub); k < m; ++k) {
+        const long long e = ex.item(k, (long long)GH * Ub);
+        const long long gj = e / Ub;
+        const int u = (int)(e - gj * Ub);
+        w[gj * US + u] = w_hh[gj * H + j0 + u];
+    }
+    for (long long k = 0, m = ex.count(SBU); k < m; ++k) {
+        const long long e = ex.item(k, SBU);
+        const int s = (int)(e / BU);
+        const int r = (int)((e - s * BU) / Ub), u = (int)(e - s * BU - (long long)r * Ub);
+        part[((long long)s * B + r) * U + u] = s == 0 ? dh_final[(long long)r * H + j0 + u] : Real(0);
+    }
+    for (long long k = 0, m = ex.count(BU); k < m; ++k) {
+        const long long e = ex.item(k, BU);
+        const int r = (int)(e / Ub), u = (int)(e - (long long)r * Ub);
+        dc[r * U + u] = dc_final[(long long)r * H + j0 + u];
+        dh_dir[r * U + u] = Real(0);
+    }
+    // this thread's item of phase B (the engine launches at least splits*B*U threads)
+    const int me = ex.tid();
+    const bool active = me < SBU;
+    const int ms = (int)(me / BU);
+    const int mr = (int)((me - ms * BU) / Ub), mu = (int)(me - ms * BU - (long long)mr * Ub);
+    ex.sync();
+    for (int t = n_steps - 1; t >= t_start; --t) {
+        // phase A: gate gradients of the block's (r, u)
+        for (long long k = 0, m = ex.count(BU); k < m; ++k) {
+            const long long e = ex.item(k, BU);
+            const int r = (int)(e / Ub), u = (int)(e - (long long)r * Ub), j = j0 + u;
+            Real dh_rec = Real(0);
+            for (int s = 0; s < splits; ++s) dh_rec += part[((long long)s * B + r) * U + u];
+            const long long tj = at(t, r, B, H, j);
+            const Real dh = a.dy[tj] + dh_rec + dh_dir[r * U + u];  // total dL/dh_t
+            a.dh[tj] = dh;
+            Real gh[G];
+            Cell::backward(a, t, r, j, dh, dc[r * U + u], dh_dir[r * U + u], gh);
+        }
+        ex.grid_sync();  // every unit's gate gradients of step t written
+        // phase B: dL/dh_{t-1} of the block's units through W_hh, one gate's rows at a time
+        Real acc = Real(0);
+        for (int q = 0; q < G; ++q) {
+            const Real* src = dg_rec + at(t, 0, B, GH, q * H);
+            for (long long k = 0, m = ex.count(BH); k < m; ++k) {
+                const long long e = ex.item(k, BH);
+                const long long r = e / H;
+                dg[e] = ldcg(src + r * GH + (e - r * H));
+            }
+            ex.sync();
+            if (active) {
+                const Real* dgr = dg + (long long)mr * H;
+                for (int kk = part_begin(ms, H, splits), k1 = part_begin(ms + 1, H, splits); kk < k1; ++kk)
+                    acc += dgr[kk] * w[((long long)q * H + kk) * US + mu];
+            }
+            ex.sync();
+        }
+        if (active) part[((long long)ms * B + mr) * U + mu] = acc;
+        ex.sync();
+    }
+    for (long long k = 0, m = ex.count(BU); k < m; ++k) {
+        const long long e = ex.item(k, BU);
+        const int r = (int)(e / Ub), u = (int)(e - (long long)r * Ub);
+        Real dh_rec = Real(0);
+        for (int s = 0; s < splits; ++s) dh_rec += part[((long long)s * B + r) * U + u];
+        dh0[(long long)r * H + j0 + u] = dh_rec + dh_dir[r * U + u];
+        dc0[(long long)r * H + j0 + u] = dc[r * U + u];
+    }
+}
+
 }  // namespace bptt
 
 // ---------------------------------------------------------------------------------------------
@@ -391,6 +561,28 @@ BPTT_HD void backward_persistent(const Exec& ex, Real* smem, const BwdArgs<Real>
         bptt::backward_persistent<CELL>(ex, smem, a, n_steps, t_start, rows, splits, w_hh,    \
                                         dh_final, dc_final, dh0, dc0);                        \
         BPTT_BLOCKS_END                                                                       \
+    }                                                                                         \
+    BPTT_KERNEL(NAME##_forward_cooperative_##SFX, 1024)(                                      \
+        int n_steps, int B, int H, int units, int splits, const Real* xp, const Real* w_hh,   \
+        const Real* b_hh, const Real* h0, const Real* c0, Real* y, Real* c, Real* gates,      \
+        Real* hn, unsigned int* barrier) {                                                    \
+        const bptt::FwdArgs<Real> a{B, H, xp, h0, c0, y, c, gates, hn};                       \
+        BPTT_GRID_BEGIN(ex, smem, Real, barrier)                                              \
+        bptt::forward_cooperative<CELL>(ex, smem, a, n_steps, units, splits, w_hh, b_hh);     \
+        BPTT_GRID_END                                                                         \
+    }                                                                                         \
+    BPTT_KERNEL(NAME##_backward_cooperative_##SFX, 1024)(                                     \
+        int n_steps, int t_start, int B, int H, int units, int splits, const Real* dy,        \
+        const Real* w_hh,                                                                     \
+        const Real* h0, const Real* c0, const Real* y, const Real* c, const Real* gates,      \
+        const Real* hn, const Real* dh_final, const Real* dc_final, Real* dh, Real* dgx,      \
+        Real* dgh, Real* dh0, Real* dc0, unsigned int* barrier) {                             \
+        const bptt::BwdArgs<Real> a{B, H, dy, h0, c0, y, c, gates, hn, dh, dgx, dgh};         \
+        const Real* dg_rec = CELL::separate_dgh ? dgh : dgx;  /* rows times W_hh */       \
+        BPTT_GRID_BEGIN(ex, smem, Real, barrier)                                              \
+        bptt::backward_cooperative<CELL>(ex, smem, a, dg_rec, n_steps, t_start, units,        \
+                                         splits, w_hh, dh_final, dc_final, dh0, dc0);         \
+        BPTT_GRID_END                                                                         \
     }
 
 #if !defined(BPTT_SELECT) || defined(BPTT_SELECT_lstm_f32)
