@@ -23,7 +23,8 @@ not installed):
 2. Timing: one training step (forward + backward of one layer, I = H) of LSTM and GRU, T=100,
    float32, B in {1, 8, 64, 256} x H in {128, 512, 1024}: each backend against torch.nn
    (cuDNN), CUDA events, median of repeats after warm-up; ratio = ours / torch (< 1: faster),
-   GFLOP/s beside a cuBLAS GEMM measured in the same run.
+   GFLOP/s beside a cuBLAS GEMM measured in the same run. Then every path forced side by side
+   around the paths' limits, and the cooperative path with more units per block.
 3. ``python -m bptt train --backend cupy --max-steps 50`` (and cuda): exit status and wall time.
 
 Pieces (``check_recurrent``, ``check_ops``, ``torch_reference``, ``format_table``) run under
@@ -319,9 +320,11 @@ def correctness(backends, oracle, rng, torch_device, quick=False):
                             torch_device=torch_device if t_start == 0 else None))
                 results.append(check_recurrent(backend, oracle, cell, large, dtype, 2, rng,
                                                torch_device=None if quick else torch_device))
-                if "cooperative" in paths:  # several units per block, 120 blocks
+                if "cooperative" in paths:  # several units per block: 120 blocks, then 30
                     results.append(check_recurrent(backend, oracle, cell, wide, dtype, 1, rng,
                                                    path="cooperative"))
+                    results.append(check_recurrent(backend, oracle, cell, wide, dtype, 1, rng,
+                                                   path="cooperative", COOPERATIVE_UNITS=20))
                 if backend.NAME == "cuda" and not quick:
                     results.append(check_recurrent(backend, oracle, cell, large, dtype, 1, rng,
                                                    path="general", GEMM="numba"))
@@ -417,6 +420,32 @@ def path_comparison(backends, torch_ok, quick=False):
     return rows
 
 
+def units_sweep(backends, quick=False):
+    """The cooperative path forced with 1, 2, 4, 8 times the fewest units per block (fewer,
+    busier blocks; less L2 traffic), to set config.COOPERATIVE_UNITS / COOPERATIVE_MAX_BATCH."""
+    rows = []
+    T = 100
+    sizes = [("lstm", 64, 128)] if quick else [
+        ("lstm", 1, 512), ("lstm", 8, 512), ("lstm", 8, 128), ("lstm", 32, 256), ("lstm", 64, 128),
+        ("lstm", 64, 256), ("lstm", 128, 128), ("gru", 64, 256), ("gru", 8, 1024)]
+    for backend in backends:
+        if not hasattr(backend.config, "COOPERATIVE_UNITS"):
+            continue
+        n_sm = backend._get().limits()[1]
+        for cell, B, H in sizes:
+            fewest = -(-H // n_sm)
+            row = {"backend": backend.NAME, "cell": cell, "T": T, "B": B, "H": H}
+            for mult in (1, 2, 4, 8):
+                try:
+                    with backend_config(backend, PATH="cooperative", COOPERATIVE_UNITS=fewest * mult):
+                        row[f"units{fewest * mult}_ms"] = time_backend(backend, cell, T, B, H)[0]
+                except Exception as e:  # noqa: BLE001 -- does not fit
+                    row[f"units{fewest * mult}_error"] = f"{type(e).__name__}: {e}"[:120]
+            rows.append(row)
+            print("  " + json.dumps(row), flush=True)
+    return rows
+
+
 def time_torch(cell, T, B, H):
     import torch
     mod = (torch.nn.LSTM if cell == "lstm" else torch.nn.GRU)(H, H).cuda()
@@ -497,7 +526,7 @@ def _fmt(v, spec):
     return format(v, spec) if isinstance(v, (int, float)) else "-"
 
 
-def format_table(checks, rows, e2e, skipped, gemm_rate=None, path_rows=()):
+def format_table(checks, rows, e2e, skipped, gemm_rate=None, path_rows=(), unit_rows=()):
     """The compact report printed last (a string)."""
     lines = []
     failed = [c for c in checks if not c.get("ok")]
@@ -549,6 +578,12 @@ def format_table(checks, rows, e2e, skipped, gemm_rate=None, path_rows=()):
                 line += "".join(f" {_fmt(r.get(f'{n}_{p}_ms'), '10.3f')}" for p in paths)
                 line += f" {str(r.get(n + '_auto', '-'))[:5]:>5s}"
             lines.append(line)
+    if unit_rows:
+        lines.append("")
+        lines.append("cooperative path, units per block forced (ms per step, T=100, float32, I=H)")
+        for r in unit_rows:
+            cells = " ".join(f"U={k[5:-3]}: {_fmt(v, '.3f')}" for k, v in r.items() if k.endswith("_ms"))
+            lines.append(f"{r['backend']:5s} {r['cell']:5s} B={r['B']:<4d} H={r['H']:<5d} {cells}")
     for e in e2e:
         lines.append(f"e2e {e['backend']}: rc={e['rc']} {e['wall_s']}s  {e['last_line'][:110]}")
     return "\n".join(lines)
@@ -620,13 +655,14 @@ def main(argv=None):
     print(f"correctness: {sum(c['ok'] for c in checks)}/{len(checks)} ok in {info['correctness_s']} s",
           flush=True)
 
-    rows, path_rows, gemm_rate = [], [], None
+    rows, path_rows, unit_rows, gemm_rate = [], [], [], None
     if backends and not args.skip_bench:
         t0 = time.perf_counter()
         with contextlib.suppress(Exception):
             gemm_rate = gemm_tflops()
         rows = benchmarks(backends, torch_ok, quick=args.quick)
         path_rows = path_comparison(backends, torch_ok, quick=args.quick)
+        unit_rows = units_sweep(backends, quick=args.quick)
         info["bench_s"] = round(time.perf_counter() - t0, 1)
     for b in backends:
         with contextlib.suppress(Exception):
@@ -641,10 +677,11 @@ def main(argv=None):
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump({"info": info, "skipped": skipped, "gemm_tflops": gemm_rate, "checks": checks,
-                   "timings": rows, "path_comparison": path_rows, "end_to_end": e2e},
+                   "timings": rows, "path_comparison": path_rows, "units_sweep": unit_rows,
+                   "end_to_end": e2e},
                   f, indent=1, default=str)
     print(f"wrote {args.json} ({info['total_s']} s in all)\n")
-    print(format_table(checks, rows, e2e, skipped, gemm_rate, path_rows))
+    print(format_table(checks, rows, e2e, skipped, gemm_rate, path_rows, unit_rows))
     checks_ok = all(c["ok"] for c in checks) and (checks or args.skip_correctness)
     return 0 if checks_ok and all(e["rc"] == 0 for e in e2e) else 1
 

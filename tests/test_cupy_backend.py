@@ -243,8 +243,9 @@ def test_random_configurations(engines):
         rows = -(-B // n_sm)
         splits = data.draw(st.sampled_from([1, 2, 4, 8]))
         eng = engines[reverse]
-        if path == "cooperative":  # units per block from n_sm; shared memory for `splits`
-            units = _engine.cooperative_units(H, n_sm)
+        if path == "cooperative":  # units per block (>= H / n_sm); shared memory for `splits`
+            config.COOPERATIVE_UNITS = data.draw(st.sampled_from([None, 1, 2, 5, 12]))
+            units = _engine.cooperative_units(H, n_sm, config.COOPERATIVE_UNITS)
             smem = max(_engine.cooperative_smem_layout(cell, H, B, units, np.float64, splits))
         else:
             smem = _engine.persistent_smem_bytes(cell, H, rows, np.float64, splits)
@@ -373,9 +374,13 @@ def test_path_choice_follows_size_and_config():
     assert eng.choose_path("lstm", 64, 512, np.float32) == "general"
     config.COOPERATIVE_MAX_BATCH = 2
     assert eng.choose_path("lstm", 4, 512, np.float32) == "general"
+    config.COOPERATIVE_UNITS = 16                                         # fewer, bigger blocks
+    assert eng.plan("lstm", 1, 512, np.float32) == ("cooperative", 16, 32)
+    config.COOPERATIVE_UNITS = 2                                          # never over 1 per SM
+    assert eng.plan("lstm", 1, 512, np.float32) == ("cooperative", 4, 32)
     config.reset()
     assert (config.PATH, config.PERSISTENT_MAX_BATCH, config.COOPERATIVE_MAX_BATCH,
-            config.POISON_OUTPUTS) == ("auto", 64, 32, False)
+            config.COOPERATIVE_UNITS, config.POISON_OUTPUTS) == ("auto", 64, 32, None, False)
 
 
 def test_persistent_limits_table():

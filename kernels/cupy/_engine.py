@@ -93,10 +93,12 @@ def persistent_splits(cell, H, rows, dtype, smem_limit):
     return 1
 
 
-def cooperative_units(H, n_sm):
-    """Hidden units per block of the cooperative kernels: the fewest that need no more blocks
-    than SMs (every block must be resident at once)."""
-    return _ceil_div(H, n_sm)
+def cooperative_units(H, n_sm, wanted=None):
+    """Hidden units per block of the cooperative kernels: ``wanted`` (config.COOPERATIVE_UNITS)
+    where given, but never fewer than need no more blocks than SMs (every block must be
+    resident at once), nor more than H."""
+    fewest = _ceil_div(H, n_sm)
+    return fewest if wanted is None else max(fewest, min(H, int(wanted)))
 
 
 def cooperative_smem_layout(cell, H, B, units, dtype, splits=1):
@@ -248,7 +250,7 @@ class Engine:
 
     def _cooperative_plan(self, cell, B, H, dtype, required):
         smem_limit, n_sm = self.limits()
-        units = cooperative_units(H, n_sm)
+        units = cooperative_units(H, n_sm, config.COOPERATIVE_UNITS)
         splits = cooperative_splits(cell, H, B, units, dtype, smem_limit)
         if splits is not None:
             return "cooperative", units, splits

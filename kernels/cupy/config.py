@@ -14,6 +14,11 @@
 ``COOPERATIVE_MAX_BATCH``
     Where the persistent kernel is not used, ``"auto"`` uses the cooperative kernel for batches
     up to this size where it fits; larger batches take the general path.
+``COOPERATIVE_UNITS``
+    Hidden units per block of the cooperative kernel; ``None`` (default): the fewest that need
+    no more blocks than the device has SMs. A larger number means fewer blocks, each doing
+    more work per step, and less traffic through L2 (every block reads every row's h each
+    step). Never fewer than the default: all blocks must be resident at once.
 ``POISON_OUTPUTS``
     Fill every freshly allocated output and cache array with NaN before the kernels write it,
     so an element a kernel forgets to write fails a parity check (tests; costs a fill).
@@ -29,11 +34,12 @@ Example::
 PATHS = ("auto", "persistent", "cooperative", "general")
 
 _DEFAULTS = {"PATH": "auto", "PERSISTENT_MAX_BATCH": 64, "COOPERATIVE_MAX_BATCH": 32,
-             "POISON_OUTPUTS": False}
+             "COOPERATIVE_UNITS": None, "POISON_OUTPUTS": False}
 
 PATH = _DEFAULTS["PATH"]
 PERSISTENT_MAX_BATCH = _DEFAULTS["PERSISTENT_MAX_BATCH"]
 COOPERATIVE_MAX_BATCH = _DEFAULTS["COOPERATIVE_MAX_BATCH"]
+COOPERATIVE_UNITS = _DEFAULTS["COOPERATIVE_UNITS"]
 POISON_OUTPUTS = _DEFAULTS["POISON_OUTPUTS"]
 
 
