@@ -320,11 +320,11 @@ def correctness(backends, oracle, rng, torch_device, quick=False):
                             torch_device=torch_device if t_start == 0 else None))
                 results.append(check_recurrent(backend, oracle, cell, large, dtype, 2, rng,
                                                torch_device=None if quick else torch_device))
-                if "cooperative" in paths:  # several units per block: 120 blocks, then 30
+                if "cooperative" in paths:  # several units per block: 120 blocks, then 75
                     results.append(check_recurrent(backend, oracle, cell, wide, dtype, 1, rng,
                                                    path="cooperative"))
                     results.append(check_recurrent(backend, oracle, cell, wide, dtype, 1, rng,
-                                                   path="cooperative", COOPERATIVE_UNITS=20))
+                                                   path="cooperative", COOPERATIVE_UNITS=8))
                 if backend.NAME == "cuda" and not quick:
                     results.append(check_recurrent(backend, oracle, cell, large, dtype, 1, rng,
                                                    path="general", GEMM="numba"))
@@ -422,7 +422,7 @@ def path_comparison(backends, torch_ok, quick=False):
 
 def units_sweep(backends, quick=False):
     """The cooperative path forced with 1, 2, 4, 8 times the fewest units per block (fewer,
-    busier blocks; less L2 traffic), to set config.COOPERATIVE_UNITS / COOPERATIVE_MAX_BATCH."""
+    busier blocks; less L2 traffic), to set config.COOPERATIVE_UNITS / COOPERATIVE_MAX_STATE."""
     rows = []
     T = 100
     sizes = [("lstm", 64, 128)] if quick else [

@@ -345,13 +345,18 @@ def test_path_choice_follows_size_and_config():
     assert eng.plan("lstm", 32, 100, np.float64) == ("cooperative", 1, 32)   # 8-byte words
     assert eng.plan("lstm", 1, 1024, np.float32) == ("cooperative", 8, 32)
     assert eng.plan("lstm", 8, 1024, np.float32) == ("cooperative", 8, 16)
+    assert eng.plan("lstm", 64, 128, np.float32) == ("cooperative", 1, 16)   # threads
+    assert eng.plan("lstm", 16, 1024, np.float32) == ("general", 0, 0)       # B*H over 8192
+    assert eng.plan("lstm", 33, 512, np.float32) == ("general", 0, 0)
+    assert eng.plan("lstm", 1, 4096, np.float32) == ("general", 0, 0)        # W_hh 256 MiB
+    config.COOPERATIVE_MAX_STATE = 1 << 20
     assert eng.plan("lstm", 16, 1024, np.float32) == ("cooperative", 8, 8)   # smem-bound
     assert eng.plan("lstm", 32, 1024, np.float32) == ("general", 0, 0)       # does not fit
-    assert eng.plan("lstm", 33, 512, np.float32) == ("general", 0, 0)        # batch too big
-    assert eng.plan("lstm", 1, 4096, np.float32) == ("general", 0, 0)        # W_hh 256 MiB
+    config.reset()
     assert eng.plan("rnn_tanh", 32, 200, np.float32) == ("persistent", 1, 4)  # threads
     assert eng.plan("rnn_tanh", 32, 239, np.float32) == ("persistent", 1, 1)  # smem
-    assert eng.plan("gru", 65, 64, np.float32) == ("general", 0, 0)        # batch too big
+    assert eng.plan("gru", 65, 64, np.float32) == ("cooperative", 1, 8)    # batch over 64
+    assert eng.plan("gru", 65, 128, np.float32) == ("general", 0, 0)       # and B*H over 8192
     config.PERSISTENT_MAX_BATCH = 1000
     assert eng.plan("gru", 300, 16, np.float32) == ("persistent", 3, 8)  # 300 rows / 132 SMs
     config.PATH = "general"
@@ -372,15 +377,15 @@ def test_path_choice_follows_size_and_config():
     assert eng.choose_path("lstm", 4, 8, np.float32) == "persistent"
     assert eng.choose_path("lstm", 4, 512, np.float32) == "cooperative"
     assert eng.choose_path("lstm", 64, 512, np.float32) == "general"
-    config.COOPERATIVE_MAX_BATCH = 2
+    config.COOPERATIVE_MAX_STATE = 2047
     assert eng.choose_path("lstm", 4, 512, np.float32) == "general"
     config.COOPERATIVE_UNITS = 16                                         # fewer, bigger blocks
     assert eng.plan("lstm", 1, 512, np.float32) == ("cooperative", 16, 32)
     config.COOPERATIVE_UNITS = 2                                          # never over 1 per SM
     assert eng.plan("lstm", 1, 512, np.float32) == ("cooperative", 4, 32)
     config.reset()
-    assert (config.PATH, config.PERSISTENT_MAX_BATCH, config.COOPERATIVE_MAX_BATCH,
-            config.COOPERATIVE_UNITS, config.POISON_OUTPUTS) == ("auto", 64, 32, None, False)
+    assert (config.PATH, config.PERSISTENT_MAX_BATCH, config.COOPERATIVE_MAX_STATE,
+            config.COOPERATIVE_UNITS, config.POISON_OUTPUTS) == ("auto", 64, 8192, None, False)
 
 
 def test_persistent_limits_table():
@@ -399,7 +404,7 @@ def test_persistent_limits_table():
 def test_auto_path_launches(engines):
     eng = engines[False]
     rng = np.random.default_rng(3)
-    for H, B, expect in ((8, 2, "persistent"), (130, 33, "step")):
+    for H, B, expect in ((8, 2, "persistent"), (130, 64, "step")):
         p, dy, dfinal, grads0 = random_problem(rng, "lstm", 2, B, 3, H, np.float32)
         eng.launch.calls.clear()
         run_engine(eng, "lstm", p, dy, dfinal, 0, grads0)

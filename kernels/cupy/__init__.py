@@ -16,8 +16,8 @@ forced (``"persistent"`` / ``"general"``; see :mod:`bptt_kernels.cupy.config`):
   units (of every batch row) and keeps those units' weights of W_hh in shared memory, so W_hh
   is spread over the shared memory of all SMs (an H100's 132 x 227 KiB); the blocks meet at a
   grid-wide barrier once per step (at most one block per SM, so all are resident). Used by
-  "auto" where the persistent kernel is not, for B <= config.COOPERATIVE_MAX_BATCH where it
-  fits: on an H100 in float32 the LSTM up to H ~ 1280 at B = 1, 1080 at B = 16, 920 at
+  "auto" where the persistent kernel is not, for B * H <= config.COOPERATIVE_MAX_STATE where
+  it fits: on an H100 in float32 the LSTM up to H ~ 1280 at B = 1, 1080 at B = 16, 920 at
   B = 32 (GRU 1440 / 1180 / 960, Elman RNN 2630 / 1840 / 1320).
 * general (any size, Haste's design): the input projections of all steps as one GEMM, then per
   step one cuBLAS GEMM ``h @ W_hh^T`` and one fused gate kernel; backward likewise, with the
