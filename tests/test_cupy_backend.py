@@ -183,48 +183,31 @@ def test_edge_and_medium_shapes(engines, cell, shape):
 @needs_cxx
 @pytest.mark.parametrize("splits", [1, 2, 8])
 @pytest.mark.parametrize("cell", CELLS)
-def test_persistent_several_rows_blocks_and_splits(cell, splits):
-    """B=5 on a 2-SM device: 3 rows per block, 2 blocks, the last one partial; each dot
-    product split in 1, 2 or 8 parts (8 parts of H=6 units: some parts are empty). The
-    device's shared memory is set to exactly what `splits` parts need."""
-    T, B, I, H, dtype = 4, 5, 3, 6, np.float64
-    smem = _engine.persistent_smem_bytes(cell, H, 3, dtype, splits)
-    eng = host_emulation.host_engine(reverse=True, limits=(smem, 2))
-    config.PATH = "persistent"
-    assert eng.plan(cell, B, H, dtype) == ("persistent", 3, splits)
+@pytest.mark.parametrize("path", ["persistent", "cooperative"])
+def test_one_launch_paths_blocks_and_splits(path, cell, splits):
+    """persistent: B=5 on a 2-SM device, 3 rows per block, 2 blocks, the last one partial.
+    cooperative: H=8 on a 3-SM device, 3 units per block, 3 blocks, the last with 2 units.
+    Each dot product split in 1, 2 or 8 parts (some parts of H=6 units are empty); the device's
+    shared memory is exactly what `splits` parts need."""
+    dtype = np.float64
+    if path == "persistent":
+        T, B, I, H, n_sm, per_block, grid, work = 4, 5, 3, 6, 2, 3, 2, 3 * 6
+        layout = _engine.persistent_smem_layout(cell, H, per_block, dtype, splits)
+    else:
+        T, B, I, H, n_sm, per_block, grid, work = 4, 3, 3, 8, 3, 3, 3, 3 * 3
+        layout = _engine.cooperative_smem_layout(cell, H, B, per_block, dtype, splits)
+    eng = host_emulation.host_engine(reverse=True, limits=(max(layout), n_sm))
+    config.PATH = path
+    assert eng.plan(cell, B, H, dtype) == (path, per_block, splits)
     rng = np.random.default_rng(11)
     p, dy, dfinal, grads0 = random_problem(rng, cell, T, B, I, H, dtype)
     want = run_reference(cell, p, dy, dfinal, 1, grads0)
     got = run_engine(eng, cell, p, dy, dfinal, 1, grads0)
-    compare(got, want, TOL[dtype], f"{cell} splits={splits}")
-    persistent = [c for c in eng.launch.calls if "persistent" in c[0]]
-    assert [c[1] for c in persistent] == [2, 2]                        # grid
-    assert [c[2] for c in persistent] == [-(-splits * 3 * H // 32) * 32] * 2  # threads
-    assert [c[3] for c in persistent] == list(
-        _engine.persistent_smem_layout(cell, H, 3, dtype, splits))
-
-
-@needs_cxx
-@pytest.mark.parametrize("splits", [1, 2, 8])
-@pytest.mark.parametrize("cell", CELLS)
-def test_cooperative_units_blocks_and_splits(cell, splits):
-    """H=8 on a 3-SM device: 3 units per block, 3 blocks, the last one with 2 units; each dot
-    product split in 1, 2 or 8 parts. The shared memory is exactly what `splits` parts need."""
-    T, B, I, H, dtype = 4, 3, 3, 8, np.float64
-    smem = max(_engine.cooperative_smem_layout(cell, H, B, 3, dtype, splits))
-    eng = host_emulation.host_engine(reverse=True, limits=(smem, 3))
-    config.PATH = "cooperative"
-    assert eng.plan(cell, B, H, dtype) == ("cooperative", 3, splits)
-    rng = np.random.default_rng(12)
-    p, dy, dfinal, grads0 = random_problem(rng, cell, T, B, I, H, dtype)
-    want = run_reference(cell, p, dy, dfinal, 1, grads0)
-    got = run_engine(eng, cell, p, dy, dfinal, 1, grads0)
-    compare(got, want, TOL[dtype], f"{cell} splits={splits}")
-    calls = [c for c in eng.launch.calls if "cooperative" in c[0]]
-    assert [c[1] for c in calls] == [3, 3]                              # grid: one per SM
-    assert [c[2] for c in calls] == [-(-splits * B * 3 // 32) * 32] * 2  # threads
-    assert [c[3] for c in calls] == list(
-        _engine.cooperative_smem_layout(cell, H, B, 3, dtype, splits))
+    compare(got, want, TOL[dtype], f"{cell} {path} splits={splits}")
+    calls = [c for c in eng.launch.calls if path in c[0]]
+    assert [c[1] for c in calls] == [grid, grid]
+    assert [c[2] for c in calls] == [-(-splits * work // 32) * 32] * 2  # threads
+    assert [c[3] for c in calls] == list(layout)
 
 
 @needs_cxx
