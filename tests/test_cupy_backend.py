@@ -15,6 +15,8 @@ The real-GPU parity tests at the end skip with a reason where no GPU is usable; 
 machine perf/gpu_check.py runs the same comparisons through the backend interface.
 """
 
+import ctypes
+import functools
 import inspect
 import itertools
 import os
@@ -28,7 +30,7 @@ import pytest
 import bptt_kernels
 import bptt_kernels.cupy as cb
 from bptt_kernels import CELLS, GATES, reference as ref
-from bptt_kernels.cupy import _compile, _engine, config, host_emulation
+from bptt_kernels.cupy import _compile, _cublas, _engine, config, host_emulation
 
 TOL = {np.float32: 1e-5, np.float64: 1e-12}
 DTYPE_IDS = {np.float32: "f32", np.float64: "f64"}
@@ -208,6 +210,68 @@ def test_one_launch_paths_blocks_and_splits(path, cell, splits):
     assert [c[1] for c in calls] == [grid, grid]
     assert [c[2] for c in calls] == [-(-splits * work // 32) * 32] * 2  # threads
     assert [c[3] for c in calls] == list(layout)
+
+
+class ColumnMajorBlas:
+    """cuBLAS's gemm on host memory addressed by raw pointers, column-major as cuBLAS reads it,
+    beta = 0 not reading C (as BLAS): a stand-in for cupy_backends.cuda.libs.cublas."""
+
+    def __init__(self):
+        self.pointer_modes = []
+
+    def setPointerMode(self, handle, mode):  # noqa: N802 -- cuBLAS's name
+        self.pointer_modes.append(mode)
+
+    @staticmethod
+    def _matrix(dtype, address, rows, cols, ld):
+        size = np.dtype(dtype).itemsize
+        buf = (ctypes.c_char * (((cols - 1) * ld + rows) * size)).from_address(address)
+        return np.ndarray((rows, cols), dtype, buf, strides=(size, ld * size))
+
+    def _gemm(self, dtype, handle, transa, transb, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc):
+        mat = functools.partial(self._matrix, dtype)
+        a = mat(A, k, m, lda).T if transa else mat(A, m, k, lda)
+        b = mat(B, n, k, ldb).T if transb else mat(B, k, n, ldb)
+        c = mat(C, m, n, ldc)
+        alpha, beta = mat(alpha, 1, 1, 1)[0, 0], mat(beta, 1, 1, 1)[0, 0]
+        c[...] = alpha * (a @ b) + (beta * c if beta != 0 else 0)
+
+    def sgemm(self, *args):
+        self._gemm(np.float32, *args)
+
+    def dgemm(self, *args):
+        self._gemm(np.float64, *args)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=DTYPE_IDS.get)
+def test_step_gemm_calls_cublas_with_the_right_shapes(dtype):
+    """StepGemm's column-major reading of row-major arrays, against numpy (NaN-filled out:
+    beta = 0 must not read it), on a row view inside a bigger array as the general path does."""
+    rng = np.random.default_rng(13)
+    blas = ColumnMajorBlas()
+    gemm = _cublas.StepGemm(blas, lambda: 7, lambda a: a.ctypes.data)
+    M, K, N = 3, 5, 4
+    y = rng.standard_normal((2, M, K)).astype(dtype)     # a = y[1]: a view at an offset
+    for transpose_w, w in ((True, rng.standard_normal((N, K))), (False, rng.standard_normal((K, N)))):
+        w = w.astype(dtype)
+        out = np.full((M, N), np.nan, dtype)
+        gemm(y[1], w, out, transpose_w)
+        want = y[1] @ (w.T if transpose_w else w)
+        assert rel_err(out, want) <= TOL[dtype], transpose_w
+    assert blas.pointer_modes == [_cublas.POINTER_MODE_HOST] * 2
+
+
+@needs_cxx
+@pytest.mark.parametrize("cell", CELLS)
+def test_general_path_through_step_gemm(cell):
+    """The general path with its per-step GEMMs through StepGemm (on the stand-in cuBLAS)."""
+    eng = host_emulation.host_engine(reverse=True)
+    eng.step_gemm = _cublas.StepGemm(ColumnMajorBlas(), lambda: 0, lambda a: a.ctypes.data)
+    rng = np.random.default_rng(14)
+    p, dy, dfinal, grads0 = random_problem(rng, cell, 5, 3, 4, 6, np.float64)
+    want = run_reference(cell, p, dy, dfinal, 1, grads0)
+    got = run_engine(eng, cell, p, dy, dfinal, 1, grads0, "general", "general")
+    compare(got, want, TOL[np.float64], f"{cell} general through StepGemm")
 
 
 @needs_cxx

@@ -20,8 +20,9 @@ forced (``"persistent"`` / ``"general"``; see :mod:`bptt_kernels.cupy.config`):
   it fits: on an H100 in float32 the LSTM up to H ~ 1280 at B = 1, 1080 at B = 16, 920 at
   B = 32 (GRU 1440 / 1180 / 960, Elman RNN 2630 / 1840 / 1320).
 * general (any size, Haste's design): the input projections of all steps as one GEMM, then per
-  step one cuBLAS GEMM ``h @ W_hh^T`` and one fused gate kernel; backward likewise, with the
-  weight gradients and dx as GEMMs over all steps after the loop.
+  step one cuBLAS GEMM ``h @ W_hh^T`` (called directly, :mod:`._cublas`) and one fused gate
+  kernel; backward likewise, with the weight gradients and dx as GEMMs over all steps after
+  the loop.
 
 float32 GEMMs run in float32 (CuPy's default compute type): setting CUPY_TF32=1 would trade
 the 1e-5 float32 parity for TensorFloat-32 speed.
@@ -39,6 +40,7 @@ import numpy as np
 from ..reference import linear_backward, linear_forward  # array operators: run on cupy arrays
 from . import config
 from ._compile import CupyLauncher, cupy_device_limits
+from ._cublas import StepGemm
 from ._engine import DTYPES as _ENGINE_DTYPES
 from ._engine import Engine, RecurrentCache, persistent_max_hidden, persistent_smem_bytes
 
@@ -53,7 +55,10 @@ def _get():
     """The GPU engine, built on first use (building it compiles nothing)."""
     global _gpu_engine
     if _gpu_engine is None:
-        _gpu_engine = Engine(cupy, CupyLauncher(), cupy_device_limits, cupy.asnumpy)
+        from cupy_backends.cuda.libs import cublas
+
+        step_gemm = StepGemm(cublas, cupy.cuda.device.get_cublas_handle, lambda a: a.data.ptr)
+        _gpu_engine = Engine(cupy, CupyLauncher(), cupy_device_limits, cupy.asnumpy, step_gemm)
     return _gpu_engine
 
 

@@ -26,6 +26,7 @@ from bptt_kernels import CELLS, GATES, check_input_weight_pair
 
 from . import config
 from ._compile import SUFFIX, kernel_name
+from ._cublas import matmul_step_gemm
 
 DTYPES = tuple(SUFFIX)          # float32, float64
 STEP_THREADS = 256              # threads per block of grid-stride (elementwise) kernels
@@ -137,11 +138,14 @@ class Engine:
     launch(name, grid, block, args, shared_mem=0)  runs kernel ``name`` (see _compile.KERNELS)
     device_limits() -> (opt-in shared memory bytes per block, number of SMs)
     to_host(a) -> numpy.ndarray
+    step_gemm(a, w, out, transpose_w)  the general path's per-step out = a @ op(w)
+        (:mod:`._cublas`; default ``xp.matmul``)
     """
 
-    def __init__(self, xp, launch, device_limits, to_host):
+    def __init__(self, xp, launch, device_limits, to_host, step_gemm=None):
         self.xp = xp
         self.launch = launch
+        self.step_gemm = step_gemm or matmul_step_gemm(xp)
         self._device_limits = device_limits
         self._limits = None
         self._to_host = to_host
@@ -334,7 +338,7 @@ class Engine:
             grid = self._step_grid(B * H)
             hp = xp.empty((B, G * H), dtype=dtype)                     # B,GH
             for t in range(T):
-                xp.matmul(h0 if t == 0 else y[t - 1], w_hh.T, out=hp)  # h_{t-1} W_hh^T
+                self.step_gemm(h0 if t == 0 else y[t - 1], w_hh, hp, True)  # h_{t-1} W_hh^T
                 self.launch(name, grid, STEP_THREADS,
                             (i32(t), i32(B), i32(H), xproj, hp, b_hh, h0, c0) + outs)
         final = (y[T - 1].copy(), c[T - 1].copy()) if cell == "lstm" else (y[T - 1].copy(),)
@@ -408,7 +412,7 @@ class Engine:
                 self.launch(name, grid, STEP_THREADS,
                             (i32(t), i32(B), i32(H), dy, dh_rec) + cached + grads
                             + (dc0, dh_dir))
-                xp.matmul(dgh[t], w_hh, out=dh_rec)   # to h_{t-1}
+                self.step_gemm(dgh[t], w_hh, dh_rec, False)  # to h_{t-1}: dg_h[t] W_hh
             dh0 = dh_rec + dh_dir
 
         # parameter gradients and dx over the rows t_start .. T-1 as big GEMMs
