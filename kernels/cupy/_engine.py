@@ -14,8 +14,9 @@ Recurrent layers (see recurrent.cu for the kernels and the cache):
   cooperative kernel (one launch, W_hh spread over the shared memory of every SM, a grid
   barrier per step) or, per step, the GEMM ``h_{t-1} @ w_hh^T`` and one fused gate kernel;
 * backward: per step the fused gate-gradient kernel and ``dgh[t] @ w_hh`` (or the persistent
-  or cooperative kernel), then ``dw_ih``, ``dw_hh``, the biases and ``dx`` as GEMMs over all (T - t_start) * B rows
-  (w_ih None: no dw_ih or dx; the input-side gate gradients are returned in place of dx).
+  or cooperative kernel), then ``dw_ih``, ``dw_hh``, the biases and ``dx`` as GEMMs over all
+  (T - t_start) * B rows (w_ih None: no dw_ih or dx; the input-side gate gradients are
+  returned in place of dx).
 """
 
 from typing import Any, NamedTuple
@@ -320,18 +321,18 @@ class Engine:
         outs = tuple(none if a is None else a for a in (y, c, gates, hn))
         i32 = np.int32
 
-        path, rows, splits = self.plan(cell, B, H, dtype)
+        path, per_block, splits = self.plan(cell, B, H, dtype)  # rows or units
         if path == "persistent":
             self._persistent_launch(
-                kernel_name(f"{cell}_forward_persistent", dtype), B, H, rows, splits,
-                persistent_smem_layout(cell, H, rows, dtype, splits)[0],
-                (i32(T), i32(B), i32(H), i32(rows), i32(splits), xproj, w_hh, b_hh, h0, c0)
+                kernel_name(f"{cell}_forward_persistent", dtype), B, H, per_block, splits,
+                persistent_smem_layout(cell, H, per_block, dtype, splits)[0],
+                (i32(T), i32(B), i32(H), i32(per_block), i32(splits), xproj, w_hh, b_hh, h0, c0)
                 + outs)
         elif path == "cooperative":
             self._cooperative_launch(
-                kernel_name(f"{cell}_forward_cooperative", dtype), B, H, rows, splits,
-                cooperative_smem_layout(cell, H, B, rows, dtype, splits)[0],
-                (i32(T), i32(B), i32(H), i32(rows), i32(splits), xproj, w_hh, b_hh, h0, c0)
+                kernel_name(f"{cell}_forward_cooperative", dtype), B, H, per_block, splits,
+                cooperative_smem_layout(cell, H, B, per_block, dtype, splits)[0],
+                (i32(T), i32(B), i32(H), i32(per_block), i32(splits), xproj, w_hh, b_hh, h0, c0)
                 + outs)
         else:
             name = kernel_name(f"{cell}_forward_step", dtype)
@@ -388,20 +389,20 @@ class Engine:
         dc_final = dfinal[1] if cell == "lstm" else xp.zeros((B, H), dtype=dtype)
         i32 = np.int32
 
-        path, rows, splits = self.plan(cell, B, H, dtype)
+        path, per_block, splits = self.plan(cell, B, H, dtype)  # rows or units
         if path in ("persistent", "cooperative"):
             dh0 = self._empty((B, H), dtype)
             dc0 = self._empty((B, H), dtype)
-            args = ((i32(T), i32(t_start), i32(B), i32(H), i32(rows), i32(splits), dy, w_hh)
+            args = ((i32(T), i32(t_start), i32(B), i32(H), i32(per_block), i32(splits), dy, w_hh)
                     + cached + (dh_final, dc_final) + grads + (dh0, dc0))
             if path == "persistent":
                 self._persistent_launch(
-                    kernel_name(f"{cell}_backward_persistent", dtype), B, H, rows, splits,
-                    persistent_smem_layout(cell, H, rows, dtype, splits)[1], args)
+                    kernel_name(f"{cell}_backward_persistent", dtype), B, H, per_block, splits,
+                    persistent_smem_layout(cell, H, per_block, dtype, splits)[1], args)
             else:
                 self._cooperative_launch(
-                    kernel_name(f"{cell}_backward_cooperative", dtype), B, H, rows, splits,
-                    cooperative_smem_layout(cell, H, B, rows, dtype, splits)[1], args)
+                    kernel_name(f"{cell}_backward_cooperative", dtype), B, H, per_block, splits,
+                    cooperative_smem_layout(cell, H, B, per_block, dtype, splits)[1], args)
         else:
             name = kernel_name(f"{cell}_backward_step", dtype)
             grid = self._step_grid(B * H)

@@ -21,7 +21,9 @@
     Hidden units per block of the cooperative kernel; ``None`` (default): the fewest that need
     no more blocks than the device has SMs. A larger number means fewer blocks, each doing
     more work per step, and less traffic through L2 (every block reads every row's h each
-    step). Never fewer than the default: all blocks must be resident at once.
+    step). Never fewer than the default: all blocks must be resident at once (so the GPU's SMs
+    must not be held by another process's kernels that never finish, as under MPS with a
+    persistent kernel of its own).
 ``POISON_OUTPUTS``
     Fill every freshly allocated output and cache array with NaN before the kernels write it,
     so an element a kernel forgets to write fails a parity check (tests; costs a fill).

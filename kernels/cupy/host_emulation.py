@@ -6,10 +6,11 @@ of the same name and arguments whose body is the very same template code. Grid-s
 run as one host thread owning every item; block kernels (persistent recurrences, softmax, sum
 of squares) run their blockDim threads as coroutines switched at every ``__syncthreads``, with
 shared memory poisoned with NaN (see common.cu); cooperative kernels run the threads of all
-their blocks as one set of coroutines, a grid barrier being a barrier of them all. :func:`host_engine` wires that library into
-the backend's own orchestration (:class:`bptt_kernels.cupy._engine.Engine`) with NumPy as the
-array module, so everything above the kernels (path choice, GEMM placement, caches, t_start,
-dh, weight-gradient GEMMs, argument order) runs exactly as on the GPU. What this cannot check:
+their blocks as one set of coroutines, block by block from grid barrier to grid barrier.
+:func:`host_engine` wires that library into the backend's own orchestration
+(:class:`bptt_kernels.cupy._engine.Engine`) with NumPy as the array module, so everything
+above the kernels (path choice, GEMM placement, caches, t_start, dh, weight-gradient GEMMs,
+argument order) runs exactly as on the GPU. What this cannot check:
 races between threads of one barrier interval that the two schedules below do not expose,
 warp-level behaviour, NVRTC-specific compilation and device libm accuracy; perf/gpu_check.py
 covers those on a GPU.
