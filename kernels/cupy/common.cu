@@ -23,8 +23,8 @@
 // blockDim threads as coroutines switched at every barrier, in order or in reverse order
 // (HostBlockRun below): a missing barrier, or a thread reading another thread's result of the
 // same phase, then reads NaN-poisoned shared memory or disagrees between the two orders.
-// A cooperative kernel runs the threads of all its blocks as one set of coroutines, and a
-// grid barrier is a barrier of all of them.
+// A cooperative kernel runs the threads of all its blocks as one set of coroutines, block by
+// block from grid barrier to grid barrier, so a block that skips one reads poisoned memory.
 
 #ifndef BPTT_COMMON_CU
 #define BPTT_COMMON_CU
@@ -135,7 +135,7 @@ struct HostExec {
 // reads what the other blocks have not written yet.
 struct HostBlockRun {
     std::function<void(const HostExec&)> body;
-    int first_blk = 0, nthreads = 1, current = 0;
+    int first_blk = 0, current = 0;
     std::vector<ucontext_t> ctx;
     std::vector<int> done, syncs, at_grid;
     ucontext_t sched;
@@ -177,7 +177,6 @@ void host_run_blocks(int first_blk, int nblk, F&& body) {
     HostBlockRun run;
     run.body = body;
     run.first_blk = first_blk;
-    run.nthreads = n;
     run.ctx.resize(n);
     run.done.assign(n, 0);
     run.syncs.assign(n, 0);
