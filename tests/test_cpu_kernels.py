@@ -65,14 +65,14 @@ def f64(tree):
         return type(tree)(f64(a) for a in tree)
     if isinstance(tree, dict):
         return {k: f64(v) for k, v in tree.items()}
-    return np.asarray(tree, np.float64)
+    return None if tree is None else np.asarray(tree, np.float64)
 
 
 def run_cell(backend, cell, x, state, w, dy, dfinal, grads0, t_start):
     fwd = getattr(backend, f"{cell}_forward")
     bwd = getattr(backend, f"{cell}_backward")
     y, final, cache = fwd(x, state, w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"])
-    grads = {n: g.copy() for n, g in grads0.items()}
+    grads = {n: None if g is None else g.copy() for n, g in grads0.items()}
     dx, dstate, dh = bwd(dy, dfinal, cache, w["w_ih"], w["w_hh"], grads["w_ih"], grads["w_hh"],
                          grads["b_ih"], grads["b_hh"], t_start=t_start)
     return {"y": y, "final": final, "dx": dx, "dstate": dstate, "dh": dh, "grads": grads}
@@ -443,6 +443,82 @@ def test_time_loop_split_by_units(cell, workers, B, dtype, monkeypatch):
         assert_close(got["dstate"][k], want["dstate"][k], dtype, f"dstate[{k}]")
     for name in grads0:
         assert_close(got["grads"][name], want["grads"][name], dtype, f"d{name}")
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("T, t_start, projected", [(13, 0, False), (13, 4, False), (13, 12, False),
+                                                   (3, 1, False), (13, 2, True)])
+@pytest.mark.parametrize("cell", CELLS)
+def test_gemm_phases_beside_time_loop(cell, T, t_start, projected, dtype, monkeypatch):
+    """One batch row on two threads with a weight counted as small: the time loop runs on one
+    thread and the GEMM phases beside it on the other (pieces of 2, 4, 8 projected steps and
+    3 finished steps, so T=13 cuts them unevenly; T=3 projects all steps before the loop). The
+    results match the reference, also where the caller projected the input (w_ih None), and
+    both phases did run overlapped."""
+    from bptt_kernels.cpu import _common, _loop
+    monkeypatch.setattr(_loop, "THREADS", 2)
+    monkeypatch.setattr(_loop, "MIN_WORK_FOR_THREADS", 0)
+    monkeypatch.setattr(_common, "PROJECT_FIRST_STEPS", 2)
+    monkeypatch.setattr(_common, "FINISH_STEPS", 3)
+    overlapped = []
+    run_overlapped = _loop.run_overlapped
+    monkeypatch.setattr(_common, "run_overlapped", lambda *a, **kw: (
+        overlapped.append(a[0][0].__name__), run_overlapped(*a, **kw))[1])
+    I, H = 5, 11
+    rng = np.random.default_rng([CELLS.index(cell), T, t_start])
+    x, state, w, dy, dfinal, grads0 = random_problem(rng, cell, dtype, T, 1, I, H)
+    if projected:
+        x = (x @ w["w_ih"].T).astype(dtype)
+        w["w_ih"] = grads0["w_ih"] = None
+    got = run_cell(cpu, cell, x, state, w, dy, dfinal, grads0, t_start)
+    want = run_cell(ref, cell, *f64((x, state, w, dy, dfinal, grads0)), t_start)
+    steps_before_loop = T <= _common.PROJECT_FIRST_STEPS or projected
+    assert overlapped == ([] if steps_before_loop else ["project_steps"]) + ["_backward_steps"]
+    for name in ("y", "dx", "dh"):
+        assert_close(got[name], want[name], dtype, name)
+    assert np.all(got["dx"][:t_start] == 0) and np.all(got["dh"][:t_start] == 0)
+    for k in range(len(state)):
+        assert_close(got["dstate"][k], want["dstate"][k], dtype, f"dstate[{k}]")
+    for name in grads0:
+        if grads0[name] is not None:
+            assert_close(got["grads"][name], want["grads"][name], dtype, f"d{name}")
+
+
+@pytest.mark.parametrize("consumer_here", [False, True])
+def test_overlapped_piece_that_stops_releases_the_other(consumer_here, monkeypatch):
+    """If the producer of an overlapped pair stops before publishing (an exception, Ctrl-C),
+    the error reaches the caller and the consumer's wait returns (aborted) instead of spinning
+    for good, on whichever thread each runs; with the workers busy, the pair runs producer
+    first, one after the other."""
+    import threading
+    from numba import njit
+    from bptt_kernels.cpu import _loop
+    from bptt_kernels.cpu._barrier import publish, wait_for
+    wait_without_gil = njit(nogil=True)(lambda progress: wait_for(progress, 1))  # as kernels do
+    aborted = threading.Event()
+
+    def producer(progress):
+        raise KeyboardInterrupt
+
+    def consumer(progress):
+        if wait_without_gil(progress):
+            aborted.set()
+
+    progress = _loop.new_progress()
+    with pytest.raises(KeyboardInterrupt):
+        _loop.run_overlapped((producer, (progress,)), (consumer, (progress,)), progress,
+                             consumer_here=consumer_here)
+    assert aborted.wait(10), "the consumer still waits"
+    order = []
+    progress = _loop.new_progress()
+    assert _loop._team_lock.acquire(blocking=False)
+    try:
+        _loop.run_overlapped((lambda p: (order.append("p"), publish(p, 1)), (progress,)),
+                             (lambda p: (order.append("c"), wait_without_gil(p)), (progress,)),
+                             progress, consumer_here=consumer_here)
+    finally:
+        _loop._team_lock.release()
+    assert order == ["p", "c"] and progress[0] == 1 and progress[_loop.PAD] == 0
 
 
 def test_split_by_units_rule():

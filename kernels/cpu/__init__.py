@@ -38,6 +38,11 @@ machine's cores were shared, so only ratios are meaningful):
   by hidden units with a spin barrier per step (``_loop.py``, ``_barrier.py``; LSTM B=1
   H=512 step 36 -> 21 ms). Gate loops one per output over per-unit views, so each vectorises
   (LSTM cell 24 -> 2.9 ns per unit).
+* One batch row and a W_hh too small to split: the time loop runs on one thread and the
+  GEMM phases beside it on another (``_common.forward_phases/backward_phases``: the input
+  projection in growing pieces ahead of the loop, the weight gradients and dx in pieces of
+  finished steps behind it). T=100, B=1, forward / backward ms: LSTM H=128 0.57/0.65 ->
+  0.48-0.50/0.53-0.60, GRU H=128 0.39/0.47 -> 0.33/0.42, Elman H=256 0.44/0.57 -> 0.37/0.54.
 * Memory: backward's gate gradients are reused per-thread scratch (``_args.scratch``), and
   freed large arrays stay in the heap (``_memory.py``): char-LM update 84-93 -> 75 ms.
 """

@@ -16,6 +16,10 @@ exception, Ctrl-C before the calling thread entered its piece), and then barrier
 instead of waiting for a count that will never come; the kernels return at once. Without it a
 pool thread would spin at its barrier for good, and the next call queued behind it would hang.
 
+``publish``/``wait_for`` are the one-way form for two threads in a pipeline (``_loop.
+run_overlapped``): one thread publishes how many time steps it has done, the other waits
+for a count before it reads those steps' rows.
+
 A waiting thread calls ``sched_yield`` after SPINS_BEFORE_YIELD polls, so that a thread
 descheduled by other load gets its core back instead of the waiter burning its time slice.
 """
@@ -59,20 +63,43 @@ def _store_release(typingctx, arr, index, value):
 
 
 @jit
+def _wait_until(flags, index, count, abort_index):
+    """Spin (acquire loads) until flags[index] >= count; False, or True once flags[abort_index]
+    is set."""
+    spins = 0
+    while _load_acquire(flags, index) < count:
+        if _load_acquire(flags, abort_index) != 0:
+            return True
+        spins += 1
+        if spins == SPINS_BEFORE_YIELD:
+            _sched_yield()
+            spins = 0
+    return False
+
+
+@jit
 def barrier(flags, part, parts, count):
     """Wait until all ``parts`` threads have called barrier with this ``count``; False, or True
     if the call was aborted meanwhile. flags: [(parts + 1) * PAD] int64 (zeros at the start)."""
     _store_release(flags, part * PAD, count)
     for q in range(parts):
-        spins = 0
-        while _load_acquire(flags, q * PAD) < count:
-            if _load_acquire(flags, parts * PAD) != 0:
-                return True
-            spins += 1
-            if spins == SPINS_BEFORE_YIELD:
-                _sched_yield()
-                spins = 0
+        if _wait_until(flags, q * PAD, count, parts * PAD):
+            return True
     return False
+
+
+@jit
+def publish(progress, count):
+    """Tell the thread waiting on ``progress`` that ``count`` steps are done (release store).
+    progress: [2 * PAD] int64, zeros at the start: the count, then the abort word."""
+    _store_release(progress, 0, count)
+
+
+@jit
+def wait_for(progress, count):
+    """Wait until ``publish`` has told at least ``count`` steps; False, or True if the call
+    was aborted meanwhile (``abort(progress, 1)``)."""
+    return _wait_until(progress, 0, count, PAD)
 
 
 def abort(flags, parts):

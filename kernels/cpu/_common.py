@@ -1,14 +1,24 @@
 """The large GEMMs around the time loops (Haste style): the input projection of all T steps
 before the forward loop, and after the backward loop the parameter gradients and dx over all
-(T - t_start) * B rows at once. Each takes (part, parts) to run in pieces on threads.
+(T - t_start) * B rows at once. Each takes (part, parts) to run in pieces on threads; where
+the loop itself runs on one thread, they run beside it in pieces of time steps instead
+(``forward_phases``, ``backward_phases``).
 """
 
 import numpy as np
 
 from . import _args
+from ._barrier import publish, wait_for
 from ._blas import gemm_nn, gemm_nt, gemm_tn
-from ._loop import part_range, phase_parts, run_parts
+from ._loop import (NO_FLAGS, NO_PROGRESS, new_progress, overlaps_phases, part_range,
+                    phase_parts, run_overlapped, run_parts, run_time_loop)
 from ._math import jit
+
+# Time steps in the first piece of an input projection that runs beside the time loop
+# (``forward_phases``, ``project_steps``), and in each piece of the backward's GEMMs beside it
+# (``backward_phases``).
+PROJECT_FIRST_STEPS = 10
+FINISH_STEPS = 15
 
 
 @jit
@@ -46,6 +56,22 @@ def project_inputs(x, w_ih, out, part, parts):
 
 
 @jit(nogil=True)
+def project_steps(x, w_ih, out, progress, t0, steps):
+    """out[t0:T] = x[t0:T] @ w_ih^T (x: [T,B,I], w_ih: [G*H,I], out: [T,B,G*H]) in pieces of
+    ``steps`` time steps, doubling after each piece, publishing on ``progress`` how many steps
+    are done after each. (Every GEMM call packs all of w_ih: small pieces let the time loop go
+    on early, and growing ones keep the packing from making the projection the slower side.)"""
+    T, B, I = x.shape
+    N = out.shape[2]
+    x2, out2 = x.reshape(T * B, I), out.reshape(T * B, N)
+    while t0 < T:
+        t1 = min(t0 + steps, T)
+        gemm_nt(x2[t0 * B:t1 * B], w_ih, out2[t0 * B:t1 * B], 0.0)
+        publish(progress, t1)
+        t0, steps = t1, 2 * steps
+
+
+@jit(nogil=True)
 def copy_inputs(x, out, part, parts):
     """out[T,B,G*H] = x[T,B,G*H] (an input the caller projected), rows of T*B in ``parts`` pieces."""
     T, B, N = x.shape
@@ -57,13 +83,30 @@ def copy_inputs(x, out, part, parts):
             dst[n] = src[n]
 
 
-def input_projection(x, w_ih, out, parts):
-    """out[T,B,G*H] = x W_ih^T for all steps (``project_inputs``), or x itself where w_ih is
-    None (the caller projected the input: x is [T,B,G*H]); in up to ``parts`` pieces."""
+def forward_phases(kernel, args, x, w_ih, out, parts, B, weight_size):
+    """A forward's two phases: the input projection out[T,B,G*H] = x W_ih^T of all steps
+    (``project_inputs``; x itself where w_ih is None: the caller projected the input), then the
+    time loop ``kernel(*args, progress, flags, part, parts)`` (``_loop.run_time_loop``).
+    Where the loop would run on one thread alone (``_loop.overlaps_phases``), both at once:
+    this thread projects the first PROJECT_FIRST_STEPS steps and runs the loop, while a worker
+    projects the other steps (``project_steps``) and the loop waits for each step's rows."""
+    T = x.shape[0]
+    if w_ih is not None and overlaps_phases(parts, B, weight_size) and T > PROJECT_FIRST_STEPS:
+        first = PROJECT_FIRST_STEPS
+        progress = new_progress(first)
+
+        def project_first_then_loop():
+            project_inputs(x[:first], w_ih, out[:first], 0, 1)
+            kernel(*args, progress, NO_FLAGS, 0, 1)
+
+        run_overlapped((project_steps, (x, w_ih, out, progress, first, 2 * first)),
+                       (project_first_then_loop, ()), progress, consumer_here=True)
+        return
     if w_ih is None:
         run_parts(copy_inputs, (x, out), parts)
     else:
         run_parts(project_inputs, (x, w_ih, out), phase_parts(parts, x.size * out.shape[2]))
+    run_time_loop(kernel, args + (NO_PROGRESS,), parts, B, weight_size)
 
 
 def gate_gradients(name, shape, dtype, w_ih):
@@ -90,13 +133,55 @@ def input_side(x, w_ih, dw_ih, dg_x, t_start):
     return (no_input, no_weight, no_weight, no_input), dg_x
 
 
-def run_finish_backward(input_args, h0, y, dg_x, dg_h, dw_hh, db_ih, db_hh, dh, t_start, parts):
-    """``finish_backward`` over the rows t >= t_start in up to ``parts`` pieces (``phase_parts``
-    of its GEMMs' multiply-adds); input_args: (x, w_ih, dw_ih, dx) from ``input_side``."""
+def backward_phases(kernel, args, input_args, h0, y, dg_x, dg_h, dw_hh, db_ih, db_hh, dh,
+                    t_start, parts):
+    """A backward's two phases: the time loop ``kernel(*args, progress, flags, part, parts)``
+    from T-1 down to t_start (``_loop.run_time_loop``), then ``finish_backward`` over the rows
+    t >= t_start in up to ``parts`` pieces (``phase_parts`` of its GEMMs' multiply-adds);
+    input_args: (x, w_ih, dw_ih, dx) from ``input_side``. Where the loop would run on one
+    thread alone (``_loop.overlaps_phases``), both at once: the loop here publishes each step
+    it has done, and a worker finishes FINISH_STEPS done steps at a time
+    (``finish_backward_steps``)."""
     T, B, I = input_args[0].shape
-    work = (T - t_start) * B * dg_x.shape[2] * (2 * I + h0.shape[1])
-    run_parts(finish_backward, input_args + (h0, y, dg_x, dg_h, dw_hh, db_ih, db_hh, dh, t_start),
-              phase_parts(parts, work))
+    H = h0.shape[1]
+    GH = dg_x.shape[2]
+    finish_args = input_args + (h0, y, dg_x, dg_h, dw_hh, db_ih, db_hh, dh, t_start)
+    if overlaps_phases(parts, B, GH * H):
+        progress = new_progress()
+        run_overlapped((kernel, args + (progress, NO_FLAGS, 0, 1)),
+                       (finish_backward_steps, finish_args + (progress, FINISH_STEPS)), progress)
+        return
+    run_time_loop(kernel, args + (NO_PROGRESS,), parts, B, GH * H)
+    work = (T - t_start) * B * GH * (2 * I + H)
+    run_parts(finish_backward, finish_args, phase_parts(parts, work))
+
+
+@jit
+def _finish_steps(x, w_ih, dw_ih, dx, h0, y, dg_x, dg_h, dw_hh, db_ih, db_hh, t0, t1, r0, r1,
+                  m0, m1):
+    """``finish_backward`` of the steps t0:t1: gradient rows r0:r1 of the weights and biases,
+    and rows m0:m1 of dx's window of (t1 - t0) * B rows."""
+    T, B, I = x.shape
+    H = h0.shape[1]
+    GH = dg_x.shape[2]
+    first, last = t0 * B, t1 * B                           # rows of the window
+    x2 = x.reshape(T * B, I)[first:last]                   # N,I
+    gx2 = dg_x.reshape(T * B, GH)[first:last]              # N,G*H
+    gh2 = dg_h.reshape(T * B, GH)[first:last]              # N,G*H
+    gemm_tn(gx2[:, r0:r1], x2, dw_ih[r0:r1], 1.0)          # dW_ih += dg_x^T x
+    # dW_hh += dg_h^T h_prev: step t0 sees h0 or y[t0-1], later steps see y[t-1]
+    h_first = h0 if t0 == 0 else y[t0 - 1]
+    gemm_tn(gh2[:B, r0:r1], h_first, dw_hh[r0:r1], 1.0)
+    gemm_tn(gh2[B:, r0:r1], y.reshape(T * B, H)[first:last - B], dw_hh[r0:r1], 1.0)
+    if dg_h is dg_x:                                       # LSTM, Elman: one sum for both
+        db = np.zeros(r1 - r0, db_ih.dtype)
+        add_column_sums(gx2, r0, r1, db)
+        db_ih[r0:r1] += db
+        db_hh[r0:r1] += db
+    else:
+        add_column_sums(gx2, r0, r1, db_ih[r0:r1])
+        add_column_sums(gh2, r0, r1, db_hh[r0:r1])
+    gemm_nn(gx2[m0:m1], w_ih, dx.reshape(T * B, I)[first + m0:first + m1], 0.0)  # dx = dg_x W_ih
 
 
 @jit(nogil=True)
@@ -114,30 +199,29 @@ def finish_backward(x, w_ih, dw_ih, dx, h0, y, dg_x, dg_h, dw_hh, db_ih, db_hh, 
     part, parts: this call does rows r0:r1 of the weight and bias gradients and rows m0:m1
     of dx's window (``part_range``); the pieces are independent.
     """
-    T, B, I = x.shape
-    H = h0.shape[1]
-    GH = dg_x.shape[2]
-    first = t_start * B                                    # first row of the window
-    N = (T - t_start) * B
-    x2 = x.reshape(T * B, I)[first:]                       # N,I
-    gx2 = dg_x.reshape(T * B, GH)[first:]                  # N,G*H
-    gh2 = dg_h.reshape(T * B, GH)[first:]                  # N,G*H
-    r0, r1 = part_range(GH, part, parts)                   # gate rows of this piece
-    gemm_tn(gx2[:, r0:r1], x2, dw_ih[r0:r1], 1.0)          # dW_ih += dg_x^T x
-    # dW_hh += dg_h^T h_prev: step t_start sees h0 or y[t_start-1], later steps see y[t-1]
-    h_first = h0 if t_start == 0 else y[t_start - 1]
-    gemm_tn(gh2[:B, r0:r1], h_first, dw_hh[r0:r1], 1.0)
-    gemm_tn(gh2[B:, r0:r1], y.reshape(T * B, H)[first:(T - 1) * B], dw_hh[r0:r1], 1.0)
-    if dg_h is dg_x:                                       # LSTM, Elman: one sum for both
-        db = np.zeros(r1 - r0, db_ih.dtype)
-        add_column_sums(gx2, r0, r1, db)
-        db_ih[r0:r1] += db
-        db_hh[r0:r1] += db
-    else:
-        add_column_sums(gx2, r0, r1, db_ih[r0:r1])
-        add_column_sums(gh2, r0, r1, db_hh[r0:r1])
-    m0, m1 = part_range(N, part, parts)                    # dx rows of this piece
-    gemm_nn(gx2[m0:m1], w_ih, dx.reshape(T * B, I)[first + m0:first + m1], 0.0)  # dx = dg_x W_ih
+    T, B = x.shape[:2]
+    r0, r1 = part_range(dg_x.shape[2], part, parts)        # gate rows of this piece
+    m0, m1 = part_range((T - t_start) * B, part, parts)    # dx rows of this piece
+    _finish_steps(x, w_ih, dw_ih, dx, h0, y, dg_x, dg_h, dw_hh, db_ih, db_hh, t_start, T,
+                  r0, r1, m0, m1)
     if part == 0:
         dx[:t_start] = 0
         dh[:t_start] = 0
+
+
+@jit(nogil=True)
+def finish_backward_steps(x, w_ih, dw_ih, dx, h0, y, dg_x, dg_h, dw_hh, db_ih, db_hh, dh,
+                          t_start, progress, steps):
+    """``finish_backward`` on one thread beside the time loop, ``steps`` time steps at a time
+    from T-1 down, each piece once ``progress`` says the loop has done its steps."""
+    T, B = x.shape[:2]
+    t1 = T
+    while t1 > t_start:
+        t0 = max(t1 - steps, t_start)
+        if wait_for(progress, T - t0):
+            return                                         # the loop was aborted
+        _finish_steps(x, w_ih, dw_ih, dx, h0, y, dg_x, dg_h, dw_hh, db_ih, db_hh, t0, t1,
+                      0, dg_x.shape[2], 0, (t1 - t0) * B)
+        t1 = t0
+    dx[:t_start] = 0
+    dh[:t_start] = 0

@@ -15,6 +15,12 @@ runs single-threaded:
    h_t needs all of h_{t-1};
 3. (backward) the weight gradients, split by their rows, and dx, split by input rows.
 
+Where the time loop runs on one thread alone (one batch row, W_hh too small for the unit
+split: ``overlaps_phases``), the GEMM phases run beside it instead of before and after it
+(``run_overlapped``): the input projection on the other thread, a few steps ahead of the
+loop, and in backward the weight gradients and dx of the steps the loop has finished. The
+two threads pass step counts through ``_barrier.publish``/``wait_for``.
+
 Why not OpenBLAS's threads: they synchronise inside every GEMM (every time step, for the
 per-step GEMMs) and spin-wait between GEMMs, which clashes with anything else running. On the
 shared 2-core development machine, an LSTM step GEMM [32,128]x[128,512] took 5.4 ms with 2
@@ -63,7 +69,8 @@ def _thread_count():
 THREADS = _thread_count()  # pieces a large layer call runs in (OpenBLAS's count at import)
 set_blas_threads(1)        # for good: no spin-waiting OpenBLAS helper threads (see above)
 
-NO_FLAGS = np.zeros(0, np.int64)   # "split by batch rows": no barrier counters
+NO_FLAGS = np.zeros(0, np.int64)     # "split by batch rows": no barrier counters
+NO_PROGRESS = np.zeros(0, np.int64)  # a time loop outside run_overlapped: no step counter
 
 
 class _Worker(threading.Thread):
@@ -169,13 +176,43 @@ def run_parts(kernel, args, parts, together=False, on_error=None):
         for part in range(parts):
             kernel(*args, part, parts)
         return True
+    try:
+        _run_on_team((kernel, args + (0, parts)),
+                     [(kernel, args + (part, parts)) for part in range(1, parts)], on_error)
+    finally:
+        _team_lock.release()
+    return True
+
+
+def run_overlapped(producer, consumer, progress, consumer_here=False):
+    """Run two ``(kernel, args)`` pieces at once, one here and one on a worker: ``producer``
+    publishes on ``progress`` how many time steps it has done (``_barrier.publish``) and
+    ``consumer`` waits for those counts before it reads the steps' rows (``_barrier.wait_for``).
+    The producer runs here unless ``consumer_here`` (the piece here starts at once; the worker
+    first has to wake up). Returns after both are done; a piece that raises aborts the other's
+    wait. With the workers busy (a second Python thread meanwhile) the producer runs first and
+    then the consumer, both here."""
+    if not _team_lock.acquire(blocking=False):
+        for kernel, args in (producer, consumer):
+            kernel(*args)
+        return
+    here, elsewhere = (consumer, producer) if consumer_here else (producer, consumer)
+    try:
+        _run_on_team(here, [elsewhere], lambda: abort(progress, 1))
+    finally:
+        _team_lock.release()
+
+
+def _run_on_team(here, elsewhere, on_error):
+    """Run the ``(kernel, args)`` pieces ``elsewhere`` on workers and ``here`` on this thread;
+    return after all are done, re-raising a piece's exception. The caller holds _team_lock."""
     waiting = []
     try:
-        for part, worker in enumerate(_workers(parts - 1), start=1):
-            worker.submit(on_error, kernel, *args, part, parts)
+        for (kernel, args), worker in zip(elsewhere, _workers(len(elsewhere))):
+            worker.submit(on_error, kernel, *args)
             waiting.append(worker)
         try:
-            kernel(*args, 0, parts)
+            here[0](*here[1])
         except BaseException:
             if on_error is not None:
                 on_error()
@@ -194,8 +231,6 @@ def run_parts(kernel, args, parts, together=False, on_error=None):
         if waiting:              # interrupted while waiting: leave those workers to finish
             global _team         # their piece, and make a new team for later calls
             _team = None
-        _team_lock.release()
-    return True
 
 
 @jit
@@ -243,6 +278,21 @@ def split_by_units(B, parts, weight_size):
     if B < parts or B < FEW_ROWS:
         return weight_size >= UNIT_SPLIT_WEIGHT_FEW_ROWS
     return B <= UNIT_SPLIT_ROWS * parts and weight_size >= UNIT_SPLIT_WEIGHT
+
+
+def overlaps_phases(parts, B, weight_size):
+    """Whether a layer call of ``parts`` pieces runs its GEMM phases beside its time loop
+    (``_common.forward_phases/backward_phases``): where the loop itself would run on one
+    thread (one batch row, not split by units), leaving the other cores idle."""
+    return parts >= 2 and min(parts, B) == 1 and not split_by_units(B, parts, weight_size)
+
+
+def new_progress(done=0):
+    """Fresh step counter (at ``done``) and abort word for ``run_overlapped``
+    (``_barrier.publish``)."""
+    progress = np.zeros(2 * PAD, np.int64)
+    progress[0] = done
+    return progress
 
 
 def run_time_loop(kernel, args, parts, B, weight_size):

@@ -17,10 +17,10 @@ from typing import NamedTuple
 import numpy as np
 
 from . import _args
-from ._barrier import barrier
+from ._barrier import barrier, publish, wait_for
 from ._blas import step_product, step_weight
-from ._common import gate_gradients, input_projection, input_side, run_finish_backward
-from ._loop import layer_threads, run_time_loop, split_ranges
+from ._common import backward_phases, forward_phases, gate_gradients, input_side
+from ._loop import layer_threads, split_ranges
 from ._math import jit, one_like, sigmoid_, tanh_
 
 G = 3
@@ -67,16 +67,19 @@ def _cell_forward(g, hw, b_ih, b_hh, h_prev, hn, h, H, j0, j1):
 
 
 @jit(nogil=True)
-def _forward_steps(h0, w_hh, b_ih, b_hh, gates, hn, y, hw, flags, part, parts):
+def _forward_steps(h0, w_hh, b_ih, b_hh, gates, hn, y, hw, progress, flags, part, parts):
     # The time loop for this part's batch rows b0:b1 and units j0:j1 (_loop.run_time_loop).
     # h0: [B,H]  w_hh: [3H,H]  b_ih, b_hh: [3H]
     # gates: [T,B,3H] in x W_ih^T, out activated gates  hn, y: [T,B,H] out  hw: [B,3H] scratch
-    # flags: barrier counters and abort word when split by units, else empty
+    # progress: step counter and abort word beside a GEMM phase (_common.forward_phases,
+    #   backward_phases), else empty  flags: barrier words when split by units, else empty
     T, B = gates.shape[:2]
     H = h0.shape[1]
     b0, b1, j0, j1 = split_ranges(B, H, flags, part, parts)
     sw = step_weight(w_hh, False, G, H, b0, b1, j0, j1, flags.size != 0, T)
     for t in range(T):
+        if progress.size and wait_for(progress, t + 1):               # x W_ih^T of step t
+            return                                                # the call was aborted
         h_prev = h0 if t == 0 else y[t - 1]
         step_product(h_prev, sw, hw, 0.0)                             # h W_hh^T
         for b in range(b0, b1):
@@ -116,14 +119,15 @@ def _cell_backward(dy, dh_next, gates, hn, h_prev, dg_x, dg_h, dh, H, j0, j1):
 
 
 @jit(nogil=True)
-def _backward_steps(dy, h0, gates, hn, y, w_hh, t_start, dh_next, dg_x, dg_h, dh, flags, part,
-                    parts):
+def _backward_steps(dy, h0, gates, hn, y, w_hh, t_start, dh_next, dg_x, dg_h, dh, progress,
+                    flags, part, parts):
     # The time loop backwards for this part's batch rows b0:b1 and units j0:j1.
     # dy: [T,B,H]  h0: [B,H]  gates: [T,B,3H]  hn, y: [T,B,H]  w_hh: [3H,H]
     # t_start: first step to backpropagate through
     # dh_next: [B,H] in: dL/dh_T, out: dL/d(h entering t_start)
     # dg_x, dg_h: [T,B,3H] out (rows t >= t_start)  dh: [T,B,H] out (rows t >= t_start)
-    # flags: barrier counters and abort word when split by units, else empty
+    # progress: step counter and abort word beside a GEMM phase (_common.forward_phases,
+    #   backward_phases), else empty  flags: barrier words when split by units, else empty
     T, B = gates.shape[:2]
     H = h0.shape[1]
     b0, b1, j0, j1 = split_ranges(B, H, flags, part, parts)
@@ -135,6 +139,8 @@ def _backward_steps(dy, h0, gates, hn, y, w_hh, t_start, dh_next, dg_x, dg_h, dh
                            dg_x[t, b], dg_h[t, b], dh[t, b], H, j0, j1)
         if flags.size and barrier(flags, part, parts, T - t):         # all of dg_h_t written
             return                                                # the call was aborted
+        if progress.size:
+            publish(progress, T - t)                                  # steps T-1 .. t done
         step_product(dg_h[t], sw, dh_next, 1.0)                       # += dg_h W_hh (z dh there)
 
 
@@ -149,9 +155,8 @@ def gru_forward(x, state, w_ih, w_hh, b_ih, b_hh):
     hw = _args.scratch("gru.hw", (B, G * H), x.dtype)
     h0 = h0.copy()
     with layer_threads(T * B * G * H * (I + H)) as parts:
-        input_projection(x, w_ih, gates, parts)                         # x W_ih^T, all steps
-        run_time_loop(_forward_steps, (h0, w_hh, b_ih, b_hh, gates, hn, y, hw),
-                      parts, B, w_hh.size)
+        forward_phases(_forward_steps, (h0, w_hh, b_ih, b_hh, gates, hn, y, hw),
+                       x, w_ih, gates, parts, B, w_hh.size)            # x W_ih^T, then the loop
     return y, (y[-1].copy(),), GRUCache(x, h0, gates, hn, y)
 
 
@@ -170,8 +175,8 @@ def gru_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh
     dh = _args.empty(dy.shape, x.dtype)
     T, _, I = x.shape
     with layer_threads((T - t_start) * B * G * H * (2 * I + 2 * H)) as parts:
-        run_time_loop(_backward_steps, (dy, cache.h0, cache.gates, cache.hn, cache.y, w_hh,
-                                        t_start, dh_next, dg_x, dg_h, dh), parts, B, w_hh.size)
-        run_finish_backward(input_args, cache.h0, cache.y, dg_x, dg_h, dw_hh, db_ih, db_hh, dh,
-                            t_start, parts)
+        backward_phases(_backward_steps, (dy, cache.h0, cache.gates, cache.hn, cache.y, w_hh,
+                                          t_start, dh_next, dg_x, dg_h, dh),
+                        input_args, cache.h0, cache.y, dg_x, dg_h, dw_hh, db_ih, db_hh, dh,
+                        t_start, parts)
     return dx, (dh_next,), dh

@@ -16,10 +16,10 @@ from typing import NamedTuple
 import numpy as np
 
 from . import _args
-from ._barrier import barrier
+from ._barrier import barrier, publish, wait_for
 from ._blas import step_product, step_weight
-from ._common import gate_gradients, input_projection, input_side, run_finish_backward
-from ._loop import layer_threads, run_time_loop, split_ranges
+from ._common import backward_phases, forward_phases, gate_gradients, input_side
+from ._loop import layer_threads, split_ranges
 from ._math import jit, one_like, sigmoid_, tanh_
 
 G = 4
@@ -71,16 +71,19 @@ def _cell_forward(g, bias, c_prev, c, tanh_c, h, H, j0, j1):
 
 
 @jit(nogil=True)
-def _forward_steps(h0, c0, w_hh, bias, gates, c, tanh_c, y, flags, part, parts):
+def _forward_steps(h0, c0, w_hh, bias, gates, c, tanh_c, y, progress, flags, part, parts):
     # The time loop for this part's batch rows b0:b1 and units j0:j1 (_loop.run_time_loop).
     # h0, c0: [B,H]  w_hh: [4H,H]  bias: [4H] (b_ih + b_hh)
     # gates: [T,B,4H] in x W_ih^T, out activated gates  c, tanh_c, y: [T,B,H] out
-    # flags: barrier counters and abort word when split by units, else empty
+    # progress: step counter and abort word beside a GEMM phase (_common.forward_phases,
+    #   backward_phases), else empty  flags: barrier words when split by units, else empty
     T, B = gates.shape[:2]
     H = h0.shape[1]
     b0, b1, j0, j1 = split_ranges(B, H, flags, part, parts)
     sw = step_weight(w_hh, False, G, H, b0, b1, j0, j1, flags.size != 0, T)
     for t in range(T):
+        if progress.size and wait_for(progress, t + 1):               # x W_ih^T of step t
+            return                                                # the call was aborted
         h_prev = h0 if t == 0 else y[t - 1]
         c_prev = c0 if t == 0 else c[t - 1]
         step_product(h_prev, sw, gates[t], 1.0)                       # += h W_hh^T
@@ -120,13 +123,14 @@ def _cell_backward(dy, dh_next, dc_next, gates, c_prev, tanh_c, dgates, dh, H, j
 
 @jit(nogil=True)
 def _backward_steps(dy, c0, gates, c, tanh_c, w_hh, t_start, dh_next, dc_next,
-                    dgates, dh, flags, part, parts):
+                    dgates, dh, progress, flags, part, parts):
     # The time loop backwards for this part's batch rows b0:b1 and units j0:j1.
     # dy: [T,B,H]  c0: [B,H]  gates: [T,B,4H]  c, tanh_c: [T,B,H]  w_hh: [4H,H]
     # t_start: first step to backpropagate through
     # dh_next, dc_next: [B,H] in: dL/d(final state), out: dL/d(state entering t_start)
     # dgates: [T,B,4H] out (rows t >= t_start)  dh: [T,B,H] out (rows t >= t_start)
-    # flags: barrier counters and abort word when split by units, else empty
+    # progress: step counter and abort word beside a GEMM phase (_common.forward_phases,
+    #   backward_phases), else empty  flags: barrier words when split by units, else empty
     T, B = gates.shape[:2]
     H = c0.shape[1]
     b0, b1, j0, j1 = split_ranges(B, H, flags, part, parts)
@@ -138,6 +142,8 @@ def _backward_steps(dy, c0, gates, c, tanh_c, w_hh, t_start, dh_next, dc_next,
                            tanh_c[t, b], dgates[t, b], dh[t, b], H, j0, j1)
         if flags.size and barrier(flags, part, parts, T - t):         # all of dgates_t written
             return                                                # the call was aborted
+        if progress.size:
+            publish(progress, T - t)                                  # steps T-1 .. t done
         step_product(dgates[t], sw, dh_next, 0.0)                     # dL/dh_{t-1} = dgates W_hh
 
 
@@ -151,9 +157,8 @@ def lstm_forward(x, state, w_ih, w_hh, b_ih, b_hh):
     c, tanh_c, y = (_args.empty((T, B, H), x.dtype) for _ in range(3))
     h0, c0 = h0.copy(), c0.copy()
     with layer_threads(T * B * G * H * (I + H)) as parts:
-        input_projection(x, w_ih, gates, parts)                         # x W_ih^T, all steps
-        run_time_loop(_forward_steps, (h0, c0, w_hh, b_ih + b_hh, gates, c, tanh_c, y),
-                      parts, B, w_hh.size)
+        forward_phases(_forward_steps, (h0, c0, w_hh, b_ih + b_hh, gates, c, tanh_c, y),
+                       x, w_ih, gates, parts, B, w_hh.size)            # x W_ih^T, then the loop
     return y, (y[-1].copy(), c[-1].copy()), LSTMCache(x, h0, c0, gates, c, tanh_c, y)
 
 
@@ -171,8 +176,8 @@ def lstm_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_h
     dh = _args.empty(dy.shape, x.dtype)
     T, _, I = x.shape
     with layer_threads((T - t_start) * B * G * H * (2 * I + 2 * H)) as parts:
-        run_time_loop(_backward_steps, (dy, cache.c0, cache.gates, cache.c, cache.tanh_c, w_hh,
-                                        t_start, dh_next, dc_next, dgates, dh), parts, B, w_hh.size)
-        run_finish_backward(input_args, cache.h0, cache.y, dgates, dgates, dw_hh, db_ih, db_hh, dh,
-                            t_start, parts)
+        backward_phases(_backward_steps, (dy, cache.c0, cache.gates, cache.c, cache.tanh_c, w_hh,
+                                          t_start, dh_next, dc_next, dgates, dh),
+                        input_args, cache.h0, cache.y, dgates, dgates, dw_hh, db_ih, db_hh, dh,
+                        t_start, parts)
     return dx, (dh_next, dc_next), dh

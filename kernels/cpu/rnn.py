@@ -15,10 +15,10 @@ from typing import NamedTuple
 import numpy as np
 
 from . import _args
-from ._barrier import barrier
+from ._barrier import barrier, publish, wait_for
 from ._blas import step_product, step_weight
-from ._common import gate_gradients, input_projection, input_side, run_finish_backward
-from ._loop import layer_threads, run_time_loop, split_ranges
+from ._common import backward_phases, forward_phases, gate_gradients, input_side
+from ._loop import layer_threads, split_ranges
 from ._math import jit, one_like, tanh_
 
 G = 1
@@ -33,16 +33,20 @@ class RNNCache(NamedTuple):
 
 
 @jit(nogil=True)
-def _forward_steps(h0, w_hh, bias, relu, y, flags, part, parts):
+def _forward_steps(h0, w_hh, bias, relu, y, progress, flags, part, parts):
     # The time loop for this part's batch rows b0:b1 and units j0:j1 (_loop.run_time_loop).
     # h0: [B,H]  w_hh: [H,H]  bias: [H] (b_ih + b_hh)  relu: bool
-    # y: [T,B,H] in x W_ih^T, out h_1 .. h_T  flags: barrier words when split by units
+    # y: [T,B,H] in x W_ih^T, out h_1 .. h_T
+    # progress: step counter and abort word beside a GEMM phase (_common.forward_phases),
+    #   else empty  flags: barrier words when split by units, else empty
     T, B, H = y.shape
     zero = 0 * bias[0]
     b0, b1, j0, j1 = split_ranges(B, H, flags, part, parts)
     sw = step_weight(w_hh, False, G, H, b0, b1, j0, j1, flags.size != 0, T)
     bias_units = bias[j0:j1]
     for t in range(T):
+        if progress.size and wait_for(progress, t + 1):               # x W_ih^T of step t
+            return                                                # the call was aborted
         h_prev = h0 if t == 0 else y[t - 1]
         step_product(h_prev, sw, y[t], 1.0)                           # += h W_hh^T
         for b in range(b0, b1):
@@ -58,12 +62,14 @@ def _forward_steps(h0, w_hh, bias, relu, y, flags, part, parts):
 
 
 @jit(nogil=True)
-def _backward_steps(dy, y, relu, w_hh, t_start, dh_next, da, dh, flags, part, parts):
+def _backward_steps(dy, y, relu, w_hh, t_start, dh_next, da, dh, progress, flags, part,
+                    parts):
     # The time loop backwards for this part's batch rows b0:b1 and units j0:j1.
     # dy, y: [T,B,H]  relu: bool  w_hh: [H,H]  t_start: first step
     # dh_next: [B,H] in: dL/dh_T, out: dL/d(h entering t_start)
     # da: [T,B,H] out dL/d(pre-activation)  dh: [T,B,H] out (rows t >= t_start)
-    # flags: barrier counters and abort word when split by units, else empty
+    # progress: step counter and abort word beside a GEMM phase (_common.forward_phases,
+    #   backward_phases), else empty  flags: barrier words when split by units, else empty
     T, B, H = y.shape
     one = one_like(y[0, 0, 0])
     zero = 0 * one
@@ -83,6 +89,8 @@ def _backward_steps(dy, y, relu, w_hh, t_start, dh_next, da, dh, flags, part, pa
                     dab[j] = dhb[j] * (one - hb[j] * hb[j])
         if flags.size and barrier(flags, part, parts, T - t):         # all of da_t written
             return                                                # the call was aborted
+        if progress.size:
+            publish(progress, T - t)                                  # steps T-1 .. t done
         step_product(da[t], sw, dh_next, 0.0)                         # dL/dh_{t-1} = da W_hh
 
 
@@ -93,8 +101,8 @@ def _forward(relu, x, state, w_ih, w_hh, b_ih, b_hh):
     y = _args.empty((T, B, H), x.dtype)
     h0 = h0.copy()
     with layer_threads(T * B * H * (I + H)) as parts:
-        input_projection(x, w_ih, y, parts)                             # x W_ih^T, all steps
-        run_time_loop(_forward_steps, (h0, w_hh, b_ih + b_hh, relu, y), parts, B, w_hh.size)
+        forward_phases(_forward_steps, (h0, w_hh, b_ih + b_hh, relu, y),
+                       x, w_ih, y, parts, B, w_hh.size)                # x W_ih^T, then the loop
     return y, (y[-1].copy(),), RNNCache(x, h0, y, relu)
 
 
@@ -112,10 +120,9 @@ def _backward(relu, dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db
     dh = _args.empty(dy.shape, x.dtype)
     T, _, I = x.shape
     with layer_threads((T - t_start) * B * H * (2 * I + 2 * H)) as parts:
-        run_time_loop(_backward_steps, (dy, cache.y, relu, w_hh, t_start, dh_next, da, dh),
-                      parts, B, w_hh.size)
-        run_finish_backward(input_args, cache.h0, cache.y, da, da, dw_hh, db_ih, db_hh, dh,
-                            t_start, parts)
+        backward_phases(_backward_steps, (dy, cache.y, relu, w_hh, t_start, dh_next, da, dh),
+                        input_args, cache.h0, cache.y, da, da, dw_hh, db_ih, db_hh, dh,
+                        t_start, parts)
     return dx, (dh_next,), dh
 
 
