@@ -452,9 +452,10 @@ def test_time_loop_split_by_units(cell, workers, B, dtype, monkeypatch):
 def test_gemm_phases_beside_time_loop(cell, T, t_start, projected, dtype, monkeypatch):
     """One batch row on two threads with a weight counted as small: the time loop runs on one
     thread and the GEMM phases beside it on the other (pieces of 2, 4, 8 projected steps and
-    3 finished steps, so T=13 cuts them unevenly; T=3 projects all steps before the loop). The
-    results match the reference, also where the caller projected the input (w_ih None), and
-    both phases did run overlapped."""
+    3 finished steps, so T=13 cuts them unevenly; T=3 projects all steps before the loop; the
+    dx of the last DX_HERE_SHARE of the steps after the loop, from a piece's middle where
+    t_start=4). The results match the reference, also where the caller projected the input
+    (w_ih None), and both phases did run overlapped."""
     from bptt_kernels.cpu import _common, _loop
     monkeypatch.setattr(_loop, "THREADS", 2)
     monkeypatch.setattr(_loop, "MIN_WORK_FOR_THREADS", 0)
@@ -463,7 +464,7 @@ def test_gemm_phases_beside_time_loop(cell, T, t_start, projected, dtype, monkey
     overlapped = []
     run_overlapped = _loop.run_overlapped
     monkeypatch.setattr(_common, "run_overlapped", lambda *a, **kw: (
-        overlapped.append(a[0][0].__name__), run_overlapped(*a, **kw))[1])
+        overlapped.append(a[1][0].__name__), run_overlapped(*a, **kw))[1])   # the consumer
     I, H = 5, 11
     rng = np.random.default_rng([CELLS.index(cell), T, t_start])
     x, state, w, dy, dfinal, grads0 = random_problem(rng, cell, dtype, T, 1, I, H)
@@ -473,7 +474,8 @@ def test_gemm_phases_beside_time_loop(cell, T, t_start, projected, dtype, monkey
     got = run_cell(cpu, cell, x, state, w, dy, dfinal, grads0, t_start)
     want = run_cell(ref, cell, *f64((x, state, w, dy, dfinal, grads0)), t_start)
     steps_before_loop = T <= _common.PROJECT_FIRST_STEPS or projected
-    assert overlapped == ([] if steps_before_loop else ["project_steps"]) + ["_backward_steps"]
+    assert overlapped == (([] if steps_before_loop else ["project_first_then_loop"])
+                          + ["finish_backward_steps"])
     for name in ("y", "dx", "dh"):
         assert_close(got[name], want[name], dtype, name)
     assert np.all(got["dx"][:t_start] == 0) and np.all(got["dh"][:t_start] == 0)
