@@ -7,9 +7,10 @@ Forward: one GEMM projects the inputs of all T steps; each step computes h @ W_h
 into a [B,3H] scratch and runs the fused gate loop. Backward: the gate-gradient loop per step
 and one GEMM for the gradient flowing into h_{t-1}; parameter gradients and dx follow as large
 GEMMs over all steps; the time loops run split by batch rows over threads, or by hidden
-units for few rows or a large W_hh (``_loop.split_by_units``). The input side and the hidden
-side differ only in the n block (dL/d(W_hn h + b_hn) = r * dL/d(n pre-activation)), so
-backward keeps both.
+units for few rows or a large W_hh (``_loop.split_by_units``), or with one row and a small
+W_hh on one thread beside the large GEMMs (``_common.forward_phases``, ``backward_phases``).
+The input side and the hidden side differ only in the n block (dL/d(W_hn h + b_hn) =
+r * dL/d(n pre-activation)), so backward keeps both.
 """
 
 from typing import NamedTuple

@@ -8,7 +8,9 @@ Forward: one GEMM projects the inputs of all T steps; each step adds h @ W_hh^T 
 runs the fused gate loop. Backward: each step runs the fused gate-gradient loop and one GEMM
 (dgates @ W_hh) for the gradient flowing into h_{t-1}; parameter gradients and dx follow as
 large GEMMs over all steps (``_common.finish_backward``). The time loops run split by batch
-rows over threads, or by hidden units for few rows or a large W_hh (``_loop.split_by_units``).
+rows over threads, or by hidden units for few rows or a large W_hh (``_loop.split_by_units``);
+with one row and a small W_hh on one thread, the large GEMMs beside them in pieces of steps
+(``_common.forward_phases``, ``backward_phases``).
 """
 
 from typing import NamedTuple

@@ -7,7 +7,8 @@ h @ W_hh^T (GEMM) and applies bias and activation in place. Backward: per step t
 derivative (from the saved output) and one GEMM for the gradient flowing into h_{t-1};
 parameter gradients and dx follow as large GEMMs over all steps. The time loops run split by
 batch rows over threads, or by hidden units for few rows or a large W_hh
-(``_loop.split_by_units``).
+(``_loop.split_by_units``), or with one row and a small W_hh on one thread beside the large
+GEMMs (``_common.forward_phases``, ``backward_phases``).
 """
 
 from typing import NamedTuple
