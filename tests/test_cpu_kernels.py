@@ -486,6 +486,30 @@ def test_gemm_phases_beside_time_loop(cell, T, t_start, projected, dtype, monkey
             assert_close(got["grads"][name], want["grads"][name], dtype, f"d{name}")
 
 
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_gemm_phases_beside_time_loop_with_workers_busy(cell, monkeypatch):
+    """While another Python thread's call holds the workers, a one-row call that would run its
+    GEMM phases beside the time loop runs them one after another here (the projection before
+    the loop, the loop before the weight gradients) and gives the reference's result."""
+    from bptt_kernels.cpu import _common, _loop
+    monkeypatch.setattr(_loop, "THREADS", 2)
+    monkeypatch.setattr(_loop, "MIN_WORK_FOR_THREADS", 0)
+    monkeypatch.setattr(_common, "PROJECT_FIRST_STEPS", 2)
+    monkeypatch.setattr(_common, "FINISH_STEPS", 3)
+    rng = np.random.default_rng(21)
+    x, state, w, dy, dfinal, grads0 = random_problem(rng, cell, np.float32, 11, 1, 4, 9)
+    assert _loop._team_lock.acquire(blocking=False)
+    try:
+        got = run_cell(cpu, cell, x, state, w, dy, dfinal, grads0, 3)
+    finally:
+        _loop._team_lock.release()
+    want = run_cell(ref, cell, *f64((x, state, w, dy, dfinal, grads0)), 3)
+    for name in ("y", "dx", "dh"):
+        assert_close(got[name], want[name], np.float32, name)
+    for name in grads0:
+        assert_close(got["grads"][name], want["grads"][name], np.float32, f"d{name}")
+
+
 @pytest.mark.parametrize("consumer_here", [False, True])
 def test_overlapped_piece_that_stops_releases_the_other(consumer_here, monkeypatch):
     """If the producer of an overlapped pair stops before publishing (an exception, Ctrl-C),
