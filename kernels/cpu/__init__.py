@@ -41,8 +41,10 @@ machine's cores were shared, so only ratios are meaningful):
 * One batch row and a W_hh too small to split: the time loop runs on one thread and the
   GEMM phases beside it on another (``_common.forward_phases/backward_phases``: the input
   projection in growing pieces ahead of the loop, the weight gradients and dx in pieces of
-  finished steps behind it). T=100, B=1, forward / backward ms: LSTM H=128 0.57/0.65 ->
-  0.48-0.50/0.53-0.60, GRU H=128 0.39/0.47 -> 0.33/0.42, Elman H=256 0.44/0.57 -> 0.37/0.54.
+  finished steps behind it). T=100, B=1, forward / backward ms, in-process A/B: LSTM H=128
+  0.51-0.57/0.55-0.73 -> 0.42-0.50/0.42-0.49, GRU H=128 0.38-0.43/0.47-0.53 ->
+  0.33-0.38/0.33-0.39, Elman H=256 0.43-0.63/0.57-0.64 -> 0.37-0.43/0.40-0.47 (H=128, too
+  small to split its forward: backward 0.19 -> 0.13).
 * Memory: backward's gate gradients are reused per-thread scratch (``_args.scratch``), and
   freed large arrays stay in the heap (``_memory.py``): char-LM update 84-93 -> 75 ms.
 """

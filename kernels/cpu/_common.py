@@ -146,8 +146,9 @@ def backward_phases(kernel, args, input_args, h0, y, dg_x, dg_h, dw_hh, db_ih, d
     input_args: (x, w_ih, dw_ih, dx) from ``input_side``. Where the loop would run on one
     thread alone (``_loop.overlaps_phases``), both at once: the loop here publishes each step
     it has done, and a worker finishes FINISH_STEPS done steps at a time
-    (``finish_backward_steps``), while the dx of the last DX_HERE_SHARE of the steps is left
-    to this thread after the loop (``input_gradient``), so that both end about together."""
+    (``finish_backward_steps``), while the dx of the DX_HERE_SHARE of the steps that the loop
+    reaches last (t_start onwards) is left to this thread after the loop
+    (``input_gradient``), so that both end about together."""
     T, B, I = input_args[0].shape
     H = h0.shape[1]
     GH = dg_x.shape[2]
