@@ -445,22 +445,30 @@ def test_time_loop_split_by_units(cell, workers, B, dtype, monkeypatch):
         assert_close(got["grads"][name], want["grads"][name], dtype, f"d{name}")
 
 
-@pytest.mark.parametrize("dtype", [np.float64, np.float32])
-@pytest.mark.parametrize("T, t_start, projected", [(13, 0, False), (13, 4, False), (13, 12, False),
-                                                   (3, 1, False), (13, 2, True)])
-@pytest.mark.parametrize("cell", CELLS)
-def test_gemm_phases_beside_time_loop(cell, T, t_start, projected, dtype, monkeypatch):
-    """One batch row on two threads with a weight counted as small: the time loop runs on one
-    thread and the GEMM phases beside it on the other (pieces of 2, 4, 8 projected steps and
-    3 finished steps, so T=13 cuts them unevenly; T=3 projects all steps before the loop; the
-    dx of the last DX_HERE_SHARE of the steps after the loop, from a piece's middle where
-    t_start=4). The results match the reference, also where the caller projected the input
-    (w_ih None), and both phases did run overlapped."""
+@pytest.fixture
+def small_overlap_pieces(monkeypatch):
+    """Two threads for any layer call, and the one-row GEMM phases beside the time loop in
+    pieces of 2, 4, 8 projected steps and of 3 finished steps."""
     from bptt_kernels.cpu import _common, _loop
     monkeypatch.setattr(_loop, "THREADS", 2)
     monkeypatch.setattr(_loop, "MIN_WORK_FOR_THREADS", 0)
     monkeypatch.setattr(_common, "PROJECT_FIRST_STEPS", 2)
     monkeypatch.setattr(_common, "FINISH_STEPS", 3)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("T, t_start, projected", [(13, 0, False), (13, 4, False), (13, 12, False),
+                                                   (3, 1, False), (13, 2, True)])
+@pytest.mark.parametrize("cell", CELLS)
+def test_gemm_phases_beside_time_loop(cell, T, t_start, projected, dtype, small_overlap_pieces,
+                                      monkeypatch):
+    """One batch row on two threads with a weight counted as small: the time loop runs on one
+    thread and the GEMM phases beside it on the other (pieces of 2, 4, 8 projected steps and
+    3 finished steps, so T=13 cuts them unevenly; T=3 projects all steps before the loop; the
+    dx of the DX_HERE_SHARE of the steps the loop reaches last is computed after it, from a
+    piece's middle where t_start=4). The results match the reference, also where the caller projected the input
+    (w_ih None), and both phases did run overlapped."""
+    from bptt_kernels.cpu import _common, _loop
     overlapped = []
     run_overlapped = _loop.run_overlapped
     monkeypatch.setattr(_common, "run_overlapped", lambda *a, **kw: (
@@ -487,15 +495,11 @@ def test_gemm_phases_beside_time_loop(cell, T, t_start, projected, dtype, monkey
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_gemm_phases_beside_time_loop_with_workers_busy(cell, monkeypatch):
+def test_gemm_phases_beside_time_loop_with_workers_busy(cell, small_overlap_pieces):
     """While another Python thread's call holds the workers, a one-row call that would run its
     GEMM phases beside the time loop runs them one after another here (the projection before
     the loop, the loop before the weight gradients) and gives the reference's result."""
-    from bptt_kernels.cpu import _common, _loop
-    monkeypatch.setattr(_loop, "THREADS", 2)
-    monkeypatch.setattr(_loop, "MIN_WORK_FOR_THREADS", 0)
-    monkeypatch.setattr(_common, "PROJECT_FIRST_STEPS", 2)
-    monkeypatch.setattr(_common, "FINISH_STEPS", 3)
+    from bptt_kernels.cpu import _loop
     rng = np.random.default_rng(21)
     x, state, w, dy, dfinal, grads0 = random_problem(rng, cell, np.float32, 11, 1, 4, 9)
     assert _loop._team_lock.acquire(blocking=False)

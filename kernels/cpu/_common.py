@@ -152,7 +152,9 @@ def backward_phases(kernel, args, input_args, h0, y, dg_x, dg_h, dw_hh, db_ih, d
     T, B, I = input_args[0].shape
     H = h0.shape[1]
     GH = dg_x.shape[2]
-    finish_args = input_args + (h0, y, dg_x, dg_h, dw_hh, db_ih, db_hh, dh, t_start)
+    input_args[3][:t_start] = 0                            # dx and dh of the steps not
+    dh[:t_start] = 0                                       # backpropagated through
+    finish_args = input_args + (h0, y, dg_x, dg_h, dw_hh, db_ih, db_hh, t_start)
     if overlaps_phases(parts, B, GH * H):
         progress = new_progress()
         t_dx = t_start + int((T - t_start) * DX_HERE_SHARE)    # dx of steps below: here
@@ -199,17 +201,17 @@ def _finish_steps(x, w_ih, dw_ih, dx, h0, y, dg_x, dg_h, dw_hh, db_ih, db_hh, t0
 
 
 @jit(nogil=True)
-def finish_backward(x, w_ih, dw_ih, dx, h0, y, dg_x, dg_h, dw_hh, db_ih, db_hh, dh, t_start,
-                    part, parts):
+def finish_backward(x, w_ih, dw_ih, dx, h0, y, dg_x, dg_h, dw_hh, db_ih, db_hh, t_start, part,
+                    parts):
     """Accumulate parameter gradients and write dx from the per-step gate gradients.
 
     x: [T,B,I] layer input   w_ih: [G*H,I]   dw_ih: [G*H,I] +=
-    dx: [T,B,I] out (rows t < t_start set to zero)   (I = 0: no input side, ``input_side``)
+    dx: [T,B,I] out (rows t >= t_start)   (I = 0: no input side, ``input_side``)
     h0: [B,H] initial hidden state   y: [T,B,H] h_1 .. h_T
     dg_x: [T,B,G*H] dL/d(input-side pre-activations: x W_ih^T + b_ih), rows t >= t_start
     dg_h: [T,B,G*H] dL/d(hidden-side pre-activations: h W_hh^T + b_hh), rows t >= t_start
           (the same array as dg_x for LSTM and Elman cells)
-    dw_hh: [G*H,H] +=   db_ih, db_hh: [G*H] +=   dh: [T,B,H] (rows t < t_start set to zero)
+    dw_hh: [G*H,H] +=   db_ih, db_hh: [G*H] +=
     part, parts: this call does rows r0:r1 of the weight and bias gradients and rows m0:m1
     of dx's window (``part_range``); the pieces are independent.
     """
@@ -218,14 +220,11 @@ def finish_backward(x, w_ih, dw_ih, dx, h0, y, dg_x, dg_h, dw_hh, db_ih, db_hh, 
     m0, m1 = part_range((T - t_start) * B, part, parts)    # dx rows of this piece
     _finish_steps(x, w_ih, dw_ih, dx, h0, y, dg_x, dg_h, dw_hh, db_ih, db_hh, t_start, T,
                   r0, r1, m0, m1)
-    if part == 0:
-        dx[:t_start] = 0
-        dh[:t_start] = 0
 
 
 @jit(nogil=True)
-def finish_backward_steps(x, w_ih, dw_ih, dx, h0, y, dg_x, dg_h, dw_hh, db_ih, db_hh, dh,
-                          t_start, t_dx, progress, steps):
+def finish_backward_steps(x, w_ih, dw_ih, dx, h0, y, dg_x, dg_h, dw_hh, db_ih, db_hh, t_start,
+                          t_dx, progress, steps):
     """``finish_backward`` on one thread beside the time loop, ``steps`` time steps at a time
     from T-1 down, each piece once ``progress`` says the loop has done its steps; dx only of
     the steps t >= t_dx (``input_gradient`` does the others)."""
@@ -239,8 +238,6 @@ def finish_backward_steps(x, w_ih, dw_ih, dx, h0, y, dg_x, dg_h, dw_hh, db_ih, d
         _finish_steps(x, w_ih, dw_ih, dx, h0, y, dg_x, dg_h, dw_hh, db_ih, db_hh, t0, t1,
                       0, dg_x.shape[2], min(m0, (t1 - t0) * B), (t1 - t0) * B)
         t1 = t0
-    dx[:t_start] = 0
-    dh[:t_start] = 0
 
 
 @jit(nogil=True)
