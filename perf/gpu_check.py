@@ -24,7 +24,8 @@ not installed):
    float32, B in {1, 8, 64, 256} x H in {128, 512, 1024}: each backend against torch.nn
    (cuDNN), CUDA events, median of repeats after warm-up; ratio = ours / torch (< 1: faster),
    GFLOP/s beside a cuBLAS GEMM measured in the same run. Then every path forced side by side
-   around the paths' limits, and the cooperative path with more units per block.
+   around the paths' limits (the cupy general path also with its CUDA graphs forced on at any
+   size and off), and the cooperative path with more units per block.
 3. ``python -m bptt train --backend cupy --max-steps 50`` (and cuda): exit status and wall time.
 
 Pieces (``check_recurrent``, ``check_ops``, ``torch_reference``, ``format_table``) run under
@@ -392,14 +393,27 @@ def time_backend(backend, cell, T, B, H, dtype=np.float32):
     return median_ms(step, cupy_events), path
 
 
+def path_variants(backend):
+    """(label, config settings): every path forced, and where the backend records the general
+    path's loops as CUDA graphs, that path with graphs at any size ("graphs") and with none
+    ("nographs")."""
+    variants = [(p, {"PATH": p}) for p in backend_paths(backend)]
+    if hasattr(backend.config, "GRAPHS"):
+        variants += [("graphs", {"PATH": "general", "GRAPH_MAX_STATE": 1 << 40}),
+                     ("nographs", {"PATH": "general", "GRAPHS": False})]
+    return variants
+
+
 def path_comparison(backends, torch_ok, quick=False):
     """Every path forced, per backend (and torch), at sizes around the limits of the
-    one-launch paths, to check the size rule ``config.PATH = "auto"`` applies."""
+    one-launch paths and of the general path's graphs, to check the size rules
+    ``config.PATH = "auto"`` applies."""
     rows = []
     T = 100
-    sizes = [(1, 64), (8, 96), (8, 512)] if quick else [
+    sizes = [(1, 64), (8, 96), (8, 512), (64, 128)] if quick else [
         (1, 32), (1, 96), (8, 64), (8, 96), (64, 64), (1, 256), (8, 256), (32, 256), (64, 256),
-        (1, 1024), (16, 512), (32, 512)]
+        (1, 1024), (16, 512), (32, 512), (64, 128), (128, 128), (256, 128), (128, 512),
+        (256, 512), (256, 1024), (512, 512)]
     for cell in ("lstm", "gru"):
         for B, H in sizes:
             row = {"cell": cell, "T": T, "B": B, "H": H}
@@ -407,9 +421,9 @@ def path_comparison(backends, torch_ok, quick=False):
                 with contextlib.suppress(Exception):
                     row["torch_ms"] = time_torch(cell, T, B, H)
             for backend in backends:
-                for path in backend_paths(backend):
+                for path, settings in path_variants(backend):
                     try:
-                        with backend_config(backend, PATH=path):
+                        with backend_config(backend, **settings):
                             row[f"{backend.NAME}_{path}_ms"] = time_backend(backend, cell, T, B, H)[0]
                     except Exception as e:  # noqa: BLE001 -- e.g. does not fit on this device
                         row[f"{backend.NAME}_{path}_error"] = f"{type(e).__name__}: {e}"[:200]
@@ -564,7 +578,7 @@ def format_table(checks, rows, e2e, skipped, gemm_rate=None, path_rows=(), unit_
             lines.append(line)
     if path_rows:
         names = sorted({k.rsplit("_", 2)[0] for r in path_rows for k in r if k.endswith("_general_ms")})
-        paths = [p for p in ("persistent", "cooperative", "general")
+        paths = [p for p in ("persistent", "cooperative", "general", "graphs", "nographs")
                  if any(k.endswith(f"_{p}_ms") or k.endswith(f"_{p}_error") for r in path_rows for k in r)]
         lines.append("")
         lines.append("every path forced (ms per step, T=100, float32, I=H; - : does not fit; auto's pick)")
@@ -667,6 +681,11 @@ def main(argv=None):
     for b in backends:
         with contextlib.suppress(Exception):
             info[f"{b.NAME}_config"] = {k: getattr(b.config, k) for k in b.config._DEFAULTS}
+        graphs = getattr(getattr(b, "_gpu_engine", None), "graphs", None)
+        if graphs is not None:
+            info[f"{b.NAME}_graphs"] = {"replays": graphs.replays, "failed": graphs.failed}
+            print(f"{b.NAME} CUDA graphs: {graphs.replays} replays, failed: {graphs.failed}",
+                  flush=True)
 
     e2e = []
     if not args.skip_e2e:

@@ -322,6 +322,105 @@ def test_paths_share_the_cache(engines, cell):
         compare(got, want, TOL[np.float64], f"{cell} {fwd}->{bwd}")
 
 
+def check_graph_replays(eng, cell, dtype, dev=np.asarray, host=np.asarray):
+    """The general path recorded once per key and replayed: fresh problems of one shape in a
+    row, two layers' calls interleaved (forward A, forward B, backward B, backward A), a new
+    t_start and a new T, each against the float64 reference; returns the count of replays."""
+    rng = np.random.default_rng(zlib.crc32(f"graphs {cell} {DTYPE_IDS[dtype]}".encode()))
+    T, B, I, H = 6, 3, 4, 5
+    config.PATH = "general"
+    replays = eng.graphs.replays
+
+    def to_dev(p, dy, dfinal, grads0):
+        p = {k: (tuple(map(dev, v)) if k == "state" else dev(v)) for k, v in p.items()}
+        return p, dev(dy), tuple(map(dev, dfinal)), [dev(g.copy()) for g in grads0]
+
+    def check(got, problem, t_start, what):
+        p, dy, dfinal, grads0 = problem
+        want = run_reference(cell, p, dy, dfinal, t_start, grads0)
+        got = {k: (tuple(map(host, v)) if isinstance(v, (tuple, list)) else host(v))
+               for k, v in got.items()}
+        compare(got, want, TOL[dtype], f"{cell} {what}")
+
+    for t_start, T_run in ((0, T), (0, T), (2, T), (2, T), (0, T + 1)):
+        problem = random_problem(rng, cell, T_run, B, I, H, dtype)
+        p, dy, dfinal, grads0 = to_dev(*problem)
+        got = run_engine(eng, cell, p, dy, dfinal, t_start, grads0)
+        check(got, problem, t_start, f"T={T_run} t_start={t_start}")
+    pa, pb = (random_problem(rng, cell, T, B, I, H, dtype) for _ in range(2))
+    (a, dya, dfa, ga), (b, dyb, dfb, gb) = to_dev(*pa), to_dev(*pb)
+    ya, fa, ca = eng.recurrent_forward(cell, a["x"], a["state"], a["w_ih"], a["w_hh"],
+                                       a["b_ih"], a["b_hh"])
+    yb, fb, cb_ = eng.recurrent_forward(cell, b["x"], b["state"], b["w_ih"], b["w_hh"],
+                                        b["b_ih"], b["b_hh"])
+    for name, (y, final, cache, d, dy, dfinal, grads, problem) in (
+            ("B", (yb, fb, cb_, b, dyb, dfb, gb, pb)), ("A", (ya, fa, ca, a, dya, dfa, ga, pa))):
+        dx, dstate, dh = eng.recurrent_backward(cell, dy, dfinal, cache, d["w_ih"], d["w_hh"],
+                                                *grads, t_start=1)
+        check(dict(y=y, final=final, dx=dx, dstate=dstate, dh=dh, grads=grads), problem, 1,
+              f"interleaved layer {name}")
+    return eng.graphs.replays - replays
+
+
+@needs_cxx
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("cell", CELLS)
+def test_general_path_graphs_replay(cell, dtype):
+    """Every general-path call replayed from a graph (HostReplay re-runs the recorded loop on
+    the graph's own arrays, as a CUDA graph replays its baked-in addresses); with graphs off
+    the same calls launch step by step."""
+    eng = host_emulation.host_engine()
+    assert check_graph_replays(eng, cell, dtype) == 14    # 7 forward and 7 backward calls
+    # forward T = 6, 7; backward (T, t_start) = (6, 0), (6, 2), (7, 0), (6, 1)
+    assert len(eng.graphs._entries) == 6
+    config.GRAPHS = False
+    assert check_graph_replays(eng, cell, dtype) == 0
+
+
+@needs_cxx
+def test_graph_limits_memory_and_capture_failure():
+    """GRAPH_MAX_STATE and GRAPH_MEMORY keep big loops off graphs, the least recently used
+    graph goes first, and a capture that fails turns graphs off with a warning, the call
+    still right."""
+    eng = host_emulation.host_engine()
+    rng = np.random.default_rng(21)
+    config.PATH = "general"
+
+    def run(T, B, H, t_start=0):
+        p, dy, dfinal, grads0 = random_problem(rng, "lstm", T, B, 3, H, np.float64)
+        want = run_reference("lstm", p, dy, dfinal, t_start, grads0)
+        compare(run_engine(eng, "lstm", p, dy, dfinal, t_start, grads0), want, 1e-12)
+
+    config.GRAPH_MAX_STATE = 2 * 4 - 1
+    run(5, 2, 4)
+    assert eng.graphs.replays == 0 and not eng.graphs._entries
+    config.reset()
+    config.PATH = "general"
+    run(5, 2, 4)
+    held = eng.graphs._held()
+    assert eng.graphs.replays == 2 and len(eng.graphs._entries) == 2 and held > 0
+    config.GRAPH_MEMORY = held                 # room for these two only: a third evicts
+    run(5, 2, 4, t_start=1)
+    # the forward was used again just before: the backward of t_start 0 went
+    assert [(k[0], k[5]) for k in eng.graphs._entries] == [("forward", 0), ("backward", 1)]
+    assert eng.graphs._held() <= held and eng.graphs.replays == 4
+    config.GRAPH_MEMORY = 100                  # smaller than any loop's arrays: no graph
+    eng.graphs.clear()
+    run(5, 2, 4)
+    assert eng.graphs.replays == 4 and not eng.graphs._entries
+    config.GRAPH_MEMORY = 1 << 30
+
+    def broken(record):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    eng.graphs._capture = broken
+    with pytest.warns(RuntimeWarning, match="graph capture failed.*not permitted"):
+        run(4, 3, 2)
+    assert eng.graphs.failed and eng.graphs.replays == 4
+    run(4, 3, 2)                               # off from now on, no second warning needed
+    assert eng.graphs.replays == 4
+
+
 @needs_cxx
 @pytest.mark.parametrize("cell", CELLS)
 def test_relu_and_saturation_edges(engines, cell):
@@ -433,6 +532,7 @@ def test_path_choice_follows_size_and_config():
     config.reset()
     assert (config.PATH, config.PERSISTENT_MAX_BATCH, config.COOPERATIVE_MAX_STATE,
             config.COOPERATIVE_UNITS, config.POISON_OUTPUTS) == ("auto", 64, 8192, None, False)
+    assert (config.GRAPHS, config.GRAPH_MAX_STATE, config.GRAPH_MEMORY) == (True, 131072, 2 << 30)
 
 
 def test_persistent_limits_table():
@@ -773,6 +873,18 @@ _GPU_REASON = _gpu_reason()
 needs_gpu = pytest.mark.skipif(_GPU_REASON is not None,
                                reason=f"no usable GPU for CuPy ({_GPU_REASON}); perf/gpu_check.py "
                                       "runs these checks on a GPU machine")
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("cell", CELLS)
+def test_gpu_general_path_graphs_replay(cell, dtype):
+    """The same replays on the GPU: CUDA graphs recorded by stream capture."""
+    import cupy
+
+    eng = cb._get()
+    assert check_graph_replays(eng, cell, dtype, cupy.asarray, cupy.asnumpy) == 14
+    assert eng.graphs.failed is None
 
 
 @needs_gpu

@@ -22,7 +22,8 @@ forced (``"persistent"`` / ``"general"``; see :mod:`bptt_kernels.cupy.config`):
 * general (any size, Haste's design): the input projections of all steps as one GEMM, then per
   step one cuBLAS GEMM ``h @ W_hh^T`` (called directly, :mod:`._cublas`) and one fused gate
   kernel; backward likewise, with the weight gradients and dx as GEMMs over all steps after
-  the loop.
+  the loop. For B * H up to config.GRAPH_MAX_STATE each loop's 2 T launches are recorded once
+  as a CUDA graph and replayed with one call (:mod:`._graphs`).
 
 float32 GEMMs run in float32 (CuPy's default compute type): setting CUPY_TF32=1 would trade
 the 1e-5 float32 parity for TensorFloat-32 speed.
@@ -43,6 +44,7 @@ from ._compile import CupyLauncher, cupy_device_limits
 from ._cublas import StepGemm
 from ._engine import DTYPES as _ENGINE_DTYPES
 from ._engine import Engine, RecurrentCache, persistent_max_hidden, persistent_smem_bytes
+from ._graphs import cupy_capture
 
 NAME = "cupy"
 xp = cupy
@@ -58,7 +60,8 @@ def _get():
         from cupy_backends.cuda.libs import cublas
 
         step_gemm = StepGemm(cublas, cupy.cuda.device.get_cublas_handle, lambda a: a.data.ptr)
-        _gpu_engine = Engine(cupy, CupyLauncher(), cupy_device_limits, cupy.asnumpy, step_gemm)
+        _gpu_engine = Engine(cupy, CupyLauncher(), cupy_device_limits, cupy.asnumpy, step_gemm,
+                             cupy_capture)
     return _gpu_engine
 
 

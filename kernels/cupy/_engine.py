@@ -28,6 +28,7 @@ from bptt_kernels import CELLS, GATES, check_input_weight_pair
 from . import config
 from ._compile import SUFFIX, kernel_name
 from ._cublas import matmul_step_gemm
+from ._graphs import LoopGraphs
 
 DTYPES = tuple(SUFFIX)          # float32, float64
 STEP_THREADS = 256              # threads per block of grid-stride (elementwise) kernels
@@ -141,12 +142,15 @@ class Engine:
     to_host(a) -> numpy.ndarray
     step_gemm(a, w, out, transpose_w)  the general path's per-step out = a @ op(w)
         (:mod:`._cublas`; default ``xp.matmul``)
+    capture(record) -> graph  records record()'s launches for replay by graph.launch()
+        (:mod:`._graphs`; None: the general path launches every step from Python)
     """
 
-    def __init__(self, xp, launch, device_limits, to_host, step_gemm=None):
+    def __init__(self, xp, launch, device_limits, to_host, step_gemm=None, capture=None):
         self.xp = xp
         self.launch = launch
         self.step_gemm = step_gemm or matmul_step_gemm(xp)
+        self.graphs = None if capture is None else LoopGraphs(capture)
         self._device_limits = device_limits
         self._limits = None
         self._to_host = to_host
@@ -282,6 +286,17 @@ class Engine:
     def _step_grid(self, n):
         return max(1, min(MAX_GRID, _ceil_div(n, STEP_THREADS)))
 
+    def _run_steps(self, key, steps, arrays, inputs, outputs):
+        """Run the general path's time loop ``steps(arrays)`` (None entries dropped: the cell
+        has no such array), as a CUDA graph where config says so (:mod:`._graphs`)."""
+        arrays = {name: a for name, a in arrays.items() if a is not None}
+        if (self.graphs is not None and config.GRAPHS
+                and arrays["h0"].size <= config.GRAPH_MAX_STATE                  # B * H
+                and self.graphs.run(key, steps, arrays, [n for n in inputs if n in arrays],
+                                    [n for n in outputs if n in arrays])):
+            return
+        steps(arrays)
+
     def recurrent_forward(self, cell, x, state, w_ih, w_hh, b_ih, b_hh):
         """One layer of ``cell`` over all T steps; see bptt_kernels.__init__ for the contract."""
         if cell not in CELLS:
@@ -337,11 +352,22 @@ class Engine:
         else:
             name = kernel_name(f"{cell}_forward_step", dtype)
             grid = self._step_grid(B * H)
-            hp = xp.empty((B, G * H), dtype=dtype)                     # B,GH
-            for t in range(T):
-                self.step_gemm(h0 if t == 0 else y[t - 1], w_hh, hp, True)  # h_{t-1} W_hh^T
-                self.launch(name, grid, STEP_THREADS,
-                            (i32(t), i32(B), i32(H), xproj, hp, b_hh, h0, c0) + outs)
+
+            def steps(a):  # per step: hp = h_{t-1} W_hh^T (cuBLAS), then the gate kernel
+                written = tuple(a.get(k, none) for k in ("y", "c", "gates", "hn"))
+                for t in range(T):
+                    self.step_gemm(a["h0"] if t == 0 else a["y"][t - 1], a["w_hh"], a["hp"], True)
+                    self.launch(name, grid, STEP_THREADS,
+                                (i32(t), i32(B), i32(H), a["xproj"], a["hp"], a["b_hh"], a["h0"],
+                                 a.get("c0", none)) + written)
+
+            arrays = dict(xproj=xproj, w_hh=w_hh, b_hh=b_hh, h0=h0,
+                          c0=st[1] if cell == "lstm" else None,
+                          hp=xp.empty((B, G * H), dtype=dtype),                      # B,GH
+                          y=y, c=c, gates=gates, hn=hn)
+            self._run_steps(("forward", cell, T, B, H, 0, dtype), steps, arrays,
+                            inputs=("xproj", "w_hh", "b_hh", "h0", "c0"),
+                            outputs=("y", "c", "gates", "hn"))
         final = (y[T - 1].copy(), c[T - 1].copy()) if cell == "lstm" else (y[T - 1].copy(),)
         return y, final, RecurrentCache(cell, x, h0, st[1] if cell == "lstm" else None,
                                         y, gates, c, hn)
@@ -406,15 +432,28 @@ class Engine:
         else:
             name = kernel_name(f"{cell}_backward_step", dtype)
             grid = self._step_grid(B * H)
-            dh_rec = dh_final.copy()                  # B,H  dL/dh_t through W_hh
-            dc0 = dc_final.copy()                     # B,H  running dL/dc (LSTM)
-            dh_dir = xp.zeros((B, H), dtype=dtype)    # B,H  GRU z*dh path
-            for t in range(T - 1, t_start - 1, -1):
-                self.launch(name, grid, STEP_THREADS,
-                            (i32(t), i32(B), i32(H), dy, dh_rec) + cached + grads
-                            + (dc0, dh_dir))
-                self.step_gemm(dgh[t], w_hh, dh_rec, False)  # to h_{t-1}: dg_h[t] W_hh
-            dh0 = dh_rec + dh_dir
+            g = "dgh" if cell == "gru" else "dgx"     # the rows that multiply W_hh
+
+            def steps(a):  # per step: the gate-gradient kernel, then dh_rec = dg_h[t] W_hh
+                for t in range(T - 1, t_start - 1, -1):
+                    self.launch(name, grid, STEP_THREADS,
+                                (i32(t), i32(B), i32(H), a["dy"], a["dh_rec"])
+                                + tuple(a.get(k, none) for k in cached_names)
+                                + (a["dh"], a["dgx"], a.get("dgh", none), a["dc"], a["dh_dir"]))
+                    self.step_gemm(a[g][t], a["w_hh"], a["dh_rec"], False)
+
+            cached_names = ("h0", "c0", "y", "c", "gates", "hn")
+            arrays = dict(zip(cached_names,
+                              (cache.h0, cache.c0, y, cache.c, cache.gates, cache.hn)))
+            arrays.update(dy=dy, w_hh=w_hh, dh=dh, dgx=dgx,
+                          dgh=grads[2] if cell == "gru" else None,
+                          dh_rec=dh_final.copy(),                 # B,H  dL/dh_t through W_hh
+                          dc=dc_final.copy(),                     # B,H  running dL/dc (LSTM)
+                          dh_dir=xp.zeros((B, H), dtype=dtype))   # B,H  GRU z*dh path
+            self._run_steps(("backward", cell, T, B, H, t_start, dtype), steps, arrays,
+                            inputs=cached_names + ("dy", "w_hh", "dh_rec", "dc", "dh_dir"),
+                            outputs=("dh", "dgx", "dgh", "dh_rec", "dc", "dh_dir"))
+            dh0, dc0 = arrays["dh_rec"] + arrays["dh_dir"], arrays["dc"]
 
         # parameter gradients and dx over the rows t_start .. T-1 as big GEMMs
         n = (T - t_start) * B

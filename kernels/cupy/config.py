@@ -24,6 +24,16 @@
     step). Never fewer than the default: all blocks must be resident at once (so the GPU's SMs
     must not be held by another process's kernels that never finish, as under MPS with a
     persistent kernel of its own).
+``GRAPHS``
+    Run the general path's time loops as CUDA graphs (:mod:`._graphs`): each loop's 2 T
+    launches are recorded once per (cell, T, B, H, t_start, dtype) and replayed with one call,
+    its arrays copied in and out. ``False``: launch every step from Python.
+``GRAPH_MAX_STATE``
+    Graphs only for B * H up to this: above it a step's GPU work outlasts its launches from
+    Python anyway, and the copies in and out would cost time and memory for nothing.
+``GRAPH_MEMORY``
+    Bytes of device memory the recorded graphs' own arrays may hold in all (least recently
+    used dropped first); a loop whose arrays alone need more runs without a graph.
 ``POISON_OUTPUTS``
     Fill every freshly allocated output and cache array with NaN before the kernels write it,
     so an element a kernel forgets to write fails a parity check (tests; costs a fill).
@@ -39,12 +49,16 @@ Example::
 PATHS = ("auto", "persistent", "cooperative", "general")
 
 _DEFAULTS = {"PATH": "auto", "PERSISTENT_MAX_BATCH": 64, "COOPERATIVE_MAX_STATE": 8192,
-             "COOPERATIVE_UNITS": None, "POISON_OUTPUTS": False}
+             "COOPERATIVE_UNITS": None, "GRAPHS": True, "GRAPH_MAX_STATE": 256 * 512,
+             "GRAPH_MEMORY": 2 << 30, "POISON_OUTPUTS": False}
 
 PATH = _DEFAULTS["PATH"]
 PERSISTENT_MAX_BATCH = _DEFAULTS["PERSISTENT_MAX_BATCH"]
 COOPERATIVE_MAX_STATE = _DEFAULTS["COOPERATIVE_MAX_STATE"]
 COOPERATIVE_UNITS = _DEFAULTS["COOPERATIVE_UNITS"]
+GRAPHS = _DEFAULTS["GRAPHS"]
+GRAPH_MAX_STATE = _DEFAULTS["GRAPH_MAX_STATE"]
+GRAPH_MEMORY = _DEFAULTS["GRAPH_MEMORY"]
 POISON_OUTPUTS = _DEFAULTS["POISON_OUTPUTS"]
 
 

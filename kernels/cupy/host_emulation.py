@@ -37,6 +37,7 @@ from bptt_kernels.reference import linear_backward, linear_forward
 from . import config
 from ._compile import SOURCE_DIR, SOURCES, kernel_signatures
 from ._engine import DTYPES, Engine
+from ._graphs import HostReplay
 
 # the host build: every kernel source in one translation unit (common.cu is included once)
 HARNESS_TEXT = "".join(f'#include "{name}"\n' for name in SOURCES)
@@ -134,7 +135,8 @@ class HostLauncher:
 def host_engine(reverse=False, limits=H100_LIMITS, build_dir=None):
     """An :class:`Engine` over NumPy whose kernels are the host build of the CUDA sources."""
     launcher = HostLauncher(build_library(build_dir), reverse=reverse)
-    return Engine(np, launcher, lambda: limits, lambda a: np.array(a, copy=True))
+    return Engine(np, launcher, lambda: limits, lambda a: np.array(a, copy=True),
+                  capture=HostReplay)
 
 
 def host_backend(reverse=False, limits=H100_LIMITS, build_dir=None):
