@@ -323,9 +323,10 @@ def test_paths_share_the_cache(engines, cell):
 
 
 def check_graph_replays(eng, cell, dtype, dev=np.asarray, host=np.asarray):
-    """The general path recorded once per key and replayed: fresh problems of one shape in a
-    row, two layers' calls interleaved (forward A, forward B, backward B, backward A), a new
-    t_start and a new T, each against the float64 reference; returns the count of replays."""
+    """The general path recorded once per key (the second time it comes) and replayed: fresh
+    problems of one shape in a row, two layers' calls interleaved (forward A, forward B,
+    backward B, backward A), a new t_start and a new T, each against the float64 reference;
+    returns the count of replays."""
     rng = np.random.default_rng(zlib.crc32(f"graphs {cell} {DTYPE_IDS[dtype]}".encode()))
     T, B, I, H = 6, 3, 4, 5
     config.PATH = "general"
@@ -370,9 +371,10 @@ def test_general_path_graphs_replay(cell, dtype):
     the graph's own arrays, as a CUDA graph replays its baked-in addresses); with graphs off
     the same calls launch step by step."""
     eng = host_emulation.host_engine()
-    assert check_graph_replays(eng, cell, dtype) == 14    # 7 forward and 7 backward calls
-    # forward T = 6, 7; backward (T, t_start) = (6, 0), (6, 2), (7, 0), (6, 1)
-    assert len(eng.graphs._entries) == 6
+    # forward T = 6: 6 calls, 5 replayed; T = 7 once; backward (T, t_start) = (6, 0), (6, 2),
+    # (6, 1): 2 calls each, 1 replayed; (7, 0) once
+    assert check_graph_replays(eng, cell, dtype) == 8
+    assert len(eng.graphs._entries) == 4
     config.GRAPHS = False
     assert check_graph_replays(eng, cell, dtype) == 0
 
@@ -393,32 +395,38 @@ def test_graph_limits_memory_and_capture_failure():
 
     config.GRAPH_MAX_STATE = 2 * 4 - 1
     run(5, 2, 4)
+    run(5, 2, 4)
     assert eng.graphs.replays == 0 and not eng.graphs._entries
     config.reset()
     config.PATH = "general"
-    run(5, 2, 4)
+    run(5, 2, 4)                               # first sight: step by step
+    assert eng.graphs.replays == 0 and not eng.graphs._entries
+    run(5, 2, 4)                               # second: recorded and replayed
     held = eng.graphs._held()
     assert eng.graphs.replays == 2 and len(eng.graphs._entries) == 2 and held > 0
     config.GRAPH_MEMORY = held                 # room for these two only: a third evicts
     run(5, 2, 4, t_start=1)
+    run(5, 2, 4, t_start=1)
     # the forward was used again just before: the backward of t_start 0 went
     assert [(k[0], k[5]) for k in eng.graphs._entries] == [("forward", 0), ("backward", 1)]
-    assert eng.graphs._held() <= held and eng.graphs.replays == 4
+    assert eng.graphs._held() <= held and eng.graphs.replays == 5
     config.GRAPH_MEMORY = 100                  # smaller than any loop's arrays: no graph
     eng.graphs.clear()
     run(5, 2, 4)
-    assert eng.graphs.replays == 4 and not eng.graphs._entries
+    run(5, 2, 4)
+    assert eng.graphs.replays == 5 and not eng.graphs._entries
     config.GRAPH_MEMORY = 1 << 30
 
     def broken(record):
         raise RuntimeError("operation not permitted when stream is capturing")
 
     eng.graphs._capture = broken
+    run(4, 3, 2)
     with pytest.warns(RuntimeWarning, match="graph capture failed.*not permitted"):
         run(4, 3, 2)
-    assert eng.graphs.failed and eng.graphs.replays == 4
-    run(4, 3, 2)                               # off from now on, no second warning needed
-    assert eng.graphs.replays == 4
+    assert eng.graphs.failed and eng.graphs.replays == 5
+    run(4, 3, 2)                               # off from now on
+    assert eng.graphs.replays == 5
 
 
 @needs_cxx
@@ -883,7 +891,8 @@ def test_gpu_general_path_graphs_replay(cell, dtype):
     import cupy
 
     eng = cb._get()
-    assert check_graph_replays(eng, cell, dtype, cupy.asarray, cupy.asnumpy) == 14
+    eng.graphs.clear()
+    assert check_graph_replays(eng, cell, dtype, cupy.asarray, cupy.asnumpy) == 8
     assert eng.graphs.failed is None
 
 

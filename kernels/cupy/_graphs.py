@@ -8,7 +8,8 @@ with, so :class:`LoopGraphs` records each loop once per key (direction, cell, T,
 dtype) on arrays of its own ("static" arrays), and each call copies its inputs into them,
 replays the graph and copies its outputs out (device-to-device copies of the activations: a
 few percent of a step's time where graphs pay, and memory for one more copy of them, capped by
-``config.GRAPH_MEMORY``).
+``config.GRAPH_MEMORY``). A loop is recorded the second time its key comes: the first call runs
+step by step (one-off sizes pay no recording, and every kernel is loaded before a capture).
 """
 
 import contextlib
@@ -16,6 +17,8 @@ import warnings
 from collections import OrderedDict
 
 from . import config
+
+MAX_SEEN = 4096  # keys remembered as run once (forgotten all at once past this)
 
 
 def cupy_capture(record):
@@ -55,23 +58,30 @@ class LoopGraphs:
     def __init__(self, capture):
         self._capture = capture
         self._entries = OrderedDict()  # key -> (graph, {name: static array}, bytes)
+        self._seen = set()             # keys run once, step by step
         self.replays = 0               # calls served by a graph (tests, perf/gpu_check.py)
         self.failed = None             # why graphs were turned off in this process, if they were
 
     def clear(self):
         """Drop every graph and its static arrays."""
         self._entries.clear()
+        self._seen.clear()
 
     def run(self, key, loop, arrays, inputs, outputs):
         """Run ``loop(arrays)`` (it issues every step's launches on the arrays of dict
         ``arrays``) as a graph: the arrays named in ``inputs`` are copied into the graph's own,
         those in ``outputs`` copied back (a name may be in both). Returns False, having run
-        nothing, where it will not take this loop (graphs failed before, or its arrays alone
-        exceed config.GRAPH_MEMORY): the caller runs it directly."""
+        nothing, where it will not take this loop (its key's first call, graphs failed before,
+        or its arrays alone exceed config.GRAPH_MEMORY): the caller runs it directly."""
         entry = self._entries.get(key)
         if entry is None:
             size = sum(a.nbytes for a in arrays.values())
             if self.failed is not None or size > config.GRAPH_MEMORY:
+                return False
+            if key not in self._seen:
+                if len(self._seen) >= MAX_SEEN:
+                    self._seen.clear()
+                self._seen.add(key)
                 return False
             while self._entries and size + self._held() > config.GRAPH_MEMORY:
                 self._entries.popitem(last=False)

@@ -26,8 +26,9 @@
     persistent kernel of its own).
 ``GRAPHS``
     Run the general path's time loops as CUDA graphs (:mod:`._graphs`): each loop's 2 T
-    launches are recorded once per (cell, T, B, H, t_start, dtype) and replayed with one call,
-    its arrays copied in and out. ``False``: launch every step from Python.
+    launches are recorded once per (cell, T, B, H, t_start, dtype), the second time that key
+    comes, and replayed with one call, its arrays copied in and out. ``False``: launch every
+    step from Python.
 ``GRAPH_MAX_STATE``
     Graphs only for B * H up to this: above it a step's GPU work outlasts its launches from
     Python anyway, and the copies in and out would cost time and memory for nothing.
