@@ -214,7 +214,7 @@ def test_one_launch_paths_blocks_and_splits(path, cell, splits):
 
 class ColumnMajorBlas:
     """cuBLAS's gemm on host memory addressed by raw pointers, column-major as cuBLAS reads it,
-    beta = 0 not reading C (as BLAS): a stand-in for cupy_backends.cuda.libs.cublas."""
+    beta = 0 not reading C (as BLAS): a stand-in for _cublas.CublasLibrary."""
 
     def __init__(self):
         self.pointer_modes = []
@@ -259,6 +259,54 @@ def test_step_gemm_calls_cublas_with_the_right_shapes(dtype):
         want = y[1] @ (w.T if transpose_w else w)
         assert rel_err(out, want) <= TOL[dtype], transpose_w
     assert blas.pointer_modes == [_cublas.POINTER_MODE_HOST] * 2
+
+
+class CublasCLibrary:
+    """libcublas as ctypes calls it (ctypes-typed arguments, a status returned), computing with
+    ColumnMajorBlas and recording the streams set; ``status`` is what the GEMMs return."""
+
+    def __init__(self):
+        self.blas = ColumnMajorBlas()
+        self.streams = []
+        self.status = 0
+
+    def cublasSetStream_v2(self, handle, stream):  # noqa: N802 -- cuBLAS's names
+        self.streams.append(stream.value)
+        return 0
+
+    def cublasSetPointerMode_v2(self, handle, mode):  # noqa: N802
+        self.blas.setPointerMode(handle.value, mode.value)
+        return 0
+
+    def cublasSgemm_v2(self, *args):  # noqa: N802
+        self.blas.sgemm(*(a.value for a in args))
+        return self.status
+
+    def cublasDgemm_v2(self, *args):  # noqa: N802
+        self.blas.dgemm(*(a.value for a in args))
+        return self.status
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=DTYPE_IDS.get)
+def test_cublas_library_sets_the_stream_and_checks_status(dtype):
+    """The ctypes cuBLAS calls StepGemm makes (CuPy's wrappers refuse stream capture): the
+    current stream set before every GEMM, the arguments typed as the C functions take them,
+    a failed status raised with the function's name."""
+    rng = np.random.default_rng(17)
+    lib = CublasCLibrary()
+    streams = iter([0x1000, 0x2000])
+    gemm = _cublas.StepGemm(_cublas.CublasLibrary(lambda: next(streams), lib), lambda: 7,
+                            lambda a: a.ctypes.data)
+    a, w = (rng.standard_normal(s).astype(dtype) for s in ((3, 5), (4, 5)))
+    out = np.full((3, 4), np.nan, dtype)
+    gemm(a, w, out, True)
+    assert rel_err(out, a @ w.T) <= TOL[dtype]
+    lib.status = 13                                    # CUBLAS_STATUS_EXECUTION_FAILED
+    name = "cublasSgemm_v2" if dtype == np.float32 else "cublasDgemm_v2"
+    with pytest.raises(RuntimeError, match=f"{name} failed with cublasStatus_t 13"):
+        gemm(a, w.T.copy(), out, False)
+    assert lib.streams == [0x1000, 0x2000]
+    assert lib.blas.pointer_modes == [_cublas.POINTER_MODE_HOST] * 2
 
 
 @needs_cxx

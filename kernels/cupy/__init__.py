@@ -41,7 +41,7 @@ import numpy as np
 from ..reference import linear_backward, linear_forward  # array operators: run on cupy arrays
 from . import config
 from ._compile import CupyLauncher, cupy_device_limits
-from ._cublas import StepGemm
+from ._cublas import CublasLibrary, StepGemm
 from ._engine import DTYPES as _ENGINE_DTYPES
 from ._engine import Engine, RecurrentCache, persistent_max_hidden, persistent_smem_bytes
 from ._graphs import cupy_capture
@@ -57,8 +57,7 @@ def _get():
     """The GPU engine, built on first use (building it compiles nothing)."""
     global _gpu_engine
     if _gpu_engine is None:
-        from cupy_backends.cuda.libs import cublas
-
+        cublas = CublasLibrary(lambda: cupy.cuda.get_current_stream().ptr)
         step_gemm = StepGemm(cublas, cupy.cuda.device.get_cublas_handle, lambda a: a.data.ptr)
         _gpu_engine = Engine(cupy, CupyLauncher(), cupy_device_limits, cupy.asnumpy, step_gemm,
                              cupy_capture)
