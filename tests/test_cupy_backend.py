@@ -540,6 +540,8 @@ def test_finite_differences(engines, cell):
 
 def test_path_choice_follows_size_and_config():
     eng = _engine.Engine(np, None, lambda: host_emulation.H100_LIMITS, np.array)
+    # the cooperative plan's arithmetic, under wider size rules than the defaults
+    config.COOPERATIVE_MAX_STATE, config.COOPERATIVE_MIN_BATCH = 8192, 1
     assert eng.plan("lstm", 32, 64, np.float32) == ("persistent", 1, 8)
     assert eng.plan("lstm", 32, 119, np.float32) == ("persistent", 1, 2)   # smem-bound
     # W_hh too big for one block: the cooperative kernel spreads it over the SMs
@@ -554,7 +556,7 @@ def test_path_choice_follows_size_and_config():
     config.COOPERATIVE_MAX_STATE = 1 << 20
     assert eng.plan("lstm", 16, 1024, np.float32) == ("cooperative", 8, 8)   # smem-bound
     assert eng.plan("lstm", 32, 1024, np.float32) == ("general", 0, 0)       # does not fit
-    config.reset()
+    config.COOPERATIVE_MAX_STATE = 8192
     assert eng.plan("rnn_tanh", 32, 200, np.float32) == ("persistent", 1, 4)  # threads
     assert eng.plan("rnn_tanh", 32, 239, np.float32) == ("persistent", 1, 1)  # smem
     assert eng.plan("gru", 65, 64, np.float32) == ("cooperative", 1, 8)    # batch over 64
@@ -577,17 +579,23 @@ def test_path_choice_follows_size_and_config():
         eng.plan("lstm", 4, 8, np.float32)
     config.reset()
     assert eng.choose_path("lstm", 4, 8, np.float32) == "persistent"
-    assert eng.choose_path("lstm", 4, 512, np.float32) == "cooperative"
+    assert eng.choose_path("lstm", 4, 512, np.float32) == "cooperative"   # B * H = 2048
+    assert eng.choose_path("lstm", 16, 128, np.float32) == "cooperative"
+    assert eng.choose_path("lstm", 8, 512, np.float32) == "general"       # B * H over 2048
+    assert eng.choose_path("lstm", 1, 512, np.float32) == "general"       # B under 2
+    assert eng.choose_path("gru", 65, 64, np.float32) == "general"
     assert eng.choose_path("lstm", 64, 512, np.float32) == "general"
     config.COOPERATIVE_MAX_STATE = 2047
     assert eng.choose_path("lstm", 4, 512, np.float32) == "general"
+    config.COOPERATIVE_MIN_BATCH = 1
     config.COOPERATIVE_UNITS = 16                                         # fewer, bigger blocks
     assert eng.plan("lstm", 1, 512, np.float32) == ("cooperative", 16, 32)
     config.COOPERATIVE_UNITS = 2                                          # never over 1 per SM
     assert eng.plan("lstm", 1, 512, np.float32) == ("cooperative", 4, 32)
     config.reset()
     assert (config.PATH, config.PERSISTENT_MAX_BATCH, config.COOPERATIVE_MAX_STATE,
-            config.COOPERATIVE_UNITS, config.POISON_OUTPUTS) == ("auto", 64, 8192, None, False)
+            config.COOPERATIVE_MIN_BATCH, config.COOPERATIVE_UNITS,
+            config.POISON_OUTPUTS) == ("auto", 64, 2048, 2, None, False)
     assert (config.GRAPHS, config.GRAPH_MAX_STATE, config.GRAPH_MEMORY) == (True, 131072, 2 << 30)
 
 

@@ -3,8 +3,9 @@
 Implements the backend interface of :mod:`bptt_kernels` (shapes and contracts documented
 there) for float32 and float64 CuPy arrays.
 
-Recurrent layers run one of two paths, chosen per call by size (``config.PATH = "auto"``) or
-forced (``"persistent"`` / ``"general"``; see :mod:`bptt_kernels.cupy.config`):
+Recurrent layers run one of three paths, chosen per call by size (``config.PATH = "auto"``) or
+forced (``"persistent"`` / ``"cooperative"`` / ``"general"``; see
+:mod:`bptt_kernels.cupy.config`):
 
 * persistent: one kernel launch runs all T steps; each block owns a slice of the batch and
   keeps W_hh (and its hidden state) in shared memory across the steps, every dot product split
@@ -15,10 +16,11 @@ forced (``"persistent"`` / ``"general"``; see :mod:`bptt_kernels.cupy.config`):
 * cooperative: one kernel launch runs all T steps; each block owns a slice of the hidden
   units (of every batch row) and keeps those units' weights of W_hh in shared memory, so W_hh
   is spread over the shared memory of all SMs (an H100's 132 x 227 KiB); the blocks meet at a
-  grid-wide barrier once per step (at most one block per SM, so all are resident). Used by
-  "auto" where the persistent kernel is not, for B * H <= config.COOPERATIVE_MAX_STATE where
-  it fits: on an H100 in float32 the LSTM up to H ~ 1280 at B = 1, 1080 at B = 16, 920 at
-  B = 32 (GRU 1440 / 1180 / 960, Elman RNN 2630 / 1840 / 1320).
+  grid-wide barrier once per step (at most one block per SM, so all are resident). It fits
+  on an H100 in float32 for the LSTM up to H ~ 1280 at B = 1, 1080 at B = 16, 920 at B = 32
+  (GRU 1440 / 1180 / 960, Elman RNN 2630 / 1840 / 1320). Used by "auto" where the persistent
+  kernel is not, for 2 <= B and B * H <= 2048 (config.COOPERATIVE_MIN_BATCH /
+  COOPERATIVE_MAX_STATE), where it fits.
 * general (any size, Haste's design): the input projections of all steps as one GEMM, then per
   step one cuBLAS GEMM ``h @ W_hh^T`` (called directly, :mod:`._cublas`) and one fused gate
   kernel; backward likewise, with the weight gradients and dx as GEMMs over all steps after

@@ -253,7 +253,7 @@ class Engine:
                 f"'auto' or 'general'")
         if mode == "persistent" or (fits and B <= config.PERSISTENT_MAX_BATCH):
             return "persistent", rows, persistent_splits(cell, H, rows, dtype, smem_limit)
-        if B * H <= config.COOPERATIVE_MAX_STATE:
+        if B * H <= config.COOPERATIVE_MAX_STATE and B >= config.COOPERATIVE_MIN_BATCH:
             return self._cooperative_plan(cell, B, H, dtype, required=False)
         return "general", 0, 0
 
