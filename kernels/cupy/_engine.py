@@ -288,10 +288,13 @@ class Engine:
 
     def _run_steps(self, key, steps, arrays, inputs, outputs):
         """Run the general path's time loop ``steps(arrays)`` (None entries dropped: the cell
-        has no such array), as a CUDA graph where config says so (:mod:`._graphs`)."""
+        has no such array), as a CUDA graph where config says so (:mod:`._graphs`); ``key``
+        names the loop (direction, cell, T, B, H, t_start, dtype), the arrays' device added."""
         arrays = {name: a for name, a in arrays.items() if a is not None}
+        h0 = arrays["h0"]
+        key += (str(getattr(h0, "device", "")),)  # a graph replays on the GPU it was made on
         if (self.graphs is not None and config.GRAPHS
-                and arrays["h0"].size <= config.GRAPH_MAX_STATE                  # B * H
+                and h0.size <= config.GRAPH_MAX_STATE                            # B * H
                 and self.graphs.run(key, steps, arrays, [n for n in inputs if n in arrays],
                                     [n for n in outputs if n in arrays])):
             return
