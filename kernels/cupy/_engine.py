@@ -436,6 +436,7 @@ class Engine:
             name = kernel_name(f"{cell}_backward_step", dtype)
             grid = self._step_grid(B * H)
             g = "dgh" if cell == "gru" else "dgx"     # the rows that multiply W_hh
+            cached_names = ("h0", "c0", "y", "c", "gates", "hn")
 
             def steps(a):  # per step: the gate-gradient kernel, then dh_rec = dg_h[t] W_hh
                 for t in range(T - 1, t_start - 1, -1):
@@ -445,7 +446,6 @@ class Engine:
                                 + (a["dh"], a["dgx"], a.get("dgh", none), a["dc"], a["dh_dir"]))
                     self.step_gemm(a[g][t], a["w_hh"], a["dh_rec"], False)
 
-            cached_names = ("h0", "c0", "y", "c", "gates", "hn")
             arrays = dict(zip(cached_names,
                               (cache.h0, cache.c0, y, cache.c, cache.gates, cache.hn)))
             arrays.update(dy=dy, w_hh=w_hh, dh=dh, dgx=dgx,

@@ -97,9 +97,8 @@ class LoopGraphs:
             entry = self._entries[key] = (graph, static, size)
         else:
             self._entries.move_to_end(key)
-            graph, static, _ = entry
             for name in inputs:
-                static[name][...] = arrays[name]
+                entry[1][name][...] = arrays[name]
         graph, static, _ = entry
         graph.launch()
         for name in outputs:
