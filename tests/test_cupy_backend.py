@@ -429,9 +429,9 @@ def test_general_path_graphs_replay(cell, dtype):
 
 @needs_cxx
 def test_graph_limits_memory_and_capture_failure():
-    """GRAPH_MAX_STATE and GRAPH_MEMORY keep big loops off graphs, the least recently used
-    graph goes first, and a capture that fails turns graphs off with a warning, the call
-    still right."""
+    """GRAPH_MAX_STATE and GRAPH_MEMORY keep big loops off graphs (a loop over a quarter of
+    GRAPH_MEMORY is never recorded), the least recently used graph goes first, and a capture
+    that fails turns graphs off with a warning, the call still right."""
     eng = host_emulation.host_engine()
     rng = np.random.default_rng(21)
     config.PATH = "general"
@@ -450,19 +450,21 @@ def test_graph_limits_memory_and_capture_failure():
     run(5, 2, 4)                               # first sight: step by step
     assert eng.graphs.replays == 0 and not eng.graphs._entries
     run(5, 2, 4)                               # second: recorded and replayed
-    held = eng.graphs._held()
-    assert eng.graphs.replays == 2 and len(eng.graphs._entries) == 2 and held > 0
-    config.GRAPH_MEMORY = held                 # room for these two only: a third evicts
-    run(5, 2, 4, t_start=1)
-    run(5, 2, 4, t_start=1)
-    # the forward was used again just before: the backward of t_start 0 went
-    assert [(k[0], k[5]) for k in eng.graphs._entries] == [("forward", 0), ("backward", 1)]
-    assert eng.graphs._held() <= held and eng.graphs.replays == 5
-    config.GRAPH_MEMORY = 100                  # smaller than any loop's arrays: no graph
+    sizes = {k[0]: size for k, (_, _, size) in eng.graphs._entries.items()}
+    assert eng.graphs.replays == 2 and sizes["backward"] >= sizes["forward"] > 0
+    config.GRAPH_MEMORY = 4 * sizes["backward"]      # room for 4 such loops: a 5th evicts
+    for t_start in (1, 2, 3):
+        run(5, 2, 4, t_start=t_start)
+        run(5, 2, 4, t_start=t_start)
+    # the forward is used at every call: the backward of t_start 0 went, least recently used
+    assert {(k[0], k[5]) for k in eng.graphs._entries} == {
+        ("forward", 0), ("backward", 1), ("backward", 2), ("backward", 3)}
+    assert eng.graphs._held() <= config.GRAPH_MEMORY and eng.graphs.replays == 11
+    config.GRAPH_MEMORY = 4 * sizes["backward"] - 1  # a backward loop over a quarter: not recorded
     eng.graphs.clear()
     run(5, 2, 4)
     run(5, 2, 4)
-    assert eng.graphs.replays == 5 and not eng.graphs._entries
+    assert [k[0] for k in eng.graphs._entries] == ["forward"] and eng.graphs.replays == 12
     config.GRAPH_MEMORY = 1 << 30
 
     def broken(record):
@@ -472,9 +474,9 @@ def test_graph_limits_memory_and_capture_failure():
     run(4, 3, 2)
     with pytest.warns(RuntimeWarning, match="graph capture failed.*not permitted"):
         run(4, 3, 2)
-    assert eng.graphs.failed and eng.graphs.replays == 5
+    assert eng.graphs.failed and eng.graphs.replays == 12
     run(4, 3, 2)                               # off from now on
-    assert eng.graphs.replays == 5
+    assert eng.graphs.replays == 12
 
 
 @needs_cxx

@@ -9,7 +9,10 @@ dtype) on arrays of its own ("static" arrays), and each call copies its inputs i
 replays the graph and copies its outputs out (device-to-device copies of the activations: a
 few percent of a step's time where graphs pay, and memory for one more copy of them, capped by
 ``config.GRAPH_MEMORY``). A loop is recorded the second time its key comes: the first call runs
-step by step (one-off sizes pay no recording, and every kernel is loaded before a capture).
+step by step (one-off sizes pay no recording, and every kernel is loaded before a capture). A
+loop whose arrays need more than a quarter of GRAPH_MEMORY is never recorded, so the few loops
+of a training step (forward and backward, a last shorter chunk) stay recorded together rather
+than evicting each other and being recorded again at every call.
 """
 
 import contextlib
@@ -72,11 +75,11 @@ class LoopGraphs:
         ``arrays``) as a graph: the arrays named in ``inputs`` are copied into the graph's own,
         those in ``outputs`` copied back (a name may be in both). Returns False, having run
         nothing, where it will not take this loop (its key's first call, graphs failed before,
-        or its arrays alone exceed config.GRAPH_MEMORY): the caller runs it directly."""
+        or its arrays need more than config.GRAPH_MEMORY / 4): the caller runs it directly."""
         entry = self._entries.get(key)
         if entry is None:
             size = sum(a.nbytes for a in arrays.values())
-            if self.failed is not None or size > config.GRAPH_MEMORY:
+            if self.failed is not None or 4 * size > config.GRAPH_MEMORY:
                 return False
             if key not in self._seen:
                 if len(self._seen) >= MAX_SEEN:

@@ -39,7 +39,8 @@
     with, 20.4 without).
 ``GRAPH_MEMORY``
     Bytes of device memory the recorded graphs' own arrays may hold in all (least recently
-    used dropped first); a loop whose arrays alone need more runs without a graph.
+    used dropped first); a loop whose arrays need more than a quarter of it runs without a
+    graph (so a training step's loops never evict each other at every call).
 ``POISON_OUTPUTS``
     Fill every freshly allocated output and cache array with NaN before the kernels write it,
     so an element a kernel forgets to write fails a parity check (tests; costs a fill).
