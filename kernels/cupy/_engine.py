@@ -449,7 +449,7 @@ class Engine:
             arrays = dict(zip(cached_names,
                               (cache.h0, cache.c0, y, cache.c, cache.gates, cache.hn)))
             arrays.update(dy=dy, w_hh=w_hh, dh=dh, dgx=dgx,
-                          dgh=grads[2] if cell == "gru" else None,
+                          dgh=dgh if cell == "gru" else None,     # not dgx twice: see run()
                           dh_rec=dh_final.copy(),                 # B,H  dL/dh_t through W_hh
                           dc=dc_final.copy(),                     # B,H  running dL/dc (LSTM)
                           dh_dir=xp.zeros((B, H), dtype=dtype))   # B,H  GRU z*dh path

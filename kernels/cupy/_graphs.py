@@ -73,7 +73,9 @@ class LoopGraphs:
     def run(self, key, loop, arrays, inputs, outputs):
         """Run ``loop(arrays)`` (it issues every step's launches on the arrays of dict
         ``arrays``) as a graph: the arrays named in ``inputs`` are copied into the graph's own,
-        those in ``outputs`` copied back (a name may be in both). Returns False, having run
+        those in ``outputs`` copied back (a name may be in both). Each name gets an array of
+        its own, so no two names may hold the same memory (a graph would read one copy where
+        the loop wrote the other). Returns False, having run
         nothing, where it will not take this loop (its key's first call, graphs failed before,
         or its arrays need more than config.GRAPH_MEMORY / 4): the caller runs it directly."""
         entry = self._entries.get(key)
