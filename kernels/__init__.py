@@ -91,13 +91,7 @@ Non-recurrent pieces used by the trainer
 ``scale_(arrays, factor)``            in place a *= factor for every array.
 """
 
-CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
-GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
+from .host.cells import CELLS, GATES, SEPARATE_HIDDEN_GRAD, STATE_PARTS  # noqa: E402
+from .host.checks import check_input_weight_pair  # noqa: E402
 
-
-def check_input_weight_pair(w_ih, dw_ih):
-    """A backward's w_ih and dw_ih are both arrays, or both None (the input was projected by
-    the caller); ValueError otherwise. Shared by every backend's argument checks."""
-    if (w_ih is None) != (dw_ih is None):
-        raise ValueError("w_ih and dw_ih must both be None (input projected by the caller) "
-                         "or both arrays")
+__all__ = ["CELLS", "GATES", "STATE_PARTS", "SEPARATE_HIDDEN_GRAD", "check_input_weight_pair"]

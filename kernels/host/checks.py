@@ -1,0 +1,188 @@
+"""Argument checks of the recurrent calls, written once for every backend.
+
+:func:`check_forward` and :func:`check_backward` run once per call, before any kernel, and
+return the arguments normalised (C-contiguous arrays of the backend, a state of zeros for
+``None``, ``t_start`` as an int) with the sizes T, B, I, H, G. Every error names the
+argument, the expected and the actual value:
+
+* an array that is not the backend's (``xp.ndarray``), a wrong dtype, a non-int t_start,
+  a state that is not a tuple, a cache that is not a :class:`RecurrentCache` -> TypeError
+* a wrong number of dimensions or shape, an out-of-range t_start, a state tuple of the
+  wrong length, a cache of another cell, an unknown cell -> ValueError
+"""
+
+import operator
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from .cache import RecurrentCache
+from .cells import CELLS, GATES, STATE_PARTS
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+class ForwardCall(NamedTuple):
+    """A checked ``<cell>_forward`` call: arrays of the backend, C-contiguous."""
+    x: Any          # [T,B,I], or [T,B,G*H] where w_ih is None
+    state: tuple    # (h0,) or (h0, c0), [B,H] each
+    w_ih: Any       # [G*H,I] or None
+    w_hh: Any       # [G*H,H]
+    b_ih: Any       # [G*H]
+    b_hh: Any       # [G*H]
+    T: int
+    B: int
+    I: int
+    H: int
+    G: int
+
+
+class BackwardCall(NamedTuple):
+    """A checked ``<cell>_backward`` call (gradient buffers are checked, never copied)."""
+    dy: Any             # [T,B,H]
+    dfinal_state: tuple  # like the state
+    cache: RecurrentCache
+    w_ih: Any           # [G*H,I] or None
+    w_hh: Any           # [G*H,H]
+    dw_ih: Any          # [G*H,I] or None, +=
+    dw_hh: Any          # [G*H,H] +=
+    db_ih: Any          # [G*H] +=
+    db_hh: Any          # [G*H] +=
+    t_start: int
+    T: int
+    B: int
+    I: int
+    H: int
+    G: int
+
+
+def _shape_text(shape):
+    return "[" + ", ".join(str(s) for s in shape) + "]"
+
+
+def check_cell(cell):
+    if cell not in CELLS:
+        raise ValueError(f"cell must be one of {CELLS}, got {cell!r}")
+
+
+def check_input_weight_pair(w_ih, dw_ih):
+    """A backward's w_ih and dw_ih are both arrays, or both None (the input was projected by
+    the caller); ValueError otherwise."""
+    if (w_ih is None) != (dw_ih is None):
+        raise ValueError("w_ih and dw_ih must both be None (input projected by the caller) "
+                         "or both arrays")
+
+
+def _array(name, a, xp, dtype, shape):
+    """``a`` as a C-contiguous array of the backend (copied only if it is not), checked
+    against ``dtype`` (None: float32 or float64) and ``shape`` (None entries: any size)."""
+    if not isinstance(a, xp.ndarray):
+        raise TypeError(f"{name} must be a {xp.__name__}.ndarray (use the backend's asarray), "
+                        f"got {type(a).__name__}")
+    if dtype is None:
+        if a.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must have dtype float32 or float64, got {a.dtype}")
+    elif a.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {np.dtype(dtype)}, got {a.dtype}")
+    if a.ndim != len(shape) or any(s is not None and s != n for s, n in zip(shape, a.shape)):
+        want = _shape_text("*" if s is None else s for s in shape)
+        raise ValueError(f"{name} must have shape {want}, got {_shape_text(a.shape)}")
+    return a if a.flags.c_contiguous else xp.ascontiguousarray(a)
+
+
+def _output(name, a, xp, dtype, shape):
+    """A gradient buffer, updated in place: the backend's array of ``dtype`` and ``shape``,
+    writable and C-contiguous."""
+    if not isinstance(a, xp.ndarray):
+        raise TypeError(f"{name} must be a {xp.__name__}.ndarray (written in place), "
+                        f"got {type(a).__name__}")
+    _array(name, a, xp, dtype, shape)
+    if not a.flags.c_contiguous or not getattr(a.flags, "writeable", True):
+        raise ValueError(f"{name} must be a writable C-contiguous array (it is updated in place)")
+    return a
+
+
+def _state(name, state, cell, B, H, dtype, xp):
+    """A tuple of the cell's [B,H] state parts; None: zeros."""
+    parts = STATE_PARTS[cell]
+    if state is None:
+        return tuple(xp.zeros((B, H), dtype=dtype) for _ in parts)
+    what = "(" + ", ".join(parts) + (",)" if len(parts) == 1 else ")")
+    if not isinstance(state, (tuple, list)):
+        raise TypeError(f"{name} must be a tuple {what} of [B, H] arrays for {cell}, "
+                        f"got {type(state).__name__}")
+    if len(state) != len(parts):
+        raise ValueError(f"{name} must be a tuple {what} of [B, H] arrays for {cell}, "
+                         f"got {len(state)} arrays")
+    return tuple(_array(f"{name}[{k}] ({p})", s, xp, dtype, (B, H))
+                 for k, (p, s) in enumerate(zip(parts, state)))
+
+
+def _index(name, value, low, high):
+    """An int in [low, high] (bool refused)."""
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be an int, got bool")
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+    if not low <= v <= high:
+        raise ValueError(f"{name} must be in [{low}, {high}], got {v}")
+    return v
+
+
+def check_forward(cell, x, state, w_ih, w_hh, b_ih, b_hh, xp, dtypes=FLOAT_DTYPES):
+    """Check a ``<cell>_forward`` call on a backend of array module ``xp`` that computes in
+    ``dtypes``; return its :class:`ForwardCall`. w_ih None: x is x W_ih^T [T,B,G*H]."""
+    check_cell(cell)
+    G = GATES[cell]
+    x = _array("x", x, xp, None, (None, None, None))
+    if x.dtype not in dtypes:
+        raise TypeError(f"x has dtype {x.dtype}, which this backend does not compute in "
+                        f"(it does {', '.join(str(d) for d in dtypes)})")
+    T, B, I = x.shape
+    if T < 1 or B < 1:
+        raise ValueError(f"x must have at least one time step and one batch row, "
+                         f"got shape {_shape_text(x.shape)}")
+    w_hh = _array("w_hh", w_hh, xp, x.dtype, (None, None))
+    H = w_hh.shape[1]
+    if H < 1 or w_hh.shape[0] != G * H:
+        raise ValueError(f"w_hh must have shape [G*H, H] with G={G} for {cell}, "
+                         f"got {_shape_text(w_hh.shape)}")
+    if w_ih is None:
+        _array("x (projected: w_ih is None)", x, xp, x.dtype, (T, B, G * H))
+    else:
+        w_ih = _array("w_ih", w_ih, xp, x.dtype, (G * H, I))
+    b_ih = _array("b_ih", b_ih, xp, x.dtype, (G * H,))
+    b_hh = _array("b_hh", b_hh, xp, x.dtype, (G * H,))
+    state = _state("state", state, cell, B, H, x.dtype, xp)
+    return ForwardCall(x, state, w_ih, w_hh, b_ih, b_hh, T, B, I, H, G)
+
+
+def check_backward(cell, dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh,
+                   t_start, xp):
+    """Check a ``<cell>_backward`` call; return its :class:`BackwardCall`. w_ih and dw_ih
+    both None: the input was projected by the caller."""
+    check_cell(cell)
+    if not isinstance(cache, RecurrentCache):
+        raise TypeError(f"cache must be the RecurrentCache returned by {cell}_forward, "
+                        f"got {type(cache).__name__}")
+    if cache.cell != cell:
+        raise ValueError(f"cache comes from {cache.cell}_forward, not {cell}_forward")
+    G = GATES[cell]
+    T, B, I = cache.x.shape
+    H = cache.y.shape[2]
+    dtype = cache.y.dtype
+    t_start = _index("t_start", t_start, 0, T - 1)
+    dy = _array("dy", dy, xp, dtype, (T, B, H))
+    dfinal_state = _state("dfinal_state", dfinal_state, cell, B, H, dtype, xp)
+    check_input_weight_pair(w_ih, dw_ih)
+    if w_ih is not None:
+        w_ih = _array("w_ih", w_ih, xp, dtype, (G * H, I))
+        _output("dw_ih", dw_ih, xp, dtype, (G * H, I))
+    w_hh = _array("w_hh", w_hh, xp, dtype, (G * H, H))
+    _output("dw_hh", dw_hh, xp, dtype, (G * H, H))
+    _output("db_ih", db_ih, xp, dtype, (G * H,))
+    _output("db_hh", db_hh, xp, dtype, (G * H,))
+    return BackwardCall(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh,
+                        t_start, T, B, I, H, G)
