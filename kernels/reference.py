@@ -13,9 +13,10 @@ The functions and their contracts are those of the backend interface documented 
 ``bptt_kernels/__init__.py``; the docstrings below only add what is particular to this module.
 """
 
-from typing import NamedTuple
-
 import numpy as np
+
+from .host import (RecurrentCache, check_backward, check_forward, finish_backward,
+                   states_entering)
 
 NAME = "reference"
 xp = np
@@ -66,15 +67,8 @@ def _dtanh_from_output(h):
 
 
 # ----------------------------------------------------------------------------------------
-# Shared backward bookkeeping
-
-
-def _backward_buffer(dy, t_start):
-    """Check ``t_start`` and allocate dh [T,B,H] (rows before t_start stay zero)."""
-    T = dy.shape[0]
-    if not 0 <= t_start < T:
-        raise ValueError(f"t_start must be in [0, {T - 1}] for T={T} steps, got {t_start}")
-    return np.zeros_like(dy)                        # T,B,H
+# Argument checks, the cache and the GEMMs after the backward loop are shared by every
+# backend (bptt_kernels.host); the time loops below are this module's own.
 
 
 def _input_projection(x, w_ih, b_ih):
@@ -82,106 +76,65 @@ def _input_projection(x, w_ih, b_ih):
     return (x if w_ih is None else x @ w_ih.T) + b_ih   # T,B,G*H
 
 
-def _finish_backward(x, h_prev, dgates_x, dgates_h, t_start, w_ih, dw_ih, dw_hh, db_ih, db_hh):
-    """Accumulate (+=) parameter gradients from per-step gate gradients over steps t_start..T-1
-    and return dx [T,B,I] (rows before t_start zero); with w_ih None, dL/d(x W_ih^T) [T,B,G*H]
-    in its place, and dw_ih is not touched.
-
-    x [T,B,I] inputs, h_prev [T,B,H] state entering each step, dgates_x [T,B,G*H] gradient of
-    the input-side pre-activations (x W_ih^T + b_ih), dgates_h [T,B,G*H] gradient of the
-    hidden-side pre-activations (h W_hh^T + b_hh). Equal for LSTM and RNN, not for GRU's n gate.
-    """
-    gh = dgates_x.shape[-1]
-    h2 = h_prev[t_start:].reshape(-1, h_prev.shape[-1])  # N,H  with N = (T-t_start)*B
-    gx2 = dgates_x[t_start:].reshape(-1, gh)             # N,G*H
-    gh2 = dgates_h[t_start:].reshape(-1, gh)             # N,G*H
-    dw_hh += gh2.T @ h2                                  # G*H,H
-    db_ih += gx2.sum(axis=0)                             # G*H
-    db_hh += gh2.sum(axis=0)                             # G*H
-    if w_ih is None:
-        dx = np.zeros_like(dgates_x)                     # T,B,G*H
-        dx[t_start:] = dgates_x[t_start:]                # dL/d(x W_ih^T) itself
-        return dx
-    dw_ih += gx2.T @ x[t_start:].reshape(-1, x.shape[-1])  # G*H,I
-    dx = np.zeros_like(x)                                # T,B,I
-    dx[t_start:] = dgates_x[t_start:] @ w_ih
-    return dx
-
-
-def _states_entering(h0, y):
-    """h_prev[t] = state entering step t: h0 then h_1..h_{T-1}.  # T,B,H"""
-    return np.concatenate([h0[None], y[:-1]], axis=0)
-
-
 # ----------------------------------------------------------------------------------------
 # Elman RNN:  h_t = act(x_t W_ih^T + b_ih + h_{t-1} W_hh^T + b_hh),  act = tanh or relu
+# Cache: x, h0, y (act'(a) is computed from the outputs y).
 
 
-class RNNCache(NamedTuple):
-    """Activations saved by an Elman RNN forward for its backward.
-
-    x   [T,B,I]  the input
-    h0  [B,H]    the initial hidden state
-    y   [T,B,H]  h_1 .. h_T (the outputs; act'(a) is computed from them)
-    """
-    x: np.ndarray
-    h0: np.ndarray
-    y: np.ndarray
-
-
-def _rnn_forward(act, x, state, w_ih, w_hh, b_ih, b_hh):
-    (h0,) = state
-    T = x.shape[0]
-    xw = _input_projection(x, w_ih, b_ih)           # T,B,H   input projection, all steps at once
-    y = np.empty(x.shape[:2] + (w_hh.shape[1],), dtype=x.dtype)  # T,B,H
+def _rnn_forward(cell, act, x, state, w_ih, w_hh, b_ih, b_hh):
+    call = check_forward(cell, x, state, w_ih, w_hh, b_ih, b_hh, np)
+    x, (h0,), w_hh, b_hh = call.x, call.state, call.w_hh, call.b_hh
+    xw = _input_projection(x, call.w_ih, call.b_ih)  # T,B,H   input projection, all steps at once
+    y = np.empty((call.T, call.B, call.H), dtype=x.dtype)  # T,B,H
     h = h0                                          # B,H
-    for t in range(T):
+    for t in range(call.T):
         h = act(xw[t] + h @ w_hh.T + b_hh)          # B,H   new hidden state
         y[t] = h
-    return y, (y[-1].copy(),), RNNCache(x, h0, y)
+    return y, (y[-1].copy(),), RecurrentCache(cell, x, h0.copy(), y=y)
 
 
-def _rnn_backward(dact_from_output, dy, dfinal_state, cache, w_ih, w_hh,
+def _rnn_backward(cell, dact_from_output, dy, dfinal_state, cache, w_ih, w_hh,
                   dw_ih, dw_hh, db_ih, db_hh, t_start):
-    x, h0, y = cache
-    T = y.shape[0]
-    dh = _backward_buffer(dy, t_start)
+    call = check_backward(cell, dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh,
+                          t_start, np)
+    y, t_start = cache.y, call.t_start
+    dh = np.zeros_like(y)                           # T,B,H   rows before t_start stay zero
     da = np.zeros_like(y)                           # T,B,H   dL/d(pre-activation)
-    (dh_next,) = dfinal_state                       # B,H     gradient arriving from step t+1
-    for t in reversed(range(t_start, T)):
-        dh[t] = dy[t] + dh_next                     # B,H   total dL/dh_t
+    (dh_next,) = call.dfinal_state                  # B,H     gradient arriving from step t+1
+    for t in reversed(range(t_start, call.T)):
+        dh[t] = call.dy[t] + dh_next                # B,H   total dL/dh_t
         da[t] = dh[t] * dact_from_output(y[t])      # B,H   back through the activation
-        dh_next = da[t] @ w_hh                      # B,H   to h_{t-1}
-    dx = _finish_backward(x, _states_entering(h0, y), da, da, t_start,
-                          w_ih, dw_ih, dw_hh, db_ih, db_hh)
+        dh_next = da[t] @ call.w_hh                 # B,H   to h_{t-1}
+    dx = finish_backward(cache.x, cache.h0, y, da, da, t_start, call.w_ih, dw_ih, dw_hh,
+                         db_ih, db_hh, np)
     return dx, (dh_next,), dh
 
 
 def rnn_tanh_forward(x, state, w_ih, w_hh, b_ih, b_hh):
     """Elman RNN with tanh over T steps. x [T,B,I], state (h0 [B,H],), G=1.
 
-    Returns y [T,B,H], (h_T,), RNNCache.
+    Returns y [T,B,H], (h_T,), RecurrentCache.
     """
-    return _rnn_forward(np.tanh, x, state, w_ih, w_hh, b_ih, b_hh)
+    return _rnn_forward("rnn_tanh", np.tanh, x, state, w_ih, w_hh, b_ih, b_hh)
 
 
 def rnn_tanh_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh, t_start=0):
     """Backward of :func:`rnn_tanh_forward`. Returns dx [T,B,I], (dh0 [B,H],), dh [T,B,H]."""
-    return _rnn_backward(_dtanh_from_output, dy, dfinal_state, cache, w_ih, w_hh,
+    return _rnn_backward("rnn_tanh", _dtanh_from_output, dy, dfinal_state, cache, w_ih, w_hh,
                          dw_ih, dw_hh, db_ih, db_hh, t_start)
 
 
 def rnn_relu_forward(x, state, w_ih, w_hh, b_ih, b_hh):
     """Elman RNN with relu over T steps. x [T,B,I], state (h0 [B,H],), G=1.
 
-    Returns y [T,B,H], (h_T,), RNNCache.
+    Returns y [T,B,H], (h_T,), RecurrentCache.
     """
-    return _rnn_forward(_relu, x, state, w_ih, w_hh, b_ih, b_hh)
+    return _rnn_forward("rnn_relu", _relu, x, state, w_ih, w_hh, b_ih, b_hh)
 
 
 def rnn_relu_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh, t_start=0):
     """Backward of :func:`rnn_relu_forward`. Returns dx [T,B,I], (dh0 [B,H],), dh [T,B,H]."""
-    return _rnn_backward(_drelu_from_output, dy, dfinal_state, cache, w_ih, w_hh,
+    return _rnn_backward("rnn_relu", _drelu_from_output, dy, dfinal_state, cache, w_ih, w_hh,
                          dw_ih, dw_hh, db_ih, db_hh, t_start)
 
 
@@ -189,36 +142,18 @@ def rnn_relu_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, 
 # LSTM, gates (i, f, g, o):
 #   [i f g o] = x_t W_ih^T + b_ih + h_{t-1} W_hh^T + b_hh   (then sigmoid, sigmoid, tanh, sigmoid)
 #   c_t = f * c_{t-1} + i * g ;  h_t = o * tanh(c_t)
-
-
-class LSTMCache(NamedTuple):
-    """Activations saved by :func:`lstm_forward` for :func:`lstm_backward`.
-
-    x       [T,B,I]    the input
-    h0, c0  [B,H]      the initial hidden and cell state
-    gates   [T,B,4*H]  activated gates i, f, g, o of every step (sigmoid, sigmoid, tanh, sigmoid)
-    c       [T,B,H]    cell states c_1 .. c_T
-    tanh_c  [T,B,H]    tanh(c_t)
-    y       [T,B,H]    hidden states h_1 .. h_T
-    """
-    x: np.ndarray
-    h0: np.ndarray
-    c0: np.ndarray
-    gates: np.ndarray
-    c: np.ndarray
-    tanh_c: np.ndarray
-    y: np.ndarray
+# Cache: x, h0, c0, y, gates [T,B,4H] (activated i, f, g, o), c [T,B,H], tanh_c [T,B,H].
 
 
 def lstm_forward(x, state, w_ih, w_hh, b_ih, b_hh):
     """LSTM over T steps. x [T,B,I], state (h0 [B,H], c0 [B,H]), w_ih [4H,I], w_hh [4H,H].
 
-    Returns y [T,B,H], (h_T, c_T), LSTMCache.
+    Returns y [T,B,H], (h_T, c_T), RecurrentCache.
     """
-    h0, c0 = state
-    T, B, _ = x.shape
-    H = w_hh.shape[1]
-    xw = _input_projection(x, w_ih, b_ih)           # T,B,4H  input projection, all steps at once
+    call = check_forward("lstm", x, state, w_ih, w_hh, b_ih, b_hh, np)
+    x, (h0, c0), w_hh, b_hh = call.x, call.state, call.w_hh, call.b_hh
+    T, B, H = call.T, call.B, call.H
+    xw = _input_projection(x, call.w_ih, call.b_ih)  # T,B,4H  input projection, all steps at once
     gates = np.empty((T, B, 4 * H), dtype=x.dtype)  # T,B,4H
     c_all = np.empty((T, B, H), dtype=x.dtype)      # T,B,H
     tanh_c = np.empty((T, B, H), dtype=x.dtype)     # T,B,H
@@ -235,7 +170,8 @@ def lstm_forward(x, state, w_ih, w_hh, b_ih, b_hh):
         h = o * tc                                  # B,H   new hidden state
         gates[t] = np.concatenate([i, f, g, o], axis=1)
         c_all[t], tanh_c[t], y[t] = c, tc, h
-    return y, (h.copy(), c.copy()), LSTMCache(x, h0, c0, gates, c_all, tanh_c, y)
+    cache = RecurrentCache("lstm", x, h0.copy(), c0.copy(), y, gates, c_all, tanh_c)
+    return y, (h.copy(), c.copy()), cache
 
 
 def lstm_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh, t_start=0):
@@ -243,16 +179,18 @@ def lstm_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_h
 
     Returns dx [T,B,I], (dh, dc) entering step t_start, dh [T,B,H].
     """
-    x, h0, c0, gates, c_all, tanh_c, y = cache
-    T = y.shape[0]
-    H = y.shape[2]
-    dh = _backward_buffer(dy, t_start)
+    call = check_backward("lstm", dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih,
+                          db_hh, t_start, np)
+    gates, c_all, y, t_start = cache.gates, cache.c, cache.y, call.t_start
+    H = call.H
+    tanh_c = np.tanh(c_all) if cache.tanh_c is None else cache.tanh_c   # T,B,H
+    dh = np.zeros_like(y)                           # T,B,H   rows before t_start stay zero
     dgates = np.zeros_like(gates)                   # T,B,4H  dL/d(gate pre-activations)
-    dh_next, dc_next = dfinal_state                 # B,H     gradients arriving from step t+1
-    for t in reversed(range(t_start, T)):
+    dh_next, dc_next = call.dfinal_state            # B,H     gradients arriving from step t+1
+    for t in reversed(range(t_start, call.T)):
         i, f, g, o = (gates[t, :, k * H:(k + 1) * H] for k in range(4))
-        c_prev = c_all[t - 1] if t > 0 else c0      # B,H
-        dh[t] = dy[t] + dh_next                     # B,H   total dL/dh_t
+        c_prev = c_all[t - 1] if t > 0 else cache.c0    # B,H
+        dh[t] = call.dy[t] + dh_next                # B,H   total dL/dh_t
         do = dh[t] * tanh_c[t]                      # B,H   h = o * tanh(c)
         dc = dc_next + dh[t] * o * (1 - tanh_c[t] * tanh_c[t])  # B,H  total dL/dc_t
         di = dc * g                                 # B,H   c = f*c_prev + i*g
@@ -265,9 +203,9 @@ def lstm_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_h
             dg * (1 - g * g),                       # through tanh
             do * o * (1 - o),                       # through sigmoid
         ], axis=1)                                  # B,4H
-        dh_next = dgates[t] @ w_hh                  # B,H   to h_{t-1}
-    dx = _finish_backward(x, _states_entering(h0, y), dgates, dgates, t_start,
-                          w_ih, dw_ih, dw_hh, db_ih, db_hh)
+        dh_next = dgates[t] @ call.w_hh             # B,H   to h_{t-1}
+    dx = finish_backward(cache.x, cache.h0, y, dgates, dgates, t_start, call.w_ih, dw_ih,
+                         dw_hh, db_ih, db_hh, np)
     return dx, (dh_next, dc_next), dh
 
 
@@ -277,33 +215,18 @@ def lstm_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_h
 #   z = sigmoid(x W_iz^T + b_iz + h W_hz^T + b_hz)
 #   n = tanh(x W_in^T + b_in + r * (h W_hn^T + b_hn))
 #   h_t = (1 - z) * n + z * h_{t-1}
-
-
-class GRUCache(NamedTuple):
-    """Activations saved by :func:`gru_forward` for :func:`gru_backward`.
-
-    x      [T,B,I]    the input
-    h0     [B,H]      the initial hidden state
-    gates  [T,B,3*H]  activated gates r, z, n of every step
-    hn     [T,B,H]    h_{t-1} W_hn^T + b_hn (the hidden part of n, before r multiplies it)
-    y      [T,B,H]    hidden states h_1 .. h_T
-    """
-    x: np.ndarray
-    h0: np.ndarray
-    gates: np.ndarray
-    hn: np.ndarray
-    y: np.ndarray
+# Cache: x, h0, y, gates [T,B,3H] (activated r, z, n), hn [T,B,H] (h_{t-1} W_hn^T + b_hn).
 
 
 def gru_forward(x, state, w_ih, w_hh, b_ih, b_hh):
     """GRU over T steps. x [T,B,I], state (h0 [B,H],), w_ih [3H,I], w_hh [3H,H].
 
-    Returns y [T,B,H], (h_T,), GRUCache.
+    Returns y [T,B,H], (h_T,), RecurrentCache.
     """
-    (h0,) = state
-    T, B, _ = x.shape
-    H = w_hh.shape[1]
-    xw = _input_projection(x, w_ih, b_ih)           # T,B,3H  input projection, all steps at once
+    call = check_forward("gru", x, state, w_ih, w_hh, b_ih, b_hh, np)
+    x, (h0,), w_hh, b_hh = call.x, call.state, call.w_hh, call.b_hh
+    T, B, H = call.T, call.B, call.H
+    xw = _input_projection(x, call.w_ih, call.b_ih)  # T,B,3H  input projection, all steps at once
     gates = np.empty((T, B, 3 * H), dtype=x.dtype)  # T,B,3H
     hn_all = np.empty((T, B, H), dtype=x.dtype)     # T,B,H
     y = np.empty((T, B, H), dtype=x.dtype)          # T,B,H
@@ -317,7 +240,7 @@ def gru_forward(x, state, w_ih, w_hh, b_ih, b_hh):
         h = (1 - z) * n + z * h                     # B,H   new hidden state
         gates[t] = np.concatenate([r, z, n], axis=1)
         hn_all[t], y[t] = hn, h
-    return y, (h.copy(),), GRUCache(x, h0, gates, hn_all, y)
+    return y, (h.copy(),), RecurrentCache("gru", x, h0.copy(), y=y, gates=gates, hn=hn_all)
 
 
 def gru_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh, t_start=0):
@@ -325,18 +248,19 @@ def gru_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh
 
     Returns dx [T,B,I], (dh entering step t_start,), dh [T,B,H].
     """
-    x, h0, gates, hn_all, y = cache
-    T = y.shape[0]
-    H = y.shape[2]
-    dh = _backward_buffer(dy, t_start)
+    call = check_backward("gru", dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih,
+                          db_hh, t_start, np)
+    gates, hn_all, y, t_start = cache.gates, cache.hn, cache.y, call.t_start
+    H = call.H
+    dh = np.zeros_like(y)                           # T,B,H   rows before t_start stay zero
     dgates_x = np.zeros_like(gates)                 # T,B,3H  dL/d(x W_ih^T + b_ih)
     dgates_h = np.zeros_like(gates)                 # T,B,3H  dL/d(h W_hh^T + b_hh)
-    h_prev_all = _states_entering(h0, y)            # T,B,H
-    (dh_next,) = dfinal_state                       # B,H     gradient arriving from step t+1
-    for t in reversed(range(t_start, T)):
+    h_prev_all = states_entering(cache.h0, y, 0, call.T, np)   # T,B,H
+    (dh_next,) = call.dfinal_state                  # B,H     gradient arriving from step t+1
+    for t in reversed(range(t_start, call.T)):
         r, z, n = (gates[t, :, k * H:(k + 1) * H] for k in range(3))
         h_prev = h_prev_all[t]                      # B,H
-        dh[t] = dy[t] + dh_next                     # B,H   total dL/dh_t
+        dh[t] = call.dy[t] + dh_next                # B,H   total dL/dh_t
         dn = dh[t] * (1 - z)                        # B,H   h = (1-z)*n + z*h_prev
         dz = dh[t] * (h_prev - n)                   # B,H
         dan = dn * (1 - n * n)                      # B,H   through tanh: dL/d(n pre-activation)
@@ -345,9 +269,9 @@ def gru_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh
         daz = dz * z * (1 - z)                      # B,H   through sigmoid
         dgates_x[t] = np.concatenate([dar, daz, dan], axis=1)       # B,3H
         dgates_h[t] = np.concatenate([dar, daz, dan * r], axis=1)   # B,3H  hn enters times r
-        dh_next = dh[t] * z + dgates_h[t] @ w_hh    # B,H   to h_{t-1}: direct path + matmul
-    dx = _finish_backward(x, h_prev_all, dgates_x, dgates_h, t_start,
-                          w_ih, dw_ih, dw_hh, db_ih, db_hh)
+        dh_next = dh[t] * z + dgates_h[t] @ call.w_hh   # B,H   to h_{t-1}: direct path + matmul
+    dx = finish_backward(cache.x, cache.h0, y, dgates_x, dgates_h, t_start, call.w_ih, dw_ih,
+                         dw_hh, db_ih, db_hh, np)
     return dx, (dh_next,), dh
 
 
