@@ -1,7 +1,7 @@
 """The CPU backend (Numba @njit kernels) against the float64 NumPy reference, kernel by kernel.
 
 Every output and scratch buffer the CPU kernels allocate is poisoned with NaN (through
-``_args.empty`` and ``_args.scratch``), so an element a kernel forgets to write fails. Inputs are fresh random numbers per case.
+``_buffers.empty`` and ``_buffers.scratch``), so an element a kernel forgets to write fails. Inputs are fresh random numbers per case.
 Error measure: max |a - b| / max |b| over the array (float64 reference computed from the same
 inputs cast to float64).
 """
@@ -14,7 +14,7 @@ import pytest
 from bptt_kernels import CELLS, GATES
 import bptt_kernels.cpu as cpu
 import bptt_kernels.reference as ref
-from bptt_kernels.cpu import _args
+from bptt_kernels.cpu import _buffers
 
 TOL = {np.float64: 1e-12, np.float32: 1e-5}
 DTYPES = (np.float64, np.float32)
@@ -23,8 +23,8 @@ N_STATE = {"lstm": 2, "gru": 1, "rnn_tanh": 1, "rnn_relu": 1}
 
 @pytest.fixture(autouse=True)
 def poisoned_buffers(monkeypatch):
-    monkeypatch.setattr(_args, "empty", lambda shape, dtype: np.full(shape, np.nan, dtype))
-    monkeypatch.setattr(_args, "scratch", lambda name, shape, dtype: np.full(shape, np.nan, dtype))
+    monkeypatch.setattr(_buffers, "empty", lambda shape, dtype: np.full(shape, np.nan, dtype))
+    monkeypatch.setattr(_buffers, "scratch", lambda name, shape, dtype: np.full(shape, np.nan, dtype))
 
 
 def rel_err(a, b):
@@ -229,7 +229,7 @@ def test_bad_arguments_raise_clear_errors():
         cpu.lstm_backward(np.ones_like(y), None, *args, t_start=3)
     with pytest.raises(ValueError, match="dy"):
         cpu.lstm_backward(np.ones_like(y)[:2], None, *args)
-    with pytest.raises(TypeError, match="cache"):
+    with pytest.raises(ValueError, match="cache comes from lstm_forward, not gru_forward"):
         cpu.gru_backward(np.ones_like(y), None, *args)
     with pytest.raises(ValueError, match="dw_hh"):
         cpu.lstm_backward(np.ones_like(y), None, cache, w["w_ih"], w["w_hh"], g["w_ih"],
@@ -449,11 +449,11 @@ def test_time_loop_split_by_units(cell, workers, B, dtype, monkeypatch):
 def small_overlap_pieces(monkeypatch):
     """Two threads for any layer call, and the one-row GEMM phases beside the time loop in
     pieces of 2, 4, 8 projected steps and of 3 finished steps."""
-    from bptt_kernels.cpu import _common, _loop
+    from bptt_kernels.cpu import _phases, _loop
     monkeypatch.setattr(_loop, "THREADS", 2)
     monkeypatch.setattr(_loop, "MIN_WORK_FOR_THREADS", 0)
-    monkeypatch.setattr(_common, "PROJECT_FIRST_STEPS", 2)
-    monkeypatch.setattr(_common, "FINISH_STEPS", 3)
+    monkeypatch.setattr(_phases, "PROJECT_FIRST_STEPS", 2)
+    monkeypatch.setattr(_phases, "FINISH_STEPS", 3)
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
@@ -468,10 +468,10 @@ def test_gemm_phases_beside_time_loop(cell, T, t_start, projected, dtype, small_
     dx of the DX_HERE_SHARE of the steps the loop reaches last is computed after it, from a
     piece's middle where t_start=4). The results match the reference, also where the caller projected the input
     (w_ih None), and both phases did run overlapped."""
-    from bptt_kernels.cpu import _common, _loop
+    from bptt_kernels.cpu import _phases, _loop
     overlapped = []
     run_overlapped = _loop.run_overlapped
-    monkeypatch.setattr(_common, "run_overlapped", lambda *a, **kw: (
+    monkeypatch.setattr(_phases, "run_overlapped", lambda *a, **kw: (
         overlapped.append(a[1][0].__name__), run_overlapped(*a, **kw))[1])   # the consumer
     I, H = 5, 11
     rng = np.random.default_rng([CELLS.index(cell), T, t_start])
@@ -481,7 +481,7 @@ def test_gemm_phases_beside_time_loop(cell, T, t_start, projected, dtype, small_
         w["w_ih"] = grads0["w_ih"] = None
     got = run_cell(cpu, cell, x, state, w, dy, dfinal, grads0, t_start)
     want = run_cell(ref, cell, *f64((x, state, w, dy, dfinal, grads0)), t_start)
-    steps_before_loop = T <= _common.PROJECT_FIRST_STEPS or projected
+    steps_before_loop = T <= _phases.PROJECT_FIRST_STEPS or projected
     assert overlapped == (([] if steps_before_loop else ["project_first_then_loop"])
                           + ["finish_backward_steps"])
     for name in ("y", "dx", "dh"):
@@ -642,7 +642,7 @@ STEP_CASES = [
 def test_project_inputs_pieces(rows, parts):
     """The input projection x W_ih^T, split by output columns for few rows, by rows otherwise:
     every piece writes its share and only its share (out starts NaN)."""
-    from bptt_kernels.cpu._common import PROJECT_BY_COLUMNS_ROWS, project_inputs
+    from bptt_kernels.cpu._phases import PROJECT_BY_COLUMNS_ROWS, project_inputs
     T, B = rows
     assert (T * B < PROJECT_BY_COLUMNS_ROWS) == (T * B == 99)
     rng = np.random.default_rng(T * B + parts)
@@ -733,7 +733,7 @@ def test_reused_scratch_gives_fresh_results(cell, monkeypatch):
             assert_close(got[name][t_start:], want[name][t_start:], np.float64, name)
         for name in grads0:
             assert_close(got["grads"][name], want["grads"][name], np.float64, f"d{name}")
-        seen.append({k: id(v) for k, v in _args._scratch.buffers.items()})
+        seen.append({k: id(v) for k, v in _buffers._scratch.buffers.items()})
     assert seen[0] == seen[1]                               # the same buffers, reused
 
 

@@ -1,13 +1,16 @@
-"""The large GEMMs around the time loops (Haste style): the input projection of all T steps
-before the forward loop, and after the backward loop the parameter gradients and dx over all
-(T - t_start) * B rows at once. Each takes (part, parts) to run in pieces on threads; where
+"""The large GEMMs around the time loops (Haste style), threaded: the input projection of all
+T steps before the forward loop, and after the backward loop the parameter gradients and dx
+over all (T - t_start) * B rows at once (this backend's own version of
+``bptt_kernels.host.finish_backward``, split over threads and beside the time loop). Each takes (part, parts) to run in pieces on threads; where
 the loop itself runs on one thread, they run beside it in pieces of time steps instead
 (``forward_phases``, ``backward_phases``).
 """
 
+from typing import NamedTuple
+
 import numpy as np
 
-from . import _args
+from . import _buffers
 from ._barrier import publish, wait_for
 from ._blas import gemm_nn, gemm_nt, gemm_tn
 from ._loop import (NO_FLAGS, NO_PROGRESS, new_progress, overlaps_phases, part_range,
@@ -115,59 +118,67 @@ def forward_phases(kernel, args, x, w_ih, out, parts, B, weight_size):
 
 
 def gate_gradients(name, shape, dtype, w_ih):
-    """A backward's [T,B,G*H] gate gradients: per-thread scratch (``_args.scratch``), or a
+    """A backward's [T,B,G*H] gate gradients: per-thread scratch (``_buffers.scratch``), or a
     fresh array where the backward returns them as dL/d(x W_ih^T) (w_ih None)."""
-    return _args.scratch(name, shape, dtype) if w_ih is not None else _args.empty(shape, dtype)
+    return _buffers.scratch(name, shape, dtype) if w_ih is not None else _buffers.empty(shape, dtype)
+
+
+class InputSide(NamedTuple):
+    """The input side of ``finish_backward``: x [T,B,I], w_ih [G*H,I], dw_ih [G*H,I] +=,
+    dx [T,B,I] out. Where the caller projected the input (w_ih None): size-0 stand-ins of the
+    same array types, so that its dW_ih and dx GEMMs do nothing (and compile no variant of
+    their own)."""
+    x: np.ndarray
+    w_ih: np.ndarray
+    dw_ih: np.ndarray
+    dx: np.ndarray
 
 
 def input_side(x, w_ih, dw_ih, dg_x, t_start):
-    """What ``finish_backward`` gets as (x, w_ih, dw_ih, dx), and what a backward returns as dx.
-
-    Usually x, w_ih, dw_ih and a fresh dx [T,B,I], which is returned. Where w_ih is None (the
-    caller projected the input): size-0 stand-ins of the same array types, so that
-    finish_backward's dW_ih and dx GEMMs do nothing (and compile no variant of their own),
-    and dg_x [T,B,G*H] itself is returned as dL/d(x W_ih^T), its rows t < t_start zeroed
-    here (the time loop writes the others).
-    """
+    """(InputSide, what the backward returns as dx): a fresh dx [T,B,I]; or where w_ih is None,
+    dg_x [T,B,G*H] itself as dL/d(x W_ih^T), its rows t < t_start zeroed here (the time loop
+    writes the others)."""
     if w_ih is not None:
-        dx = _args.empty(x.shape, x.dtype)
-        return (x, w_ih, dw_ih, dx), dx
+        dx = _buffers.empty(x.shape, x.dtype)
+        return InputSide(x, w_ih, dw_ih, dx), dx
     T, B, GH = dg_x.shape
     dg_x[:t_start] = 0
     no_input, no_weight = np.empty((T, B, 0), dg_x.dtype), np.empty((GH, 0), dg_x.dtype)
-    return (no_input, no_weight, no_weight, no_input), dg_x
+    return InputSide(no_input, no_weight, no_weight, no_input), dg_x
 
 
-def backward_phases(kernel, args, input_args, h0, y, dg_x, dg_h, dw_hh, db_ih, db_hh, dh,
+def backward_phases(kernel, loop_args, *, inputs, h0, y, dg_x, dg_h, dw_hh, db_ih, db_hh, dh,
                     t_start, parts):
-    """A backward's two phases: the time loop ``kernel(*args, progress, flags, part, parts)``
-    from T-1 down to t_start (``_loop.run_time_loop``), then ``finish_backward`` over the rows
-    t >= t_start in up to ``parts`` pieces (``phase_parts`` of its GEMMs' multiply-adds);
-    input_args: (x, w_ih, dw_ih, dx) from ``input_side``. Where the loop would run on one
-    thread alone (``_loop.overlaps_phases``), both at once: the loop here publishes each step
-    it has done, and a worker finishes FINISH_STEPS done steps at a time
-    (``finish_backward_steps``), while the dx of the DX_HERE_SHARE of the steps that the loop
-    reaches last (t_start onwards) is left to this thread after the loop
+    """A backward's two phases: the time loop ``kernel(*loop_args, progress, flags, part,
+    parts)`` from T-1 down to t_start (``_loop.run_time_loop``), then ``finish_backward`` over
+    the rows t >= t_start in up to ``parts`` pieces (``phase_parts`` of its GEMMs'
+    multiply-adds). inputs: the :class:`InputSide` from ``input_side``; h0 [B,H], y [T,B,H]
+    from the cache; dg_x, dg_h [T,B,G*H] the loop's gate gradients (the same array except for
+    the GRU); dw_hh, db_ih, db_hh +=; dh [T,B,H] the loop's output.
+    Where the loop would run on one thread alone (``_loop.overlaps_phases``), both at once:
+    the loop here publishes each step it has done, and a worker finishes FINISH_STEPS done
+    steps at a time (``finish_backward_steps``), while the dx of the DX_HERE_SHARE of the
+    steps that the loop reaches last (t_start onwards) is left to this thread after the loop
     (``input_gradient``), so that both end about together."""
-    T, B, I = input_args[0].shape
+    T, B, I = inputs.x.shape
     H = h0.shape[1]
     GH = dg_x.shape[2]
-    input_args[3][:t_start] = 0                            # dx and dh of the steps not
+    inputs.dx[:t_start] = 0                                # dx and dh of the steps not
     dh[:t_start] = 0                                       # backpropagated through
-    finish_args = input_args + (h0, y, dg_x, dg_h, dw_hh, db_ih, db_hh, t_start)
+    finish_args = tuple(inputs) + (h0, y, dg_x, dg_h, dw_hh, db_ih, db_hh, t_start)
     if overlaps_phases(parts, B, GH * H):
         progress = new_progress()
         t_dx = t_start + int((T - t_start) * DX_HERE_SHARE)    # dx of steps below: here
 
         def loop_then_dx():
-            kernel(*args, progress, NO_FLAGS, 0, 1)
-            input_gradient(dg_x, input_args[1], input_args[3], t_start, t_dx)
+            kernel(*loop_args, progress, NO_FLAGS, 0, 1)
+            input_gradient(dg_x, inputs.w_ih, inputs.dx, t_start, t_dx)
 
         run_overlapped((loop_then_dx, ()),
                        (finish_backward_steps, finish_args + (t_dx, progress, FINISH_STEPS)),
                        progress)
         return
-    run_time_loop(kernel, args + (NO_PROGRESS,), parts, B, GH * H)
+    run_time_loop(kernel, loop_args + (NO_PROGRESS,), parts, B, GH * H)
     work = (T - t_start) * B * GH * (2 * I + H)
     run_parts(finish_backward, finish_args, phase_parts(parts, work))
 

@@ -8,32 +8,23 @@ into a [B,3H] scratch and runs the fused gate loop. Backward: the gate-gradient 
 and one GEMM for the gradient flowing into h_{t-1}; parameter gradients and dx follow as large
 GEMMs over all steps; the time loops run split by batch rows over threads, or by hidden
 units for few rows or a large W_hh (``_loop.split_by_units``), or with one row and a small
-W_hh on one thread beside the large GEMMs (``_common.forward_phases``, ``backward_phases``).
+W_hh on one thread beside the large GEMMs (``_phases.forward_phases``, ``backward_phases``).
 The input side and the hidden side differ only in the n block (dL/d(W_hn h + b_hn) =
 r * dL/d(n pre-activation)), so backward keeps both.
 """
 
-from typing import NamedTuple
-
 import numpy as np
 
-from . import _args
+from bptt_kernels.host import RecurrentCache, check_backward, check_forward
+
+from . import _buffers
 from ._barrier import barrier, publish, wait_for
 from ._blas import step_product, step_weight
-from ._common import backward_phases, forward_phases, gate_gradients, input_side
+from ._phases import backward_phases, forward_phases, gate_gradients, input_side
 from ._loop import layer_threads, split_ranges
 from ._math import jit, one_like, sigmoid_, tanh_
 
 G = 3
-
-
-class GRUCache(NamedTuple):
-    """What ``gru_backward`` needs from ``gru_forward`` (T steps, batch B, sizes I, H)."""
-    x: np.ndarray       # [T,B,I]  layer input, or x W_ih^T [T,B,3H] (the caller's array, not copied)
-    h0: np.ndarray      # [B,H]    initial hidden state (copy)
-    gates: np.ndarray   # [T,B,3H] activated gates per step: r, z, n blocks of H
-    hn: np.ndarray      # [T,B,H]  W_hn h_{t-1} + b_hn (the term r multiplies)
-    y: np.ndarray       # [T,B,H]  hidden state after each step, h_1 .. h_T (the returned y)
 
 
 @jit(inline="always")
@@ -72,7 +63,7 @@ def _forward_steps(h0, w_hh, b_ih, b_hh, gates, hn, y, hw, progress, flags, part
     # The time loop for this part's batch rows b0:b1 and units j0:j1 (_loop.run_time_loop).
     # h0: [B,H]  w_hh: [3H,H]  b_ih, b_hh: [3H]
     # gates: [T,B,3H] in x W_ih^T, out activated gates  hn, y: [T,B,H] out  hw: [B,3H] scratch
-    # progress: step counter and abort word beside a GEMM phase (_common.forward_phases,
+    # progress: step counter and abort word beside a GEMM phase (_phases.forward_phases,
     #   backward_phases), else empty  flags: barrier words when split by units, else empty
     T, B = gates.shape[:2]
     H = h0.shape[1]
@@ -127,7 +118,7 @@ def _backward_steps(dy, h0, gates, hn, y, w_hh, t_start, dh_next, dg_x, dg_h, dh
     # t_start: first step to backpropagate through
     # dh_next: [B,H] in: dL/dh_T, out: dL/d(h entering t_start)
     # dg_x, dg_h: [T,B,3H] out (rows t >= t_start)  dh: [T,B,H] out (rows t >= t_start)
-    # progress: step counter and abort word beside a GEMM phase (_common.forward_phases,
+    # progress: step counter and abort word beside a GEMM phase (_phases.forward_phases,
     #   backward_phases), else empty  flags: barrier words when split by units, else empty
     T, B = gates.shape[:2]
     H = h0.shape[1]
@@ -147,37 +138,36 @@ def _backward_steps(dy, h0, gates, hn, y, w_hh, t_start, dh_next, dg_x, dg_h, dh
 
 def gru_forward(x, state, w_ih, w_hh, b_ih, b_hh):
     """x [T,B,I], state (h0 [B,H],), w_ih [3H,I], w_hh [3H,H], b_ih, b_hh [3H]
-    -> y [T,B,H], (h_T,), GRUCache. w_ih None: x is x W_ih^T [T,B,3H]."""
-    x, (h0,), w_ih, w_hh, b_ih, b_hh = _args.forward_args(G, 1, x, state, w_ih, w_hh, b_ih, b_hh)
-    T, B, I = x.shape
-    H = w_hh.shape[1]
-    gates = _args.empty((T, B, G * H), x.dtype)
-    hn, y = _args.empty((T, B, H), x.dtype), _args.empty((T, B, H), x.dtype)
-    hw = _args.scratch("gru.hw", (B, G * H), x.dtype)
-    h0 = h0.copy()
-    with layer_threads(T * B * G * H * (I + H)) as parts:
-        forward_phases(_forward_steps, (h0, w_hh, b_ih, b_hh, gates, hn, y, hw),
-                       x, w_ih, gates, parts, B, w_hh.size)            # x W_ih^T, then the loop
-    return y, (y[-1].copy(),), GRUCache(x, h0, gates, hn, y)
+    -> y [T,B,H], (h_T,), RecurrentCache (gates [T,B,3H], hn [T,B,H]).
+    w_ih None: x is x W_ih^T [T,B,3H]."""
+    call = check_forward("gru", x, state, w_ih, w_hh, b_ih, b_hh, np)
+    T, B, H, dtype = call.T, call.B, call.H, call.x.dtype
+    gates = _buffers.empty((T, B, G * H), dtype)                        # T,B,3H
+    hn, y = _buffers.empty((T, B, H), dtype), _buffers.empty((T, B, H), dtype)  # T,B,H each
+    hw = _buffers.scratch("gru.hw", (B, G * H), dtype)                  # B,3H
+    h0 = call.state[0].copy()                                           # B,H
+    with layer_threads(T * B * G * H * (call.I + H)) as parts:
+        forward_phases(_forward_steps, (h0, call.w_hh, call.b_ih, call.b_hh, gates, hn, y, hw),
+                       call.x, call.w_ih, gates, parts, B, call.w_hh.size)  # x W_ih^T, then the loop
+    return y, (y[-1].copy(),), RecurrentCache("gru", call.x, h0, y=y, gates=gates, hn=hn)
 
 
 def gru_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh, t_start=0):
     """dy [T,B,H], dfinal_state (dh_T,), cache from gru_forward; accumulates dw_ih, dw_hh,
     db_ih, db_hh -> dx [T,B,I], (dh entering step t_start,), dh [T,B,H].
     w_ih and dw_ih None: dL/d(x W_ih^T) [T,B,3H] in place of dx."""
-    dy, (dh_next,), w_ih, w_hh, t_start = _args.backward_args(
-        G, 1, GRUCache, dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh, t_start)
-    x = cache.x
-    B, H = dh_next.shape
-    dh_next = dh_next.copy()
-    dg_x = gate_gradients("gru.dg_x", cache.gates.shape, x.dtype, w_ih)
-    dg_h = _args.scratch("gru.dg_h", cache.gates.shape, x.dtype)
-    input_args, dx = input_side(x, w_ih, dw_ih, dg_x, t_start)
-    dh = _args.empty(dy.shape, x.dtype)
-    T, _, I = x.shape
-    with layer_threads((T - t_start) * B * G * H * (2 * I + 2 * H)) as parts:
-        backward_phases(_backward_steps, (dy, cache.h0, cache.gates, cache.hn, cache.y, w_hh,
-                                          t_start, dh_next, dg_x, dg_h, dh),
-                        input_args, cache.h0, cache.y, dg_x, dg_h, dw_hh, db_ih, db_hh, dh,
-                        t_start, parts)
+    call = check_backward("gru", dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih,
+                          db_hh, t_start, np)
+    T, B, H, t_start, dtype = call.T, call.B, call.H, call.t_start, cache.y.dtype
+    dh_next = call.dfinal_state[0].copy()                               # B,H
+    dg_x = gate_gradients("gru.dg_x", cache.gates.shape, dtype, call.w_ih)  # T,B,3H
+    dg_h = _buffers.scratch("gru.dg_h", cache.gates.shape, dtype)       # T,B,3H
+    inputs, dx = input_side(cache.x, call.w_ih, dw_ih, dg_x, t_start)
+    dh = _buffers.empty((T, B, H), dtype)                               # T,B,H
+    with layer_threads((T - t_start) * B * G * H * (2 * call.I + 2 * H)) as parts:
+        backward_phases(_backward_steps, (call.dy, cache.h0, cache.gates, cache.hn, cache.y,
+                                          call.w_hh, t_start, dh_next, dg_x, dg_h, dh),
+                        inputs=inputs, h0=cache.h0, y=cache.y, dg_x=dg_x, dg_h=dg_h,
+                        dw_hh=dw_hh, db_ih=db_ih, db_hh=db_hh, dh=dh, t_start=t_start,
+                        parts=parts)
     return dx, (dh_next,), dh

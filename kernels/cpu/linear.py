@@ -1,15 +1,15 @@
 """The linear map of a model's output layer (a language model's decoder, a sequence model's
 readout) on the layer threads: out = x W^T + b and its backward, as the GEMMs around the
-recurrent time loops (``_common.py``) are run, in ``parts`` pieces (``_loop.run_parts``).
+recurrent time loops (``_phases.py``) are run, in ``parts`` pieces (``_loop.run_parts``).
 
 OpenBLAS runs on one thread in this process (``_loop.py``), so NumPy's own matmul would run
 these GEMMs on one core. Char-LM of perf/bench_train.py (N = T*B = 1600 rows, H = 256,
 V = 104): decoder forward + backward 3.4 ms per update through NumPy on one thread.
 """
 
-from . import _args
+from . import _args, _buffers
 from ._blas import gemm_nn, gemm_nt, gemm_tn
-from ._common import add_column_sums
+from ._phases import add_column_sums
 from ._loop import layer_threads, part_range, run_parts
 from ._math import jit
 
@@ -45,7 +45,7 @@ def linear_forward(x, w, b):
     """x [N,I], w [O,I], b [O] -> out [N,O] = x w^T + b."""
     x, w = _inputs(x, w)
     b = _args.as_input("b", b, x.dtype, (w.shape[0],))
-    out = _args.empty((x.shape[0], w.shape[0]), x.dtype)
+    out = _buffers.empty((x.shape[0], w.shape[0]), x.dtype)
     with layer_threads(x.shape[0] * w.shape[0] * x.shape[1]) as parts:
         run_parts(_forward_rows, (x, w, b, out), parts)
     return out
@@ -58,7 +58,7 @@ def linear_backward(dout, x, w, dw, db):
     dout = _args.as_input("dout", dout, x.dtype, (x.shape[0], w.shape[0]))
     _args.as_output("dw", dw, x.dtype, w.shape)
     _args.as_output("db", db, x.dtype, (w.shape[0],))
-    dx = _args.empty(x.shape, x.dtype)
+    dx = _buffers.empty(x.shape, x.dtype)
     with layer_threads(2 * x.shape[0] * w.shape[0] * x.shape[1]) as parts:
         run_parts(_backward_rows, (dout, x, w, dw, db, dx), parts)
     return dx

@@ -7,35 +7,24 @@
 Forward: one GEMM projects the inputs of all T steps; each step adds h @ W_hh^T (GEMM) and
 runs the fused gate loop. Backward: each step runs the fused gate-gradient loop and one GEMM
 (dgates @ W_hh) for the gradient flowing into h_{t-1}; parameter gradients and dx follow as
-large GEMMs over all steps (``_common.finish_backward``). The time loops run split by batch
+large GEMMs over all steps (``_phases.finish_backward``). The time loops run split by batch
 rows over threads, or by hidden units for few rows or a large W_hh (``_loop.split_by_units``);
 with one row and a small W_hh on one thread, the large GEMMs beside them in pieces of steps
-(``_common.forward_phases``, ``backward_phases``).
+(``_phases.forward_phases``, ``backward_phases``).
 """
-
-from typing import NamedTuple
 
 import numpy as np
 
-from . import _args
+from bptt_kernels.host import RecurrentCache, check_backward, check_forward
+
+from . import _buffers
 from ._barrier import barrier, publish, wait_for
 from ._blas import step_product, step_weight
-from ._common import backward_phases, forward_phases, gate_gradients, input_side
+from ._phases import backward_phases, forward_phases, gate_gradients, input_side
 from ._loop import layer_threads, split_ranges
 from ._math import jit, one_like, sigmoid_, tanh_
 
 G = 4
-
-
-class LSTMCache(NamedTuple):
-    """What ``lstm_backward`` needs from ``lstm_forward`` (T steps, batch B, sizes I, H)."""
-    x: np.ndarray       # [T,B,I]  layer input, or [T,B,4H] x W_ih^T (the caller's array, not copied)
-    h0: np.ndarray      # [B,H]    initial hidden state (copy)
-    c0: np.ndarray      # [B,H]    initial cell state (copy)
-    gates: np.ndarray   # [T,B,4H] activated gates per step: i, f, g, o blocks of H
-    c: np.ndarray       # [T,B,H]  cell state after each step, c_1 .. c_T
-    tanh_c: np.ndarray  # [T,B,H]  tanh(c_t)
-    y: np.ndarray       # [T,B,H]  hidden state after each step, h_1 .. h_T (the returned y)
 
 
 @jit(inline="always")
@@ -77,7 +66,7 @@ def _forward_steps(h0, c0, w_hh, bias, gates, c, tanh_c, y, progress, flags, par
     # The time loop for this part's batch rows b0:b1 and units j0:j1 (_loop.run_time_loop).
     # h0, c0: [B,H]  w_hh: [4H,H]  bias: [4H] (b_ih + b_hh)
     # gates: [T,B,4H] in x W_ih^T, out activated gates  c, tanh_c, y: [T,B,H] out
-    # progress: step counter and abort word beside a GEMM phase (_common.forward_phases,
+    # progress: step counter and abort word beside a GEMM phase (_phases.forward_phases,
     #   backward_phases), else empty  flags: barrier words when split by units, else empty
     T, B = gates.shape[:2]
     H = h0.shape[1]
@@ -131,7 +120,7 @@ def _backward_steps(dy, c0, gates, c, tanh_c, w_hh, t_start, dh_next, dc_next,
     # t_start: first step to backpropagate through
     # dh_next, dc_next: [B,H] in: dL/d(final state), out: dL/d(state entering t_start)
     # dgates: [T,B,4H] out (rows t >= t_start)  dh: [T,B,H] out (rows t >= t_start)
-    # progress: step counter and abort word beside a GEMM phase (_common.forward_phases,
+    # progress: step counter and abort word beside a GEMM phase (_phases.forward_phases,
     #   backward_phases), else empty  flags: barrier words when split by units, else empty
     T, B = gates.shape[:2]
     H = c0.shape[1]
@@ -151,35 +140,37 @@ def _backward_steps(dy, c0, gates, c, tanh_c, w_hh, t_start, dh_next, dc_next,
 
 def lstm_forward(x, state, w_ih, w_hh, b_ih, b_hh):
     """x [T,B,I], state (h0 [B,H], c0 [B,H]), w_ih [4H,I], w_hh [4H,H], b_ih, b_hh [4H]
-    -> y [T,B,H], (h_T, c_T), LSTMCache. w_ih None: x is x W_ih^T [T,B,4H]."""
-    x, (h0, c0), w_ih, w_hh, b_ih, b_hh = _args.forward_args(G, 2, x, state, w_ih, w_hh, b_ih, b_hh)
-    T, B, I = x.shape
-    H = w_hh.shape[1]
-    gates = _args.empty((T, B, G * H), x.dtype)
-    c, tanh_c, y = (_args.empty((T, B, H), x.dtype) for _ in range(3))
-    h0, c0 = h0.copy(), c0.copy()
-    with layer_threads(T * B * G * H * (I + H)) as parts:
-        forward_phases(_forward_steps, (h0, c0, w_hh, b_ih + b_hh, gates, c, tanh_c, y),
-                       x, w_ih, gates, parts, B, w_hh.size)            # x W_ih^T, then the loop
-    return y, (y[-1].copy(), c[-1].copy()), LSTMCache(x, h0, c0, gates, c, tanh_c, y)
+    -> y [T,B,H], (h_T, c_T), RecurrentCache (gates [T,B,4H], c, tanh_c [T,B,H]).
+    w_ih None: x is x W_ih^T [T,B,4H]."""
+    call = check_forward("lstm", x, state, w_ih, w_hh, b_ih, b_hh, np)
+    T, B, H, dtype = call.T, call.B, call.H, call.x.dtype
+    gates = _buffers.empty((T, B, G * H), dtype)                       # T,B,4H
+    c, tanh_c, y = (_buffers.empty((T, B, H), dtype) for _ in range(3))  # T,B,H each
+    h0, c0 = (s.copy() for s in call.state)                            # B,H each
+    with layer_threads(T * B * G * H * (call.I + H)) as parts:
+        forward_phases(_forward_steps, (h0, c0, call.w_hh, call.b_ih + call.b_hh, gates, c,
+                                        tanh_c, y),
+                       call.x, call.w_ih, gates, parts, B, call.w_hh.size)  # x W_ih^T, then the loop
+    cache = RecurrentCache("lstm", call.x, h0, c0, y, gates, c, tanh_c)
+    return y, (y[-1].copy(), c[-1].copy()), cache
 
 
 def lstm_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh, t_start=0):
     """dy [T,B,H], dfinal_state (dh_T, dc_T), cache from lstm_forward; accumulates dw_ih,
     dw_hh, db_ih, db_hh -> dx [T,B,I], (dh, dc) entering step t_start, dh [T,B,H].
     w_ih and dw_ih None: dL/d(x W_ih^T) [T,B,4H] in place of dx."""
-    dy, (dh_next, dc_next), w_ih, w_hh, t_start = _args.backward_args(
-        G, 2, LSTMCache, dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh, t_start)
-    x = cache.x
-    B, H = dh_next.shape
-    dh_next, dc_next = dh_next.copy(), dc_next.copy()
-    dgates = gate_gradients("lstm.dgates", cache.gates.shape, x.dtype, w_ih)
-    input_args, dx = input_side(x, w_ih, dw_ih, dgates, t_start)
-    dh = _args.empty(dy.shape, x.dtype)
-    T, _, I = x.shape
-    with layer_threads((T - t_start) * B * G * H * (2 * I + 2 * H)) as parts:
-        backward_phases(_backward_steps, (dy, cache.c0, cache.gates, cache.c, cache.tanh_c, w_hh,
-                                          t_start, dh_next, dc_next, dgates, dh),
-                        input_args, cache.h0, cache.y, dgates, dgates, dw_hh, db_ih, db_hh, dh,
-                        t_start, parts)
+    call = check_backward("lstm", dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih,
+                          db_hh, t_start, np)
+    T, B, H, t_start, dtype = call.T, call.B, call.H, call.t_start, cache.y.dtype
+    tanh_c = np.tanh(cache.c) if cache.tanh_c is None else cache.tanh_c   # T,B,H
+    dh_next, dc_next = (s.copy() for s in call.dfinal_state)            # B,H each
+    dgates = gate_gradients("lstm.dgates", cache.gates.shape, dtype, call.w_ih)  # T,B,4H
+    inputs, dx = input_side(cache.x, call.w_ih, dw_ih, dgates, t_start)
+    dh = _buffers.empty((T, B, H), dtype)                               # T,B,H
+    with layer_threads((T - t_start) * B * G * H * (2 * call.I + 2 * H)) as parts:
+        backward_phases(_backward_steps, (call.dy, cache.c0, cache.gates, cache.c, tanh_c,
+                                          call.w_hh, t_start, dh_next, dc_next, dgates, dh),
+                        inputs=inputs, h0=cache.h0, y=cache.y, dg_x=dgates, dg_h=dgates,
+                        dw_hh=dw_hh, db_ih=db_ih, db_hh=db_hh, dh=dh, t_start=t_start,
+                        parts=parts)
     return dx, (dh_next, dc_next), dh

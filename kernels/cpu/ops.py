@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 
-from . import _args
+from . import _args, _buffers
 from ._math import exp_, jit
 
 
@@ -120,7 +120,7 @@ def embedding_forward(weight, ids):
     """weight [V,E], ids int [...] -> out [..., E] = weight[ids] (a gather)."""
     weight = _args.as_input("weight", weight, shape=(None, None))
     ids = _check_ids(ids, weight.shape[0])
-    out = _args.empty(ids.shape + (weight.shape[1],), weight.dtype)
+    out = _buffers.empty(ids.shape + (weight.shape[1],), weight.dtype)
     _gather_kernel(weight, np.ascontiguousarray(ids.reshape(-1), dtype=np.int64),
                    out.reshape(-1, weight.shape[1]))
     return out
