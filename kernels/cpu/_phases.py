@@ -20,10 +20,8 @@ from ._math import jit
 # Where the GEMM phases run beside a time loop on one thread (``forward_phases``,
 # ``backward_phases``): time steps in the first piece of the input projection; in each piece
 # of the backward's GEMMs; and the share of the steps whose dx the loop's thread computes
-# after the loop, while the worker still finishes weight gradients. Measured, T=100, B=1,
-# backward ms, share 0 / 0.5 / 0.8 / 1 (pieces of 15): LSTM H=128 0.54 / 0.48-0.53 / 0.43 /
-# 0.45, GRU H=128 0.42 / 0.34-0.38 / 0.34 / 0.36, Elman H=256 0.60 / 0.47-0.48 / 0.41-0.46 /
-# 0.43; pieces of 10 or 20 were no better.
+# after the loop, while the worker still finishes weight gradients (values as measured:
+# docs/performance.md, "GEMM phases beside a one-thread loop").
 PROJECT_FIRST_STEPS = 10
 FINISH_STEPS = 15
 DX_HERE_SHARE = 0.8
@@ -32,9 +30,8 @@ DX_HERE_SHARE = 0.8
 @jit
 def add_column_sums(a, c0, c1, out):
     """out[c1 - c0] += sum over rows of a[M, c0:c1]. (The columns are cut from each row of a
-    row-contiguous a, so the inner loop runs over a contiguous view and vectorises; a[:, c0:c1]
-    handed in instead would be a strided 2-D view, and it ran 3.4x slower: [3200, 1024] of a
-    [3200, 2048] float32 array, 2.8 -> 0.82 ms.)"""
+    row-contiguous a, so the inner loop runs over a contiguous view and vectorises; a strided
+    a[:, c0:c1] would not.)"""
     for m in range(a.shape[0]):
         row = a[m][c0:c1]
         for n in range(c1 - c0):
@@ -42,9 +39,8 @@ def add_column_sums(a, c0, c1, out):
 
 
 # An input projection of fewer rows (T*B) than this is split by output columns instead: OpenBLAS
-# packs the whole W_ih on every call, and a piece of few rows does not win that back. Measured,
-# 2 threads, float32, I = H, ms (rows / columns): T*B = 100, H = 256 0.50 / 0.43, H = 512 1.99 /
-# 1.55; T*B = 200, H = 256 0.71-0.80 / 0.65-0.72; from 400 rows within noise.
+# packs the whole W_ih on every call, and a piece of few rows does not win that back
+# (docs/performance.md, "Input projection").
 PROJECT_BY_COLUMNS_ROWS = 400
 
 
