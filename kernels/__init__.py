@@ -1,7 +1,11 @@
 """bptt_kernels: the compute layer of bptt (the folder ``kernels/``, installed as ``bptt_kernels``).
 
-One subpackage per backend, each exposing the SAME functions with the SAME signatures:
+One subpackage per backend, each exposing the SAME functions with the SAME signatures, over
+one shared host layer:
 
+* ``bptt_kernels.host``      -- what every backend shares, written once over an array module:
+                                the cell tables, the cache layout (``RecurrentCache``), the
+                                recurrent calls' argument checks, the after-loop GEMMs.
 * ``bptt_kernels.reference`` -- plain NumPy, float64-capable, readable oracle (slow).
 * ``bptt_kernels.cpu``       -- Numba ``@njit`` kernels.
 * ``bptt_kernels.cuda``      -- Numba-CUDA kernels (imported lazily; needs a GPU).
@@ -38,9 +42,14 @@ For each cell in ("lstm", "gru", "rnn_tanh", "rnn_relu") the backend has
                 (bias=False layers pass zero biases)
         y       [T, B, H]     hidden state after every step (h_1 .. h_T)
         final_state           tuple like ``state``: (h_T,) or (h_T, c_T)
-        cache                 backend-private activations saved for backward
-                              (a NamedTuple documented in each module). It holds
-                              x, the initial state and every step's activations.
+        cache                 ``bptt_kernels.host.RecurrentCache``, the same type and
+                              fields on every backend: x, the initial state and every
+                              step's activations (see host/cache.py); a backend accepts a
+                              cache made by another one.
+
+    Argument errors are the same on every backend (``bptt_kernels.host.checks``):
+    TypeError for a wrong array type, dtype or cache type, ValueError for a wrong shape or value.
+    ``state`` / ``dfinal_state`` None means zeros.
 
     dx, dstate, dh = <cell>_backward(dy, dfinal_state, cache, w_ih, w_hh,
                                      dw_ih, dw_hh, db_ih, db_hh, t_start=0)
