@@ -1,6 +1,7 @@
-"""Argument checks of the recurrent calls, written once for every backend.
+"""Argument checks, written once for every backend.
 
-:func:`check_forward` and :func:`check_backward` run once per call, before any kernel, and
+:func:`as_array`, :func:`as_output`, :func:`as_index` and :func:`check_shape` check one
+argument (any backend's non-recurrent functions use them too); :func:`check_forward` and :func:`check_backward` run once per call, before any kernel, and
 return the arguments normalised (C-contiguous arrays of the backend, a state of zeros for
 ``None``, ``t_start`` as an int) with the sizes T, B, I, H, G. Every error names the
 argument, the expected and the actual value:
@@ -73,30 +74,48 @@ def check_input_weight_pair(w_ih, dw_ih):
                          "or both arrays")
 
 
-def _array(name, a, xp, dtype, shape):
-    """``a`` as a C-contiguous array of the backend (copied only if it is not), checked
-    against ``dtype`` (None: float32 or float64) and ``shape`` (None entries: any size)."""
-    if not isinstance(a, xp.ndarray):
-        raise TypeError(f"{name} must be a {xp.__name__}.ndarray (use the backend's asarray), "
-                        f"got {type(a).__name__}")
+def check_shape(name, a, shape):
+    """ValueError unless ``a``'s shape is ``shape`` (None entries: any size; shape None: any)."""
+    if shape is None:
+        return
+    ok = a.ndim == len(shape)
+    if ok:                      # a plain loop: a generator under all() costs ~1 us per call
+        for s, n in zip(shape, a.shape):
+            if s is not None and s != n:
+                ok = False
+                break
+    if not ok:
+        want = _shape_text("*" if s is None else s for s in shape)
+        raise ValueError(f"{name} must have shape {want}, got {_shape_text(a.shape)}")
+
+
+def _check_dtype(name, a, dtype):
     if dtype is None:
         if a.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name} must have dtype float32 or float64, got {a.dtype}")
     elif a.dtype != dtype:
         raise TypeError(f"{name} must have dtype {np.dtype(dtype)}, got {a.dtype}")
-    if a.ndim != len(shape) or any(s is not None and s != n for s, n in zip(shape, a.shape)):
-        want = _shape_text("*" if s is None else s for s in shape)
-        raise ValueError(f"{name} must have shape {want}, got {_shape_text(a.shape)}")
+
+
+def as_array(name, a, xp, dtype=None, shape=None):
+    """``a`` as a C-contiguous array of the backend (copied only if it is not), checked against
+    ``dtype`` (None: float32 or float64) and ``shape`` (see :func:`check_shape`)."""
+    if not isinstance(a, xp.ndarray):
+        raise TypeError(f"{name} must be a {xp.__name__}.ndarray (use the backend's asarray), "
+                        f"got {type(a).__name__}")
+    _check_dtype(name, a, dtype)
+    check_shape(name, a, shape)
     return a if a.flags.c_contiguous else xp.ascontiguousarray(a)
 
 
-def _output(name, a, xp, dtype, shape):
-    """A gradient buffer, updated in place: the backend's array of ``dtype`` and ``shape``,
-    writable and C-contiguous."""
+def as_output(name, a, xp, dtype=None, shape=None):
+    """A buffer updated in place: the backend's array of ``dtype`` and ``shape``, writable and
+    C-contiguous."""
     if not isinstance(a, xp.ndarray):
         raise TypeError(f"{name} must be a {xp.__name__}.ndarray (written in place), "
                         f"got {type(a).__name__}")
-    _array(name, a, xp, dtype, shape)
+    _check_dtype(name, a, dtype)
+    check_shape(name, a, shape)
     if not a.flags.c_contiguous or not getattr(a.flags, "writeable", True):
         raise ValueError(f"{name} must be a writable C-contiguous array (it is updated in place)")
     return a
@@ -114,11 +133,11 @@ def _state(name, state, cell, B, H, dtype, xp):
     if len(state) != len(parts):
         raise ValueError(f"{name} must be a tuple {what} of [B, H] arrays for {cell}, "
                          f"got {len(state)} arrays")
-    return tuple(_array(f"{name}[{k}] ({p})", s, xp, dtype, (B, H))
+    return tuple(as_array(f"{name}[{k}] ({p})", s, xp, dtype, (B, H))
                  for k, (p, s) in enumerate(zip(parts, state)))
 
 
-def _index(name, value, low, high):
+def as_index(name, value, low, high):
     """An int in [low, high] (bool refused)."""
     if isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be an int, got bool")
@@ -136,7 +155,7 @@ def check_forward(cell, x, state, w_ih, w_hh, b_ih, b_hh, xp, dtypes=FLOAT_DTYPE
     ``dtypes``; return its :class:`ForwardCall`. w_ih None: x is x W_ih^T [T,B,G*H]."""
     check_cell(cell)
     G = GATES[cell]
-    x = _array("x", x, xp, None, (None, None, None))
+    x = as_array("x", x, xp, None, (None, None, None))
     if x.dtype not in dtypes:
         raise TypeError(f"x has dtype {x.dtype}, which this backend does not compute in "
                         f"(it does {', '.join(str(d) for d in dtypes)})")
@@ -144,17 +163,17 @@ def check_forward(cell, x, state, w_ih, w_hh, b_ih, b_hh, xp, dtypes=FLOAT_DTYPE
     if T < 1 or B < 1:
         raise ValueError(f"x must have at least one time step and one batch row, "
                          f"got shape {_shape_text(x.shape)}")
-    w_hh = _array("w_hh", w_hh, xp, x.dtype, (None, None))
+    w_hh = as_array("w_hh", w_hh, xp, x.dtype, (None, None))
     H = w_hh.shape[1]
     if H < 1 or w_hh.shape[0] != G * H:
         raise ValueError(f"w_hh must have shape [G*H, H] with G={G} for {cell}, "
                          f"got {_shape_text(w_hh.shape)}")
     if w_ih is None:
-        _array("x (projected: w_ih is None)", x, xp, x.dtype, (T, B, G * H))
+        as_array("x (projected: w_ih is None)", x, xp, x.dtype, (T, B, G * H))
     else:
-        w_ih = _array("w_ih", w_ih, xp, x.dtype, (G * H, I))
-    b_ih = _array("b_ih", b_ih, xp, x.dtype, (G * H,))
-    b_hh = _array("b_hh", b_hh, xp, x.dtype, (G * H,))
+        w_ih = as_array("w_ih", w_ih, xp, x.dtype, (G * H, I))
+    b_ih = as_array("b_ih", b_ih, xp, x.dtype, (G * H,))
+    b_hh = as_array("b_hh", b_hh, xp, x.dtype, (G * H,))
     state = _state("state", state, cell, B, H, x.dtype, xp)
     return ForwardCall(x, state, w_ih, w_hh, b_ih, b_hh, T, B, I, H, G)
 
@@ -173,16 +192,16 @@ def check_backward(cell, dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_i
     T, B, I = cache.x.shape
     H = cache.y.shape[2]
     dtype = cache.y.dtype
-    t_start = _index("t_start", t_start, 0, T - 1)
-    dy = _array("dy", dy, xp, dtype, (T, B, H))
+    t_start = as_index("t_start", t_start, 0, T - 1)
+    dy = as_array("dy", dy, xp, dtype, (T, B, H))
     dfinal_state = _state("dfinal_state", dfinal_state, cell, B, H, dtype, xp)
     check_input_weight_pair(w_ih, dw_ih)
     if w_ih is not None:
-        w_ih = _array("w_ih", w_ih, xp, dtype, (G * H, I))
-        _output("dw_ih", dw_ih, xp, dtype, (G * H, I))
-    w_hh = _array("w_hh", w_hh, xp, dtype, (G * H, H))
-    _output("dw_hh", dw_hh, xp, dtype, (G * H, H))
-    _output("db_ih", db_ih, xp, dtype, (G * H,))
-    _output("db_hh", db_hh, xp, dtype, (G * H,))
+        w_ih = as_array("w_ih", w_ih, xp, dtype, (G * H, I))
+        as_output("dw_ih", dw_ih, xp, dtype, (G * H, I))
+    w_hh = as_array("w_hh", w_hh, xp, dtype, (G * H, H))
+    as_output("dw_hh", dw_hh, xp, dtype, (G * H, H))
+    as_output("db_ih", db_ih, xp, dtype, (G * H,))
+    as_output("db_hh", db_hh, xp, dtype, (G * H,))
     return BackwardCall(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh,
                         t_start, T, B, I, H, G)
