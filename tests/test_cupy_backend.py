@@ -20,6 +20,7 @@ import functools
 import inspect
 import itertools
 import os
+import re
 import subprocess
 import sys
 import zlib
@@ -29,8 +30,10 @@ import pytest
 
 import bptt_kernels
 import bptt_kernels.cupy as cb
-from bptt_kernels import CELLS, GATES, reference as ref
-from bptt_kernels.cupy import _compile, _cublas, _engine, config, host_emulation
+from bptt_kernels import CELLS, STATE_PARTS, reference as ref
+from bptt_kernels.cupy import _compile, _cublas, _engine, _plan, config, host_emulation
+from bptt_kernels.host import RecurrentCache, cache_from_arrays, cache_to_arrays
+from helpers import random_layer_problem, rel_err
 
 TOL = {np.float32: 1e-5, np.float64: 1e-12}
 DTYPE_IDS = {np.float32: "f32", np.float64: "f64"}
@@ -55,26 +58,6 @@ def engines():
     if host_emulation.find_compiler() is None:
         pytest.skip("no host C++ compiler (g++/c++/clang++) to build the kernels")
     return {rev: host_emulation.host_engine(reverse=rev) for rev in (False, True)}
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    assert a.shape == b.shape, (a.shape, b.shape)
-    assert np.all(np.isfinite(a)), "non-finite values (an element the kernel did not write?)"
-    scale = np.max(np.abs(b)) if b.size else 0.0
-    return float(np.max(np.abs(a - b)) / scale) if scale > 0 else float(np.max(np.abs(a), initial=0))
-
-
-def make_layer(rng, cell, T, B, I, H, dtype):
-    G = GATES[cell]
-    k = 1 / np.sqrt(H)
-    p = dict(x=rng.standard_normal((T, B, I)),
-             w_ih=rng.uniform(-k, k, (G * H, I)), w_hh=rng.uniform(-k, k, (G * H, H)),
-             b_ih=rng.uniform(-k, k, G * H), b_hh=rng.uniform(-k, k, G * H))
-    p = {n: a.astype(dtype) for n, a in p.items()}
-    p["state"] = tuple(rng.standard_normal((B, H)).astype(dtype)
-                       for _ in range(2 if cell == "lstm" else 1))
-    return p
 
 
 def run_reference(cell, p, dy, dfinal, t_start, grads0):
@@ -112,14 +95,10 @@ def compare(got, want, tol, what=""):
 
 
 def random_problem(rng, cell, T, B, I, H, dtype):
-    p = make_layer(rng, cell, T, B, I, H, dtype)
-    G = GATES[cell]
-    dy = rng.standard_normal((T, B, H)).astype(dtype)
-    dfinal = tuple(rng.standard_normal((B, H)).astype(dtype) for _ in p["state"])
-    # non-zero starting gradients: the backward must ADD to them
-    grads0 = [rng.standard_normal(s).astype(dtype)
-              for s in ((G * H, I), (G * H, H), (G * H,), (G * H,))]
-    return p, dy, dfinal, grads0
+    """helpers.random_layer_problem as run_engine takes it: (layer arrays, dy, dfinal, grads0)."""
+    q = random_layer_problem(rng, cell, T, B, I, H, dtype)
+    p = {k: q[k] for k in ("x", "state", "w_ih", "w_hh", "b_ih", "b_hh")}
+    return p, q["dy"], q["dfinal"], list(q["grads0"])
 
 
 # ------------------------------------------------------------------------------------------
@@ -194,10 +173,10 @@ def test_one_launch_paths_blocks_and_splits(path, cell, splits):
     dtype = np.float64
     if path == "persistent":
         T, B, I, H, n_sm, per_block, grid, work = 4, 5, 3, 6, 2, 3, 2, 3 * 6
-        layout = _engine.persistent_smem_layout(cell, H, per_block, dtype, splits)
+        layout = _plan.persistent_smem_layout(cell, H, per_block, dtype, splits)
     else:
         T, B, I, H, n_sm, per_block, grid, work = 4, 3, 3, 8, 3, 3, 3, 3 * 3
-        layout = _engine.cooperative_smem_layout(cell, H, B, per_block, dtype, splits)
+        layout = _plan.cooperative_smem_layout(cell, H, B, per_block, dtype, splits)
     eng = host_emulation.host_engine(reverse=True, limits=(max(layout), n_sm))
     config.PATH = path
     assert eng.plan(cell, B, H, dtype) == (path, per_block, splits)
@@ -340,10 +319,10 @@ def test_random_configurations(engines):
         eng = engines[reverse]
         if path == "cooperative":  # units per block (>= H / n_sm); shared memory for `splits`
             config.COOPERATIVE_UNITS = data.draw(st.sampled_from([None, 1, 2, 5, 12]))
-            units = _engine.cooperative_units(H, n_sm, config.COOPERATIVE_UNITS)
-            smem = max(_engine.cooperative_smem_layout(cell, H, B, units, np.float64, splits))
+            units = _plan.cooperative_units(H, n_sm, config.COOPERATIVE_UNITS)
+            smem = max(_plan.cooperative_smem_layout(cell, H, B, units, np.float64, splits))
         else:
-            smem = _engine.persistent_smem_bytes(cell, H, rows, np.float64, splits)
+            smem = _plan.persistent_smem_bytes(cell, H, rows, np.float64, splits)
         eng._limits = (smem, n_sm)
         rng = np.random.default_rng(T * 1000 + B * 100 + H)
         p, dy, dfinal, grads0 = random_problem(rng, cell, T, B, I, H, np.float64)
@@ -368,6 +347,45 @@ def test_paths_share_the_cache(engines, cell):
     for fwd, bwd in itertools.permutations(PATHS, 2):
         got = run_engine(engines[False], cell, p, dy, dfinal, 0, grads0, fwd, bwd)
         compare(got, want, TOL[np.float64], f"{cell} {fwd}->{bwd}")
+
+
+CACHE_FIELDS = {"lstm": {"x", "h0", "c0", "y", "gates", "c"}, "gru": {"x", "h0", "y", "gates", "hn"},
+                "rnn_tanh": {"x", "h0", "y"}, "rnn_relu": {"x", "h0", "y"}}
+
+
+@needs_cxx
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("cell", CELLS)
+def test_caches_cross_backends(engines, cell, path):
+    """The one cache layout: a cache made by the reference backend (its host arrays moved by
+    this backend's asarray, field by field as a checkpoint stores them; the LSTM's tanh_c
+    included, which this backend does not read) drives this backend's backward, and this
+    backend's cache drives the reference's; both end to end as the reference alone."""
+    rng = np.random.default_rng(zlib.crc32(f"cross {cell} {path}".encode()))
+    eng = engines[True]
+    config.PATH = path
+    p, dy, dfinal, grads0 = random_problem(rng, cell, 5, 3, 4, 6, np.float64)
+    want = run_reference(cell, p, dy, dfinal, 1, grads0)
+    weights = (p["w_ih"], p["w_hh"], p["b_ih"], p["b_hh"])
+
+    _, _, ref_cache = getattr(ref, f"{cell}_forward")(p["x"], p["state"], *weights)
+    cache = cache_from_arrays(*cache_to_arrays(ref_cache, np.array), lambda a: eng.asarray(a, a.dtype))
+    grads = [g.copy() for g in grads0]
+    dx, dstate, dh = eng.recurrent_backward(cell, dy, dfinal, cache, p["w_ih"], p["w_hh"],
+                                            *grads, t_start=1)
+    compare(dict(want, dx=dx, dstate=dstate, dh=dh, grads=grads), want, TOL[np.float64],
+            f"{cell} {path}: reference cache")
+
+    y, final, cache = eng.recurrent_forward(cell, p["x"], p["state"], *weights)
+    assert isinstance(cache, RecurrentCache) and cache.cell == cell and cache.extra is None
+    assert {f for f in cache._fields[1:] if getattr(cache, f) is not None} == CACHE_FIELDS[cell]
+    assert cache.y is y and len(STATE_PARTS[cell]) == len(final)
+    cache = cache_from_arrays(*cache_to_arrays(cache, eng.to_host), np.asarray)
+    grads = [g.copy() for g in grads0]
+    dx, dstate, dh = getattr(ref, f"{cell}_backward")(dy, dfinal, cache, p["w_ih"], p["w_hh"],
+                                                      *grads, t_start=1)
+    compare(dict(y=y, final=final, dx=dx, dstate=dstate, dh=dh, grads=grads), want,
+            TOL[np.float64], f"{cell} {path}: this backend's cache, reference backward")
 
 
 def check_graph_replays(eng, cell, dtype, dev=np.asarray, host=np.asarray):
@@ -500,9 +518,7 @@ def test_finite_differences(engines, cell):
     rng = np.random.default_rng(21)
     eng = engines[False]
     T, B, I, H = 3, 2, 3, 4
-    p = make_layer(rng, cell, T, B, I, H, np.float64)
-    R = rng.standard_normal((T, B, H))
-    S = [rng.standard_normal((B, H)) for _ in p["state"]]
+    p, R, S, _ = random_problem(rng, cell, T, B, I, H, np.float64)   # dy, dfinal: R, S
     for path in PATHS:
         config.PATH = path
 
@@ -604,13 +620,13 @@ def test_path_choice_follows_size_and_config():
 def test_persistent_limits_table():
     """The documented H100 limits (one batch row per block, 227 KiB opt-in shared memory)."""
     smem = host_emulation.H100_LIMITS[0]
-    got = {(c, np.dtype(d).name): _engine.persistent_max_hidden(c, d, smem)
+    got = {(c, np.dtype(d).name): _plan.persistent_max_hidden(c, d, smem)
            for c in ("lstm", "gru", "rnn_tanh") for d in (np.float32, np.float64)}
     assert got == {("lstm", "float32"): 119, ("gru", "float32"): 138, ("rnn_tanh", "float32"): 239,
                    ("lstm", "float64"): 84, ("gru", "float64"): 97, ("rnn_tanh", "float64"): 168}
     for (c, d), H in got.items():
-        assert _engine.persistent_smem_bytes(c, H, 1, d) <= smem < \
-            _engine.persistent_smem_bytes(c, H + 1, 1, d)
+        assert _plan.persistent_smem_bytes(c, H, 1, d) <= smem < \
+            _plan.persistent_smem_bytes(c, H + 1, 1, d)
 
 
 @needs_cxx
@@ -629,7 +645,7 @@ def test_auto_path_launches(engines):
         else:
             assert len(names) == 4  # one gate kernel per step, forward and backward
     # past the persistent kernel's batch limit on a 4-SM device: the cooperative kernel
-    smem = max(_engine.cooperative_smem_layout("gru", 40, 2, 10, np.float32, 2))
+    smem = max(_plan.cooperative_smem_layout("gru", 40, 2, 10, np.float32, 2))
     small = host_emulation.host_engine(limits=(smem, 4))
     config.PERSISTENT_MAX_BATCH = 1
     p, dy, dfinal, grads0 = random_problem(rng, "gru", 3, 2, 3, 40, np.float32)
@@ -642,48 +658,61 @@ def test_auto_path_launches(engines):
 
 @needs_cxx
 def test_bad_inputs_raise_clear_errors(engines):
+    """Every bad argument of a recurrent call raises the shared checks' message
+    (bptt_kernels.host.checks), naming the argument, the expected and the actual value."""
     eng = engines[False]
     rng = np.random.default_rng(4)
     p, dy, dfinal, grads0 = random_problem(rng, "lstm", 3, 2, 4, 5, np.float32)
     fwd = lambda **kw: eng.recurrent_forward("lstm", **{**p, **kw})  # noqa: E731
-    with pytest.raises(ValueError, match=r"w_hh must have shape \(4\*H, H\)"):
+
+    def raises(exc, text):
+        return pytest.raises(exc, match="^" + re.escape(text) + "$")
+
+    with raises(ValueError, "w_hh must have shape [G*H, H] with G=4 for lstm, got [19, 5]"):
         fwd(w_hh=p["w_hh"][:-1])
-    with pytest.raises(ValueError, match=r"w_hh must have shape \(4\*H, H\) = \(0, 0\)"):
+    with raises(ValueError, "w_hh must have shape [G*H, H] with G=4 for lstm, got [0, 0]"):
         fwd(w_hh=np.zeros((0, 0), np.float32))
-    with pytest.raises(ValueError, match=r"w_ih must have shape \(20, 4\)"):
+    with raises(ValueError, "w_ih must have shape [20, 4], got [20, 3]"):
         fwd(w_ih=p["w_ih"][:, :3])
-    with pytest.raises(TypeError, match="w_ih must have dtype float32, got float64"):
+    with raises(TypeError, "w_ih must have dtype float32, got float64"):
         fwd(w_ih=p["w_ih"].astype(np.float64))
-    with pytest.raises(TypeError, match="x must be float32 or float64, got int64"):
+    with raises(TypeError, "x must have dtype float32 or float64, got int64"):
         fwd(x=np.ones((3, 2, 4), dtype=np.int64))
-    with pytest.raises(TypeError, match=r"x must be a numpy.ndarray .*got list"):
+    with raises(TypeError, "x must be a numpy.ndarray (use the backend's asarray), got list"):
         fwd(x=p["x"].tolist())
-    with pytest.raises(ValueError, match=r"state must be a tuple \(h, c\)"):
+    with raises(ValueError, "state must be a tuple (h, c) of [B, H] arrays for lstm, got 1 arrays"):
         fwd(state=p["state"][:1])
-    with pytest.raises(ValueError, match=r"state\[1\] \(c\) must have shape \(2, 5\)"):
+    with raises(TypeError, "state must be a tuple (h, c) of [B, H] arrays for lstm, got ndarray"):
+        fwd(state=p["state"][0])
+    with raises(ValueError, "state[1] (c) must have shape [2, 5], got [1, 5]"):
         fwd(state=(p["state"][0], p["state"][1][:1]))
-    with pytest.raises(ValueError, match="x must be 3-D"):
+    with raises(ValueError, "x must have shape [*, *, *], got [2, 4]"):
         fwd(x=p["x"][0])
-    with pytest.raises(ValueError, match="cell must be one of"):
+    with raises(ValueError, "cell must be one of ('lstm', 'gru', 'rnn_tanh', 'rnn_relu'), "
+                            "got 'lstmx'"):
         eng.recurrent_forward("lstmx", **p)
     _, _, cache = fwd()
     bwd = lambda cell="lstm", **kw: eng.recurrent_backward(  # noqa: E731
         cell, **{**dict(dy=dy, dfinal_state=dfinal, cache=cache, w_ih=p["w_ih"], w_hh=p["w_hh"],
                         dw_ih=grads0[0], dw_hh=grads0[1], db_ih=grads0[2], db_hh=grads0[3]), **kw})
-    with pytest.raises(ValueError, match=r"t_start must be in \[0, 2\]"):
+    with raises(ValueError, "t_start must be in [0, 2], got 3"):
         bwd(t_start=3)
-    with pytest.raises(TypeError, match="t_start must be an int"):
+    with raises(TypeError, "t_start must be an int, got float"):
         bwd(t_start=1.0)
-    with pytest.raises(ValueError, match="cache comes from lstm_forward, not gru_forward"):
+    with raises(ValueError, "cache comes from lstm_forward, not gru_forward"):
         bwd(cell="gru")
-    with pytest.raises(TypeError, match="cache must be the RecurrentCache"):
+    with raises(TypeError, "cache must be the RecurrentCache returned by lstm_forward, got tuple"):
         bwd(cache=tuple(cache))
-    with pytest.raises(ValueError, match=r"dy must have shape \(3, 2, 5\)"):
+    with raises(ValueError, "dy must have shape [3, 2, 5], got [2, 2, 5]"):
         bwd(dy=dy[:2])
-    with pytest.raises(ValueError, match="dw_hh must be C-contiguous"):
+    with raises(ValueError, "dw_hh must be a writable C-contiguous array (it is updated in place)"):
         bwd(dw_hh=np.asfortranarray(grads0[1]))
-    with pytest.raises(ValueError, match=r"dfinal_state must be a tuple \(h, c\)"):
+    with raises(TypeError, "dfinal_state must be a tuple (h, c) of [B, H] arrays for lstm, "
+                           "got ndarray"):
         bwd(dfinal_state=dfinal[0])
+    with raises(ValueError, "w_ih and dw_ih must both be None (input projected by the caller) "
+                            "or both arrays"):
+        bwd(dw_ih=None)
 
 
 @needs_cxx

@@ -30,8 +30,10 @@ forced (``"persistent"`` / ``"cooperative"`` / ``"general"``; see
 float32 GEMMs run in float32 (CuPy's default compute type): setting CUPY_TF32=1 would trade
 the 1e-5 float32 parity for TensorFloat-32 speed.
 
-Both paths save the same cache (:class:`RecurrentCache`), so a forward on one path can be
-followed by a backward on the other. Kernel sources: recurrent.cu, ops.cu (+ common.cu), shipped
+All three paths save the same cache, the :class:`~bptt_kernels.host.RecurrentCache` every
+backend shares (``tanh_c`` None: backward recomputes tanh(c)), so a forward on one path can be
+followed by a backward on another, or on a cache made by another backend or read from a
+checkpoint. Kernel sources: recurrent.cu, ops.cu (+ common.cu), shipped
 as package data and compiled on first use (importing this module compiles and allocates nothing).
 Without a GPU, :func:`bptt_kernels.cupy.host_emulation.host_backend` runs this backend's code
 with the same kernel sources built for the CPU (how the tests check it).
@@ -40,12 +42,14 @@ with the same kernel sources built for the CPU (how the tests check it).
 import cupy
 import numpy as np
 
+from ..host import RecurrentCache
 from ..reference import linear_backward, linear_forward  # array operators: run on cupy arrays
 from . import config
 from ._compile import CupyLauncher, cupy_device_limits
 from ._cublas import CublasLibrary, StepGemm
 from ._engine import DTYPES as _ENGINE_DTYPES
-from ._engine import Engine, RecurrentCache, persistent_max_hidden, persistent_smem_bytes
+from ._engine import Engine
+from ._plan import persistent_max_hidden, persistent_smem_bytes
 from ._graphs import cupy_capture
 
 NAME = "cupy"
@@ -86,8 +90,8 @@ def zeros(shape, dtype):
 # ---- recurrent layers ----
 
 def choose_path(cell, B, H, dtype):
-    """"persistent" or "general": the path a recurrent call of these sizes takes on the current
-    device under ``config.PATH`` (a ValueError where "persistent" is forced but cannot fit)."""
+    """"persistent", "cooperative" or "general": the path a recurrent call of these sizes takes
+    on the current device under ``config.PATH`` (a ValueError where a forced path cannot fit)."""
     return _get().choose_path(cell, B, H, dtype)
 
 

@@ -4,134 +4,44 @@
 :class:`~bptt_kernels.cupy._compile.CupyLauncher` it is the GPU backend; with ``numpy`` and
 :class:`~bptt_kernels.cupy.host_emulation.HostLauncher` (the same CUDA sources built as host
 functions) it runs on a CPU, which is how its logic and the kernels' arithmetic are tested on
-machines without a GPU. Every GEMM is ``xp.matmul`` (cuBLAS under CuPy).
+machines without a GPU.
 
-Recurrent layers (see recurrent.cu for the kernels and the cache):
+Recurrent layers (see recurrent.cu for the kernels, :mod:`._plan` for the path choice):
 
-* forward: ``xproj = x @ w_ih^T + b_ih`` for all T steps in one GEMM (``x + b_ih`` where the
-  caller projected the input: w_ih None), then either the
+* forward: ``xproj = x @ w_ih^T + b_ih`` for all T steps in one GEMM (``xp.matmul``: cuBLAS
+  under CuPy; ``x + b_ih`` where the caller projected the input: w_ih None), then either the
   persistent kernel (one launch for all steps, W_hh in one block's shared memory), the
   cooperative kernel (one launch, W_hh spread over the shared memory of every SM, a grid
-  barrier per step) or, per step, the GEMM ``h_{t-1} @ w_hh^T`` and one fused gate kernel;
-* backward: per step the fused gate-gradient kernel and ``dgh[t] @ w_hh`` (or the persistent
-  or cooperative kernel), then ``dw_ih``, ``dw_hh``, the biases and ``dx`` as GEMMs over all
-  (T - t_start) * B rows (w_ih None: no dw_ih or dx; the input-side gate gradients are
-  returned in place of dx).
-"""
+  barrier per step) or, per step, the GEMM ``h_{t-1} @ w_hh^T`` (``step_gemm``: cuBLAS called
+  through ctypes on a GPU, :mod:`._cublas`, so that a CUDA graph can capture it) and one fused
+  gate kernel;
+* backward: per step the fused gate-gradient kernel and ``dgh[t] @ w_hh`` (``step_gemm``; or
+  the persistent or cooperative kernel), then ``dw_ih``, ``dw_hh``, the biases and ``dx`` as
+  GEMMs over all (T - t_start) * B rows (:func:`bptt_kernels.host.finish_backward`, on ``xp``).
 
-from typing import Any, NamedTuple
+The argument checks and the cache (:class:`~bptt_kernels.host.RecurrentCache`) are the ones
+every backend shares (:mod:`bptt_kernels.host`); a cache made by another backend, or read from
+a checkpoint, is accepted.
+"""
 
 import numpy as np
 
-from bptt_kernels import CELLS, GATES, check_input_weight_pair
+from bptt_kernels.host import (SEPARATE_HIDDEN_GRAD, RecurrentCache, check_backward,
+                               check_forward, finish_backward)
 
 from . import config
 from ._compile import SUFFIX, kernel_name
 from ._cublas import matmul_step_gemm
 from ._graphs import LoopGraphs
+from ._plan import MAX_PERSISTENT_THREADS, ceil_div, cooperative_smem_layout, persistent_smem_layout
+from ._plan import plan as plan_path
 
 DTYPES = tuple(SUFFIX)          # float32, float64
 STEP_THREADS = 256              # threads per block of grid-stride (elementwise) kernels
 ROW_THREADS = 256               # threads per block of per-row reductions (a power of two)
-MAX_PERSISTENT_THREADS = 1024   # threads per block of the persistent kernels
 MAX_GRID = 65535                # grid-stride kernels never need more blocks
-
-
-class RecurrentCache(NamedTuple):
-    """Activations saved by ``<cell>_forward`` for ``<cell>_backward`` (device arrays).
-
-    cell   str        "lstm" | "gru" | "rnn_tanh" | "rnn_relu"
-    x      [T,B,I]    the input
-    h0     [B,H]      the initial hidden state
-    c0     [B,H]      the initial cell state (LSTM; None otherwise)
-    y      [T,B,H]    h_1 .. h_T (the Elman RNN's act' is computed from it)
-    gates  [T,B,G*H]  activated gates: LSTM i,f,g,o; GRU r,z,n (None for the Elman RNN)
-    c      [T,B,H]    LSTM cell states c_1 .. c_T (None otherwise)
-    hn     [T,B,H]    GRU h_{t-1} W_hn^T + b_hn (None otherwise)
-    """
-    cell: str
-    x: Any
-    h0: Any
-    c0: Any
-    y: Any
-    gates: Any
-    c: Any
-    hn: Any
-
-
-def persistent_smem_layout(cell, H, rows, dtype, splits=1):
-    """(forward, backward) shared memory bytes per block of the persistent kernels.
-
-    Forward: W_hh^T [G*H, H] + h [rows, H] + partial sums [splits, rows, G*H].
-    Backward: W_hh [G*H, H] + dg [rows, G*H] + partial sums [splits, rows, H] + dc, dh_direct
-    [rows, H] each. (The layouts at the top of forward_/backward_persistent in recurrent.cu.)
-    """
-    gh = GATES[cell] * H
-    forward = gh * H + rows * H + splits * rows * gh
-    backward = gh * H + rows * gh + splits * rows * H + 2 * rows * H
-    size = np.dtype(dtype).itemsize
-    return forward * size, backward * size
-
-
-def persistent_smem_bytes(cell, H, rows, dtype, splits=1):
-    """Shared memory bytes per block the persistent kernels need: max of forward and backward."""
-    return max(persistent_smem_layout(cell, H, rows, dtype, splits))
-
-
-def persistent_max_hidden(cell, dtype, smem_limit, rows=1):
-    """Largest H whose persistent kernels fit in ``smem_limit`` bytes (one split per dot)."""
-    H = 0
-    while persistent_smem_bytes(cell, H + 1, rows, dtype) <= smem_limit:
-        H += 1
-    return H
-
-
-def persistent_splits(cell, H, rows, dtype, smem_limit):
-    """Threads per dot product in the persistent kernels: the largest of 8, 4, 2, 1 that keeps
-    splits * rows * H within one block of threads and the shared memory within the limit."""
-    for splits in (8, 4, 2):
-        if (splits * rows * H <= MAX_PERSISTENT_THREADS
-                and persistent_smem_bytes(cell, H, rows, dtype, splits) <= smem_limit):
-            return splits
-    return 1
-
-
-def cooperative_units(H, n_sm, wanted=None):
-    """Hidden units per block of the cooperative kernels: ``wanted`` (config.COOPERATIVE_UNITS)
-    where given, but never fewer than need no more blocks than SMs (every block must be
-    resident at once), nor more than H."""
-    fewest = _ceil_div(H, n_sm)
-    return fewest if wanted is None else max(fewest, min(H, int(wanted)))
-
-
-def cooperative_smem_layout(cell, H, B, units, dtype, splits=1):
-    """(forward, backward) shared memory bytes per block of the cooperative kernels.
-
-    Forward: W_hh's rows of the block's units [H, odd(G*U)] + h [B, H] + partial sums
-    [splits, B, G*U]. Backward: W_hh's columns of the block's units [G*H, odd(U)] + one gate's
-    gradients [B, H] + partial sums [splits, B, U] + dc, dh_direct [B, U] each. (The layouts
-    at the top of forward_/backward_cooperative in recurrent.cu.)
-    """
-    G, U = GATES[cell], units
-    forward = H * (G * U | 1) + B * H + splits * B * G * U
-    backward = G * H * (U | 1) + B * H + splits * B * U + 2 * B * U
-    size = np.dtype(dtype).itemsize
-    return forward * size, backward * size
-
-
-def cooperative_splits(cell, H, B, units, dtype, smem_limit):
-    """Threads per dot product in the cooperative kernels: the largest of 32, 16, .., 1 (at
-    most H) that keeps splits * B * units within one block of threads and the shared memory
-    within the limit; None where nothing fits."""
-    for splits in (32, 16, 8, 4, 2, 1):
-        if ((splits <= H or splits == 1) and splits * B * units <= MAX_PERSISTENT_THREADS
-                and max(cooperative_smem_layout(cell, H, B, units, dtype, splits)) <= smem_limit):
-            return splits
-    return None
-
-
-def _ceil_div(a, b):
-    return -(-a // b)
+# the cached activations the recurrent kernels read, in their argument order
+CACHED = ("h0", "c0", "y", "c", "gates", "hn")
 
 
 class Engine:
@@ -191,7 +101,8 @@ class Engine:
         return p
 
     def _array(self, name, a, shape=None, dtype=None, ndim=None, contiguous=False):
-        """Check that ``a`` is a device array of this backend with the given shape/dtype."""
+        """The non-recurrent ops' check: ``a`` is a device array of this backend with the
+        given shape/dtype (the recurrent calls use bptt_kernels.host.checks)."""
         xp = self.xp
         if not isinstance(a, xp.ndarray):
             raise TypeError(f"{name} must be a {xp.__name__}.ndarray (use the backend's asarray), "
@@ -211,80 +122,30 @@ class Engine:
             raise TypeError(f"{name} must be float32 or float64, got {a.dtype.name}")
         return a.dtype
 
-    def _state(self, name, state, cell, B, H, dtype):
-        n = 2 if cell == "lstm" else 1
-        if not isinstance(state, (tuple, list)) or len(state) != n:
-            what = "(h, c)" if n == 2 else "(h,)"
-            raise ValueError(f"{name} must be a tuple {what} of [B, H] arrays for {cell}, got "
-                             f"{type(state).__name__}"
-                             + (f" of length {len(state)}" if isinstance(state, (tuple, list)) else ""))
-        parts = "hc"
-        return tuple(self._array(f"{name}[{k}] ({parts[k]})", s, (B, H), dtype)
-                     for k, s in enumerate(state))
-
     # ---------------------------------------------------------------------------------------
     # recurrent layers
 
     def choose_path(self, cell, B, H, dtype):
-        """"persistent" or "general": the path a call of these sizes takes, per config.PATH."""
+        """"persistent", "cooperative" or "general": the path a call of these sizes takes."""
         return self.plan(cell, B, H, dtype)[0]
 
     def plan(self, cell, B, H, dtype):
-        """("persistent", rows per block, splits per dot), ("cooperative", units per block,
-        splits per dot) or ("general", 0, 0), as config says."""
-        mode = config.PATH
-        if mode not in config.PATHS:
-            raise ValueError(f"bptt_kernels.cupy.config.PATH must be one of {config.PATHS}, "
-                             f"got {mode!r}")
-        if mode == "general":
-            return "general", 0, 0
-        smem_limit, n_sm = self.limits()
-        if mode == "cooperative":
-            return self._cooperative_plan(cell, B, H, dtype, required=True)
-        rows = max(1, _ceil_div(B, n_sm))  # one block per SM at most, every block `rows` rows
-        need = persistent_smem_bytes(cell, H, rows, dtype)
-        fits = need <= smem_limit
-        if mode == "persistent" and not fits:
-            raise ValueError(
-                f"the persistent {cell} kernel needs {need} bytes of shared memory per block "
-                f"for H={H}, B={B} ({rows} rows per block, {np.dtype(dtype).name}); this "
-                f"device allows {smem_limit} (largest H at 1 row per block: "
-                f"{persistent_max_hidden(cell, dtype, smem_limit)}). Use config.PATH = "
-                f"'auto' or 'general'")
-        if mode == "persistent" or (fits and B <= config.PERSISTENT_MAX_BATCH):
-            return "persistent", rows, persistent_splits(cell, H, rows, dtype, smem_limit)
-        if B * H <= config.COOPERATIVE_MAX_STATE and B >= config.COOPERATIVE_MIN_BATCH:
-            return self._cooperative_plan(cell, B, H, dtype, required=False)
-        return "general", 0, 0
-
-    def _cooperative_plan(self, cell, B, H, dtype, required):
-        smem_limit, n_sm = self.limits()
-        units = cooperative_units(H, n_sm, config.COOPERATIVE_UNITS)
-        splits = cooperative_splits(cell, H, B, units, dtype, smem_limit)
-        if splits is not None:
-            return "cooperative", units, splits
-        if not required:
-            return "general", 0, 0
-        need = max(cooperative_smem_layout(cell, H, B, units, dtype))
-        raise ValueError(
-            f"the cooperative {cell} kernel needs {B * units} threads and {need} bytes of shared "
-            f"memory per block for H={H}, B={B} ({units} units in each of {_ceil_div(H, units)} "
-            f"blocks, {np.dtype(dtype).name}); this device allows {MAX_PERSISTENT_THREADS} and "
-            f"{smem_limit} on each of its {n_sm} SMs. Use config.PATH = 'auto' or 'general'")
+        """(path, rows or units per block, splits per dot) on this device (:func:`._plan.plan`)."""
+        return plan_path(cell, B, H, dtype, self.limits())
 
     def _persistent_launch(self, name, B, H, rows, splits, smem, args):
-        threads = min(MAX_PERSISTENT_THREADS, _ceil_div(splits * rows * H, 32) * 32)
-        self.launch(name, _ceil_div(B, rows), threads, args, smem)
+        threads = min(MAX_PERSISTENT_THREADS, ceil_div(splits * rows * H, 32) * 32)
+        self.launch(name, ceil_div(B, rows), threads, args, smem)
 
     def _cooperative_launch(self, name, B, H, units, splits, smem, args):
         """One block per `units` hidden units (no more blocks than SMs: all resident), at
         least splits * B * units threads; a fresh zero barrier counter."""
-        threads = min(MAX_PERSISTENT_THREADS, _ceil_div(splits * B * units, 32) * 32)
+        threads = min(MAX_PERSISTENT_THREADS, ceil_div(splits * B * units, 32) * 32)
         barrier = self.xp.zeros(1, dtype=np.uint32)
-        self.launch(name, _ceil_div(H, units), threads, args + (barrier,), smem)
+        self.launch(name, ceil_div(H, units), threads, args + (barrier,), smem)
 
     def _step_grid(self, n):
-        return max(1, min(MAX_GRID, _ceil_div(n, STEP_THREADS)))
+        return max(1, min(MAX_GRID, ceil_div(n, STEP_THREADS)))
 
     def _run_steps(self, key, steps, arrays, inputs, outputs):
         """Run the general path's time loop ``steps(arrays)`` (None entries dropped: the cell
@@ -300,32 +161,17 @@ class Engine:
             return
         steps(arrays)
 
+
     def recurrent_forward(self, cell, x, state, w_ih, w_hh, b_ih, b_hh):
         """One layer of ``cell`` over all T steps; see bptt_kernels.__init__ for the contract."""
-        if cell not in CELLS:
-            raise ValueError(f"cell must be one of {CELLS}, got {cell!r}")
         xp = self.xp
-        G = GATES[cell]
-        x = self._array("x", x, ndim=3)
-        dtype = self._float_dtype("x", x)
-        T, B, I = x.shape
-        if T < 1 or B < 1:
-            raise ValueError(f"x must have at least one step and one batch row, got shape {x.shape}")
-        w_hh = self._array("w_hh", w_hh, ndim=2, dtype=dtype)
-        H = w_hh.shape[1]
-        if H < 1 or w_hh.shape[0] != G * H:
-            raise ValueError(f"w_hh must have shape ({G}*H, H) = ({G * H}, {H}) for {cell}, "
-                             f"got {tuple(w_hh.shape)}")
-        if w_ih is None:                     # the caller projected the input: x is x W_ih^T
-            self._array("x (projected: w_ih is None)", x, (T, B, G * H), dtype)
-        else:
-            w_ih = self._array("w_ih", w_ih, (G * H, I), dtype)
-        b_ih = self._array("b_ih", b_ih, (G * H,), dtype)
-        b_hh = self._array("b_hh", b_hh, (G * H,), dtype)
-        st = self._state("state", state, cell, B, H, dtype)
-        h0 = st[0]
+        call = check_forward(cell, x, state, w_ih, w_hh, b_ih, b_hh, xp, DTYPES)
+        x, w_ih, w_hh, b_ih, b_hh = call.x, call.w_ih, call.w_hh, call.b_ih, call.b_hh
+        T, B, I, H, G = call.T, call.B, call.I, call.H, call.G
+        dtype = x.dtype
+        h0 = call.state[0]
+        c0 = call.state[1] if cell == "lstm" else None
         none = self._placeholder(dtype)
-        c0 = st[1] if cell == "lstm" else none
 
         if w_ih is None:
             xproj = x + b_ih                                                   # T,B,GH
@@ -340,23 +186,22 @@ class Engine:
         i32 = np.int32
 
         path, per_block, splits = self.plan(cell, B, H, dtype)  # rows or units
-        if path == "persistent":
-            self._persistent_launch(
-                kernel_name(f"{cell}_forward_persistent", dtype), B, H, per_block, splits,
-                persistent_smem_layout(cell, H, per_block, dtype, splits)[0],
-                (i32(T), i32(B), i32(H), i32(per_block), i32(splits), xproj, w_hh, b_hh, h0, c0)
-                + outs)
-        elif path == "cooperative":
-            self._cooperative_launch(
-                kernel_name(f"{cell}_forward_cooperative", dtype), B, H, per_block, splits,
-                cooperative_smem_layout(cell, H, B, per_block, dtype, splits)[0],
-                (i32(T), i32(B), i32(H), i32(per_block), i32(splits), xproj, w_hh, b_hh, h0, c0)
-                + outs)
+        if path in ("persistent", "cooperative"):
+            args = ((i32(T), i32(B), i32(H), i32(per_block), i32(splits), xproj, w_hh, b_hh, h0,
+                     none if c0 is None else c0) + outs)
+            if path == "persistent":
+                self._persistent_launch(
+                    kernel_name(f"{cell}_forward_persistent", dtype), B, H, per_block, splits,
+                    persistent_smem_layout(cell, H, per_block, dtype, splits)[0], args)
+            else:
+                self._cooperative_launch(
+                    kernel_name(f"{cell}_forward_cooperative", dtype), B, H, per_block, splits,
+                    cooperative_smem_layout(cell, H, B, per_block, dtype, splits)[0], args)
         else:
             name = kernel_name(f"{cell}_forward_step", dtype)
             grid = self._step_grid(B * H)
 
-            def steps(a):  # per step: hp = h_{t-1} W_hh^T (cuBLAS), then the gate kernel
+            def steps(a):  # per step: hp = h_{t-1} W_hh^T (step_gemm), then the gate kernel
                 written = tuple(a.get(k, none) for k in ("y", "c", "gates", "hn"))
                 for t in range(T):
                     self.step_gemm(a["h0"] if t == 0 else a["y"][t - 1], a["w_hh"], a["hp"], True)
@@ -364,58 +209,38 @@ class Engine:
                                 (i32(t), i32(B), i32(H), a["xproj"], a["hp"], a["b_hh"], a["h0"],
                                  a.get("c0", none)) + written)
 
-            arrays = dict(xproj=xproj, w_hh=w_hh, b_hh=b_hh, h0=h0,
-                          c0=st[1] if cell == "lstm" else None,
+            arrays = dict(xproj=xproj, w_hh=w_hh, b_hh=b_hh, h0=h0, c0=c0,
                           hp=xp.empty((B, G * H), dtype=dtype),                      # B,GH
                           y=y, c=c, gates=gates, hn=hn)
             self._run_steps(("forward", cell, T, B, H, 0, dtype), steps, arrays,
                             inputs=("xproj", "w_hh", "b_hh", "h0", "c0"),
                             outputs=("y", "c", "gates", "hn"))
         final = (y[T - 1].copy(), c[T - 1].copy()) if cell == "lstm" else (y[T - 1].copy(),)
-        return y, final, RecurrentCache(cell, x, h0, st[1] if cell == "lstm" else None,
-                                        y, gates, c, hn)
+        return y, final, RecurrentCache(cell, x, h0, c0, y=y, gates=gates, c=c, hn=hn)
 
     def recurrent_backward(self, cell, dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh,
                            db_ih, db_hh, t_start=0):
         """Backward of :meth:`recurrent_forward`; accumulates (+=) into dw_*, db_*."""
-        if not isinstance(cache, RecurrentCache):
-            raise TypeError(f"cache must be the RecurrentCache returned by {cell}_forward of "
-                            f"this backend, got {type(cache).__name__}")
-        if cache.cell != cell:
-            raise ValueError(f"cache comes from {cache.cell}_forward, not {cell}_forward")
         xp = self.xp
-        G = GATES[cell]
-        x, y = cache.x, cache.y
-        T, B, I = x.shape
-        H = y.shape[2]
-        dtype = y.dtype
-        if isinstance(t_start, bool) or not isinstance(t_start, (int, np.integer)):
-            raise TypeError(f"t_start must be an int, got {type(t_start).__name__}")
-        t_start = int(t_start)
-        if not 0 <= t_start < T:
-            raise ValueError(f"t_start must be in [0, {T - 1}] for T={T} steps, got {t_start}")
-        dy = self._array("dy", dy, (T, B, H), dtype)
-        dfinal = self._state("dfinal_state", dfinal_state, cell, B, H, dtype)
-        check_input_weight_pair(w_ih, dw_ih)
-        if w_ih is not None:
-            w_ih = self._array("w_ih", w_ih, (G * H, I), dtype)
-            dw_ih = self._array("dw_ih", dw_ih, (G * H, I), dtype, contiguous=True)
-        w_hh = self._array("w_hh", w_hh, (G * H, H), dtype)
-        dw_hh = self._array("dw_hh", dw_hh, (G * H, H), dtype, contiguous=True)
-        db_ih = self._array("db_ih", db_ih, (G * H,), dtype, contiguous=True)
-        db_hh = self._array("db_hh", db_hh, (G * H,), dtype, contiguous=True)
-
+        call = check_backward(cell, dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih,
+                              db_hh, t_start, xp)
+        dy, w_hh, t_start = call.dy, call.w_hh, call.t_start
+        T, B, H, G = call.T, call.B, call.H, call.G
+        dtype = dy.dtype
+        # what the kernels read, C-contiguous (a cache from another backend or a checkpoint
+        # may hold views); fields the cell has not are None
+        saved = {k: None if getattr(cache, k) is None else xp.ascontiguousarray(getattr(cache, k))
+                 for k in CACHED}
         none = self._placeholder(dtype)
-        cached = tuple(none if a is None else a
-                       for a in (cache.h0, cache.c0, y, cache.c, cache.gates, cache.hn))
+        cached = tuple(none if saved[k] is None else saved[k] for k in CACHED)
+        separate = cell in SEPARATE_HIDDEN_GRAD
         dh = self._empty((T, B, H), dtype)                              # T,B,H
         dh[:t_start] = 0
         dgx = self._empty((T, B, G * H), dtype)                         # T,B,GH
-        dgh = self._empty((T, B, G * H), dtype) if cell == "gru" else None
+        dgh = self._empty((T, B, G * H), dtype) if separate else None   # GRU only
         grads = (dh, dgx, none if dgh is None else dgh)
-        dgh = dgx if dgh is None else dgh      # the rows that multiply W_hh
-        dh_final = dfinal[0]
-        dc_final = dfinal[1] if cell == "lstm" else xp.zeros((B, H), dtype=dtype)
+        dh_final = call.dfinal_state[0]
+        dc_final = call.dfinal_state[1] if cell == "lstm" else xp.zeros((B, H), dtype=dtype)
         i32 = np.int32
 
         path, per_block, splits = self.plan(cell, B, H, dtype)  # rows or units
@@ -435,47 +260,30 @@ class Engine:
         else:
             name = kernel_name(f"{cell}_backward_step", dtype)
             grid = self._step_grid(B * H)
-            g = "dgh" if cell == "gru" else "dgx"     # the rows that multiply W_hh
-            cached_names = ("h0", "c0", "y", "c", "gates", "hn")
+            g = "dgh" if separate else "dgx"     # the rows that multiply W_hh
 
             def steps(a):  # per step: the gate-gradient kernel, then dh_rec = dg_h[t] W_hh
                 for t in range(T - 1, t_start - 1, -1):
                     self.launch(name, grid, STEP_THREADS,
                                 (i32(t), i32(B), i32(H), a["dy"], a["dh_rec"])
-                                + tuple(a.get(k, none) for k in cached_names)
+                                + tuple(a.get(k, none) for k in CACHED)
                                 + (a["dh"], a["dgx"], a.get("dgh", none), a["dc"], a["dh_dir"]))
                     self.step_gemm(a[g][t], a["w_hh"], a["dh_rec"], False)
 
-            arrays = dict(zip(cached_names,
-                              (cache.h0, cache.c0, y, cache.c, cache.gates, cache.hn)))
+            arrays = dict(saved)
             arrays.update(dy=dy, w_hh=w_hh, dh=dh, dgx=dgx,
-                          dgh=dgh if cell == "gru" else None,     # not dgx twice: see run()
+                          dgh=dgh,                                # None but for the GRU: see run()
                           dh_rec=dh_final.copy(),                 # B,H  dL/dh_t through W_hh
                           dc=dc_final.copy(),                     # B,H  running dL/dc (LSTM)
                           dh_dir=xp.zeros((B, H), dtype=dtype))   # B,H  GRU z*dh path
             self._run_steps(("backward", cell, T, B, H, t_start, dtype), steps, arrays,
-                            inputs=cached_names + ("dy", "w_hh", "dh_rec", "dc", "dh_dir"),
+                            inputs=CACHED + ("dy", "w_hh", "dh_rec", "dc", "dh_dir"),
                             outputs=("dh", "dgx", "dgh", "dh_rec", "dc", "dh_dir"))
             dh0, dc0 = arrays["dh_rec"] + arrays["dh_dir"], arrays["dc"]
 
         # parameter gradients and dx over the rows t_start .. T-1 as big GEMMs
-        n = (T - t_start) * B
-        gx2 = dgx[t_start:].reshape(n, G * H)                           # n,GH
-        gh2 = dgh[t_start:].reshape(n, G * H)                           # n,GH
-        db_ih += gx2.sum(axis=0)
-        db_hh += gh2.sum(axis=0)
-        h_first = cache.h0 if t_start == 0 else y[t_start - 1]          # B,H  entering t_start
-        dw_hh += xp.matmul(dgh[t_start].T, h_first)
-        if t_start < T - 1:                                             # h entering t+1 is y[t]
-            dw_hh += xp.matmul(dgh[t_start + 1:].reshape(n - B, G * H).T,
-                               y[t_start:T - 1].reshape(n - B, H))
-        if w_ih is None:                                                # dL/d(x W_ih^T) itself
-            dgx[:t_start] = 0
-            dx = dgx
-        else:
-            dw_ih += xp.matmul(gx2.T, x[t_start:].reshape(n, I))
-            dx = xp.zeros((T, B, I), dtype=dtype)                        # T,B,I
-            xp.matmul(gx2, w_ih, out=dx[t_start:].reshape(n, I))
+        dx = finish_backward(cache.x, saved["h0"], saved["y"], dgx, dgx if dgh is None else dgh,
+                             t_start, call.w_ih, call.dw_ih, call.dw_hh, call.db_ih, call.db_hh, xp)
         dstate = (dh0, dc0) if cell == "lstm" else (dh0,)
         return dx, dstate, dh
 
@@ -588,7 +396,7 @@ class Engine:
             dtype = self._float_dtype(f"arrays[{k}]", a)
             if a.size:
                 self.launch(kernel_name("sum_squares", dtype),
-                            max(1, min(1024, _ceil_div(a.size, ROW_THREADS))), ROW_THREADS,
+                            max(1, min(1024, ceil_div(a.size, ROW_THREADS))), ROW_THREADS,
                             (np.int64(a.size), a, out), ROW_THREADS * 8)
         return float(out[0])
 

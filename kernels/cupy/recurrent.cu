@@ -3,14 +3,14 @@
 // Notation: T steps, B batch, H hidden, G gates (LSTM 4: i f g o; GRU 3: r z n; RNN 1),
 // GH = G*H. Arrays are C-contiguous, time-major; parameters in PyTorch's layout.
 //
-// Two paths share the per-unit cell math (struct Lstm / Gru / Rnn below) and the same cache:
+// Three paths share the per-unit cell math (struct Lstm / Gru / Rnn below) and the same cache:
 //
 //  general (any size; Haste's design), per step t, driven from Python:
-//      hp = h_{t-1} @ w_hh^T                (cuBLAS, cupy.matmul)     # B,GH
+//      hp = h_{t-1} @ w_hh^T                (cuBLAS through ctypes)   # B,GH
 //      <cell>_forward_step(t, ...)           one fused gate kernel, one thread per (b, j)
 //    and backward, per step t = T-1 .. t_start:
 //      <cell>_backward_step(t, ...)          fused gate-gradient kernel
-//      dh_rec = dgh[t] @ w_hh               (cuBLAS)                  # B,H
+//      dh_rec = dgh[t] @ w_hh               (cuBLAS through ctypes)   # B,H
 //
 //  persistent (small B, W_hh fits in shared memory): ONE launch runs all steps.
 //      One block per slice of `rows` batch rows; W_hh is copied once into shared memory and
@@ -24,10 +24,12 @@
 //      or gate gradients (backward) that all blocks wrote. At most one block per SM, so all
 //      are resident at once (the barrier needs that).
 //
-// Input projections x @ w_ih^T + b_ih for all steps (one GEMM before the loop) and the weight
-// gradients / dx (big GEMMs after the backward loop) are done in Python with cupy.matmul.
+// The per-step GEMMs call cuBLAS directly through ctypes (_cublas.py: CuPy's wrappers refuse
+// CUDA graph capture). Input projections x @ w_ih^T + b_ih for all steps (one GEMM before the
+// loop) and the weight gradients / dx (big GEMMs after the backward loop) are done in Python
+// with cupy.matmul (cuBLAS too).
 //
-// The activation cache (identical for both paths; what backward needs):
+// The activation cache (identical for the three paths; what backward needs):
 //   y      [T,B,H]   h_1 .. h_T (every cell; the RNN derives act' from it)
 //   gates  [T,B,GH]  activated gates: LSTM i,f,g,o; GRU r,z,n   (unused for RNN)
 //   c      [T,B,H]   LSTM cell states c_1 .. c_T                  (LSTM only)
