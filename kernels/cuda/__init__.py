@@ -25,25 +25,27 @@ Recurrent paths (``config.PATH``, see :mod:`bptt_kernels.cuda.config`)
          48 KiB float32   54/50/28       63/58/34      109/103/64    (no opt-in; simulator)
          48 KiB float64   38/34/16       44/40/19       77/70/37
 Caches
-    :class:`LSTMCache` (x, hs, cs, gates), :class:`GRUCache` (x, hs, gates, hn),
-    :class:`RNNCache` (x, hs); ``hs [T+1,B,H]`` holds h_0..h_T and the returned ``y`` is the
-    view ``hs[1:]`` (as the reference's y is its cache's y: do not modify it in place).
+    The :class:`~bptt_kernels.host.RecurrentCache` of every backend (``tanh_c`` None: backward
+    recomputes tanh(c)); ``extra["hs"]`` ([T+1,B,H], and ``extra["cs"]`` for the LSTM) holds
+    h_0..h_T as the kernels read them, and ``y``, ``h0`` (``c``, ``c0``) are views of it (as the
+    reference's y is its cache's y: do not modify them in place). A cache without ``extra``
+    (made by another backend, or read from a checkpoint) is accepted.
 """
 
+from ..host import RecurrentCache
 from ..reference import linear_backward, linear_forward  # array operators: run on xp's arrays
 from . import config
 from ._device import DTYPES, SIMULATOR, asarray, to_host, xp, zeros
 from .ops import (adam_step, embedding_backward, embedding_forward, scale_, sgd_step,
                   softmax_cross_entropy, sum_of_squares)
-from .recurrent import (GRUCache, LSTMCache, RNNCache, backward, choose_path, forward,
-                        persistent_limits)
+from .recurrent import backward, choose_path, forward, persistent_limits
 
 NAME = "cuda"
 
 
 def lstm_forward(x, state, w_ih, w_hh, b_ih, b_hh):
     """LSTM over T steps. x [T,B,I], state (h0 [B,H], c0 [B,H]), w_ih [4H,I], w_hh [4H,H],
-    b_ih/b_hh [4H]. Returns y [T,B,H], (h_T, c_T), LSTMCache."""
+    b_ih/b_hh [4H]. Returns y [T,B,H], (h_T, c_T), RecurrentCache."""
     return forward("lstm", x, state, w_ih, w_hh, b_ih, b_hh)
 
 
@@ -55,7 +57,7 @@ def lstm_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_h
 
 def gru_forward(x, state, w_ih, w_hh, b_ih, b_hh):
     """GRU over T steps. x [T,B,I], state (h0 [B,H],), w_ih [3H,I], w_hh [3H,H], b_ih/b_hh [3H].
-    Returns y [T,B,H], (h_T,), GRUCache."""
+    Returns y [T,B,H], (h_T,), RecurrentCache."""
     return forward("gru", x, state, w_ih, w_hh, b_ih, b_hh)
 
 
@@ -67,7 +69,7 @@ def gru_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh
 
 def rnn_tanh_forward(x, state, w_ih, w_hh, b_ih, b_hh):
     """Elman RNN (tanh) over T steps. x [T,B,I], state (h0 [B,H],), w_ih [H,I], w_hh [H,H],
-    b_ih/b_hh [H]. Returns y [T,B,H], (h_T,), RNNCache."""
+    b_ih/b_hh [H]. Returns y [T,B,H], (h_T,), RecurrentCache."""
     return forward("rnn_tanh", x, state, w_ih, w_hh, b_ih, b_hh)
 
 
@@ -92,7 +94,7 @@ __all__ = [
     "NAME", "xp", "DTYPES", "SIMULATOR", "config", "asarray", "to_host", "zeros",
     "lstm_forward", "lstm_backward", "gru_forward", "gru_backward",
     "rnn_tanh_forward", "rnn_tanh_backward", "rnn_relu_forward", "rnn_relu_backward",
-    "LSTMCache", "GRUCache", "RNNCache", "persistent_limits", "choose_path",
+    "RecurrentCache", "persistent_limits", "choose_path",
     "softmax_cross_entropy", "linear_forward", "linear_backward",
     "embedding_forward", "embedding_backward",
     "sgd_step", "adam_step", "sum_of_squares", "scale_",

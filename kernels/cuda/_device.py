@@ -11,20 +11,41 @@ Decision (documented in the package docstring too):
   take directly (it copies them in and back around every launch).
 """
 
+import contextlib
+import importlib
+
 import numpy as np
+from numba import cuda, float32, float64
 
-if not hasattr(np, "row_stack"):
-    # NumPy 2.5 removed np.row_stack (an alias of np.vstack), but numba-cuda <= 0.30 registers
-    # a typing overload for it on first compile and fails every kernel launch with
-    # AttributeError (NVIDIA/numba-cuda#907, which upstream will not fix). Restoring the
-    # alias is the whole workaround; seen on an H100 with numba-cuda 0.30.4 + NumPy 2.5.2.
-    np.row_stack = np.vstack
-
-from numba import cuda, float32, float64  # noqa: E402 -- after the NumPy alias above
-
-from . import config  # noqa: E402
+from . import config
 
 SIMULATOR = config.SIMULATOR
+
+
+@contextlib.contextmanager
+def _numpy_row_stack():
+    """np.row_stack (= np.vstack) inside the block only, where NumPy (>= 2.5) lacks it."""
+    lent = not hasattr(np, "row_stack")
+    if lent:
+        np.row_stack = np.vstack
+    try:
+        yield
+    finally:
+        if lent:
+            del np.row_stack
+
+
+def load_numpy_overloads():
+    """Import numba-cuda's NumPy overloads, which its first compile would import: numba-cuda
+    <= 0.30 overloads np.row_stack there and fails every compile under NumPy 2.5 without it
+    (NVIDIA/numba-cuda#907), so the alias is lent for this import only."""
+    with _numpy_row_stack():
+        importlib.import_module("numba.cuda.np.arrayobj")
+
+
+if not SIMULATOR:   # the simulator compiles nothing
+    load_numpy_overloads()
+
 
 class _Missing:
     """Stands in for CuPy where it does not import: the kernels still import (and compile to

@@ -40,8 +40,9 @@ import math
 import numpy as np
 from numba import cuda
 
-from ._device import NUMBA_DTYPE, ONE, SIMULATOR, ZERO
+from bptt_kernels import GATES, SEPARATE_HIDDEN_GRAD
 
+from ._device import NUMBA_DTYPE, ONE, SIMULATOR, ZERO
 
 
 @cuda.jit(device=True)
@@ -183,8 +184,6 @@ POINTS = {
     "rnn_tanh": _rnn_tanh_points,
     "rnn_relu": _rnn_relu_points,
 }
-GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
-SEPARATE_DGH = {"lstm": False, "gru": True, "rnn_tanh": False, "rnn_relu": False}
 
 
 # ----------------------------------------------------------------------------------------
@@ -242,7 +241,7 @@ def persistent_kernels(cell, dtype):
     """
     forward_point, backward_point = POINTS[cell]
     G = GATES[cell]
-    separate_dgh = SEPARATE_DGH[cell]
+    separate_dgh = cell in SEPARATE_HIDDEN_GRAD   # a Python bool: a constant of the kernels
     nb_dtype = NUMBA_DTYPE[np.dtype(dtype)]
 
     @cuda.jit(**PERSISTENT_JIT_OPTIONS)

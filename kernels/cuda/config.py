@@ -16,8 +16,10 @@ PATH
     ``"auto"`` (default) -- persistent where it fits and ``B*H <= PERSISTENT_MAX_PAIRS``, else general.
     Forcing ``"persistent"`` where it does not fit raises ValueError.
 GEMM
-    Matrix products: ``"cublas"`` (``cupy.matmul``, cuBLAS), ``"numba"`` (this package's tiled
-    shared-memory GEMM kernel), ``"auto"`` (default): cublas on a real GPU, numba under the simulator.
+    The input projection and the per-step matrix products: ``"cublas"`` (``cupy.matmul``,
+    cuBLAS), ``"numba"`` (this package's tiled shared-memory GEMM kernel), ``"auto"``
+    (default): cublas on a real GPU, numba under the simulator. (The GEMMs after the backward
+    loop run on ``xp``, in :func:`bptt_kernels.host.finish_backward`, whatever this says.)
 THREADS
     Threads per block of the elementwise / gate / optimizer kernels (grid-stride loops, so any
     value is correct). Small under the simulator, where every thread is a Python thread.

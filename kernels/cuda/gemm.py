@@ -1,13 +1,15 @@
-"""Matrix products and column sums for the recurrent layers.
+"""Matrix products for the recurrent layers (the input projection and the per-step GEMMs).
 
 Numba-CUDA has no cuBLAS binding, so this module has its own simple tiled GEMM kernel
 (shared-memory tiles, one output element per thread). On a real GPU the default is cuBLAS
 through CuPy on the same arrays (``cupy.matmul``; ``cupy.cublas.gemm`` with beta = 1 where the
 product accumulates into its output); ``config.GEMM`` forces either.
 
-Plain references beside the kernels (llm.c style), checked in tests/cudasim/test_ops.py:
+Plain reference beside the kernel (llm.c style), checked in tests/cudasim/test_ops.py:
 ``matmul(a, b, c, trans_a, trans_b, accumulate)``  ==  ``c[...] = op(a) @ op(b) (+ c)``
-``col_sum_add(g, out)``                            ==  ``out += g.sum(axis=0)``
+
+The GEMMs after the backward loop are not here: :func:`bptt_kernels.host.finish_backward`
+runs them on ``xp`` for every backend.
 """
 
 import functools
@@ -18,7 +20,6 @@ from numba import cuda
 from . import _device, config
 from ._device import NUMBA_DTYPE
 from ._device import ZERO as _ZERO
-
 
 
 @functools.lru_cache(maxsize=None)
@@ -94,28 +95,3 @@ def matmul(a, b, c, trans_a=False, trans_b=False, accumulate=False):
     grid = ((N + tile - 1) // tile, (M + tile - 1) // tile)
     _gemm_kernel(tile, c.dtype)[grid, (tile, tile), _device.stream()](
         *_device.kernel_args(a, b, c), bool(trans_a), bool(trans_b), bool(accumulate))
-
-
-_ROWS_PER_THREAD = 64
-
-
-@cuda.jit
-def _col_sum_add_kernel(g, out, rows_per_thread):
-    # g: [N,M]   out: [M] += column sums of g; item = (row chunk, column), one atomic per item
-    N = g.shape[0]
-    M = g.shape[1]
-    chunks = (N + rows_per_thread - 1) // rows_per_thread
-    for item in range(cuda.grid(1), chunks * M, cuda.gridsize(1)):
-        chunk = item // M
-        col = item - chunk * M
-        acc = _ZERO
-        for r in range(chunk * rows_per_thread, min(N, (chunk + 1) * rows_per_thread)):
-            acc += g[r, col]
-        cuda.atomic.add(out, col, acc)
-
-
-def col_sum_add(g, out):
-    """out [M] += g [N,M] summed over rows (bias gradients)."""
-    N, M = g.shape
-    chunks = (N + _ROWS_PER_THREAD - 1) // _ROWS_PER_THREAD
-    _device.launch_1d(_col_sum_add_kernel, chunks * M, g, out, _ROWS_PER_THREAD)

@@ -8,65 +8,27 @@ forward   xw = x @ W_ih^T                      one GEMM over all T*B rows (hoist
           general:    per step  hw = h_t @ W_hh^T (GEMM), gates_forward (fused cell kernel)
 backward  persistent: one launch for steps T-1 .. t_start
           general:    per step  gates_backward, then dh_rec += dg_rec[t] @ W_hh (GEMM)
-          then, over the N = (T-t_start)*B rows of steps t_start..T-1, as big GEMMs:
-          dx = dgx @ W_ih,  dW_ih += dgx^T x,  dW_hh += dgh^T h_prev,  db_ih += sum dgx,  db_hh += sum dgh
-          (w_ih None: no dx or dW_ih; dgx itself is returned in place of dx)
+          then dx, dW_ih, dW_hh and the biases as big GEMMs over the rows of steps
+          t_start..T-1: :func:`bptt_kernels.host.finish_backward` over ``xp`` (cuBLAS through
+          CuPy on a GPU, NumPy under the simulator; ``config.GEMM`` does not apply to them)
+
+The arguments are checked by :mod:`bptt_kernels.host.checks`, and the cache is the shared
+:class:`~bptt_kernels.host.RecurrentCache`. The kernels read h_0..h_T (and c_0..c_T) as one
+[T+1,B,H] array: forward allocates it, returns ``y`` and ``h0`` as views of it and keeps it in
+``cache.extra["hs"]`` (``["cs"]``); backward takes it from there, or builds it from h0 and y
+(c0 and c) for a cache made by another backend or read from a checkpoint.
 """
 
 import functools
-from typing import NamedTuple
 
 import numpy as np
 from numba import cuda
 
-from bptt_kernels import check_input_weight_pair
+from bptt_kernels.host import (SEPARATE_HIDDEN_GRAD, RecurrentCache, check_backward,
+                               check_forward, finish_backward)
 
 from . import _device, cells, config
-from .gemm import col_sum_add, matmul
-
-# ----------------------------------------------------------------------------------------
-# Caches: what forward saves for backward (device arrays)
-
-
-class LSTMCache(NamedTuple):
-    """Activations saved by ``lstm_forward`` for ``lstm_backward``.
-
-    x      [T,B,I]    the input
-    hs     [T+1,B,H]  h_0 .. h_T (hs[0] is the initial state; the returned y is the view hs[1:])
-    cs     [T+1,B,H]  c_0 .. c_T (backward recomputes tanh(c_t))
-    gates  [T,B,4H]   activated gates i, f, g, o of every step
-    """
-    x: object
-    hs: object
-    cs: object
-    gates: object
-
-
-class GRUCache(NamedTuple):
-    """Activations saved by ``gru_forward`` for ``gru_backward``.
-
-    x      [T,B,I]    the input
-    hs     [T+1,B,H]  h_0 .. h_T (y is the view hs[1:])
-    gates  [T,B,3H]   activated gates r, z, n of every step
-    hn     [T,B,H]    h_{t-1} W_hn^T + b_hn (the hidden part of n before r multiplies it)
-    """
-    x: object
-    hs: object
-    gates: object
-    hn: object
-
-
-class RNNCache(NamedTuple):
-    """Activations saved by an Elman RNN forward for its backward.
-
-    x      [T,B,I]    the input
-    hs     [T+1,B,H]  h_0 .. h_T (y is the view hs[1:]; act'(a) is computed from h)
-    """
-    x: object
-    hs: object
-
-
-_CACHE = {"lstm": LSTMCache, "gru": GRUCache, "rnn_tanh": RNNCache, "rnn_relu": RNNCache}
+from .gemm import matmul
 
 # ----------------------------------------------------------------------------------------
 # Path choice and the persistent path's size limits
@@ -152,28 +114,6 @@ def _launch_persistent(kernel, args, work_items, shared_elems, dtype):
     kernel[1, threads, _device.stream(), nbytes](*args)
 
 
-# ----------------------------------------------------------------------------------------
-# Argument checks
-
-
-def _check_state(name, state, n, B, H, dtype):
-    if not isinstance(state, (tuple, list)) or len(state) != n:
-        what = "(h0, c0)" if n == 2 else "(h0,)"
-        raise TypeError(f"{name} must be a tuple {what} of [B, H] arrays, got {type(state).__name__}"
-                        + (f" of length {len(state)}" if isinstance(state, (tuple, list)) else ""))
-    for k, s in enumerate(state):
-        _device.check_array(f"{name}[{k}]", s, ndim=2, dtype=dtype, shape=(B, H))
-
-
-def _check_weights(cell, I, H, dtype, w_ih, w_hh, b_ih, b_hh, prefix=""):
-    GH = cells.GATES[cell] * H
-    if w_ih is not None:                     # None: the caller projected the input
-        _device.check_array(prefix + "w_ih", w_ih, ndim=2, dtype=dtype, shape=(GH, I))
-    _device.check_array(prefix + "w_hh", w_hh, ndim=2, dtype=dtype, shape=(GH, H))
-    _device.check_array(prefix + "b_ih", b_ih, ndim=1, dtype=dtype, shape=(GH,))
-    _device.check_array(prefix + "b_hh", b_hh, ndim=1, dtype=dtype, shape=(GH,))
-
-
 def _dummy(ndim, dtype):
     """A tiny stand-in for an array a cell's kernels never touch."""
     return _device.empty((1,) * ndim, dtype)
@@ -186,30 +126,22 @@ def _dummy(ndim, dtype):
 def forward(cell, x, state, w_ih, w_hh, b_ih, b_hh):
     """One layer of ``cell`` over all T steps; see the backend interface for the contract.
 
-    x [T,B,I], state (h0 [B,H],) or (h0, c0) for lstm, w_ih [G*H,I], w_hh [G*H,H], b_ih/b_hh [G*H].
-    w_ih None: x is x W_ih^T [T,B,G*H] already. Returns y [T,B,H] (the view ``cache.hs[1:]``:
-    do not modify it in place while the cache is needed), the final state (fresh arrays) and
-    the cell's cache NamedTuple.
+    x [T,B,I], state (h0 [B,H],) or (h0, c0) for lstm (None: zeros), w_ih [G*H,I], w_hh [G*H,H],
+    b_ih/b_hh [G*H]. w_ih None: x is x W_ih^T [T,B,G*H] already. Returns y [T,B,H] (the view
+    ``cache.extra["hs"][1:]``: do not modify it in place while the cache is needed), the final
+    state (fresh arrays) and the cache.
     """
-    _device.check_array("x", x, ndim=3)
-    T, B, I = x.shape
+    call = check_forward(cell, x, state, w_ih, w_hh, b_ih, b_hh, _device.xp, _device.DTYPES)
+    x, w_ih, w_hh, b_ih, b_hh = call.x, call.w_ih, call.w_hh, call.b_ih, call.b_hh
+    T, B, I, H, GH = call.T, call.B, call.I, call.H, call.G * call.H
     dtype = x.dtype
-    if T < 1:
-        raise ValueError(f"x must have at least one time step, got shape {list(x.shape)}")
-    _device.check_array("w_hh", w_hh, ndim=2, dtype=dtype)
-    H = w_hh.shape[1]
-    GH = cells.GATES[cell] * H
-    if w_ih is None:
-        _device.check_array("x (projected: w_ih is None)", x, ndim=3, shape=(T, B, GH))
-    _check_weights(cell, I, H, dtype, w_ih, w_hh, b_ih, b_hh)
     is_lstm = cell == "lstm"
-    _check_state("state", state, 2 if is_lstm else 1, B, H, dtype)
 
     hs = _device.empty((T + 1, B, H), dtype)                      # T+1,B,H
-    hs[0] = state[0]
+    hs[0] = call.state[0]
     cs = _device.empty((T + 1, B, H), dtype) if is_lstm else _dummy(3, dtype)
     if is_lstm:
-        cs[0] = state[1]
+        cs[0] = call.state[1]
     gates = _device.empty((T, B, GH), dtype) if cell in ("lstm", "gru") else _dummy(3, dtype)
     hn = _device.empty((T, B, H), dtype) if cell == "gru" else _dummy(3, dtype)
 
@@ -231,17 +163,32 @@ def forward(cell, x, state, w_ih, w_hh, b_ih, b_hh):
             launch(t, *step_args)
 
     final = (hs[T].copy(), cs[T].copy()) if is_lstm else (hs[T].copy(),)
-    if is_lstm:
-        cache = LSTMCache(x, hs, cs, gates)
-    elif cell == "gru":
-        cache = GRUCache(x, hs, gates, hn)
-    else:
-        cache = RNNCache(x, hs)
+    cache = RecurrentCache(
+        cell, x, hs[0], cs[0] if is_lstm else None, y=hs[1:],
+        gates=gates if cell in ("lstm", "gru") else None, c=cs[1:] if is_lstm else None,
+        hn=hn if cell == "gru" else None,
+        extra={"hs": hs, "cs": cs} if is_lstm else {"hs": hs})
     return hs[1:], final, cache
 
 
 # ----------------------------------------------------------------------------------------
 # Backward
+
+
+def _states(cache, is_lstm):
+    """(hs, cs): h_0..h_T and (LSTM) c_0..c_T as [T+1,B,H] arrays, from the cache's extra
+    where forward left them, else joined from h0 and y (c0 and c)."""
+    xp = _device.xp
+    extra = cache.extra or {}
+    hs = extra.get("hs")
+    if hs is None:
+        hs = xp.concatenate([cache.h0[None], cache.y], axis=0)
+    if not is_lstm:
+        return hs, None
+    cs = extra.get("cs")
+    if cs is None:
+        cs = xp.concatenate([cache.c0[None], cache.c], axis=0)
+    return hs, cs
 
 
 def backward(cell, dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh, t_start=0):
@@ -251,51 +198,36 @@ def backward(cell, dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_
     Returns dx [T,B,I], the gradient of the state entering step ``t_start``, dh [T,B,H];
     with w_ih and dw_ih None, dL/d(x W_ih^T) [T,B,G*H] in place of dx.
     """
-    if not isinstance(cache, _CACHE[cell]):
-        raise TypeError(f"cache must be the {_CACHE[cell].__name__} returned by "
-                        f"{cell}_forward of this backend, got {type(cache).__name__}")
-    x, hs = cache.x, cache.hs
-    T, B, I = x.shape
-    H = hs.shape[2]
-    dtype = x.dtype
-    G = cells.GATES[cell]
-    GH = G * H
+    xp = _device.xp
+    call = check_backward(cell, dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh,
+                          t_start, xp)
+    dy, w_hh, t_start = call.dy, call.w_hh, call.t_start
+    T, B, H, GH = call.T, call.B, call.H, call.G * call.H
+    dtype = dy.dtype
     is_lstm = cell == "lstm"
-    _device.check_array("dy", dy, ndim=3, dtype=dtype, shape=(T, B, H))
-    if dfinal_state is None:
-        dfinal_state = tuple(_device.zeros((B, H), dtype) for _ in range(2 if is_lstm else 1))
-    _check_state("dfinal_state", dfinal_state, 2 if is_lstm else 1, B, H, dtype)
-    check_input_weight_pair(w_ih, dw_ih)
-    if w_ih is not None:
-        _device.check_array("w_ih", w_ih, ndim=2, dtype=dtype, shape=(GH, I))
-    _device.check_array("w_hh", w_hh, ndim=2, dtype=dtype, shape=(GH, H))
-    _check_weights(cell, I, H, dtype, dw_ih, dw_hh, db_ih, db_hh, prefix="d")
-    if isinstance(t_start, bool) or not isinstance(t_start, (int, np.integer)):
-        raise TypeError(f"t_start must be an int, got {type(t_start).__name__}")
-    t_start = int(t_start)
-    if not 0 <= t_start < T:
-        raise ValueError(f"t_start must be in [0, {T - 1}] for T={T} steps, got {t_start}")
-
-    cs = cache.cs if is_lstm else _dummy(3, dtype)
-    gates = cache.gates if cell in ("lstm", "gru") else _dummy(3, dtype)
-    hn = cache.hn if cell == "gru" else _dummy(3, dtype)
+    contiguous = xp.ascontiguousarray        # a cache from elsewhere may hold views
+    hs, cs = (None if a is None else contiguous(a) for a in _states(cache, is_lstm))
+    cs = cs if is_lstm else _dummy(3, dtype)
+    gates = contiguous(cache.gates) if cell in ("lstm", "gru") else _dummy(3, dtype)
+    hn = contiguous(cache.hn) if cell == "gru" else _dummy(3, dtype)
     dh = _device.empty((T, B, H), dtype)                          # T,B,H
     dh[:t_start] = 0
     dgx = _device.empty((T, B, GH), dtype)                        # T,B,G*H (rows >= t_start written)
-    separate = cells.SEPARATE_DGH[cell]
+    separate = cell in SEPARATE_HIDDEN_GRAD
     dgh_arg = _device.empty((T, B, GH), dtype) if separate else _dummy(3, dtype)
     dg_rec = dgh_arg if separate else dgx                         # what multiplies W_hh
-    dc = dfinal_state[1].reshape(-1).copy() if is_lstm else _dummy(1, dtype)   # B*H
+    dfinal = call.dfinal_state
+    dc = dfinal[1].reshape(-1).copy() if is_lstm else _dummy(1, dtype)   # B*H
 
     if choose_path(cell, B, H, dtype) == "persistent":
         kernel = cells.persistent_kernels(cell, dtype)[1]
         dh_prev = _device.empty((B, H), dtype)                    # B,H
-        _launch_persistent(kernel, (dy, dfinal_state[0], dc, w_hh, hs, cs, gates, hn, dgx,
+        _launch_persistent(kernel, (dy, dfinal[0], dc, w_hh, hs, cs, gates, hn, dgx,
                                     dgh_arg, dh, t_start, dh_prev), B * H,
                            cells.persistent_shared_elems(cell, B, H)[1], dtype)
     else:
         gates_backward = cells.gate_kernels(cell)[1]
-        dh_rec = dfinal_state[0].copy()                           # B,H  dL/dh_t via recurrence
+        dh_rec = dfinal[0].copy()                                 # B,H  dL/dh_t via recurrence
         step_args = _device.kernel_args(dy, dh_rec.reshape(-1), dc, hs, cs, gates, hn, dgx,
                                         dgh_arg, dh)
         launch = _device.configure_1d(gates_backward, B * H)
@@ -304,19 +236,7 @@ def backward(cell, dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_
             matmul(dg_rec[t], w_hh, dh_rec, accumulate=True)
         dh_prev = dh_rec
 
-    N = (T - t_start) * B                                         # rows of steps t_start..T-1
-    dgx2 = dgx[t_start:].reshape(N, GH)
-    dgh2 = dg_rec[t_start:].reshape(N, GH)
-    matmul(dgh2, hs[t_start:T].reshape(N, H), dw_hh, trans_a=True, accumulate=True)
-    col_sum_add(dgx2, db_ih)
-    col_sum_add(dgh2, db_hh)
-    if w_ih is None:                                              # dL/d(x W_ih^T) itself
-        dgx[:t_start] = 0
-        dx = dgx
-    else:
-        dx = _device.empty((T, B, I), dtype)                      # T,B,I
-        dx[:t_start] = 0
-        matmul(dgx2, w_ih, dx[t_start:].reshape(N, I))            # dx = dgx @ W_ih
-        matmul(dgx2, x[t_start:].reshape(N, I), dw_ih, trans_a=True, accumulate=True)
+    dx = finish_backward(cache.x, hs[0], hs[1:], dgx, dg_rec, t_start, call.w_ih, call.dw_ih,
+                         call.dw_hh, call.db_ih, call.db_hh, xp)
     dstate = (dh_prev, dc.reshape(B, H)) if is_lstm else (dh_prev,)
     return dx, dstate, dh

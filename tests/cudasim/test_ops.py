@@ -5,16 +5,9 @@ relative, with NaN-poisoned scratch memory (conftest.py)."""
 import numpy as np
 import pytest
 
-RTOL = {np.dtype(np.float64): 1e-10, np.dtype(np.float32): 1e-5}
+from helpers import RTOL, assert_close
+
 DTYPES = [np.float64, np.float32]
-
-
-def check(actual, expected, dtype, what):
-    actual = np.asarray(actual, dtype=np.float64)
-    expected = np.asarray(expected, dtype=np.float64)
-    assert actual.shape == expected.shape
-    err = np.max(np.abs(actual - expected)) / np.max(np.abs(expected))
-    assert err <= RTOL[np.dtype(dtype)], f"{what}: relative error {err:.3e}"
 
 
 @pytest.mark.parametrize("trans_a", [False, True])
@@ -29,7 +22,7 @@ def test_gemm_kernel(cuda, rng, trans_a, trans_b, accumulate):
     c = c0.copy() if accumulate else np.full((M, N), np.nan)   # a plain write never reads c
     gemm.matmul(a, b, c, trans_a, trans_b, accumulate)
     want = (a.T if trans_a else a) @ (b.T if trans_b else b) + (c0 if accumulate else 0)
-    check(c, want, np.float64, "gemm")
+    assert_close(c, want, np.float64, "gemm")
 
 
 def test_gemm_cublas_branch_calls(cuda, rng, monkeypatch):
@@ -63,16 +56,7 @@ def test_gemm_cublas_branch_calls(cuda, rng, monkeypatch):
                 c = c0.copy()
                 gemm.matmul(a, b, c, trans_a, trans_b, accumulate)
                 want = (a.T if trans_a else a) @ (b.T if trans_b else b) + (c0 if accumulate else 0)
-                check(c, want, np.float64, f"cublas branch {trans_a} {trans_b} {accumulate}")
-
-
-def test_col_sum_add(cuda, rng):
-    from bptt_kernels.cuda import gemm
-    g = rng.standard_normal((131, 3))                  # several 64-row chunks
-    out0 = rng.standard_normal(3)
-    out = out0.copy()
-    gemm.col_sum_add(g, out)
-    check(out, out0 + g.sum(axis=0), np.float64, "col_sum_add")
+                assert_close(c, want, np.float64, f"cublas branch {trans_a} {trans_b} {accumulate}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -88,7 +72,7 @@ def test_softmax_cross_entropy(cuda, ref, rng, dtype, alias):
     dlogits = work if alias else np.full_like(logits, np.nan)
     got = cuda.softmax_cross_entropy(work, targets, dlogits, 0.25)
     assert abs(got - want) <= RTOL[np.dtype(dtype)] * abs(want)
-    check(dlogits, want_d, dtype, "dlogits")
+    assert_close(dlogits, want_d, dtype, "dlogits")
     assert not dlogits[2].any()
     with pytest.raises(ValueError, match="targets"):
         cuda.softmax_cross_entropy(logits, np.full(N, V), np.empty_like(logits), 1.0)
@@ -100,13 +84,14 @@ def test_embedding(cuda, ref, rng, dtype):
     weight = rng.standard_normal((V, E)).astype(dtype)
     ids = rng.integers(0, V, (4, 3))
     ids[0, :2] = ids[1, 0] = 3                         # repeated ids must accumulate
-    check(cuda.embedding_forward(weight, ids), ref.embedding_forward(weight, ids), dtype, "gather")
+    assert_close(cuda.embedding_forward(weight, ids), ref.embedding_forward(weight, ids), dtype,
+                 "gather")
     dout = rng.standard_normal((4, 3, E)).astype(dtype)
     dw0 = rng.standard_normal((V, E)).astype(dtype)
     got, want = dw0.copy(), dw0.copy()
     cuda.embedding_backward(got, ids, dout)
     ref.embedding_backward(want, ids, dout)
-    check(got, want, dtype, "scatter-add")
+    assert_close(got, want, dtype, "scatter-add")
     with pytest.raises(ValueError, match="ids"):
         cuda.embedding_forward(weight, np.array([0, V]))
 
@@ -121,9 +106,9 @@ def test_sgd_step(cuda, ref, rng, dtype, momentum, weight_decay, nesterov):
     for first in (True, False):
         cuda.sgd_step(got[0], grad, got[1], 0.1, momentum, weight_decay, nesterov, first)
         ref.sgd_step(want[0], grad, want[1], 0.1, momentum, weight_decay, nesterov, first)
-    check(got[0], want[0], dtype, "param")
+    assert_close(got[0], want[0], dtype, "param")
     if momentum:
-        check(got[1], want[1], dtype, "momentum buffer")
+        assert_close(got[1], want[1], dtype, "momentum buffer")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -138,7 +123,7 @@ def test_adam_step(cuda, ref, rng, dtype, weight_decay):
         cuda.adam_step(got[0], grad, got[1], got[2], 1e-2, 0.9, 0.999, 1e-8, weight_decay, step)
         ref.adam_step(want[0], grad, want[1], want[2], 1e-2, 0.9, 0.999, 1e-8, weight_decay, step)
     for a, b, name in zip(got, want, ("param", "m", "v")):
-        check(a, b, dtype, name)
+        assert_close(a, b, dtype, name)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -151,7 +136,7 @@ def test_sum_of_squares_and_scale(cuda, ref, rng, dtype):
     cuda.scale_(got, 0.37)
     ref.scale_(arrays, 0.37)
     for a, b in zip(got, arrays):
-        check(a, b, dtype, "scale_")
+        assert_close(a, b, dtype, "scale_")
 
 
 def test_tunables_do_not_change_results(cuda, ref, rng):
@@ -166,11 +151,11 @@ def test_tunables_do_not_change_results(cuda, ref, rng):
     want = ref.softmax_cross_entropy(logits, targets, want_d, 1.0)
     got_d = np.full_like(logits, np.nan)
     assert abs(cuda.softmax_cross_entropy(logits, targets, got_d, 1.0) - want) <= 1e-12 * abs(want)
-    check(got_d, want_d, np.float64, "dlogits, THREADS=48")
+    assert_close(got_d, want_d, np.float64, "dlogits, THREADS=48")
     a, b = rng.standard_normal((4, 5)), rng.standard_normal((5, 7))
     c = np.full((4, 7), np.nan)
     gemm.matmul(a, b, c)
-    check(c, a @ b, np.float64, "gemm, tile 3")
+    assert_close(c, a @ b, np.float64, "gemm, tile 3")
     config.reset()
     assert (config.THREADS, config.GEMM_TILE, config.PATH) == defaults + ("auto",)
 
@@ -196,3 +181,30 @@ def test_backend_interface_matches_reference(cuda, ref):
     assert "linear_forward" in names and "lstm_backward" in names
     for n in names:
         assert inspect.signature(getattr(cuda, n)) == inspect.signature(getattr(ref, n)), n
+
+
+# NumPy as 2.5 has it: no np.row_stack, nor in ``from numpy import *``
+NUMPY_WITHOUT_ROW_STACK = (
+    "import numpy as np\n"
+    "if hasattr(np, 'row_stack'):\n"
+    "    del np.row_stack\n"
+    "    np.__all__ = [n for n in np.__all__ if n != 'row_stack']\n")
+
+
+def test_import_leaves_numpy_alone(cuda):
+    """Importing the backend under the simulator (which compiles nothing) adds no
+    np.row_stack to a NumPy without it, and the backend still runs (in a fresh process)."""
+    import os
+    import subprocess
+    import sys
+    code = NUMPY_WITHOUT_ROW_STACK + (
+        "import bptt_kernels.cuda as cb\n"
+        "assert cb.SIMULATOR\n"
+        "assert not hasattr(np, 'row_stack'), 'the import added np.row_stack'\n"
+        "out = [np.ones(3)]\n"
+        "cb.scale_(out, 2.0)\n"
+        "assert (out[0] == 2).all() and not hasattr(np, 'row_stack')\n"
+        "print('ok')\n")
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]

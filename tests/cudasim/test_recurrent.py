@@ -7,50 +7,21 @@ float64 is the independent oracle. Shapes are odd and small: they exercise parti
 grid-stride loops over more points than threads, and several blocks in the gate kernels.
 """
 
+import re
+
 import numpy as np
 import pytest
 
-CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
-GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
-RTOL = {np.dtype(np.float64): 1e-10, np.dtype(np.float32): 1e-5}
+from bptt_kernels import CELLS
+from bptt_kernels.host import RecurrentCache, cache_from_arrays, cache_to_arrays
+from helpers import RTOL, assert_close, random_layer_problem
+
 SHAPE_A = dict(T=4, B=2, I=3, H=5)    # LSTM: B*G*H = 40 > 32 threads of the persistent block
 SHAPE_B = dict(T=3, B=3, I=2, H=12)   # B*H = 36 > 32: the gate kernels run 2 blocks
 
 CASES = (
     [("f64", SHAPE_A, 0), ("f64", SHAPE_A, 2), ("f64", SHAPE_B, 1), ("f32", SHAPE_A, 1)]
 )
-
-
-def rel_err(actual, expected):
-    actual = np.asarray(actual, dtype=np.float64)
-    expected = np.asarray(expected, dtype=np.float64)
-    assert actual.shape == expected.shape, f"shape {actual.shape} != {expected.shape}"
-    scale = np.max(np.abs(expected))
-    diff = np.max(np.abs(actual - expected))   # NaN (poison) propagates and fails
-    return diff / scale if scale > 0 else diff
-
-
-def check(actual, expected, rtol, what):
-    err = rel_err(actual, expected)
-    assert err <= rtol, f"{what}: relative error {err:.3e} > {rtol:.0e}"
-
-
-def make_problem(rng, cell, T, B, I, H, dtype):
-    """Random weights, input, state, dy, dfinal_state (host arrays, never zero)."""
-    G = GATES[cell]
-    s = 1 / np.sqrt(H)
-    p = {
-        "w_ih": rng.uniform(-s, s, (G * H, I)), "w_hh": rng.uniform(-s, s, (G * H, H)),
-        "b_ih": rng.uniform(-s, s, G * H), "b_hh": rng.uniform(-s, s, G * H),
-        "x": rng.standard_normal((T, B, I)), "dy": rng.standard_normal((T, B, H)),
-    }
-    n_state = 2 if cell == "lstm" else 1
-    p["state"] = tuple(rng.standard_normal((B, H)) for _ in range(n_state))
-    p["dfinal"] = tuple(rng.standard_normal((B, H)) for _ in range(n_state))
-    p["grads0"] = [rng.standard_normal(p[k].shape) for k in ("w_ih", "w_hh", "b_ih", "b_hh")]
-    cast = lambda a: a.astype(dtype)   # noqa: E731
-    return {k: (tuple(map(cast, v)) if isinstance(v, tuple) else
-                [cast(a) for a in v] if isinstance(v, list) else cast(v)) for k, v in p.items()}
 
 
 def run(backend, cell, p, t_start):
@@ -68,23 +39,28 @@ def run(backend, cell, p, t_start):
     return out
 
 
+def compare(got, want, dtype, what):
+    """Every output of :func:`run` within RTOL[dtype] of the reference's (a NaN fails: poison)."""
+    for key in ("y", "dx", "dh"):
+        assert_close(got[key], want[key], dtype, f"{what} {key}")
+    for key in ("final", "dstate", "grads"):
+        assert len(got[key]) == len(want[key])
+        for k, (a, b) in enumerate(zip(got[key], want[key])):
+            assert_close(a, b, dtype, f"{what} {key}[{k}]")
+
+
 @pytest.mark.parametrize("path", ["general", "persistent"])
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("dt,shape,t_start", CASES,
                          ids=[f"{c[0]}-T{c[1]['T']}B{c[1]['B']}H{c[1]['H']}-t{c[2]}" for c in CASES])
 def test_matches_reference(cuda, ref, rng, cell, path, dt, shape, t_start):
     dtype = np.float64 if dt == "f64" else np.float32
-    rtol = RTOL[np.dtype(dtype)]
     cuda.config.PATH = path
     assert cuda.choose_path(cell, shape["B"], shape["H"], dtype) == path
-    p = make_problem(rng, cell, dtype=dtype, **shape)
+    p = random_layer_problem(rng, cell, dtype=dtype, **shape)
     got = run(cuda, cell, p, t_start)
     want = run(ref, cell, p, t_start)
-    for key in ("y", "dx", "dh"):
-        check(got[key], want[key], rtol, f"{cell} {path} {key}")
-    for key in ("final", "dstate", "grads"):
-        for k, (a, b) in enumerate(zip(got[key], want[key])):
-            check(a, b, rtol, f"{cell} {path} {key}[{k}]")
+    compare(got, want, dtype, f"{cell} {path}")
     assert not got["dx"][:t_start].any() and not got["dh"][:t_start].any(), \
         "rows before t_start must be zero"
 
@@ -107,7 +83,7 @@ def test_finite_differences_float64(cuda, rng, cell, path):
     every weight, bias, input and initial-state element; L = sum(y*R) + sum(final*S)."""
     T, B, I, H = 3, 2, 3, 4
     cuda.config.PATH = path
-    p = make_problem(rng, cell, T, B, I, H, np.float64)
+    p = random_layer_problem(rng, cell, T, B, I, H, np.float64)
     names = ["x", "w_ih", "w_hh", "b_ih", "b_hh"]
     flat = {k: p[k] for k in names}
     flat.update({f"s{k}": s for k, s in enumerate(p["state"])})
@@ -154,24 +130,74 @@ def test_auto_path_and_limits(cuda):
 
 
 def test_bad_arguments_name_the_argument(cuda, rng):
+    """The shared checks' messages (bptt_kernels.host.checks), each in full."""
     T, B, I, H = 2, 2, 3, 4
     x = rng.standard_normal((T, B, I))
     w_ih, w_hh = rng.standard_normal((3 * H, I)), rng.standard_normal((3 * H, H))
     b = rng.standard_normal(3 * H)
     h0 = rng.standard_normal((B, H))
-    with pytest.raises(ValueError, match="w_ih"):
+
+    def raises(exc, text):
+        return pytest.raises(exc, match="^" + re.escape(text) + "$")
+
+    with raises(ValueError, "w_ih must have shape [12, 3], got [12, 2]"):
         cuda.gru_forward(x, (h0,), w_ih[:, :2].copy(), w_hh, b, b)
-    with pytest.raises(TypeError, match="b_hh"):
+    with raises(TypeError, "b_hh must have dtype float64, got float32"):
         cuda.gru_forward(x, (h0,), w_ih, w_hh, b, b.astype(np.float32))
-    with pytest.raises(TypeError, match="state"):
+    with raises(TypeError, "state must be a tuple (h,) of [B, H] arrays for gru, got ndarray"):
         cuda.gru_forward(x, h0, w_ih, w_hh, b, b)
-    with pytest.raises(TypeError, match="x"):
+    with raises(TypeError, "x must be a numpy.ndarray (use the backend's asarray), got list"):
         cuda.gru_forward(x.tolist(), (h0,), w_ih, w_hh, b, b)
     y, final, cache = cuda.gru_forward(x, (h0,), w_ih, w_hh, b, b)
     grads = [np.zeros_like(a) for a in (w_ih, w_hh, b, b)]
-    with pytest.raises(ValueError, match="t_start"):
+    with raises(ValueError, f"t_start must be in [0, {T - 1}], got {T}"):
         cuda.gru_backward(y, final, cache, w_ih, w_hh, *grads, t_start=T)
-    with pytest.raises(ValueError, match="dy"):
+    with raises(ValueError, "dy must have shape [2, 2, 4], got [1, 2, 4]"):
         cuda.gru_backward(y[:1].copy(), final, cache, w_ih, w_hh, *grads)
-    with pytest.raises(TypeError, match="cache"):
+    with raises(ValueError, "cache comes from gru_forward, not lstm_forward"):
         cuda.lstm_backward(y, (h0, h0), cache, w_ih, w_hh, *grads)
+    with raises(TypeError, "cache must be the RecurrentCache returned by gru_forward, got tuple"):
+        cuda.gru_backward(y, final, tuple(cache), w_ih, w_hh, *grads)
+
+
+CACHE_FIELDS = {"lstm": {"x", "h0", "c0", "y", "gates", "c"},       # the fields a cell has
+                "gru": {"x", "h0", "y", "gates", "hn"},
+                "rnn_tanh": {"x", "h0", "y"}, "rnn_relu": {"x", "h0", "y"}}
+
+
+@pytest.mark.parametrize("path", ["general", "persistent"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_caches_cross_backends(cuda, ref, rng, cell, path):
+    """The one cache layout: the reference's cache (moved field by field by this backend's
+    asarray, as a checkpoint stores it: no extra, and the LSTM's tanh_c, which this backend does
+    not read) drives this backend's backward, and this backend's cache, its documented fields
+    views of extra["hs"], drives the reference's; both end to end as the reference alone."""
+    cuda.config.PATH = path
+    T, B, I, H = 3, 2, 3, 4
+    p = random_layer_problem(rng, cell, T, B, I, H, np.float64)
+    want = run(ref, cell, p, 1)
+    weights = tuple(p[k] for k in ("w_ih", "w_hh", "b_ih", "b_hh"))
+
+    def backward(backend, cache):
+        grads = [g.copy() for g in p["grads0"]]
+        dx, dstate, dh = getattr(backend, f"{cell}_backward")(
+            p["dy"], p["dfinal"], cache, p["w_ih"], p["w_hh"], *grads, t_start=1)
+        return dict(dx=dx, dstate=list(dstate), dh=dh, grads=grads)
+
+    _, _, ref_cache = getattr(ref, f"{cell}_forward")(p["x"], p["state"], *weights)
+    cache = cache_from_arrays(*cache_to_arrays(ref_cache, np.array),
+                              lambda a: cuda.asarray(a, a.dtype))
+    assert cache.extra is None
+    compare(dict(want, **backward(cuda, cache)), want, np.float64, f"{cell} {path} reference cache")
+
+    y, final, cache = getattr(cuda, f"{cell}_forward")(p["x"], p["state"], *weights)
+    assert isinstance(cache, RecurrentCache) and cache.cell == cell and cache.tanh_c is None
+    assert {f for f in cache._fields[1:-1] if getattr(cache, f) is not None} == CACHE_FIELDS[cell]
+    hs = cache.extra["hs"]
+    assert cache.y is not None and np.shares_memory(cache.y, hs) and np.array_equal(cache.y, y)
+    assert np.array_equal(cache.h0, p["state"][0]) and np.array_equal(hs[1:], y)
+    if cell == "lstm":
+        assert np.array_equal(cache.extra["cs"][1:], cache.c)
+    cache = cache_from_arrays(*cache_to_arrays(cache, cuda.to_host), np.asarray)
+    got = dict(y=y, final=list(final), **backward(ref, cache))
+    compare(got, want, np.float64, f"{cell} {path} this backend's cache, reference backward")
