@@ -349,7 +349,8 @@ def test_paths_share_the_cache(engines, cell):
         compare(got, want, TOL[np.float64], f"{cell} {fwd}->{bwd}")
 
 
-CACHE_FIELDS = {"lstm": {"x", "h0", "c0", "y", "gates", "c"}, "gru": {"x", "h0", "y", "gates", "hn"},
+CACHE_FIELDS = {"lstm": {"x", "h0", "c0", "y", "gates", "c"},       # the fields a cell has
+                "gru": {"x", "h0", "y", "gates", "hn"},
                 "rnn_tanh": {"x", "h0", "y"}, "rnn_relu": {"x", "h0", "y"}}
 
 
@@ -369,7 +370,8 @@ def test_caches_cross_backends(engines, cell, path):
     weights = (p["w_ih"], p["w_hh"], p["b_ih"], p["b_hh"])
 
     _, _, ref_cache = getattr(ref, f"{cell}_forward")(p["x"], p["state"], *weights)
-    cache = cache_from_arrays(*cache_to_arrays(ref_cache, np.array), lambda a: eng.asarray(a, a.dtype))
+    cache = cache_from_arrays(*cache_to_arrays(ref_cache, np.array),
+                              lambda a: eng.asarray(a, a.dtype))
     grads = [g.copy() for g in grads0]
     dx, dstate, dh = eng.recurrent_backward(cell, dy, dfinal, cache, p["w_ih"], p["w_hh"],
                                             *grads, t_start=1)

@@ -133,16 +133,21 @@ class Engine:
         """(path, rows or units per block, splits per dot) on this device (:func:`._plan.plan`)."""
         return plan_path(cell, B, H, dtype, self.limits())
 
-    def _persistent_launch(self, name, B, H, rows, splits, smem, args):
-        threads = min(MAX_PERSISTENT_THREADS, ceil_div(splits * rows * H, 32) * 32)
-        self.launch(name, ceil_div(B, rows), threads, args, smem)
-
-    def _cooperative_launch(self, name, B, H, units, splits, smem, args):
-        """One block per `units` hidden units (no more blocks than SMs: all resident), at
-        least splits * B * units threads; a fresh zero barrier counter."""
-        threads = min(MAX_PERSISTENT_THREADS, ceil_div(splits * B * units, 32) * 32)
-        barrier = self.xp.zeros(1, dtype=np.uint32)
-        self.launch(name, ceil_div(H, units), threads, args + (barrier,), smem)
+    def _one_launch(self, direction, path, cell, B, H, per_block, splits, dtype, args):
+        """Launch the persistent or cooperative kernel of ``direction`` ("forward" or
+        "backward") with at least splits threads per dot product. Persistent: one block per
+        ``per_block`` batch rows. Cooperative: one block per ``per_block`` hidden units (no
+        more blocks than SMs: all resident), a fresh zero barrier counter appended to args."""
+        k = ("forward", "backward").index(direction)
+        if path == "persistent":
+            blocks, work = ceil_div(B, per_block), splits * per_block * H
+            smem = persistent_smem_layout(cell, H, per_block, dtype, splits)[k]
+        else:
+            blocks, work = ceil_div(H, per_block), splits * B * per_block
+            smem = cooperative_smem_layout(cell, H, B, per_block, dtype, splits)[k]
+            args += (self.xp.zeros(1, dtype=np.uint32),)
+        threads = min(MAX_PERSISTENT_THREADS, ceil_div(work, 32) * 32)
+        self.launch(kernel_name(f"{cell}_{direction}_{path}", dtype), blocks, threads, args, smem)
 
     def _step_grid(self, n):
         return max(1, min(MAX_GRID, ceil_div(n, STEP_THREADS)))
@@ -187,16 +192,9 @@ class Engine:
 
         path, per_block, splits = self.plan(cell, B, H, dtype)  # rows or units
         if path in ("persistent", "cooperative"):
-            args = ((i32(T), i32(B), i32(H), i32(per_block), i32(splits), xproj, w_hh, b_hh, h0,
-                     none if c0 is None else c0) + outs)
-            if path == "persistent":
-                self._persistent_launch(
-                    kernel_name(f"{cell}_forward_persistent", dtype), B, H, per_block, splits,
-                    persistent_smem_layout(cell, H, per_block, dtype, splits)[0], args)
-            else:
-                self._cooperative_launch(
-                    kernel_name(f"{cell}_forward_cooperative", dtype), B, H, per_block, splits,
-                    cooperative_smem_layout(cell, H, B, per_block, dtype, splits)[0], args)
+            self._one_launch("forward", path, cell, B, H, per_block, splits, dtype,
+                             (i32(T), i32(B), i32(H), i32(per_block), i32(splits), xproj, w_hh,
+                              b_hh, h0, none if c0 is None else c0) + outs)
         else:
             name = kernel_name(f"{cell}_forward_step", dtype)
             grid = self._step_grid(B * H)
@@ -247,16 +245,9 @@ class Engine:
         if path in ("persistent", "cooperative"):
             dh0 = self._empty((B, H), dtype)
             dc0 = self._empty((B, H), dtype)
-            args = ((i32(T), i32(t_start), i32(B), i32(H), i32(per_block), i32(splits), dy, w_hh)
-                    + cached + (dh_final, dc_final) + grads + (dh0, dc0))
-            if path == "persistent":
-                self._persistent_launch(
-                    kernel_name(f"{cell}_backward_persistent", dtype), B, H, per_block, splits,
-                    persistent_smem_layout(cell, H, per_block, dtype, splits)[1], args)
-            else:
-                self._cooperative_launch(
-                    kernel_name(f"{cell}_backward_cooperative", dtype), B, H, per_block, splits,
-                    cooperative_smem_layout(cell, H, B, per_block, dtype, splits)[1], args)
+            self._one_launch("backward", path, cell, B, H, per_block, splits, dtype,
+                             (i32(T), i32(t_start), i32(B), i32(H), i32(per_block), i32(splits),
+                              dy, w_hh) + cached + (dh_final, dc_final) + grads + (dh0, dc0))
         else:
             name = kernel_name(f"{cell}_backward_step", dtype)
             grid = self._step_grid(B * H)
@@ -295,7 +286,7 @@ class Engine:
         logits = self._array("logits", logits, ndim=2, contiguous=True)
         dtype = self._float_dtype("logits", logits)
         N, V = logits.shape
-        targets = self._targets("targets", targets, (N,))
+        targets = self._indices("targets", targets, (N,))
         dlogits = self._array("dlogits", dlogits, (N, V), dtype, contiguous=True)
         if N == 0:
             return 0.0
@@ -311,24 +302,20 @@ class Engine:
                      row_loss), (2 * threads + 1) * dtype.itemsize)
         return float(row_loss.sum())
 
-    def _targets(self, name, a, shape):
+    def _indices(self, name, a, shape=None):
+        """Integer indices as a C-contiguous int64 device array (host array-likes uploaded)."""
         xp = self.xp
         if not isinstance(a, xp.ndarray):
             a = xp.asarray(np.asarray(a))
         if a.dtype.kind not in "iu":
             raise TypeError(f"{name} must be an integer array, got {a.dtype.name}")
         a = xp.ascontiguousarray(a, dtype=np.int64)
-        if tuple(a.shape) != tuple(shape):
+        if shape is not None and tuple(a.shape) != tuple(shape):
             raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(a.shape)}")
         return a
 
     def _ids(self, ids, V):
-        xp = self.xp
-        if not isinstance(ids, xp.ndarray):
-            ids = xp.asarray(np.asarray(ids))
-        if ids.dtype.kind not in "iu":
-            raise TypeError(f"ids must be an integer array, got {ids.dtype.name}")
-        ids = xp.ascontiguousarray(ids, dtype=np.int64)
+        ids = self._indices("ids", ids)
         if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= V):
             raise ValueError(f"ids must be in [0, {V - 1}], got range "
                              f"[{int(ids.min())}, {int(ids.max())}]")
