@@ -162,13 +162,14 @@ def forward(cell, x, state, w_ih, w_hh, b_ih, b_hh):
             matmul(hs[t], w_hh, hw, trans_b=True)
             launch(t, *step_args)
 
+    y = hs[1:]                                                    # T,B,H
     final = (hs[T].copy(), cs[T].copy()) if is_lstm else (hs[T].copy(),)
     cache = RecurrentCache(
-        cell, x, hs[0], cs[0] if is_lstm else None, y=hs[1:],
+        cell, x, hs[0], cs[0] if is_lstm else None, y=y,
         gates=gates if cell in ("lstm", "gru") else None, c=cs[1:] if is_lstm else None,
         hn=hn if cell == "gru" else None,
         extra={"hs": hs, "cs": cs} if is_lstm else {"hs": hs})
-    return hs[1:], final, cache
+    return y, final, cache
 
 
 # ----------------------------------------------------------------------------------------
