@@ -297,6 +297,17 @@ class Trainer:
 
     # ------------------------------------------------------------------ training
 
+    def updates_per_epoch(self, data, batch_size, reset_mask=None):
+        """Updates one epoch of :meth:`fit` makes on this data (arguments as there): one per chunk of
+        k1 steps (per group under full BPTT) that holds a loss term; chunks without one (the early
+        chunks of a last-step task) make none. A skipped non-finite update counts too."""
+        dataset = Dataset(self.model, data, batch_size, reset_mask)
+        n = 0
+        for group in dataset.groups:
+            k = group.T if self.k1 is None else self.k1
+            n += sum(1 for t in range(0, group.T, k) if group.count(t, min(t + k, group.T)))
+        return n
+
     def fit(self, data, batch_size, epochs=1, max_steps=None, validation=None, callbacks=(), reset_mask=None):
         """Train until ``epochs`` epochs are complete or ``max_steps`` updates are made, both counted
         over the trainer's life (a resumed run counts what was done before the checkpoint).
