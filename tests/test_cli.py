@@ -3,6 +3,7 @@ and sampling, on a small text file with tiny models so the whole file stays fast
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -124,10 +125,10 @@ def test_task_runs(tmp_path, capsys, task, key):
 
 
 def test_forget_bias_shifts_only_the_lstm_forget_gates():
-    from bptt.cli import _build_model
+    from bptt.cli.build import build_model
     cfg = dict(task="copy", hidden_size=5, num_layers=2, cell="lstm", dtype="float64", seed=4)
-    plain = _build_model(dict(cfg, forget_bias=0.0)).state_dict()
-    shifted = _build_model(dict(cfg, forget_bias=2.5)).state_dict()
+    plain = build_model(dict(cfg, forget_bias=0.0)).state_dict()
+    shifted = build_model(dict(cfg, forget_bias=2.5)).state_dict()
     for name, value in plain.items():
         delta = shifted[name] - value
         if name.startswith("rnn.bias_ih"):
@@ -211,11 +212,23 @@ def test_help_imports_no_numerics():
     """`bptt --help` stays instant: parsing the arguments imports neither NumPy nor Numba."""
     code = ("import sys, bptt.cli\n"
             "try:\n    bptt.cli.main(['train', '--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
-            "print(sorted(m for m in ('numpy', 'numba', 'bptt.layers', 'bptt_kernels') if m in sys.modules))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+            "print(sorted(m for m in ('numpy', 'numba', 'bptt.layers', 'bptt_kernels', 'tqdm') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, COLUMNS="1000"))    # argparse wraps help at $COLUMNS
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "[]"
     assert "--k2" in proc.stdout and "--task" in proc.stdout
+    assert "--cell {lstm,gru,rnn_tanh,rnn_relu}" in proc.stdout
+    assert "(adding: " in proc.stdout and "lag=100)" in proc.stdout
+
+
+def test_cell_choices_are_the_kernels_cells():
+    """The parser reads the cell names from the kernels' table without importing bptt_kernels."""
+    from bptt_kernels import CELLS
+    from bptt.cli.arguments import build_parser, cell_names
+    assert cell_names() == tuple(CELLS)
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    assert next(a for a in train._actions if a.dest == "cell").choices == tuple(CELLS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,35 +299,58 @@ class _Stream:
         pass
 
 
-@pytest.mark.parametrize("tty", [True, False])
-def test_progress_redraws_on_a_terminal_and_writes_lines_otherwise(tty):
-    from bptt.cli import Progress
-    stream = _Stream(tty)
-    progress = Progress(total=4, stream=stream, every_s=0.0)
-    for step in range(1, 5):
-        progress({"step": step, "epoch": 0, "loss": 2.0 / step, "tokens": 100})
+def _feed(progress, steps, loss=lambda step: 2.0 / step):
+    for step in steps:
+        progress({"step": step, "epoch": 0, "loss": loss(step), "tokens": 100})
     progress.close()
-    assert "step 4" in stream.text and "100%" in stream.text and "tok/s" in stream.text
-    if tty:
-        assert stream.text.count("\r") >= 4 and stream.text.count("\n") == 1
-    else:
-        assert "\r" not in stream.text and stream.text.count("\n") >= 4
+
+
+def test_progress_redraws_one_line_on_a_terminal():
+    from bptt.cli.progress import Progress
+    stream = _Stream(True)
+    progress = Progress(total=4, stream=stream, every_s=0.0)
+    _feed(progress, range(1, 5))
+    assert "step 4/4" in stream.text and "100%" in stream.text and "tok/s" in stream.text
+    average = 2.0
+    for step in (2, 3, 4):
+        average = 0.95 * average + 0.05 * 2.0 / step
+    assert f"loss {average:.4f}" in stream.text and "eta 00:00" in stream.text
+    assert stream.text.count("\r") >= 4 and stream.text.count("\n") == 1
     assert progress.recent_loss() == pytest.approx(np.mean([2.0, 1.0, 2 / 3, 0.5]))
 
 
-def test_progress_says_why_the_first_update_is_slow_only_while_it_is():
-    from bptt.cli import Progress
+LINE = re.compile(r"train step (\d+)/(\d+) \[([#-]{20})\] +(\d+)%  loss (\S+)  ([\d,]+) tok/s  "
+                  r"(\d\d:\d\d) eta (\S+)")
+
+
+def test_progress_writes_plain_lines_off_a_terminal():
+    """Not a terminal (a pipe, a log file): whole lines, no carriage returns, one every
+    every_s seconds and one at the end; each shows the step of the total, the bar, the
+    percentage, the moving average of the loss, tokens/s, the time since the start and the ETA."""
+    from bptt.cli.progress import Progress
     stream = _Stream(False)
-    progress = Progress(total=2, stream=stream, every_s=0.0, wait_notice="compiling", wait_notice_s=0.01)
-    progress._waiting.join()                          # the notice is due: it is written once
-    progress({"step": 1, "epoch": 0, "loss": 1.0, "tokens": 10})
-    progress.close()
-    assert stream.text.startswith("compiling\n") and stream.text.count("compiling") == 1
+    progress = Progress(total=4, stream=stream, every_s=0.0)
+    _feed(progress, range(1, 5))
+    assert "\r" not in stream.text
+    lines = stream.text.splitlines()
+    fields = [LINE.fullmatch(line).groups() for line in lines]
+    assert [f[:4] for f in fields] == [("1", "4", "#" * 5 + "-" * 15, "25"), ("2", "4", "#" * 10 + "-" * 10, "50"),
+                                       ("3", "4", "#" * 15 + "-" * 5, "75"), ("4", "4", "#" * 20, "100"),
+                                       ("4", "4", "#" * 20, "100")]
+    assert fields[0][4] == "2.0000" and fields[1][4] == f"{0.95 * 2 + 0.05 * 1:.4f}"   # moving average
+    assert all(int(f[5].replace(",", "")) > 0 for f in fields)                     # tokens per second
+    assert fields[0][7] == "?" and fields[-1][7] == "00:00"       # no ETA from the first update alone
+
+    # the default interval off a terminal is 10 s: a fast run writes its first update and the end
     stream = _Stream(False)
-    progress = Progress(total=2, stream=stream, every_s=0.0, wait_notice="compiling", wait_notice_s=60)
-    progress({"step": 1, "epoch": 0, "loss": 1.0, "tokens": 10})   # an update came first
-    progress.close()
-    assert "compiling" not in stream.text and "step 1" in stream.text
+    progress = Progress(total=3, stream=stream, start_step=4)       # a resumed run: steps 5..7
+    _feed(progress, range(5, 8))
+    lines = stream.text.splitlines()
+    assert [LINE.fullmatch(line).group(1, 2, 4) for line in lines] == [("5", "7", "71"), ("7", "7", "100")]
+
+    stream = _Stream(False)
+    Progress(total=3, stream=stream).close()                        # no update: no line
+    assert stream.text == ""
 
 
 @pytest.mark.slow
@@ -357,3 +393,40 @@ def test_ctrl_c_saves_a_consistent_checkpoint_and_resumes(tmp_path):
                              capture_output=True, text=True, timeout=120)
     assert resumed.returncode == 0, resumed.stderr
     assert _json_last_line(resumed.stdout)["updates_this_run"] == 2
+
+
+def test_ctrl_c_in_process_stops_at_the_last_finished_update(tmp_path, corpus_file, capsys, monkeypatch):
+    """A SIGINT that arrives between updates (here: from a callback after update 2) ends fit at
+    once; the checkpoint holds update 2 and the command exits with 130."""
+    import signal
+    from bptt.cli import commands
+
+    class InterruptAfterStep2(commands.StepLog):
+        def __call__(self, event):
+            super().__call__(event)
+            if event["step"] == 2:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(commands, "StepLog", InterruptAfterStep2)
+    run = tmp_path / "run"
+    rc, out, err = _run(capsys, ["train", "--data", corpus_file, "--out", run, *TINY, "--max-steps", "10"])
+    assert rc == 130 and out == ""
+    assert f"interrupted after update 2: checkpoint saved to {run / CHECKPOINT_FILE}" in err
+    trainer = bptt.Trainer.from_checkpoint(str(run / CHECKPOINT_FILE))
+    assert trainer.step == 2 and len(trainer.history["step"]) == 2
+
+
+@pytest.mark.parametrize("k1, k2", [(3, 3), (3, 7), (None, None)])
+def test_updates_per_epoch_is_what_fit_does(k1, k2):
+    """The count the progress total comes from: the updates of one epoch of fit, for a token
+    stream (last partial chunk included) and for tasks (chunks without targets make none)."""
+    from bptt.tasks import make_task, task
+    tokens = np.random.default_rng(0).integers(0, 20, 203)
+    cases = [(bptt.LanguageModel(20, 4, 6, seed=0), tokens)]
+    for name in ("copy", "adding"):                   # copy: T = 15, targets at steps 11..14
+        cases.append((task(name).build_model(6, seed=0), make_task(name, 11, 6, seed=1)))
+    for model, data in cases:
+        trainer = bptt.Trainer(model, bptt.SGD(0.01), k1=k1, k2=k2)
+        expected = trainer.updates_per_epoch(data, 4)
+        assert expected == len(trainer.fit(data, 4)["step"]) and expected > 0
+    assert bptt.Trainer(cases[1][0], bptt.SGD(0.01), k1=3).updates_per_epoch(cases[1][1], 4) == 3 * 2

@@ -1,0 +1,79 @@
+"""The ``bptt`` command line: ``bptt train``, ``bptt eval``, ``bptt sample`` (also ``python -m bptt``).
+
+``bptt train`` with no arguments trains a small character-level LSTM language model with
+truncated BPTT on the offline default corpus (the Python help topics shipped with the standard
+library, see :mod:`bptt.data`), shows its progress on stderr, writes a checkpoint to
+``runs/default`` and prints a sample. ``bptt train --task copy|adding`` trains a SequenceModel
+on a synthetic long-range task instead (:mod:`bptt.tasks`).
+
+Run directory (``--out``): ``checkpoint.npz`` and ``metrics.jsonl`` (:mod:`bptt.cli.runs`).
+``--json`` makes the last line of stdout one JSON object with the final metrics. User errors
+(a missing file, a bad flag combination, k1 > k2, an unknown backend) print one line on stderr
+and exit with status 1 (2 for unparsable arguments); set ``BPTT_DEBUG=1`` for a traceback.
+Ctrl-C during training stops at the last finished update, saves the checkpoint and exits with
+status 130; a second Ctrl-C interrupts at once.
+
+Only the standard library is imported before the arguments are parsed, so ``bptt --help`` is
+instant; NumPy, Numba, the kernels and tqdm load when a command runs.
+
+The package: :mod:`.arguments` (parser, defaults, flag checks), :mod:`.commands` (train, eval,
+sample), :mod:`.build` (data, model and trainer of a run), :mod:`.progress` (the progress
+display), :mod:`.runs` (the run directory's files).
+
+Examples::
+
+    bptt train                                    # char LSTM on the built-in corpus -> runs/default
+    bptt train --data ptb.train.txt --level word --cell gru --hidden-size 256 --out runs/ptb
+    bptt train --out runs/ptb --resume --epochs 1  # one more epoch of that run
+    bptt eval runs/default --data other.txt --json
+    bptt sample runs/default --prime "def " --length 200 --temperature 0.7 --top-k 10
+    bptt train --task copy --k1 10 --k2 10         # TBPTT window shorter than the 25-step recall: chance
+    bptt train --task copy --k1 10 --k2 30         # window spans it: recall accuracy > 0.9
+    bptt train --grad-norms --cell rnn_tanh --k1 20 --k2 60   # writes grad_norms.json / .png
+"""
+
+import os
+import sys
+
+from bptt.cli.arguments import UsageError, build_parser
+from bptt.cli.runs import CHECKPOINT_FILE, METRICS_FILE
+
+__all__ = ["main", "build_parser", "UsageError", "CHECKPOINT_FILE", "METRICS_FILE"]
+
+
+def main(argv=None):
+    """Entry point of the ``bptt`` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    from bptt.cli.commands import COMMANDS
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("bptt: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # user errors: one line, no traceback (BPTT_DEBUG=1 shows it)
+        if os.environ.get("BPTT_DEBUG") == "1" or not _is_user_error(e):
+            raise
+        hint = " (training diverged: try a lower --lr or --clip)" if isinstance(e, FloatingPointError) else ""
+        print(f"bptt {args.command}: error: {e}{hint}", file=sys.stderr)
+        return 1
+
+
+def _is_user_error(e):
+    from bptt.backend import BackendUnavailableError
+    if isinstance(e, (UsageError, BackendUnavailableError, OSError)):
+        return True
+    from bptt.data import DataError
+    if isinstance(e, DataError):
+        return True
+    # errors raised by bptt's own argument checks (shapes, values) are messages for the user,
+    # and so is a diverging run (the trainer's NonFiniteError, a FloatingPointError)
+    return isinstance(e, (ValueError, TypeError, FloatingPointError)) and _raised_in_bptt(e)
+
+
+def _raised_in_bptt(e):
+    tb = e.__traceback__
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    filename = tb.tb_frame.f_code.co_filename
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the bptt package
+    return filename.startswith(here) or "bptt_kernels" in filename or os.sep + "kernels" + os.sep in filename

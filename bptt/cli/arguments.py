@@ -1,0 +1,229 @@
+"""The arguments of ``bptt``: the parser, the defaults of a language-model run, and the checks
+that turn the parsed flags of ``bptt train`` into one plain config dict.
+
+Standard library only (``bptt --help`` must not load NumPy): the task table of :mod:`bptt.tasks`
+is read without it, and the cell names come from the kernels' table file (see :func:`cell_names`).
+"""
+
+import argparse
+import math
+import os
+
+from bptt.tasks import TASK_DEFAULTS, TASK_TABLE, TASKS
+
+EVAL_BATCH = 10  # token streams for validation and `bptt eval` (tasks: bptt.tasks.EVAL_BATCH)
+
+# Defaults of `bptt train` on a text corpus: small enough to finish in a couple of minutes on
+# two CPU cores (615 updates: 3 epochs of the 465,000-character default corpus, ~45 s on an
+# idle pair of cores), big enough to produce recognisable words and Python keywords
+# (validation ~1.3 nats/char; more epochs overfit this small corpus).
+LM_DEFAULTS = dict(level="char", max_chars=None, cell="lstm", hidden_size=256, num_layers=1,
+                   embedding_size=32, dropout=0.0, forget_bias=0.0, k1=32, k2=32, batch_size=64,
+                   optimizer="adam", lr=1e-2, clip=1.0, epochs=3, max_steps=None, sample_length=300)
+# Flags that define the model or its data: fixed by the checkpoint when resuming.
+FIXED_ON_RESUME = ("data", "level", "max_chars", "task", "lag", "n_symbols", "n_train", "cell",
+                   "hidden_size", "num_layers", "embedding_size", "dropout", "forget_bias", "dtype", "k1", "k2",
+                   "batch_size", "optimizer", "lr", "clip", "seed")
+# Flags a resumed run may change.
+FREE_ON_RESUME = ("epochs", "max_steps", "json", "grad_norms", "sample_length", "backend", "out")
+
+
+class UsageError(Exception):
+    """A user error: reported as one line on stderr, exit status 1."""
+
+
+def cell_names():
+    """``bptt_kernels.CELLS``, read from its table (``host/cells.py``, plain Python) without
+    importing ``bptt_kernels``, whose import loads NumPy; imported the usual way if that fails."""
+    import importlib.util
+    import runpy
+    try:
+        spec = importlib.util.find_spec("bptt_kernels")
+        folder = list(spec.submodule_search_locations)[0]
+        return tuple(runpy.run_path(os.path.join(folder, "host", "cells.py"))["CELLS"])
+    except Exception:  # pragma: no cover - a layout this function does not know
+        from bptt_kernels import CELLS
+        return tuple(CELLS)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a parse error as one line (no usage block)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _bounded(kind, strict):
+    """An argparse type: a number of ``kind`` > 0 (``strict``) or >= 0, finite."""
+    sign = ">" if strict else ">="
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+        if not (value > 0 if strict else value >= 0) or (kind is float and not math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"must be {sign} 0, got {text!r}")
+        return value
+    parse.__name__ = f"{'positive' if strict else 'non-negative'} {kind.__name__}"
+    return parse
+
+
+def _positive(kind):
+    return _bounded(kind, True)
+
+
+def _non_negative(kind):
+    return _bounded(kind, False)
+
+
+def _listed(defaults):
+    return ", ".join(f"{k}={v}" for k, v in defaults.items())
+
+
+def build_parser():
+    """The argument parser of the ``bptt`` command (stdlib only)."""
+    parser = _Parser(prog="bptt", description="Train recurrent networks with exact (truncated) "
+                     "backpropagation through time: train, evaluate, sample.")
+    parser.add_argument("--version", action="version", version="bptt 0.1.0")
+    sub = parser.add_subparsers(dest="command", metavar="{train,eval,sample}", parser_class=_Parser)
+    sub.required = True
+
+    # Defaults are None here and resolved in resolve_train: they differ between a language
+    # model and a task, and a resumed run must tell given flags from defaults.
+    overrides = "; ".join(f"{name}: {_listed({k: v for k, v in t.defaults.items() if TASK_DEFAULTS.get(k) != v})}"
+                          for name, t in TASK_TABLE.items() if t.defaults != TASK_DEFAULTS)
+    t = sub.add_parser("train", help="train a model (default: char-level LSTM on the built-in corpus)",
+                       description="Train a language model on a UTF-8 text file (default: the Python "
+                       "help topics shipped with Python, offline), or a sequence model on a synthetic "
+                       "long-range task (--task). Defaults (language model / task): " +
+                       _listed(LM_DEFAULTS) + " / " + _listed(TASK_DEFAULTS) + f" ({overrides}).")
+    g = t.add_argument_group("data")
+    g.add_argument("--data", metavar="FILE", help="UTF-8 text file (default: the built-in corpus)")
+    g.add_argument("--level", choices=("char", "word"), help="tokens: characters, or words + <eos> per line")
+    g.add_argument("--max-chars", type=_positive(int), metavar="N",
+                   help="read at most the first N characters (default: all)")
+    g.add_argument("--task", choices=TASKS, help="train on a synthetic task instead of text")
+    g.add_argument("--lag", type=_non_negative(int), metavar="N",
+                   help="copy: blank steps between symbols and recall; adding: sequence length")
+    g.add_argument("--n-symbols", type=_positive(int), metavar="S", help="copy: symbols to remember")
+    g.add_argument("--n-train", type=_positive(int), metavar="N", help="task: training sequences")
+    g = t.add_argument_group("model")
+    g.add_argument("--cell", choices=cell_names())
+    g.add_argument("--hidden-size", type=_positive(int), metavar="N")
+    g.add_argument("--num-layers", type=_positive(int), metavar="N")
+    g.add_argument("--embedding-size", type=_positive(int), metavar="N", help="language model only")
+    g.add_argument("--dropout", type=_non_negative(float), metavar="P", help="between layers (language model)")
+    g.add_argument("--forget-bias", type=float, metavar="B",
+                   help="LSTM: added to the forget-gate biases at initialisation (default 0 = PyTorch's "
+                   "init for text, 2 for tasks: forget gates start near sigmoid(2) = 0.88)")
+    g.add_argument("--dtype", choices=("float32", "float64"))
+    g = t.add_argument_group("training")
+    g.add_argument("--k1", type=_positive(int), metavar="N", help="TBPTT: update every k1 steps")
+    g.add_argument("--k2", type=_positive(int), metavar="N",
+                   help="TBPTT: backpropagate through the last k2 steps (k2 >= k1); "
+                   "tasks: both unset = full BPTT")
+    g.add_argument("--batch-size", type=_positive(int), metavar="N")
+    g.add_argument("--optimizer", choices=("sgd", "adam"))
+    g.add_argument("--lr", type=_positive(float), metavar="X")
+    g.add_argument("--clip", type=_non_negative(float), metavar="X", help="global gradient-norm clip (0 = off)")
+    g.add_argument("--epochs", type=_positive(int), metavar="N")
+    g.add_argument("--max-steps", type=_positive(int), metavar="N", help="stop after N updates")
+    g.add_argument("--seed", type=int, metavar="N", help="initialisation, data and sampling seed (default 0)")
+    g = t.add_argument_group("run")
+    g.add_argument("--out", metavar="DIR", help="run directory (default runs/default, runs/<task>)")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out for --max-steps more updates")
+    g.add_argument("--backend", metavar="NAME", help="cpu, cuda, cupy, reference or auto (default: $BPTT_BACKEND or auto)")
+    g.add_argument("--grad-norms", action="store_true",
+                   help="record per-step gradient norms dL/dh_t and write grad_norms.json (and .png with matplotlib)")
+    g.add_argument("--sample-length", type=_non_negative(int), metavar="N", help="tokens sampled at the end (0 = none)")
+    g.add_argument("--json", action="store_true", help="last stdout line: one JSON object of final metrics")
+
+    e = sub.add_parser("eval", help="loss, perplexity and bits per token of a trained model",
+                       description="Evaluate the checkpoint in DIR on FILE (every token of it, encoded "
+                       "with the model's vocabulary, unseen symbols as <unk>), or without --data on the "
+                       "held-out part of its training corpus (tasks: fresh sequences).")
+    e.add_argument("run_dir", metavar="DIR")
+    e.add_argument("--data", metavar="FILE")
+    e.add_argument("--batch-size", type=_positive(int), metavar="N",
+                   help=f"streams or sequences per batch (default {EVAL_BATCH}, fewer for short data)")
+    e.add_argument("--backend", metavar="NAME")
+    e.add_argument("--json", action="store_true")
+
+    s = sub.add_parser("sample", help="generate text from a trained language model")
+    s.add_argument("run_dir", metavar="DIR")
+    s.add_argument("--length", type=_non_negative(int), default=300, metavar="N", help="tokens to generate")
+    s.add_argument("--temperature", type=_non_negative(float), default=0.8, metavar="X", help="0 = greedy")
+    s.add_argument("--top-k", type=_positive(int), metavar="K")
+    s.add_argument("--prime", default="", metavar="TEXT", help="text the model reads first")
+    s.add_argument("--seed", type=int, default=0, metavar="N")
+    s.add_argument("--backend", metavar="NAME")
+    s.add_argument("--json", action="store_true")
+    return parser
+
+
+def flag(name):
+    """The command-line spelling of a config key: ``max_steps`` -> ``--max-steps``."""
+    return "--" + name.replace("_", "-")
+
+
+def resolve_train(args):
+    """Check flag combinations and fill defaults into a plain config dict (raises UsageError)."""
+    given = {k: v for k, v in vars(args).items() if v is not None and k != "command"}
+    cfg = {}
+    if args.resume:
+        return given
+    if args.task is not None:
+        task = TASK_TABLE[args.task]
+        for name in ("data", "level", "max_chars", "embedding_size"):
+            if name in given:
+                raise UsageError(f"{flag(name)} is for text corpora and cannot be used with --task {args.task}")
+        if not task.uses_symbols and "n_symbols" in given:
+            raise UsageError(f"--n-symbols is for --task copy, not --task {args.task}")
+        if args.sample_length:
+            raise UsageError("--sample-length is for language models, not --task")
+        cfg.update(task.defaults)
+    else:
+        for name in ("lag", "n_symbols", "n_train"):
+            if name in given:
+                raise UsageError(f"{flag(name)} needs --task copy or --task adding")
+        cfg.update(LM_DEFAULTS, data=None)
+    cfg.update(given)
+    cfg.setdefault("seed", 0)
+    cfg.setdefault("dtype", "float32")
+    cfg.setdefault("out", os.path.join("runs", args.task or "default"))
+    if args.task == "adding" and cfg["lag"] < 2:
+        raise UsageError(f"--lag is the sequence length of --task adding and must be >= 2; got {cfg['lag']}")
+    # TBPTT: one given -> the other equal; none -> defaults (tasks: full BPTT)
+    k1, k2 = given.get("k1"), given.get("k2")
+    if k1 is None and k2 is None:
+        k1, k2 = cfg["k1"], cfg["k2"]
+    elif k1 is None or k2 is None:
+        k1 = k2 = k1 or k2
+    if k1 is not None and k1 > k2:
+        raise UsageError(f"--k1 ({k1}) must be <= --k2 ({k2}): every k1 steps the last k1 losses are "
+                         "backpropagated through the last k2 steps")
+    cfg["k1"], cfg["k2"] = k1, k2
+    if "forget_bias" in given and cfg["cell"] != "lstm":
+        raise UsageError(f"--forget-bias is for --cell lstm, not --cell {cfg['cell']}")
+    if cfg["dropout"] >= 1:
+        raise UsageError(f"--dropout must be in [0, 1); got {cfg['dropout']}")
+    if cfg["dropout"] and args.task:
+        raise UsageError("--dropout is for language models, not --task")
+    return cfg
+
+
+def check_resume(cfg, meta):
+    """The config of a resumed run: the checkpoint's, with the flags a resumed run may change
+    (UsageError for a flag that would change the model, data or optimizer)."""
+    saved = meta.get("config", {})
+    for name in FIXED_ON_RESUME:
+        if name in cfg and cfg[name] != saved.get(name):
+            raise UsageError(f"{flag(name)} {cfg[name]} differs from the checkpoint's "
+                             f"{saved.get(name)!r}: a resumed run keeps its model, data and optimizer")
+    merged = dict(saved)
+    for name in FREE_ON_RESUME:
+        if name in cfg:
+            merged[name] = cfg[name]
+    merged["resume"] = True
+    return merged

@@ -1,0 +1,92 @@
+"""What a ``bptt train`` run is made of, from its config dict: the data (a text corpus or a
+task's sequences, :mod:`bptt.tasks`), the model and the trainer."""
+
+from bptt.cli.arguments import EVAL_BATCH
+
+
+def eval_batch(n_tokens):
+    """Streams for evaluating a token stream: EVAL_BATCH, fewer for short data (2 tokens each)."""
+    return max(1, min(EVAL_BATCH, n_tokens // 2))
+
+
+def load_corpus(cfg, vocab=None):
+    from bptt.data import load_corpus
+    return load_corpus(cfg["data"], cfg["level"], max_chars=cfg["max_chars"], vocab=vocab)
+
+
+def task_data(cfg, n, seed):
+    """``n`` sequences of the config's task."""
+    from bptt.tasks import TASK_DEFAULTS, task
+    return task(cfg["task"]).generate(n, cfg["lag"], cfg.get("n_symbols") or TASK_DEFAULTS["n_symbols"], seed)
+
+
+def task_validation(cfg):
+    """The held-out sequences of a task run (another seed than its training sequences)."""
+    from bptt.tasks import TASK_DEFAULTS, VALID_SEED_OFFSET
+    return task_data(cfg, cfg.get("n_valid") or TASK_DEFAULTS["n_valid"], cfg["seed"] + VALID_SEED_OFFSET)
+
+
+class Data:
+    """What training reads: ``train``/``valid`` (token streams, or (inputs, targets) of a task),
+    ``vocab`` (None for tasks), ``line`` (a summary for stderr), ``tokens_per_epoch`` (tasks:
+    steps x sequences of the training set, which an epoch's updates share; None for text)."""
+
+    def __init__(self, train, valid, vocab, line, tokens_per_epoch=None):
+        self.train, self.valid, self.vocab = train, valid, vocab
+        self.line, self.tokens_per_epoch = line, tokens_per_epoch
+
+
+def prepare_data(cfg, vocab=None):
+    """Read the corpus (``vocab``: encode with it) or generate the task's sequences."""
+    task = cfg.get("task")
+    if task is None:
+        corpus = load_corpus(cfg, vocab)
+        line = (f"data: {corpus.source} ({corpus.n_chars:,} chars, {cfg['level']} level, vocab {len(corpus.vocab)}, "
+                f"{len(corpus.train):,} train / {len(corpus.valid):,} valid tokens)")
+        return Data(corpus.train, corpus.valid, corpus.vocab, line)
+    train = task_data(cfg, cfg["n_train"], cfg["seed"])
+    valid = task_validation(cfg)
+    seq_len = train[0].shape[1]
+    line = (f"data: task {task}, lag {cfg['lag']}, sequence length {seq_len}, "
+            f"{cfg['n_train']:,} train / {len(valid[0]):,} valid sequences")
+    return Data(train, valid, None, line, cfg["n_train"] * seq_len)
+
+
+def build_model(cfg, vocab_size=None):
+    """A fresh model: a LanguageModel over ``vocab_size`` tokens, or the task's SequenceModel."""
+    import numpy as np
+    import bptt
+    from bptt.tasks import task
+    dtype = np.dtype(cfg["dtype"]).type
+    common = dict(num_layers=cfg["num_layers"], cell=cfg["cell"], dtype=dtype, seed=cfg["seed"])
+    if cfg.get("task") is None:
+        model = bptt.LanguageModel(vocab_size, cfg["embedding_size"], cfg["hidden_size"],
+                                   dropout=cfg["dropout"], **common)
+    else:
+        model = task(cfg["task"]).build_model(cfg["hidden_size"], **common)
+    if cfg["cell"] == "lstm" and cfg.get("forget_bias"):
+        add_forget_bias(model, cfg["forget_bias"])
+    return model
+
+
+def add_forget_bias(model, value):
+    """Add ``value`` to the forget-gate part (rows H..2H of the gate order i, f, g, o) of every
+    LSTM level's ``bias_ih`` (Gers et al. 2000; Jozefowicz et al. 2015 use 1)."""
+    sd = model.state_dict()
+    H = model.hidden_size
+    for k in range(model.num_layers):
+        name = f"rnn.bias_ih_l{k}"
+        if name in sd:
+            sd[name] = sd[name].copy()
+            sd[name][H:2 * H] += value
+    model.load_state_dict(sd)
+
+
+def build_trainer(cfg, model):
+    import bptt
+    if cfg["optimizer"] == "adam":
+        optimizer = bptt.Adam(lr=cfg["lr"])
+    else:
+        optimizer = bptt.SGD(cfg["lr"])
+    return bptt.Trainer(model, optimizer, k1=cfg["k1"], k2=cfg["k2"], clip_norm=cfg["clip"] or None,
+                        record_grad_norms=bool(cfg.get("grad_norms")))

@@ -1,0 +1,243 @@
+"""The commands: ``bptt train``, ``bptt eval``, ``bptt sample``. Each takes the parsed
+arguments and returns the exit status; NumPy, the kernels and tqdm load here, when a command runs."""
+
+import json
+import math
+import os
+import sys
+import time
+
+from bptt.cli.arguments import UsageError, check_resume, resolve_train
+from bptt.cli.build import (build_model, build_trainer, eval_batch, load_corpus, prepare_data,
+                            task_validation)
+from bptt.cli.progress import Progress
+from bptt.cli.runs import CHECKPOINT_FILE, StepLog, append_jsonl, checkpoint_path, jsonable, read_meta
+
+
+def select_backend(name):
+    import bptt
+    if name is not None:
+        bptt.use_backend(name)
+    return bptt.get_backend()
+
+
+def _finite(x):
+    return None if x is None or not math.isfinite(x) else float(x)
+
+
+def _num(x, digits=4):
+    return "nan" if x is None else f"{x:.{digits}f}"
+
+
+def _fmt_duration(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def cmd_train(args):
+    cfg = resolve_train(args)
+    import warnings
+    # overflow warnings of a diverging run would bury the trainer's one-line non-finite error
+    warnings.filterwarnings("ignore", category=RuntimeWarning, module="bptt")
+    out = cfg.get("out") or os.path.join("runs", args.task or "default")
+    if args.resume:
+        ckpt_path = checkpoint_path(out)
+        meta = read_meta(ckpt_path)
+        cfg = check_resume(cfg, meta)    # flag conflicts first, before any backend is chosen
+        backend = select_backend(cfg.get("backend"))
+        import bptt
+        from bptt.data import Vocabulary
+        trainer = bptt.Trainer.from_checkpoint(ckpt_path)
+        model = trainer.model
+        trainer.record_grad_norms = trainer.record_grad_norms or bool(cfg.get("grad_norms"))
+        data = prepare_data(cfg, Vocabulary.from_json(meta["vocab"]) if meta.get("vocab") else None)
+    else:
+        data = prepare_data(cfg)         # data errors first, before any backend is chosen
+        backend = select_backend(cfg.get("backend"))
+        import bptt
+        model = build_model(cfg, len(data.vocab) if data.vocab else None)
+        trainer = build_trainer(cfg, model)
+    task = cfg.get("task")
+    per_epoch = trainer.updates_per_epoch(data.train, cfg["batch_size"])
+
+    # fit's epochs and max_steps are totals over the trainer's life: a resumed run trains
+    # --max-steps more updates and --epochs more epochs (an unfinished epoch counts as one)
+    max_steps = trainer.step + cfg["max_steps"] if cfg.get("max_steps") else None
+    epochs = trainer.epoch + cfg["epochs"]
+    total = min(per_epoch * cfg["epochs"], cfg["max_steps"] or math.inf)
+    tbptt = "full BPTT" if cfg["k1"] is None else f"TBPTT k1={cfg['k1']} k2={cfg['k2']}"
+    err = sys.stderr
+    print(data.line, file=err)
+    fb = f", forget bias {cfg['forget_bias']}" if cfg["cell"] == "lstm" and cfg.get("forget_bias") else ""
+    print(f"model: {cfg['cell']} {cfg['num_layers']}x{cfg['hidden_size']}{fb}, {tbptt}, batch {cfg['batch_size']}, "
+          f"{cfg['optimizer']} lr {cfg['lr']}, clip {cfg['clip']}, backend {backend.NAME}, "
+          f"{'resuming' if args.resume else 'run dir'} {out}", file=err)
+
+    os.makedirs(out, exist_ok=True)
+    compiles = backend.NAME in ("cpu", "cuda")       # Numba: compiled on first use, then cached
+    notice = ("(no update yet: the first run on a machine compiles the kernels, about 20 s; "
+              "later runs load them from the cache)") if compiles else None
+    tokens_per_update = data.tokens_per_epoch / per_epoch if data.tokens_per_epoch and per_epoch else None
+    progress = Progress(total, start_step=trainer.step, tokens_per_update=tokens_per_update, wait_notice=notice)
+    meta = {"config": {k: v for k, v in cfg.items() if k not in ("json", "resume", "backend", "out")},
+            "vocab": data.vocab.to_json() if data.vocab else None, "bptt_version": bptt.__version__}
+    ckpt = os.path.join(out, CHECKPOINT_FILE)
+    # Ctrl-C: the trainer commits each update together with its position in the data while
+    # holding SIGINT back, so a KeyboardInterrupt out of fit leaves it at the last finished
+    # update and the checkpoint saved below is consistent. A second Ctrl-C (while saving)
+    # interrupts at once; the checkpoint file is replaced atomically.
+    interrupted = False
+    try:
+        trainer.fit(data.train, cfg["batch_size"], epochs=epochs, max_steps=max_steps,
+                    callbacks=(progress, StepLog(out)))
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        progress.close()
+    trainer.save_checkpoint(ckpt, meta=meta)
+    if interrupted:
+        print(f"interrupted after update {trainer.step}: checkpoint saved to {ckpt}; continue with --resume",
+              file=err)
+        return 130
+    wall = progress.elapsed()
+
+    summary = {"command": "train", "task": task or "lm", "steps": int(trainer.step),
+               "updates_this_run": len(progress.losses), "tokens": int(round(progress.tokens)),
+               "tokens_per_s": round(progress.tokens_per_s(), 1), "wall_s": round(wall, 2),
+               "train_loss": _finite(progress.recent_loss()), "backend": backend.NAME,
+               "out": out, "checkpoint": ckpt}
+    if task is None:
+        metrics = trainer.evaluate(data.valid, eval_batch(len(data.valid)))
+        summary.update(val_loss=_finite(metrics["loss"]), val_perplexity=_finite(metrics["perplexity"]),
+                       val_bits_per_token=_finite(metrics["bits_per_token"]))
+    else:
+        summary.update(task_metrics(cfg, model, trainer, data.valid))
+    if cfg.get("grad_norms"):
+        summary["grad_norms_file"] = write_grad_norms(trainer, out)
+
+    lines = [f"done: {summary['steps']} steps in {_fmt_duration(wall)} ({summary['tokens_per_s']:,.0f} tok/s), "
+             f"train loss {_num(summary['train_loss'])}"]
+    if task is None:
+        lines.append(f"validation: loss {_num(summary['val_loss'])}, perplexity {_num(summary['val_perplexity'])}, "
+                     f"{_num(summary['val_bits_per_token'])} bits/{cfg['level']}")
+    elif "recall_accuracy" in summary:
+        lines.append(f"validation: loss {_num(summary['val_loss'])}, recall accuracy "
+                     f"{summary['recall_accuracy']:.3f} (chance {summary['chance_accuracy']:.3f})")
+    else:
+        lines.append(f"validation: MSE {summary['val_mse']:.4f} (baseline of answering 1: "
+                     f"{summary['baseline_mse']:.4f})")
+    lines.append(f"checkpoint: {ckpt}")
+    print("\n".join(lines), file=err if args.json else sys.stdout)
+
+    if task is None and cfg.get("sample_length"):
+        from bptt.sampling import sample
+        text = sample(model, data.vocab, cfg["sample_length"], temperature=0.8, seed=cfg["seed"])
+        summary["sample"] = text
+        print("--- sample (temperature 0.8) ---\n" + text + "\n---", file=err if args.json else sys.stdout)
+    append_jsonl(out, {"event": "train_end", "time": time.time(), **summary, "config": meta["config"]})
+    if args.json:
+        print(json.dumps(summary, sort_keys=True))
+    return 0
+
+
+def task_metrics(cfg, model, trainer, valid_data):
+    """Validation metrics of a task model: val_loss (the trainer's: cross-entropy per recalled
+    symbol, or MSE) and the task's scores of the model's outputs (:data:`bptt.tasks.TASK_TABLE`)."""
+    from bptt.tasks import EVAL_BATCH, predict, task
+    inputs, targets = valid_data
+    loss = trainer.evaluate(valid_data, min(len(inputs), EVAL_BATCH))["loss"]
+    return {"val_loss": _finite(loss), **task(cfg["task"]).scores(predict(model, inputs), targets)}
+
+
+def write_grad_norms(trainer, out):
+    """Write the trainer's gradient diagnostics (per update: ||dL/dh_t|| of every step of the
+    backpropagated window, per level, and every parameter's gradient norm; see
+    :mod:`bptt.diagnostics`) to ``grad_norms.json``, and where matplotlib is installed their plot
+    to ``grad_norms.png``. Returns the JSON path."""
+    from bptt import diagnostics
+    path = diagnostics.save_grad_norms(trainer.history, os.path.join(out, "grad_norms.json"))
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return path
+    if trainer.history.get("grad_diagnostics"):
+        plt.close(diagnostics.plot_grad_norms(trainer.history, os.path.join(out, "grad_norms.png")))
+    return path
+
+
+def _load_run(run_dir, backend_name, check=None):
+    """(model, meta, backend) of the run in ``run_dir``; ``check(meta)`` runs before a backend is
+    chosen or the model built, so flag errors come first."""
+    path = checkpoint_path(run_dir)
+    meta = read_meta(path)
+    if check is not None:
+        check(meta)
+    backend = select_backend(backend_name)
+    from bptt.checkpoint import load_model
+    model, _ = load_model(path)
+    return model, meta, backend
+
+
+def cmd_eval(args):
+    from bptt.data import Corpus, Vocabulary, read_text
+    text = read_text(args.data) if args.data is not None else None   # file errors before the model loads
+
+    def check(meta):
+        task = meta["config"].get("task")
+        if task is not None and args.data is not None:
+            raise UsageError(f"--data is for language models; {args.run_dir} holds a --task {task} model")
+
+    model, meta, backend = _load_run(args.run_dir, args.backend, check)
+    cfg = meta["config"]
+    import bptt
+    trainer = bptt.Trainer(model, bptt.SGD(0.0), k1=cfg["k1"], k2=cfg["k2"])
+    if cfg.get("task") is not None:
+        metrics = task_metrics(cfg, model, trainer, task_validation(cfg))
+        metrics["loss"] = metrics.pop("val_loss")
+        source = f"task {cfg['task']} (the held-out sequences of training)"
+    else:
+        vocab = Vocabulary.from_json(meta["vocab"])
+        if text is not None:
+            ids, source = Corpus(text, vocab.level, 0.0, args.data, vocab).train, args.data
+        else:
+            ids, source = load_corpus(cfg, vocab).valid, "held-out part of the training corpus"
+        m = trainer.evaluate(ids, args.batch_size or eval_batch(len(ids)))
+        metrics = {"loss": float(m["loss"]), "perplexity": float(m["perplexity"]),
+                   "bits_per_token": float(m["bits_per_token"]), "tokens": int(len(ids))}
+        unk = int((ids == vocab.unk_id).sum())
+        if unk:
+            metrics["unk_tokens"] = unk
+    summary = {"command": "eval", "run_dir": args.run_dir, "data": source, "backend": backend.NAME,
+               **{k: jsonable(v) for k, v in metrics.items()}}
+    append_jsonl(args.run_dir, {"event": "eval", "time": time.time(), **summary})
+    text = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+    print(f"{source}: {text}", file=sys.stderr if args.json else sys.stdout)
+    if args.json:
+        print(json.dumps(summary, sort_keys=True))
+    return 0
+
+
+def cmd_sample(args):
+
+    def check(meta):
+        if meta["config"].get("task") is not None or not meta.get("vocab"):
+            raise UsageError(f"{args.run_dir} holds a --task model; sampling needs a language model")
+
+    model, meta, _ = _load_run(args.run_dir, args.backend, check)
+    from bptt.data import Vocabulary
+    from bptt.sampling import sample
+    vocab = Vocabulary.from_json(meta["vocab"])
+    text = sample(model, vocab, args.length, temperature=args.temperature, top_k=args.top_k,
+                  prime=args.prime, seed=args.seed)
+    if args.json:
+        print(text, file=sys.stderr)
+        print(json.dumps({"command": "sample", "text": text, "length": args.length,
+                          "temperature": args.temperature, "top_k": args.top_k, "seed": args.seed}))
+    else:
+        print(text)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample}
