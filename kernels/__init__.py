@@ -11,7 +11,8 @@ one shared host layer:
 * ``bptt_kernels.cuda``      -- Numba-CUDA kernels (imported lazily; needs a GPU).
 * ``bptt_kernels.cupy``      -- CuPy RawKernel + cuBLAS kernels (imported lazily; needs a GPU).
 
-Nothing here imports ``numba.cuda`` or ``cupy`` at import time.
+Nothing here imports ``numba.cuda`` or ``cupy`` at import time, and ``import bptt_kernels``
+loads no third-party module at all (the cell tables are plain Python).
 
 The backend interface
 =====================
@@ -101,6 +102,5 @@ Non-recurrent pieces used by the trainer
 """
 
 from .host.cells import CELLS, GATES, SEPARATE_HIDDEN_GRAD, STATE_PARTS  # noqa: E402
-from .host.checks import check_input_weight_pair  # noqa: E402
 
-__all__ = ["CELLS", "GATES", "STATE_PARTS", "SEPARATE_HIDDEN_GRAD", "check_input_weight_pair"]
+__all__ = ["CELLS", "GATES", "STATE_PARTS", "SEPARATE_HIDDEN_GRAD"]

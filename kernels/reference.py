@@ -97,6 +97,7 @@ def _rnn_backward(cell, dact_from_output, dy, dfinal_state, cache, w_ih, w_hh,
                   dw_ih, dw_hh, db_ih, db_hh, t_start):
     call = check_backward(cell, dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh,
                           t_start, np)
+    cache = call.cache                              # checked, C-contiguous
     y, t_start = cache.y, call.t_start
     dh = np.zeros_like(y)                           # T,B,H   rows before t_start stay zero
     da = np.zeros_like(y)                           # T,B,H   dL/d(pre-activation)
@@ -181,6 +182,7 @@ def lstm_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_h
     """
     call = check_backward("lstm", dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih,
                           db_hh, t_start, np)
+    cache = call.cache                              # checked, C-contiguous
     gates, c_all, y, t_start = cache.gates, cache.c, cache.y, call.t_start
     H = call.H
     tanh_c = np.tanh(c_all) if cache.tanh_c is None else cache.tanh_c   # T,B,H
@@ -250,6 +252,7 @@ def gru_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh
     """
     call = check_backward("gru", dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih,
                           db_hh, t_start, np)
+    cache = call.cache                              # checked, C-contiguous
     gates, hn_all, y, t_start = cache.gates, cache.hn, cache.y, call.t_start
     H = call.H
     dh = np.zeros_like(y)                           # T,B,H   rows before t_start stay zero

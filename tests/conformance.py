@@ -15,16 +15,9 @@ import pytest
 
 import bptt_kernels.reference as ref
 from bptt_kernels import CELLS, GATES
-from bptt_kernels.host import RecurrentCache
+from bptt_kernels.host import CELL_FIELDS, RecurrentCache
 from helpers import RTOL, assert_close, random_layer_problem
 
-# per cell: the cache fields that hold arrays ("tanh_c" may be None: see RecurrentCache)
-CACHE_ARRAYS = {
-    "lstm": ("x", "h0", "c0", "y", "gates", "c"),
-    "gru": ("x", "h0", "y", "gates", "hn"),
-    "rnn_tanh": ("x", "h0", "y"),
-    "rnn_relu": ("x", "h0", "y"),
-}
 
 
 def check_signatures(be):
@@ -72,7 +65,7 @@ def check_cache_layout(be, rng, dtype=np.float64):
                   "gates": (T, B, G * H), "c": (T, B, H), "hn": (T, B, H), "tanh_c": (T, B, H)}
         for field in ("x", "h0", "c0", "y", "gates", "c", "hn", "tanh_c"):
             value = getattr(cache, field)
-            if field in CACHE_ARRAYS[cell] or (field == "tanh_c" and cell == "lstm"
+            if field in CELL_FIELDS[cell] or (field == "tanh_c" and cell == "lstm"
                                                and value is not None):
                 assert tuple(value.shape) == shapes[field], f"{be.NAME} {cell}.{field}"
                 assert value.dtype == dtype
@@ -114,6 +107,12 @@ def bad_calls(be, rng):
         ("cache type", lambda: bwd(dy, None, tuple(cache), w_ih, w_hh, *g)),
         ("dw_hh shape", lambda: bwd(dy, None, cache, w_ih, w_hh, g[0], g[1].T, g[2], g[3])),
         ("dw_ih without w_ih", lambda: bwd(dy, None, cache, None, w_hh, *g)),
+        ("cache.gates shape", lambda: bwd(dy, None, cache._replace(gates=cache.gates[:, :, :-1]),
+                                          w_ih, w_hh, *g)),
+        ("cache.c dtype", lambda: bwd(dy, None, cache._replace(c=f64(cache.c)), w_ih, w_hh, *g)),
+        ("cache.c0 missing", lambda: bwd(dy, None, cache._replace(c0=None), w_ih, w_hh, *g)),
+        ("cache.h0 a list", lambda: bwd(dy, None, cache._replace(h0=be.to_host(cache.h0).tolist()),
+                                        w_ih, w_hh, *g)),
     ]
 
 

@@ -32,7 +32,7 @@ import bptt_kernels
 import bptt_kernels.cupy as cb
 from bptt_kernels import CELLS, STATE_PARTS, reference as ref
 from bptt_kernels.cupy import _compile, _cublas, _engine, _plan, config, host_emulation
-from bptt_kernels.host import RecurrentCache, cache_from_arrays, cache_to_arrays
+from bptt_kernels.host import CELL_FIELDS, RecurrentCache, cache_from_arrays, cache_to_arrays
 from helpers import random_layer_problem, rel_err
 
 TOL = {np.float32: 1e-5, np.float64: 1e-12}
@@ -349,9 +349,6 @@ def test_paths_share_the_cache(engines, cell):
         compare(got, want, TOL[np.float64], f"{cell} {fwd}->{bwd}")
 
 
-CACHE_FIELDS = {"lstm": {"x", "h0", "c0", "y", "gates", "c"},       # the fields a cell has
-                "gru": {"x", "h0", "y", "gates", "hn"},
-                "rnn_tanh": {"x", "h0", "y"}, "rnn_relu": {"x", "h0", "y"}}
 
 
 @needs_cxx
@@ -380,7 +377,7 @@ def test_caches_cross_backends(engines, cell, path):
 
     y, final, cache = eng.recurrent_forward(cell, p["x"], p["state"], *weights)
     assert isinstance(cache, RecurrentCache) and cache.cell == cell and cache.extra is None
-    assert {f for f in cache._fields[1:] if getattr(cache, f) is not None} == CACHE_FIELDS[cell]
+    assert {f for f in cache._fields[1:] if getattr(cache, f) is not None} == set(CELL_FIELDS[cell])
     assert cache.y is y and len(STATE_PARTS[cell]) == len(final)
     cache = cache_from_arrays(*cache_to_arrays(cache, eng.to_host), np.asarray)
     grads = [g.copy() for g in grads0]

@@ -158,6 +158,7 @@ def gru_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh
     w_ih and dw_ih None: dL/d(x W_ih^T) [T,B,3H] in place of dx."""
     call = check_backward("gru", dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih,
                           db_hh, t_start, np)
+    cache = call.cache                              # checked, C-contiguous
     T, B, H, t_start, dtype = call.T, call.B, call.H, call.t_start, cache.y.dtype
     dh_next = call.dfinal_state[0].copy()                               # B,H
     dg_x = gate_gradients("gru.dg_x", cache.gates.shape, dtype, call.w_ih)  # T,B,3H

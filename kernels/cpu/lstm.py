@@ -161,6 +161,7 @@ def lstm_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_h
     w_ih and dw_ih None: dL/d(x W_ih^T) [T,B,4H] in place of dx."""
     call = check_backward("lstm", dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih,
                           db_hh, t_start, np)
+    cache = call.cache                              # checked, C-contiguous
     T, B, H, t_start, dtype = call.T, call.B, call.H, call.t_start, cache.y.dtype
     tanh_c = np.tanh(cache.c) if cache.tanh_c is None else cache.tanh_c   # T,B,H
     dh_next, dc_next = (s.copy() for s in call.dfinal_state)            # B,H each

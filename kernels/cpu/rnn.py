@@ -101,6 +101,7 @@ def _forward(cell, x, state, w_ih, w_hh, b_ih, b_hh):
 def _backward(cell, dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh, t_start):
     call = check_backward(cell, dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih,
                           db_hh, t_start, np)
+    cache = call.cache                              # checked, C-contiguous
     T, B, H, t_start, dtype = call.T, call.B, call.H, call.t_start, cache.y.dtype
     dh_next = call.dfinal_state[0].copy()                               # B,H
     da = gate_gradients("rnn.da", (T, B, H), dtype, call.w_ih)          # T,B,H

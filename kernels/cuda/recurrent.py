@@ -202,15 +202,14 @@ def backward(cell, dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_
     xp = _device.xp
     call = check_backward(cell, dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh,
                           t_start, xp)
-    dy, w_hh, t_start = call.dy, call.w_hh, call.t_start
+    dy, w_hh, t_start, cache = call.dy, call.w_hh, call.t_start, call.cache
     T, B, H, GH = call.T, call.B, call.H, call.G * call.H
     dtype = dy.dtype
     is_lstm = cell == "lstm"
-    contiguous = xp.ascontiguousarray        # a cache from elsewhere may hold views
-    hs, cs = (None if a is None else contiguous(a) for a in _states(cache, is_lstm))
+    hs, cs = _states(cache, is_lstm)         # the cache's fields are checked and contiguous
     cs = cs if is_lstm else _dummy(3, dtype)
-    gates = contiguous(cache.gates) if cell in ("lstm", "gru") else _dummy(3, dtype)
-    hn = contiguous(cache.hn) if cell == "gru" else _dummy(3, dtype)
+    gates = cache.gates if cell in ("lstm", "gru") else _dummy(3, dtype)
+    hn = cache.hn if cell == "gru" else _dummy(3, dtype)
     dh = _device.empty((T, B, H), dtype)                          # T,B,H
     dh[:t_start] = 0
     dgx = _device.empty((T, B, GH), dtype)                        # T,B,G*H (rows >= t_start written)

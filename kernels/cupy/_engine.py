@@ -222,13 +222,10 @@ class Engine:
         xp = self.xp
         call = check_backward(cell, dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih,
                               db_hh, t_start, xp)
-        dy, w_hh, t_start = call.dy, call.w_hh, call.t_start
+        dy, w_hh, t_start, cache = call.dy, call.w_hh, call.t_start, call.cache
         T, B, H, G = call.T, call.B, call.H, call.G
         dtype = dy.dtype
-        # what the kernels read, C-contiguous (a cache from another backend or a checkpoint
-        # may hold views); fields the cell has not are None
-        saved = {k: None if getattr(cache, k) is None else xp.ascontiguousarray(getattr(cache, k))
-                 for k in CACHED}
+        saved = {k: getattr(cache, k) for k in CACHED}   # checked, C-contiguous; None: not this cell's
         none = self._placeholder(dtype)
         cached = tuple(none if saved[k] is None else saved[k] for k in CACHED)
         separate = cell in SEPARATE_HIDDEN_GRAD

@@ -10,14 +10,22 @@ module ``xp`` (numpy or cupy).
 A backend keeps only what is its own: allocation, path choice and the time loop.
 """
 
-from .cache import RecurrentCache, cache_from_arrays, cache_to_arrays
-from .cells import CELLS, GATES, SEPARATE_HIDDEN_GRAD, STATE_PARTS
-from .checks import BackwardCall, ForwardCall, check_backward, check_forward, check_input_weight_pair
-from .gradients import finish_backward, states_entering
+import importlib
 
-__all__ = [
-    "CELLS", "GATES", "STATE_PARTS", "SEPARATE_HIDDEN_GRAD",
-    "RecurrentCache", "cache_to_arrays", "cache_from_arrays",
-    "ForwardCall", "BackwardCall", "check_forward", "check_backward", "check_input_weight_pair",
-    "finish_backward", "states_entering",
-]
+# name -> submodule; imported on first use (PEP 562), so that ``bptt_kernels.host.cells``
+# (plain Python) loads without NumPy: the command line reads the cell names before parsing
+_WHERE = {
+    "CELLS": "cells", "GATES": "cells", "STATE_PARTS": "cells", "SEPARATE_HIDDEN_GRAD": "cells",
+    "RecurrentCache": "cache", "CELL_FIELDS": "cache", "field_shapes": "cache",
+    "cache_to_arrays": "cache", "cache_from_arrays": "cache",
+    "ForwardCall": "checks", "BackwardCall": "checks", "check_forward": "checks",
+    "check_backward": "checks", "check_input_weight_pair": "checks",
+    "finish_backward": "gradients", "states_entering": "gradients",
+}
+__all__ = list(_WHERE)
+
+
+def __getattr__(name):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)

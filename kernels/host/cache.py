@@ -6,7 +6,7 @@ backend is read by any other (:func:`cache_from_arrays`).
 
 from typing import Any, NamedTuple
 
-from .cells import CELLS
+from .cells import CELLS, GATES
 
 
 class RecurrentCache(NamedTuple):
@@ -42,6 +42,22 @@ class RecurrentCache(NamedTuple):
 
 
 ARRAY_FIELDS = tuple(f for f in RecurrentCache._fields if f not in ("cell", "extra"))
+
+# the fields each cell's forward fills (tanh_c: LSTM, where a backend keeps it)
+CELL_FIELDS = {
+    "lstm": ("x", "h0", "c0", "y", "gates", "c"),
+    "gru": ("x", "h0", "y", "gates", "hn"),
+    "rnn_tanh": ("x", "h0", "y"),
+    "rnn_relu": ("x", "h0", "y"),
+}
+
+
+def field_shapes(cell, T, B, I, H):
+    """{field: shape} of a ``cell`` cache of T steps, batch B, input width I (G*H where the
+    caller projected the input) and hidden size H."""
+    G = GATES[cell]
+    return {"x": (T, B, I), "h0": (B, H), "c0": (B, H), "y": (T, B, H), "gates": (T, B, G * H),
+            "c": (T, B, H), "tanh_c": (T, B, H), "hn": (T, B, H)}
 
 
 def cache_to_arrays(cache, to_host):

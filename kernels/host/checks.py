@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .cache import RecurrentCache
+from .cache import CELL_FIELDS, RecurrentCache, field_shapes
 from .cells import CELLS, GATES, STATE_PARTS
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -150,6 +150,22 @@ def as_index(name, value, low, high):
     return v
 
 
+def _check_cache(cell, cache, xp):
+    """The cache with every field its cell uses checked (the backend's arrays, one dtype,
+    consistent shapes) and made C-contiguous: a cache may come from another backend or a
+    checkpoint, and the kernels read its arrays through raw pointers."""
+    for f in CELL_FIELDS[cell]:
+        if getattr(cache, f) is None:
+            raise ValueError(f"a {cell} cache needs cache.{f}, got None")
+    x = as_array("cache.x", cache.x, xp, None, (None, None, None))
+    y = as_array("cache.y", cache.y, xp, x.dtype, (x.shape[0], x.shape[1], None))
+    shapes = field_shapes(cell, *x.shape, y.shape[2])
+    fields = {f: as_array(f"cache.{f}", getattr(cache, f), xp, x.dtype, shapes[f])
+              for f in CELL_FIELDS[cell] + ("tanh_c",) if getattr(cache, f) is not None}
+    changed = {f: a for f, a in fields.items() if a is not getattr(cache, f)}
+    return cache._replace(**changed) if changed else cache
+
+
 def check_forward(cell, x, state, w_ih, w_hh, b_ih, b_hh, xp, dtypes=FLOAT_DTYPES):
     """Check a ``<cell>_forward`` call on a backend of array module ``xp`` that computes in
     ``dtypes``; return its :class:`ForwardCall`. w_ih None: x is x W_ih^T [T,B,G*H]."""
@@ -189,6 +205,7 @@ def check_backward(cell, dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_i
     if cache.cell != cell:
         raise ValueError(f"cache comes from {cache.cell}_forward, not {cell}_forward")
     G = GATES[cell]
+    cache = _check_cache(cell, cache, xp)
     T, B, I = cache.x.shape
     H = cache.y.shape[2]
     dtype = cache.y.dtype

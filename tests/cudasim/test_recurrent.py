@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from bptt_kernels import CELLS
-from bptt_kernels.host import RecurrentCache, cache_from_arrays, cache_to_arrays
+from bptt_kernels.host import CELL_FIELDS, RecurrentCache, cache_from_arrays, cache_to_arrays
 from helpers import RTOL, assert_close, random_layer_problem
 
 SHAPE_A = dict(T=4, B=2, I=3, H=5)    # LSTM: B*G*H = 40 > 32 threads of the persistent block
@@ -160,9 +160,6 @@ def test_bad_arguments_name_the_argument(cuda, rng):
         cuda.gru_backward(y, final, tuple(cache), w_ih, w_hh, *grads)
 
 
-CACHE_FIELDS = {"lstm": {"x", "h0", "c0", "y", "gates", "c"},       # the fields a cell has
-                "gru": {"x", "h0", "y", "gates", "hn"},
-                "rnn_tanh": {"x", "h0", "y"}, "rnn_relu": {"x", "h0", "y"}}
 
 
 @pytest.mark.parametrize("path", ["general", "persistent"])
@@ -192,7 +189,7 @@ def test_caches_cross_backends(cuda, ref, rng, cell, path):
 
     y, final, cache = getattr(cuda, f"{cell}_forward")(p["x"], p["state"], *weights)
     assert isinstance(cache, RecurrentCache) and cache.cell == cell and cache.tanh_c is None
-    assert {f for f in cache._fields[1:-1] if getattr(cache, f) is not None} == CACHE_FIELDS[cell]
+    assert {f for f in cache._fields[1:-1] if getattr(cache, f) is not None} == set(CELL_FIELDS[cell])
     hs = cache.extra["hs"]
     assert cache.y is y and np.shares_memory(y, hs) and np.array_equal(hs[1:], y)
     assert np.shares_memory(cache.h0, hs) and np.array_equal(cache.h0, p["state"][0])
