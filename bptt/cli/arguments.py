@@ -2,7 +2,7 @@
 that turn the parsed flags of ``bptt train`` into one plain config dict.
 
 Standard library only (``bptt --help`` must not load NumPy): the task table of :mod:`bptt.tasks`
-is read without it, and the cell names come from the kernels' table file (see :func:`cell_names`).
+is read without it, and ``bptt_kernels`` imports no third-party module for its cell table.
 """
 
 import argparse
@@ -10,6 +10,7 @@ import math
 import os
 
 from bptt.tasks import TASK_DEFAULTS, TASK_TABLE, TASKS
+from bptt_kernels import CELLS  # the cell table: plain Python, loads no NumPy
 
 EVAL_BATCH = 10  # token streams for validation and `bptt eval` (tasks: bptt.tasks.EVAL_BATCH)
 
@@ -30,20 +31,6 @@ FREE_ON_RESUME = ("epochs", "max_steps", "json", "grad_norms", "sample_length", 
 
 class UsageError(Exception):
     """A user error: reported as one line on stderr, exit status 1."""
-
-
-def cell_names():
-    """``bptt_kernels.CELLS``, read from its table (``host/cells.py``, plain Python) without
-    importing ``bptt_kernels``, whose import loads NumPy; imported the usual way if that fails."""
-    import importlib.util
-    import runpy
-    try:
-        spec = importlib.util.find_spec("bptt_kernels")
-        folder = list(spec.submodule_search_locations)[0]
-        return tuple(runpy.run_path(os.path.join(folder, "host", "cells.py"))["CELLS"])
-    except Exception:  # pragma: no cover - a layout this function does not know
-        from bptt_kernels import CELLS
-        return tuple(CELLS)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -109,7 +96,7 @@ def build_parser():
     g.add_argument("--n-symbols", type=_positive(int), metavar="S", help="copy: symbols to remember")
     g.add_argument("--n-train", type=_positive(int), metavar="N", help="task: training sequences")
     g = t.add_argument_group("model")
-    g.add_argument("--cell", choices=cell_names())
+    g.add_argument("--cell", choices=CELLS)
     g.add_argument("--hidden-size", type=_positive(int), metavar="N")
     g.add_argument("--num-layers", type=_positive(int), metavar="N")
     g.add_argument("--embedding-size", type=_positive(int), metavar="N", help="language model only")
