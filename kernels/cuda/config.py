@@ -30,9 +30,8 @@ PERSISTENT_THREADS
     per-kernel limit, which depends on registers, is also respected on a real GPU).
 PERSISTENT_MAX_PAIRS
     ``auto`` uses the persistent path only while ``B*H`` is at most this (beyond it one block
-    does too much work per step and the general path's many blocks win). Measured on an H100,
-    T=100 training step, persistent / general ms: LSTM B*H = 64 1.8/20, 768 10.3/21.7,
-    4096 34.7/20.4; GRU 768 8.1/32.3, 4096 26.6/31.8.
+    does too much work per step and the general path's many blocks win; the H100 figures
+    behind the default: docs/performance.md).
 POISON_OUTPUTS
     Fill every uninitialised array the backend allocates (outputs, caches, scratch) with NaN
     before the kernels write it, so an element a kernel forgets shows up in a parity check

@@ -16,10 +16,7 @@
     fits, B * H is at most COOPERATIVE_MAX_STATE and B at least COOPERATIVE_MIN_BATCH; the
     general path (its loops replayed as CUDA graphs) otherwise. Every block of the cooperative
     kernel reads the whole [B, H] state (or one gate's gradients) through L2 each step, so its
-    cost grows with B * H. On an H100 (T = 100, float32, one training step) it was 5-20%
-    faster than the graphed general path at B = 2-4 with H <= 192 (GRU: B = 2 at any H), and
-    4-5x faster at B = 8-16 with H = 128-192, where cuBLAS's per-step GEMM is slow (43 us);
-    the general path was 10-25% faster at B = 1 and 20-60% faster from B * H = 3072 up.
+    cost grows with B * H (the H100 figures behind the defaults: docs/performance.md).
 ``COOPERATIVE_UNITS``
     Hidden units per block of the cooperative kernel; ``None`` (default): the fewest that need
     no more blocks than the device has SMs. A larger number means fewer blocks, each doing
@@ -34,9 +31,8 @@
     step from Python.
 ``GRAPH_MAX_STATE``
     Graphs only for B * H up to this: above it a step's GPU work outlasts its launches from
-    Python anyway, and the copies in and out cost time and memory for nothing (H100, LSTM,
-    T = 100: B = 256, H = 512 took 12.4 ms with graphs, 17.2 without; B = 512, H = 512 23.9
-    with, 20.4 without).
+    Python anyway, and the copies in and out cost time and memory for nothing
+    (docs/performance.md).
 ``GRAPH_MEMORY``
     Bytes of device memory the recorded graphs' own arrays may hold in all (least recently
     used dropped first); a loop whose arrays need more than a quarter of it runs without a
