@@ -9,6 +9,9 @@ does not import is skipped with the import error as the reason.
 
 Random inputs are fresh per test but reproducible: the seed is derived from the test id and
 ``BPTT_TEST_SEED`` (default 0); set ``BPTT_TEST_SEED`` to draw other inputs.
+
+The error measure and the tolerances are those of ``helpers.py`` (``rel_err``, ``RTOL``);
+the ``assert_close`` and ``tol`` fixtures hand them on.
 """
 
 import importlib
@@ -20,11 +23,9 @@ import pytest
 
 import bptt
 from bptt import backend as dispatcher
+from helpers import RTOL, assert_close as _assert_within
 
 LAYER_BACKENDS = ("reference", "cpu")
-
-# Tolerances (DESIGN.md section 5): max relative error, max|a - b| / max|b|, per dtype.
-RTOL = {np.dtype(np.float64): 1e-10, np.dtype(np.float32): 1e-5}
 
 
 def backend_import_error(name):
@@ -70,30 +71,21 @@ def rng(request):
     return np.random.default_rng(seed)
 
 
-def _rel_err(actual, expected):
-    """max|actual - expected| / max|expected| (max|actual - expected| if expected is all zero)."""
-    actual = np.asarray(actual, dtype=np.float64)
-    expected = np.asarray(expected, dtype=np.float64)
-    assert actual.shape == expected.shape, f"shape {actual.shape} != expected {expected.shape}"
-    scale = np.max(np.abs(expected)) if expected.size else 0.0
-    diff = np.max(np.abs(actual - expected)) if expected.size else 0.0
-    return diff / scale if scale > 0 else diff
-
-
 def _assert_close(actual, expected, rtol, what):
-    err = _rel_err(actual, expected)
-    assert err <= rtol, f"{what}: relative error {err:.3e} > {rtol:.0e}"
+    """helpers.assert_close with the tolerance given (rel_err <= rtol)."""
+    _assert_within(actual, expected, dtype=None, what=what, rtol=rtol)
 
 
 @pytest.fixture
 def assert_close():
-    """assert_close(actual, expected, rtol, what): max|a - e| / max|e| <= rtol, else fail naming ``what``."""
+    """assert_close(actual, expected, rtol, what): helpers.rel_err(actual, expected) <= rtol,
+    else fail naming ``what``."""
     return _assert_close
 
 
 @pytest.fixture
 def tol():
-    """Relative tolerance per numpy dtype (float64 1e-10, float32 1e-5)."""
+    """Relative tolerance per numpy dtype (helpers.RTOL: float64 1e-10, float32 1e-5)."""
     return lambda dtype: RTOL[np.dtype(dtype)]
 
 

@@ -15,10 +15,11 @@ from bptt_kernels import CELLS, GATES
 import bptt_kernels.cpu as cpu
 import bptt_kernels.reference as ref
 from bptt_kernels.cpu import _buffers
+import helpers
+from helpers import random_layer_problem, rel_err
 
 TOL = {np.float64: 1e-12, np.float32: 1e-5}
 DTYPES = (np.float64, np.float32)
-N_STATE = {"lstm": 2, "gru": 1, "rnn_tanh": 1, "rnn_relu": 1}
 
 
 @pytest.fixture(autouse=True)
@@ -27,37 +28,24 @@ def poisoned_buffers(monkeypatch):
     monkeypatch.setattr(_buffers, "scratch", lambda name, shape, dtype: np.full(shape, np.nan, dtype))
 
 
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    assert a.shape == b.shape
-    assert np.all(np.isfinite(a)), "non-finite values (an unwritten, poisoned element?)"
-    return np.abs(a - b).max() / max(np.abs(b).max(), 1e-300)
-
-
 def assert_close(a, b, dtype, what):
-    err = rel_err(a, b)
-    assert err <= TOL[dtype], f"{what}: relative error {err:.3g} > {TOL[dtype]:g}"
+    helpers.assert_close(a, b, dtype, what, rtol=TOL[dtype])
 
 
-def random_layer(rng, cell, dtype, T, B, I, H):
-    G = GATES[cell]
-    k = 1 / np.sqrt(H)
-    w = {"w_ih": rng.uniform(-k, k, (G * H, I)), "w_hh": rng.uniform(-k, k, (G * H, H)),
-         "b_ih": rng.uniform(-k, k, G * H), "b_hh": rng.uniform(-k, k, G * H)}
-    w = {n: a.astype(dtype) for n, a in w.items()}
-    x = rng.standard_normal((T, B, I)).astype(dtype)
-    state = tuple(rng.standard_normal((B, H)).astype(dtype) for _ in range(N_STATE[cell]))
-    return x, state, w
+WEIGHTS = ("w_ih", "w_hh", "b_ih", "b_hh")
 
 
 def random_problem(rng, cell, dtype, T, B, I, H):
-    """random_layer's (x, state, w) plus dy [T,B,H], dfinal (like state) and starting gradients
-    grads0 (like w; nonzero, so that += is checked)."""
-    x, state, w = random_layer(rng, cell, dtype, T, B, I, H)
-    dy = rng.standard_normal((T, B, H)).astype(dtype)
-    dfinal = tuple(rng.standard_normal((B, H)).astype(dtype) for _ in state)
-    grads0 = {n: rng.standard_normal(a.shape).astype(dtype) for n, a in w.items()}
-    return x, state, w, dy, dfinal, grads0
+    """helpers.random_layer_problem's arrays as (x, state, w, dy, dfinal, grads0): w and the
+    starting gradients grads0 (nonzero, so that += is checked) as dicts by weight name."""
+    p = random_layer_problem(rng, cell, T, B, I, H, dtype)
+    return (p["x"], p["state"], {n: p[n] for n in WEIGHTS}, p["dy"], p["dfinal"],
+            dict(zip(WEIGHTS, p["grads0"])))
+
+
+def random_layer(rng, cell, dtype, T, B, I, H):
+    """random_problem's (x, state, w)."""
+    return random_problem(rng, cell, dtype, T, B, I, H)[:3]
 
 
 def f64(tree):

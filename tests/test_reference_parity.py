@@ -12,6 +12,7 @@ import pytest
 
 from bptt_kernels import GATES
 from bptt_kernels import reference as ref
+from helpers import RTOL, assert_close as check
 
 try:
     from bptt_kernels import cpu
@@ -24,7 +25,6 @@ pytestmark = pytest.mark.skipif(cpu is None, reason=str(CPU_IMPORT_ERROR))
 
 CELLS = ("rnn_tanh", "rnn_relu", "lstm", "gru")
 DTYPES = {"f64": np.float64, "f32": np.float32}
-RTOL = {np.dtype(np.float64): 1e-10, np.dtype(np.float32): 1e-5}
 
 
 def sweep(n, seed=20240611):
@@ -36,18 +36,6 @@ def sweep(n, seed=20240611):
         shapes.append((T, int(r.integers(1, 6)), int(r.integers(1, 10)), int(r.integers(1, 10)),
                        int(r.integers(0, T))))
     return shapes
-
-
-def rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    assert a.shape == b.shape, f"shape {a.shape} != {b.shape}"
-    scale = np.max(np.abs(b))
-    return np.max(np.abs(a - b)) / scale if scale > 0 else np.max(np.abs(a - b))
-
-
-def check(actual, expected, dtype, what):
-    err = rel(actual, expected)
-    assert err <= RTOL[np.dtype(dtype)], f"{what}: relative error {err:.3e} > {RTOL[np.dtype(dtype)]:.0e}"
 
 
 @pytest.mark.parametrize("shape", sweep(10), ids=lambda s: "T{}B{}I{}H{}t{}".format(*s))
