@@ -28,13 +28,16 @@ OpenBLAS threads against 0.14 ms with 1, and a whole LSTM layer (T=100, B=32, H=
 forward+backward) ran 64 ms with OpenBLAS's threads in and around the time loop against
 40 ms once its helper threads went to sleep right after each GEMM.
 
-OpenBLAS's thread setting is process-wide state. Importing this backend therefore reads it
-once (or ``BPTT_NUM_THREADS``) as the number of pieces a large layer call is cut into, and then
-sets OpenBLAS to ONE thread for the whole process: after any NumPy GEMM on several threads
-(a model's decoder, say) OpenBLAS's idle helper threads spin-wait and steal a core from the
-layer threads. Measured (perf/bench_train.py, char-LM, 2-layer LSTM 256, B=32, 2 cores):
-12,500 tokens/s with OpenBLAS at 2 threads outside layer calls, 19,300 with it idle-free.
-The cost: other NumPy GEMMs in the same process run on one thread.
+OpenBLAS's thread setting is process-wide state, and it belongs to the user: importing this
+backend only reads it (or ``BPTT_NUM_THREADS``) as the number of pieces a large layer call is
+cut into, and changes nothing. Each call of the backend that runs BLAS (a recurrent layer, the
+output layer's GEMMs in ``linear.py``) runs inside ``layer_threads``, which sets OpenBLAS to
+one thread on entry and puts the caller's setting back on exit (two ctypes calls, ~1 us, once
+per layer call). The user's own NumPy GEMMs keep their threads. Why every BLAS call of the
+backend, not only the time loops, goes through it: after a GEMM on several threads OpenBLAS's
+idle helper threads spin-wait and take a core from the layer threads. Measured
+(perf/bench_train.py, char-LM, 2-layer LSTM 256, B=32, 2 cores): 12,500 tokens/s with the
+decoder's GEMMs on 2 OpenBLAS threads between the layer calls, 19,300 with none.
 """
 
 import os
@@ -67,7 +70,6 @@ def _thread_count():
 
 
 THREADS = _thread_count()  # pieces a large layer call runs in (OpenBLAS's count at import)
-set_blas_threads(1)        # for good: no spin-waiting OpenBLAS helper threads (see above)
 
 NO_FLAGS = np.zeros(0, np.int64)     # "split by batch rows": no barrier counters
 NO_PROGRESS = np.zeros(0, np.int64)  # a time loop outside run_overlapped: no step counter
@@ -134,18 +136,34 @@ def part_range(n, part, parts):
 class layer_threads:
     """``with layer_threads(work) as parts:`` -- how many pieces this layer call runs in
     (THREADS if the call does at least MIN_WORK_FOR_THREADS multiply-adds, else 1); OpenBLAS
-    runs on one thread inside the block, also if someone raised its count meanwhile."""
+    runs on one thread inside the block, also if someone raised its count meanwhile, and gets
+    back on exit the count it had before. Blocks of several Python threads may overlap: the
+    setting of the first to enter is restored when the last one leaves."""
 
     def __init__(self, work):
         self.parts = THREADS if work >= MIN_WORK_FOR_THREADS else 1
 
     def __enter__(self):
-        self.previous = set_blas_threads(1)
+        global _inside, _saved
+        with _blas_lock:
+            previous = set_blas_threads(1)
+            if _inside == 0:
+                _saved = previous
+            _inside += 1
         return self.parts
 
     def __exit__(self, *exc):
-        set_blas_threads(self.previous)
+        global _inside
+        with _blas_lock:
+            _inside -= 1
+            if _inside == 0:
+                set_blas_threads(_saved)
         return False
+
+
+_blas_lock = threading.Lock()   # guards the two below
+_inside = 0                     # layer_threads blocks open now (any Python thread)
+_saved = 1                      # OpenBLAS's thread count when the first of them entered
 
 
 def phase_parts(parts, work):
@@ -155,7 +173,8 @@ def phase_parts(parts, work):
 
 def _on_one_blas_thread(kernel, *args):
     # Pool threads keep OpenBLAS at 1 thread whether its setting is per thread or per process
-    # (layer_threads restores the process-wide value after the join).
+    # (a pool thread runs only inside a caller's layer_threads block, which restores the
+    # caller's value after the join).
     set_blas_threads(1)
     kernel(*args)
 
