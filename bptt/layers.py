@@ -24,8 +24,20 @@ import numpy as np
 from bptt import _checks
 from bptt.backend import get_backend
 from bptt_kernels import CELLS, GATES
+from bptt_kernels.host import RecurrentCache, cache_from_arrays, cache_to_arrays
 
 _layer_ids = itertools.count(1)
+
+
+def host_copy(backend, a):
+    """A fresh host ``numpy.ndarray`` copy of the device array ``a`` (never an alias)."""
+    return np.array(backend.to_host(a), copy=True)
+
+
+def device_copy(backend, a):
+    """A fresh device array of ``backend`` holding the host array ``a`` (same dtype, never an alias)."""
+    a = np.asarray(a)
+    return backend.asarray(np.array(a, copy=True), a.dtype)
 
 
 class LayerCache:
@@ -33,7 +45,8 @@ class LayerCache:
 
     owner      id of the layer that made it (``layer.layer_id``)
     T, B       time steps and batch size of the forward call
-    layers     one backend cache per stacked layer, bottom first
+    layers     one backend cache (:class:`bptt_kernels.host.RecurrentCache`) per stacked layer,
+               bottom first
     projected  the forward got x W_ih^T of the bottom layer (``forward(..., projected=True)``)
     """
 
@@ -41,6 +54,19 @@ class LayerCache:
 
     def __init__(self, owner, T, B, layers, projected=False):
         self.owner, self.T, self.B, self.layers, self.projected = owner, T, B, layers, projected
+
+    def to_dict(self, to_host):
+        """Plain dict, readable on any backend: {"T", "B", "projected", "layers": [{"cell",
+        "arrays": {field: host array}}]} (backend caches by field name, arrays through
+        ``to_host``). :meth:`_RecurrentLayer.cache_from_dict` is the inverse."""
+        layers = []
+        for cache in self.layers:
+            if not isinstance(cache, RecurrentCache):
+                raise TypeError(f"a backend cache of type {type(cache).__name__} is not a "
+                                f"bptt_kernels.host.RecurrentCache and cannot be saved")
+            cell, arrays = cache_to_arrays(cache, to_host)
+            layers.append({"cell": cell, "arrays": arrays})
+        return {"T": self.T, "B": self.B, "projected": self.projected, "layers": layers}
 
     def __repr__(self):
         return (f"LayerCache(owner={self.owner}, T={self.T}, B={self.B}, layers={len(self.layers)}"
@@ -192,7 +218,7 @@ class _RecurrentLayer:
 
     # ------------------------------------------------------------------ forward / backward
 
-    def forward(self, x, state=None, projected=False):
+    def forward(self, x, state=None, projected=False, check_finite=True):
         """Run all layers over T steps.
 
         x      [T, B, I] float array-like (converted to the layer dtype)
@@ -201,15 +227,12 @@ class _RecurrentLayer:
                done by the caller (a language model takes it from a table E weight_ih_l0^T);
                :meth:`backward` then returns dL/d(that) in place of dx and leaves the
                gradient of weight_ih_l0 to the caller
+        check_finite  scan x for NaN/inf (ValueError); False for a caller whose x comes out of
+               its own finite computation (a model's upper levels, a projected table), where a
+               non-finite x would show in that caller's loss anyway
         Returns y [T, B, H] (top layer's hidden state after every step), the final state
         (like ``state``), and a :class:`LayerCache` for :meth:`backward`.
         """
-        return self._forward(x, state, projected, check_finite=True)
-
-    def _forward(self, x, state, projected, check_finite):
-        """:meth:`forward`; ``check_finite=False`` skips the scan of x for NaN/inf, for a caller
-        whose x comes out of its own finite computation (a model's upper levels, a projected
-        table): a non-finite x would show in that caller's loss anyway."""
         x = _checks.as_float_array("x", x, self.dtype, self.backend)
         _checks.expect_ndim("x", x, 3, "[T, B, I]")
         T, B, I = x.shape
@@ -240,25 +263,22 @@ class _RecurrentLayer:
             y.flags.writeable = False               # the cache holds y: no in-place changes
         return y, self._pack_state(finals), LayerCache(self.layer_id, T, B, caches, bool(projected))
 
-    def backward(self, dy, cache, dstate=None, t_start=0, return_dh=False):
+    def backward(self, dy, cache, dstate=None, t_start=0, return_dh=False, check_finite=True):
         """Backpropagate through the steps t_start .. T-1 of a forward call.
 
         dy        [T, B, H] dL/dy
-        cache     the :class:`LayerCache` that this layer's forward returned
+        cache     the :class:`LayerCache` that this layer's forward returned (or
+                  :meth:`cache_from_dict` rebuilt)
         dstate    dL/d(final state), like ``state``; None for zeros
         t_start   0 <= t_start < T: the gradient is cut at the state entering step t_start
                   (as if the forward had started there from a detached state)
+        check_finite  scan dy for NaN/inf (ValueError); False for a caller that checked it
         Accumulates (+=) into ``grads``. Returns dx [T, B, I] (rows t < t_start are zero; after a
         ``forward(..., projected=True)``, dL/d(x W_ih^T) [T, B, G*H], and weight_ih_l0's
         gradient is left to the caller) and
         dL/d(state entering step t_start), like ``state``; with ``return_dh=True`` also dh, a
         list of one [T, B, H] array per layer (bottom first): the total dL/dh_t of every step.
         """
-        return self._backward(dy, cache, dstate, t_start, return_dh, check_finite=True)
-
-    def _backward(self, dy, cache, dstate, t_start, return_dh, check_finite):
-        """:meth:`backward`; ``check_finite=False`` skips the scan of dy for NaN/inf (a model
-        that has checked it already)."""
         if not isinstance(cache, LayerCache):
             raise TypeError(f"cache must be the LayerCache returned by this layer's forward; "
                             f"got {type(cache).__name__}")
@@ -288,6 +308,26 @@ class _RecurrentLayer:
         if return_dh:
             return dx, self._pack_state(dinit), dh_all
         return dx, self._pack_state(dinit)
+
+    def cache_from_dict(self, d):
+        """The :class:`LayerCache` of ``LayerCache.to_dict``'s dict ``d`` (saved on any backend),
+        on this layer's backend and owned by this layer."""
+        T, B, layers = _checks.expect_int("T", d["T"], 1), _checks.expect_int("B", d["B"], 1), d["layers"]
+        if len(layers) != self.num_layers:
+            raise ValueError(f"the cache holds {len(layers)} stacked layers; this {type(self).__name__} "
+                             f"has {self.num_layers}")
+        caches = []
+        for k, layer in enumerate(layers):
+            if layer["cell"] != self.cell:
+                raise ValueError(f"the cache of stacked layer {k} is of a {layer['cell']!r} cell; this layer "
+                                 f"is {self.cell!r}")
+            y = layer["arrays"].get("y")
+            if y is not None and tuple(y.shape) != (T, B, self.hidden_size):
+                raise ValueError(f"the cache of stacked layer {k} holds y of shape {tuple(y.shape)}; "
+                                 f"this layer needs {(T, B, self.hidden_size)}")
+            caches.append(cache_from_arrays(layer["cell"], layer["arrays"],
+                                            lambda a: device_copy(self.backend, a)))
+        return LayerCache(self.layer_id, T, B, caches, bool(d["projected"]))
 
     def __repr__(self):
         extra = f", nonlinearity={self.cell[4:]!r}" if self.cell.startswith("rnn") else ""

@@ -16,9 +16,14 @@ drawn from the model's own ``numpy.random.Generator`` (``model.rng``, seeded fro
 saved in checkpoints) and kept in the cache for backward. ``forward(..., train=False)``
 applies no dropout.
 
-The recurrent stack is kept as one single-layer layer per level (``model.layers``), so dropout
-can sit between levels; parameters are exposed as ``rnn.weight_ih_l{k}`` etc. and the state is
-one h [L, B, H] (LSTM: (h, c)) as for a stacked torch.nn layer.
+The recurrent stack (:mod:`bptt.recurrent_stack`) is kept as one single-layer layer per level
+(``model.layers``), so dropout can sit between levels; parameters are exposed as
+``rnn.weight_ih_l{k}`` etc. and the state is one h [L, B, H] (LSTM: (h, c)) as for a stacked
+torch.nn layer.
+
+A forward's cache converts to a plain dict of host arrays (``cache.to_dict(to_host)``, the
+backends' caches by field name) and back on any backend (``model.cache_from_dict(d)``), so a
+checkpoint taken inside a TBPTT window resumes on another backend.
 """
 
 import math
@@ -26,227 +31,13 @@ import math
 import numpy as np
 
 from bptt import _checks
-from bptt.backend import get_backend
-from bptt.layers import GRU, LSTM, RNN
-from bptt_kernels import CELLS
+from bptt.layers import device_copy
+from bptt.recurrent_stack import (NonFiniteGradientError, RecurrentModelBase, StackCache, check_finite_grad,
+                                  host_or_none, json_seed, make_layer)
 
-
-class NonFiniteGradientError(FloatingPointError):
-    """A gradient flowing back through a model became NaN or inf."""
-
-
-def make_layer(cell, input_size, hidden_size, dtype, seed):
-    """One single-level recurrent layer of ``cell`` ("lstm", "gru", "rnn_tanh", "rnn_relu")."""
-    if cell == "lstm":
-        return LSTM(input_size, hidden_size, 1, dtype=dtype, seed=seed)
-    if cell == "gru":
-        return GRU(input_size, hidden_size, 1, dtype=dtype, seed=seed)
-    if cell in ("rnn_tanh", "rnn_relu"):
-        return RNN(input_size, hidden_size, 1, nonlinearity=cell[4:], dtype=dtype, seed=seed)
-    raise ValueError(f"cell must be one of {CELLS}; got {cell!r}")
-
-
-def _check_dropout(dropout):
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float, np.floating)) or not 0 <= dropout < 1:
-        raise ValueError(f"dropout must be a number in [0, 1); got {dropout!r}")
-    return float(dropout)
-
-
-def _json_seed(seed):
-    """The seed as recorded in ``config``: an int, or None when not an int (a Generator...)."""
-    return int(seed) if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool) else None
-
-
-def _check_finite_grad(xp, a, where):
-    if not bool(xp.isfinite(a).all()):
-        raise NonFiniteGradientError(f"the gradient at {where} contains NaN or inf")
-
-
-class StackCache:
-    """Saved by the recurrent stack's forward: one layer cache per level and the dropout masks
-    applied to the input of levels 1..L-1 (None where no dropout was applied)."""
-
-    __slots__ = ("layers", "masks")
-
-    def __init__(self, layers, masks):
-        self.layers, self.masks = layers, masks
-
-
-class _RecurrentModel:
-    """Shared parts: the recurrent stack, dropout, parameter bookkeeping, state_dict."""
-
-    def _init_stack(self, cell, input_size, hidden_size, num_layers, dropout, dtype, seed):
-        if cell not in CELLS:
-            raise ValueError(f"cell must be one of {CELLS}; got {cell!r}")
-        self.cell = cell
-        self.hidden_size = _checks.expect_int("hidden_size", hidden_size, 1)
-        self.num_layers = _checks.expect_int("num_layers", num_layers, 1)
-        self.dropout = _check_dropout(dropout)
-        self.dtype = np.dtype(dtype)
-        self.backend = get_backend()
-        if self.dtype not in self.backend.DTYPES:
-            raise TypeError(f"dtype {self.dtype.name} is not supported by backend {self.backend.NAME!r}")
-        seeds = np.random.SeedSequence(seed)
-        init_seed, dropout_seed, *layer_seeds = seeds.spawn(2 + self.num_layers)
-        self.rng = np.random.default_rng(dropout_seed)        # dropout masks
-        self.layers = [make_layer(cell, input_size if k == 0 else self.hidden_size, self.hidden_size,
-                                  self.dtype, layer_seeds[k])
-                       for k in range(self.num_layers)]
-        self.params, self.grads = {}, {}
-        for k, layer in enumerate(self.layers):
-            for name in layer.params:                          # weight_ih_l0 ... of level k
-                public = "rnn." + name[:-1] + str(k)
-                self.params[public] = layer.params[name]
-                self.grads[public] = layer.grads[name]
-        return np.random.default_rng(init_seed)
-
-    def _add_param(self, name, host_value):
-        self.params[name] = self.backend.asarray(host_value, self.dtype)
-        self.grads[name] = self.backend.zeros(self.params[name].shape, self.dtype)
-
-    # ------------------------------------------------------------------ state, grads, weights
-
-    def init_state(self, batch_size):
-        """Zero state: h [L, B, H], or (h, c) for LSTM."""
-        B = _checks.expect_int("batch_size", batch_size, 1)
-        shape = (self.num_layers, B, self.hidden_size)
-        if self.cell == "lstm":
-            return self.backend.zeros(shape, self.dtype), self.backend.zeros(shape, self.dtype)
-        return self.backend.zeros(shape, self.dtype)
-
-    def zero_grad(self):
-        """Set every gradient in ``grads`` to zero (in place)."""
-        for g in self.grads.values():
-            g[...] = 0
-
-    def _extra_state_names(self):
-        """Names state_dict() has beyond params (a tied decoder weight)."""
-        return {}
-
-    def state_dict(self):
-        """Host numpy copies of the parameters, by name (PyTorch's names)."""
-        sd = {name: np.array(self.backend.to_host(p), copy=True) for name, p in self.params.items()}
-        for alias, name in self._extra_state_names().items():
-            sd[alias] = sd[name].copy()
-        return sd
-
-    def load_state_dict(self, state_dict):
-        """Copy weights in from a mapping name -> array-like (numpy arrays or torch tensors).
-
-        Names must be exactly those of :meth:`state_dict`; every shape must match. Nothing is
-        changed unless every entry is valid.
-        """
-        if not hasattr(state_dict, "keys"):
-            raise TypeError(f"state_dict must be a mapping name -> array; got {type(state_dict).__name__}")
-        aliases = self._extra_state_names()
-        expected = set(self.params) | set(aliases)
-        missing = sorted(expected - set(state_dict))
-        unexpected = sorted(set(state_dict) - expected)
-        if missing or unexpected:
-            raise ValueError(f"state_dict names do not match this {type(self).__name__}: "
-                             f"missing {missing}, unexpected {unexpected}")
-        new = {}
-        for name in state_dict:
-            value = state_dict[name]
-            if hasattr(value, "detach"):
-                value = value.detach().cpu().numpy()
-            a = np.asarray(value)
-            target = self.params[aliases.get(name, name)]
-            if a.shape != tuple(target.shape):
-                raise ValueError(f"state_dict[{name!r}] must have shape {tuple(target.shape)}; got {a.shape}")
-            if a.dtype.kind != "f" or not np.isfinite(a).all():
-                raise ValueError(f"state_dict[{name!r}] must be a finite float array; got dtype {a.dtype}")
-            new[name] = a
-        for alias, name in aliases.items():
-            if not np.array_equal(new[alias], new[name]):
-                raise ValueError(f"state_dict[{alias!r}] must equal state_dict[{name!r}] (tied weights)")
-        for name, p in self.params.items():
-            p[...] = self.backend.asarray(new[name], self.dtype)
-
-    def num_parameters(self):
-        """Number of scalar parameters (tied weights counted once)."""
-        return int(sum(p.size for p in self.params.values()))
-
-    # ------------------------------------------------------------------ dropout and the stack
-
-    def _dropout(self, a, train):
-        """Inverted dropout on a [.., H] device array -> (dropped, mask or None)."""
-        if not train or self.dropout == 0:
-            return a, None
-        keep = self.rng.random(a.shape) >= self.dropout
-        mask = self.backend.asarray(keep / (1.0 - self.dropout), self.dtype)
-        return a * mask, mask
-
-    def _split_state(self, state, B):
-        """h [L,B,H] (or (h, c)) -> list of per-level states h [1,B,H] (or (h, c))."""
-        if state is None:
-            return [None] * self.num_layers
-        if self.cell == "lstm":
-            if not isinstance(state, (tuple, list)) or len(state) != 2:
-                raise TypeError(f"state of an LSTM model must be a tuple (h, c) of [L, B, H] arrays; "
-                                f"got {type(state).__name__}")
-            parts = [_checks.as_float_array(n, s, self.dtype, self.backend) for n, s in zip(("state[0]", "state[1]"), state)]
-        else:
-            parts = [_checks.as_float_array("state", state, self.dtype, self.backend)]
-        for s in parts:
-            _checks.expect_shape("state", s, (self.num_layers, B, self.hidden_size), "[L, B, H]")
-        per_level = [tuple(s[k:k + 1] for s in parts) for k in range(self.num_layers)]
-        return per_level if self.cell == "lstm" else [p[0] for p in per_level]
-
-    def _join_state(self, per_level):
-        """Inverse of :meth:`_split_state`."""
-        xp = self.backend.xp
-        if self.cell == "lstm":
-            return (xp.concatenate([s[0] for s in per_level]), xp.concatenate([s[1] for s in per_level]))
-        return xp.concatenate(per_level)
-
-    def _stack_forward(self, x, state, train, projected=False):
-        """x [T,B,I] (projected: x W_ih^T of level 0, [T,B,G*H])
-        -> (y [T,B,H] of the top level, final state, StackCache)."""
-        states = self._split_state(state, x.shape[1])
-        caches, masks, finals = [], [], []
-        for k, layer in enumerate(self.layers):
-            if k > 0:
-                x, mask = self._dropout(x, train)
-                masks.append(mask)
-            # only a user's x needs the scan for NaN/inf: the levels above take the output of
-            # the one below, a projected x comes from the model's weights
-            x, final, cache = layer._forward(x, states[k], projected and k == 0,
-                                             check_finite=k == 0 and not projected)
-            caches.append(cache)
-            finals.append(final)
-        return x, self._join_state(finals), StackCache(caches, masks)
-
-    def _stack_backward(self, dy, cache, dstate, t_start):
-        """dy [T,B,H] -> (dx [T,B,I] (projected forward: dL/d(x W_ih^T) [T,B,G*H]),
-        d(state entering t_start), dh: list per level of [T,B,H])."""
-        xp = self.backend.xp
-        dstates = self._split_state(dstate, dy.shape[1])
-        dinit, dh_all = [None] * self.num_layers, [None] * self.num_layers
-        for k in reversed(range(self.num_layers)):
-            _check_finite_grad(xp, dy, f"the output of recurrent level {k}")
-            for part in (dstates[k] if isinstance(dstates[k], tuple) else (dstates[k],)):
-                if part is not None:
-                    _check_finite_grad(xp, part, f"the final state of recurrent level {k}")
-            dy, dinit[k], (dh_all[k],) = self.layers[k]._backward(dy, cache.layers[k], dstates[k], t_start,
-                                                                 return_dh=True, check_finite=False)
-            if k > 0 and cache.masks[k - 1] is not None:
-                dy = dy * cache.masks[k - 1]
-        return dy, self._join_state(dinit), dh_all
-
-    # linear output map: out = h W^T + b over the last axis
-
-    def _linear_forward(self, h, wname, bname):
-        W, b = self.params[wname], self.params[bname]
-        out = self.backend.linear_forward(h.reshape(-1, h.shape[-1]), W, b)
-        return out.reshape(h.shape[:-1] + (W.shape[0],))
-
-    def _linear_backward(self, dout, h, wname, bname):
-        """Accumulate dW, db from dout [..., O] and h [..., H]; return dh [..., H]."""
-        W = self.params[wname]
-        dh = self.backend.linear_backward(dout.reshape(-1, W.shape[0]), h.reshape(-1, W.shape[1]),
-                                          W, self.grads[wname], self.grads[bname])
-        return dh.reshape(h.shape)
+__all__ = ["LanguageModel", "SequenceModel", "LMCache", "SeqCache", "StackCache", "NonFiniteGradientError",
+           "make_layer", "MODELS", "model_from_config", "model_to_dict", "model_from_dict", "check_model_dict",
+           "load_model_dict"]
 
 
 class LMCache:
@@ -264,6 +55,13 @@ class LMCache:
     def __init__(self, ids, emb_mask, stack, out_mask, h):
         self.ids, self.emb_mask, self.stack, self.out_mask, self.h = ids, emb_mask, stack, out_mask, h
 
+    def to_dict(self, to_host):
+        """Plain dict of host arrays (through ``to_host``), None and the stack's dict;
+        :meth:`LanguageModel.cache_from_dict` is the inverse (on any backend)."""
+        return {"ids": to_host(self.ids), "emb_mask": host_or_none(to_host, self.emb_mask),
+                "stack": self.stack.to_dict(to_host), "out_mask": host_or_none(to_host, self.out_mask),
+                "h": to_host(self.h)}
+
 
 # Level 0's input projection E[ids] W_ih^T is the gather (E W_ih^T)[ids] from a [V, G*H] table.
 # Where no dropout sits between the embedding and level 0 and a chunk has at least this many
@@ -276,7 +74,7 @@ class LMCache:
 EMBEDDING_FOLD_ROWS_PER_WORD = 4
 
 
-class LanguageModel(_RecurrentModel):
+class LanguageModel(RecurrentModelBase):
     """Embedding -> dropout -> recurrent stack -> dropout -> linear decoder (PyTorch's RNNModel).
 
     vocab_size V, embedding_size E, hidden_size H, num_layers L; cell "lstm" | "gru" |
@@ -307,7 +105,7 @@ class LanguageModel(_RecurrentModel):
         self._add_param("decoder.bias", np.zeros(V))
         self.config = {"vocab_size": V, "embedding_size": E, "hidden_size": H, "num_layers": self.num_layers,
                        "cell": self.cell, "dropout": self.dropout, "tie_weights": self.tie_weights,
-                       "dtype": self.dtype.name, "seed": _json_seed(seed)}
+                       "dtype": self.dtype.name, "seed": json_seed(seed)}
 
     def _decoder_weight_name(self):
         return "encoder.weight" if self.tie_weights else "decoder.weight"
@@ -375,7 +173,7 @@ class LanguageModel(_RecurrentModel):
             if cache.out_mask is not None:
                 dh_top *= cache.out_mask
         demb, dstate, dh = self._stack_backward(dh_top, cache.stack, dstate, t_start)
-        _check_finite_grad(xp, demb, "the embeddings")
+        check_finite_grad(xp, demb, "the embeddings")
         if cache.stack.layers[0].projected:                # demb: dL/d(E W_ih^T)[ids], T,B,G*H
             w_ih, E = self.params["rnn.weight_ih_l0"], self.params["encoder.weight"]
             dtable = xp.zeros((self.vocab_size, w_ih.shape[0]), self.dtype)           # V,G*H
@@ -388,6 +186,13 @@ class LanguageModel(_RecurrentModel):
         self.backend.embedding_backward(self.grads["encoder.weight"], cache.ids[t_start:], demb[t_start:])
         return (dstate, dh) if return_dh else dstate
 
+    def cache_from_dict(self, d):
+        """The :class:`LMCache` of ``LMCache.to_dict``'s dict ``d`` (saved on any backend), on this
+        model's backend, its layer caches owned by this model's layers."""
+        return LMCache(device_copy(self.backend, d["ids"]), self._device_or_none(d["emb_mask"]),
+                       self._stack_cache_from_dict(d["stack"]), self._device_or_none(d["out_mask"]),
+                       device_copy(self.backend, d["h"]))
+
     def __repr__(self):
         c = self.config
         return (f"LanguageModel(V={c['vocab_size']}, E={c['embedding_size']}, H={c['hidden_size']}, "
@@ -396,15 +201,20 @@ class LanguageModel(_RecurrentModel):
 
 
 class SeqCache:
-    """Saved by :meth:`SequenceModel.forward`: x [T,B,I], stack cache, y [T,B,H] (readout input)."""
+    """Saved by :meth:`SequenceModel.forward`: the stack cache and y [T,B,H] (readout input)."""
 
     __slots__ = ("stack", "y")
 
     def __init__(self, stack, y):
         self.stack, self.y = stack, y
 
+    def to_dict(self, to_host):
+        """{"stack": the stack's dict, "y": host array}; :meth:`SequenceModel.cache_from_dict`
+        is the inverse (on any backend)."""
+        return {"stack": self.stack.to_dict(to_host), "y": to_host(self.y)}
 
-class SequenceModel(_RecurrentModel):
+
+class SequenceModel(RecurrentModelBase):
     """Recurrent stack -> linear readout, on float inputs [T,B,I].
 
     readout "every_step": outputs [T,B,O] (one per step); "last_step": outputs [B,O] from the
@@ -427,7 +237,7 @@ class SequenceModel(_RecurrentModel):
         self._add_param("readout.bias", rng.uniform(-bound, bound, (self.output_size,)))
         self.config = {"input_size": self.input_size, "hidden_size": self.hidden_size,
                        "output_size": self.output_size, "num_layers": self.num_layers, "cell": self.cell,
-                       "readout": readout, "dtype": self.dtype.name, "seed": _json_seed(seed)}
+                       "readout": readout, "dtype": self.dtype.name, "seed": json_seed(seed)}
 
     def forward(self, inputs, state=None, train=True):
         """inputs float [T,B,I]; returns outputs ([T,B,O] or [B,O]), final state, cache."""
@@ -455,6 +265,11 @@ class SequenceModel(_RecurrentModel):
         _, dstate, dh = self._stack_backward(dy, cache.stack, dstate, t_start)
         return (dstate, dh) if return_dh else dstate
 
+    def cache_from_dict(self, d):
+        """The :class:`SeqCache` of ``SeqCache.to_dict``'s dict ``d`` (saved on any backend), on
+        this model's backend, its layer caches owned by this model's layers."""
+        return SeqCache(self._stack_cache_from_dict(d["stack"]), device_copy(self.backend, d["y"]))
+
     def __repr__(self):
         c = self.config
         return (f"SequenceModel(I={c['input_size']}, H={c['hidden_size']}, O={c['output_size']}, "
@@ -471,3 +286,34 @@ def model_from_config(type_name, config):
     if cls is None:
         raise ValueError(f"unknown model type {type_name!r}; known: {', '.join(MODELS)}")
     return cls(**config)
+
+
+def model_to_dict(model):
+    """{"type", "config", "rng_state" (dropout), "weights": model.state_dict()} (host copies)."""
+    return {"type": type(model).__name__, "config": dict(model.config),
+            "rng_state": model.rng.bit_generator.state, "weights": model.state_dict()}
+
+
+def check_model_dict(model, d):
+    """ValueError unless ``model`` has the type and config (its seed aside) of ``model_to_dict``'s ``d``."""
+    if d["type"] != type(model).__name__:
+        raise ValueError(f"the state is of a {d['type']}, not a {type(model).__name__}")
+    ours = {k: v for k, v in model.config.items() if k != "seed"}
+    theirs = {k: v for k, v in d["config"].items() if k != "seed"}
+    if ours != theirs:
+        raise ValueError(f"the state is of a {d['type']} with config {theirs}; this one has {ours}")
+
+
+def load_model_dict(model, d):
+    """Load ``model_to_dict``'s weights and dropout RNG state into ``model`` (checked by
+    :func:`check_model_dict` first)."""
+    check_model_dict(model, d)
+    model.load_state_dict(d["weights"])
+    model.rng.bit_generator.state = d["rng_state"]
+
+
+def model_from_dict(d):
+    """The model of ``model_to_dict``'s dict ``d``, built on the current backend."""
+    model = model_from_config(d["type"], d["config"])
+    load_model_dict(model, d)
+    return model
