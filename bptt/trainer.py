@@ -42,17 +42,22 @@ of the interrupted call finishes that run from the saved position, ending with e
 weights of a run that was never interrupted. To train n more updates: ``max_steps=trainer.step + n``.
 """
 
+import copy
+import json
 import math
 import signal
 import threading
 import time
-import zlib
 
 import numpy as np
 
-from bptt import losses
-from bptt.models import LanguageModel, NonFiniteGradientError, SequenceModel
-from bptt.optim import ConstantLR, Optimizer, Schedule, clip_grad_norm_
+from bptt import checkpoint_file
+from bptt.batches import Dataset, Position, Segment, batchify, reset_rows
+from bptt.models import (LanguageModel, NonFiniteGradientError, SequenceModel, check_model_dict, load_model_dict,
+                         model_from_dict, model_to_dict)
+from bptt.optim import OPTIMIZERS, ConstantLR, Optimizer, Schedule, clip_grad_norm_, schedule_from_state_dict
+
+__all__ = ["Trainer", "NonFiniteError", "check_truncation", "batchify", "Dataset", "Position", "Segment"]
 
 ON_NONFINITE = ("raise", "skip")
 EVAL_CHUNK = 256   # steps per forward call in evaluate() when k1 is None
@@ -88,162 +93,6 @@ def check_truncation(k1, k2):
     return k1, k2
 
 
-# ------------------------------------------------------------------------------------------
-# Data: groups of steps that the state runs through from zero
-
-
-def batchify(tokens, batch_size):
-    """PyTorch word_language_model's batchify: 1-D tokens -> [len // B, B], column b = stream b."""
-    n = len(tokens) // batch_size
-    return np.ascontiguousarray(np.asarray(tokens)[:n * batch_size].reshape(batch_size, n).T)
-
-
-class Group:
-    """B parallel streams of T steps that start from a zero state.
-
-    inputs   [T,B] int ids or [T,B,I] floats (host)
-    targets  [T,B] int, [T,B,O] float (every step), or [B] int / [B,O] float (last step)
-    resets   [T,B] bool or None: True where the state of that stream is zeroed before step t
-    """
-
-    def __init__(self, inputs, targets, every_step, resets=None):
-        self.inputs, self.targets, self.every_step = inputs, targets, every_step
-        self.T, self.B = inputs.shape[0], inputs.shape[1]
-        self.ce = targets.dtype.kind in "iu"
-        self.resets = resets
-        rows = np.flatnonzero(resets.any(axis=1)) if resets is not None else np.empty(0, np.int64)
-        self.reset_rows = rows[rows > 0]            # a reset at step 0 meets a zero state anyway
-
-    def segments(self, t0, t1):
-        """Split [t0, t1) at reset rows -> list of (s0, s1, reset_here: bool)."""
-        lo, hi = np.searchsorted(self.reset_rows, [t0, t1])
-        rows = [int(r) for r in self.reset_rows[lo:hi]]      # reset rows in [t0, t1), sorted
-        starts = [t0] + [r for r in rows if r > t0]
-        ends = starts[1:] + [t1]
-        return [(a, b, a in rows) for a, b in zip(starts, ends)]
-
-    def count(self, t0, t1):
-        """Number of loss terms in steps [t0, t1) (the mean's divisor)."""
-        if not self.every_step:
-            if t1 < self.T:
-                return 0
-            return losses.count_targets(self.targets) if self.ce else self.targets.size
-        tg = self.targets[t0:t1]
-        return losses.count_targets(tg) if self.ce else tg.size
-
-    def loss(self, backend, out, s0, s1, count):
-        """(loss, dout) of the outputs of steps [s0, s1), or (0.0, None) when they carry no loss."""
-        if not self.every_step and s1 < self.T:
-            return 0.0, None
-        tg = self.targets[s0:s1] if self.every_step else self.targets
-        if self.ce:
-            return losses.cross_entropy(backend, out, tg, count, overwrite=True)
-        return losses.mse(backend, out, tg, count)
-
-
-class Dataset:
-    """Training or evaluation data prepared for a model: a list of groups and a fingerprint."""
-
-    def __init__(self, model, data, batch_size, reset_mask=None):
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int; got {batch_size!r}")
-        B = int(batch_size)
-        self.batch_size = B
-        crc = zlib.crc32(np.int64(B).tobytes())
-        if isinstance(model, LanguageModel):
-            tokens = np.asarray(data)
-            if tokens.ndim != 1 or tokens.dtype.kind not in "iu":
-                raise ValueError(f"data for a LanguageModel must be a 1-D int token stream; "
-                                 f"got {tokens.ndim}-D array of dtype {tokens.dtype}")
-            if len(tokens) and (tokens.min() < 0 or tokens.max() >= model.vocab_size):
-                raise ValueError(f"token ids must be in [0, {model.vocab_size}); got range "
-                                 f"[{int(tokens.min())}, {int(tokens.max())}]")
-            if len(tokens) // B < 2:
-                raise ValueError(f"data has {len(tokens)} tokens: too few for batch_size {B} "
-                                 f"(each of the {B} streams needs at least 2 tokens)")
-            src = batchify(tokens.astype(np.int64), B)                       # n,B
-            resets = None
-            if reset_mask is not None:
-                mask = np.asarray(reset_mask)
-                if mask.shape != tokens.shape or mask.dtype != np.bool_:
-                    raise ValueError(f"reset_mask must be a bool array of the data's shape {tokens.shape}; "
-                                     f"got {mask.dtype} {mask.shape}")
-                resets = batchify(mask, B)[:-1]
-                crc = zlib.crc32(mask.tobytes(), crc)
-            crc = zlib.crc32(src.tobytes(), crc)
-            self.groups = [Group(src[:-1], src[1:], True, resets)]
-        elif isinstance(model, SequenceModel):
-            if reset_mask is not None:
-                raise ValueError("reset_mask applies to token streams; sequences of a SequenceModel "
-                                 "always start from a zero state")
-            if not isinstance(data, (tuple, list)) or len(data) != 2:
-                raise ValueError("data for a SequenceModel must be a pair (inputs [N,T,I], targets)")
-            inputs, targets = np.asarray(data[0]), np.asarray(data[1])
-            if inputs.ndim != 3 or inputs.shape[2] != model.input_size or inputs.dtype.kind != "f":
-                raise ValueError(f"inputs must be float [N, T, I] with I = {model.input_size}; "
-                                 f"got {inputs.dtype} {inputs.shape}")
-            N, T = inputs.shape[:2]
-            if N < 1 or T < 1:
-                raise ValueError(f"inputs must hold at least one sequence of at least one step; got shape {inputs.shape}")
-            O = model.output_size
-            every = model.readout == "every_step"
-            ok = {True: {"i": (N, T), "f": (N, T, O)}, False: {"i": (N,), "f": (N, O)}}[every]
-            kind = "i" if targets.dtype.kind in "iu" else targets.dtype.kind
-            if ok.get(kind) != targets.shape:
-                raise ValueError(f"targets for readout={model.readout!r} must be int {ok['i']} (cross-entropy) "
-                                 f"or float {ok['f']} (MSE); got {targets.dtype} {targets.shape}")
-            if kind == "i" and targets.max(initial=-1) >= O:
-                raise ValueError(f"class targets must be < output_size {O}; got {int(targets.max())}")
-            targets = targets.astype(np.int64) if kind == "i" else targets
-            crc = zlib.crc32(targets.tobytes(), zlib.crc32(inputs.tobytes(), crc))
-            self.groups = []
-            for b0 in range(0, N, B):
-                x = np.ascontiguousarray(inputs[b0:b0 + B].transpose(1, 0, 2))               # T,B,I
-                y = targets[b0:b0 + B]
-                y = np.ascontiguousarray(np.moveaxis(y, 0, 1)) if every else np.ascontiguousarray(y)
-                self.groups.append(Group(x, y, every))
-        else:
-            raise TypeError(f"model must be a LanguageModel or SequenceModel; got {type(model).__name__}")
-        self.fingerprint = int(crc)
-
-
-# ------------------------------------------------------------------------------------------
-# The ring buffer of chunk caches
-
-
-class Segment:
-    """A forward call over steps [s0, s1) of a group, kept for backward.
-
-    cache  the model's cache; dout: dL/d(outputs) while its window is open (None: no loss);
-    keep   [B] device 0/1 mask applied to the state entering s0 (None: no reset there)
-    """
-
-    __slots__ = ("s0", "s1", "cache", "dout", "keep")
-
-    def __init__(self, s0, s1, cache, dout, keep):
-        self.s0, self.s1, self.cache, self.dout, self.keep = s0, s1, cache, dout, keep
-
-
-def _reset_rows(state, keep):
-    """state h [L,B,H] (or (h, c)) times keep [B] (0 = that stream resets); None stays None."""
-    if state is None:
-        return None
-    if isinstance(state, tuple):
-        return tuple(s * keep[None, :, None] for s in state)
-    return state * keep[None, :, None]
-
-
-class Position:
-    """Where an epoch stands between two updates: group index, step within it, carried state,
-    ring buffer segments, dropout RNG state, and the data it refers to."""
-
-    __slots__ = ("group", "offset", "state", "ring", "rng_state", "fingerprint", "batch_size")
-
-    def __init__(self, group, offset, state, ring, rng_state, fingerprint, batch_size):
-        self.group, self.offset, self.state, self.ring = group, offset, state, ring
-        self.rng_state, self.fingerprint, self.batch_size = rng_state, fingerprint, batch_size
-
-
 class Trainer:
     """Trains a model with full BPTT or TBPTT(k1, k2); see the module docstring for semantics.
 
@@ -265,18 +114,11 @@ class Trainer:
             raise TypeError(f"optimizer must be a bptt.SGD or bptt.Adam; got {type(optimizer).__name__}")
         self.model = model
         self.optimizer = optimizer
-        self.k1, self.k2 = check_truncation(k1, k2)
-        if clip_norm is not None and (isinstance(clip_norm, bool) or not isinstance(clip_norm, (int, float))
-                                      or not 0 < clip_norm < math.inf):
-            raise ValueError(f"clip_norm must be None or a positive finite number; got {clip_norm!r}")
-        self.clip_norm = None if clip_norm is None else float(clip_norm)
+        self._configure(k1=k1, k2=k2, clip_norm=clip_norm, on_nonfinite=on_nonfinite,
+                        record_grad_norms=record_grad_norms)
         if schedule is not None and not isinstance(schedule, Schedule):
             raise TypeError(f"schedule must be None or a bptt.optim schedule; got {type(schedule).__name__}")
         self.schedule = schedule if schedule is not None else ConstantLR()
-        if on_nonfinite not in ON_NONFINITE:
-            raise ValueError(f"on_nonfinite must be one of {ON_NONFINITE}; got {on_nonfinite!r}")
-        self.on_nonfinite = on_nonfinite
-        self.record_grad_norms = bool(record_grad_norms)
         self.base_lr = optimizer.lr
         self.step = 0            # updates made
         self.epoch = 0           # epochs completed
@@ -284,6 +126,19 @@ class Trainer:
         self.meta = {}
         self.history = {"step": [], "epoch": [], "loss": [], "lr": [], "grad_norm": [], "tokens": [],
                         "skipped": [], "epoch_loss": [], "grad_diagnostics": []}
+
+    def _configure(self, k1, k2, clip_norm, on_nonfinite, record_grad_norms):
+        """Check the settings of :attr:`config`, then set them (nothing is set if one is bad)."""
+        k1, k2 = check_truncation(k1, k2)
+        if clip_norm is not None and (isinstance(clip_norm, bool) or not isinstance(clip_norm, (int, float))
+                                      or not 0 < clip_norm < math.inf):
+            raise ValueError(f"clip_norm must be None or a positive finite number; got {clip_norm!r}")
+        if on_nonfinite not in ON_NONFINITE:
+            raise ValueError(f"on_nonfinite must be one of {ON_NONFINITE}; got {on_nonfinite!r}")
+        self.k1, self.k2 = k1, k2
+        self.clip_norm = None if clip_norm is None else float(clip_norm)
+        self.on_nonfinite = on_nonfinite
+        self.record_grad_norms = bool(record_grad_norms)
 
     @property
     def backend(self):
@@ -373,7 +228,7 @@ class Trainer:
             keep = None
             if reset:
                 keep = be.asarray(~group.resets[s0], model.dtype)                     # B
-                state = _reset_rows(state, keep)
+                state = reset_rows(state, keep)
             out, state, cache = model.forward(group.inputs[s0:s1], state, train=True)
             seg_loss, dout = group.loss(be, out, s0, s1, count) if count else (0.0, None)
             loss += seg_loss
@@ -429,7 +284,7 @@ class Trainer:
                 if self.record_grad_norms:
                     dh_norms.append([_step_norms(be, d[ts:]) for d in dh])
                 if seg.keep is not None and ts == 0:
-                    dstate = _reset_rows(dstate, seg.keep)      # no gradient across a reset
+                    dstate = reset_rows(dstate, seg.keep)      # no gradient across a reset
             grad_norm = math.sqrt(be.sum_of_squares(list(model.grads.values())))
             if not math.isfinite(grad_norm):
                 raise NonFiniteGradientError(f"gradient norm {grad_norm}")
@@ -474,7 +329,7 @@ class Trainer:
             for t0 in range(0, group.T, chunk):
                 for s0, s1, reset in group.segments(t0, min(t0 + chunk, group.T)):
                     if reset:
-                        state = _reset_rows(state, be.asarray(~group.resets[s0], model.dtype))
+                        state = reset_rows(state, be.asarray(~group.resets[s0], model.dtype))
                     out, state, _ = model.forward(group.inputs[s0:s1], state, train=False)
                     n = group.count(s0, s1)
                     if n == 0:
@@ -495,19 +350,81 @@ class Trainer:
             metrics["accuracy"] = correct / count if count else math.nan
         return metrics
 
-    # ------------------------------------------------------------------ checkpoints
+    # ------------------------------------------------------------------ state and checkpoints
+
+    def state_dict(self):
+        """Everything needed to resume, as plain dicts of host numpy arrays (copies) and JSON-able
+        values, readable on any backend (caches by field name, no class names)::
+
+            {"model": {"type", "config", "rng_state", "weights"}, "optimizer": its state_dict,
+             "schedule": {"type", "config"}, "config": :attr:`config`, "base_lr", "step", "epoch",
+             "history", "position": None at an epoch boundary, else Position.to_dict (carried
+             state, TBPTT ring buffer, dropout RNG state, data fingerprint), "meta"}
+        """
+        be = self.backend
+        return {"model": model_to_dict(self.model), "optimizer": self.optimizer.state_dict(be),
+                "schedule": self.schedule.state_dict(), "config": dict(self.config),
+                "base_lr": self.base_lr, "step": self.step, "epoch": self.epoch,
+                "history": copy.deepcopy(self.history),
+                "position": None if self.position is None else self.position.to_dict(be),
+                "meta": copy.deepcopy(self.meta)}
+
+    def load_state_dict(self, sd):
+        """Continue from :meth:`state_dict`'s ``sd`` (saved on any backend): the model's weights and
+        dropout RNG, the optimizer's state, schedule, settings, counters, history, position and
+        meta. The model and optimizer must be of the type and config ``sd`` was saved with (the
+        seed and lr aside); ValueError otherwise, before anything is changed. ``sd`` is copied."""
+        m, opt = sd["model"], sd["optimizer"]
+        check_model_dict(self.model, m)
+        if opt["type"] != type(self.optimizer).__name__:
+            raise ValueError(f"the state is of a {opt['type']} optimizer, not a {type(self.optimizer).__name__}")
+        ours = {k: v for k, v in _json(self.optimizer.config).items() if k != "lr"}
+        theirs = {k: v for k, v in _json(opt["config"]).items() if k != "lr"}
+        if ours != theirs:
+            raise ValueError(f"the state is of a {opt['type']} with config {theirs}; this one has {ours}")
+        schedule = schedule_from_state_dict(sd["schedule"])
+        check_truncation(sd["config"]["k1"], sd["config"]["k2"])
+        position = None if sd["position"] is None else Position.from_dict(sd["position"], self.model)
+        load_model_dict(self.model, m)
+        self.optimizer.load_state_dict(opt, self.backend)
+        self._configure(**sd["config"])
+        self.schedule = schedule
+        self.base_lr = float(sd["base_lr"])
+        self.step, self.epoch = int(sd["step"]), int(sd["epoch"])
+        self.history = copy.deepcopy(sd["history"])
+        self.position = position
+        self.meta = copy.deepcopy(sd.get("meta") or {})
 
     def save_checkpoint(self, path, meta=None):
-        """Write everything needed to resume (weights, optimizer, schedule, counters, position in
-        the epoch, carried state, ring buffer, dropout RNG) and ``meta`` (JSON-able) atomically."""
-        from bptt import checkpoint
-        checkpoint.save_trainer(self, path, meta)
+        """Write :meth:`state_dict` to the file ``path`` atomically (:mod:`bptt.checkpoint_file`),
+        with ``meta`` (JSON-able) in place of ``self.meta`` when given."""
+        sd = self.state_dict()
+        model, own_meta = sd.pop("model"), sd.pop("meta")
+        checkpoint_file.save(path, model, sd, meta if meta is not None else own_meta)
 
     @classmethod
     def from_checkpoint(cls, path):
-        """Rebuild a trainer from :meth:`save_checkpoint`'s file; ``trainer.meta`` holds its meta."""
-        from bptt import checkpoint
-        return checkpoint.load_trainer(path)
+        """The trainer of :meth:`save_checkpoint`'s file, on the current backend (whichever backend
+        wrote it); ``trainer.meta`` holds its meta. CheckpointError naming the file if unusable."""
+        parts = checkpoint_file.load(path, trainer=True)
+        model = checkpoint_file.rebuild(path, "model", model_from_dict, parts["model"])
+        sd = dict(parts["trainer"], model=parts["model"], meta=parts["meta"])
+        return checkpoint_file.rebuild(path, "trainer", cls._from_state_dict, model, sd)
+
+    @classmethod
+    def _from_state_dict(cls, model, sd):
+        opt = sd["optimizer"]
+        if opt["type"] not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer type {opt['type']!r}; known: {', '.join(OPTIMIZERS)}")
+        trainer = cls(model, OPTIMIZERS[opt["type"]](**opt["config"]),
+                      schedule=schedule_from_state_dict(sd["schedule"]), **sd["config"])
+        trainer.load_state_dict(sd)
+        return trainer
+
+
+def _json(value):
+    """``value`` as it comes back from JSON (tuples as lists), for comparing settings."""
+    return json.loads(json.dumps(value))
 
 
 def _step_norms(backend, dh):

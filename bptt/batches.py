@@ -1,0 +1,204 @@
+"""The data as the trainer walks it: groups of B parallel streams that the recurrent state runs
+through from zero (:class:`Dataset`, :class:`Group`), and where an epoch stands between two
+updates (:class:`Position`, with the TBPTT ring buffer of :class:`Segment` caches).
+
+Shapes: T steps of a group, B streams (batch), I input size, O output size, L levels, H hidden.
+"""
+
+import copy
+import zlib
+
+import numpy as np
+
+from bptt import losses
+from bptt.layers import device_copy, host_copy
+from bptt.models import LanguageModel, SequenceModel
+
+
+# ------------------------------------------------------------------------------------------
+# Data: groups of steps that the state runs through from zero
+
+
+def batchify(tokens, batch_size):
+    """PyTorch word_language_model's batchify: 1-D tokens -> [len // B, B], column b = stream b."""
+    n = len(tokens) // batch_size
+    return np.ascontiguousarray(np.asarray(tokens)[:n * batch_size].reshape(batch_size, n).T)
+
+
+class Group:
+    """B parallel streams of T steps that start from a zero state.
+
+    inputs   [T,B] int ids or [T,B,I] floats (host)
+    targets  [T,B] int, [T,B,O] float (every step), or [B] int / [B,O] float (last step)
+    resets   [T,B] bool or None: True where the state of that stream is zeroed before step t
+    """
+
+    def __init__(self, inputs, targets, every_step, resets=None):
+        self.inputs, self.targets, self.every_step = inputs, targets, every_step
+        self.T, self.B = inputs.shape[0], inputs.shape[1]
+        self.ce = targets.dtype.kind in "iu"
+        self.resets = resets
+        rows = np.flatnonzero(resets.any(axis=1)) if resets is not None else np.empty(0, np.int64)
+        self.reset_rows = rows[rows > 0]            # a reset at step 0 meets a zero state anyway
+
+    def segments(self, t0, t1):
+        """Split [t0, t1) at reset rows -> list of (s0, s1, reset_here: bool)."""
+        lo, hi = np.searchsorted(self.reset_rows, [t0, t1])
+        rows = [int(r) for r in self.reset_rows[lo:hi]]      # reset rows in [t0, t1), sorted
+        starts = [t0] + [r for r in rows if r > t0]
+        ends = starts[1:] + [t1]
+        return [(a, b, a in rows) for a, b in zip(starts, ends)]
+
+    def count(self, t0, t1):
+        """Number of loss terms in steps [t0, t1) (the mean's divisor)."""
+        if not self.every_step:
+            if t1 < self.T:
+                return 0
+            return losses.count_targets(self.targets) if self.ce else self.targets.size
+        tg = self.targets[t0:t1]
+        return losses.count_targets(tg) if self.ce else tg.size
+
+    def loss(self, backend, out, s0, s1, count):
+        """(loss, dout) of the outputs of steps [s0, s1), or (0.0, None) when they carry no loss."""
+        if not self.every_step and s1 < self.T:
+            return 0.0, None
+        tg = self.targets[s0:s1] if self.every_step else self.targets
+        if self.ce:
+            return losses.cross_entropy(backend, out, tg, count, overwrite=True)
+        return losses.mse(backend, out, tg, count)
+
+
+class Dataset:
+    """Training or evaluation data prepared for a model: a list of groups and a fingerprint."""
+
+    def __init__(self, model, data, batch_size, reset_mask=None):
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int; got {batch_size!r}")
+        B = int(batch_size)
+        self.batch_size = B
+        crc = zlib.crc32(np.int64(B).tobytes())
+        if isinstance(model, LanguageModel):
+            tokens = np.asarray(data)
+            if tokens.ndim != 1 or tokens.dtype.kind not in "iu":
+                raise ValueError(f"data for a LanguageModel must be a 1-D int token stream; "
+                                 f"got {tokens.ndim}-D array of dtype {tokens.dtype}")
+            if len(tokens) and (tokens.min() < 0 or tokens.max() >= model.vocab_size):
+                raise ValueError(f"token ids must be in [0, {model.vocab_size}); got range "
+                                 f"[{int(tokens.min())}, {int(tokens.max())}]")
+            if len(tokens) // B < 2:
+                raise ValueError(f"data has {len(tokens)} tokens: too few for batch_size {B} "
+                                 f"(each of the {B} streams needs at least 2 tokens)")
+            src = batchify(tokens.astype(np.int64), B)                       # n,B
+            resets = None
+            if reset_mask is not None:
+                mask = np.asarray(reset_mask)
+                if mask.shape != tokens.shape or mask.dtype != np.bool_:
+                    raise ValueError(f"reset_mask must be a bool array of the data's shape {tokens.shape}; "
+                                     f"got {mask.dtype} {mask.shape}")
+                resets = batchify(mask, B)[:-1]
+                crc = zlib.crc32(mask.tobytes(), crc)
+            crc = zlib.crc32(src.tobytes(), crc)
+            self.groups = [Group(src[:-1], src[1:], True, resets)]
+        elif isinstance(model, SequenceModel):
+            if reset_mask is not None:
+                raise ValueError("reset_mask applies to token streams; sequences of a SequenceModel "
+                                 "always start from a zero state")
+            if not isinstance(data, (tuple, list)) or len(data) != 2:
+                raise ValueError("data for a SequenceModel must be a pair (inputs [N,T,I], targets)")
+            inputs, targets = np.asarray(data[0]), np.asarray(data[1])
+            if inputs.ndim != 3 or inputs.shape[2] != model.input_size or inputs.dtype.kind != "f":
+                raise ValueError(f"inputs must be float [N, T, I] with I = {model.input_size}; "
+                                 f"got {inputs.dtype} {inputs.shape}")
+            N, T = inputs.shape[:2]
+            if N < 1 or T < 1:
+                raise ValueError(f"inputs must hold at least one sequence of at least one step; got shape {inputs.shape}")
+            O = model.output_size
+            every = model.readout == "every_step"
+            ok = {True: {"i": (N, T), "f": (N, T, O)}, False: {"i": (N,), "f": (N, O)}}[every]
+            kind = "i" if targets.dtype.kind in "iu" else targets.dtype.kind
+            if ok.get(kind) != targets.shape:
+                raise ValueError(f"targets for readout={model.readout!r} must be int {ok['i']} (cross-entropy) "
+                                 f"or float {ok['f']} (MSE); got {targets.dtype} {targets.shape}")
+            if kind == "i" and targets.max(initial=-1) >= O:
+                raise ValueError(f"class targets must be < output_size {O}; got {int(targets.max())}")
+            targets = targets.astype(np.int64) if kind == "i" else targets
+            crc = zlib.crc32(targets.tobytes(), zlib.crc32(inputs.tobytes(), crc))
+            self.groups = []
+            for b0 in range(0, N, B):
+                x = np.ascontiguousarray(inputs[b0:b0 + B].transpose(1, 0, 2))               # T,B,I
+                y = targets[b0:b0 + B]
+                y = np.ascontiguousarray(np.moveaxis(y, 0, 1)) if every else np.ascontiguousarray(y)
+                self.groups.append(Group(x, y, every))
+        else:
+            raise TypeError(f"model must be a LanguageModel or SequenceModel; got {type(model).__name__}")
+        self.fingerprint = int(crc)
+
+
+# ------------------------------------------------------------------------------------------
+# The ring buffer of chunk caches
+
+
+class Segment:
+    """A forward call over steps [s0, s1) of a group, kept for backward.
+
+    cache  the model's cache; dout: dL/d(outputs) while its window is open (None: no loss);
+    keep   [B] device 0/1 mask applied to the state entering s0 (None: no reset there)
+    """
+
+    __slots__ = ("s0", "s1", "cache", "dout", "keep")
+
+    def __init__(self, s0, s1, cache, dout, keep):
+        self.s0, self.s1, self.cache, self.dout, self.keep = s0, s1, cache, dout, keep
+
+
+def reset_rows(state, keep):
+    """state h [L,B,H] (or (h, c)) times keep [B] (0 = that stream resets); None stays None."""
+    if state is None:
+        return None
+    if isinstance(state, tuple):
+        return tuple(s * keep[None, :, None] for s in state)
+    return state * keep[None, :, None]
+
+
+class Position:
+    """Where an epoch stands between two updates: group index, step within it, carried state,
+    ring buffer segments, dropout RNG state, and the data it refers to."""
+
+    __slots__ = ("group", "offset", "state", "ring", "rng_state", "fingerprint", "batch_size")
+
+    def __init__(self, group, offset, state, ring, rng_state, fingerprint, batch_size):
+        self.group, self.offset, self.state, self.ring = group, offset, state, ring
+        self.rng_state, self.fingerprint, self.batch_size = rng_state, fingerprint, batch_size
+
+    def to_dict(self, backend):
+        """Plain dict of host arrays and JSON-able values: {"group", "offset", "fingerprint",
+        "batch_size", "rng_state", "state": None or [h] / [h, c] ([L,B,H] each), "ring": [{"s0",
+        "s1", "cache": the model cache's dict, "keep": [B] or None}]}; any backend reads it."""
+        def to_host(a):
+            return host_copy(backend, a)
+
+        state = self.state
+        if state is not None:
+            state = [to_host(s) for s in (state if isinstance(state, tuple) else (state,))]
+        ring = [{"s0": seg.s0, "s1": seg.s1, "cache": seg.cache.to_dict(to_host),
+                 "keep": None if seg.keep is None else to_host(seg.keep)} for seg in self.ring]
+        return {"group": self.group, "offset": self.offset, "fingerprint": self.fingerprint,
+                "batch_size": self.batch_size, "rng_state": copy.deepcopy(self.rng_state),
+                "state": state, "ring": ring}
+
+    @classmethod
+    def from_dict(cls, d, model):
+        """The Position of :meth:`to_dict`'s dict ``d`` on ``model``'s backend; the ring's caches
+        are rebuilt by ``model`` and belong to its layers."""
+        be = model.backend
+        state = d["state"]
+        if state is not None:
+            parts = tuple(device_copy(be, s) for s in state)
+            if len(parts) != (2 if model.cell == "lstm" else 1):
+                raise ValueError(f"the carried state has {len(parts)} parts; a {model.cell} model's has "
+                                 f"{2 if model.cell == 'lstm' else 1}")
+            state = parts if model.cell == "lstm" else parts[0]
+        ring = tuple(Segment(int(s["s0"]), int(s["s1"]), model.cache_from_dict(s["cache"]), None,
+                             None if s["keep"] is None else device_copy(be, s["keep"])) for s in d["ring"])
+        return cls(int(d["group"]), int(d["offset"]), state, ring, copy.deepcopy(d["rng_state"]),
+                   int(d["fingerprint"]), int(d["batch_size"]))
