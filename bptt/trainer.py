@@ -1,7 +1,7 @@
 """Training: full BPTT and truncated BPTT(k1, k2) over token streams and sets of sequences.
 
-Semantics (DESIGN.md section 4)
--------------------------------
+Semantics (docs/design.md, section 4)
+---------------------------------------
 A *group* is what the recurrent state runs through from zero: for a LanguageModel the whole
 token stream of an epoch, cut into B contiguous streams exactly as PyTorch's word_language_model
 ``batchify`` (the last ``len % B`` tokens are dropped; input tokens[t], target tokens[t+1]); for a

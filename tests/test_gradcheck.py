@@ -3,7 +3,7 @@ bias on and off, on every backend: each parameter, the input x and the initial s
 
 Loss L = sum(y * R1) + sum(final_state * R2) with random R1, R2, so that dy and d(final state)
 are random (a loss of sum(y) alone would leave the final-state path untested).
-Tolerance (DESIGN.md 5): max|analytic - numeric| / max|numeric| <= 1e-6 per array, eps 1e-6.
+Tolerance (docs/design.md, section 5): max|analytic - numeric| / max|numeric| <= 1e-6 per array, eps 1e-6.
 """
 
 import numpy as np

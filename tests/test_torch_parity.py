@@ -3,7 +3,7 @@
 torch.nn.RNN / LSTM / GRU weights are loaded into our layers through torch's own state_dict
 (parameter names and gate orders must agree). With random x, initial state, dy and
 d(final state), outputs, final states, dx, d(initial state) and every parameter gradient
-must agree: float64 max relative error <= 1e-10, float32 <= 1e-5 (DESIGN.md 5).
+must agree: float64 max relative error <= 1e-10, float32 <= 1e-5 (docs/design.md, section 5).
 The per-step gradient diagnostic dh is checked against a step-by-step torch unroll with
 cells (torch.nn.LSTMCell etc.), where every h_t is a tensor whose .grad is dL/dh_t.
 """
