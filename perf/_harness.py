@@ -33,6 +33,16 @@ REPO_DIR = os.path.dirname(PERF_DIR)
 RESULTS_DIR = os.path.join(PERF_DIR, "results")
 DEFAULT_THREADS = 2
 
+GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}   # gate blocks G of each cell
+
+
+def step_flops(cell, T, B, I, H):
+    """GEMM flops of one training step of one layer over T steps (the gate math not counted):
+    forward 2TBGH*I + 2TBGH*H; backward dx and dW_ih 2 * 2TBGH*I, dh and dW_hh 2 * 2TBGH*H;
+    in all 6*T*B*G*H*(I+H)."""
+    return 6.0 * T * B * GATES[cell] * H * (I + H)
+
+
 THREAD_ENV_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
                    "NUMBA_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
 

@@ -1,0 +1,182 @@
+"""Correctness checks of the GPU backends (``cuda``: Numba-CUDA, ``cupy``) through the backend
+interface, shared by tests/gpu/ (on a GPU, real sizes) and tests/cudasim/ (the cuda backend on
+the CUDA simulator, tiny sizes). Each check raises AssertionError naming what differs.
+
+* ``check_recurrent``: one layer's forward + backward (outputs NaN-poisoned through the
+  backend's ``config.POISON_OUTPUTS``, gradient buffers pre-filled so that backward must
+  accumulate) against an oracle backend on the same inputs: y, final state, dx, dstate, dh and
+  all gradients; where ``torch_device`` is given, also a second call (t_start = 0, gradients
+  from zero) against ``torch.nn`` with autograd in float64 (cuDNN on a GPU);
+* ``check_op``: one non-recurrent kernel against the oracle.
+
+Error measure and tolerances: ``helpers.rel_err`` and ``helpers.RTOL`` (float64 1e-10,
+float32 1e-5).
+"""
+
+import contextlib
+
+import numpy as np
+
+from helpers import RTOL, assert_close, random_layer_problem
+
+CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
+WEIGHTS = ("w_ih", "w_hh", "b_ih", "b_hh")
+OPS = ("softmax_cross_entropy", "embedding", "sgd", "adam", "sum_of_squares+scale_")
+
+
+@contextlib.contextmanager
+def backend_config(backend, **settings):
+    """Set ``backend.config`` attributes for the block, then ``config.reset()``."""
+    cfg = backend.config
+    for k, v in settings.items():
+        setattr(cfg, k, v)
+    try:
+        yield
+    finally:
+        cfg.reset()
+
+
+def backend_paths(backend):
+    """The recurrent paths ``backend.config.PATH`` can force (all but "auto")."""
+    return tuple(p for p in getattr(backend.config, "PATHS", ("persistent", "general")) if p != "auto")
+
+
+def run_layer(backend, cell, p, t_start, zero_grads=False):
+    """Forward + backward of one layer on ``backend`` (``p``: helpers.random_layer_problem);
+    host copies of y, final, dx, dstate, dh and the gradients (from p's grads0, or zero)."""
+    dev = lambda a: backend.asarray(a, a.dtype)  # noqa: E731
+    w = [dev(p[k]) for k in WEIGHTS]
+    y, final, cache = getattr(backend, f"{cell}_forward")(dev(p["x"]), tuple(map(dev, p["state"])), *w)
+    out = {"y": backend.to_host(y), "final": [backend.to_host(a) for a in final]}
+    grads = [backend.zeros(g.shape, g.dtype) if zero_grads else dev(g) for g in p["grads0"]]
+    dx, dstate, dh = getattr(backend, f"{cell}_backward")(
+        dev(p["dy"]), tuple(map(dev, p["dfinal"])), cache, w[0], w[1], *grads, t_start=t_start)
+    out.update(dx=backend.to_host(dx), dstate=[backend.to_host(a) for a in dstate],
+               dh=backend.to_host(dh), grads=[backend.to_host(g) for g in grads])
+    return out
+
+
+def assert_outputs_close(got, want, dtype, what):
+    """Every output in ``want`` (lists element by element) within RTOL[dtype] of ``got``."""
+    for key, expected in want.items():
+        if isinstance(expected, list):
+            for k, (a, b) in enumerate(zip(got[key], expected, strict=True)):
+                assert_close(a, b, dtype, f"{what}: {key}[{k}]")
+        else:
+            assert_close(got[key], expected, dtype, f"{what}: {key}")
+
+
+def torch_layer(cell, p, device):
+    """torch.nn with autograd on ``device``, the same weights, t_start = 0: a dict like
+    :func:`run_layer` (without dh), gradients from zero. Always computed in float64: cuDNN's
+    own float32 error (1.1e-5 relative seen on an H100) would count against a float32 check."""
+    import torch
+    T, B, I = p["x"].shape
+    H = p["w_hh"].shape[1]
+    if cell == "lstm":
+        mod = torch.nn.LSTM(I, H)
+    elif cell == "gru":
+        mod = torch.nn.GRU(I, H)
+    else:
+        mod = torch.nn.RNN(I, H, nonlinearity=cell[4:])
+    mod = mod.to(device=device, dtype=torch.float64)
+    t = lambda a, grad=False: torch.tensor(a, device=device, dtype=torch.float64, requires_grad=grad)  # noqa: E731
+    names = ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")
+    with torch.no_grad():
+        for k, name in zip(WEIGHTS, names):
+            getattr(mod, name).copy_(t(p[k]))
+    x = t(p["x"], True)
+    state = [t(s[None], True) for s in p["state"]]
+    y, final = mod(x, tuple(state) if cell == "lstm" else state[0])
+    final = list(final) if cell == "lstm" else [final]
+    loss = (y * t(p["dy"])).sum() + sum((f * t(d[None])).sum() for f, d in zip(final, p["dfinal"]))
+    loss.backward()
+    host = lambda a: a.detach().cpu().numpy()  # noqa: E731
+    return {"y": host(y), "final": [host(f[0]) for f in final], "dx": host(x.grad),
+            "dstate": [host(s.grad[0]) for s in state],
+            "grads": [host(getattr(mod, n).grad) for n in names]}
+
+
+def check_recurrent(backend, oracle, cell, shape, dtype, t_start, rng, path="auto",
+                    torch_device=None, **settings):
+    """``backend``'s ``cell`` layer (T, B, I, H = ``shape``) with ``config.PATH = path`` and
+    other ``settings`` against the backend ``oracle`` at ``t_start``, and where ``torch_device``
+    is given a call at t_start = 0 with gradients from zero against torch.nn on that device."""
+    T, B, I, H = shape
+    p = random_layer_problem(rng, cell, T, B, I, H, dtype)
+    what = (f"{backend.NAME} {cell} path={path} T{T} B{B} I{I} H{H} {np.dtype(dtype).name} "
+            f"t_start={t_start}" + "".join(f" {k}={v}" for k, v in settings.items()))
+    with backend_config(backend, PATH=path, POISON_OUTPUTS=True, **settings):
+        got = run_layer(backend, cell, p, t_start)
+        got0 = run_layer(backend, cell, p, 0, zero_grads=True) if torch_device else None
+    assert_outputs_close(got, run_layer(oracle, cell, p, t_start), dtype, f"{what} vs {oracle.NAME}")
+    if torch_device:
+        assert_outputs_close(got0, torch_layer(cell, p, torch_device), dtype, f"{what} vs torch")
+
+
+def check_op(backend, oracle, name, rng, dtype, small=False):
+    """The non-recurrent kernel(s) ``name`` (one of OPS) of ``backend`` against ``oracle``;
+    ``small``: tiny sizes (the simulator)."""
+    dev = lambda a: backend.asarray(a, a.dtype)  # noqa: E731
+    host = backend.to_host
+    rtol = RTOL[np.dtype(dtype)]
+    what = f"{backend.NAME} {name} {np.dtype(dtype).name}"
+    with backend_config(backend, POISON_OUTPUTS=True):
+        if name == "softmax_cross_entropy":
+            N, V = (5, 37) if small else (37, 301)
+            logits = (3 * rng.standard_normal((N, V))).astype(dtype)
+            targets = rng.integers(0, V, N)
+            targets[::5] = -1
+            want_d = np.empty_like(logits)
+            want = oracle.softmax_cross_entropy(oracle.asarray(logits, dtype), targets, want_d, 0.5)
+            d = backend.zeros((N, V), dtype)
+            got = backend.softmax_cross_entropy(dev(logits), backend.asarray(targets, np.int64), d, 0.5)
+            assert abs(got - want) <= rtol * abs(want), f"{what}: loss {got} against {want}"
+            assert_close(host(d), want_d, dtype, f"{what}: dlogits")
+        elif name == "embedding":
+            V, E, ids_shape = (7, 5, (3, 4)) if small else (50, 17, (9, 7))
+            weight = rng.standard_normal((V, E)).astype(dtype)
+            ids = rng.integers(0, V, ids_shape)
+            dout = rng.standard_normal(ids_shape + (E,)).astype(dtype)
+            dw0 = rng.standard_normal((V, E)).astype(dtype)
+            assert_close(host(backend.embedding_forward(dev(weight), backend.asarray(ids, np.int64))),
+                         oracle.embedding_forward(weight, ids), dtype, f"{what}: forward")
+            got = dev(dw0)
+            backend.embedding_backward(got, backend.asarray(ids, np.int64), dev(dout))
+            want = dw0.copy()
+            oracle.embedding_backward(want, ids, dout)
+            assert_close(host(got), want, dtype, f"{what}: backward")
+        elif name == "sgd":
+            shape = (4, 9) if small else (33, 65)
+            param, grad, buf = (rng.standard_normal(shape).astype(dtype) for _ in range(3))
+            got = [dev(param), dev(buf)]
+            want = [param.copy(), buf.copy()]
+            for first in (True, False):
+                backend.sgd_step(got[0], dev(grad), got[1], 0.1, 0.9, 0.01, True, first)
+                oracle.sgd_step(want[0], grad, want[1], 0.1, 0.9, 0.01, True, first)
+            for part, a, b in zip(("param", "momentum"), got, want):
+                assert_close(host(a), b, dtype, f"{what}: {part}")
+        elif name == "adam":
+            n = 40 if small else 1000
+            param, grad, m = (rng.standard_normal(n).astype(dtype) for _ in range(3))
+            v = rng.random(n).astype(dtype)
+            got = [dev(param), dev(m), dev(v)]
+            want = [param.copy(), m.copy(), v.copy()]
+            for step in (1, 2, 3):
+                backend.adam_step(got[0], dev(grad), got[1], got[2], 1e-2, 0.9, 0.999, 1e-8, 0.01, step)
+                oracle.adam_step(want[0], grad, want[1], want[2], 1e-2, 0.9, 0.999, 1e-8, 0.01, step)
+            for part, a, b in zip(("param", "m", "v"), got, want):
+                assert_close(host(a), b, dtype, f"{what}: {part}")
+        elif name == "sum_of_squares+scale_":
+            shapes = [(3, 7), (41,), (2, 2, 2)] if small else [(300, 7), (1001,), (3, 4, 5)]
+            arrays = [rng.standard_normal(s).astype(dtype) for s in shapes]
+            want = oracle.sum_of_squares(arrays)
+            got = backend.sum_of_squares([dev(a) for a in arrays])
+            assert abs(got - want) <= rtol * want, f"{what}: sum of squares {got} against {want}"
+            got = [dev(a) for a in arrays]
+            backend.scale_(got, 0.37)
+            oracle.scale_(arrays, 0.37)
+            for k, (a, b) in enumerate(zip(got, arrays)):
+                assert_close(host(a), b, dtype, f"{what}: scale_ [{k}]")
+        else:
+            raise ValueError(f"unknown op check {name!r}; one of {OPS}")
