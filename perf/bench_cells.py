@@ -13,11 +13,8 @@ default 2: torch.set_num_threads and OMP/OpenBLAS/Numba pools). For every shape:
 ``--repeats`` rounds alternating between the sides (the side that starts alternates too);
 the time is the median over all timed calls.
 
-GEMM flops of one step (elementwise gate math not counted), G = 4 (lstm), 3 (gru), 1 (rnn):
-    forward   2*T*B*G*H*I (input projection)      + 2*T*B*G*H*H (recurrent)
-    backward  2*T*B*G*H*I (dx)  + 2*T*B*G*H*I (dW_ih) + 2*T*B*G*H*H (dh) + 2*T*B*G*H*H (dW_hh)
-    total     6*T*B*G*H*(I+H)
-GFLOP/s = that / time; "%sgemm" divides it by numpy's float32 2048^3 matmul (best of 5),
+GEMM flops of one step: ``_harness.step_flops``, 6*T*B*G*H*(I+H) (G = 4 lstm, 3 gru, 1 rnn;
+the elementwise gate math not counted). GFLOP/s = that / time; "%sgemm" divides it by numpy's float32 2048^3 matmul (best of 5),
 measured in the same run by the same worker processes.
 
 Peak memory: one fresh process per (cell, side) runs a tiny warm-up step (so compilation is
@@ -33,20 +30,11 @@ import os
 import sys
 import time
 
-# perf/ goes LAST on the path: its profile.py must not shadow the standard library's profile
-_PERF = os.path.dirname(os.path.abspath(__file__))
-sys.path = [p for p in sys.path if os.path.abspath(p or os.curdir) != _PERF] + [_PERF]
-import _harness as hx  # noqa: E402
+import _harness as hx
 
-GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
 SIDES = ("torch", "ours")
 FULL = dict(cells="lstm,gru,rnn_tanh", batch="1,8,32,128", hidden="64,128,256,512,1024")
 QUICK = dict(cells="lstm,gru,rnn_tanh", batch="1,32", hidden="128,512")
-
-
-def gemm_flops(cell, T, B, I, H):
-    """GEMM flops of forward + backward of one layer over T steps (formula in the module doc)."""
-    return 6.0 * T * B * GATES[cell] * H * (I + H)
 
 
 # =============================================================================================
@@ -254,9 +242,9 @@ def main(argv=None):
     batches = a.batch or hx.parse_int_list(preset["batch"])
     hiddens = a.hidden or hx.parse_int_list(preset["hidden"])
     repeats = a.repeats or (2 if a.quick else 5)
-    bad = [c for c in cells if c not in GATES]
+    bad = [c for c in cells if c not in hx.GATES]
     if bad:
-        p.error(f"--cells: unknown {bad}; choose from {', '.join(GATES)}")
+        p.error(f"--cells: unknown {bad}; choose from {', '.join(hx.GATES)}")
     sides = (a.only,) if a.only else SIDES
     script = os.path.abspath(__file__)
     T = a.seq
@@ -277,10 +265,10 @@ def main(argv=None):
     results, skipped = [], []
     rate = {}  # cell -> slowest side's achieved GFLOP/s on its last shape (for the budget)
     shapes = sorted(((c, b, h) for c in cells for b in batches for h in hiddens),
-                    key=lambda s: gemm_flops(s[0], T, s[1], a.input_size or s[2], s[2]))
+                    key=lambda s: hx.step_flops(s[0], T, s[1], a.input_size or s[2], s[2]))
     for n, (cell, B, H) in enumerate(shapes):
         I = a.input_size or H
-        flops = gemm_flops(cell, T, B, I, H)
+        flops = hx.step_flops(cell, T, B, I, H)
         one = flops / (rate[cell] * 1e9) if cell in rate else 0.0
         calls, rounds = plan_rounds(one, repeats)
         estimate = len(live) * one * (1 + calls * rounds)  # warm-up + timed calls, every side

@@ -25,10 +25,7 @@ import os
 import sys
 import time
 
-# perf/ goes LAST on the path: its profile.py must not shadow the standard library's profile
-_PERF = os.path.dirname(os.path.abspath(__file__))
-sys.path = [p for p in sys.path if os.path.abspath(p or os.curdir) != _PERF] + [_PERF]
-import _harness as hx  # noqa: E402
+import _harness as hx
 
 VARIANTS = ("torch", "ours", "ours_k2")
 

@@ -34,7 +34,7 @@ Part 4 (``--step-gemm``): GFLOP/s of the per-step recurrent GEMM for B in
 pre-transposed copy (gemm_nn), as B matrix-vector products, and by torch.mm; backward
 dg @ W_hh by sgemm (gemm_nn) and by torch.mm.
 
-Prints tables; writes JSON to perf/results/profile-<time>.json.
+Prints tables; writes JSON to perf/results/profile_update-<time>.json.
 """
 
 import argparse
@@ -45,13 +45,9 @@ import sys
 import tempfile
 import time
 
-# perf/ goes LAST on the path: its profile.py must not shadow the standard library's profile
-_PERF = os.path.dirname(os.path.abspath(__file__))
-sys.path = [p for p in sys.path if os.path.abspath(p or os.curdir) != _PERF] + [_PERF]
-import _harness as hx  # noqa: E402
-from bench_train import load_tokens, ours_run  # noqa: E402
+import _harness as hx
+from bench_train import load_tokens, ours_run
 
-GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
 INPUT_SIDE = ("fwd input GEMM", "bwd dW_ih GEMM", "bwd dx GEMM")   # gone with a projected input
 
 
@@ -245,7 +241,7 @@ class Profiler:
         """Rows (name, seconds, flops, level) of one layer's forward or backward; returns
         (forward rows, backward rows, y). ``projected``: x is x W_ih^T [T,B,G*H] already (the
         kernels get w_ih = None: no input GEMM, dW_ih or dx)."""
-        np, be, G = self.np, self.be, GATES[cell]
+        np, be, G = self.np, self.be, hx.GATES[cell]
         rng = np.random.default_rng(2)
         u = lambda *shape: be.asarray(rng.uniform(-H ** -0.5, H ** -0.5, shape), dtype)
         w_ih, w_hh, b_ih, b_hh = u(G * H, I), u(G * H, H), u(G * H), u(G * H)
@@ -406,7 +402,7 @@ class Profiler:
         backend's per-step panels (step_weight/step_product as one piece of a T-step call:
         packing excluded, it happens once per layer call) and torch.mm; backward
         dg[B,G*H] @ W_hh (gemm_nn), through panels, and torch.mm."""
-        np, G = self.np, GATES[r["cell"]]
+        np, G = self.np, hx.GATES[r["cell"]]
         from numba import njit
         from bptt_kernels.cpu._blas import gemm_nn, gemm_nt
         try:
@@ -568,7 +564,7 @@ def print_breakdown(res):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layer", choices=sorted(GATES), help="profile one layer's step instead of the char-LM")
+    p.add_argument("--layer", choices=sorted(hx.GATES), help="profile one layer's step instead of the char-LM")
     p.add_argument("--seq", type=int, default=100, help="T for --layer (default 100)")
     p.add_argument("--hidden", type=int, default=None, help="H (default 256; 512 with --layer)")
     p.add_argument("--batch", type=int, default=32)
@@ -650,12 +646,12 @@ def main(argv=None):
             res = w.call(req)
             out["step_gemm"] = res
             keys = [k for k in res["rows"][0] if k not in ("B", "H")]
-            print(f"\nPer-step recurrent GEMM of a {cell} layer (W_hh {GATES[cell]}H x H), {a.threads} "
+            print(f"\nPer-step recurrent GEMM of a {cell} layer (W_hh {hx.GATES[cell]}H x H), {a.threads} "
                   f"threads, GFLOP/s (best of >= 5). fwd: h[B,H] @ W_hh^T; sgemm NT = CBLAS sgemm on "
                   f"W_hh as stored (gemm_nt), sgemm NN W^T = on a transposed copy (gemm_nn), B x gemv "
                   f"= one NumPy matrix-vector product per row, panels = the backend's per-step "
                   f"panels (_blas.step_weight, packing excluded), torch = torch.mm. bwd: "
-                  f"dg[B,{GATES[cell]}H] @ W_hh (gemm_nn). With threads, the kernels' time loops "
+                  f"dg[B,{hx.GATES[cell]}H] @ W_hh (gemm_nn). With threads, the kernels' time loops "
                   f"give each thread B/threads rows or H/threads units.\n")
             print(hx.table(["B", "H"] + keys,
                            [[r["B"], r["H"]] + [hx.fmt(r[k], ".1f") for k in keys] for r in res["rows"]]))
@@ -685,7 +681,7 @@ def main(argv=None):
                 print(f"failed: {r['what']}: {r.get('error')}")
     out["load"] = monitor.stop()
     print(f"\n{hx.load_note(out['load'])}.")
-    path = hx.save_json("profile", out)
+    path = hx.save_json("profile_update", out)
     print(f"\nJSON: {os.path.relpath(path, hx.REPO_DIR)}")
     return 0
 
