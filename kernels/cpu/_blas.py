@@ -2,8 +2,8 @@
 
 Numba's own ``np.dot`` inside ``@njit`` goes through scipy's bundled OpenBLAS and its
 Fortran wrapper; on an LSTM's per-step shape (32,512)@(512,2048) it reached ~127 GFLOP/s
-against NumPy's ~173 (NUMBA-NOTES.md). Calling CBLAS directly runs at NumPy's speed. This module finds the CBLAS ``sgemm``/``dgemm`` of the
-OpenBLAS that NumPy itself ships (``numpy.libs/libscipy_openblas64_*``: 64-bit integers),
+against NumPy's ~173. Calling CBLAS directly runs at NumPy's speed. This module finds the
+CBLAS ``sgemm``/``dgemm`` of the OpenBLAS that NumPy itself ships (``numpy.libs/libscipy_openblas64_*``: 64-bit integers),
 falling back to scipy's bundled OpenBLAS (32-bit integers), registers their addresses with
 LLVM under fixed symbol names, and declares them as external functions. Compiled code refers
 to them by name, so ``cache=True`` works: a fresh process re-registers the symbols at import

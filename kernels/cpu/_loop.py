@@ -32,12 +32,14 @@ OpenBLAS's thread setting is process-wide state, and it belongs to the user: imp
 backend only reads it (or ``BPTT_NUM_THREADS``) as the number of pieces a large layer call is
 cut into, and changes nothing. Each call of the backend that runs BLAS (a recurrent layer, the
 output layer's GEMMs in ``linear.py``) runs inside ``layer_threads``, which sets OpenBLAS to
-one thread on entry and puts the caller's setting back on exit (two ctypes calls, ~1 us, once
-per layer call). The user's own NumPy GEMMs keep their threads. Why every BLAS call of the
-backend, not only the time loops, goes through it: after a GEMM on several threads OpenBLAS's
-idle helper threads spin-wait and take a core from the layer threads. Measured
-(perf/bench_train.py, char-LM, 2-layer LSTM 256, B=32, 2 cores): 12,500 tokens/s with the
-decoder's GEMMs on 2 OpenBLAS threads between the layer calls, 19,300 with none.
+one thread on entry and puts the caller's setting back on exit (1.7 us per block, measured,
+against a layer call's 0.1 ms or more). The user's own NumPy GEMMs keep their threads. Why
+every GEMM of a training step, not only the time loops, goes through the backend: after a GEMM
+on several threads OpenBLAS's idle helper threads spin-wait (up to ~0.1 s) and take a core from
+the layer threads. Measured (perf/bench_train.py, char-LM, 2-layer LSTM 256, B=32, 2 cores):
+12,500 tokens/s with the decoder's GEMMs on 2 OpenBLAS threads between the layer calls, 19,300
+with none; 15,100-15,400 with the language model's folded embedding table (E W_ih^T and its
+gradients) through NumPy at 2 threads, 26,200-26,400 with it through ``linear.py``.
 """
 
 import os
