@@ -67,10 +67,9 @@ class LMCache:
 # Where no dropout sits between the embedding and level 0 and a chunk has at least this many
 # token rows (T*B) per vocabulary entry, the model makes that table (V*E*G*H multiply-adds)
 # instead of projecting every row (T*B*E*G*H), and backward scatter-adds dL/d(x W_ih^T) into a
-# [V, G*H] table gradient instead of the dx and dW_ih GEMMs over all rows. Char-LM of
-# perf/profile.py (V=104, E=128, 2-layer LSTM 256, B=32, k1=50): 3 of the 12 large GEMMs of
-# an update go; level 0's forward 8.5 -> 6.3 ms, backward 15.8 -> 11.8, for 1.1 ms of table
-# work. Sampling (T*B = 1) keeps the plain path.
+# [V, G*H] table gradient instead of the dx and dW_ih GEMMs over all rows (the char-LM's
+# figures: docs/performance.md). The table's GEMMs run through the backend's linear ops, like
+# every GEMM of a training step. Sampling (T*B = 1) keeps the plain path.
 EMBEDDING_FOLD_ROWS_PER_WORD = 4
 
 
@@ -133,7 +132,9 @@ class LanguageModel(RecurrentModelBase):
         ids = self._ids(inputs)
         E = self.params["encoder.weight"]                                             # V,E
         if self._folds_embedding(ids.size, train):
-            table = self.backend.xp.matmul(E, self.params["rnn.weight_ih_l0"].T)      # V,G*H
+            w_ih = self.params["rnn.weight_ih_l0"]                                     # G*H,E
+            no_bias = self.backend.zeros((w_ih.shape[0],), self.dtype)
+            table = self.backend.linear_forward(E, w_ih, no_bias)                     # V,G*H
             xw = self.backend.embedding_forward(table, ids)                           # T,B,G*H
             y, state, stack = self._stack_forward(xw, state, train, projected=True)   # T,B,H
             emb_mask = None
@@ -178,8 +179,9 @@ class LanguageModel(RecurrentModelBase):
             w_ih, E = self.params["rnn.weight_ih_l0"], self.params["encoder.weight"]
             dtable = xp.zeros((self.vocab_size, w_ih.shape[0]), self.dtype)           # V,G*H
             self.backend.embedding_backward(dtable, cache.ids[t_start:], demb[t_start:])
-            self.grads["rnn.weight_ih_l0"] += xp.matmul(dtable.T, E)                  # G*H,E
-            self.grads["encoder.weight"] += xp.matmul(dtable, w_ih)                   # V,E
+            no_bias = xp.zeros((w_ih.shape[0],), self.dtype)                          # G*H
+            self.grads["encoder.weight"] += self.backend.linear_backward(             # V,E
+                dtable, E, w_ih, self.grads["rnn.weight_ih_l0"], no_bias)  # dW_ih += dtable^T E
             return (dstate, dh) if return_dh else dstate
         if cache.emb_mask is not None:
             demb = demb * cache.emb_mask

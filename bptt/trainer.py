@@ -182,6 +182,9 @@ class Trainer:
             raise ValueError("fit() must continue the interrupted epoch with the same data, reset_mask and "
                              f"batch_size (batch_size was {self.position.batch_size}, now {dataset.batch_size}; "
                              "or the data differ)")
+        keep_freed_memory = getattr(self.backend, "keep_freed_memory", None)
+        if keep_freed_memory is not None:   # cpu: the next update reuses freed pages (opt out:
+            keep_freed_memory()             # BPTT_KEEP_FREED_MEMORY=0)
         stop = math.inf if max_steps is None else max_steps
         clock = _Clock()
         while self.epoch < epochs and self.step < stop:

@@ -177,7 +177,7 @@ IMPORT_THEN_KEEP = SPY + """
 import bptt, bptt_kernels.cpu
 from bptt_kernels.cpu import _memory
 bptt.LSTM(8, 8)
-print(looked_up.count("mallopt"), _memory.KEEPS_FREED_MEMORY, bptt_kernels.cpu.KEEPS_FREED_MEMORY)
+print(looked_up.count("mallopt"), _memory.KEEPS_FREED_MEMORY, bptt_kernels.cpu.keep_freed_memory is _memory.keep_freed_memory)
 print(_memory.keep_freed_memory(), looked_up.count("mallopt"))
 print(_memory.keep_freed_memory(), looked_up.count("mallopt"))
 """
@@ -193,8 +193,26 @@ def test_import_leaves_malloc_alone_until_asked(glibc):
     """No mallopt at import; keep_freed_memory() applies the settings, once."""
     rc, out, err = run_fresh(IMPORT_THEN_KEEP)
     assert rc == 0, err
-    assert out[:3] == ["0", "False", "False"], "mallopt was called at import"
+    assert out[:3] == ["0", "False", "True"], "mallopt was called at import"
     assert out[3:] == ["True", "1", "True", "1"]
+
+
+FIT_THEN_COUNT = SPY + """
+import numpy as np, bptt
+bptt.use_backend("cpu")
+model = bptt.LanguageModel(7, 4, 8, seed=0)
+print(looked_up.count("mallopt"))
+trainer = bptt.Trainer(model, bptt.SGD(0.1), k1=5)
+trainer.fit(np.random.default_rng(0).integers(0, 7, 200), batch_size=2, max_steps=1)
+print(looked_up.count("mallopt"))
+"""
+
+
+def test_training_on_cpu_keeps_freed_memory(glibc):
+    """Trainer.fit on the cpu backend applies the malloc settings (building a model does not)."""
+    rc, out, err = run_fresh(FIT_THEN_COUNT)
+    assert rc == 0, err
+    assert out == ["0", "1"]
 
 
 def test_keep_freed_memory_at_import_when_told(glibc):
@@ -208,4 +226,4 @@ def test_keep_freed_memory_never_when_told(glibc):
     """BPTT_KEEP_FREED_MEMORY=0: malloc is left alone, also when a training loop asks."""
     rc, out, err = run_fresh(IMPORT_THEN_KEEP, BPTT_KEEP_FREED_MEMORY="0")
     assert rc == 0, err
-    assert out == ["0", "False", "False", "False", "0", "False", "0"]
+    assert out == ["0", "False", "True", "False", "0", "False", "0"]

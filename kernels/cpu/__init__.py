@@ -17,7 +17,7 @@ from bptt_kernels.host import RecurrentCache
 from bptt_kernels.host.checks import FLOAT_DTYPES as DTYPES
 
 from ._blas import BLAS_LIBRARY
-from ._memory import KEEPS_FREED_MEMORY
+from ._memory import keep_freed_memory
 from .gru import gru_backward, gru_forward
 from .linear import linear_backward, linear_forward
 from .lstm import lstm_backward, lstm_forward
@@ -46,7 +46,7 @@ def zeros(shape, dtype):
 
 
 __all__ = [
-    "NAME", "xp", "DTYPES", "asarray", "to_host", "zeros", "BLAS_LIBRARY", "KEEPS_FREED_MEMORY",
+    "NAME", "xp", "DTYPES", "asarray", "to_host", "zeros", "BLAS_LIBRARY", "keep_freed_memory",
     "lstm_forward", "lstm_backward", "gru_forward", "gru_backward",
     "rnn_tanh_forward", "rnn_tanh_backward", "rnn_relu_forward", "rnn_relu_backward",
     "RecurrentCache",
