@@ -1,8 +1,8 @@
 """BLAS GEMM callable from ``@njit`` code, for the CPU kernels.
 
 Numba's own ``np.dot`` inside ``@njit`` goes through scipy's bundled OpenBLAS and its
-Fortran wrapper; on an LSTM's per-step shape (32,512)@(512,2048) it reached ~127 GFLOP/s
-against NumPy's ~173. Calling CBLAS directly runs at NumPy's speed. This module finds the
+Fortran wrapper, slower than NumPy at the per-step shapes (docs/performance.md); calling
+CBLAS directly runs at NumPy's speed. This module finds the
 CBLAS ``sgemm``/``dgemm`` of the OpenBLAS that NumPy itself ships (``numpy.libs/libscipy_openblas64_*``: 64-bit integers),
 falling back to scipy's bundled OpenBLAS (32-bit integers), registers their addresses with
 LLVM under fixed symbol names, and declares them as external functions. Compiled code refers
@@ -231,46 +231,17 @@ def gemv_row(a, w, c, beta, transposed):
 
 
 # Panels. A piece of a time loop multiplies every step by its share of W_hh^T: the columns of
-# its units (split by units) or all of them (split by batch rows). Those columns, read in
-# place, are a poor stream: K rows of a few hundred bytes, each a row stride (often a 4 KB page
-# or more) after the last, and the hardware prefetchers stop at page boundaries. So each piece
-# copies its share once per layer call into panels, each a contiguous [K, width] block (from
-# W_hh's rows, transposing tile by tile, or from the columns of a weight already in [K, N]
-# form), and runs one small-matrix sgemm per panel and step. Measured, 2 threads, float32, us
-# per step (median of 7; columns of a transposed copy -> panels): split by units, LSTM B=8
-# H=1024 1046-1656 -> 447-891, B=32 H=512 600 -> 396, B=32 H=1024 2373-2477 -> 1846-1986,
-# GRU B=8 H=1024 575-665 -> 348-366; by batch rows (each piece packs all of W), B=8 H=512
-# 441 -> 206, B=32 H=512 1011 -> 445; split by units, B=4, against dot products over W_hh's
-# rows: LSTM/GRU/Elman H=1024 step 224/161/47 -> 193/128/37 ms (T=100).
-# A piece of ONE batch row multiplies by the weight in place with sgemv instead (no panels),
-# except a piece split by units of the weight given transposed (the backward pass at B = 1 on
-# several threads), whose columns are a strided block: panels there. Per step sgemv runs as
-# fast as the panels' sgemm calls on one row (one thread, us, H = 64 / 128 / 256: forward
-# 1.14 / 3.9 / 13.0 both, backward 0.83 / 2.9 / 12.9 against 0.85 / 2.8 / 11.6), so the
-# packing, which a one-row loop did not win back (forward 19 / 69 / 196 us per call at
-# H = 64 / 128 / 256, backward 15 / 54 / 147), is gone.
-# B = 1 forward time loops, ms, medians of 200-600 calls in 3 alternating process pairs,
-# before -> after (earlier, one row split by units took panels up to a share of 2^17
-# elements and dot products over W_hh's rows beyond): LSTM H = 64 0.136-0.155 -> 0.119-0.125,
-# H = 128 0.43-0.46 -> 0.35-0.42, H = 256 0.88-1.22 -> 0.79-1.12, H = 512 3.4-4.2 -> 3.3-3.5;
-# GRU H = 128 0.34-0.42 -> 0.28-0.34, H = 512 2.7-3.5 -> 2.6-2.9; Elman H = 512 0.77-1.18 ->
-# 0.65-0.74. Shares under 2^18 elements at B >= 8: within noise either way. The transposed
-# copy this replaces (np.ascontiguousarray(w_hh.T), one per layer call and direction) took
-# 0.3 / 3.9 / 31 ms at LSTM H = 256 / 512 / 1024; a piece packs its half of that H = 1024
-# weight in 3.6 ms from W_hh's rows (0.4 ms at H = 512) and ~4x faster from columns (the
-# backward pass).
-# OpenBLAS (0.3.17+, x86-64) runs a GEMM with M*N*K <= 1e6 through "small matrix" kernels
-# that skip packing the operands; a larger one packs all of b on every call, which for a time
-# step's GEMM against the constant weight means repacking it every step. Per-step products
-# therefore go in panels of 64 columns (caps of 32/64/128 gave LSTM B=8 H=1024 891/451/447 us,
-# GRU 692/348/366), and where a panel's whole K would pass that size, in K-blocks of a panel:
-# sgemm on a[:, k0:k1] and panel rows k0:k1 (contiguous), accumulating into the same c.
-# Measured one thread, float32, [M,K] @ [K,2048] per step, GFLOP/s, one ordinary sgemm per
-# 512-column segment (or 16-32-wide panels of the whole K) -> 64-wide panels in K-blocks:
-# K=1024 M=32/64/128/256 88/79/87/90 -> 99/101/95/101; K=2048 (the backward pass's dgates W_hh
-# at H=512) M=16/32/64/128/256 72/60/76/81/85 -> 88/93/101/96/103; K=256-512, M=8-64 within
-# noise. Where even 16-wide panels would need K-blocks under 16 rows (several thousand batch
-# rows in one piece): one panel per segment and one ordinary sgemm call on it.
+# its units (split by units) or all of them (split by batch rows). Read in place, those columns
+# are a poor stream (K rows, each a row stride after the last), so each piece copies its share
+# once per layer call into panels, each a contiguous [K, width] block, and runs one
+# small-matrix sgemm per panel and step. A piece of ONE batch row multiplies by the weight in
+# place with sgemv instead (no panels), except a piece split by units of the weight given
+# transposed, whose columns are a strided block. OpenBLAS (0.3.17+, x86-64) runs a GEMM with
+# M*N*K <= SMALL_GEMM_MNK through "small matrix" kernels that skip packing the operands (a
+# larger one repacks b on every call, i.e. the constant weight every step), so panels are at
+# most PANEL_MAX_WIDTH columns wide and, where a panel's whole K would pass that size, split
+# into K-blocks accumulating into the same c. The measurements behind each of these:
+# docs/performance.md, "Per-step GEMM panels".
 SMALL_GEMM_MNK = 1_000_000
 PANEL_MAX_WIDTH = 64
 MIN_KBLOCK = 32   # narrower K-blocks than this: panels 16 wide instead of 64

@@ -22,24 +22,17 @@ loop, and in backward the weight gradients and dx of the steps the loop has fini
 two threads pass step counts through ``_barrier.publish``/``wait_for``.
 
 Why not OpenBLAS's threads: they synchronise inside every GEMM (every time step, for the
-per-step GEMMs) and spin-wait between GEMMs, which clashes with anything else running. On the
-shared 2-core development machine, an LSTM step GEMM [32,128]x[128,512] took 5.4 ms with 2
-OpenBLAS threads against 0.14 ms with 1, and a whole LSTM layer (T=100, B=32, H=128,
-forward+backward) ran 64 ms with OpenBLAS's threads in and around the time loop against
-40 ms once its helper threads went to sleep right after each GEMM.
+per-step GEMMs) and spin-wait between GEMMs, which clashes with anything else running
+(docs/performance.md, "Threads").
 
 OpenBLAS's thread setting is process-wide state, and it belongs to the user: importing this
 backend only reads it (or ``BPTT_NUM_THREADS``) as the number of pieces a large layer call is
 cut into, and changes nothing. Each call of the backend that runs BLAS (a recurrent layer, the
 output layer's GEMMs in ``linear.py``) runs inside ``layer_threads``, which sets OpenBLAS to
-one thread on entry and puts the caller's setting back on exit (1.7 us per block, measured,
-against a layer call's 0.1 ms or more). The user's own NumPy GEMMs keep their threads. Why
-every GEMM of a training step, not only the time loops, goes through the backend: after a GEMM
-on several threads OpenBLAS's idle helper threads spin-wait (up to ~0.1 s) and take a core from
-the layer threads. Measured (perf/bench_train.py, char-LM, 2-layer LSTM 256, B=32, 2 cores):
-12,500 tokens/s with the decoder's GEMMs on 2 OpenBLAS threads between the layer calls, 19,300
-with none; 15,100-15,400 with the language model's folded embedding table (E W_ih^T and its
-gradients) through NumPy at 2 threads, 26,200-26,400 with it through ``linear.py``.
+one thread on entry and puts the caller's setting back on exit (~2 us per block). The user's
+own NumPy GEMMs keep their threads. Every GEMM of a training step goes through the backend:
+after a GEMM on several threads OpenBLAS's idle helper threads spin-wait (up to ~0.1 s) and
+take a core from the layer threads.
 """
 
 import os
@@ -52,14 +45,10 @@ from ._blas import blas_threads, set_blas_threads
 from ._math import jit
 
 # multiply-adds of a whole layer call from which it is split over threads (handing work to
-# the pool and joining costs ~50 us: T=1, B=4, H=16 LSTM forward+backward took 30 us on one
-# thread against 80-130 us split)
+# the pool and joining costs ~50 us), and of one GEMM phase of a split call (the input
+# projection; weight gradients and dx) from which that phase runs in pieces too
+# (docs/performance.md, "Threads")
 MIN_WORK_FOR_THREADS = 4_000_000
-# multiply-adds of one GEMM phase of a split call (the input projection; weight gradients and
-# dx) from which that phase runs in pieces too. Measured, LSTM, T=100, 2 threads, us (one
-# piece / two): weight gradients and dx at B=1 H=64 (4.9M) 117 / 155, B=1 H=128 (19.7M)
-# 448 / 345; input projection at B=1 H=128 (6.6M) 172 / 173, B=4 H=64 (6.6M) 164 / 197,
-# B=1 H=256 (26M) 724 / 518.
 MIN_PHASE_WORK_FOR_THREADS = 10_000_000
 
 def _thread_count():
@@ -269,22 +258,8 @@ def split_ranges(B, H, flags, part, parts):
 # enough that each core streaming (or packing) only its share of it pays for the barrier per
 # step: with fewer than FEW_ROWS rows (or fewer rows than threads) from UNIT_SPLIT_WEIGHT_FEW_ROWS
 # elements (below that one row runs on one thread alone), up to UNIT_SPLIT_ROWS rows per
-# thread from UNIT_SPLIT_WEIGHT. Measured (B >= 2 with the per-step panels of
-# ``_blas.step_weight``), 2 threads, float32, ms per T=100 step, batch rows / units:
-#   B=1 (before the panels), forward / backward, one thread / units: LSTM H=64 (16K)
-#   0.19/0.24 0.26/0.46, H=128 (65K) 0.68/0.87 1.09/0.88, H=256 (262K) 2.8/3.8 2.3/2.5; GRU
-#   H=128 (49K) 0.43/0.61 0.62/0.64, H=256 (197K) 1.8/2.5 1.2/1.6; RNN H=256 (65K) 0.51/0.81
-#   0.61/0.75
-#   B=2 / B=4: LSTM H=128 (65K) 1.63/1.57 2.82/2.99, H=256 (262K) 5.6/4.5 8.8/8.3, H=512
-#   24/19 32/29, H=1024 122/72 180/129; GRU H=128 1.66/1.56 2.26/2.49, H=256 (197K) 5.6/5.3
-#   6.2/6.0, H=512 16/13 25/23, H=1024 77/51 115/85; RNN H=256 (65K) 1.58/1.32 2.07/2.09,
-#   H=512 (262K) 5.5/4.0 7.7/7.0, H=1024 21/17 30/28
-#   B=8 / 32 / 64: LSTM H=256 (262K) 15.7/16.0 60/69 117/142, H=512 (1M) 59/64 224/246
-#   466/463, H=1024 (4M) 332/263 1069/926 1957/1865; GRU H=512 (786K) 45/46 159/167 331/353,
-#   H=1024 (3M) 200/200 736-796/709-749 1436/1454; RNN H=512 (262K) 14.5/14.2 52/53 111/112,
-#   H=1024 (1M) 72/69 230/220 440/457; H=128, any cell: batch rows 7-25% faster
-#   B=128: LSTM H=256 237/250, H=512 917/889 891/900, H=1024 4125/3774 3725/3503; GRU H=512
-#   674/690, H=1024 2798/2665; RNN H=512 214/221, H=1024 907/863
+# thread from UNIT_SPLIT_WEIGHT (the sweep behind these: docs/performance.md, "Split by
+# batch rows or by hidden units").
 FEW_ROWS = 8
 UNIT_SPLIT_WEIGHT_FEW_ROWS = 1 << 17
 UNIT_SPLIT_WEIGHT = 1 << 21
