@@ -19,10 +19,15 @@ CPython 3.11. It is deterministic for a given Python version. Where a Python dis
 omits ``pydoc_data``, the docstrings of the ``builtins`` module (sorted by name) are used
 instead, which is smaller but equally deterministic.
 
-Errors about files (missing, a directory, empty, not UTF-8) are :class:`DataError`, a
-``ValueError`` whose message names the file.
+Errors about files (missing, a directory, empty, binary, not valid in its encoding, too large,
+too short to train on) are :class:`DataError`, a ``ValueError`` whose one-line message names
+the file (and for an undecodable byte its offset and line). Text files are UTF-8 unless an
+``encoding`` is given; at most :data:`MAX_TEXT_BYTES` (128 MiB, environment variable
+``BPTT_MAX_TEXT_BYTES``) are read from one file, and ``max_chars`` reads only a file's first
+characters, streaming, so a bigger file (even one line of a gigabyte) can be used in part.
 """
 
+import codecs
 import json
 import os
 
@@ -34,6 +39,10 @@ LEVELS = ("char", "word")
 # what an unknown token looks like when char-level ids are turned back into text
 CHAR_UNK_TEXT = "\ufffd"
 DEFAULT_CORPUS_NAME = "python-help-topics"
+# the most bytes read from one text file (the environment variable BPTT_MAX_TEXT_BYTES overrides it):
+# char-level tokens and ids of 128 MiB of text take about 2 GiB of memory
+MAX_TEXT_BYTES = 128 * 2 ** 20
+DECODE_ERRORS = ("strict", "replace")
 
 
 class DataError(ValueError):
@@ -43,6 +52,15 @@ class DataError(ValueError):
 def _check_level(level):
     if level not in LEVELS:
         raise ValueError(f"level must be one of {', '.join(LEVELS)}; got {level!r}")
+
+
+def _describe(obj):
+    """A short description of a JSON value for messages: ``a list``, ``an object with keys a, b``."""
+    if isinstance(obj, dict):
+        return f"an object with keys {', '.join(map(str, obj)) or '(none)'}"
+    names = {list: "a list", str: "a string", bool: "a boolean", int: "a number", float: "a number",
+             type(None): "null"}
+    return names.get(type(obj), type(obj).__name__)
 
 
 def tokenize(text, level):
@@ -72,11 +90,25 @@ class Vocabulary:
 
     def __init__(self, symbols, level):
         _check_level(level)
+        if isinstance(symbols, (str, bytes)):
+            raise ValueError(f"symbols must be a list of str, not a {type(symbols).__name__}")
         symbols = list(symbols)
+        bad = next((s for s in symbols if not isinstance(s, str)), None)
+        if bad is not None:
+            raise ValueError(f"symbols must be str; got {bad!r} ({type(bad).__name__})")
         if not symbols or symbols[0] != UNK:
-            raise ValueError(f"symbols must start with {UNK!r}; got {symbols[:1]!r}")
+            where = f" (it is at position {symbols.index(UNK)})" if UNK in symbols else ""
+            raise ValueError(f"symbols must start with the unknown token {UNK!r}; got {symbols[:1]!r}{where}")
         if len(set(symbols)) != len(symbols):
-            raise ValueError("symbols must be unique")
+            seen = set()
+            dup = next(s for s in symbols if s in seen or seen.add(s))
+            raise ValueError(f"symbols must be unique; {dup!r} appears {symbols.count(dup)} times")
+        if level == "char":
+            long = next((s for s in symbols[1:] if len(s) != 1), None)
+            if long is not None:
+                raise ValueError(f"a char-level vocabulary holds single characters; got {long!r}")
+        elif EOS not in symbols:
+            raise ValueError(f"a word-level vocabulary must hold the end-of-line token {EOS!r}")
         self.level = level
         self.symbols = symbols                       # id -> token
         self.index = {s: i for i, s in enumerate(symbols)}  # token -> id
@@ -134,36 +166,145 @@ class Vocabulary:
     def from_json(cls, obj):
         """Rebuild from :meth:`to_json`'s dict (or its JSON string)."""
         if isinstance(obj, str):
-            obj = json.loads(obj)
-        try:
-            return cls(obj["symbols"], obj["level"])
-        except (KeyError, TypeError) as e:
-            raise ValueError(f"not a serialised Vocabulary (needs 'level' and 'symbols'): {e}") from None
+            try:
+                obj = json.loads(obj)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"not a serialised Vocabulary (invalid JSON: {e})") from None
+        if not isinstance(obj, dict) or "symbols" not in obj or "level" not in obj:
+            raise ValueError("not a serialised Vocabulary (needs a JSON object with 'level' and 'symbols'; "
+                             f"got {_describe(obj)})")
+        if not isinstance(obj["symbols"], list):
+            raise ValueError(f"not a serialised Vocabulary ('symbols' is {_describe(obj['symbols'])}, not a list)")
+        return cls(obj["symbols"], obj["level"])
 
 
-def read_text(path, max_chars=None):
-    """The text of the UTF-8 file ``path`` (str), at most ``max_chars`` characters.
+def max_text_bytes():
+    """The most bytes :func:`read_text` reads from one file: :data:`MAX_TEXT_BYTES` (128 MiB),
+    or the environment variable ``BPTT_MAX_TEXT_BYTES`` where set (a positive integer)."""
+    value = os.environ.get("BPTT_MAX_TEXT_BYTES")
+    if value is None:
+        return MAX_TEXT_BYTES
+    try:
+        limit = int(value)
+    except ValueError:
+        limit = 0
+    if limit < 1:
+        raise DataError(f"BPTT_MAX_TEXT_BYTES must be a positive integer (bytes); got {value!r}")
+    return limit
 
-    Raises :class:`DataError` naming the file if it is missing, a directory, unreadable,
-    not valid UTF-8, or empty (nothing but whitespace). A UTF-8 byte-order mark is dropped.
+
+def _size(n):
+    """A byte count for messages: ``1.0 GiB (1,073,741,824 bytes)``."""
+    for unit, scale in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit} ({n:,} bytes)"
+    return f"{n:,} bytes"
+
+
+def _codec(encoding):
+    """The codec name to decode with (UTF-8: ``utf-8-sig``, so a byte-order mark is dropped) and
+    the name messages show."""
+    try:
+        name = codecs.lookup(encoding).name
+    except LookupError:
+        raise DataError(f"unknown text encoding {encoding!r} (--encoding)") from None
+    if name in ("utf-8", "utf-8-sig"):
+        return "utf-8-sig", "UTF-8"
+    return name, encoding
+
+
+def looks_binary(sample, encoding="utf-8"):
+    """Why the first bytes ``sample`` of a file look like binary data rather than text in
+    ``encoding`` (a str such as ``"NUL bytes, first at offset 12"``), or None.
+
+    Binary: a NUL character (U+0000) in the decoded sample, or, in a sample of at least 64
+    characters, more than 10% of them control characters (other than tab, line breaks, form
+    feed and escape) or undecodable bytes.
+    """
+    codec, _ = _codec(encoding)
+    text = codecs.getincrementaldecoder(codec)(errors="replace").decode(sample, final=False)
+    if "\0" in text:
+        offset = sample.find(b"\0")
+        where = f", first at byte offset {offset}" if offset >= 0 else ""
+        return f"NUL bytes{where}"
+    if len(text) >= 64:
+        odd = sum(1 for c in text if c == "\ufffd" or (c < " " and c not in "\t\n\r\f\v\x1b"))
+        if odd > 0.1 * len(text):
+            return f"{odd / len(text):.0%} of its first {len(text):,} characters are control codes or undecodable"
+    return None
+
+
+def read_text(path, max_chars=None, encoding="utf-8", errors="strict"):
+    """The text of the file ``path`` (str) in ``encoding``, at most ``max_chars`` characters.
+
+    ``errors``: ``"strict"`` (an undecodable byte is an error naming its offset and line) or
+    ``"replace"`` (it becomes U+FFFD). A UTF-8 byte-order mark is dropped. The file is read in
+    chunks and decoding stops after ``max_chars`` characters, so a huge file (one line of a
+    gigabyte) costs only what is kept; but at most :func:`max_text_bytes` bytes (128 MiB unless
+    ``BPTT_MAX_TEXT_BYTES`` says otherwise) are read: a bigger file needs ``max_chars``, and
+    ``max_chars`` that would read past the limit is an error.
+
+    Raises :class:`DataError` naming the file if it is missing, a directory, unreadable, larger
+    than the limit, binary (NUL bytes, mostly control codes), not valid in ``encoding``, or
+    empty (nothing but whitespace).
     """
     path = os.fspath(path)
+    if errors not in DECODE_ERRORS:
+        raise ValueError(f"errors must be one of {', '.join(DECODE_ERRORS)}; got {errors!r}")
+    if max_chars is not None and (isinstance(max_chars, bool) or int(max_chars) < 1):
+        raise ValueError(f"max_chars must be a positive integer or None; got {max_chars!r}")
+    codec, shown = _codec(encoding)
+    limit = max_text_bytes()
     if not os.path.exists(path):
         raise DataError(f"{path}: no such file")
     if os.path.isdir(path):
-        raise DataError(f"{path}: is a directory, expected a UTF-8 text file")
+        raise DataError(f"{path}: is a directory, expected a text file")
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
+        f = open(path, "rb")
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text (invalid byte 0x{raw[e.start]:02x} at offset {e.start})") from None
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        if max_chars is None and size > limit:
+            raise DataError(f"{path}: {_size(size)} is larger than the {_size(limit)} bptt reads whole; "
+                            "give --max-chars N to read its first N characters (or raise BPTT_MAX_TEXT_BYTES)")
+        text = _decode_stream(f, path, codec, shown, errors, max_chars, limit)
     if not text.strip():
-        raise DataError(f"{path}: file is empty")
-    return _cap(text, max_chars)
+        raise DataError(f"{path}: file is empty" + (f" (only whitespace in {_size(size)})" if size else ""))
+    return text
+
+
+def _decode_stream(f, path, codec, shown, errors, max_chars, limit, chunk_size=1 << 20):
+    """Decode ``f`` chunk by chunk until ``max_chars`` characters or the end of the file."""
+    decoder = codecs.getincrementaldecoder(codec)(errors=errors)
+    parts, n_chars, n_bytes = [], 0, 0
+    while True:
+        chunk = f.read(min(chunk_size, limit + 1 - n_bytes))
+        if n_bytes == 0:
+            why = looks_binary(chunk[:65536], codec)
+            if why:
+                raise DataError(f"{path}: looks like a binary file, not {shown} text ({why})")
+        final = not chunk
+        pending = decoder.getstate()[0]
+        try:
+            part = decoder.decode(chunk, final=final)
+        except UnicodeDecodeError as e:
+            data = pending + chunk
+            offset = n_bytes - len(pending) + e.start
+            line = sum(p.count("\n") for p in parts) + data[: e.start].decode(codec, "replace").count("\n") + 1
+            raise DataError(f"{path}: not {shown} text (invalid byte 0x{data[e.start]:02x} at offset {offset:,}, "
+                            f"line {line:,}); give --encoding NAME (e.g. latin-1) or --decode-errors replace") from None
+        n_bytes += len(chunk)
+        parts.append(part)
+        n_chars += len(part)
+        if final or (max_chars is not None and n_chars >= max_chars):
+            break
+        if n_bytes > limit:
+            need = f"--max-chars {max_chars:,}" if max_chars is not None else "the whole file"
+            raise DataError(f"{path}: {need} needs more than the {_size(limit)} bptt reads from one file; "
+                            "give a smaller --max-chars (or raise BPTT_MAX_TEXT_BYTES)")
+    text = "".join(parts)
+    return text if max_chars is None else text[:max_chars]
 
 
 def _cap(text, max_chars):
@@ -212,8 +353,10 @@ class Corpus:
         ids = vocab.encode_tokens(tokens)
         n_valid = int(round(len(ids) * valid_fraction))
         if len(ids) - n_valid < 2 or (valid_fraction > 0 and n_valid < 2):
-            raise DataError(f"{source}: too short ({len(ids)} {level} tokens) to train on"
-                            f"{' and hold out a validation part' if valid_fraction > 0 else ''}")
+            need = min_tokens(valid_fraction)
+            held = f" (2 to hold out for validation)" if valid_fraction > 0 else ""
+            raise DataError(f"{source}: too short to train on: {len(ids):,} {level} token"
+                            f"{'' if len(ids) == 1 else 's'}, at least {need} needed{held}")
         self.vocab = vocab
         self.level = level
         self.source = source
@@ -226,12 +369,23 @@ class Corpus:
                 f"train={len(self.train)}, valid={len(self.valid)})")
 
 
-def load_corpus(path=None, level="char", max_chars=None, valid_fraction=0.1, vocab=None):
+def min_tokens(valid_fraction=0.1):
+    """The fewest tokens a :class:`Corpus` with ``valid_fraction`` accepts (2 to train, and 2
+    held out where ``valid_fraction`` > 0)."""
+    n = 2
+    while n - int(round(n * valid_fraction)) < 2 or (valid_fraction > 0 and int(round(n * valid_fraction)) < 2):
+        n += 1
+    return n
+
+
+def load_corpus(path=None, level="char", max_chars=None, valid_fraction=0.1, vocab=None, encoding="utf-8",
+                errors="strict"):
     """Read and tokenize ``path`` (None: the default corpus) into a :class:`Corpus`.
 
     ``max_chars`` caps the characters read (the first ``max_chars``). ``vocab``: encode with an
-    existing vocabulary (unseen tokens -> ``<unk>``) instead of building one.
+    existing vocabulary (unseen tokens -> ``<unk>``) instead of building one. ``encoding`` and
+    ``errors``: how the file is decoded (:func:`read_text`).
     """
     if path is None:
         return Corpus(default_corpus_text(max_chars), level, valid_fraction, DEFAULT_CORPUS_NAME, vocab)
-    return Corpus(read_text(path, max_chars), level, valid_fraction, os.fspath(path), vocab)
+    return Corpus(read_text(path, max_chars, encoding, errors), level, valid_fraction, os.fspath(path), vocab)
