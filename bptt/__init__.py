@@ -6,6 +6,7 @@ Public API (imported lazily, so ``import bptt`` is cheap and never touches a GPU
     bptt.LanguageModel, bptt.SequenceModel   models
     bptt.SGD, bptt.Adam                      optimizers (torch.optim's update rules)
     bptt.Trainer                             full BPTT and TBPTT(k1, k2) training
+    bptt.CheckpointCallback                  periodic checkpoints of a run directory (bptt.checkpointing)
     bptt.use_backend, bptt.get_backend       the backend switch (also BPTT_BACKEND)
 """
 
@@ -19,7 +20,9 @@ _LAZY = {
     "LanguageModel": "bptt.models", "SequenceModel": "bptt.models",
     "SGD": "bptt.optim", "Adam": "bptt.optim",
     "ConstantLR": "bptt.optim", "StepDecay": "bptt.optim", "ExponentialDecay": "bptt.optim",
-    "Trainer": "bptt.trainer",
+    "PlateauDecay": "bptt.optim",
+    "Trainer": "bptt.trainer", "Preempted": "bptt.trainer",
+    "CheckpointCallback": "bptt.checkpointing",
 }
 
 __all__ = ["use_backend", "get_backend", "available_backends", "BackendUnavailableError",

@@ -8,7 +8,10 @@ per-parameter state (momentum buffer, Adam moments) under the same names, so
 ``state_dict()`` / ``load_state_dict()`` round-trip through a checkpoint.
 
 Schedules give the learning rate of an epoch (0-based) from the base learning rate; the trainer
-sets ``optimizer.lr`` from its schedule at the start of every epoch.
+sets ``optimizer.lr`` from its schedule at the start of every epoch, and after every validation
+(:meth:`Schedule.on_validation` feeds the validation loss to schedules that use it, such as
+:class:`PlateauDecay`). A schedule's state (what it learnt from the validations) is part of its
+``state_dict``, so a resumed run continues with the learning rate it had.
 """
 
 import math
@@ -181,7 +184,10 @@ def clip_grad_norm_(grads, max_norm, backend, total_norm=None):
 
 
 class Schedule:
-    """Base class. ``schedule(base_lr, epoch)`` -> lr for that epoch (0-based)."""
+    """Base class. ``schedule(base_lr, epoch)`` -> lr for that epoch (0-based).
+
+    ``on_validation(loss)`` is called by the trainer after every validation (the default ignores
+    it); ``state`` / ``load_state`` hold what a schedule learnt from them (JSON-able)."""
 
     def __call__(self, base_lr, epoch):
         raise NotImplementedError
@@ -191,8 +197,23 @@ class Schedule:
         """Constructor keyword arguments (JSON-able)."""
         return {}
 
+    def on_validation(self, loss):
+        """Take note of a validation loss (a float, possibly NaN)."""
+
+    @property
+    def state(self):
+        """What the schedule learnt from validations (JSON-able); {} for a stateless one."""
+        return {}
+
+    def load_state(self, state):
+        if state:
+            raise ValueError(f"{type(self).__name__} has no state; got {state!r}")
+
     def state_dict(self):
-        return {"type": type(self).__name__, "config": self.config}
+        sd = {"type": type(self).__name__, "config": self.config}
+        if self.state:
+            sd["state"] = self.state
+        return sd
 
 
 class ConstantLR(Schedule):
@@ -208,6 +229,8 @@ class StepDecay(Schedule):
     lr(epoch) = base_lr * factor ** n,  n = 0 before ``start``, else (epoch - start) // every + 1.
     Zaremba et al.'s PTB recipe ("after 4 epochs, halve the lr every epoch"):
     ``StepDecay(factor=0.5, every=1, start=4)`` -- epochs 0..3 at base_lr, epoch 4 at base/2, ...
+    With every=1 and start=E, counting epochs from 1 instead: lr(e) = base_lr * factor ** max(0, e - E)
+    (``bptt train --lr-decay F --lr-decay-after E``).
     """
 
     def __init__(self, factor=0.5, every=1, start=0):
@@ -244,12 +267,56 @@ class ExponentialDecay(Schedule):
         return base_lr * self.gamma ** epoch
 
 
-SCHEDULES = {"ConstantLR": ConstantLR, "StepDecay": StepDecay, "ExponentialDecay": ExponentialDecay}
+class PlateauDecay(Schedule):
+    """Divide the lr by ``divide_by`` after every validation whose loss is not below the best so far.
+
+    PyTorch's word_language_model rule (``if val_loss < best_val_loss: best_val_loss = val_loss
+    else: lr /= 4.0``), with ``divide_by=4``: lr = base_lr / divide_by ** n, n = the validations so
+    far that did not improve on the best before them (the first one always improves; a NaN loss
+    never does). The new lr applies from the next update on (``bptt train --lr-plateau F``).
+    """
+
+    def __init__(self, divide_by=4.0):
+        if isinstance(divide_by, bool) or not isinstance(divide_by, (int, float, np.floating, np.integer)) \
+                or not 1 <= divide_by < math.inf:
+            raise ValueError(f"divide_by must be a finite number >= 1; got {divide_by!r}")
+        self.divide_by = float(divide_by)
+        self.best = None         # lowest validation loss so far
+        self.reductions = 0      # validations that did not improve on the best before them
+
+    @property
+    def config(self):
+        return {"divide_by": self.divide_by}
+
+    def on_validation(self, loss):
+        loss = float(loss)
+        if math.isfinite(loss) and (self.best is None or loss < self.best):
+            self.best = loss
+        else:
+            self.reductions += 1
+
+    @property
+    def state(self):
+        return {"best": self.best, "reductions": self.reductions}
+
+    def load_state(self, state):
+        best = state.get("best")
+        self.best = None if best is None else float(best)
+        self.reductions = int(state.get("reductions", 0))
+
+    def __call__(self, base_lr, epoch):
+        return base_lr / self.divide_by ** self.reductions
+
+
+SCHEDULES = {"ConstantLR": ConstantLR, "StepDecay": StepDecay, "ExponentialDecay": ExponentialDecay,
+             "PlateauDecay": PlateauDecay}
 
 
 def schedule_from_state_dict(sd):
-    """Rebuild a schedule from :meth:`Schedule.state_dict`."""
+    """Rebuild a schedule (its config and state) from :meth:`Schedule.state_dict`."""
     cls = SCHEDULES.get(sd.get("type"))
     if cls is None:
         raise ValueError(f"unknown schedule type {sd.get('type')!r}; known: {', '.join(SCHEDULES)}")
-    return cls(**sd["config"])
+    schedule = cls(**sd["config"])
+    schedule.load_state(sd.get("state") or {})
+    return schedule

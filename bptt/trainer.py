@@ -126,6 +126,8 @@ class Trainer:
         self.meta = {}
         self.history = {"step": [], "epoch": [], "loss": [], "lr": [], "grad_norm": [], "tokens": [],
                         "skipped": [], "epoch_loss": [], "grad_diagnostics": []}
+        self.validation_state = _fresh_validation_state()
+        self.stopped_early = False   # the last fit() ended because of its patience
 
     def _configure(self, k1, k2, clip_norm, on_nonfinite, record_grad_norms):
         """Check the settings of :attr:`config`, then set them (nothing is set if one is bad)."""
@@ -163,19 +165,39 @@ class Trainer:
             n += sum(1 for t in range(0, group.T, k) if group.count(t, min(t + k, group.T)))
         return n
 
-    def fit(self, data, batch_size, epochs=1, max_steps=None, validation=None, callbacks=(), reset_mask=None):
+    def fit(self, data, batch_size, epochs=1, max_steps=None, validation=None, callbacks=(), reset_mask=None,
+            eval_every=None, patience=None, validation_batch_size=None):
         """Train until ``epochs`` epochs are complete or ``max_steps`` updates are made, both counted
         over the trainer's life (a resumed run counts what was done before the checkpoint).
 
         data: 1-D int token stream (LanguageModel) or (inputs [N,T,I], targets) (SequenceModel);
         reset_mask: 1-D bool like data (token streams): True where a document starts.
-        validation: data in the same form, evaluated after every epoch (``history["val_*"]``).
         callbacks: cb(event) after every update, event = {"step", "epoch", "loss", "tokens"
-        (tokens of this update), "tokens_per_s", "lr", "grad_norm"}. Returns ``history``.
+        (tokens of this update), "tokens_per_s", "lr", "grad_norm", "skipped", "update_s" (seconds
+        this update took)}. Returns ``history``.
+
+        Validation: ``validation`` (data in the same form) is evaluated (:meth:`evaluate`, batch
+        ``validation_batch_size``, default ``batch_size``) after the last update of every epoch and,
+        with ``eval_every=N``, after every update whose step is a multiple of N. The event of an
+        update after which validation ran also holds "val_loss", "val_perplexity" and
+        "val_bits_per_token" (floats; a task model's perplexity is exp(loss) for class targets,
+        NaN for MSE) and "val_accuracy" where :meth:`evaluate` gives one. Each result is fed to the
+        schedule (:meth:`bptt.optim.Schedule.on_validation`: a :class:`bptt.optim.PlateauDecay`
+        lowers the lr from the next update on) and appended to ``history`` ("val_step",
+        "val_epoch", "val_lr", "val_loss", ...). ``validation_state`` keeps the best loss, its step
+        and the validations since it improved; with ``patience=P``, training stops after the
+        update of the P-th validation in a row without improvement (``stopped_early`` is then
+        True; a later fit() with that patience returns at once). Validation changes nothing of the
+        training itself: the same weights after every update with or without it (no dropout; the
+        model's RNG, the carried state and the ring buffer untouched).
         """
         if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, (int, np.integer))
                                       or max_steps < 0):
             raise ValueError(f"max_steps must be None or an int >= 0; got {max_steps!r}")
+        eval_every = _check_k("eval_every", eval_every)
+        patience = _check_k("patience", patience)
+        if validation is None and (eval_every is not None or patience is not None):
+            raise ValueError("eval_every and patience need validation data (validation=...)")
         dataset = Dataset(self.model, data, batch_size, reset_mask)
         if self.position is not None and (self.position.fingerprint != dataset.fingerprint
                                           or self.position.batch_size != dataset.batch_size):
@@ -187,7 +209,10 @@ class Trainer:
             keep_freed_memory()             # BPTT_KEEP_FREED_MEMORY=0)
         stop = math.inf if max_steps is None else max_steps
         clock = _Clock()
-        while self.epoch < epochs and self.step < stop:
+        last_chunk = self._last_update_chunk(dataset)   # the epoch's last update: validation after it
+        val_batch = batch_size if validation_batch_size is None else validation_batch_size
+        self.stopped_early = patience is not None and self.validation_state["since_best"] >= patience
+        while self.epoch < epochs and self.step < stop and not self.stopped_early:
             self.optimizer.lr = self.schedule(self.base_lr, self.epoch)
             if self.position is None:                   # a new epoch begins
                 self.position = Position(0, 0, None, (), self.model.rng.bit_generator.state,
@@ -198,23 +223,75 @@ class Trainer:
             for gi in range(pos.group, len(dataset.groups)):
                 group = dataset.groups[gi]
                 t, state, ring = (pos.offset, pos.state, list(pos.ring)) if gi == pos.group else (0, None, [])
-                while t < group.T:
+                while t < group.T and not self.stopped_early:
                     if self.step >= stop:
                         return self.history
                     t1 = group.T if self.k1 is None else min(t + self.k1, group.T)
+                    began = time.perf_counter()
                     event = self._train_chunk(dataset, gi, t, t1, state, ring, clock)
-                    t, state = t1, self.position.state
                     if event is not None:
+                        event["update_s"] = time.perf_counter() - began
                         epoch_losses.append(event["loss"])
+                        if validation is not None and ((gi, t) == last_chunk or (
+                                eval_every is not None and self.step % eval_every == 0
+                                and self.validation_state["step"] != self.step)):
+                            event.update(self._validate(validation, val_batch, event, clock))
+                            self.stopped_early = patience is not None and \
+                                self.validation_state["since_best"] >= patience
                         for cb in callbacks:
                             cb(event)
+                    t, state = t1, self.position.state
+                if self.stopped_early and (gi, t) != (len(dataset.groups) - 1, group.T):
+                    return self.history                 # stopped inside the epoch
             self.epoch += 1
             self.position = None
             self.history["epoch_loss"].append(float(np.mean(epoch_losses)) if epoch_losses else math.nan)
-            if validation is not None:
-                for k, v in self.evaluate(validation, batch_size).items():
-                    self.history.setdefault("val_" + k, []).append(v)
         return self.history
+
+    def _last_update_chunk(self, dataset):
+        """(group, first step) of the last chunk of an epoch that makes an update (None if none)."""
+        for gi in reversed(range(len(dataset.groups))):
+            group = dataset.groups[gi]
+            k = group.T if self.k1 is None else self.k1
+            for t in reversed(range(0, group.T, k)):
+                if group.count(t, min(t + k, group.T)):
+                    return gi, t
+        return None
+
+    def _validate(self, validation, batch_size, event, clock):
+        """Evaluate ``validation`` after the update of ``event``; feed the schedule, update
+        ``validation_state`` and ``history``. Returns the event's "val_*" entries. The model's
+        RNG is restored afterwards (evaluation draws nothing, but training must not depend on it)
+        and the time it took is left out of the training clock."""
+        began = time.perf_counter()
+        rng_state = self.model.rng.bit_generator.state
+        try:
+            m = self.evaluate(validation, batch_size)
+        finally:
+            self.model.rng.bit_generator.state = rng_state
+        loss = float(m["loss"])
+        if "perplexity" in m:
+            perplexity, bits = float(m["perplexity"]), float(m["bits_per_token"])
+        elif "accuracy" in m:                           # cross-entropy over class targets
+            perplexity, bits = (math.exp(loss) if loss < 700 else math.inf), loss / math.log(2)
+        else:                                           # MSE: no perplexity
+            perplexity = bits = math.nan
+        result = {"val_loss": loss, "val_perplexity": perplexity, "val_bits_per_token": bits}
+        if "accuracy" in m:
+            result["val_accuracy"] = float(m["accuracy"])
+        vs = self.validation_state
+        vs["step"], vs["count"] = self.step, vs["count"] + 1
+        if math.isfinite(loss) and (vs["best_loss"] is None or loss < vs["best_loss"]):
+            vs["best_loss"], vs["best_step"], vs["since_best"] = loss, self.step, 0
+        else:
+            vs["since_best"] += 1
+        self.schedule.on_validation(loss)
+        self.optimizer.lr = self.schedule(self.base_lr, self.epoch)
+        for k, v in (("val_step", self.step), ("val_epoch", event["epoch"]), ("val_lr", event["lr"]),
+                     *result.items()):
+            self.history.setdefault(k, []).append(v)
+        clock.start += time.perf_counter() - began
+        return result
 
     def _train_chunk(self, dataset, gi, t0, t1, state, ring, clock):
         """Forward steps [t0, t1) of group ``gi``, backpropagate the window, update; then record the
@@ -360,8 +437,8 @@ class Trainer:
         values, readable on any backend (caches by field name, no class names)::
 
             {"model": {"type", "config", "rng_state", "weights"}, "optimizer": its state_dict,
-             "schedule": {"type", "config"}, "config": :attr:`config`, "base_lr", "step", "epoch",
-             "history", "position": None at an epoch boundary, else Position.to_dict (carried
+             "schedule": {"type", "config"[, "state"]}, "config": :attr:`config`, "base_lr", "step",
+             "epoch", "history", "validation": :attr:`validation_state`, "position": None at an epoch boundary, else Position.to_dict (carried
              state, TBPTT ring buffer, dropout RNG state, data fingerprint), "meta"}
         """
         be = self.backend
@@ -369,6 +446,7 @@ class Trainer:
                 "schedule": self.schedule.state_dict(), "config": dict(self.config),
                 "base_lr": self.base_lr, "step": self.step, "epoch": self.epoch,
                 "history": copy.deepcopy(self.history),
+                "validation": dict(self.validation_state),
                 "position": None if self.position is None else self.position.to_dict(be),
                 "meta": copy.deepcopy(self.meta)}
 
@@ -395,6 +473,7 @@ class Trainer:
         self.base_lr = float(sd["base_lr"])
         self.step, self.epoch = int(sd["step"]), int(sd["epoch"])
         self.history = copy.deepcopy(sd["history"])
+        self.validation_state = {**_fresh_validation_state(), **(sd.get("validation") or {})}
         self.position = position
         self.meta = copy.deepcopy(sd.get("meta") or {})
 
@@ -423,6 +502,12 @@ class Trainer:
                       schedule=schedule_from_state_dict(sd["schedule"]), **sd["config"])
         trainer.load_state_dict(sd)
         return trainer
+
+
+def _fresh_validation_state():
+    """Trainer.validation_state before any validation: best loss and its step, validations made,
+    the step of the last one, validations since the best (the patience counter)."""
+    return {"best_loss": None, "best_step": None, "count": 0, "step": None, "since_best": 0}
 
 
 def _json(value):
