@@ -22,6 +22,7 @@ Version 1 (until the ring buffer was stored by field name) kept the model as {"t
 import json
 import os
 import tempfile
+import zipfile
 
 import numpy as np
 
@@ -65,22 +66,104 @@ def write(path, header, arrays):
 
 def read(path):
     """(header dict, arrays dict name -> ndarray) of a checkpoint of a readable version;
-    CheckpointError naming the file if it is unusable."""
+    CheckpointError naming the file if it is unusable.
+
+    Nothing is unpickled and nothing is allocated on a member's word: each ``.npy`` member's
+    header (its dtype, shape and order) is read and checked before its data, so an object array,
+    a non-numeric dtype or a shape larger than the bytes the member holds is refused before any
+    memory is set aside for it. The JSON header must be an object naming the bptt format.
+    """
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-        header = json.loads(arrays.pop(HEADER_KEY).tobytes().decode("utf-8"))
-    except Exception as e:  # BadZipFile, truncated data, missing header, bad JSON, not an npz at all
-        raise CheckpointError(f"{path}: not a readable bptt checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(header, dict) or header.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not a bptt checkpoint (format {header.get('format') if isinstance(header, dict) else None!r})")
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        raise CheckpointError(f"{path}: not a readable bptt checkpoint: not an .npz (zip) archive, or a "
+                              f"truncated one ({type(e).__name__}: {e})") from None
+    arrays = {}
+    with archive:
+        size = os.path.getsize(path)
+        for info in archive.infolist():
+            if not info.filename.endswith(".npy"):
+                raise CheckpointError(f"{path}: not a bptt checkpoint (member {info.filename!r} is not an .npy array)")
+            name = info.filename[: -len(".npy")]
+            if name in arrays:
+                raise CheckpointError(f"{path}: a damaged checkpoint (the array {name!r} appears twice)")
+            try:
+                arrays[name] = _read_member(archive, info, size)
+            except CheckpointError as e:
+                raise CheckpointError(f"{path}: {e}") from None
+            except Exception as e:   # BadZipFile (CRC), truncated data, a malformed .npy header
+                raise CheckpointError(f"{path}: not a readable bptt checkpoint (array {name!r}: "
+                                      f"{type(e).__name__}: {e})") from None
+    raw = arrays.pop(HEADER_KEY, None)
+    if raw is None:
+        raise CheckpointError(f"{path}: not a bptt checkpoint (no {HEADER_KEY} member)")
+    if raw.dtype != np.uint8 or raw.ndim != 1:
+        raise CheckpointError(f"{path}: a damaged checkpoint (its header is a {raw.dtype} array of shape "
+                              f"{raw.shape}, not bytes)")
+    try:
+        header = json.loads(raw.tobytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path}: a damaged checkpoint (its header is not UTF-8: byte {e.start})") from None
+    except (ValueError, RecursionError) as e:
+        raise CheckpointError(f"{path}: a damaged checkpoint (its header is not valid JSON: {e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a bptt checkpoint (its header is a JSON "
+                              f"{_JSON_NAMES.get(type(header), type(header).__name__)}, not an object)")
+    if header.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a bptt checkpoint (format {header.get('format')!r}, "
+                              f"expected {FORMAT!r})")
     if header.get("version") not in READABLE_VERSIONS:
         raise CheckpointError(f"{path}: checkpoint format version {header.get('version')!r}; this bptt reads "
                               f"versions {', '.join(map(str, READABLE_VERSIONS))} and writes version {VERSION}")
     return header, arrays
+
+
+_JSON_NAMES = {list: "array", int: "number", float: "number", str: "string", bool: "boolean",
+               type(None): "null"}
+# what a checkpoint's arrays may hold: booleans and numbers (no objects, strings, structures)
+_ARRAY_KINDS = "biufc"
+
+
+def _read_member(archive, info, archive_size):
+    """The array of the ``.npy`` member ``info``; its header is checked before its data is read."""
+    name = info.filename[: -len(".npy")]
+    if info.compress_type == zipfile.ZIP_STORED and info.file_size != info.compress_size:
+        raise CheckpointError(f"a damaged checkpoint (array {name!r}: {info.file_size:,} bytes declared, "
+                              f"{info.compress_size:,} stored)")
+    if info.compress_size > archive_size or info.file_size > 2000 * info.compress_size + (1 << 20):
+        raise CheckpointError(f"a damaged checkpoint (array {name!r}: its declared size {info.file_size:,} "
+                              "bytes does not fit the file)")
+    with archive.open(info) as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+        else:
+            raise CheckpointError(f"not a bptt checkpoint (array {name!r} is .npy format {version})")
+        if dtype.hasobject:
+            raise CheckpointError(f"not a bptt checkpoint: array {name!r} holds Python objects, which would "
+                                  "have to be unpickled; refused")
+        if dtype.kind not in _ARRAY_KINDS or dtype.fields is not None or dtype.subdtype is not None:
+            raise CheckpointError(f"not a bptt checkpoint (array {name!r} has dtype {dtype}, not a number type)")
+        count = 1
+        for n in shape:
+            count *= n
+        nbytes = count * dtype.itemsize
+        held = info.file_size - f.tell()
+        if nbytes != held:
+            raise CheckpointError(f"a damaged checkpoint (array {name!r} declares shape {shape} {dtype} = "
+                                  f"{nbytes:,} bytes but holds {held:,})")
+        data = f.read(nbytes)
+    if len(data) != nbytes:
+        raise CheckpointError(f"a truncated checkpoint (array {name!r}: {len(data):,} of {nbytes:,} bytes)")
+    array = np.frombuffer(data, dtype=dtype).copy()
+    return array.reshape(shape, order="F" if fortran else "C")
 
 
 def flatten(tree, prefix, arrays):
@@ -104,10 +187,20 @@ def flatten(tree, prefix, arrays):
     raise TypeError(f"cannot store a {type(tree).__name__} (at {prefix!r}) in a checkpoint")
 
 
+class MissingArrayError(KeyError):
+    """The header refers to an array the file does not hold."""
+
+    def __str__(self):
+        return f"its header refers to the array {self.args[0]!r}, which the file lacks"
+
+
 def unflatten(tree, arrays):
-    """Inverse of :func:`flatten`: the header's tree with its arrays put back."""
+    """Inverse of :func:`flatten`: the header's tree with its arrays put back (MissingArrayError,
+    a KeyError, for a reference to an array ``arrays`` lacks)."""
     if isinstance(tree, dict):
         if set(tree) == {ARRAY_KEY}:
+            if not isinstance(tree[ARRAY_KEY], str) or tree[ARRAY_KEY] not in arrays:
+                raise MissingArrayError(tree[ARRAY_KEY])
             return arrays[tree[ARRAY_KEY]]
         return {k: unflatten(v, arrays) for k, v in tree.items()}
     if isinstance(tree, list):
@@ -142,10 +235,46 @@ def load(path, trainer=False):
         else:
             model = unflatten(header["model"], arrays)
         state = header.get("trainer") if version == VERSION else None
-        return {"model": model, "trainer": None if state is None else unflatten(state, arrays),
-                "meta": header.get("meta")}
+        parts = {"model": model, "trainer": None if state is None else unflatten(state, arrays),
+                 "meta": header.get("meta")}
+    except MissingArrayError as e:
+        raise CheckpointError(f"{path}: a damaged checkpoint ({e})") from None
     except Exception as e:
         raise CheckpointError(f"{path}: a damaged checkpoint header ({type(e).__name__}: {e})") from None
+    _check_model_part(path, parts["model"])
+    return parts
+
+
+# config entries that are not sizes
+_NOT_SIZES = ("seed", "dtype", "cell", "readout", "dropout", "tie_weights")
+
+
+def _check_model_part(path, model):
+    """CheckpointError unless the model part is {"type", "config", "weights", ...} whose weights are
+    arrays of the config's dtype, and whose config sizes are no larger than its arrays' dimensions
+    (so a hand-edited config cannot make the rebuilt model allocate more than the file holds)."""
+    if not isinstance(model, dict) or not isinstance(model.get("config"), dict) \
+            or not isinstance(model.get("weights"), dict) or not isinstance(model.get("type"), str):
+        raise CheckpointError(f"{path}: a damaged checkpoint header (its model is not a dict of type, config "
+                              "and weights)")
+    config, weights = model["config"], model["weights"]
+    bad = next((k for k, w in weights.items() if not isinstance(w, np.ndarray)), None)
+    if bad is not None:
+        raise CheckpointError(f"{path}: a damaged checkpoint header (the weight {bad!r} is not an array)")
+    dtype = config.get("dtype")
+    if isinstance(dtype, str):
+        wrong = next((k for k, w in weights.items() if w.dtype.name != dtype), None)
+        if wrong is not None:
+            raise CheckpointError(f"{path}: the weight {wrong!r} is {weights[wrong].dtype.name}, but the model "
+                                  f"is {dtype}")
+    largest = max((n for w in weights.values() for n in w.shape), default=0)
+    for key, value in config.items():
+        if key in _NOT_SIZES or isinstance(value, bool) or not isinstance(value, int):
+            continue
+        limit = len(weights) if key == "num_layers" else largest
+        if value > limit:
+            raise CheckpointError(f"{path}: the model's {key} {value:,} does not match its weights "
+                                  f"(the largest {'count' if key == 'num_layers' else 'dimension'} is {limit:,})")
 
 
 def rebuild(path, what, build, *args):
