@@ -32,9 +32,16 @@ def save_model(model, path, meta=None):
     checkpoint_file.save(path, model_to_dict(model), None, meta)
 
 
-def load_model(path):
-    """(model, meta) from a trainer or model checkpoint, on the current backend."""
+def load_model(path, expect=None):
+    """(model, meta) from a trainer or model checkpoint, on the current backend. ``expect``: a model
+    class (``bptt.LanguageModel``, ``bptt.SequenceModel``) or a tuple of them; a checkpoint of
+    another type raises CheckpointError before the model is built."""
     parts = checkpoint_file.load(path)
+    if expect is not None:
+        wanted = expect if isinstance(expect, tuple) else (expect,)
+        names = [c.__name__ for c in wanted]
+        if parts["model"]["type"] not in names:
+            raise CheckpointError(f"{path}: holds a {parts['model']['type']}, not a {' or a '.join(names)}")
     return checkpoint_file.rebuild(path, "model", model_from_dict, parts["model"]), parts["meta"]
 
 

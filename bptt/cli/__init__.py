@@ -8,8 +8,10 @@ on a synthetic long-range task instead (:mod:`bptt.tasks`).
 
 Run directory (``--out``): ``checkpoint.npz`` and ``metrics.jsonl`` (:mod:`bptt.cli.runs`).
 ``--json`` makes the last line of stdout one JSON object with the final metrics. User errors
-(a missing file, a bad flag combination, k1 > k2, an unknown backend) print one line on stderr
-and exit with status 1 (2 for unparsable arguments); set ``BPTT_DEBUG=1`` for a traceback.
+(a missing, binary, undecodable or too large data file, a damaged or foreign checkpoint, an
+inconsistent vocabulary, an ``--out`` that cannot be a directory, a bad flag combination,
+k1 > k2, an unknown backend) print one line on stderr and exit with status 1 (2 for unparsable
+arguments), and leave the run directory as it was; set ``BPTT_DEBUG=1`` for a traceback.
 Ctrl-C during training stops at the last finished update, saves the checkpoint and exits with
 status 130; a second Ctrl-C interrupts at once.
 
@@ -54,13 +56,26 @@ def main(argv=None):
         if os.environ.get("BPTT_DEBUG") == "1" or not _is_user_error(e):
             raise
         hint = " (training diverged: try a lower --lr or --clip)" if isinstance(e, FloatingPointError) else ""
-        print(f"bptt {args.command}: error: {e}{hint}", file=sys.stderr)
+        print(f"bptt {args.command}: error: {_one_line(e)}{hint}", file=sys.stderr)
         return 1
+
+
+def _one_line(e):
+    """The message of the user error ``e`` on one line: an OSError as ``file: reason``, a
+    MemoryError with what to lower."""
+    if isinstance(e, MemoryError):
+        return f"out of memory{f' ({e})' if str(e) else ''}: try a smaller --max-chars, --batch-size or --hidden-size"
+    if isinstance(e, OSError) and type(e).__str__ is OSError.__str__ and e.strerror:
+        names = [n for n in (e.filename, e.filename2) if n is not None]
+        text = f"{' -> '.join(map(str, names))}: {e.strerror}" if names else e.strerror
+    else:
+        text = str(e) or type(e).__name__
+    return " ".join(text.split("\n")).strip()
 
 
 def _is_user_error(e):
     from bptt.backend import BackendUnavailableError
-    if isinstance(e, (UsageError, BackendUnavailableError, OSError)):
+    if isinstance(e, (UsageError, BackendUnavailableError, OSError, MemoryError)):
         return True
     from bptt.data import DataError
     if isinstance(e, DataError):

@@ -6,6 +6,7 @@ is read without it, and ``bptt_kernels`` imports no third-party module for its c
 """
 
 import argparse
+import codecs
 import math
 import os
 
@@ -18,11 +19,11 @@ EVAL_BATCH = 10  # token streams for validation and `bptt eval` (tasks: bptt.tas
 # two CPU cores (615 updates: 3 epochs of the 465,000-character default corpus, ~45 s on an
 # idle pair of cores), big enough to produce recognisable words and Python keywords
 # (validation ~1.3 nats/char; more epochs overfit this small corpus).
-LM_DEFAULTS = dict(level="char", max_chars=None, cell="lstm", hidden_size=256, num_layers=1,
+LM_DEFAULTS = dict(level="char", max_chars=None, encoding="utf-8", decode_errors="strict", cell="lstm", hidden_size=256, num_layers=1,
                    embedding_size=32, dropout=0.0, forget_bias=0.0, k1=32, k2=32, batch_size=64,
                    optimizer="adam", lr=1e-2, clip=1.0, epochs=3, max_steps=None, sample_length=300)
 # Flags that define the model or its data: fixed by the checkpoint when resuming.
-FIXED_ON_RESUME = ("data", "level", "max_chars", "task", "lag", "n_symbols", "n_train", "cell",
+FIXED_ON_RESUME = ("data", "level", "max_chars", "encoding", "decode_errors", "task", "lag", "n_symbols", "n_train", "cell",
                    "hidden_size", "num_layers", "embedding_size", "dropout", "forget_bias", "dtype", "k1", "k2",
                    "batch_size", "optimizer", "lr", "clip", "seed")
 # Flags a resumed run may change.
@@ -64,6 +65,27 @@ def _non_negative(kind):
     return _bounded(kind, False)
 
 
+def _encoding(text):
+    """An argparse type: a text encoding Python knows (``utf-8``, ``latin-1``, ``cp1252``, ...)."""
+    try:
+        codecs.lookup(text)
+    except LookupError:
+        raise argparse.ArgumentTypeError(f"unknown encoding {text!r} (e.g. utf-8, latin-1, cp1252, utf-16)") from None
+    return text
+
+
+_encoding.__name__ = "encoding"
+DECODE_ERRORS = ("strict", "replace")  # bptt.data.DECODE_ERRORS, without loading NumPy
+
+
+def _add_decoding(group):
+    group.add_argument("--encoding", type=_encoding, metavar="NAME",
+                       help="the text file's encoding (default utf-8)")
+    group.add_argument("--decode-errors", choices=DECODE_ERRORS,
+                       help="bytes that are not valid in the encoding: strict = an error naming the first "
+                       "(default), replace = read as U+FFFD")
+
+
 def _listed(defaults):
     return ", ".join(f"{k}={v}" for k, v in defaults.items())
 
@@ -89,7 +111,9 @@ def build_parser():
     g.add_argument("--data", metavar="FILE", help="UTF-8 text file (default: the built-in corpus)")
     g.add_argument("--level", choices=("char", "word"), help="tokens: characters, or words + <eos> per line")
     g.add_argument("--max-chars", type=_positive(int), metavar="N",
-                   help="read at most the first N characters (default: all)")
+                   help="read at most the first N characters (default: all); files over 128 MiB "
+                   "($BPTT_MAX_TEXT_BYTES) are read only in part, with --max-chars")
+    _add_decoding(g)
     g.add_argument("--task", choices=TASKS, help="train on a synthetic task instead of text")
     g.add_argument("--lag", type=_non_negative(int), metavar="N",
                    help="copy: blank steps between symbols and recall; adding: sequence length")
@@ -132,6 +156,7 @@ def build_parser():
                        "held-out part of its training corpus (tasks: fresh sequences).")
     e.add_argument("run_dir", metavar="DIR")
     e.add_argument("--data", metavar="FILE")
+    _add_decoding(e)
     e.add_argument("--batch-size", type=_positive(int), metavar="N",
                    help=f"streams or sequences per batch (default {EVAL_BATCH}, fewer for short data)")
     e.add_argument("--backend", metavar="NAME")
@@ -157,12 +182,13 @@ def flag(name):
 def resolve_train(args):
     """Check flag combinations and fill defaults into a plain config dict (raises UsageError)."""
     given = {k: v for k, v in vars(args).items() if v is not None and k != "command"}
+    check_out_dir(args.out or os.path.join("runs", args.task or "default"))
     cfg = {}
     if args.resume:
         return given
     if args.task is not None:
         task = TASK_TABLE[args.task]
-        for name in ("data", "level", "max_chars", "embedding_size"):
+        for name in ("data", "level", "max_chars", "encoding", "decode_errors", "embedding_size"):
             if name in given:
                 raise UsageError(f"{flag(name)} is for text corpora and cannot be used with --task {args.task}")
         if not task.uses_symbols and "n_symbols" in given:
@@ -198,6 +224,26 @@ def resolve_train(args):
     if cfg["dropout"] and args.task:
         raise UsageError("--dropout is for language models, not --task")
     return cfg
+
+
+def check_out_dir(out):
+    """UsageError unless the run directory ``out`` is, or can be made, a writable directory
+    (nothing is created here: a run that fails on its input leaves no directory behind)."""
+    path = os.path.abspath(out)
+    target = path
+    while not os.path.lexists(target):             # the nearest existing ancestor
+        target = os.path.dirname(target)
+    if not os.path.isdir(target):
+        what = "is a file" if target == path else f"{target} is a file"
+        raise UsageError(f"--out {out}: {what}, not a directory")
+    try:
+        read_only = bool(os.statvfs(target).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):
+        read_only = False
+    if read_only or not os.access(target, os.W_OK | os.X_OK):
+        where = "" if target == path else f" ({target})"
+        why = "is on a read-only file system" if read_only else "is not writable"
+        raise UsageError(f"--out {out}{where} {why}")
 
 
 def check_resume(cfg, meta):

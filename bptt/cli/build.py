@@ -11,7 +11,33 @@ def eval_batch(n_tokens):
 
 def load_corpus(cfg, vocab=None):
     from bptt.data import load_corpus
-    return load_corpus(cfg["data"], cfg["level"], max_chars=cfg["max_chars"], vocab=vocab)
+    return load_corpus(cfg["data"], cfg["level"], max_chars=cfg["max_chars"], vocab=vocab,
+                       encoding=cfg.get("encoding") or "utf-8", errors=cfg.get("decode_errors") or "strict")
+
+
+def run_vocab(meta, path, model=None):
+    """The vocabulary a run's checkpoint ``path`` carries in its ``meta`` (None where it has none:
+    a task run). CheckpointError (one line naming ``path``) if it is inconsistent: not a
+    vocabulary, duplicate symbols, no ``<unk>`` first, another level than the run's, or (given
+    the ``model``) another size than the model's embedding rows."""
+    from bptt.checkpoint_file import CheckpointError
+    from bptt.data import Vocabulary
+    obj = meta.get("vocab")
+    if obj is None:
+        return None
+    try:
+        vocab = Vocabulary.from_json(obj)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: the vocabulary in its meta is unusable: {e}") from None
+    config = meta.get("config")
+    level = config.get("level") if isinstance(config, dict) else None
+    if level is not None and level != vocab.level:
+        raise CheckpointError(f"{path}: the vocabulary in its meta is {vocab.level}-level, the run {level}-level")
+    rows = getattr(model, "vocab_size", None)
+    if rows is not None and rows != len(vocab):
+        raise CheckpointError(f"{path}: the vocabulary in its meta has {len(vocab):,} symbols but the model's "
+                              f"embedding has {rows:,} rows")
+    return vocab
 
 
 def task_data(cfg, n, seed):
@@ -89,4 +115,25 @@ def build_trainer(cfg, model):
     else:
         optimizer = bptt.SGD(cfg["lr"])
     return bptt.Trainer(model, optimizer, k1=cfg["k1"], k2=cfg["k2"], clip_norm=cfg["clip"] or None,
-                        record_grad_norms=bool(cfg.get("grad_norms")))
+                        schedule=build_schedule(cfg), record_grad_norms=bool(cfg.get("grad_norms")))
+
+
+def build_schedule(cfg):
+    """The learning-rate schedule of --lr-decay F --lr-decay-after E (epoch e, counted from 1, at
+    lr * F^max(0, e - E): bptt.StepDecay(F, 1, E)) or --lr-plateau F (bptt.PlateauDecay(F));
+    None (constant) without either."""
+    import bptt
+    if cfg.get("lr_decay") is not None:
+        return bptt.StepDecay(cfg["lr_decay"], every=1, start=cfg["lr_decay_after"])
+    if cfg.get("lr_plateau") is not None:
+        return bptt.PlateauDecay(cfg["lr_plateau"])
+    return None
+
+
+def validation_batch(cfg, valid):
+    """Streams (token streams) or sequences (tasks) per batch when validating ``valid``: those of
+    the final evaluation, so the last validation of a run and its summary agree."""
+    if cfg.get("task") is None:
+        return eval_batch(len(valid))
+    from bptt.tasks import EVAL_BATCH
+    return min(len(valid[0]), EVAL_BATCH)

@@ -8,7 +8,7 @@ import sys
 import time
 
 from bptt.cli.arguments import UsageError, check_resume, resolve_train
-from bptt.cli.build import (build_model, build_trainer, eval_batch, load_corpus, prepare_data,
+from bptt.cli.build import (build_model, build_trainer, eval_batch, load_corpus, prepare_data, run_vocab,
                             task_validation)
 from bptt.cli.progress import Progress
 from bptt.cli.runs import CHECKPOINT_FILE, StepLog, append_jsonl, checkpoint_path, jsonable, read_meta
@@ -46,11 +46,10 @@ def cmd_train(args):
         cfg = check_resume(cfg, meta)    # flag conflicts first, before any backend is chosen
         backend = select_backend(cfg.get("backend"))
         import bptt
-        from bptt.data import Vocabulary
         trainer = bptt.Trainer.from_checkpoint(ckpt_path)
         model = trainer.model
         trainer.record_grad_norms = trainer.record_grad_norms or bool(cfg.get("grad_norms"))
-        data = prepare_data(cfg, Vocabulary.from_json(meta["vocab"]) if meta.get("vocab") else None)
+        data = prepare_data(cfg, run_vocab(meta, ckpt_path, model))
     else:
         data = prepare_data(cfg)         # data errors first, before any backend is chosen
         backend = select_backend(cfg.get("backend"))
@@ -174,15 +173,20 @@ def _load_run(run_dir, backend_name, check=None):
     meta = read_meta(path)
     if check is not None:
         check(meta)
+    run_vocab(meta, path)             # a hand-edited vocabulary fails before a backend is chosen
     backend = select_backend(backend_name)
+    import bptt
     from bptt.checkpoint import load_model
-    model, _ = load_model(path)
+    model, _ = load_model(path, expect=bptt.SequenceModel if meta["config"].get("task") else bptt.LanguageModel)
+    run_vocab(meta, path, model)
     return model, meta, backend
 
 
 def cmd_eval(args):
-    from bptt.data import Corpus, Vocabulary, read_text
-    text = read_text(args.data) if args.data is not None else None   # file errors before the model loads
+    from bptt.data import Corpus, read_text
+    # file errors before the model loads
+    text = (read_text(args.data, encoding=args.encoding or "utf-8", errors=args.decode_errors or "strict")
+            if args.data is not None else None)
 
     def check(meta):
         task = meta["config"].get("task")
@@ -198,7 +202,7 @@ def cmd_eval(args):
         metrics["loss"] = metrics.pop("val_loss")
         source = f"task {cfg['task']} (the held-out sequences of training)"
     else:
-        vocab = Vocabulary.from_json(meta["vocab"])
+        vocab = run_vocab(meta, args.run_dir, model)
         if text is not None:
             ids, source = Corpus(text, vocab.level, 0.0, args.data, vocab).train, args.data
         else:
@@ -226,9 +230,8 @@ def cmd_sample(args):
             raise UsageError(f"{args.run_dir} holds a --task model; sampling needs a language model")
 
     model, meta, _ = _load_run(args.run_dir, args.backend, check)
-    from bptt.data import Vocabulary
     from bptt.sampling import sample
-    vocab = Vocabulary.from_json(meta["vocab"])
+    vocab = run_vocab(meta, args.run_dir, model)
     text = sample(model, vocab, args.length, temperature=args.temperature, top_k=args.top_k,
                   prime=args.prime, seed=args.seed)
     if args.json:
