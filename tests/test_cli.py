@@ -304,28 +304,28 @@ def _feed(progress, steps, loss=lambda step: 2.0 / step):
     progress.close()
 
 
-def test_progress_redraws_one_line_on_a_terminal():
+def test_progress_redraws_one_line_on_a_terminal(monkeypatch):
     from bptt.cli.progress import Progress
+    monkeypatch.setenv("COLUMNS", "120")        # a line wider than the terminal loses its end
     stream = _Stream(True)
     progress = Progress(total=4, stream=stream, every_s=0.0)
     _feed(progress, range(1, 5))
     assert "step 4/4" in stream.text and "100%" in stream.text and "tok/s" in stream.text
-    average = 2.0
-    for step in (2, 3, 4):
-        average = 0.95 * average + 0.05 * 2.0 / step
-    assert f"loss {average:.4f}" in stream.text and "eta 00:00" in stream.text
+    average = np.mean([2.0 / step for step in (1, 2, 3, 4)])
+    assert f"loss {average:.4f} (mean of last 4)" in stream.text and "eta 00:00" in stream.text
     assert stream.text.count("\r") >= 4 and stream.text.count("\n") == 1
     assert progress.recent_loss() == pytest.approx(np.mean([2.0, 1.0, 2 / 3, 0.5]))
 
 
-LINE = re.compile(r"train step (\d+)/(\d+) \[([#-]{20})\] +(\d+)%  loss (\S+)  ([\d,]+) tok/s  "
-                  r"(\d\d:\d\d) eta (\S+)")
+LINE = re.compile(r"train step (\d+)/(\d+) \[([#-]{20})\] +(\d+)%  loss (\S+) \(mean of last \d+\)(?:  val (\S+))?  "
+                  r"([\d,]+|\?) tok/s  (\d\d:\d\d) eta (\S+)")
 
 
 def test_progress_writes_plain_lines_off_a_terminal():
     """Not a terminal (a pipe, a log file): whole lines, no carriage returns, one every
-    every_s seconds and one at the end; each shows the step of the total, the bar, the
-    percentage, the moving average of the loss, tokens/s, the time since the start and the ETA."""
+    every_s seconds and one at the end unless the last update's was just written; each shows the
+    step of the total, the bar, the percentage, the mean loss of the last 50 updates, the
+    throughput of the updates after the first, the time since the start and the ETA."""
     from bptt.cli.progress import Progress
     stream = _Stream(False)
     progress = Progress(total=4, stream=stream, every_s=0.0)
@@ -334,11 +334,11 @@ def test_progress_writes_plain_lines_off_a_terminal():
     lines = stream.text.splitlines()
     fields = [LINE.fullmatch(line).groups() for line in lines]
     assert [f[:4] for f in fields] == [("1", "4", "#" * 5 + "-" * 15, "25"), ("2", "4", "#" * 10 + "-" * 10, "50"),
-                                       ("3", "4", "#" * 15 + "-" * 5, "75"), ("4", "4", "#" * 20, "100"),
-                                       ("4", "4", "#" * 20, "100")]
-    assert fields[0][4] == "2.0000" and fields[1][4] == f"{0.95 * 2 + 0.05 * 1:.4f}"   # moving average
-    assert all(int(f[5].replace(",", "")) > 0 for f in fields)                     # tokens per second
-    assert fields[0][7] == "?" and fields[-1][7] == "00:00"       # no ETA from the first update alone
+                                       ("3", "4", "#" * 15 + "-" * 5, "75"), ("4", "4", "#" * 20, "100")]
+    assert fields[0][4] == "2.0000" and fields[1][4] == "1.5000"                   # mean of the losses so far
+    assert fields[0][6] == "?"                        # no throughput from the first update (compiling)
+    assert all(int(f[6].replace(",", "")) > 0 for f in fields[1:])                # tokens per second
+    assert fields[0][8] == "?" and fields[-1][8] == "00:00"       # no ETA from the first update alone
 
     # the default interval off a terminal is 10 s: a fast run writes its first update and the end
     stream = _Stream(False)

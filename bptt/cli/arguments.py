@@ -25,9 +25,13 @@ LM_DEFAULTS = dict(level="char", max_chars=None, encoding="utf-8", decode_errors
 # Flags that define the model or its data: fixed by the checkpoint when resuming.
 FIXED_ON_RESUME = ("data", "level", "max_chars", "encoding", "decode_errors", "task", "lag", "n_symbols", "n_train", "cell",
                    "hidden_size", "num_layers", "embedding_size", "dropout", "forget_bias", "dtype", "k1", "k2",
-                   "batch_size", "optimizer", "lr", "clip", "seed")
+                   "batch_size", "optimizer", "lr", "clip", "seed", "lr_decay", "lr_decay_after", "lr_plateau")
 # Flags a resumed run may change.
 FREE_ON_RESUME = ("epochs", "max_steps", "json", "grad_norms", "sample_length", "backend", "out")
+
+# Validation flags a resumed run may change too (its schedule is the checkpoint's).
+FREE_ON_RESUME += ("eval_every", "patience")
+LR_DECAY_AFTER = 1   # --lr-decay without --lr-decay-after: the first epoch at --lr, then x F an epoch
 
 
 class UsageError(Exception):
@@ -95,7 +99,7 @@ def build_parser():
     parser = _Parser(prog="bptt", description="Train recurrent networks with exact (truncated) "
                      "backpropagation through time: train, evaluate, sample.")
     parser.add_argument("--version", action="version", version="bptt 0.1.0")
-    sub = parser.add_subparsers(dest="command", metavar="{train,eval,sample}", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="{train,eval,sample,plot}", parser_class=_Parser)
     sub.required = True
 
     # Defaults are None here and resolved in resolve_train: they differ between a language
@@ -141,6 +145,20 @@ def build_parser():
     g.add_argument("--epochs", type=_positive(int), metavar="N")
     g.add_argument("--max-steps", type=_positive(int), metavar="N", help="stop after N updates")
     g.add_argument("--seed", type=int, metavar="N", help="initialisation, data and sampling seed (default 0)")
+    g.add_argument("--lr-decay", type=_positive(float), metavar="F",
+                   help="Zaremba et al.'s schedule: after --lr-decay-after epochs, multiply the lr by F (0 < F <= 1) "
+                   "at the start of every epoch: epoch e (from 1) runs at lr * F^max(0, e - E)")
+    g.add_argument("--lr-decay-after", type=_non_negative(int), metavar="E",
+                   help=f"epochs at the full lr before --lr-decay starts (default {LR_DECAY_AFTER})")
+    g.add_argument("--lr-plateau", type=_positive(float), metavar="F",
+                   help="word_language_model's rule: after a validation whose loss is not below the best so far, "
+                   "divide the lr by F (> 1) from the next update on")
+    g = t.add_argument_group("validation (on the held-out part of the corpus, or the task's held-out sequences)")
+    g.add_argument("--eval-every", type=_positive(int), metavar="N",
+                   help="validate every N updates as well as at the end of every epoch (default: epoch ends only); "
+                   "results on the progress line, in metrics.jsonl and the --json summary")
+    g.add_argument("--patience", type=_positive(int), metavar="P",
+                   help="stop early after P validations in a row without a new best validation loss")
     g = t.add_argument_group("run")
     g.add_argument("--out", metavar="DIR", help="run directory (default runs/default, runs/<task>)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out for --max-steps more updates")
@@ -171,6 +189,13 @@ def build_parser():
     s.add_argument("--seed", type=int, default=0, metavar="N")
     s.add_argument("--backend", metavar="NAME")
     s.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("plot", help="plot a run's training curve (matplotlib)",
+                       description="Draw the training loss, the validation loss and the learning rate of "
+                       "the run in DIR against the update step, from its metrics.jsonl, into DIR/training.png "
+                       "(needs matplotlib: pip install 'bptt[plot]'); prints the file's path.")
+    p.add_argument("run_dir", metavar="DIR")
+    p.add_argument("--output", metavar="FILE", help="the image file (default DIR/training.png)")
     return parser
 
 
@@ -223,7 +248,23 @@ def resolve_train(args):
         raise UsageError(f"--dropout must be in [0, 1); got {cfg['dropout']}")
     if cfg["dropout"] and args.task:
         raise UsageError("--dropout is for language models, not --task")
+    check_schedule(cfg, given)
     return cfg
+
+
+def check_schedule(cfg, given):
+    """The learning-rate schedule flags (UsageError for a bad combination; fills the default E)."""
+    if cfg.get("lr_decay") is not None and cfg.get("lr_plateau") is not None:
+        raise UsageError("--lr-decay and --lr-plateau are two schedules: give one of them")
+    if "lr_decay_after" in given and cfg.get("lr_decay") is None:
+        raise UsageError("--lr-decay-after needs --lr-decay F (the factor applied each epoch after it)")
+    if cfg.get("lr_decay") is not None:
+        if cfg["lr_decay"] > 1:
+            raise UsageError(f"--lr-decay F multiplies the lr each epoch and must be in (0, 1]; got {cfg['lr_decay']} "
+                             f"(for a division by {cfg['lr_decay']:g} give {1 / cfg['lr_decay']:g})")
+        cfg.setdefault("lr_decay_after", LR_DECAY_AFTER)
+    if cfg.get("lr_plateau") is not None and cfg["lr_plateau"] <= 1:
+        raise UsageError(f"--lr-plateau F divides the lr and must be > 1; got {cfg['lr_plateau']}")
 
 
 def check_out_dir(out):

@@ -10,6 +10,7 @@ import time
 from bptt.cli.arguments import UsageError, check_resume, resolve_train
 from bptt.cli.build import (build_model, build_trainer, eval_batch, load_corpus, prepare_data, run_vocab,
                             task_validation)
+from bptt.cli.build import validation_batch
 from bptt.cli.progress import Progress
 from bptt.cli.runs import CHECKPOINT_FILE, StepLog, append_jsonl, checkpoint_path, jsonable, read_meta
 
@@ -87,8 +88,11 @@ def cmd_train(args):
     # interrupts at once; the checkpoint file is replaced atomically.
     interrupted = False
     try:
-        trainer.fit(data.train, cfg["batch_size"], epochs=epochs, max_steps=max_steps,
-                    callbacks=(progress, StepLog(out)))
+        # validation at every epoch end (and every --eval-every updates): progress line, metrics.jsonl
+        trainer.fit(data.train, cfg["batch_size"], epochs=epochs, max_steps=max_steps, validation=data.valid,
+                    eval_every=cfg.get("eval_every"), patience=cfg.get("patience"),
+                    validation_batch_size=validation_batch(cfg, data.valid),
+                    callbacks=(progress, StepLog(out, every=max(1, per_epoch // 50))))
     except KeyboardInterrupt:
         interrupted = True
     finally:
@@ -99,12 +103,23 @@ def cmd_train(args):
               file=err)
         return 130
     wall = progress.elapsed()
+    vs = trainer.validation_state
+    if trainer.stopped_early:
+        print(f"stopped early: {vs['since_best']} validations in a row without a lower validation loss "
+              f"(--patience {cfg['patience']}); the best, {_num(vs['best_loss'])}, was after update {vs['best_step']}",
+              file=err)
 
+    # tokens_per_s: the updates after this process's first (compiling), validation left out;
+    # train_loss: the mean loss of the last (up to) 50 updates
     summary = {"command": "train", "task": task or "lm", "steps": int(trainer.step),
                "updates_this_run": len(progress.losses), "tokens": int(round(progress.tokens)),
                "tokens_per_s": round(progress.tokens_per_s(), 1), "wall_s": round(wall, 2),
                "train_loss": _finite(progress.recent_loss()), "backend": backend.NAME,
                "out": out, "checkpoint": ckpt}
+    curve = trainer.history.get("val_loss", [])
+    summary.update(val_curve_length=len(curve), last_val_loss=_finite(curve[-1]) if curve else None,
+                   best_val_loss=_finite(vs["best_loss"]), best_val_step=vs["best_step"],
+                   stopped_early=bool(trainer.stopped_early), lr=float(trainer.optimizer.lr))
     if task is None:
         metrics = trainer.evaluate(data.valid, eval_batch(len(data.valid)))
         summary.update(val_loss=_finite(metrics["loss"]), val_perplexity=_finite(metrics["perplexity"]),
@@ -114,8 +129,10 @@ def cmd_train(args):
     if cfg.get("grad_norms"):
         summary["grad_norms_file"] = write_grad_norms(trainer, out)
 
-    lines = [f"done: {summary['steps']} steps in {_fmt_duration(wall)} ({summary['tokens_per_s']:,.0f} tok/s), "
-             f"train loss {_num(summary['train_loss'])}"]
+    window = min(len(progress.losses), 50)
+    lines = [f"done: {summary['steps']} steps in {_fmt_duration(wall)} ({summary['tokens_per_s']:,.0f} tok/s "
+             f"training{', first update excluded' if len(progress.losses) > 1 else ''}), "
+             f"train loss {_num(summary['train_loss'])} (mean of the last {window} updates)"]
     if task is None:
         lines.append(f"validation: loss {_num(summary['val_loss'])}, perplexity {_num(summary['val_perplexity'])}, "
                      f"{_num(summary['val_bits_per_token'])} bits/{cfg['level']}")
@@ -125,6 +142,9 @@ def cmd_train(args):
     else:
         lines.append(f"validation: MSE {summary['val_mse']:.4f} (baseline of answering 1: "
                      f"{summary['baseline_mse']:.4f})")
+    if curve:
+        lines.append(f"validation curve: {len(curve)} points, last {_num(summary['last_val_loss'])}, best "
+                     f"{_num(summary['best_val_loss'])} after update {summary['best_val_step']}; lr now {summary['lr']:.4g}")
     lines.append(f"checkpoint: {ckpt}")
     print("\n".join(lines), file=err if args.json else sys.stdout)
 
@@ -243,4 +263,10 @@ def cmd_sample(args):
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample}
+def cmd_plot(args):
+    from bptt.cli.plot import plot_run
+    print(plot_run(args.run_dir, args.output))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "plot": cmd_plot}

@@ -1,16 +1,19 @@
 """The progress display of ``bptt train`` on stderr, drawn with tqdm.
 
 One line: the update step (of the run's last when the total is known, with a bar and the
-percentage), an exponential moving average of the loss, tokens per second, the wall time since
-the command began and the ETA, e.g.::
+percentage), the training loss as the mean of the last 50 updates' losses, the training
+throughput, the wall time since the command began, the ETA and the last validation loss, e.g.::
 
-    train step 120/615 [###-----------------]  20%  loss 2.0411  10,912 tok/s  00:36 eta 02:26
+    train step 120/615 [###-----------------]  20%  loss 2.0411 (mean of last 50)  val 1.9876  10,912 tok/s  00:36 eta 02:26
 
-On a terminal tqdm redraws the line in place (at most 10 times a second), its bar as wide as the
-terminal leaves room for; otherwise (a log file, a pipe) a plain line is written every 10
-seconds and at the end. The ETA leaves out the first
-update, which on a Numba backend includes compiling the kernels. tqdm is imported on the first
-update, not before.
+The throughput is that of the updates themselves: the tokens of the updates after the first of
+this process over the time those updates took (validation left out). The first update is left
+out because on a Numba backend it includes compiling the kernels or loading them from the cache
+("? tok/s" until a second update). The ETA, from the wall time per update after the first,
+includes validation. On a terminal tqdm redraws the line in place (at most 10 times a second),
+its bar as wide as the terminal leaves room for; otherwise (a log file, a pipe) a plain line is
+written every 10 seconds and once at the end (not twice when the last update's line was just
+written). tqdm is imported on the first update, not before.
 """
 
 import math
@@ -19,9 +22,11 @@ import sys
 import threading
 import time
 
-BAR_FORMAT = ("train step {n}/{total} [{bar:20}] {percentage:3.0f}%  loss {loss}  {tokens_per_s} tok/s  "
+LOSS_WINDOW = 50   # the shown training loss: the mean of the last LOSS_WINDOW updates' losses
+# (the validation figure before the throughput: a line wider than the terminal loses its end)
+BAR_FORMAT = ("train step {n}/{total} [{bar:20}] {percentage:3.0f}%  loss {loss}{val}  {tokens_per_s} tok/s  "
               "{elapsed} eta {remaining}")
-OPEN_FORMAT = "train step {n}  loss {loss}  {tokens_per_s} tok/s  {elapsed}"   # no total known
+OPEN_FORMAT = "train step {n}  loss {loss}{val}  {tokens_per_s} tok/s  {elapsed}"   # no total known
 LINE_BAR = "-#"   # the bar of plain lines: '#' done, '-' to do
 
 
@@ -32,7 +37,9 @@ class Progress:
     them (a resumed run). every_s: seconds between redraws or lines (default 0.1 on a terminal,
     10 otherwise). Tokens are the event's (the chunk's steps x streams) unless
     ``tokens_per_update`` says how many steps x sequences one update stands for (tasks, where
-    chunks without targets make no update). ``wait_notice``: a line written once if no update
+    chunks without targets make no update); an update's duration is the event's "update_s"
+    (the wall time between events where it is missing). An event with "val_loss" sets the
+    line's "val" figure. ``wait_notice``: a line written once if no update
     has arrived ``wait_notice_s`` seconds after construction (the first run of a Numba backend
     compiles its kernels before the first update).
     """
@@ -47,11 +54,14 @@ class Progress:
         self.tokens_per_update = tokens_per_update
         self.start = time.monotonic()
         self.last_line = -math.inf
-        self.avg_loss = None
         self.losses = []
         self.tokens = 0
+        self.timed_tokens = 0      # tokens of the updates after the first
+        self.timed_s = 0.0         # and the seconds those updates took
+        self.val_loss = None       # the last validation's loss
         self.step = start_step
-        self.first_step = self.first_time = None
+        self.first_step = self.first_time = self.last_time = None
+        self.written_step = None   # the step of the last plain line
         self.bar = None        # the tqdm bar on a terminal, made at the first update
         self._waiting = None
         if wait_notice:
@@ -72,15 +82,19 @@ class Progress:
 
     def __call__(self, event):
         self._stop_waiting()
-        loss = float(event["loss"])
-        self.losses.append(loss)
-        if math.isfinite(loss):
-            self.avg_loss = loss if self.avg_loss is None else 0.95 * self.avg_loss + 0.05 * loss
-        self.tokens += self.tokens_per_update or int(event.get("tokens", 0) or 0)
+        self.losses.append(float(event["loss"]))
+        tokens = self.tokens_per_update or int(event.get("tokens", 0) or 0)
+        self.tokens += tokens
         self.step = int(event["step"])
+        if "val_loss" in event:
+            self.val_loss = float(event["val_loss"])
         now = time.monotonic()
         if self.first_step is None:
             self.first_step, self.first_time = self.step, now
+        else:
+            self.timed_tokens += tokens
+            self.timed_s += float(event["update_s"]) if "update_s" in event else now - self.last_time
+        self.last_time = now
         if self.tty:
             if self.bar is None:
                 self.bar = _terminal_bar(self)
@@ -88,6 +102,7 @@ class Progress:
         elif now - self.last_line >= self.every_s:
             self.last_line = now
             self._write_line(self.line(now))
+            self.written_step = self.step
 
     def fields(self, now):
         """The arguments of ``tqdm.format_meter`` for the line at time ``now``."""
@@ -95,11 +110,15 @@ class Progress:
         after_first = self.step - self.first_step if self.first_step is not None else 0
         rate = after_first / (now - self.first_time) if after_first > 0 and now > self.first_time else None
         known = bool(self.total)
+        loss, n = self.recent_loss(), min(len(self.losses), LOSS_WINDOW)
+        throughput = self.training_tokens_per_s()
         # initial: with no rate (before a second update) tqdm would derive one from n and elapsed
         return dict(n=self.step, total=self.start_step + self.total if known else None, elapsed=elapsed,
-                    rate=rate, initial=self.step if rate is None else self.start_step, bar_format=BAR_FORMAT if known else OPEN_FORMAT,
-                    loss="nan" if self.avg_loss is None else f"{self.avg_loss:.4f}",
-                    tokens_per_s=f"{self.tokens / max(elapsed, 1e-9):,.0f}")
+                    rate=rate, initial=self.step if rate is None else self.start_step,
+                    bar_format=BAR_FORMAT if known else OPEN_FORMAT,
+                    loss=f"{_num(loss)} (mean of last {n})",
+                    tokens_per_s="?" if throughput is None else f"{throughput:,.0f}",
+                    val="" if self.val_loss is None else f"  val {_num(self.val_loss)}")
 
     def line(self, now=None):
         """The progress line as text (the plain lines written off a terminal)."""
@@ -111,19 +130,31 @@ class Progress:
         self._stop_waiting()
         if self.bar is not None:
             self.bar.close()
-        elif not self.tty and self.first_step is not None:
+        elif not self.tty and self.first_step is not None and self.written_step != self.step:
             self._write_line(self.line())
+            self.written_step = self.step
 
     def elapsed(self):
         return time.monotonic() - self.start
 
-    def tokens_per_s(self):
-        return self.tokens / max(self.elapsed(), 1e-9)
+    def training_tokens_per_s(self):
+        """Tokens per second of the updates after the first (None before a second update)."""
+        return self.timed_tokens / max(self.timed_s, 1e-9) if self.timed_s > 0 else None
 
-    def recent_loss(self, n=50):
+    def tokens_per_s(self):
+        """The training throughput (:meth:`training_tokens_per_s`); with a single update, that
+        update's tokens over the time since the start (compiling included)."""
+        rate = self.training_tokens_per_s()
+        return rate if rate is not None else self.tokens / max(self.elapsed(), 1e-9)
+
+    def recent_loss(self, n=LOSS_WINDOW):
         """Mean of the last ``n`` finite update losses (None before any)."""
         tail = [x for x in self.losses[-n:] if math.isfinite(x)]
         return sum(tail) / len(tail) if tail else None
+
+
+def _num(x):
+    return "nan" if x is None or not math.isfinite(x) else f"{x:.4f}"
 
 
 def _terminal_bar(progress):

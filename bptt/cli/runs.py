@@ -53,12 +53,26 @@ def jsonable(value):
 
 
 class StepLog:
-    """A trainer callback appending every ``every``-th update's event to the run's JSONL log."""
+    """A trainer callback appending to the run's JSONL log: every ``every``-th update's event as a
+    "step" record, with "loss_mean", the mean of the finite losses of the updates since the
+    previous record (together the records cover every update's loss), and after each validation
+    a "validation" record {"step", "epoch", "val_loss", "val_perplexity", "val_bits_per_token",
+    "lr"} (the lr of the updates before it; "val_accuracy" too for a task with class targets)."""
 
     def __init__(self, run_dir, every=50):
-        self.run_dir, self.every = run_dir, every
+        self.run_dir, self.every = run_dir, max(1, int(every))
+        self.losses = []
 
     def __call__(self, event):
+        if math.isfinite(event["loss"]):
+            self.losses.append(float(event["loss"]))
+        now = time.time()
         if int(event["step"]) % self.every == 0:
-            append_jsonl(self.run_dir, {"event": "step", "time": time.time(),
-                                        **{k: jsonable(v) for k, v in event.items()}})
+            mean = sum(self.losses) / len(self.losses) if self.losses else None
+            append_jsonl(self.run_dir, {"event": "step", "time": now, "loss_mean": mean,
+                                        **{k: jsonable(v) for k, v in event.items() if not k.startswith("val_")}})
+            self.losses = []
+        if "val_loss" in event:
+            append_jsonl(self.run_dir, {"event": "validation", "time": now,
+                                        **{k: jsonable(v) for k, v in event.items()
+                                           if k in ("step", "epoch", "lr") or k.startswith("val_")}})
