@@ -112,3 +112,81 @@ def test_existing_vocab_encodes_new_file_with_unk(tmp_path):
 def test_too_short_corpus_is_an_error():
     with pytest.raises(DataError, match="too short"):
         Corpus("ab", "char")
+
+
+def test_chunked_read_keeps_characters_split_across_chunks(tmp_path, monkeypatch):
+    """The file is decoded in chunks: a multi-byte character across a chunk boundary survives,
+    an invalid byte is reported at its offset in the file, and max_chars stops reading early."""
+    from bptt import data
+    path = tmp_path / "t.txt"
+    text = "aé€😀\n" * 1000
+    path.write_bytes(text.encode("utf-8"))
+    with open(path, "rb") as f:
+        assert data._decode_stream(f, str(path), "utf-8-sig", "UTF-8", "strict", None, 1 << 20, chunk_size=3) == text
+    path.write_bytes("é".encode("utf-8") * 10 + b"\n\xff")
+    with open(path, "rb") as f, pytest.raises(DataError, match=r"0xff at offset 21, line 2\)"):
+        data._decode_stream(f, str(path), "utf-8-sig", "UTF-8", "strict", None, 1 << 20, chunk_size=4)
+    assert read_text(path, errors="replace") == "é" * 10 + "\n\ufffd"
+    monkeypatch.setenv("BPTT_MAX_TEXT_BYTES", "8")
+    with pytest.raises(DataError, match=r"22 bytes is larger than the 8 bytes bptt reads whole"):
+        read_text(path)
+    assert read_text(path, max_chars=3) == "ééé"            # 6 bytes: under the limit
+    with pytest.raises(DataError, match=r"--max-chars 9 needs more than the 8 bytes"):
+        read_text(path, max_chars=9)
+    monkeypatch.setenv("BPTT_MAX_TEXT_BYTES", "lots")
+    with pytest.raises(DataError, match="BPTT_MAX_TEXT_BYTES must be a positive integer"):
+        read_text(path)
+
+
+def test_other_encodings_and_binary_detection(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_bytes("naïve café\n".encode("utf-16"))
+    assert read_text(path, encoding="utf-16") == "naïve café\n"
+    with pytest.raises(DataError, match=r"looks like a binary file, not UTF-8 text \(NUL bytes"):
+        read_text(path)
+    with pytest.raises(DataError, match="unknown text encoding 'klingon'"):
+        read_text(path, encoding="klingon")
+    with pytest.raises(ValueError, match="errors must be one of strict, replace"):
+        read_text(path, errors="ignore")
+    path.write_bytes(bytes(range(1, 32)) * 4)                # control codes only, no NUL
+    with pytest.raises(DataError, match="looks like a binary file.*control codes"):
+        read_text(path)
+    path.write_text("tab\tand\x1b[1mescape\x1b[0m\n" * 10)   # tabs and ANSI escapes are text
+    assert read_text(path).startswith("tab\t")
+
+
+def test_too_short_says_how_many_tokens_are_needed():
+    from bptt.data import min_tokens
+    assert (min_tokens(0.1), min_tokens(0.0), min_tokens(0.5)) == (15, 2, 4)
+    with pytest.raises(DataError, match=r"<text>: too short to train on: 3 word tokens, at least 15 needed"):
+        Corpus("a b\n", "word")
+    Corpus("a" * 15, "char")
+    with pytest.raises(DataError, match="1 char token, at least 2 needed$"):
+        Corpus("a", "char", valid_fraction=0.0)
+
+
+@pytest.mark.parametrize("symbols, level, message", [
+    (["a", UNK], "char", r"start with the unknown token '<unk>'; got \['a'\] \(it is at position 1\)"),
+    ([UNK, "a", "b", "a"], "char", "must be unique; 'a' appears 2 times"),
+    ([UNK, "ab"], "char", "single characters; got 'ab'"),
+    ([UNK, 3], "char", r"must be str; got 3 \(int\)"),
+    ([UNK, "word"], "word", "must hold the end-of-line token '<eos>'"),
+    ("<unk>ab", "char", "a list of str, not a str"),
+])
+def test_inconsistent_vocabularies_are_refused(symbols, level, message):
+    with pytest.raises(ValueError, match=message):
+        Vocabulary(symbols, level)
+    if isinstance(symbols, list):                        # as a checkpoint's meta carries it
+        with pytest.raises(ValueError, match=message):
+            Vocabulary.from_json(json.dumps({"level": level, "symbols": symbols}))
+
+
+@pytest.mark.parametrize("obj, message", [
+    ([1, 2], "needs a JSON object with 'level' and 'symbols'; got a list"),
+    ("{not json", "invalid JSON"),
+    ({"level": "char", "symbols": "abc"}, r"'symbols' is a string, not a list"),
+    ({"symbols": [UNK]}, "got an object with keys symbols"),
+])
+def test_vocabulary_from_bad_json(obj, message):
+    with pytest.raises(ValueError, match=message):
+        Vocabulary.from_json(obj)
