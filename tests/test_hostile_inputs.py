@@ -283,6 +283,12 @@ ROWS = [
         runs, tmp, lambda h: h["meta"]["vocab"].__setitem__("symbols", "abc")), ("sample", "{run}", *REF), 1,
         r"checkpoint\.npz: the vocabulary in its meta is unusable: not a serialised Vocabulary \('symbols' is a "
         r"string, not a list\)"),
+    Row("meta config a list, sample", lambda runs, tmp: _edit_header(
+        runs, tmp, lambda h: h["meta"].__setitem__("config", [1])), ("sample", "{run}", *REF), 1,
+        r"checkpoint\.npz: its meta's config is not a JSON object$"),
+    Row("meta config a list, train --resume", lambda runs, tmp: _edit_header(
+        runs, tmp, lambda h: h["meta"].__setitem__("config", [1])), ("train", "--out", "{run}", "--resume", *REF), 1,
+        r"the checkpoint's configuration \(its meta's config\) is not a JSON object: \[1\]$"),
     # --- checkpoints ------------------------------------------------------------------------------
     Row("a copy-task run given to sample", lambda runs, tmp: {"run": _copy_run(runs, "copy", tmp)},
         ("sample", "{run}", *REF), 1, r"holds a --task model; sampling needs a language model$"),
@@ -482,5 +488,6 @@ def test_max_chars_reads_the_start_of_a_file_over_the_limit(tmp_path, capsys, mo
     assert main(["train", "--data", str(paths["data"]), "--out", str(paths["out"]), *TINY,
                  "--max-chars", "20000"]) == 0
     assert "(20,000 chars, char level, vocab 3," in capsys.readouterr().err
+    assert main(["eval", str(paths["out"]), "--data", str(paths["data"]), "--max-chars", "1000", *REF]) == 0
     from bptt.data import read_text
     assert read_text(paths["data"], max_chars=3) == "aba"

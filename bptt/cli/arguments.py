@@ -97,7 +97,7 @@ def _listed(defaults):
 def build_parser():
     """The argument parser of the ``bptt`` command (stdlib only)."""
     parser = _Parser(prog="bptt", description="Train recurrent networks with exact (truncated) "
-                     "backpropagation through time: train, evaluate, sample.")
+                     "backpropagation through time: train, evaluate, sample, plot the training curve.")
     parser.add_argument("--version", action="version", version="bptt 0.1.0")
     sub = parser.add_subparsers(dest="command", metavar="{train,eval,sample,plot}", parser_class=_Parser)
     sub.required = True

@@ -191,6 +191,8 @@ def _load_run(run_dir, backend_name, check=None):
     chosen or the model built, so flag errors come first."""
     path = checkpoint_path(run_dir)
     meta = read_meta(path)
+    if not isinstance(meta.get("config"), dict):
+        raise UsageError(f"{path}: its meta's config is not a JSON object")
     if check is not None:
         check(meta)
     run_vocab(meta, path)             # a hand-edited vocabulary fails before a backend is chosen
@@ -205,7 +207,7 @@ def _load_run(run_dir, backend_name, check=None):
 def cmd_eval(args):
     from bptt.data import Corpus, read_text
     # file errors before the model loads
-    text = (read_text(args.data, encoding=args.encoding or "utf-8", errors=args.decode_errors or "strict")
+    text = (read_text(args.data, args.max_chars, args.encoding or "utf-8", args.decode_errors or "strict")
             if args.data is not None else None)
 
     def check(meta):
