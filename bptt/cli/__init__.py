@@ -1,10 +1,14 @@
-"""The ``bptt`` command line: ``bptt train``, ``bptt eval``, ``bptt sample`` (also ``python -m bptt``).
+"""The ``bptt`` command line: ``bptt train``, ``bptt eval``, ``bptt sample``, ``bptt plot`` (also
+``python -m bptt``).
 
 ``bptt train`` with no arguments trains a small character-level LSTM language model with
 truncated BPTT on the offline default corpus (the Python help topics shipped with the standard
 library, see :mod:`bptt.data`), shows its progress on stderr, writes a checkpoint to
 ``runs/default`` and prints a sample. ``bptt train --task copy|adding`` trains a SequenceModel
-on a synthetic long-range task instead (:mod:`bptt.tasks`).
+on a synthetic long-range task instead (:mod:`bptt.tasks`). Training validates on held-out data
+at every epoch end (and every ``--eval-every`` updates), can follow a schedule fed by it
+(``--lr-decay``, ``--lr-plateau``) and stop early (``--patience``); ``bptt plot DIR`` draws the
+run's training curve into ``DIR/training.png``.
 
 Run directory (``--out``): ``checkpoint.npz`` and ``metrics.jsonl`` (:mod:`bptt.cli.runs`).
 ``--json`` makes the last line of stdout one JSON object with the final metrics. User errors
@@ -19,8 +23,8 @@ Only the standard library is imported before the arguments are parsed, so ``bptt
 instant; NumPy, Numba, the kernels and tqdm load when a command runs.
 
 The package: :mod:`.arguments` (parser, defaults, flag checks), :mod:`.commands` (train, eval,
-sample), :mod:`.build` (data, model and trainer of a run), :mod:`.progress` (the progress
-display), :mod:`.runs` (the run directory's files).
+sample, plot), :mod:`.build` (data, model and trainer of a run), :mod:`.progress` (the progress
+display), :mod:`.runs` (the run directory's files), :mod:`.plot` (the training curve).
 
 Examples::
 
@@ -32,6 +36,8 @@ Examples::
     bptt train --task copy --k1 10 --k2 10         # TBPTT window shorter than the 25-step recall: chance
     bptt train --task copy --k1 10 --k2 30         # window spans it: recall accuracy > 0.9
     bptt train --grad-norms --cell rnn_tanh --k1 20 --k2 60   # writes grad_norms.json / .png
+    bptt train --level word --eval-every 100 --lr-plateau 4 --patience 5 --out runs/w
+    bptt plot runs/w                               # runs/w/training.png
 """
 
 import os
