@@ -174,6 +174,7 @@ def build_parser():
                        "held-out part of its training corpus (tasks: fresh sequences).")
     e.add_argument("run_dir", metavar="DIR")
     e.add_argument("--data", metavar="FILE")
+    e.add_argument("--max-chars", type=_positive(int), metavar="N", help="read at most the first N characters of FILE")
     _add_decoding(e)
     e.add_argument("--batch-size", type=_positive(int), metavar="N",
                    help=f"streams or sequences per batch (default {EVAL_BATCH}, fewer for short data)")
@@ -291,6 +292,8 @@ def check_resume(cfg, meta):
     """The config of a resumed run: the checkpoint's, with the flags a resumed run may change
     (UsageError for a flag that would change the model, data or optimizer)."""
     saved = meta.get("config", {})
+    if not isinstance(saved, dict):
+        raise UsageError(f"the checkpoint's configuration (its meta's config) is not a JSON object: {saved!r:.60}")
     for name in FIXED_ON_RESUME:
         if name in cfg and cfg[name] != saved.get(name):
             raise UsageError(f"{flag(name)} {cfg[name]} differs from the checkpoint's "
