@@ -21,7 +21,9 @@ Version 1 (until the ring buffer was stored by field name) kept the model as {"t
 
 import json
 import os
+import shutil
 import tempfile
+import time
 import zipfile
 
 import numpy as np
@@ -37,22 +39,48 @@ class CheckpointError(ValueError):
     """A checkpoint file is missing, unreadable, corrupted, of another version or not a bptt checkpoint."""
 
 
-def write(path, header, arrays):
-    """Atomically write ``arrays`` (name -> host ndarray) and the JSON ``header`` to ``path``."""
+class CheckpointWriteError(OSError):
+    """Writing a checkpoint failed (disk full, no permission, ...); the file it was to replace,
+    if any, is unchanged and no temp file is left. ``errno`` is the underlying error's."""
+
+    def __str__(self):
+        return self.args[1] if len(self.args) > 1 else super().__str__()
+
+
+PAUSE_ENV = "BPTT_TEST_PAUSE_IN_WRITE"   # tests: "S" or "S,N": sleep S seconds between the temp file
+_writes = [0]                            # and its rename (after the first N writes of the process)
+
+
+def _atomic_write(path, fill):
+    """Write ``path`` atomically: ``fill(f)`` writes a temp file ``.<name>.<random>.tmp`` in the
+    same folder, which is fsynced and renamed over ``path`` (os.replace); the folder is fsynced
+    after. On any error the temp file is removed and ``path`` is unchanged; an OSError comes out
+    as a CheckpointWriteError naming ``path``. A process killed during the write leaves the temp
+    file (``bptt.checkpointing`` removes such files when a run resumes) and never a partial
+    ``path``. With the environment variable BPTT_TEST_PAUSE_IN_WRITE=S (or S,N: the writes after
+    the first N of the process) a write sleeps S seconds once the temp file is complete, before
+    the rename (tests kill a process there)."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    payload = dict(arrays)
-    payload[HEADER_KEY] = np.frombuffer(json.dumps(header).encode("utf-8"), dtype=np.uint8)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, **payload)
+            fill(f)
             f.flush()
             os.fsync(f.fileno())
+        _writes[0] += 1
+        pause = os.environ.get(PAUSE_ENV)
+        if pause:
+            seconds, _, skip = pause.partition(",")
+            if _writes[0] > int(skip or 0):
+                time.sleep(float(seconds))
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and not isinstance(e, CheckpointWriteError):
+            raise CheckpointWriteError(e.errno, f"cannot write the checkpoint {path}: {e.strerror or e}; "
+                                       "no existing file was changed") from e
         raise
     try:                                             # make the rename itself durable
         dir_fd = os.open(folder, os.O_RDONLY)
@@ -62,6 +90,22 @@ def write(path, header, arrays):
             os.close(dir_fd)
     except OSError:
         pass
+
+
+def write(path, header, arrays):
+    """Atomically write ``arrays`` (name -> host ndarray) and the JSON ``header`` to ``path``
+    (CheckpointWriteError, an OSError, if that fails; ``path`` is then unchanged)."""
+    payload = dict(arrays)
+    payload[HEADER_KEY] = np.frombuffer(json.dumps(header).encode("utf-8"), dtype=np.uint8)
+    _atomic_write(path, lambda f: np.savez(f, **payload))
+
+
+def copy(source, path):
+    """Atomically write a copy of the file ``source`` to ``path`` (as :func:`write`)."""
+    def fill(f):
+        with open(source, "rb") as src:
+            shutil.copyfileobj(src, f, 1 << 20)
+    _atomic_write(path, fill)
 
 
 def read(path):

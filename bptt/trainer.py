@@ -42,6 +42,7 @@ of the interrupted call finishes that run from the saved position, ending with e
 weights of a run that was never interrupted. To train n more updates: ``max_steps=trainer.step + n``.
 """
 
+import contextlib
 import copy
 import json
 import math
@@ -57,7 +58,7 @@ from bptt.models import (LanguageModel, NonFiniteGradientError, SequenceModel, c
                          model_from_dict, model_to_dict)
 from bptt.optim import OPTIMIZERS, ConstantLR, Optimizer, Schedule, clip_grad_norm_, schedule_from_state_dict
 
-__all__ = ["Trainer", "NonFiniteError", "check_truncation", "batchify", "Dataset", "Position", "Segment"]
+__all__ = ["Trainer", "NonFiniteError", "Preempted", "check_truncation", "batchify", "Dataset", "Position", "Segment"]
 
 ON_NONFINITE = ("raise", "skip")
 EVAL_CHUNK = 256   # steps per forward call in evaluate() when k1 is None
@@ -65,6 +66,76 @@ EVAL_CHUNK = 256   # steps per forward call in evaluate() when k1 is None
 
 class NonFiniteError(FloatingPointError):
     """The loss or the gradient of a training window was NaN or inf."""
+
+
+class Preempted(KeyboardInterrupt):
+    """SIGTERM (a scheduler preempting the job, ``kill PID``) during :meth:`Trainer.fit`: raised,
+    as Ctrl-C's KeyboardInterrupt is, at the last committed update, so the trainer's state is
+    consistent and can be saved. A subclass of KeyboardInterrupt (code that stops on Ctrl-C stops
+    on it too); ``signum`` is the signal's number (exit status 128 + signum, 143 for SIGTERM)."""
+
+    def __init__(self, signum=signal.SIGTERM):
+        self.signum = int(signum)
+        super().__init__(f"stopped by {signal.Signals(self.signum).name}")
+
+
+def _raise_preempted(signum, frame):
+    raise Preempted(signum)
+
+
+class _DeferredInterrupt:
+    """Hold back Ctrl-C (SIGINT) and SIGTERM inside the block and hand the first one that arrived
+    to the handler that was in place after it (Python's SIGINT handler raises KeyboardInterrupt;
+    inside :meth:`Trainer.fit` SIGTERM's raises :class:`Preempted`). Main thread only; elsewhere
+    signals cannot arrive in Python code anyway.
+
+    ``_DeferredInterrupt.preemptible()`` (a context manager and decorator, on ``fit``): inside it
+    SIGTERM raises Preempted instead of ending the process, where its handler is the default
+    one; the default is back after it, so a second SIGTERM while the caller saves ends the
+    process at once (the atomic checkpoint write leaves the previous file whole)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __enter__(self):
+        self.pending = None
+        self.active = threading.current_thread() is threading.main_thread()
+        if self.active:
+            self.previous = {s: signal.signal(s, self._hold) for s in self.SIGNALS}
+        return self
+
+    def _hold(self, signum, frame):
+        if self.pending is None:
+            self.pending = (signum, frame)
+
+    def __exit__(self, *exc):
+        if not self.active:
+            return False
+        for s, previous in self.previous.items():
+            if previous is None:    # set outside Python: put Python's defaults back
+                previous = signal.default_int_handler if s == signal.SIGINT else signal.SIG_DFL
+                self.previous[s] = previous
+            signal.signal(s, previous)
+        if self.pending is not None:
+            signum = self.pending[0]
+            previous = self.previous[signum]
+            if callable(previous):
+                previous(*self.pending)              # Python's default raises KeyboardInterrupt
+            elif previous == signal.SIG_DFL:
+                raise KeyboardInterrupt if signum == signal.SIGINT else Preempted(signum)
+        return False
+
+    @staticmethod
+    @contextlib.contextmanager
+    def preemptible():
+        if threading.current_thread() is not threading.main_thread() \
+                or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+            yield                        # another thread, or the caller handles SIGTERM itself
+            return
+        signal.signal(signal.SIGTERM, _raise_preempted)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _check_k(name, value):
@@ -165,6 +236,7 @@ class Trainer:
             n += sum(1 for t in range(0, group.T, k) if group.count(t, min(t + k, group.T)))
         return n
 
+    @_DeferredInterrupt.preemptible()
     def fit(self, data, batch_size, epochs=1, max_steps=None, validation=None, callbacks=(), reset_mask=None,
             eval_every=None, patience=None, validation_batch_size=None):
         """Train until ``epochs`` epochs are complete or ``max_steps`` updates are made, both counted
@@ -520,33 +592,6 @@ def _step_norms(backend, dh):
     xp = backend.xp
     norms = xp.sqrt((dh.astype(np.float64) ** 2).sum(axis=(1, 2)))
     return [float(v) for v in backend.to_host(norms)]
-
-
-class _DeferredInterrupt:
-    """Hold back Ctrl-C (SIGINT) inside the block and raise KeyboardInterrupt after it (main
-    thread only; elsewhere signals cannot arrive in Python code anyway)."""
-
-    def __enter__(self):
-        self.pending = None
-        self.active = threading.current_thread() is threading.main_thread()
-        if self.active:
-            self.previous = signal.signal(signal.SIGINT, self._hold)
-        return self
-
-    def _hold(self, signum, frame):
-        self.pending = (signum, frame)
-
-    def __exit__(self, *exc):
-        if not self.active:
-            return False
-        previous = signal.default_int_handler if self.previous is None else self.previous
-        signal.signal(signal.SIGINT, previous)
-        if self.pending is not None:
-            if callable(previous):
-                previous(*self.pending)              # Python's default raises KeyboardInterrupt
-            elif previous == signal.SIG_DFL:
-                raise KeyboardInterrupt
-        return False
 
 
 class _Clock:

@@ -27,7 +27,12 @@ FIXED_ON_RESUME = ("data", "level", "max_chars", "encoding", "decode_errors", "t
                    "hidden_size", "num_layers", "embedding_size", "dropout", "forget_bias", "dtype", "k1", "k2",
                    "batch_size", "optimizer", "lr", "clip", "seed", "lr_decay", "lr_decay_after", "lr_plateau")
 # Flags a resumed run may change.
-FREE_ON_RESUME = ("epochs", "max_steps", "json", "grad_norms", "sample_length", "backend", "out")
+FREE_ON_RESUME = ("epochs", "max_steps", "json", "grad_norms", "sample_length", "backend", "out",
+                  "save_every", "save_every_minutes", "keep")
+# Checkpoints of `bptt train`: every 5 minutes by default (a killed run loses at most that), the
+# last 2 kept (bptt.checkpointing).
+SAVE_EVERY_MINUTES = 5.0
+KEEP = 2
 
 # Validation flags a resumed run may change too (its schedule is the checkpoint's).
 FREE_ON_RESUME += ("eval_every", "patience")
@@ -161,7 +166,20 @@ def build_parser():
                    help="stop early after P validations in a row without a new best validation loss")
     g = t.add_argument_group("run")
     g.add_argument("--out", metavar="DIR", help="run directory (default runs/default, runs/<task>)")
-    g.add_argument("--resume", action="store_true", help="continue the run in --out for --max-steps more updates")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its newest whole checkpoint: to the update and epoch "
+                   "the run was started for (after Ctrl-C, SIGTERM or a crash it ends with the weights of an "
+                   "uninterrupted run), or with --max-steps/--epochs N for N more")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start a new run in --out even if it holds one, removing that run's files "
+                   "(without it such an --out is refused)")
+    g.add_argument("--save-every", type=_positive(int), metavar="N",
+                   help="write a checkpoint every N updates (besides --save-every-minutes and the one at the end)")
+    g.add_argument("--save-every-minutes", type=_non_negative(float), metavar="M",
+                   help=f"write a checkpoint every M minutes of training (default {SAVE_EVERY_MINUTES:g}; 0 = off)")
+    g.add_argument("--keep", type=_positive(int), metavar="K",
+                   help=f"keep the last K checkpoints, checkpoint-<step>.npz, checkpoint.npz being the newest "
+                   f"(default {KEEP}); best.npz holds the one of the lowest validation loss")
     g.add_argument("--backend", metavar="NAME", help="cpu, cuda, cupy, reference or auto (default: $BPTT_BACKEND or auto)")
     g.add_argument("--grad-norms", action="store_true",
                    help="record per-step gradient norms dL/dh_t and write grad_norms.json (and .png with matplotlib)")
@@ -231,6 +249,8 @@ def resolve_train(args):
     cfg.setdefault("seed", 0)
     cfg.setdefault("dtype", "float32")
     cfg.setdefault("out", os.path.join("runs", args.task or "default"))
+    cfg.setdefault("save_every_minutes", SAVE_EVERY_MINUTES)
+    cfg.setdefault("keep", KEEP)
     if args.task == "adding" and cfg["lag"] < 2:
         raise UsageError(f"--lag is the sequence length of --task adding and must be >= 2; got {cfg['lag']}")
     # TBPTT: one given -> the other equal; none -> defaults (tasks: full BPTT)

@@ -4,15 +4,17 @@ arguments and returns the exit status; NumPy, the kernels and tqdm load here, wh
 import json
 import math
 import os
+import signal
 import sys
 import time
 
-from bptt.cli.arguments import UsageError, check_resume, resolve_train
+from bptt.cli.arguments import KEEP, SAVE_EVERY_MINUTES, UsageError, check_resume, resolve_train
 from bptt.cli.build import (build_model, build_trainer, eval_batch, load_corpus, prepare_data, run_vocab,
                             task_validation)
 from bptt.cli.build import validation_batch
 from bptt.cli.progress import Progress
-from bptt.cli.runs import CHECKPOINT_FILE, StepLog, append_jsonl, checkpoint_path, jsonable, read_meta
+from bptt.cli.runs import (StepLog, append_jsonl, checkpoint_path, jsonable, new_run_dir, newest_checkpoint,
+                           read_meta, resume_command)
 
 
 def select_backend(name):
@@ -42,9 +44,13 @@ def cmd_train(args):
     warnings.filterwarnings("ignore", category=RuntimeWarning, module="bptt")
     out = cfg.get("out") or os.path.join("runs", args.task or "default")
     if args.resume:
-        ckpt_path = checkpoint_path(out)
-        meta = read_meta(ckpt_path)
+        if args.overwrite:
+            raise UsageError("--overwrite starts a new run and --resume continues one: give one of them")
+        more = cfg.get("max_steps") is not None or cfg.get("epochs") is not None
+        ckpt_path, meta, skipped = newest_checkpoint(out)
         cfg = check_resume(cfg, meta)    # flag conflicts first, before any backend is chosen
+        for bad, error in skipped:       # newer checkpoints that are damaged (a disk error, a crash)
+            print(f"warning: {error}; resuming from {ckpt_path}", file=sys.stderr)
         backend = select_backend(cfg.get("backend"))
         import bptt
         trainer = bptt.Trainer.from_checkpoint(ckpt_path)
@@ -55,16 +61,26 @@ def cmd_train(args):
         data = prepare_data(cfg)         # data errors first, before any backend is chosen
         backend = select_backend(cfg.get("backend"))
         import bptt
+        new_run_dir(out, cfg.get("overwrite"))     # refuses a directory that holds a run
         model = build_model(cfg, len(data.vocab) if data.vocab else None)
         trainer = build_trainer(cfg, model)
     task = cfg.get("task")
     per_epoch = trainer.updates_per_epoch(data.train, cfg["batch_size"])
 
-    # fit's epochs and max_steps are totals over the trainer's life: a resumed run trains
-    # --max-steps more updates and --epochs more epochs (an unfinished epoch counts as one)
-    max_steps = trainer.step + cfg["max_steps"] if cfg.get("max_steps") else None
-    epochs = trainer.epoch + cfg["epochs"]
-    total = min(per_epoch * cfg["epochs"], cfg["max_steps"] or math.inf)
+    # fit's epochs and max_steps are totals over the trainer's life. A run's target (the update
+    # and epoch it stops at) travels in its checkpoints: --resume alone continues to it, so a run
+    # stopped any number of times ends where (and with the weights) an uninterrupted one would;
+    # --resume with --max-steps or --epochs trains that many more updates or epochs (an
+    # unfinished epoch counts as one) and makes that the target.
+    target = meta.get("target") if args.resume and not more else None
+    if target:
+        max_steps, epochs = target["max_steps"], target["epochs"]
+    else:
+        max_steps = trainer.step + cfg["max_steps"] if cfg.get("max_steps") else None
+        epochs = trainer.epoch + cfg["epochs"]
+    done = trainer.history["epoch"].count(trainer.epoch) if trainer.position is not None else 0
+    total = max(0, min(per_epoch * (epochs - trainer.epoch) - done,
+                       math.inf if max_steps is None else max_steps - trainer.step))
     tbptt = "full BPTT" if cfg["k1"] is None else f"TBPTT k1={cfg['k1']} k2={cfg['k2']}"
     err = sys.stderr
     print(data.line, file=err)
@@ -73,35 +89,42 @@ def cmd_train(args):
           f"{cfg['optimizer']} lr {cfg['lr']}, clip {cfg['clip']}, backend {backend.NAME}, "
           f"{'resuming' if args.resume else 'run dir'} {out}", file=err)
 
-    os.makedirs(out, exist_ok=True)
     compiles = backend.NAME in ("cpu", "cuda")       # Numba: compiled on first use, then cached
     notice = ("(no update yet: the first run on a machine compiles the kernels, about 20 s; "
               "later runs load them from the cache)") if compiles else None
     tokens_per_update = data.tokens_per_epoch / per_epoch if data.tokens_per_epoch and per_epoch else None
     progress = Progress(total, start_step=trainer.step, tokens_per_update=tokens_per_update, wait_notice=notice)
-    meta = {"config": {k: v for k, v in cfg.items() if k not in ("json", "resume", "backend", "out")},
-            "vocab": data.vocab.to_json() if data.vocab else None, "bptt_version": bptt.__version__}
-    ckpt = os.path.join(out, CHECKPOINT_FILE)
-    # Ctrl-C: the trainer commits each update together with its position in the data while
-    # holding SIGINT back, so a KeyboardInterrupt out of fit leaves it at the last finished
-    # update and the checkpoint saved below is consistent. A second Ctrl-C (while saving)
-    # interrupts at once; the checkpoint file is replaced atomically.
-    interrupted = False
+    meta = {"config": {k: v for k, v in cfg.items() if k not in ("json", "resume", "overwrite", "backend", "out")},
+            "vocab": data.vocab.to_json() if data.vocab else None, "bptt_version": bptt.__version__,
+            "target": {"max_steps": max_steps, "epochs": epochs}}
+    from bptt.checkpointing import CheckpointCallback
+    from bptt.trainer import Preempted
+    saver = CheckpointCallback(trainer, out, every_updates=cfg.get("save_every"),
+                               every_minutes=cfg.get("save_every_minutes", SAVE_EVERY_MINUTES),
+                               keep=cfg.get("keep", KEEP), meta=meta)
+    ckpt = saver.save()       # update 0 of a new run (from now on --resume finds the run), or the new target
+    # Ctrl-C and SIGTERM: the trainer commits each update together with its position in the data
+    # while holding both back, so the KeyboardInterrupt (Preempted for SIGTERM) out of fit leaves
+    # it at the last finished update and the checkpoint saved below is consistent. A second
+    # signal (while saving) ends the process at once; checkpoint files are replaced atomically.
+    interrupted = None
     try:
         # validation at every epoch end (and every --eval-every updates): progress line, metrics.jsonl
         trainer.fit(data.train, cfg["batch_size"], epochs=epochs, max_steps=max_steps, validation=data.valid,
                     eval_every=cfg.get("eval_every"), patience=cfg.get("patience"),
                     validation_batch_size=validation_batch(cfg, data.valid),
-                    callbacks=(progress, StepLog(out, every=max(1, per_epoch // 50))))
-    except KeyboardInterrupt:
-        interrupted = True
+                    callbacks=(progress, StepLog(out, every=max(1, per_epoch // 50)), saver))
+    except KeyboardInterrupt as e:
+        interrupted = e
     finally:
         progress.close()
-    trainer.save_checkpoint(ckpt, meta=meta)
-    if interrupted:
-        print(f"interrupted after update {trainer.step}: checkpoint saved to {ckpt}; continue with --resume",
-              file=err)
-        return 130
+    ckpt = saver.save()
+    if interrupted is not None:
+        how = f"stopped by {signal.Signals(interrupted.signum).name}" if isinstance(interrupted, Preempted) \
+            else "interrupted"
+        print(f"{how} after update {trainer.step}: checkpoint saved to {ckpt}; continue with: "
+              f"{resume_command(out)}", file=err)
+        return 128 + interrupted.signum if isinstance(interrupted, Preempted) else 130
     wall = progress.elapsed()
     vs = trainer.validation_state
     if trainer.stopped_early:

@@ -1,10 +1,16 @@
-"""The run directory (``--out``): ``checkpoint.npz`` (weights, optimizer and trainer state; the
-vocabulary and the training command's configuration travel in its meta) and ``metrics.jsonl``
-(one JSON object per line, appended by every train and eval run)."""
+"""The run directory (``--out``): the checkpoints (:mod:`bptt.checkpointing`:
+``checkpoint-<step>.npz``, the last ``--keep``; ``checkpoint.npz``, the newest; ``best.npz``, the
+lowest validation loss; weights, optimizer and trainer state, with the vocabulary, the training
+command's configuration and the run's target update and epoch in the meta) and ``metrics.jsonl``
+(one JSON object per line, appended by every train and eval run). A directory holds one run:
+``bptt train`` refuses one that holds a run unless it continues it (``--resume``) or replaces it
+(``--overwrite``)."""
 
 import json
 import math
 import os
+import re
+import shlex
 import time
 
 from bptt.cli.arguments import UsageError
@@ -18,6 +24,48 @@ def append_jsonl(run_dir, record):
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, METRICS_FILE), "a", encoding="utf-8") as f:
         f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+# the files of a run (--overwrite removes them); a directory with one of the first three holds a run
+_RUN_FILES = re.compile(r"checkpoint\.npz|checkpoint-\d+\.npz|metrics\.jsonl|best\.npz|grad_norms\.(json|png)"
+                        r"|\.(checkpoint(-\d+)?|best)\.npz\..+\.tmp")
+_HOLDS_A_RUN = re.compile(r"checkpoint\.npz|checkpoint-\d+\.npz|metrics\.jsonl")
+
+
+def resume_command(run_dir):
+    """The command that continues the run in ``run_dir``."""
+    return f"bptt train --out {shlex.quote(os.fspath(run_dir))} --resume"
+
+
+def new_run_dir(run_dir, overwrite=False):
+    """Make ``run_dir`` ready for a new run: UsageError (one line) if it holds a run, unless
+    ``overwrite``, which removes that run's files (other files stay)."""
+    try:
+        names = sorted(os.listdir(run_dir))
+    except FileNotFoundError:
+        names = []
+    held = [n for n in names if _HOLDS_A_RUN.fullmatch(n)]
+    if held and not overwrite:
+        raise UsageError(f"{run_dir} already holds a run; continue it with '{resume_command(run_dir)}' "
+                         "or replace it with --overwrite")
+    for name in names:
+        if _RUN_FILES.fullmatch(name):
+            os.unlink(os.path.join(run_dir, name))
+    os.makedirs(run_dir, exist_ok=True)
+
+
+def newest_checkpoint(run_dir):
+    """(path, meta, skipped) of the newest checkpoint of ``run_dir`` that loads, ``skipped`` the
+    [(path, error)] of newer ones that do not (UsageError when there is no such directory,
+    CheckpointError when no checkpoint loads)."""
+    if not os.path.isdir(run_dir):
+        raise UsageError(f"{run_dir}: no such run directory")
+    from bptt.checkpointing import newest_checkpoint
+    path, parts, skipped = newest_checkpoint(run_dir)
+    meta = parts.get("meta") or {}
+    if "config" not in meta:
+        raise UsageError(f"{path}: not a checkpoint written by 'bptt train' (no config in its meta)")
+    return path, meta, skipped
 
 
 def checkpoint_path(run_dir):
