@@ -10,14 +10,17 @@ at every epoch end (and every ``--eval-every`` updates), can follow a schedule f
 (``--lr-decay``, ``--lr-plateau``) and stop early (``--patience``); ``bptt plot DIR`` draws the
 run's training curve into ``DIR/training.png``.
 
-Run directory (``--out``): ``checkpoint.npz`` and ``metrics.jsonl`` (:mod:`bptt.cli.runs`).
+Run directory (``--out``): ``checkpoint-<step>.npz`` (the last ``--keep``), ``checkpoint.npz``
+(the newest), ``best.npz`` and ``metrics.jsonl`` (:mod:`bptt.cli.runs`, :mod:`bptt.checkpointing`);
+checkpoints every ``--save-every-minutes`` (5) and ``--save-every`` updates. A directory holding
+a run is refused unless ``--resume`` (continue it to its end) or ``--overwrite`` (replace it).
 ``--json`` makes the last line of stdout one JSON object with the final metrics. User errors
 (a missing, binary, undecodable or too large data file, a damaged or foreign checkpoint, an
 inconsistent vocabulary, an ``--out`` that cannot be a directory, a bad flag combination,
 k1 > k2, an unknown backend) print one line on stderr and exit with status 1 (2 for unparsable
 arguments), and leave the run directory as it was; set ``BPTT_DEBUG=1`` for a traceback.
-Ctrl-C during training stops at the last finished update, saves the checkpoint and exits with
-status 130; a second Ctrl-C interrupts at once.
+Ctrl-C (SIGTERM) during training stops at the last finished update, saves the checkpoint, prints
+the command that resumes and exits with status 130 (143); a second signal ends it at once.
 
 Only the standard library is imported before the arguments are parsed, so ``bptt --help`` is
 instant; NumPy, Numba, the kernels and tqdm load when a command runs.
@@ -30,6 +33,7 @@ Examples::
 
     bptt train                                    # char LSTM on the built-in corpus -> runs/default
     bptt train --data ptb.train.txt --level word --cell gru --hidden-size 256 --out runs/ptb
+    bptt train --out runs/ptb --resume             # continue a stopped run to its end
     bptt train --out runs/ptb --resume --epochs 1  # one more epoch of that run
     bptt eval runs/default --data other.txt --json
     bptt sample runs/default --prime "def " --length 200 --temperature 0.7 --top-k 10
