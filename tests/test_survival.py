@@ -144,6 +144,20 @@ def test_checkpoint_callback_every_updates_keeps_the_last_k(reference_backend, t
     assert_same_weights(resumed.model.state_dict(), t.model.state_dict())
 
 
+def test_without_hard_links_checkpoint_npz_is_a_copy(reference_backend, tmp_path, monkeypatch):
+    def no_links(src, dst):
+        raise OSError(errno.EPERM, "hard links not supported")
+
+    monkeypatch.setattr(os, "link", no_links)
+    t = lm_trainer()
+    saver = bptt.CheckpointCallback(t, tmp_path, every_updates=2, every_minutes=None, keep=1)
+    t.fit(tokens(), 2, epochs=3, max_steps=4, callbacks=[saver])
+    assert files(tmp_path) == ["checkpoint-00000004.npz", "checkpoint.npz"]
+    assert not os.path.samefile(tmp_path / "checkpoint.npz", tmp_path / "checkpoint-00000004.npz")
+    assert (tmp_path / "checkpoint.npz").read_bytes() == (tmp_path / "checkpoint-00000004.npz").read_bytes()
+    assert checkpointing.checkpoint_files(tmp_path)[0] == str(tmp_path / "checkpoint-00000004.npz")
+
+
 def test_checkpoint_callback_every_minutes(reference_backend, tmp_path, monkeypatch):
     """Time-based checkpoints (a fake clock: 40 s per update, a checkpoint every minute)."""
     clock = [0.0]
@@ -189,6 +203,27 @@ def test_best_npz_follows_the_lowest_validation_loss(reference_backend, tmp_path
     assert best.read_bytes() == before
     again({"step": resumed.step, "val_loss": 1.4})
     assert checkpoint_file.load(best)["meta"]["best_val_loss"] == 1.4
+
+
+def test_the_command_line_writes_best_npz_from_its_validations(tmp_path, corpus_file, capsys):
+    """Validation every 2 updates: best.npz holds the weights after the update with the lowest
+    validation loss, and the best so far survives a resume."""
+    run = tmp_path / "run"
+    rc, _, err = _run(capsys, ["train", "--data", corpus_file, "--out", run, *TINY, "--max-steps", "6",
+                               "--eval-every", "2"])
+    assert rc == 0, err
+    state = checkpoint_file.load(run / "checkpoint.npz", trainer=True)
+    curve = dict(zip(state["trainer"]["history"]["val_step"], state["trainer"]["history"]["val_loss"]))
+    best_step = min(curve, key=curve.get)
+    best = checkpoint_file.load(run / "best.npz", trainer=True)
+    assert best["trainer"]["step"] == best_step == best["meta"]["best_step"]
+    assert best["meta"]["best_val_loss"] == curve[best_step] == state["meta"]["best_val_loss"]
+    rc, _, err = _run(capsys, ["train", "--out", run, "--resume", "--max-steps", "4"])
+    assert rc == 0, err
+    state = checkpoint_file.load(run / "checkpoint.npz", trainer=True)
+    losses = state["trainer"]["history"]["val_loss"]
+    assert len(losses) == len(curve) + 2
+    assert state["meta"]["best_val_loss"] == min(losses) == checkpoint_file.load(run / "best.npz")["meta"]["best_val_loss"]
 
 
 def test_temp_files_of_killed_writes_are_removed(reference_backend, tmp_path):
