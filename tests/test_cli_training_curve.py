@@ -159,3 +159,22 @@ def test_plot_errors_are_one_line(tmp_path, corpus_file, capsys, monkeypatch):
     rc, _, err = run(capsys, ["plot", out_dir])
     assert rc == 1 and "matplotlib" in err and "pip install 'bptt[plot]'" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_step_log_covers_every_update_and_every_epoch_start(tmp_path):
+    """Step records every ``every`` updates and at each epoch's first update, each with the mean
+    of the finite losses since the record before; a validation record after each validation."""
+    from bptt.cli.runs import StepLog
+    log = StepLog(tmp_path, every=4)
+    epochs = [0] * 6 + [1] * 4
+    for step, epoch in enumerate(epochs, 1):
+        event = {"step": step, "epoch": epoch, "loss": math.nan if step == 3 else float(step), "lr": 0.1,
+                 "tokens": 10}
+        if step == 6:
+            event.update(val_loss=2.5, val_perplexity=math.exp(2.5), val_bits_per_token=2.5 / math.log(2))
+        log(event)
+    steps = records(tmp_path, "step")
+    assert [(r["step"], r["loss_mean"]) for r in steps] == [(1, 1.0), (4, 3.0), (7, 6.0), (8, 8.0)]
+    assert all("val_loss" not in r for r in steps)
+    (val,) = records(tmp_path, "validation")
+    assert (val["step"], val["epoch"], val["val_loss"], val["lr"]) == (6, 0, 2.5, 0.1)

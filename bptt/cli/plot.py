@@ -4,8 +4,9 @@
 Upper panel: the training loss against the update step (the "step" records' ``loss_mean``, the
 mean loss of the updates since the record before, so every update counts; ``loss`` in logs
 without it) and the validation loss (the "validation" records), the best one marked; epoch
-starts as dotted lines. Lower panel: the learning rate of the updates (log scale). A step logged
-twice (a run resumed from a checkpoint older than its last log lines) is drawn as logged last.
+starts as dotted lines. Lower panel: the learning rate of the updates (log scale where it
+spans more than a factor 20). A step logged twice (a run resumed from a checkpoint older than
+its last log lines) is drawn as logged last.
 """
 
 import json
@@ -95,8 +96,11 @@ def plot_run(run_dir, output=None):
     lrs = [(t[0], t[2]) for t in train if math.isfinite(t[2])]
     if lrs:
         ax_lr.step([s for s, _ in lrs], [lr for _, lr in lrs], where="post", color="tab:green")
-        if all(lr > 0 for _, lr in lrs):
+        low, high = min(lr for _, lr in lrs), max(lr for _, lr in lrs)
+        if low > 0 and high / low > 20:     # decays over decades: log scale
             ax_lr.set_yscale("log")
+        else:
+            ax_lr.set_ylim(0, high * 1.1 if high > 0 else 1)
     ax_lr.set_ylabel("learning rate")
     ax_lr.set_xlabel("update")
     ax_lr.grid(alpha=0.3)

@@ -101,8 +101,8 @@ def jsonable(value):
 
 
 class StepLog:
-    """A trainer callback appending to the run's JSONL log: every ``every``-th update's event as a
-    "step" record, with "loss_mean", the mean of the finite losses of the updates since the
+    """A trainer callback appending to the run's JSONL log: every ``every``-th update's event and
+    the first of every epoch (so epoch starts and lr changes are exact) as a "step" record, with "loss_mean", the mean of the finite losses of the updates since the
     previous record (together the records cover every update's loss), and after each validation
     a "validation" record {"step", "epoch", "val_loss", "val_perplexity", "val_bits_per_token",
     "lr"} (the lr of the updates before it; "val_accuracy" too for a task with class targets)."""
@@ -110,12 +110,14 @@ class StepLog:
     def __init__(self, run_dir, every=50):
         self.run_dir, self.every = run_dir, max(1, int(every))
         self.losses = []
+        self.epoch = None
 
     def __call__(self, event):
         if math.isfinite(event["loss"]):
             self.losses.append(float(event["loss"]))
         now = time.time()
-        if int(event["step"]) % self.every == 0:
+        new_epoch, self.epoch = event["epoch"] != self.epoch, event["epoch"]
+        if int(event["step"]) % self.every == 0 or new_epoch:
             mean = sum(self.losses) / len(self.losses) if self.losses else None
             append_jsonl(self.run_dir, {"event": "step", "time": now, "loss_mean": mean,
                                         **{k: jsonable(v) for k, v in event.items() if not k.startswith("val_")}})
