@@ -104,6 +104,10 @@ def test_lr_plateau_and_patience_on_a_scripted_curve(tmp_path, corpus_file, caps
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["stopped_early"] is True and summary["best_val_loss"] == 4.0
     assert summary["lr"] == 1 / 64 and summary["val_curve_length"] == 5
+    # resumed, the run stays stopped: its counters are in the checkpoint
+    rc, out, err = run(capsys, ["train", "--out", out_dir, "--resume", "--json"])
+    assert rc == 0 and "stopped early" in err and "none in this run" in err
+    assert json.loads(out.strip().splitlines()[-1])["steps"] == summary["steps"]
 
 
 def test_task_runs_validate_with_their_loss(tmp_path, capsys):

@@ -153,9 +153,13 @@ def cmd_train(args):
         summary["grad_norms_file"] = write_grad_norms(trainer, out)
 
     window = min(len(progress.losses), 50)
-    lines = [f"done: {summary['steps']} steps in {_fmt_duration(wall)} ({summary['tokens_per_s']:,.0f} tok/s "
-             f"training{', first update excluded' if len(progress.losses) > 1 else ''}), "
-             f"train loss {_num(summary['train_loss'])} (mean of the last {window} updates)"]
+    if window:
+        lines = [f"done: {summary['steps']} steps in {_fmt_duration(wall)} ({summary['tokens_per_s']:,.0f} tok/s "
+                 f"training{', first update excluded' if len(progress.losses) > 1 else ''}), "
+                 f"train loss {_num(summary['train_loss'])} (mean of the last {window} updates)"]
+    else:
+        lines = [f"done: {summary['steps']} steps, none in this run (the run had reached its end"
+                 f"{' or stopped early' if trainer.stopped_early else ''})"]
     if task is None:
         lines.append(f"validation: loss {_num(summary['val_loss'])}, perplexity {_num(summary['val_perplexity'])}, "
                      f"{_num(summary['val_bits_per_token'])} bits/{cfg['level']}")
