@@ -36,20 +36,34 @@ Recurrent layers (one layer, all T steps per call; the time loop lives in the ke
 For each cell in ("lstm", "gru", "rnn_tanh", "rnn_relu") the backend has
 ``<cell>_forward`` and ``<cell>_backward``::
 
-    y, final_state, cache = <cell>_forward(x, state, w_ih, w_hh, b_ih, b_hh)
+    y, final_state, cache = <cell>_forward(x, state, w_ih, w_hh, b_ih, b_hh, lengths=None)
         x       [T, B, I]     input
         state   tuple of [B, H] arrays: (h0,) for gru/rnn, (h0, c0) for lstm
         w_ih    [G*H, I]      w_hh [G*H, H]   b_ih [G*H]   b_hh [G*H]
                 (bias=False layers pass zero biases)
-        y       [T, B, H]     hidden state after every step (h_1 .. h_T)
-        final_state           tuple like ``state``: (h_T,) or (h_T, c_T)
+        lengths [B]           host integers (a numpy array of any integer dtype, or what
+                              ``numpy.asarray`` makes one of), each in 1..T, in any order;
+                              None: every row runs all T steps. Row b runs only its steps
+                              t < lengths[b]: at its padded steps t >= lengths[b] its state
+                              stays unchanged and y[t, b] = 0 (x[t, b] there is not used,
+                              but must be finite: the backward's GEMMs multiply it by zero).
+                              Exactly PyTorch's pack_padded_sequence(x, lengths,
+                              enforce_sorted=False) -> nn.LSTM/GRU/RNN -> pad_packed_sequence.
+                              (The cupy and cuda backends check it, then raise
+                              NotImplementedError: not implemented there yet.)
+        y       [T, B, H]     hidden state after every step (h_1 .. h_T; zero at padded steps)
+        final_state           tuple like ``state``: (h_T,) or (h_T, c_T); with lengths each
+                              row's state after its own last step lengths[b]-1
         cache                 ``bptt_kernels.host.RecurrentCache``, the same type and
                               fields on every backend: x, the initial state and every
-                              step's activations (see host/cache.py); a backend accepts a
-                              cache made by another one.
+                              step's activations (see host/cache.py) and the lengths
+                              (``cache.lengths``, int64 host array, or None); a backend
+                              accepts a cache made by another one.
 
     Argument errors are the same on every backend (``bptt_kernels.host.checks``):
-    TypeError for a wrong array type, dtype or cache type, ValueError for a wrong shape or value.
+    TypeError for a wrong array type, dtype or cache type, ValueError for a wrong shape or value
+    (lengths: TypeError for a non-integer dtype, ValueError for a shape other than [B] or a
+    value outside [1, T], naming the first such row).
     ``state`` / ``dfinal_state`` None means zeros.
 
     dx, dstate, dh = <cell>_backward(dy, dfinal_state, cache, w_ih, w_hh,
@@ -68,6 +82,13 @@ For each cell in ("lstm", "gru", "rnn_tanh", "rnn_relu") the backend has
         dh            [T, B, H]   total dL/dh_t for every step (dy[t] plus what
                       flows back through the recurrence); rows t < t_start are zero.
                       This is the vanishing/exploding-gradient diagnostic.
+
+    With lengths (taken from the cache; the backward has no lengths argument) the backward
+    is exact for them: padded steps give no gradient (dy there is ignored; dx, dh and the
+    gate gradients there are zero, so no parameter gradient comes from them), and the state
+    gradient passes unchanged through a row's padded steps: dfinal_state reaches the row's
+    last real step lengths[b]-1, and for a row whose steps all lie before t_start
+    (lengths[b] <= t_start) dstate is dfinal_state itself.
 
     Input projection done by the caller: pass ``w_ih=None`` to the forward and x as
     [T, B, G*H] holding x_t W_ih^T already (without b_ih, which the kernel still adds); the

@@ -76,21 +76,35 @@ def _input_projection(x, w_ih, b_ih):
     return (x if w_ih is None else x @ w_ih.T) + b_ih   # T,B,G*H
 
 
+def _live_steps(lengths, T, B):
+    """[T,B,1] bool: True where step t is one of row b's own steps (t < lengths[b]), False at
+    its padded steps; all True without lengths. A padded step leaves the row's state
+    unchanged and writes zeros (y, activations); backward, it passes the state gradient on
+    unchanged and gives no other gradient (dh, gate gradients, dx zero)."""
+    if lengths is None:
+        return np.ones((T, B, 1), dtype=bool)
+    return (np.arange(T)[:, None] < lengths[None, :])[:, :, None]
+
+
 # ----------------------------------------------------------------------------------------
 # Elman RNN:  h_t = act(x_t W_ih^T + b_ih + h_{t-1} W_hh^T + b_hh),  act = tanh or relu
 # Cache: x, h0, y (act'(a) is computed from the outputs y).
 
 
-def _rnn_forward(cell, act, x, state, w_ih, w_hh, b_ih, b_hh):
-    call = check_forward(cell, x, state, w_ih, w_hh, b_ih, b_hh, np)
+def _rnn_forward(cell, act, x, state, w_ih, w_hh, b_ih, b_hh, lengths):
+    call = check_forward(cell, x, state, w_ih, w_hh, b_ih, b_hh, np, lengths=lengths)
     x, (h0,), w_hh, b_hh = call.x, call.state, call.w_hh, call.b_hh
+    live_all = _live_steps(call.lengths, call.T, call.B)   # T,B,1
     xw = _input_projection(x, call.w_ih, call.b_ih)  # T,B,H   input projection, all steps at once
     y = np.empty((call.T, call.B, call.H), dtype=x.dtype)  # T,B,H
     h = h0                                          # B,H
     for t in range(call.T):
-        h = act(xw[t] + h @ w_hh.T + b_hh)          # B,H   new hidden state
-        y[t] = h
-    return y, (y[-1].copy(),), RecurrentCache(cell, x, h0.copy(), y=y)
+        live = live_all[t]                          # B,1   rows for which step t is real
+        h_new = act(xw[t] + h @ w_hh.T + b_hh)      # B,H   new hidden state
+        y[t] = np.where(live, h_new, 0)             # B,H   zero at padded steps
+        h = np.where(live, h_new, h)                # B,H   padded steps keep the state
+    cache = RecurrentCache(cell, x, h0.copy(), y=y, lengths=call.lengths)
+    return y, (h.copy(),), cache
 
 
 def _rnn_backward(cell, dact_from_output, dy, dfinal_state, cache, w_ih, w_hh,
@@ -99,24 +113,27 @@ def _rnn_backward(cell, dact_from_output, dy, dfinal_state, cache, w_ih, w_hh,
                           t_start, np)
     cache = call.cache                              # checked, C-contiguous
     y, t_start = cache.y, call.t_start
+    live_all = _live_steps(cache.lengths, call.T, call.B)  # T,B,1
     dh = np.zeros_like(y)                           # T,B,H   rows before t_start stay zero
     da = np.zeros_like(y)                           # T,B,H   dL/d(pre-activation)
     (dh_next,) = call.dfinal_state                  # B,H     gradient arriving from step t+1
     for t in reversed(range(t_start, call.T)):
-        dh[t] = call.dy[t] + dh_next                # B,H   total dL/dh_t
-        da[t] = dh[t] * dact_from_output(y[t])      # B,H   back through the activation
-        dh_next = da[t] @ call.w_hh                 # B,H   to h_{t-1}
+        live = live_all[t]                          # B,1   rows for which step t is real
+        dh[t] = np.where(live, call.dy[t] + dh_next, 0)     # B,H  total dL/dh_t (padded: 0)
+        da[t] = np.where(live, dh[t] * dact_from_output(y[t]), 0)  # B,H  through the activation
+        dh_next = np.where(live, da[t] @ call.w_hh, dh_next)  # B,H  to h_{t-1} (padded: as is)
     dx = finish_backward(cache.x, cache.h0, y, da, da, t_start, call.w_ih, dw_ih, dw_hh,
                          db_ih, db_hh, np)
     return dx, (dh_next,), dh
 
 
-def rnn_tanh_forward(x, state, w_ih, w_hh, b_ih, b_hh):
-    """Elman RNN with tanh over T steps. x [T,B,I], state (h0 [B,H],), G=1.
+def rnn_tanh_forward(x, state, w_ih, w_hh, b_ih, b_hh, lengths=None):
+    """Elman RNN with tanh over T steps. x [T,B,I], state (h0 [B,H],), G=1; lengths [B]
+    or None (row b runs steps 0 .. lengths[b]-1; see _live_steps).
 
     Returns y [T,B,H], (h_T,), RecurrentCache.
     """
-    return _rnn_forward("rnn_tanh", np.tanh, x, state, w_ih, w_hh, b_ih, b_hh)
+    return _rnn_forward("rnn_tanh", np.tanh, x, state, w_ih, w_hh, b_ih, b_hh, lengths)
 
 
 def rnn_tanh_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh, t_start=0):
@@ -125,12 +142,13 @@ def rnn_tanh_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, 
                          dw_ih, dw_hh, db_ih, db_hh, t_start)
 
 
-def rnn_relu_forward(x, state, w_ih, w_hh, b_ih, b_hh):
-    """Elman RNN with relu over T steps. x [T,B,I], state (h0 [B,H],), G=1.
+def rnn_relu_forward(x, state, w_ih, w_hh, b_ih, b_hh, lengths=None):
+    """Elman RNN with relu over T steps. x [T,B,I], state (h0 [B,H],), G=1; lengths [B]
+    or None (row b runs steps 0 .. lengths[b]-1; see _live_steps).
 
     Returns y [T,B,H], (h_T,), RecurrentCache.
     """
-    return _rnn_forward("rnn_relu", _relu, x, state, w_ih, w_hh, b_ih, b_hh)
+    return _rnn_forward("rnn_relu", _relu, x, state, w_ih, w_hh, b_ih, b_hh, lengths)
 
 
 def rnn_relu_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh, t_start=0):
@@ -146,12 +164,13 @@ def rnn_relu_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, 
 # Cache: x, h0, c0, y, gates [T,B,4H] (activated i, f, g, o), c [T,B,H], tanh_c [T,B,H].
 
 
-def lstm_forward(x, state, w_ih, w_hh, b_ih, b_hh):
-    """LSTM over T steps. x [T,B,I], state (h0 [B,H], c0 [B,H]), w_ih [4H,I], w_hh [4H,H].
+def lstm_forward(x, state, w_ih, w_hh, b_ih, b_hh, lengths=None):
+    """LSTM over T steps. x [T,B,I], state (h0 [B,H], c0 [B,H]), w_ih [4H,I], w_hh [4H,H];
+    lengths [B] or None (row b runs steps 0 .. lengths[b]-1; see _live_steps).
 
-    Returns y [T,B,H], (h_T, c_T), RecurrentCache.
+    Returns y [T,B,H], (h_T, c_T) (each row's state after its own last step), RecurrentCache.
     """
-    call = check_forward("lstm", x, state, w_ih, w_hh, b_ih, b_hh, np)
+    call = check_forward("lstm", x, state, w_ih, w_hh, b_ih, b_hh, np, lengths=lengths)
     x, (h0, c0), w_hh, b_hh = call.x, call.state, call.w_hh, call.b_hh
     T, B, H = call.T, call.B, call.H
     xw = _input_projection(x, call.w_ih, call.b_ih)  # T,B,4H  input projection, all steps at once
@@ -159,19 +178,23 @@ def lstm_forward(x, state, w_ih, w_hh, b_ih, b_hh):
     c_all = np.empty((T, B, H), dtype=x.dtype)      # T,B,H
     tanh_c = np.empty((T, B, H), dtype=x.dtype)     # T,B,H
     y = np.empty((T, B, H), dtype=x.dtype)          # T,B,H
+    live_all = _live_steps(call.lengths, T, B)      # T,B,1
     h, c = h0, c0
     for t in range(T):
+        live = live_all[t]                          # B,1   rows for which step t is real
         a = xw[t] + h @ w_hh.T + b_hh               # B,4H  gate pre-activations
         i = sigmoid(a[:, 0 * H:1 * H])              # B,H   input gate
         f = sigmoid(a[:, 1 * H:2 * H])              # B,H   forget gate
         g = np.tanh(a[:, 2 * H:3 * H])              # B,H   candidate cell
         o = sigmoid(a[:, 3 * H:4 * H])              # B,H   output gate
-        c = f * c + i * g                           # B,H   new cell state
-        tc = np.tanh(c)                             # B,H
-        h = o * tc                                  # B,H   new hidden state
-        gates[t] = np.concatenate([i, f, g, o], axis=1)
-        c_all[t], tanh_c[t], y[t] = c, tc, h
-    cache = RecurrentCache("lstm", x, h0.copy(), c0.copy(), y, gates, c_all, tanh_c)
+        c_new = f * c + i * g                       # B,H   new cell state
+        tc = np.tanh(c_new)                         # B,H
+        h_new = o * tc                              # B,H   new hidden state
+        gates[t] = np.where(live, np.concatenate([i, f, g, o], axis=1), 0)   # zero where padded
+        c_all[t], tanh_c[t], y[t] = (np.where(live, v, 0) for v in (c_new, tc, h_new))
+        h, c = np.where(live, h_new, h), np.where(live, c_new, c)   # padded: state unchanged
+    cache = RecurrentCache("lstm", x, h0.copy(), c0.copy(), y, gates, c_all, tanh_c,
+                           lengths=call.lengths)
     return y, (h.copy(), c.copy()), cache
 
 
@@ -186,26 +209,28 @@ def lstm_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_h
     gates, c_all, y, t_start = cache.gates, cache.c, cache.y, call.t_start
     H = call.H
     tanh_c = np.tanh(c_all) if cache.tanh_c is None else cache.tanh_c   # T,B,H
+    live_all = _live_steps(cache.lengths, call.T, call.B)  # T,B,1
     dh = np.zeros_like(y)                           # T,B,H   rows before t_start stay zero
     dgates = np.zeros_like(gates)                   # T,B,4H  dL/d(gate pre-activations)
     dh_next, dc_next = call.dfinal_state            # B,H     gradients arriving from step t+1
     for t in reversed(range(t_start, call.T)):
+        live = live_all[t]                          # B,1   rows for which step t is real
         i, f, g, o = (gates[t, :, k * H:(k + 1) * H] for k in range(4))
         c_prev = c_all[t - 1] if t > 0 else cache.c0    # B,H
-        dh[t] = call.dy[t] + dh_next                # B,H   total dL/dh_t
+        dh[t] = np.where(live, call.dy[t] + dh_next, 0)  # B,H  total dL/dh_t (padded: 0)
         do = dh[t] * tanh_c[t]                      # B,H   h = o * tanh(c)
         dc = dc_next + dh[t] * o * (1 - tanh_c[t] * tanh_c[t])  # B,H  total dL/dc_t
         di = dc * g                                 # B,H   c = f*c_prev + i*g
         dg = dc * i                                 # B,H
         df = dc * c_prev                            # B,H
-        dc_next = dc * f                            # B,H   to c_{t-1}
-        dgates[t] = np.concatenate([
+        dc_next = np.where(live, dc * f, dc_next)   # B,H   to c_{t-1} (padded: as is)
+        dgates[t] = np.where(live, np.concatenate([
             di * i * (1 - i),                       # through sigmoid
             df * f * (1 - f),                       # through sigmoid
             dg * (1 - g * g),                       # through tanh
             do * o * (1 - o),                       # through sigmoid
-        ], axis=1)                                  # B,4H
-        dh_next = dgates[t] @ call.w_hh             # B,H   to h_{t-1}
+        ], axis=1), 0)                              # B,4H  (padded: 0)
+        dh_next = np.where(live, dgates[t] @ call.w_hh, dh_next)  # B,H  to h_{t-1} (padded: as is)
     dx = finish_backward(cache.x, cache.h0, y, dgates, dgates, t_start, call.w_ih, dw_ih,
                          dw_hh, db_ih, db_hh, np)
     return dx, (dh_next, dc_next), dh
@@ -220,29 +245,34 @@ def lstm_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_h
 # Cache: x, h0, y, gates [T,B,3H] (activated r, z, n), hn [T,B,H] (h_{t-1} W_hn^T + b_hn).
 
 
-def gru_forward(x, state, w_ih, w_hh, b_ih, b_hh):
-    """GRU over T steps. x [T,B,I], state (h0 [B,H],), w_ih [3H,I], w_hh [3H,H].
+def gru_forward(x, state, w_ih, w_hh, b_ih, b_hh, lengths=None):
+    """GRU over T steps. x [T,B,I], state (h0 [B,H],), w_ih [3H,I], w_hh [3H,H]; lengths [B]
+    or None (row b runs steps 0 .. lengths[b]-1; see _live_steps).
 
-    Returns y [T,B,H], (h_T,), RecurrentCache.
+    Returns y [T,B,H], (h_T,) (each row's state after its own last step), RecurrentCache.
     """
-    call = check_forward("gru", x, state, w_ih, w_hh, b_ih, b_hh, np)
+    call = check_forward("gru", x, state, w_ih, w_hh, b_ih, b_hh, np, lengths=lengths)
     x, (h0,), w_hh, b_hh = call.x, call.state, call.w_hh, call.b_hh
     T, B, H = call.T, call.B, call.H
     xw = _input_projection(x, call.w_ih, call.b_ih)  # T,B,3H  input projection, all steps at once
     gates = np.empty((T, B, 3 * H), dtype=x.dtype)  # T,B,3H
     hn_all = np.empty((T, B, H), dtype=x.dtype)     # T,B,H
     y = np.empty((T, B, H), dtype=x.dtype)          # T,B,H
+    live_all = _live_steps(call.lengths, T, B)      # T,B,1
     h = h0
     for t in range(T):
+        live = live_all[t]                          # B,1   rows for which step t is real
         hw = h @ w_hh.T + b_hh                      # B,3H  hidden projection
         r = sigmoid(xw[t, :, 0:H] + hw[:, 0:H])             # B,H  reset gate
         z = sigmoid(xw[t, :, H:2 * H] + hw[:, H:2 * H])     # B,H  update gate
         hn = hw[:, 2 * H:3 * H]                             # B,H  W_hn h + b_hn
         n = np.tanh(xw[t, :, 2 * H:3 * H] + r * hn)         # B,H  candidate state
-        h = (1 - z) * n + z * h                     # B,H   new hidden state
-        gates[t] = np.concatenate([r, z, n], axis=1)
-        hn_all[t], y[t] = hn, h
-    return y, (h.copy(),), RecurrentCache("gru", x, h0.copy(), y=y, gates=gates, hn=hn_all)
+        h_new = (1 - z) * n + z * h                 # B,H   new hidden state
+        gates[t] = np.where(live, np.concatenate([r, z, n], axis=1), 0)   # zero where padded
+        hn_all[t], y[t] = np.where(live, hn, 0), np.where(live, h_new, 0)
+        h = np.where(live, h_new, h)                # B,H   padded steps keep the state
+    cache = RecurrentCache("gru", x, h0.copy(), y=y, gates=gates, hn=hn_all, lengths=call.lengths)
+    return y, (h.copy(),), cache
 
 
 def gru_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh, t_start=0):
@@ -259,20 +289,23 @@ def gru_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh
     dgates_x = np.zeros_like(gates)                 # T,B,3H  dL/d(x W_ih^T + b_ih)
     dgates_h = np.zeros_like(gates)                 # T,B,3H  dL/d(h W_hh^T + b_hh)
     h_prev_all = states_entering(cache.h0, y, 0, call.T, np)   # T,B,H
+    live_all = _live_steps(cache.lengths, call.T, call.B)  # T,B,1
     (dh_next,) = call.dfinal_state                  # B,H     gradient arriving from step t+1
     for t in reversed(range(t_start, call.T)):
+        live = live_all[t]                          # B,1   rows for which step t is real
         r, z, n = (gates[t, :, k * H:(k + 1) * H] for k in range(3))
         h_prev = h_prev_all[t]                      # B,H
-        dh[t] = call.dy[t] + dh_next                # B,H   total dL/dh_t
+        dh[t] = np.where(live, call.dy[t] + dh_next, 0)  # B,H  total dL/dh_t (padded: 0)
         dn = dh[t] * (1 - z)                        # B,H   h = (1-z)*n + z*h_prev
         dz = dh[t] * (h_prev - n)                   # B,H
         dan = dn * (1 - n * n)                      # B,H   through tanh: dL/d(n pre-activation)
         dr = dan * hn_all[t]                        # B,H   n_pre = xn + r*hn
         dar = dr * r * (1 - r)                      # B,H   through sigmoid
         daz = dz * z * (1 - z)                      # B,H   through sigmoid
-        dgates_x[t] = np.concatenate([dar, daz, dan], axis=1)       # B,3H
-        dgates_h[t] = np.concatenate([dar, daz, dan * r], axis=1)   # B,3H  hn enters times r
-        dh_next = dh[t] * z + dgates_h[t] @ call.w_hh   # B,H   to h_{t-1}: direct path + matmul
+        dgates_x[t] = np.where(live, np.concatenate([dar, daz, dan], axis=1), 0)      # B,3H
+        dgates_h[t] = np.where(live, np.concatenate([dar, daz, dan * r], axis=1), 0)  # hn times r
+        dh_next = np.where(live, dh[t] * z + dgates_h[t] @ call.w_hh,   # B,H  to h_{t-1}:
+                           dh_next)                 # direct path + matmul (padded: as is)
     dx = finish_backward(cache.x, cache.h0, y, dgates_x, dgates_h, t_start, call.w_ih, dw_ih,
                          dw_hh, db_ih, db_hh, np)
     return dx, (dh_next,), dh

@@ -113,6 +113,17 @@ def bad_calls(be, rng):
         ("cache.c0 missing", lambda: bwd(dy, None, cache._replace(c0=None), w_ih, w_hh, *g)),
         ("cache.h0 a list", lambda: bwd(dy, None, cache._replace(h0=be.to_host(cache.h0).tolist()),
                                         w_ih, w_hh, *g)),
+        ("lengths dtype float", lambda: fwd(x, st, w_ih, w_hh, b_ih, b_hh,
+                                            lengths=np.array([1.0, 2.0]))),
+        ("lengths dtype bool", lambda: fwd(x, st, w_ih, w_hh, b_ih, b_hh,
+                                           lengths=np.array([True, True]))),
+        ("lengths shape", lambda: fwd(x, st, w_ih, w_hh, b_ih, b_hh, lengths=np.array([1, 2, 3]))),
+        ("lengths 2-D", lambda: fwd(x, st, w_ih, w_hh, b_ih, b_hh, lengths=np.ones((B, 1), int))),
+        ("lengths zero", lambda: fwd(x, st, w_ih, w_hh, b_ih, b_hh, lengths=np.array([T, 0]))),
+        ("lengths above T", lambda: fwd(x, st, w_ih, w_hh, b_ih, b_hh,
+                                        lengths=np.array([T + 1, 1], np.int32))),
+        ("cache.lengths range", lambda: bwd(dy, None, cache._replace(lengths=np.array([1, T + 1])),
+                                            w_ih, w_hh, *g)),
     ]
 
 

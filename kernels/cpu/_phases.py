@@ -38,6 +38,29 @@ def add_column_sums(a, c0, c1, out):
             out[n] += row[n]
 
 
+@jit(inline="always")
+def zero_units(a, blocks, H, j0, j1):
+    """a[g*H + j0 : g*H + j1] = 0 for each of the ``blocks`` blocks of the row a [blocks*H]: a
+    padded step's row (``lengths``), which the time loops write as zeros."""
+    for g in range(blocks):
+        a[g * H + j0:g * H + j1] = 0
+
+
+def row_steps(lengths, T, B):
+    """The int64 [B] steps of each batch row that the time loops take: ``lengths`` (checked),
+    or T for every row. (One compare per row and step in the loops, none per element: the
+    call without lengths runs the same code, steps all T.)"""
+    return np.full(B, T, np.int64) if lengths is None else lengths
+
+
+def final_rows(a, lengths):
+    """[B,H] a fresh copy of each row's state after its own last step, from a [T,B,H]
+    (``y`` or ``c``): a[T-1] without lengths."""
+    if lengths is None:
+        return a[-1].copy()
+    return a[lengths - 1, np.arange(a.shape[1])]
+
+
 # An input projection of fewer rows (T*B) than this is split by output columns instead: OpenBLAS
 # packs the whole W_ih on every call, and a piece of few rows does not win that back
 # (docs/performance.md, "Input projection").

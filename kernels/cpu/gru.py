@@ -20,7 +20,8 @@ from bptt_kernels.host import RecurrentCache, check_backward, check_forward
 from . import _buffers
 from ._barrier import barrier, publish, wait_for
 from ._blas import step_product, step_weight
-from ._phases import backward_phases, forward_phases, gate_gradients, input_side
+from ._phases import (backward_phases, final_rows, forward_phases, gate_gradients, input_side,
+                      row_steps, zero_units)
 from ._loop import layer_threads, split_ranges
 from ._math import jit, one_like, sigmoid_, tanh_
 
@@ -59,9 +60,13 @@ def _cell_forward(g, hw, b_ih, b_hh, h_prev, hn, h, H, j0, j1):
 
 
 @jit(nogil=True)
-def _forward_steps(h0, w_hh, b_ih, b_hh, gates, hn, y, hw, progress, flags, part, parts):
+def _forward_steps(h0, w_hh, b_ih, b_hh, steps, gates, hn, y, hw, progress, flags, part,
+                   parts):
     # The time loop for this part's batch rows b0:b1 and units j0:j1 (_loop.run_time_loop).
     # h0: [B,H]  w_hh: [3H,H]  b_ih, b_hh: [3H]
+    # steps: int64 [B] row b's steps (lengths): at t >= steps[b] its gates, hn, y are written
+    #   as zeros (its step product is computed and not used; the final state is read from
+    #   step steps[b]-1 after the loop)
     # gates: [T,B,3H] in x W_ih^T, out activated gates  hn, y: [T,B,H] out  hw: [B,3H] scratch
     # progress: step counter and abort word beside a GEMM phase (_phases.forward_phases,
     #   backward_phases), else empty  flags: barrier words when split by units, else empty
@@ -75,7 +80,13 @@ def _forward_steps(h0, w_hh, b_ih, b_hh, gates, hn, y, hw, progress, flags, part
         h_prev = h0 if t == 0 else y[t - 1]
         step_product(h_prev, sw, hw, 0.0)                             # h W_hh^T
         for b in range(b0, b1):
-            _cell_forward(gates[t, b], hw[b], b_ih, b_hh, h_prev[b], hn[t, b], y[t, b], H, j0, j1)
+            if t < steps[b]:
+                _cell_forward(gates[t, b], hw[b], b_ih, b_hh, h_prev[b], hn[t, b], y[t, b], H,
+                              j0, j1)
+            else:                                                     # a padded step
+                zero_units(gates[t, b], G, H, j0, j1)
+                zero_units(hn[t, b], 1, H, j0, j1)
+                zero_units(y[t, b], 1, H, j0, j1)
         if flags.size and barrier(flags, part, parts, t + 1):         # all of h_t written
             return                                                # the call was aborted
 
@@ -111,11 +122,13 @@ def _cell_backward(dy, dh_next, gates, hn, h_prev, dg_x, dg_h, dh, H, j0, j1):
 
 
 @jit(nogil=True)
-def _backward_steps(dy, h0, gates, hn, y, w_hh, t_start, dh_next, dg_x, dg_h, dh, progress,
-                    flags, part, parts):
+def _backward_steps(dy, h0, gates, hn, y, w_hh, t_start, steps, dh_next, dg_x, dg_h, dh,
+                    progress, flags, part, parts):
     # The time loop backwards for this part's batch rows b0:b1 and units j0:j1.
     # dy: [T,B,H]  h0: [B,H]  gates: [T,B,3H]  hn, y: [T,B,H]  w_hh: [3H,H]
     # t_start: first step to backpropagate through
+    # steps: int64 [B] row b's steps (lengths): at t >= steps[b] its dg_x, dg_h and dh are
+    #   written as zeros and its dh_next passes unchanged (the step product adds zero rows)
     # dh_next: [B,H] in: dL/dh_T, out: dL/d(h entering t_start)
     # dg_x, dg_h: [T,B,3H] out (rows t >= t_start)  dh: [T,B,H] out (rows t >= t_start)
     # progress: step counter and abort word beside a GEMM phase (_phases.forward_phases,
@@ -127,8 +140,13 @@ def _backward_steps(dy, h0, gates, hn, y, w_hh, t_start, dh_next, dg_x, dg_h, dh
     for t in range(T - 1, t_start - 1, -1):
         h_prev = h0 if t == 0 else y[t - 1]
         for b in range(b0, b1):
-            _cell_backward(dy[t, b], dh_next[b], gates[t, b], hn[t, b], h_prev[b],
-                           dg_x[t, b], dg_h[t, b], dh[t, b], H, j0, j1)
+            if t < steps[b]:
+                _cell_backward(dy[t, b], dh_next[b], gates[t, b], hn[t, b], h_prev[b],
+                               dg_x[t, b], dg_h[t, b], dh[t, b], H, j0, j1)
+            else:                                                     # a padded step
+                zero_units(dg_x[t, b], G, H, j0, j1)
+                zero_units(dg_h[t, b], G, H, j0, j1)
+                zero_units(dh[t, b], 1, H, j0, j1)
         if flags.size and barrier(flags, part, parts, T - t):         # all of dg_h_t written
             return                                                # the call was aborted
         if progress.size:
@@ -136,20 +154,23 @@ def _backward_steps(dy, h0, gates, hn, y, w_hh, t_start, dh_next, dg_x, dg_h, dh
         step_product(dg_h[t], sw, dh_next, 1.0)                       # += dg_h W_hh (z dh there)
 
 
-def gru_forward(x, state, w_ih, w_hh, b_ih, b_hh):
+def gru_forward(x, state, w_ih, w_hh, b_ih, b_hh, lengths=None):
     """x [T,B,I], state (h0 [B,H],), w_ih [3H,I], w_hh [3H,H], b_ih, b_hh [3H]
     -> y [T,B,H], (h_T,), RecurrentCache (gates [T,B,3H], hn [T,B,H]).
-    w_ih None: x is x W_ih^T [T,B,3H]."""
-    call = check_forward("gru", x, state, w_ih, w_hh, b_ih, b_hh, np)
+    w_ih None: x is x W_ih^T [T,B,3H]. lengths [B] or None: row b runs steps
+    0 .. lengths[b]-1 (the contract in bptt_kernels.__init__)."""
+    call = check_forward("gru", x, state, w_ih, w_hh, b_ih, b_hh, np, lengths=lengths)
     T, B, H, dtype = call.T, call.B, call.H, call.x.dtype
     gates = _buffers.empty((T, B, G * H), dtype)                        # T,B,3H
     hn, y = _buffers.empty((T, B, H), dtype), _buffers.empty((T, B, H), dtype)  # T,B,H each
     hw = _buffers.scratch("gru.hw", (B, G * H), dtype)                  # B,3H
     h0 = call.state[0].copy()                                           # B,H
     with layer_threads(T * B * G * H * (call.I + H)) as parts:
-        forward_phases(_forward_steps, (h0, call.w_hh, call.b_ih, call.b_hh, gates, hn, y, hw),
+        forward_phases(_forward_steps, (h0, call.w_hh, call.b_ih, call.b_hh,
+                                        row_steps(call.lengths, T, B), gates, hn, y, hw),
                        call.x, call.w_ih, gates, parts, B, call.w_hh.size)  # x W_ih^T, then the loop
-    return y, (y[-1].copy(),), RecurrentCache("gru", call.x, h0, y=y, gates=gates, hn=hn)
+    cache = RecurrentCache("gru", call.x, h0, y=y, gates=gates, hn=hn, lengths=call.lengths)
+    return y, (final_rows(y, call.lengths),), cache
 
 
 def gru_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh, t_start=0):
@@ -167,7 +188,8 @@ def gru_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh
     dh = _buffers.empty((T, B, H), dtype)                               # T,B,H
     with layer_threads((T - t_start) * B * G * H * (2 * call.I + 2 * H)) as parts:
         backward_phases(_backward_steps, (call.dy, cache.h0, cache.gates, cache.hn, cache.y,
-                                          call.w_hh, t_start, dh_next, dg_x, dg_h, dh),
+                                          call.w_hh, t_start, row_steps(cache.lengths, T, B),
+                                          dh_next, dg_x, dg_h, dh),
                         inputs=inputs, h0=cache.h0, y=cache.y, dg_x=dg_x, dg_h=dg_h,
                         dw_hh=dw_hh, db_ih=db_ih, db_hh=db_hh, dh=dh, t_start=t_start,
                         parts=parts)

@@ -20,7 +20,8 @@ from bptt_kernels.host import RecurrentCache, check_backward, check_forward
 from . import _buffers
 from ._barrier import barrier, publish, wait_for
 from ._blas import step_product, step_weight
-from ._phases import backward_phases, forward_phases, gate_gradients, input_side
+from ._phases import (backward_phases, final_rows, forward_phases, gate_gradients, input_side,
+                      row_steps, zero_units)
 from ._loop import layer_threads, split_ranges
 from ._math import jit, one_like, sigmoid_, tanh_
 
@@ -62,9 +63,13 @@ def _cell_forward(g, bias, c_prev, c, tanh_c, h, H, j0, j1):
 
 
 @jit(nogil=True)
-def _forward_steps(h0, c0, w_hh, bias, gates, c, tanh_c, y, progress, flags, part, parts):
+def _forward_steps(h0, c0, w_hh, bias, steps, gates, c, tanh_c, y, progress, flags, part,
+                   parts):
     # The time loop for this part's batch rows b0:b1 and units j0:j1 (_loop.run_time_loop).
     # h0, c0: [B,H]  w_hh: [4H,H]  bias: [4H] (b_ih + b_hh)
+    # steps: int64 [B] row b's steps (lengths): at t >= steps[b] its gates, c, tanh_c, y are
+    #   written as zeros (its step product is computed and not used; the final state is read
+    #   from step steps[b]-1 after the loop)
     # gates: [T,B,4H] in x W_ih^T, out activated gates  c, tanh_c, y: [T,B,H] out
     # progress: step counter and abort word beside a GEMM phase (_phases.forward_phases,
     #   backward_phases), else empty  flags: barrier words when split by units, else empty
@@ -79,7 +84,13 @@ def _forward_steps(h0, c0, w_hh, bias, gates, c, tanh_c, y, progress, flags, par
         c_prev = c0 if t == 0 else c[t - 1]
         step_product(h_prev, sw, gates[t], 1.0)                       # += h W_hh^T
         for b in range(b0, b1):
-            _cell_forward(gates[t, b], bias, c_prev[b], c[t, b], tanh_c[t, b], y[t, b], H, j0, j1)
+            if t < steps[b]:
+                _cell_forward(gates[t, b], bias, c_prev[b], c[t, b], tanh_c[t, b], y[t, b], H,
+                              j0, j1)
+            else:                                                     # a padded step
+                zero_units(gates[t, b], G, H, j0, j1)
+                for a in (c[t, b], tanh_c[t, b], y[t, b]):
+                    zero_units(a, 1, H, j0, j1)
         if flags.size and barrier(flags, part, parts, t + 1):         # all of h_t written
             return                                                # the call was aborted
 
@@ -113,11 +124,15 @@ def _cell_backward(dy, dh_next, dc_next, gates, c_prev, tanh_c, dgates, dh, H, j
 
 
 @jit(nogil=True)
-def _backward_steps(dy, c0, gates, c, tanh_c, w_hh, t_start, dh_next, dc_next,
+def _backward_steps(dy, c0, gates, c, tanh_c, w_hh, t_start, steps, dh_final, dh_next, dc_next,
                     dgates, dh, progress, flags, part, parts):
     # The time loop backwards for this part's batch rows b0:b1 and units j0:j1.
     # dy: [T,B,H]  c0: [B,H]  gates: [T,B,4H]  c, tanh_c: [T,B,H]  w_hh: [4H,H]
     # t_start: first step to backpropagate through
+    # steps: int64 [B] row b's steps (lengths): at t >= steps[b] its dgates and dh are written
+    #   as zeros and dc_next passes unchanged; the step product overwrites its dh_next, so
+    #   its last step steps[b]-1 takes dL/dh there from dh_final [B,H] (dL/dh_T) instead
+    #   (the caller puts dh_final back for rows with no step in the window)
     # dh_next, dc_next: [B,H] in: dL/d(final state), out: dL/d(state entering t_start)
     # dgates: [T,B,4H] out (rows t >= t_start)  dh: [T,B,H] out (rows t >= t_start)
     # progress: step counter and abort word beside a GEMM phase (_phases.forward_phases,
@@ -129,8 +144,13 @@ def _backward_steps(dy, c0, gates, c, tanh_c, w_hh, t_start, dh_next, dc_next,
     for t in range(T - 1, t_start - 1, -1):
         c_prev = c0 if t == 0 else c[t - 1]
         for b in range(b0, b1):
-            _cell_backward(dy[t, b], dh_next[b], dc_next[b], gates[t, b], c_prev[b],
-                           tanh_c[t, b], dgates[t, b], dh[t, b], H, j0, j1)
+            if t < steps[b]:
+                _cell_backward(dy[t, b], dh_final[b] if t == steps[b] - 1 else dh_next[b],
+                               dc_next[b], gates[t, b], c_prev[b], tanh_c[t, b], dgates[t, b],
+                               dh[t, b], H, j0, j1)
+            else:                                                     # a padded step
+                zero_units(dgates[t, b], G, H, j0, j1)
+                zero_units(dh[t, b], 1, H, j0, j1)
         if flags.size and barrier(flags, part, parts, T - t):         # all of dgates_t written
             return                                                # the call was aborted
         if progress.size:
@@ -138,21 +158,22 @@ def _backward_steps(dy, c0, gates, c, tanh_c, w_hh, t_start, dh_next, dc_next,
         step_product(dgates[t], sw, dh_next, 0.0)                     # dL/dh_{t-1} = dgates W_hh
 
 
-def lstm_forward(x, state, w_ih, w_hh, b_ih, b_hh):
+def lstm_forward(x, state, w_ih, w_hh, b_ih, b_hh, lengths=None):
     """x [T,B,I], state (h0 [B,H], c0 [B,H]), w_ih [4H,I], w_hh [4H,H], b_ih, b_hh [4H]
     -> y [T,B,H], (h_T, c_T), RecurrentCache (gates [T,B,4H], c, tanh_c [T,B,H]).
-    w_ih None: x is x W_ih^T [T,B,4H]."""
-    call = check_forward("lstm", x, state, w_ih, w_hh, b_ih, b_hh, np)
+    w_ih None: x is x W_ih^T [T,B,4H]. lengths [B] or None: row b runs steps
+    0 .. lengths[b]-1 (the contract in bptt_kernels.__init__)."""
+    call = check_forward("lstm", x, state, w_ih, w_hh, b_ih, b_hh, np, lengths=lengths)
     T, B, H, dtype = call.T, call.B, call.H, call.x.dtype
     gates = _buffers.empty((T, B, G * H), dtype)                       # T,B,4H
     c, tanh_c, y = (_buffers.empty((T, B, H), dtype) for _ in range(3))  # T,B,H each
     h0, c0 = (s.copy() for s in call.state)                            # B,H each
     with layer_threads(T * B * G * H * (call.I + H)) as parts:
-        forward_phases(_forward_steps, (h0, c0, call.w_hh, call.b_ih + call.b_hh, gates, c,
-                                        tanh_c, y),
+        forward_phases(_forward_steps, (h0, c0, call.w_hh, call.b_ih + call.b_hh,
+                                        row_steps(call.lengths, T, B), gates, c, tanh_c, y),
                        call.x, call.w_ih, gates, parts, B, call.w_hh.size)  # x W_ih^T, then the loop
-    cache = RecurrentCache("lstm", call.x, h0, c0, y, gates, c, tanh_c)
-    return y, (y[-1].copy(), c[-1].copy()), cache
+    cache = RecurrentCache("lstm", call.x, h0, c0, y, gates, c, tanh_c, lengths=call.lengths)
+    return y, (final_rows(y, call.lengths), final_rows(c, call.lengths)), cache
 
 
 def lstm_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh, t_start=0):
@@ -165,13 +186,18 @@ def lstm_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_h
     T, B, H, t_start, dtype = call.T, call.B, call.H, call.t_start, cache.y.dtype
     tanh_c = np.tanh(cache.c) if cache.tanh_c is None else cache.tanh_c   # T,B,H
     dh_next, dc_next = (s.copy() for s in call.dfinal_state)            # B,H each
+    dh_final = dh_next if cache.lengths is None else dh_next.copy()     # B,H  dL/dh_T
     dgates = gate_gradients("lstm.dgates", cache.gates.shape, dtype, call.w_ih)  # T,B,4H
     inputs, dx = input_side(cache.x, call.w_ih, dw_ih, dgates, t_start)
     dh = _buffers.empty((T, B, H), dtype)                               # T,B,H
     with layer_threads((T - t_start) * B * G * H * (2 * call.I + 2 * H)) as parts:
         backward_phases(_backward_steps, (call.dy, cache.c0, cache.gates, cache.c, tanh_c,
-                                          call.w_hh, t_start, dh_next, dc_next, dgates, dh),
+                                          call.w_hh, t_start, row_steps(cache.lengths, T, B),
+                                          dh_final, dh_next, dc_next, dgates, dh),
                         inputs=inputs, h0=cache.h0, y=cache.y, dg_x=dgates, dg_h=dgates,
                         dw_hh=dw_hh, db_ih=db_ih, db_hh=db_hh, dh=dh, t_start=t_start,
                         parts=parts)
+    if cache.lengths is not None:                   # rows with no step in the window: dL/dh
+        idle = cache.lengths <= t_start             # passes unchanged (the step products
+        dh_next[idle] = dh_final[idle]              # wrote zeros there)
     return dx, (dh_next, dc_next), dh

@@ -43,10 +43,10 @@ from .recurrent import backward, choose_path, forward, persistent_limits
 NAME = "cuda"
 
 
-def lstm_forward(x, state, w_ih, w_hh, b_ih, b_hh):
+def lstm_forward(x, state, w_ih, w_hh, b_ih, b_hh, lengths=None):
     """LSTM over T steps. x [T,B,I], state (h0 [B,H], c0 [B,H]), w_ih [4H,I], w_hh [4H,H],
     b_ih/b_hh [4H]. Returns y [T,B,H], (h_T, c_T), RecurrentCache."""
-    return forward("lstm", x, state, w_ih, w_hh, b_ih, b_hh)
+    return forward("lstm", x, state, w_ih, w_hh, b_ih, b_hh, lengths)
 
 
 def lstm_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh, t_start=0):
@@ -55,10 +55,10 @@ def lstm_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_h
     return backward("lstm", dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh, t_start)
 
 
-def gru_forward(x, state, w_ih, w_hh, b_ih, b_hh):
+def gru_forward(x, state, w_ih, w_hh, b_ih, b_hh, lengths=None):
     """GRU over T steps. x [T,B,I], state (h0 [B,H],), w_ih [3H,I], w_hh [3H,H], b_ih/b_hh [3H].
     Returns y [T,B,H], (h_T,), RecurrentCache."""
-    return forward("gru", x, state, w_ih, w_hh, b_ih, b_hh)
+    return forward("gru", x, state, w_ih, w_hh, b_ih, b_hh, lengths)
 
 
 def gru_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh, t_start=0):
@@ -67,10 +67,10 @@ def gru_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh
     return backward("gru", dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh, t_start)
 
 
-def rnn_tanh_forward(x, state, w_ih, w_hh, b_ih, b_hh):
+def rnn_tanh_forward(x, state, w_ih, w_hh, b_ih, b_hh, lengths=None):
     """Elman RNN (tanh) over T steps. x [T,B,I], state (h0 [B,H],), w_ih [H,I], w_hh [H,H],
     b_ih/b_hh [H]. Returns y [T,B,H], (h_T,), RecurrentCache."""
-    return forward("rnn_tanh", x, state, w_ih, w_hh, b_ih, b_hh)
+    return forward("rnn_tanh", x, state, w_ih, w_hh, b_ih, b_hh, lengths)
 
 
 def rnn_tanh_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh, t_start=0):
@@ -79,9 +79,9 @@ def rnn_tanh_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, 
                     t_start)
 
 
-def rnn_relu_forward(x, state, w_ih, w_hh, b_ih, b_hh):
+def rnn_relu_forward(x, state, w_ih, w_hh, b_ih, b_hh, lengths=None):
     """Elman RNN (relu) over T steps; as :func:`rnn_tanh_forward`."""
-    return forward("rnn_relu", x, state, w_ih, w_hh, b_ih, b_hh)
+    return forward("rnn_relu", x, state, w_ih, w_hh, b_ih, b_hh, lengths)
 
 
 def rnn_relu_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh, t_start=0):

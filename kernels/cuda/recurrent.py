@@ -27,6 +27,9 @@ from numba import cuda
 from bptt_kernels.host import (SEPARATE_HIDDEN_GRAD, RecurrentCache, check_backward,
                                check_forward, finish_backward)
 
+# variable-length batches (``lengths``) are masked in the cpu and reference time loops only
+LENGTHS_NOT_YET = "lengths on the cuda backend: not yet; use the cpu or reference backend"
+
 from . import _device, cells, config
 from .gemm import matmul
 
@@ -123,15 +126,19 @@ def _dummy(ndim, dtype):
 # Forward
 
 
-def forward(cell, x, state, w_ih, w_hh, b_ih, b_hh):
+def forward(cell, x, state, w_ih, w_hh, b_ih, b_hh, lengths=None):
     """One layer of ``cell`` over all T steps; see the backend interface for the contract.
 
     x [T,B,I], state (h0 [B,H],) or (h0, c0) for lstm (None: zeros), w_ih [G*H,I], w_hh [G*H,H],
     b_ih/b_hh [G*H]. w_ih None: x is x W_ih^T [T,B,G*H] already. Returns y [T,B,H] (the view
     ``cache.extra["hs"][1:]``: do not modify it in place while the cache is needed), the final
-    state (fresh arrays) and the cache.
+    state (fresh arrays) and the cache. ``lengths`` is checked, then refused
+    (NotImplementedError): not on this backend yet.
     """
-    call = check_forward(cell, x, state, w_ih, w_hh, b_ih, b_hh, _device.xp, _device.DTYPES)
+    call = check_forward(cell, x, state, w_ih, w_hh, b_ih, b_hh, _device.xp, _device.DTYPES,
+                         lengths)
+    if call.lengths is not None:
+        raise NotImplementedError(LENGTHS_NOT_YET)
     x, w_ih, w_hh, b_ih, b_hh = call.x, call.w_ih, call.w_hh, call.b_ih, call.b_hh
     T, B, I, H, GH = call.T, call.B, call.I, call.H, call.G * call.H
     dtype = x.dtype
@@ -202,6 +209,8 @@ def backward(cell, dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_
     xp = _device.xp
     call = check_backward(cell, dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh,
                           t_start, xp)
+    if call.cache.lengths is not None:                 # a cache made with lengths elsewhere
+        raise NotImplementedError(LENGTHS_NOT_YET)
     dy, w_hh, t_start, cache = call.dy, call.w_hh, call.t_start, call.cache
     T, B, H, GH = call.T, call.B, call.H, call.G * call.H
     dtype = dy.dtype

@@ -96,8 +96,8 @@ def choose_path(cell, B, H, dtype):
 
 
 def _cell_functions(cell):
-    def forward(x, state, w_ih, w_hh, b_ih, b_hh):
-        return _get().recurrent_forward(cell, x, state, w_ih, w_hh, b_ih, b_hh)
+    def forward(x, state, w_ih, w_hh, b_ih, b_hh, lengths=None):
+        return _get().recurrent_forward(cell, x, state, w_ih, w_hh, b_ih, b_hh, lengths)
 
     def backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh, t_start=0):
         return _get().recurrent_backward(cell, dy, dfinal_state, cache, w_ih, w_hh,

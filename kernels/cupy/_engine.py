@@ -29,6 +29,9 @@ import numpy as np
 from bptt_kernels.host import (SEPARATE_HIDDEN_GRAD, RecurrentCache, check_backward,
                                check_forward, finish_backward)
 
+# variable-length batches (``lengths``) are masked in the cpu and reference time loops only
+LENGTHS_NOT_YET = "lengths on the cupy backend: not yet; use the cpu or reference backend"
+
 from . import config
 from ._compile import SUFFIX, kernel_name
 from ._cublas import matmul_step_gemm
@@ -167,10 +170,13 @@ class Engine:
         steps(arrays)
 
 
-    def recurrent_forward(self, cell, x, state, w_ih, w_hh, b_ih, b_hh):
-        """One layer of ``cell`` over all T steps; see bptt_kernels.__init__ for the contract."""
+    def recurrent_forward(self, cell, x, state, w_ih, w_hh, b_ih, b_hh, lengths=None):
+        """One layer of ``cell`` over all T steps; see bptt_kernels.__init__ for the contract.
+        ``lengths`` is checked, then refused (NotImplementedError): not on this backend yet."""
         xp = self.xp
-        call = check_forward(cell, x, state, w_ih, w_hh, b_ih, b_hh, xp, DTYPES)
+        call = check_forward(cell, x, state, w_ih, w_hh, b_ih, b_hh, xp, DTYPES, lengths)
+        if call.lengths is not None:
+            raise NotImplementedError(LENGTHS_NOT_YET)
         x, w_ih, w_hh, b_ih, b_hh = call.x, call.w_ih, call.w_hh, call.b_ih, call.b_hh
         T, B, I, H, G = call.T, call.B, call.I, call.H, call.G
         dtype = x.dtype
@@ -222,6 +228,8 @@ class Engine:
         xp = self.xp
         call = check_backward(cell, dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih,
                               db_hh, t_start, xp)
+        if call.cache.lengths is not None:             # a cache made with lengths elsewhere
+            raise NotImplementedError(LENGTHS_NOT_YET)
         dy, w_hh, t_start, cache = call.dy, call.w_hh, call.t_start, call.cache
         T, B, H, G = call.T, call.B, call.H, call.G
         dtype = dy.dtype

@@ -20,6 +20,7 @@ _WHERE = {
     "cache_to_arrays": "cache", "cache_from_arrays": "cache",
     "ForwardCall": "checks", "BackwardCall": "checks", "check_forward": "checks",
     "check_backward": "checks", "check_input_weight_pair": "checks",
+    "as_lengths": "checks",
     "finish_backward": "gradients", "states_entering": "gradients",
 }
 __all__ = list(_WHERE)

@@ -6,6 +6,8 @@ backend is read by any other (:func:`cache_from_arrays`).
 
 from typing import Any, NamedTuple
 
+import numpy as np
+
 from .cells import CELLS, GATES
 
 
@@ -25,6 +27,10 @@ class RecurrentCache(NamedTuple):
                        None where a backend recomputes it in backward (or a cache comes
                        from one): a backend that wants it computes it from c
     hn      [T,B,H]    GRU h_{t-1} W_hn^T + b_hn, the term r multiplies (None otherwise)
+    lengths [B]        int64 host array (numpy on every backend): the steps of each batch
+                       row (``<cell>_forward(..., lengths=...)``), or None: T for every row.
+                       At a row's padded steps t >= lengths[b], y, gates, c, tanh_c and hn
+                       hold zeros.
     extra   dict       a backend's private views of the arrays above (the Numba-CUDA
                        backend's h_0..h_T in one [T+1,B,H] array), or None. Derived, never
                        saved: a backend rebuilds what it lacks from the named fields.
@@ -38,6 +44,7 @@ class RecurrentCache(NamedTuple):
     c: Any = None
     tanh_c: Any = None
     hn: Any = None
+    lengths: Any = None
     extra: Any = None
 
 
@@ -61,14 +68,18 @@ def field_shapes(cell, T, B, I, H):
 
 
 def cache_to_arrays(cache, to_host):
-    """(cell, {field: host array}) of ``cache``'s arrays (fields that are None left out)."""
-    return cache.cell, {f: to_host(getattr(cache, f)) for f in ARRAY_FIELDS
-                        if getattr(cache, f) is not None}
+    """(cell, {field: host array}) of ``cache``'s arrays (fields that are None left out;
+    ``lengths``, a host array already, as a copy of int64)."""
+    arrays = {f: to_host(getattr(cache, f)) for f in ARRAY_FIELDS
+              if f != "lengths" and getattr(cache, f) is not None}
+    if cache.lengths is not None:
+        arrays["lengths"] = np.array(cache.lengths, dtype=np.int64, copy=True)
+    return cache.cell, arrays
 
 
 def cache_from_arrays(cell, arrays, asarray):
     """The :class:`RecurrentCache` of ``cell`` from {field: host array}, each array through
-    ``asarray(a)`` onto a backend. Unknown cells or fields raise ValueError."""
+    ``asarray(a)`` onto a backend (``lengths`` stays a host int64 array). Unknown cells or fields raise ValueError."""
     if cell not in CELLS:
         raise ValueError(f"cache cell must be one of {CELLS}, got {cell!r}")
     unknown = sorted(set(arrays) - set(ARRAY_FIELDS))
@@ -77,4 +88,7 @@ def cache_from_arrays(cell, arrays, asarray):
     missing = [f for f in ("x", "h0", "y") if f not in arrays]
     if missing:
         raise ValueError(f"a {cell} cache needs the fields {missing}")
-    return RecurrentCache(cell, **{f: asarray(a) for f, a in arrays.items()})
+    fields = {f: asarray(a) for f, a in arrays.items() if f != "lengths"}
+    if arrays.get("lengths") is not None:                # stays on the host, as int64
+        fields["lengths"] = np.array(arrays["lengths"], dtype=np.int64, copy=True)
+    return RecurrentCache(cell, **fields)

@@ -10,6 +10,8 @@ argument, the expected and the actual value:
   a state that is not a tuple, a cache that is not a :class:`RecurrentCache` -> TypeError
 * a wrong number of dimensions or shape, an out-of-range t_start, a state tuple of the
   wrong length, a cache of another cell, an unknown cell -> ValueError
+* ``lengths`` (:func:`as_lengths`): not of an integer dtype -> TypeError; not of shape [B],
+  or a value outside [1, T] -> ValueError
 """
 
 import operator
@@ -36,6 +38,7 @@ class ForwardCall(NamedTuple):
     I: int
     H: int
     G: int
+    lengths: Any = None  # int64 [B] host array (numpy), or None: every row runs all T steps
 
 
 class BackwardCall(NamedTuple):
@@ -150,6 +153,26 @@ def as_index(name, value, low, high):
     return v
 
 
+def as_lengths(name, lengths, T, B):
+    """``lengths`` (any array-like of integers, on the host) as a fresh int64 numpy array of
+    shape [B] with every value in [1, T]; None stays None. TypeError for a non-integer dtype
+    (bool included), ValueError for a wrong shape or a value out of range."""
+    if lengths is None:
+        return None
+    a = np.asarray(lengths)
+    if a.dtype == np.bool_ or not np.issubdtype(a.dtype, np.integer):
+        raise TypeError(f"{name} must be an array of integers (the steps of each batch row), "
+                        f"got dtype {a.dtype}")
+    if a.shape != (B,):
+        raise ValueError(f"{name} must have shape [{B}] (one length per batch row), "
+                         f"got {_shape_text(a.shape)}")
+    bad = np.flatnonzero((a < 1) | (a > T))
+    if bad.size:
+        b = int(bad[0])
+        raise ValueError(f"{name} must be in [1, {T}], got {int(a[b])} at row {b}")
+    return np.array(a, dtype=np.int64, copy=True)
+
+
 def _check_cache(cell, cache, xp):
     """The cache with every field its cell uses checked (the backend's arrays, one dtype,
     consistent shapes) and made C-contiguous: a cache may come from another backend or a
@@ -163,12 +186,19 @@ def _check_cache(cell, cache, xp):
     fields = {f: as_array(f"cache.{f}", getattr(cache, f), xp, x.dtype, shapes[f])
               for f in CELL_FIELDS[cell] + ("tanh_c",) if getattr(cache, f) is not None}
     changed = {f: a for f, a in fields.items() if a is not getattr(cache, f)}
+    if cache.lengths is not None:
+        lengths = as_lengths("cache.lengths", cache.lengths, x.shape[0], x.shape[1])
+        if not (isinstance(cache.lengths, np.ndarray) and cache.lengths.dtype == np.int64
+                and cache.lengths.flags.c_contiguous):
+            changed["lengths"] = lengths
     return cache._replace(**changed) if changed else cache
 
 
-def check_forward(cell, x, state, w_ih, w_hh, b_ih, b_hh, xp, dtypes=FLOAT_DTYPES):
+def check_forward(cell, x, state, w_ih, w_hh, b_ih, b_hh, xp, dtypes=FLOAT_DTYPES,
+                  lengths=None):
     """Check a ``<cell>_forward`` call on a backend of array module ``xp`` that computes in
-    ``dtypes``; return its :class:`ForwardCall`. w_ih None: x is x W_ih^T [T,B,G*H]."""
+    ``dtypes``; return its :class:`ForwardCall`. w_ih None: x is x W_ih^T [T,B,G*H].
+    ``lengths``: host integers [B] in [1, T] (:func:`as_lengths`), or None."""
     check_cell(cell)
     G = GATES[cell]
     x = as_array("x", x, xp, None, (None, None, None))
@@ -191,7 +221,8 @@ def check_forward(cell, x, state, w_ih, w_hh, b_ih, b_hh, xp, dtypes=FLOAT_DTYPE
     b_ih = as_array("b_ih", b_ih, xp, x.dtype, (G * H,))
     b_hh = as_array("b_hh", b_hh, xp, x.dtype, (G * H,))
     state = _state("state", state, cell, B, H, x.dtype, xp)
-    return ForwardCall(x, state, w_ih, w_hh, b_ih, b_hh, T, B, I, H, G)
+    lengths = as_lengths("lengths", lengths, T, B)
+    return ForwardCall(x, state, w_ih, w_hh, b_ih, b_hh, T, B, I, H, G, lengths)
 
 
 def check_backward(cell, dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh,
