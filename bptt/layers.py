@@ -24,7 +24,7 @@ import numpy as np
 from bptt import _checks
 from bptt.backend import get_backend
 from bptt_kernels import CELLS, GATES
-from bptt_kernels.host import RecurrentCache, cache_from_arrays, cache_to_arrays
+from bptt_kernels.host import RecurrentCache, as_lengths, cache_from_arrays, cache_to_arrays
 
 _layer_ids = itertools.count(1)
 
@@ -218,11 +218,19 @@ class _RecurrentLayer:
 
     # ------------------------------------------------------------------ forward / backward
 
-    def forward(self, x, state=None, projected=False, check_finite=True):
+    def forward(self, x, state=None, projected=False, check_finite=True, *, lengths=None):
         """Run all layers over T steps.
 
         x      [T, B, I] float array-like (converted to the layer dtype)
         state  h [L, B, H] (LSTM: (h, c)), or None for zeros
+        lengths  (keyword) integers [B], each in 1..T, in any order: a batch of sequences of
+               different lengths, padded to T. Row b runs only its steps t < lengths[b] in
+               every stacked layer: y is zero at its padded steps, and its final state is the
+               one after its own last step (PyTorch's pack_padded_sequence(x, lengths,
+               enforce_sorted=False) through the module, then pad_packed_sequence). x at
+               padded steps is not used but must be finite. None: every row runs all T steps.
+               :meth:`backward` takes the lengths from the cache. (Not on the cupy and cuda
+               backends yet: NotImplementedError there.)
         projected  x is [T, B, G*H] = x_t weight_ih_l0^T, the bottom layer's input projection
                done by the caller (a language model takes it from a table E weight_ih_l0^T);
                :meth:`backward` then returns dL/d(that) in place of dx and leaves the
@@ -246,6 +254,7 @@ class _RecurrentLayer:
         if check_finite:
             _checks.expect_finite("x", x, self.backend)
         states = self._zero_states(B) if state is None else self._state_arrays("state", state, B)
+        lengths = as_lengths("lengths", lengths, T, B)     # host int64 [B] or None
 
         caches, finals = [], []
         inp = x
@@ -254,7 +263,11 @@ class _RecurrentLayer:
             w_ih, w_hh, b_ih, b_hh = self._layer_params(k)
             if k == 0 and projected:
                 w_ih = None                                             # inp is x W_ih^T
-            inp, final, cache = self._forward_kernel(inp, layer_state, w_ih, w_hh, b_ih, b_hh)
+            if lengths is None:                                         # every row all T steps
+                inp, final, cache = self._forward_kernel(inp, layer_state, w_ih, w_hh, b_ih, b_hh)
+            else:                                                       # every level the same
+                inp, final, cache = self._forward_kernel(inp, layer_state, w_ih, w_hh, b_ih, b_hh,
+                                                         lengths=lengths)
             caches.append(cache)
             finals.append(final)
         y = inp
@@ -268,7 +281,9 @@ class _RecurrentLayer:
 
         dy        [T, B, H] dL/dy
         cache     the :class:`LayerCache` that this layer's forward returned (or
-                  :meth:`cache_from_dict` rebuilt)
+                  :meth:`cache_from_dict` rebuilt); a forward with ``lengths`` left them in
+                  it: padded steps give no gradient (dy there is ignored, dx and dh there are
+                  zero) and dstate reaches each row's own last step
         dstate    dL/d(final state), like ``state``; None for zeros
         t_start   0 <= t_start < T: the gradient is cut at the state entering step t_start
                   (as if the forward had started there from a detached state)
