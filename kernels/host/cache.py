@@ -79,7 +79,8 @@ def cache_to_arrays(cache, to_host):
 
 def cache_from_arrays(cell, arrays, asarray):
     """The :class:`RecurrentCache` of ``cell`` from {field: host array}, each array through
-    ``asarray(a)`` onto a backend (``lengths`` stays a host int64 array). Unknown cells or fields raise ValueError."""
+    ``asarray(a)`` onto a backend (``lengths`` stays a host int64 array). Unknown cells or
+    fields raise ValueError."""
     if cell not in CELLS:
         raise ValueError(f"cache cell must be one of {CELLS}, got {cell!r}")
     unknown = sorted(set(arrays) - set(ARRAY_FIELDS))
