@@ -21,7 +21,7 @@ _LAZY = {
     "SGD": "bptt.optim", "Adam": "bptt.optim",
     "ConstantLR": "bptt.optim", "StepDecay": "bptt.optim", "ExponentialDecay": "bptt.optim",
     "PlateauDecay": "bptt.optim",
-    "Trainer": "bptt.trainer", "Preempted": "bptt.trainer",
+    "Trainer": "bptt.trainer", "Preempted": "bptt.interrupts",
     "CheckpointCallback": "bptt.checkpointing",
 }
 

@@ -123,7 +123,7 @@ class CheckpointCallback:
     run, and before it where the trainer was resumed from this directory). ``meta``: the
     JSON-able dict stored in each checkpoint (default: the trainer's ``meta``).
 
-    After ``fit`` returns, or stops on Ctrl-C or SIGTERM (:class:`bptt.trainer.Preempted`, a
+    After ``fit`` returns, or stops on Ctrl-C or SIGTERM (:class:`bptt.interrupts.Preempted`, a
     KeyboardInterrupt), call :meth:`save` for the final checkpoint. Temp files that a killed
     process left in ``run_dir`` are removed when the callback is made.
     """

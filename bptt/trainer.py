@@ -42,18 +42,17 @@ of the interrupted call finishes that run from the saved position, ending with e
 weights of a run that was never interrupted. To train n more updates: ``max_steps=trainer.step + n``.
 """
 
-import contextlib
 import copy
 import json
 import math
-import signal
-import threading
 import time
 
 import numpy as np
 
 from bptt import checkpoint_file
 from bptt.batches import Dataset, Position, Segment, batchify, reset_rows
+from bptt.evaluation import evaluate, validation_entries
+from bptt.interrupts import DeferredInterrupt, Preempted
 from bptt.models import (LanguageModel, NonFiniteGradientError, SequenceModel, check_model_dict, load_model_dict,
                          model_from_dict, model_to_dict)
 from bptt.optim import OPTIMIZERS, ConstantLR, Optimizer, Schedule, clip_grad_norm_, schedule_from_state_dict
@@ -66,76 +65,6 @@ EVAL_CHUNK = 256   # steps per forward call in evaluate() when k1 is None
 
 class NonFiniteError(FloatingPointError):
     """The loss or the gradient of a training window was NaN or inf."""
-
-
-class Preempted(KeyboardInterrupt):
-    """SIGTERM (a scheduler preempting the job, ``kill PID``) during :meth:`Trainer.fit`: raised,
-    as Ctrl-C's KeyboardInterrupt is, at the last committed update, so the trainer's state is
-    consistent and can be saved. A subclass of KeyboardInterrupt (code that stops on Ctrl-C stops
-    on it too); ``signum`` is the signal's number (exit status 128 + signum, 143 for SIGTERM)."""
-
-    def __init__(self, signum=signal.SIGTERM):
-        self.signum = int(signum)
-        super().__init__(f"stopped by {signal.Signals(self.signum).name}")
-
-
-def _raise_preempted(signum, frame):
-    raise Preempted(signum)
-
-
-class _DeferredInterrupt:
-    """Hold back Ctrl-C (SIGINT) and SIGTERM inside the block and hand the first one that arrived
-    to the handler that was in place after it (Python's SIGINT handler raises KeyboardInterrupt;
-    inside :meth:`Trainer.fit` SIGTERM's raises :class:`Preempted`). Main thread only; elsewhere
-    signals cannot arrive in Python code anyway.
-
-    ``_DeferredInterrupt.preemptible()`` (a context manager and decorator, on ``fit``): inside it
-    SIGTERM raises Preempted instead of ending the process, where its handler is the default
-    one; the default is back after it, so a second SIGTERM while the caller saves ends the
-    process at once (the atomic checkpoint write leaves the previous file whole)."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __enter__(self):
-        self.pending = None
-        self.active = threading.current_thread() is threading.main_thread()
-        if self.active:
-            self.previous = {s: signal.signal(s, self._hold) for s in self.SIGNALS}
-        return self
-
-    def _hold(self, signum, frame):
-        if self.pending is None:
-            self.pending = (signum, frame)
-
-    def __exit__(self, *exc):
-        if not self.active:
-            return False
-        for s, previous in self.previous.items():
-            if previous is None:    # set outside Python: put Python's defaults back
-                previous = signal.default_int_handler if s == signal.SIGINT else signal.SIG_DFL
-                self.previous[s] = previous
-            signal.signal(s, previous)
-        if self.pending is not None:
-            signum = self.pending[0]
-            previous = self.previous[signum]
-            if callable(previous):
-                previous(*self.pending)              # Python's default raises KeyboardInterrupt
-            elif previous == signal.SIG_DFL:
-                raise KeyboardInterrupt if signum == signal.SIGINT else Preempted(signum)
-        return False
-
-    @staticmethod
-    @contextlib.contextmanager
-    def preemptible():
-        if threading.current_thread() is not threading.main_thread() \
-                or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
-            yield                        # another thread, or the caller handles SIGTERM itself
-            return
-        signal.signal(signal.SIGTERM, _raise_preempted)
-        try:
-            yield
-        finally:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _check_k(name, value):
@@ -236,7 +165,7 @@ class Trainer:
             n += sum(1 for t in range(0, group.T, k) if group.count(t, min(t + k, group.T)))
         return n
 
-    @_DeferredInterrupt.preemptible()
+    @DeferredInterrupt.preemptible()
     def fit(self, data, batch_size, epochs=1, max_steps=None, validation=None, callbacks=(), reset_mask=None,
             eval_every=None, patience=None, validation_batch_size=None):
         """Train until ``epochs`` epochs are complete or ``max_steps`` updates are made, both counted
@@ -341,16 +270,8 @@ class Trainer:
             m = self.evaluate(validation, batch_size)
         finally:
             self.model.rng.bit_generator.state = rng_state
-        loss = float(m["loss"])
-        if "perplexity" in m:
-            perplexity, bits = float(m["perplexity"]), float(m["bits_per_token"])
-        elif "accuracy" in m:                           # cross-entropy over class targets
-            perplexity, bits = (math.exp(loss) if loss < 700 else math.inf), loss / math.log(2)
-        else:                                           # MSE: no perplexity
-            perplexity = bits = math.nan
-        result = {"val_loss": loss, "val_perplexity": perplexity, "val_bits_per_token": bits}
-        if "accuracy" in m:
-            result["val_accuracy"] = float(m["accuracy"])
+        result = validation_entries(m)
+        loss = result["val_loss"]
         vs = self.validation_state
         vs["step"], vs["count"] = self.step, vs["count"] + 1
         if math.isfinite(loss) and (vs["best_loss"] is None or loss < vs["best_loss"]):
@@ -390,7 +311,7 @@ class Trainer:
         w0 = max(0, t0 - overlap)                       # the window: steps [w0, t1)
         if count:
             skipped, grad_norm, dh_norms = self._backward_window(loss, ring, w0, t0, t1)
-        with _DeferredInterrupt():
+        with DeferredInterrupt():
             event = None
             if count:
                 if skipped is None:
@@ -466,41 +387,9 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
 
     def evaluate(self, data, batch_size, reset_mask=None):
-        """Loss on held-out data, no dropout, state carried over the whole stream (chunks of k1 steps,
-        or EVAL_CHUNK under full BPTT; chunking changes nothing here: no truncation without backward).
-
-        LanguageModel: {"loss" (nats per token), "perplexity", "bits_per_token"}. SequenceModel:
-        {"loss"} plus "accuracy" (argmax over counted targets) for class targets.
-        """
-        be, model = self.backend, self.model
-        dataset = Dataset(model, data, batch_size, reset_mask)
-        total, count, correct = 0.0, 0, 0
-        chunk = self.k1 or EVAL_CHUNK
-        for group in dataset.groups:
-            state = None
-            for t0 in range(0, group.T, chunk):
-                for s0, s1, reset in group.segments(t0, min(t0 + chunk, group.T)):
-                    if reset:
-                        state = reset_rows(state, be.asarray(~group.resets[s0], model.dtype))
-                    out, state, _ = model.forward(group.inputs[s0:s1], state, train=False)
-                    n = group.count(s0, s1)
-                    if n == 0:
-                        continue
-                    if group.ce:
-                        tg = group.targets[s0:s1] if group.every_step else group.targets
-                        tg_dev = be.asarray(tg, np.int64)
-                        pred = be.xp.argmax(out, axis=-1)
-                        correct += int(((pred == tg_dev) & (tg_dev >= 0)).sum())
-                    total += group.loss(be, out, s0, s1, 1)[0]
-                    count += n
-        loss = total / count if count else math.nan
-        if isinstance(model, LanguageModel):
-            return {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else math.inf,
-                    "bits_per_token": loss / math.log(2)}
-        metrics = {"loss": loss}
-        if dataset.groups[0].ce:
-            metrics["accuracy"] = correct / count if count else math.nan
-        return metrics
+        """Loss on held-out data, no dropout, state carried over the whole stream (chunks of k1
+        steps, or EVAL_CHUNK under full BPTT): see :func:`bptt.evaluation.evaluate`."""
+        return evaluate(self.model, data, batch_size, self.k1 or EVAL_CHUNK, reset_mask)
 
     # ------------------------------------------------------------------ state and checkpoints
 

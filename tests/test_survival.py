@@ -23,7 +23,7 @@ import bptt
 from bptt import checkpoint_file, checkpointing
 from bptt.checkpoint_file import CheckpointError, CheckpointWriteError
 from bptt.cli import main
-from bptt.trainer import Preempted
+from bptt.interrupts import Preempted
 
 TEXT = ("def add(a, b):\n    return a + b\n\nclass Point:\n    x = 0\n    y = 0\n\n"
         "for i in range(10):\n    print(add(i, i))\n") * 4

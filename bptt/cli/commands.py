@@ -98,7 +98,7 @@ def cmd_train(args):
             "vocab": data.vocab.to_json() if data.vocab else None, "bptt_version": bptt.__version__,
             "target": {"max_steps": max_steps, "epochs": epochs}}
     from bptt.checkpointing import CheckpointCallback
-    from bptt.trainer import Preempted
+    from bptt.interrupts import Preempted
     saver = CheckpointCallback(trainer, out, every_updates=cfg.get("save_every"),
                                every_minutes=cfg.get("save_every_minutes", SAVE_EVERY_MINUTES),
                                keep=cfg.get("keep", KEEP), meta=meta)
