@@ -14,15 +14,6 @@ torch = pytest.importorskip("torch")
 SHAPES = {"w": (4, 3), "b": (5,), "e": (2, 3, 2)}
 
 
-@pytest.fixture(params=["reference", "cpu"])
-def backend(request):
-    try:
-        with bptt.use_backend(request.param) as be:
-            yield be
-    except ImportError as e:
-        pytest.skip(f"backend {request.param} not importable: {e}")
-
-
 def _run_pair(backend, make_ours, make_torch, steps=25, seed=0):
     """Feed the same random gradients to both optimizers for ``steps`` steps; return both params."""
     rng = np.random.default_rng(seed)

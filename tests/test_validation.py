@@ -11,15 +11,6 @@ import pytest
 import bptt
 
 
-@pytest.fixture(params=["reference", "cpu"])
-def backend(request):
-    try:
-        with bptt.use_backend(request.param) as be:
-            yield be
-    except ImportError as e:
-        pytest.skip(f"backend {request.param} not importable: {e}")
-
-
 def lm_trainer(schedule=None, seed=3):
     """Dropout (draws from the model's RNG), two levels, TBPTT(3, 7): a ring buffer of older
     chunks' caches and a carried state between updates."""
