@@ -56,3 +56,19 @@ def random_layer_problem(rng, cell, T, B, I, H, dtype):
     }
     cast = lambda a: np.ascontiguousarray(a, dtype=dtype)  # noqa: E731
     return {k: tuple(cast(a) for a in v) if isinstance(v, tuple) else cast(v) for k, v in p.items()}
+
+
+def force_unit_split(monkeypatch, workers):
+    """Make every cpu layer call run on ``workers`` threads with its time loops cut by hidden
+    units (every weight counted as large). Returns the list that records, per phase run, whether
+    its pieces ran together (the unit split's barrier needs them to)."""
+    from bptt_kernels.cpu import _loop
+    monkeypatch.setattr(_loop, "THREADS", workers)
+    monkeypatch.setattr(_loop, "MIN_WORK_FOR_THREADS", 0)
+    for threshold in ("UNIT_SPLIT_WEIGHT_FEW_ROWS", "UNIT_SPLIT_WEIGHT"):
+        monkeypatch.setattr(_loop, threshold, 1)
+    together = []
+    run_parts = _loop.run_parts
+    monkeypatch.setattr(_loop, "run_parts", lambda k, a, p, **kw: (
+        together.append(kw.get("together", False)), run_parts(k, a, p, **kw))[1])
+    return together

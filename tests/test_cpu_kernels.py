@@ -16,7 +16,7 @@ import bptt_kernels.cpu as cpu
 import bptt_kernels.reference as ref
 from bptt_kernels.cpu import _buffers
 import helpers
-from helpers import random_layer_problem, rel_err
+from helpers import force_unit_split, random_layer_problem, rel_err
 
 TOL = {np.float64: 1e-12, np.float32: 1e-5}
 DTYPES = (np.float64, np.float32)
@@ -410,15 +410,7 @@ def test_time_loop_split_by_units(cell, workers, B, dtype, monkeypatch):
     the time loops are cut by hidden units (H=37: uneven ranges, some not a multiple of 4) and
     meet at a barrier every step; t_start=2. Same result as the reference, and the unit split
     did run (its pieces together)."""
-    from bptt_kernels.cpu import _loop
-    monkeypatch.setattr(_loop, "THREADS", workers)
-    monkeypatch.setattr(_loop, "MIN_WORK_FOR_THREADS", 0)
-    for threshold in ("UNIT_SPLIT_WEIGHT_FEW_ROWS", "UNIT_SPLIT_WEIGHT"):
-        monkeypatch.setattr(_loop, threshold, 1)
-    together = []
-    run_parts = _loop.run_parts
-    monkeypatch.setattr(_loop, "run_parts", lambda k, a, p, **kw: (
-        together.append(kw.get("together", False)), run_parts(k, a, p, **kw))[1])
+    together = force_unit_split(monkeypatch, workers)
     T, I, H = 9, 6, 37
     rng = np.random.default_rng(workers * 10 + B)
     x, state, w, dy, dfinal, grads0 = random_problem(rng, cell, dtype, T, B, I, H)

@@ -26,7 +26,7 @@ import bptt_kernels.reference as ref
 from bptt_kernels import CELLS, GATES
 from bptt_kernels.cpu import _buffers, _loop, _phases
 from bptt_kernels.host import RecurrentCache, cache_from_arrays, cache_to_arrays
-from helpers import RTOL, assert_close, random_layer_problem
+from helpers import RTOL, assert_close, force_unit_split, random_layer_problem
 
 WEIGHTS = ("w_ih", "w_hh", "b_ih", "b_hh")
 
@@ -417,14 +417,7 @@ def test_cpu_matches_reference_split_by_rows(cell, dtype, poisoned_buffers, monk
 def test_cpu_matches_reference_split_by_units(cell, workers, B, dtype, poisoned_buffers,
                                               monkeypatch):
     """The time loops cut by hidden units (H=37, uneven) meeting at a barrier every step."""
-    monkeypatch.setattr(_loop, "THREADS", workers)
-    monkeypatch.setattr(_loop, "MIN_WORK_FOR_THREADS", 0)
-    for threshold in ("UNIT_SPLIT_WEIGHT_FEW_ROWS", "UNIT_SPLIT_WEIGHT"):
-        monkeypatch.setattr(_loop, threshold, 1)
-    together = []
-    run_parts = _loop.run_parts
-    monkeypatch.setattr(_loop, "run_parts", lambda k, a, p, **kw: (
-        together.append(kw.get("together", False)), run_parts(k, a, p, **kw))[1])
+    together = force_unit_split(monkeypatch, workers)
     T = 9
     lengths = np.array([5]) if B == 1 else np.array([9, 2, 7, 1, 4][:B])
     check_cpu_against_reference(cell, dtype, T, B, 6, 37, lengths, (0, 3, 6),
