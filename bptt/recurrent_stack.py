@@ -205,9 +205,13 @@ class RecurrentModelBase:
             return (xp.concatenate([s[0] for s in per_level]), xp.concatenate([s[1] for s in per_level]))
         return xp.concatenate(per_level)
 
-    def _stack_forward(self, x, state, train, projected=False):
+    def _stack_forward(self, x, state, train, projected=False, lengths=None):
         """x [T,B,I] (projected: x W_ih^T of level 0, [T,B,G*H])
-        -> (y [T,B,H] of the top level, final state, StackCache)."""
+        -> (y [T,B,H] of the top level, final state, StackCache).
+
+        lengths: host ints [B] in 1..T, or None: row b runs its steps t < lengths[b] on every
+        level (``layer.forward(..., lengths=...)``); the level caches carry them, so
+        :meth:`_stack_backward` needs nothing more."""
         states = self._split_state(state, x.shape[1])
         caches, masks, finals = [], [], []
         for k, layer in enumerate(self.layers):
@@ -217,7 +221,7 @@ class RecurrentModelBase:
             # only a user's x needs the scan for NaN/inf: the levels above take the output of
             # the one below, a projected x comes from the model's weights
             x, final, cache = layer.forward(x, states[k], projected and k == 0,
-                                            check_finite=k == 0 and not projected)
+                                            check_finite=k == 0 and not projected, lengths=lengths)
             caches.append(cache)
             finals.append(final)
         return x, self._join_state(finals), StackCache(caches, masks)
