@@ -255,31 +255,55 @@ def read_text(path, max_chars=None, encoding="utf-8", errors="strict"):
         raise ValueError(f"max_chars must be a positive integer or None; got {max_chars!r}")
     codec, shown = _codec(encoding)
     limit = max_text_bytes()
+    with _open_bytes(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        if max_chars is None and size > limit:
+            raise DataError(f"{path}: {_size(size)} is larger than the {_size(limit)} bptt reads whole; "
+                            "give --max-chars N to read its first N characters (or raise BPTT_MAX_TEXT_BYTES)")
+        parts, n_chars, n_bytes = [], 0, 0
+        for part, n in _decoded_chunks(f, path, codec, shown, errors, limit):
+            n_bytes += n
+            parts.append(part)
+            n_chars += len(part)
+            if max_chars is not None and n_chars >= max_chars:
+                break
+            if n_bytes > limit:
+                need = f"--max-chars {max_chars:,}" if max_chars is not None else "the whole file"
+                raise DataError(f"{path}: {need} needs more than the {_size(limit)} bptt reads from one file; "
+                                "give a smaller --max-chars (or raise BPTT_MAX_TEXT_BYTES)")
+    text = "".join(parts)
+    text = text if max_chars is None else text[:max_chars]
+    if not text.strip():
+        raise _empty_file(path, size)
+    return text
+
+
+def _open_bytes(path):
+    """The file ``path`` opened for reading bytes; DataError naming it if it is missing, a
+    directory or unreadable."""
     if not os.path.exists(path):
         raise DataError(f"{path}: no such file")
     if os.path.isdir(path):
         raise DataError(f"{path}: is a directory, expected a text file")
     try:
-        f = open(path, "rb")
+        return open(path, "rb")
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
-    with f:
-        size = os.fstat(f.fileno()).st_size
-        if max_chars is None and size > limit:
-            raise DataError(f"{path}: {_size(size)} is larger than the {_size(limit)} bptt reads whole; "
-                            "give --max-chars N to read its first N characters (or raise BPTT_MAX_TEXT_BYTES)")
-        text = _decode_stream(f, path, codec, shown, errors, max_chars, limit)
-    if not text.strip():
-        raise DataError(f"{path}: file is empty" + (f" (only whitespace in {_size(size)})" if size else ""))
-    return text
 
 
-def _decode_stream(f, path, codec, shown, errors, max_chars, limit, chunk_size=1 << 20):
-    """Decode ``f`` chunk by chunk until ``max_chars`` characters or the end of the file."""
+def _empty_file(path, size):
+    return DataError(f"{path}: file is empty" + (f" (only whitespace in {_size(size)})" if size else ""))
+
+
+def _decoded_chunks(f, path, codec, shown, errors, limit=None, chunk_size=1 << 20):
+    """Decode the open binary file ``f`` chunk by chunk: yields (text, bytes read for it), the
+    last pair with 0 bytes (the end of the file, where the decoder is flushed). At most
+    ``limit + 1`` bytes are read (None: no limit). DataError if the first bytes look binary, or
+    for an undecodable byte (its offset and line) under ``errors="strict"``."""
     decoder = codecs.getincrementaldecoder(codec)(errors=errors)
-    parts, n_chars, n_bytes = [], 0, 0
+    n_bytes, n_lines = 0, 0
     while True:
-        chunk = f.read(min(chunk_size, limit + 1 - n_bytes))
+        chunk = f.read(chunk_size if limit is None else min(chunk_size, limit + 1 - n_bytes))
         if n_bytes == 0:
             why = looks_binary(chunk[:65536], codec)
             if why:
@@ -291,20 +315,14 @@ def _decode_stream(f, path, codec, shown, errors, max_chars, limit, chunk_size=1
         except UnicodeDecodeError as e:
             data = pending + chunk
             offset = n_bytes - len(pending) + e.start
-            line = sum(p.count("\n") for p in parts) + data[: e.start].decode(codec, "replace").count("\n") + 1
+            line = n_lines + data[: e.start].decode(codec, "replace").count("\n") + 1
             raise DataError(f"{path}: not {shown} text (invalid byte 0x{data[e.start]:02x} at offset {offset:,}, "
                             f"line {line:,}); give --encoding NAME (e.g. latin-1) or --decode-errors replace") from None
         n_bytes += len(chunk)
-        parts.append(part)
-        n_chars += len(part)
-        if final or (max_chars is not None and n_chars >= max_chars):
-            break
-        if n_bytes > limit:
-            need = f"--max-chars {max_chars:,}" if max_chars is not None else "the whole file"
-            raise DataError(f"{path}: {need} needs more than the {_size(limit)} bptt reads from one file; "
-                            "give a smaller --max-chars (or raise BPTT_MAX_TEXT_BYTES)")
-    text = "".join(parts)
-    return text if max_chars is None else text[:max_chars]
+        n_lines += part.count("\n")
+        yield part, len(chunk)
+        if final:
+            return
 
 
 def _cap(text, max_chars):

@@ -122,10 +122,11 @@ def test_chunked_read_keeps_characters_split_across_chunks(tmp_path, monkeypatch
     text = "aé€😀\n" * 1000
     path.write_bytes(text.encode("utf-8"))
     with open(path, "rb") as f:
-        assert data._decode_stream(f, str(path), "utf-8-sig", "UTF-8", "strict", None, 1 << 20, chunk_size=3) == text
+        chunks = data._decoded_chunks(f, str(path), "utf-8-sig", "UTF-8", "strict", chunk_size=3)
+        assert "".join(part for part, _ in chunks) == text
     path.write_bytes("é".encode("utf-8") * 10 + b"\n\xff")
     with open(path, "rb") as f, pytest.raises(DataError, match=r"0xff at offset 21, line 2\)"):
-        data._decode_stream(f, str(path), "utf-8-sig", "UTF-8", "strict", None, 1 << 20, chunk_size=4)
+        list(data._decoded_chunks(f, str(path), "utf-8-sig", "UTF-8", "strict", chunk_size=4))
     assert read_text(path, errors="replace") == "é" * 10 + "\n\ufffd"
     monkeypatch.setenv("BPTT_MAX_TEXT_BYTES", "8")
     with pytest.raises(DataError, match=r"22 bytes is larger than the 8 bytes bptt reads whole"):
