@@ -89,9 +89,10 @@ def tol():
     return lambda dtype: RTOL[np.dtype(dtype)]
 
 
-def _make_layer(cell, input_size, hidden_size, num_layers=1, bias=True, dtype=np.float64, seed=0):
+def _make_layer(cell, input_size, hidden_size, num_layers=1, bias=True, dtype=np.float64, seed=0,
+                bidirectional=False):
     """Build a bptt layer for a backend-interface cell name ('lstm', 'gru', 'rnn_tanh', 'rnn_relu')."""
-    kw = dict(num_layers=num_layers, bias=bias, dtype=dtype, seed=seed)
+    kw = dict(num_layers=num_layers, bias=bias, dtype=dtype, seed=seed, bidirectional=bidirectional)
     if cell == "lstm":
         return bptt.LSTM(input_size, hidden_size, **kw)
     if cell == "gru":
@@ -114,7 +115,8 @@ def _state_parts(state):
 
 @pytest.fixture
 def make_layer():
-    """make_layer(cell, input_size, hidden_size, num_layers=1, bias=True, dtype=float64, seed=0)."""
+    """make_layer(cell, input_size, hidden_size, num_layers=1, bias=True, dtype=float64, seed=0,
+    bidirectional=False)."""
     return _make_layer
 
 
