@@ -2,9 +2,26 @@
 
 One single-level recurrent layer per level (``model.layers``), inverted dropout between levels
 (masks from the model's ``numpy.random.Generator``, kept in the cache), the stacked state
-h [L,B,H] (LSTM: (h, c)) split into and joined from per-level states, parameter bookkeeping
-under PyTorch's names (``rnn.weight_ih_l{k}``...), ``state_dict``/``load_state_dict`` and the
-linear output map. Shapes: T steps, B batch, I input size, H hidden size, L levels.
+h [D*L,B,H] (LSTM: (h, c)) split into and joined from per-level states, parameter bookkeeping
+under PyTorch's names (``rnn.weight_ih_l{k}``..., bidirectional also
+``rnn.weight_ih_l{k}_reverse``...), ``state_dict``/``load_state_dict`` and the linear output
+map. Shapes: T steps, B batch, I input size, H hidden size, L levels, D directions (2 for a
+bidirectional stack, else 1).
+
+The interface a model uses (``RecurrentModelBase``):
+
+* ``rng = self._init_stack(cell, input_size, hidden_size, num_layers, dropout, dtype, seed,
+  bidirectional=False)`` builds the levels and sets ``cell``, ``hidden_size``, ``num_layers``,
+  ``dropout``, ``dtype``, ``backend``, ``bidirectional``, ``num_directions`` (D), ``layers``,
+  ``params``/``grads`` (``rnn.*``); it returns the Generator for the model's own parameters.
+  Levels above the first take the D*H features of the level below.
+* ``y, final, stack_cache = self._stack_forward(x, state, train, projected=False, lengths=None)``:
+  x [T,B,I], state h [D*L,B,H] (LSTM (h, c)) or None, lengths host ints [B] in 1..T or None;
+  y [T,B,D*H] (forward half, then reverse half). projected=True: not with bidirectional.
+* ``dx, dinit, dh = self._stack_backward(dy, stack_cache, dstate, t_start)``: dy [T,B,D*H],
+  dstate like state (or None), dh one [T,B,D*H] per level; the lengths come from the cache;
+  bidirectional needs t_start == 0 (ValueError otherwise).
+* ``self.init_state(B)``: zeros [D*L,B,H] (LSTM (h, c)).
 """
 
 import math
@@ -21,14 +38,16 @@ class NonFiniteGradientError(FloatingPointError):
     """A gradient flowing back through a model became NaN or inf."""
 
 
-def make_layer(cell, input_size, hidden_size, dtype, seed):
-    """One single-level recurrent layer of ``cell`` ("lstm", "gru", "rnn_tanh", "rnn_relu")."""
+def make_layer(cell, input_size, hidden_size, dtype, seed, bidirectional=False):
+    """One single-level recurrent layer of ``cell`` ("lstm", "gru", "rnn_tanh", "rnn_relu"),
+    with a reverse direction where ``bidirectional``."""
+    kw = dict(dtype=dtype, seed=seed, bidirectional=bidirectional)
     if cell == "lstm":
-        return LSTM(input_size, hidden_size, 1, dtype=dtype, seed=seed)
+        return LSTM(input_size, hidden_size, 1, **kw)
     if cell == "gru":
-        return GRU(input_size, hidden_size, 1, dtype=dtype, seed=seed)
+        return GRU(input_size, hidden_size, 1, **kw)
     if cell in ("rnn_tanh", "rnn_relu"):
-        return RNN(input_size, hidden_size, 1, nonlinearity=cell[4:], dtype=dtype, seed=seed)
+        return RNN(input_size, hidden_size, 1, nonlinearity=cell[4:], **kw)
     raise ValueError(f"cell must be one of {CELLS}; got {cell!r}")
 
 
@@ -70,13 +89,20 @@ class StackCache:
 class RecurrentModelBase:
     """What both models share: the recurrent stack, dropout, parameter bookkeeping, state_dict."""
 
-    def _init_stack(self, cell, input_size, hidden_size, num_layers, dropout, dtype, seed):
+    def _init_stack(self, cell, input_size, hidden_size, num_layers, dropout, dtype, seed, bidirectional=False):
+        """Build the levels (see the module docstring); returns the Generator for the model's
+        own parameters."""
         if cell not in CELLS:
             raise ValueError(f"cell must be one of {CELLS}; got {cell!r}")
         self.cell = cell
         self.hidden_size = _checks.expect_int("hidden_size", hidden_size, 1)
         self.num_layers = _checks.expect_int("num_layers", num_layers, 1)
         self.dropout = check_dropout(dropout)
+        if not isinstance(bidirectional, (bool, np.bool_)):
+            raise TypeError(f"bidirectional must be True or False; got {type(bidirectional).__name__} "
+                            f"{bidirectional!r}")
+        self.bidirectional = bool(bidirectional)
+        self.num_directions = 2 if self.bidirectional else 1
         self.dtype = np.dtype(dtype)
         self.backend = get_backend()
         if self.dtype not in self.backend.DTYPES:
@@ -84,13 +110,13 @@ class RecurrentModelBase:
         seeds = np.random.SeedSequence(seed)
         init_seed, dropout_seed, *layer_seeds = seeds.spawn(2 + self.num_layers)
         self.rng = np.random.default_rng(dropout_seed)        # dropout masks
-        self.layers = [make_layer(cell, input_size if k == 0 else self.hidden_size, self.hidden_size,
-                                  self.dtype, layer_seeds[k])
+        self.layers = [make_layer(cell, input_size if k == 0 else self.num_directions * self.hidden_size,
+                                  self.hidden_size, self.dtype, layer_seeds[k], self.bidirectional)
                        for k in range(self.num_layers)]
         self.params, self.grads = {}, {}
         for k, layer in enumerate(self.layers):
-            for name in layer.params:                          # weight_ih_l0 ... of level k
-                public = "rnn." + name[:-1] + str(k)
+            for name in layer.params:       # weight_ih_l0 (weight_ih_l0_reverse) ... of level k
+                public = "rnn." + name.replace("_l0", f"_l{k}")
                 self.params[public] = layer.params[name]
                 self.grads[public] = layer.grads[name]
         return np.random.default_rng(init_seed)
@@ -112,9 +138,9 @@ class RecurrentModelBase:
     # ------------------------------------------------------------------ state, grads, weights
 
     def init_state(self, batch_size):
-        """Zero state: h [L, B, H], or (h, c) for LSTM."""
+        """Zero state: h [D*L, B, H], or (h, c) for LSTM."""
         B = _checks.expect_int("batch_size", batch_size, 1)
-        shape = (self.num_layers, B, self.hidden_size)
+        shape = (self.num_directions * self.num_layers, B, self.hidden_size)
         if self.cell == "lstm":
             return self.backend.zeros(shape, self.dtype), self.backend.zeros(shape, self.dtype)
         return self.backend.zeros(shape, self.dtype)
@@ -183,19 +209,21 @@ class RecurrentModelBase:
         return a * mask, mask
 
     def _split_state(self, state, B):
-        """h [L,B,H] (or (h, c)) -> list of per-level states h [1,B,H] (or (h, c))."""
+        """h [D*L,B,H] (or (h, c)) -> list of per-level states h [D,B,H] (or (h, c))."""
         if state is None:
             return [None] * self.num_layers
+        D = self.num_directions
+        layout = "[2L, B, H]" if self.bidirectional else "[L, B, H]"
         if self.cell == "lstm":
             if not isinstance(state, (tuple, list)) or len(state) != 2:
-                raise TypeError(f"state of an LSTM model must be a tuple (h, c) of [L, B, H] arrays; "
+                raise TypeError(f"state of an LSTM model must be a tuple (h, c) of {layout} arrays; "
                                 f"got {type(state).__name__}")
             parts = [_checks.as_float_array(n, s, self.dtype, self.backend) for n, s in zip(("state[0]", "state[1]"), state)]
         else:
             parts = [_checks.as_float_array("state", state, self.dtype, self.backend)]
         for s in parts:
-            _checks.expect_shape("state", s, (self.num_layers, B, self.hidden_size), "[L, B, H]")
-        per_level = [tuple(s[k:k + 1] for s in parts) for k in range(self.num_layers)]
+            _checks.expect_shape("state", s, (D * self.num_layers, B, self.hidden_size), layout)
+        per_level = [tuple(s[D * k:D * (k + 1)] for s in parts) for k in range(self.num_layers)]
         return per_level if self.cell == "lstm" else [p[0] for p in per_level]
 
     def _join_state(self, per_level):
@@ -206,8 +234,9 @@ class RecurrentModelBase:
         return xp.concatenate(per_level)
 
     def _stack_forward(self, x, state, train, projected=False, lengths=None):
-        """x [T,B,I] (projected: x W_ih^T of level 0, [T,B,G*H])
-        -> (y [T,B,H] of the top level, final state, StackCache).
+        """x [T,B,I] (projected: x W_ih^T of level 0, [T,B,G*H]; not with bidirectional), state
+        h [D*L,B,H] (LSTM (h, c)) or None -> (y [T,B,D*H] of the top level, final state, StackCache).
+        Dropout (train) acts on the [T,B,D*H] input of every level above the first.
 
         lengths: host ints [B] in 1..T, or None: row b runs its steps t < lengths[b] on every
         level (``layer.forward(..., lengths=...)``); the level caches carry them, so
@@ -227,8 +256,9 @@ class RecurrentModelBase:
         return x, self._join_state(finals), StackCache(caches, masks)
 
     def _stack_backward(self, dy, cache, dstate, t_start):
-        """dy [T,B,H] -> (dx [T,B,I] (projected forward: dL/d(x W_ih^T) [T,B,G*H]),
-        d(state entering t_start), dh: list per level of [T,B,H])."""
+        """dy [T,B,D*H] -> (dx [T,B,I] (projected forward: dL/d(x W_ih^T) [T,B,G*H]),
+        d(state entering t_start), dh: list per level of [T,B,D*H]). A bidirectional stack
+        needs t_start == 0 (the layers raise ValueError otherwise)."""
         xp = self.backend.xp
         dstates = self._split_state(dstate, dy.shape[1])
         dinit, dh_all = [None] * self.num_layers, [None] * self.num_layers

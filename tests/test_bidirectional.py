@@ -72,52 +72,6 @@ def as_parts(state):
 
 
 # ----------------------------------------------------------------------------------------
-# lengths through the models' recurrent stack
-
-class Stack(RecurrentModelBase):
-    """The recurrent stack alone, as the models build it (parameters under rnn.*)."""
-
-    def __init__(self, cell, input_size, hidden_size, num_layers, dtype, seed=0, **kw):
-        self._init_stack(cell, input_size, hidden_size, num_layers, 0.0, dtype, seed, **kw)
-
-
-@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
-@pytest.mark.parametrize("num_layers", [1, 3])
-@pytest.mark.parametrize("cell", CELLS)
-def test_stack_with_lengths_matches_torch_packed(backend, cell, num_layers, dtype, rng):
-    """_stack_forward(..., lengths=...) and _stack_backward against torch's module with
-    num_layers levels over a packed batch (dropout 0): y, final state, dx, d(initial state)
-    and every rnn.* gradient."""
-    _torch()
-    T, B, I, H, L = 6, 5, 3, 4, num_layers
-    torch.manual_seed(int(rng.integers(2**31)))
-    module = torch_module(cell, I, H, L, True, dtype, False)
-    stack = Stack(cell, I, H, L, dtype)
-    stack.load_state_dict({"rnn." + name: p for name, p in module.state_dict().items()})
-    n_states = 2 if cell == "lstm" else 1
-    lengths = make_lengths("mixed", T, B, rng)
-    x = rng.standard_normal((T, B, I)).astype(dtype)
-    state = tuple(rng.standard_normal((L, B, H)).astype(dtype) for _ in range(n_states))
-    dy = rng.standard_normal((T, B, H)).astype(dtype)
-    dstate = tuple(rng.standard_normal((L, B, H)).astype(dtype) for _ in range(n_states))
-    want_y, want_final, want_dx, want_dinit, want_grads = torch_run(module, cell, x, state, lengths, dy, dstate)
-
-    unpack = (lambda s: s) if cell == "lstm" else (lambda s: s[0])
-    xp, host = stack.backend.xp, stack.backend.to_host
-    y, final, cache = stack._stack_forward(xp.asarray(x), unpack(state), train=True, lengths=lengths)
-    dx, dinit, _ = stack._stack_backward(xp.asarray(dy), cache, unpack(tuple(map(xp.asarray, dstate))), 0)
-    what = f"{stack.backend.NAME} stack {cell} L={L} lengths={list(lengths)}"
-    assert_close(host(y), want_y, dtype, f"{what} y")
-    assert_close(host(dx), want_dx, dtype, f"{what} dx")
-    for k in range(n_states):
-        assert_close(host(as_parts(final)[k]), want_final[k], dtype, f"{what} final state[{k}]")
-        assert_close(host(as_parts(dinit)[k]), want_dinit[k], dtype, f"{what} d(initial state)[{k}]")
-    assert set(stack.grads) == {"rnn." + name for name in want_grads}
-    for name, g in want_grads.items():
-        assert_close(host(stack.grads["rnn." + name]), g, dtype, f"{what} d{name}")
-
-
-# ----------------------------------------------------------------------------------------
 # bidirectional layers against torch
 
 def random_parts(cell, shape, dtype, rng):
@@ -364,3 +318,74 @@ def test_bidirectional_finite_differences(cell, rng, make_layer):
         assert_close(dx, numeric_grad(loss, x), None, "dx", rtol=FD_RTOL)
         for k, s in enumerate(state):
             assert_close(as_parts(dinit)[k], numeric_grad(loss, s), None, f"d(initial state)[{k}]", rtol=FD_RTOL)
+
+
+# ----------------------------------------------------------------------------------------
+# the models' recurrent stack: lengths, bidirectional
+
+class Stack(RecurrentModelBase):
+    """The recurrent stack alone, as the models build it (parameters under rnn.*)."""
+
+    def __init__(self, cell, input_size, hidden_size, num_layers, dtype, seed=0, **kw):
+        self._init_stack(cell, input_size, hidden_size, num_layers, 0.0, dtype, seed, **kw)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("kind", [None, "mixed"], ids=["padded", "lengths"])
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["one", "bidi"])
+@pytest.mark.parametrize("num_layers", [1, 3])
+@pytest.mark.parametrize("cell", CELLS)
+def test_stack_matches_torch(backend, cell, num_layers, bidirectional, kind, dtype, rng):
+    """_stack_forward(..., lengths=...) and _stack_backward (dropout 0) against torch's module
+    with num_layers levels (padded, or packed with enforce_sorted=False) loaded under the
+    prefix rnn.: y, final state, dx, d(initial state) and every rnn.* gradient."""
+    _torch()
+    T, B, I, H, L = 6, 5, 3, 4, num_layers
+    torch.manual_seed(int(rng.integers(2**31)))
+    module = torch_module(cell, I, H, L, True, dtype, bidirectional)
+    stack = Stack(cell, I, H, L, dtype, bidirectional=bidirectional)
+    assert stack.num_directions == (2 if bidirectional else 1)
+    assert list(stack.state_dict()) == ["rnn." + name for name in module.state_dict()]
+    stack.load_state_dict({"rnn." + name: p for name, p in module.state_dict().items()})
+    lengths = None if kind is None else make_lengths(kind, T, B, rng)
+    x = rng.standard_normal((T, B, I)).astype(dtype)
+    state = random_parts(cell, (stack.num_directions * L, B, H), dtype, rng)
+    check_against_torch(stack, module, cell, x, state, lengths, dtype, rng, prefix="rnn.")
+
+
+def test_bidirectional_stack_state_dropout_and_bad_calls(backend, rng):
+    """init_state [2L, B, H]; dropout masks act on the [T, B, 2H] inputs of the upper levels
+    (the backward multiplies by them: checked against a forward with the same masks given as
+    the layers' inputs); the stack's cache dict round trip; a [L, B, H] state and t_start > 0
+    refused."""
+    T, B, I, H, L = 5, 3, 2, 4, 2
+    stack = Stack("gru", I, H, L, np.float64, seed=4, bidirectional=True)
+    stack.dropout = 0.5
+    h0 = stack.init_state(B)
+    assert h0.shape == (2 * L, B, H) and not np.asarray(h0).any()
+    x = rng.standard_normal((T, B, I))
+    state = rng.standard_normal((2 * L, B, H))
+    lengths = np.array([5, 2, 4])
+    y, final, cache = stack._stack_forward(x, state, train=True, lengths=lengths)
+    mask = np.asarray(cache.masks[0])
+    assert mask.shape == (T, B, 2 * H) and set(np.unique(mask)) == {0.0, 2.0}
+    # the upper level's input was the lower level's y times the mask
+    y0, _, _ = stack.layers[0].forward(x, state[:2], lengths=lengths)
+    y1, _, _ = stack.layers[1].forward(np.asarray(y0) * mask, state[2:], lengths=lengths)
+    assert_close(y, y1, np.float64, "y with dropout")
+    dy = rng.standard_normal((T, B, 2 * H))
+    dx, dinit, dh = stack._stack_backward(dy, cache, None, 0)
+    assert [a.shape for a in dh] == [(T, B, 2 * H)] * L and dinit.shape == (2 * L, B, H)
+    again = stack._stack_cache_from_dict(cache.to_dict(stack.backend.to_host))
+    stack.zero_grad()
+    dx2, dinit2, _ = stack._stack_backward(dy, again, None, 0)
+    np.testing.assert_array_equal(dx2, dx)
+    np.testing.assert_array_equal(dinit2, dinit)
+    with pytest.raises(ValueError, match=r"state must have shape \[2L, B, H\] = \(4, 3, 4\); got .*\(2, 3, 4\)"):
+        stack._stack_forward(x, state[:L], train=False)
+    with pytest.raises(ValueError, match="t_start must be 0 for a bidirectional layer"):
+        stack._stack_backward(dy, cache, None, 1)
+    with pytest.raises(ValueError, match="projected=True is not available with bidirectional=True"):
+        stack._stack_forward(rng.standard_normal((T, B, 3 * H)), None, train=False, projected=True)
+    with pytest.raises(TypeError, match="bidirectional must be True or False"):
+        Stack("gru", I, H, L, np.float64, bidirectional=1)
