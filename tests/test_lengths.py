@@ -14,8 +14,10 @@ pad_packed_sequence, which is the oracle here (skipped without torch), besides:
 * the cpu kernels against the reference on every cpu path (by batch rows, by hidden units,
   one row with the GEMM phases beside the loop) with NaN-poisoned buffers, and a call with
   every length T bit-identical to one without lengths;
-* the cache carrying the lengths (field, dicts of host arrays, layer caches), and the GPU
-  backends refusing lengths (cupy's host emulation).
+* the cache carrying the lengths (field, dicts of host arrays, layer caches).
+
+The GPU backends' masks: tests/test_lengths_cupy.py (cupy's host emulation) and
+tests/cudasim/test_lengths_cuda.py (Numba-CUDA under the simulator).
 """
 
 import numpy as np
@@ -474,7 +476,7 @@ def test_cpu_lengths_all_T_bit_identical(cell, dtype, threads, monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------
-# The cache, and the backends that do not do lengths yet
+# The cache
 
 
 def test_cache_arrays_carry_lengths():
@@ -496,31 +498,3 @@ def test_cache_arrays_carry_lengths():
     want = ref.gru_backward(p["dy"], None, cache, p["w_ih"], p["w_hh"], *g)
     got = ref.gru_backward(p["dy"], None, odd, p["w_ih"], p["w_hh"], *g)
     np.testing.assert_array_equal(got[0], want[0])
-
-
-def _cupy_host():
-    from bptt_kernels.cupy import host_emulation
-    if host_emulation.find_compiler() is None:
-        pytest.skip("no host C++ compiler (g++/c++/clang++) to build the CuPy kernels")
-    return host_emulation.host_backend()
-
-
-@pytest.mark.parametrize("cell", CELLS)
-def test_cupy_refuses_lengths(cell):
-    """The cupy backend (on its host emulation) checks lengths like every backend, then
-    refuses them, in forward and for a cache made with lengths elsewhere."""
-    be = _cupy_host()
-    p = random_layer_problem(np.random.default_rng(2), cell, 3, 2, 4, 5, np.float32)
-    args = (p["x"], p["state"], p["w_ih"], p["w_hh"], p["b_ih"], p["b_hh"])
-    fwd, bwd = getattr(be, f"{cell}_forward"), getattr(be, f"{cell}_backward")
-    message = "lengths on the cupy backend: not yet; use the cpu or reference backend"
-    with pytest.raises(NotImplementedError, match=message):
-        fwd(*args, lengths=np.array([3, 1]))
-    with pytest.raises(ValueError, match=r"lengths must be in \[1, 3\], got 0 at row 1"):
-        fwd(*args, lengths=np.array([3, 0]))
-    _, _, cache = getattr(ref, f"{cell}_forward")(*args, lengths=np.array([3, 1]))
-    g = [np.zeros_like(a) for a in p["grads0"]]
-    with pytest.raises(NotImplementedError, match=message):
-        bwd(p["dy"], None, cache, p["w_ih"], p["w_hh"], *g)
-    y, _, _ = fwd(*args, lengths=None)                        # without lengths: as before
-    assert y.shape == (3, 2, 5)

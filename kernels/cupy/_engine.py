@@ -19,6 +19,10 @@ Recurrent layers (see recurrent.cu for the kernels, :mod:`._plan` for the path c
   the persistent or cooperative kernel), then ``dw_ih``, ``dw_hh``, the biases and ``dx`` as
   GEMMs over all (T - t_start) * B rows (:func:`bptt_kernels.host.finish_backward`, on ``xp``).
 
+Variable-length batches (``lengths``): every recurrent kernel takes each row's steps as an int32
+[B] device array and masks its padded steps itself (recurrent.cu); a call without lengths
+passes T for every row (:meth:`Engine._row_steps`).
+
 The argument checks and the cache (:class:`~bptt_kernels.host.RecurrentCache`) are the ones
 every backend shares (:mod:`bptt_kernels.host`); a cache made by another backend, or read from
 a checkpoint, is accepted.
@@ -28,9 +32,6 @@ import numpy as np
 
 from bptt_kernels.host import (SEPARATE_HIDDEN_GRAD, RecurrentCache, check_backward,
                                check_forward, finish_backward)
-
-# variable-length batches (``lengths``) are masked in the cpu and reference time loops only
-LENGTHS_NOT_YET = "lengths on the cupy backend: not yet; use the cpu or reference backend"
 
 from . import config
 from ._compile import SUFFIX, kernel_name
@@ -45,6 +46,7 @@ ROW_THREADS = 256               # threads per block of per-row reductions (a pow
 MAX_GRID = 65535                # grid-stride kernels never need more blocks
 # the cached activations the recurrent kernels read, in their argument order
 CACHED = ("h0", "c0", "y", "c", "gates", "hn")
+MAX_KEPT_STEPS = 64             # arrays of T for every row kept (Engine._row_steps)
 
 
 class Engine:
@@ -68,6 +70,7 @@ class Engine:
         self._limits = None
         self._to_host = to_host
         self._placeholders = {}
+        self._all_steps = {}    # (T, B, device) -> int32 [B] of T (Engine._row_steps)
 
     # ---------------------------------------------------------------------------------------
     # plumbing
@@ -102,6 +105,27 @@ class Engine:
         if p is None:
             p = self._placeholders[dtype] = self.xp.zeros(1, dtype=dtype)
         return p
+
+    def _row_steps(self, lengths, T, B, like):
+        """The recurrent kernels' ``steps``: an int32 [B] device array of each row's steps,
+        ``lengths`` (checked, host int64) uploaded, or T for every row, made once per (T, B,
+        device of ``like``): a call without lengths uploads and fills nothing."""
+        if lengths is not None:
+            return self.xp.asarray(lengths.astype(np.int32))
+        key = (T, B, str(getattr(like, "device", "")))
+        steps = self._all_steps.get(key)
+        if steps is None:
+            if len(self._all_steps) >= MAX_KEPT_STEPS:
+                self._all_steps.clear()
+            steps = self._all_steps[key] = self.xp.full(B, T, dtype=np.int32)
+        return steps
+
+    def _final_rows(self, a, steps, lengths):
+        """[B,H] a fresh array of each row's value after its own last step, from a [T,B,H]
+        (``y`` or ``c``): a[T-1] without lengths."""
+        if lengths is None:
+            return a[-1].copy()
+        return a[steps - 1, self.xp.arange(a.shape[1])]
 
     def _array(self, name, a, shape=None, dtype=None, ndim=None, contiguous=False):
         """The non-recurrent ops' check: ``a`` is a device array of this backend with the
@@ -155,34 +179,36 @@ class Engine:
     def _step_grid(self, n):
         return max(1, min(MAX_GRID, ceil_div(n, STEP_THREADS)))
 
-    def _run_steps(self, key, steps, arrays, inputs, outputs):
-        """Run the general path's time loop ``steps(arrays)`` (None entries dropped: the cell
+    def _run_steps(self, key, loop, arrays, inputs, outputs, masked):
+        """Run the general path's time loop ``loop(arrays)`` (None entries dropped: the cell
         has no such array), as a CUDA graph where config says so (:mod:`._graphs`); ``key``
-        names the loop (direction, cell, T, B, H, t_start, dtype), the arrays' device added."""
+        names the loop (direction, cell, T, B, H, t_start, dtype), the arrays' device added.
+        ``masked``: the call has lengths, so its ``arrays["steps"]`` is an input of every
+        replay; a graph of a call without them keeps the steps it was recorded with (T for
+        every row: the key says which kind of call it is)."""
         arrays = {name: a for name, a in arrays.items() if a is not None}
         h0 = arrays["h0"]
-        key += (str(getattr(h0, "device", "")),)  # a graph replays on the GPU it was made on
+        key += (str(getattr(h0, "device", "")), masked)  # a graph replays on the GPU it was made on
+        inputs += ("steps",) if masked else ()
         if (self.graphs is not None and config.GRAPHS
                 and h0.size <= config.GRAPH_MAX_STATE                            # B * H
-                and self.graphs.run(key, steps, arrays, [n for n in inputs if n in arrays],
+                and self.graphs.run(key, loop, arrays, [n for n in inputs if n in arrays],
                                     [n for n in outputs if n in arrays])):
             return
-        steps(arrays)
+        loop(arrays)
 
 
     def recurrent_forward(self, cell, x, state, w_ih, w_hh, b_ih, b_hh, lengths=None):
-        """One layer of ``cell`` over all T steps; see bptt_kernels.__init__ for the contract.
-        ``lengths`` is checked, then refused (NotImplementedError): not on this backend yet."""
+        """One layer of ``cell`` over all T steps; see bptt_kernels.__init__ for the contract."""
         xp = self.xp
         call = check_forward(cell, x, state, w_ih, w_hh, b_ih, b_hh, xp, DTYPES, lengths)
-        if call.lengths is not None:
-            raise NotImplementedError(LENGTHS_NOT_YET)
         x, w_ih, w_hh, b_ih, b_hh = call.x, call.w_ih, call.w_hh, call.b_ih, call.b_hh
         T, B, I, H, G = call.T, call.B, call.I, call.H, call.G
         dtype = x.dtype
         h0 = call.state[0]
         c0 = call.state[1] if cell == "lstm" else None
         none = self._placeholder(dtype)
+        steps = self._row_steps(call.lengths, T, B, h0)                      # B
 
         if w_ih is None:
             xproj = x + b_ih                                                   # T,B,GH
@@ -199,28 +225,30 @@ class Engine:
         path, per_block, splits = self.plan(cell, B, H, dtype)  # rows or units
         if path in ("persistent", "cooperative"):
             self._one_launch("forward", path, cell, B, H, per_block, splits, dtype,
-                             (i32(T), i32(B), i32(H), i32(per_block), i32(splits), xproj, w_hh,
-                              b_hh, h0, none if c0 is None else c0) + outs)
+                             (i32(T), i32(B), i32(H), i32(per_block), i32(splits), steps, xproj,
+                              w_hh, b_hh, h0, none if c0 is None else c0) + outs)
         else:
             name = kernel_name(f"{cell}_forward_step", dtype)
             grid = self._step_grid(B * H)
 
-            def steps(a):  # per step: hp = h_{t-1} W_hh^T (step_gemm), then the gate kernel
+            def loop(a):  # per step: hp = h_{t-1} W_hh^T (step_gemm), then the gate kernel
                 written = tuple(a.get(k, none) for k in ("y", "c", "gates", "hn"))
                 for t in range(T):
                     self.step_gemm(a["h0"] if t == 0 else a["y"][t - 1], a["w_hh"], a["hp"], True)
                     self.launch(name, grid, STEP_THREADS,
-                                (i32(t), i32(B), i32(H), a["xproj"], a["hp"], a["b_hh"], a["h0"],
-                                 a.get("c0", none)) + written)
+                                (i32(t), i32(B), i32(H), a["steps"], a["xproj"], a["hp"],
+                                 a["b_hh"], a["h0"], a.get("c0", none)) + written)
 
-            arrays = dict(xproj=xproj, w_hh=w_hh, b_hh=b_hh, h0=h0, c0=c0,
+            arrays = dict(steps=steps, xproj=xproj, w_hh=w_hh, b_hh=b_hh, h0=h0, c0=c0,
                           hp=xp.empty((B, G * H), dtype=dtype),                      # B,GH
                           y=y, c=c, gates=gates, hn=hn)
-            self._run_steps(("forward", cell, T, B, H, 0, dtype), steps, arrays,
+            self._run_steps(("forward", cell, T, B, H, 0, dtype), loop, arrays,
                             inputs=("xproj", "w_hh", "b_hh", "h0", "c0"),
-                            outputs=("y", "c", "gates", "hn"))
-        final = (y[T - 1].copy(), c[T - 1].copy()) if cell == "lstm" else (y[T - 1].copy(),)
-        return y, final, RecurrentCache(cell, x, h0, c0, y=y, gates=gates, c=c, hn=hn)
+                            outputs=("y", "c", "gates", "hn"), masked=call.lengths is not None)
+        final = tuple(self._final_rows(a, steps, call.lengths)
+                      for a in ((y, c) if cell == "lstm" else (y,)))
+        return y, final, RecurrentCache(cell, x, h0, c0, y=y, gates=gates, c=c, hn=hn,
+                                        lengths=call.lengths)
 
     def recurrent_backward(self, cell, dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh,
                            db_ih, db_hh, t_start=0):
@@ -228,8 +256,6 @@ class Engine:
         xp = self.xp
         call = check_backward(cell, dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih,
                               db_hh, t_start, xp)
-        if call.cache.lengths is not None:             # a cache made with lengths elsewhere
-            raise NotImplementedError(LENGTHS_NOT_YET)
         dy, w_hh, t_start, cache = call.dy, call.w_hh, call.t_start, call.cache
         T, B, H, G = call.T, call.B, call.H, call.G
         dtype = dy.dtype
@@ -244,6 +270,7 @@ class Engine:
         grads = (dh, dgx, none if dgh is None else dgh)
         dh_final = call.dfinal_state[0]
         dc_final = call.dfinal_state[1] if cell == "lstm" else xp.zeros((B, H), dtype=dtype)
+        steps = self._row_steps(cache.lengths, T, B, dy)                      # B
         i32 = np.int32
 
         path, per_block, splits = self.plan(cell, B, H, dtype)  # rows or units
@@ -252,30 +279,35 @@ class Engine:
             dc0 = self._empty((B, H), dtype)
             self._one_launch("backward", path, cell, B, H, per_block, splits, dtype,
                              (i32(T), i32(t_start), i32(B), i32(H), i32(per_block), i32(splits),
-                              dy, w_hh) + cached + (dh_final, dc_final) + grads + (dh0, dc0))
+                              steps, dy, w_hh) + cached + (dh_final, dc_final) + grads + (dh0, dc0))
         else:
             name = kernel_name(f"{cell}_backward_step", dtype)
             grid = self._step_grid(B * H)
             g = "dgh" if separate else "dgx"     # the rows that multiply W_hh
 
-            def steps(a):  # per step: the gate-gradient kernel, then dh_rec = dg_h[t] W_hh
+            def loop(a):  # per step: the gate-gradient kernel, then dh_rec = dg_h[t] W_hh
                 for t in range(T - 1, t_start - 1, -1):
                     self.launch(name, grid, STEP_THREADS,
-                                (i32(t), i32(B), i32(H), a["dy"], a["dh_rec"])
+                                (i32(t), i32(B), i32(H), a["steps"], a["dy"], a["dh_rec"],
+                                 a["dh_final"])
                                 + tuple(a.get(k, none) for k in CACHED)
                                 + (a["dh"], a["dgx"], a.get("dgh", none), a["dc"], a["dh_dir"]))
                     self.step_gemm(a[g][t], a["w_hh"], a["dh_rec"], False)
 
             arrays = dict(saved)
-            arrays.update(dy=dy, w_hh=w_hh, dh=dh, dgx=dgx,
+            arrays.update(steps=steps, dy=dy, w_hh=w_hh, dh=dh, dgx=dgx,
                           dgh=dgh,                                # None but for the GRU: see run()
-                          dh_rec=dh_final.copy(),                 # B,H  dL/dh_t through W_hh
+                          dh_final=dh_final,                      # B,H  read at each row's last step
+                          dh_rec=self._empty((B, H), dtype),      # B,H  dL/dh_t through W_hh
                           dc=dc_final.copy(),                     # B,H  running dL/dc (LSTM)
                           dh_dir=xp.zeros((B, H), dtype=dtype))   # B,H  GRU z*dh path
-            self._run_steps(("backward", cell, T, B, H, t_start, dtype), steps, arrays,
-                            inputs=CACHED + ("dy", "w_hh", "dh_rec", "dc", "dh_dir"),
-                            outputs=("dh", "dgx", "dgh", "dh_rec", "dc", "dh_dir"))
+            self._run_steps(("backward", cell, T, B, H, t_start, dtype), loop, arrays,
+                            inputs=CACHED + ("dy", "w_hh", "dh_final", "dc", "dh_dir"),
+                            outputs=("dh", "dgx", "dgh", "dh_rec", "dc", "dh_dir"),
+                            masked=cache.lengths is not None)
             dh0, dc0 = arrays["dh_rec"] + arrays["dh_dir"], arrays["dc"]
+        if cache.lengths is not None:   # rows with no step in the window: dL/dh passes through
+            dh0 = xp.where((steps <= t_start)[:, None], dh_final, dh0)         # B,H
 
         # parameter gradients and dx over the rows t_start .. T-1 as big GEMMs
         dx = finish_backward(cache.x, saved["h0"], saved["y"], dgx, dgx if dgh is None else dgh,

@@ -81,8 +81,8 @@ def build_library(build_dir=None, compiler=None):
 # C parameter type -> (ctypes type of a scalar | NumPy dtype of an array)
 _SCALARS = {"int": (np.int32, ctypes.c_int), "long long": (np.int64, ctypes.c_longlong),
             "float": (np.float32, ctypes.c_float), "double": (np.float64, ctypes.c_double)}
-_POINTERS = {"float*": np.float32, "double*": np.float64, "long long*": np.int64,
-             "unsigned int*": np.uint32}
+_POINTERS = {"float*": np.float32, "double*": np.float64, "int*": np.int32,
+             "long long*": np.int64, "unsigned int*": np.uint32}
 
 
 class HostLauncher:

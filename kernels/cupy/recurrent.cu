@@ -35,6 +35,20 @@
 //   c      [T,B,H]   LSTM cell states c_1 .. c_T                  (LSTM only)
 //   hn     [T,B,H]   GRU h_{t-1} W_hn^T + b_hn                    (GRU only)
 // plus x, h0 and (LSTM) c0. Unused pointers receive a 1-element placeholder and are not read.
+//
+// Variable-length batches: every kernel takes steps [B] (int), row b's own steps (the call's
+// lengths, or T for every row without). At a padded step t >= steps[b] the row's cache entries
+// are written as zeros and its state is kept (Cell::pad); backward writes zero dh and gate
+// gradients there, passes dc (LSTM) and dh_direct (GRU) on unchanged, and the row's last step
+// steps[b]-1 takes dL/dh_t from dh_final instead of from step t+1 (BwdArgs::last). The padded
+// rows still ride along in the per-step products (no repacking, no per-length launches).
+// Without lengths the same code runs with steps = T for every row. Its cost, by count (no GPU
+// was at hand to time it): per item and step one 4-byte load of steps[b] (one word for the H
+// items of a row: an L1 hit, broadcast across a warp) and one compare, beside the 4 (Elman
+// RNN) to 15 (LSTM) global loads and stores of the item's cell math; ptxas -v
+// (tests/test_ptx_cupy.py) keeps every one-launch kernel within 64 registers and every float32
+// kernel free of spills. A second, unmasked template variant of every kernel would save that
+// load at twice the kernels to compile (NVRTC's cold start) and to check.
 
 #include "common.cu"
 
@@ -44,6 +58,7 @@ namespace bptt {
 template <class Real>
 struct FwdArgs {
     int B, H;
+    const int* steps;  // [B] row b's steps: step t is one of them where t < steps[b]
     const Real* xp;  // [T,B,GH]
     const Real* h0;  // [B,H]
     const Real* c0;  // [B,H]  (LSTM)
@@ -51,12 +66,14 @@ struct FwdArgs {
     Real* c;         // [T,B,H]  (LSTM)
     Real* gates;     // [T,B,GH] (LSTM, GRU)
     Real* hn;        // [T,B,H]  (GRU)
+    BPTT_HD bool live(int t, int b) const { return t < steps[b]; }
 };
 
 // Pointers of one backward call.
 template <class Real>
 struct BwdArgs {
     int B, H;
+    const int* steps;   // [B] row b's steps (as FwdArgs::steps)
     const Real* dy;     // [T,B,H]
     const Real* h0;     // [B,H]
     const Real* c0;     // [B,H]   (LSTM)
@@ -64,9 +81,12 @@ struct BwdArgs {
     const Real* c;      // [T,B,H]  (LSTM)
     const Real* gates;  // [T,B,GH] (LSTM, GRU)
     const Real* hn;     // [T,B,H]  (GRU)
+    const Real* dh_final;  // [B,H] dL/dh_T: what each row's last step takes (nothing via W_hh)
     Real* dh;           // [T,B,H]  out: total dL/dh_t
     Real* dgx;          // [T,B,GH] out: dL/d(x W_ih^T + b_ih), per step
     Real* dgh;          // [T,B,GH] out: dL/d(h W_hh^T + b_hh) (GRU only; == dgx otherwise)
+    BPTT_HD bool live(int t, int b) const { return t < steps[b]; }
+    BPTT_HD bool last(int t, int b) const { return t + 1 == steps[b]; }
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -75,6 +95,7 @@ struct BwdArgs {
 // backward(): given dh = total dL/dh_t, updates the running per-unit state (dc: LSTM dL/dc,
 // to c_{t-1} on return; dh_direct: GRU's z*dh path to h_{t-1}), writes dgx (and dgh) and
 // returns gh[g] = dL/d(hidden-side pre-activation g), the rows that multiply W_hh next.
+// pad(): unit j of row b at a padded step t: zeros in the cache (the caller keeps the state).
 
 template <class Real>
 struct Lstm {
@@ -96,6 +117,12 @@ struct Lstm {
         a.c[at(t, b, B, H, j)] = c;
         a.y[at(t, b, B, H, j)] = h;
         return h;
+    }
+    BPTT_HD static void pad(const FwdArgs<Real>& a, int t, int b, int j) {
+        Real* gt = a.gates + at(t, b, a.B, G * a.H, 0);
+        for (int q = 0; q < G; ++q) gt[q * a.H + j] = Real(0);
+        a.c[at(t, b, a.B, a.H, j)] = Real(0);
+        a.y[at(t, b, a.B, a.H, j)] = Real(0);
     }
     BPTT_HD static void backward(const BwdArgs<Real>& a, int t, int b, int j, Real dh, Real& dc,
                                  Real& dh_direct, Real (&gh)[G]) {
@@ -134,6 +161,12 @@ struct Gru {
         a.y[at(t, b, B, H, j)] = h;
         return h;
     }
+    BPTT_HD static void pad(const FwdArgs<Real>& a, int t, int b, int j) {
+        Real* gt = a.gates + at(t, b, a.B, G * a.H, 0);
+        for (int q = 0; q < G; ++q) gt[q * a.H + j] = Real(0);
+        a.hn[at(t, b, a.B, a.H, j)] = Real(0);
+        a.y[at(t, b, a.B, a.H, j)] = Real(0);
+    }
     BPTT_HD static void backward(const BwdArgs<Real>& a, int t, int b, int j, Real dh, Real& /*dc*/,
                                  Real& dh_direct, Real (&gh)[G]) {
         const int H = a.H, B = a.B;
@@ -164,6 +197,9 @@ struct Rnn {
         a.y[at(t, b, a.B, a.H, j)] = h;
         return h;
     }
+    BPTT_HD static void pad(const FwdArgs<Real>& a, int t, int b, int j) {
+        a.y[at(t, b, a.B, a.H, j)] = Real(0);
+    }
     BPTT_HD static void backward(const BwdArgs<Real>& a, int t, int b, int j, Real dh, Real& /*dc*/,
                                  Real& dh_direct, Real (&gh)[G]) {
         const Real h = a.y[at(t, b, a.B, a.H, j)];
@@ -176,6 +212,36 @@ struct Rnn {
 
 template <class Real> using RnnTanh = Rnn<Real, false>;
 template <class Real> using RnnRelu = Rnn<Real, true>;
+
+// Backward at a padded step t of row b (t >= steps[b]), unit j: dh and the gate gradients
+// (dgx, and dgh for the GRU) written as zeros, gh zero; dc and dh_direct pass on unchanged.
+template <class Cell, class Real>
+BPTT_HD void pad_backward(const BwdArgs<Real>& a, int t, int b, int j, Real (&gh)[Cell::G]) {
+    const int H = a.H, GH = Cell::G * a.H;
+    a.dh[at(t, b, a.B, H, j)] = Real(0);
+    for (int q = 0; q < Cell::G; ++q) {
+        gh[q] = Real(0);
+        a.dgx[at(t, b, a.B, GH, q * H + j)] = Real(0);
+        if (Cell::separate_dgh) a.dgh[at(t, b, a.B, GH, q * H + j)] = Real(0);
+    }
+}
+
+// Backward of unit j of row b at step t, in every path: a padded step's zeros, or the cell
+// backward with total dL/dh_t = dy + (at the row's last step dh_final, else rec(): what came
+// through W_hh from step t+1) + dh_direct. dc, dh_direct: the running values; gh out.
+template <class Cell, class Real, class Rec>
+BPTT_HD void backward_item(const BwdArgs<Real>& a, int t, int b, int j, const Rec& rec, Real& dc,
+                           Real& dh_direct, Real (&gh)[Cell::G]) {
+    if (!a.live(t, b)) {
+        pad_backward<Cell>(a, t, b, j, gh);
+        return;
+    }
+    const long long tj = at(t, b, a.B, a.H, j);
+    const Real dh_rec = a.last(t, b) ? a.dh_final[(long long)b * a.H + j] : rec();
+    const Real dh = a.dy[tj] + dh_rec + dh_direct;  // total dL/dh_t
+    a.dh[tj] = dh;
+    Cell::backward(a, t, b, j, dh, dc, dh_direct, gh);
+}
 
 // ---------------------------------------------------------------------------------------------
 // General path: one fused kernel per step, one item per (b, j).
@@ -190,6 +256,10 @@ BPTT_HD void forward_step(const Exec& ex, const FwdArgs<Real>& a, int t, const R
     for (long long k = 0, m = ex.count(n); k < m; ++k) {
         const long long e = ex.item(k, n);
         const int b = (int)(e / H), j = (int)(e - (long long)b * H);
+        if (!a.live(t, b)) {
+            Cell::pad(a, t, b, j);
+            continue;
+        }
         Real hs[G];
         for (int q = 0; q < G; ++q) hs[q] = hp[(long long)b * G * H + q * H + j] + b_hh[q * H + j];
         const Real h_prev = t == 0 ? a.h0[e] : a.y[at(t - 1, b, a.B, H, j)];
@@ -197,8 +267,9 @@ BPTT_HD void forward_step(const Exec& ex, const FwdArgs<Real>& a, int t, const R
     }
 }
 
-// dh_rec [B,H]: dL/dh_t arriving through W_hh from step t+1 (dh_final at t = T-1);
-// dc [B,H] in/out: LSTM dL/dc_t -> dL/dc_{t-1}; dh_direct [B,H] in/out: GRU z*dh path.
+// dh_rec [B,H]: dL/dh_t arriving through W_hh from step t+1 (not read at a row's last step,
+// which takes a.dh_final); dc [B,H] in/out: LSTM dL/dc_t -> dL/dc_{t-1}; dh_direct [B,H]
+// in/out: GRU z*dh path.
 template <class Cell, class Real, class Exec>
 BPTT_HD void backward_step(const Exec& ex, const BwdArgs<Real>& a, int t, const Real* dh_rec,
                            Real* dc, Real* dh_direct) {
@@ -208,11 +279,8 @@ BPTT_HD void backward_step(const Exec& ex, const BwdArgs<Real>& a, int t, const 
     for (long long k = 0, m = ex.count(n); k < m; ++k) {
         const long long e = ex.item(k, n);
         const int b = (int)(e / H), j = (int)(e - (long long)b * H);
-        const long long tj = at(t, b, a.B, H, j);
-        const Real dh = a.dy[tj] + dh_rec[e] + dh_direct[e];  // total dL/dh_t
-        a.dh[tj] = dh;
         Real gh[G];
-        Cell::backward(a, t, b, j, dh, dc[e], dh_direct[e], gh);
+        backward_item<Cell>(a, t, b, j, [&] { return dh_rec[e]; }, dc[e], dh_direct[e], gh);
     }
 }
 
@@ -272,6 +340,10 @@ BPTT_HD void forward_persistent(const Exec& ex, Real* smem, const FwdArgs<Real>&
         for (long long k = 0, m = ex.count(RH); k < m; ++k) {
             const long long e = ex.item(k, RH);
             const int r = (int)(e / H), j = (int)(e - (long long)r * H);
+            if (!a.live(t, b0 + r)) {
+                Cell::pad(a, t, b0 + r, j);                    // h[e] kept
+                continue;
+            }
             Real hs[G];
             for (int q = 0; q < G; ++q) {
                 hs[q] = b_hh[q * H + j];
@@ -285,15 +357,15 @@ BPTT_HD void forward_persistent(const Exec& ex, Real* smem, const FwdArgs<Real>&
 
 // Shared memory (Real elements): w [GH][H] (W_hh as is: threads k, k+1 read neighbours in
 // dh = dg @ W_hh) + dg [rows][GH] + part [splits][rows][H] (partial sums of dh_rec)
-// + dc, dh_direct [rows][H]. Per step: phase A, item (r, j): dh_rec = sum of parts, gate
-// gradients; phase B, item (s, r, k): part[s][r][k] = sum over gj in part s of dg[r][gj] W[gj][k].
-// dh_final, dc_final [B,H]: gradients into the final state; dh0, dc0 [B,H] out: gradients
-// into the state entering step t_start (dc0 is zero for non-LSTM cells).
+// + dc, dh_direct [rows][H]. Per step: phase A, item (r, j): dh_rec = sum of parts (a.dh_final
+// at the row's last step: the parts are first written at step T-1), gate gradients; phase B,
+// item (s, r, k): part[s][r][k] = sum over gj in part s of dg[r][gj] W[gj][k].
+// dc_final [B,H]: dL/dc_T; dh0, dc0 [B,H] out: gradients into the state entering step t_start
+// (dc0 is zero for non-LSTM cells; the engine puts dh_final in dh0 for rows with no step left).
 template <class Cell, class Real, class Exec>
 BPTT_HD void backward_persistent(const Exec& ex, Real* smem, const BwdArgs<Real>& a,
                                  int n_steps, int t_start, int rows, int splits,
-                                 const Real* w_hh, const Real* dh_final, const Real* dc_final,
-                                 Real* dh0, Real* dc0) {
+                                 const Real* w_hh, const Real* dc_final, Real* dh0, Real* dc0) {
     constexpr int G = Cell::G;
     const int H = a.H, GH = G * a.H;
     const int b0 = ex.block() * rows;
@@ -310,12 +382,6 @@ BPTT_HD void backward_persistent(const Exec& ex, Real* smem, const BwdArgs<Real>
         const long long e = ex.item(k, (long long)GH * H);
         w[e] = w_hh[e];
     }
-    for (long long k = 0, m = ex.count(SRH); k < m; ++k) {
-        const long long e = ex.item(k, SRH);
-        const int s = (int)(e / RH);
-        const long long rj = e - s * RH;
-        part[(long long)s * rows * H + rj] = s == 0 ? dh_final[base + rj] : Real(0);
-    }
     for (long long k = 0, m = ex.count(RH); k < m; ++k) {
         const long long e = ex.item(k, RH);
         dc[e] = dc_final[base + e];
@@ -327,13 +393,13 @@ BPTT_HD void backward_persistent(const Exec& ex, Real* smem, const BwdArgs<Real>
         for (long long k = 0, m = ex.count(RH); k < m; ++k) {
             const long long e = ex.item(k, RH);
             const int r = (int)(e / H), j = (int)(e - (long long)r * H);
-            Real dh_rec = Real(0);
-            for (int s = 0; s < splits; ++s) dh_rec += part[(long long)s * rows * H + e];
-            const long long tj = at(t, b0 + r, a.B, H, j);
-            const Real dh = a.dy[tj] + dh_rec + dh_dir[e];   // total dL/dh_t
-            a.dh[tj] = dh;
+            const auto parts = [&] {
+                Real sum = Real(0);
+                for (int s = 0; s < splits; ++s) sum += part[(long long)s * rows * H + e];
+                return sum;
+            };
             Real gh[G];
-            Cell::backward(a, t, b0 + r, j, dh, dc[e], dh_dir[e], gh);
+            backward_item<Cell>(a, t, b0 + r, j, parts, dc[e], dh_dir[e], gh);
             for (int q = 0; q < G; ++q) dg[(long long)r * GH + q * H + j] = gh[q];
         }
         ex.sync();
@@ -418,6 +484,10 @@ BPTT_HD void forward_cooperative(const Exec& ex, Real* smem, const FwdArgs<Real>
         for (long long k = 0, m = ex.count(BU); k < m; ++k) {
             const long long e = ex.item(k, BU);
             const int r = (int)(e / Ub), u = (int)(e - (long long)r * Ub), j = j0 + u;
+            if (!a.live(t, r)) {
+                Cell::pad(a, t, r, j);
+                continue;
+            }
             Real hs[G];
             for (int q = 0; q < G; ++q) {
                 hs[q] = b_hh[q * H + j];
@@ -435,12 +505,12 @@ BPTT_HD void forward_cooperative(const Exec& ex, Real* smem, const FwdArgs<Real>
 // dL/dh_t, cell backward (writes dh, dgx, dgh of step t); grid barrier; phase B, thread
 // (s, r, u) of splits*B*U: for each gate q, load that gate's rows of every unit, add
 // sum over k in part s of dg[r][q*H + k] * W_hh[q*H + k][j]. dg_rec [T,B,GH]: the rows that
-// multiply W_hh (dgh for the GRU, dgx otherwise). dh_final, dc_final [B,H]; dh0, dc0 [B,H] out.
+// multiply W_hh (dgh for the GRU, dgx otherwise). dc_final [B,H]; dh0, dc0 [B,H] out (as in
+// backward_persistent, whose phase A this one's shares: backward_item).
 template <class Cell, class Real, class Exec>
 BPTT_HD void backward_cooperative(const Exec& ex, Real* smem, const BwdArgs<Real>& a,
                                   const Real* dg_rec, int n_steps, int t_start, int U, int splits,
-                                  const Real* w_hh, const Real* dh_final, const Real* dc_final,
-                                  Real* dh0, Real* dc0) {
+                                  const Real* w_hh, const Real* dc_final, Real* dh0, Real* dc0) {
     constexpr int G = Cell::G;
     const int H = a.H, B = a.B, GH = G * a.H, US = odd_stride(U);
     const int j0 = ex.block() * U;
@@ -456,12 +526,6 @@ BPTT_HD void backward_cooperative(const Exec& ex, Real* smem, const BwdArgs<Real
         const long long gj = e / Ub;
         const int u = (int)(e - gj * Ub);
         w[gj * US + u] = w_hh[gj * H + j0 + u];
-    }
-    for (long long k = 0, m = ex.count(SBU); k < m; ++k) {
-        const long long e = ex.item(k, SBU);
-        const int s = (int)(e / BU);
-        const int r = (int)((e - s * BU) / Ub), u = (int)(e - s * BU - (long long)r * Ub);
-        part[((long long)s * B + r) * U + u] = s == 0 ? dh_final[(long long)r * H + j0 + u] : Real(0);
     }
     for (long long k = 0, m = ex.count(BU); k < m; ++k) {
         const long long e = ex.item(k, BU);
@@ -480,13 +544,13 @@ BPTT_HD void backward_cooperative(const Exec& ex, Real* smem, const BwdArgs<Real
         for (long long k = 0, m = ex.count(BU); k < m; ++k) {
             const long long e = ex.item(k, BU);
             const int r = (int)(e / Ub), u = (int)(e - (long long)r * Ub), j = j0 + u;
-            Real dh_rec = Real(0);
-            for (int s = 0; s < splits; ++s) dh_rec += part[((long long)s * B + r) * U + u];
-            const long long tj = at(t, r, B, H, j);
-            const Real dh = a.dy[tj] + dh_rec + dh_dir[r * U + u];  // total dL/dh_t
-            a.dh[tj] = dh;
+            const auto parts = [&] {
+                Real sum = Real(0);
+                for (int s = 0; s < splits; ++s) sum += part[((long long)s * B + r) * U + u];
+                return sum;
+            };
             Real gh[G];
-            Cell::backward(a, t, r, j, dh, dc[r * U + u], dh_dir[r * U + u], gh);
+            backward_item<Cell>(a, t, r, j, parts, dc[r * U + u], dh_dir[r * U + u], gh);
         }
         ex.grid_sync();  // every unit's gate gradients of step t written
         // phase B: dL/dh_{t-1} of the block's units through W_hh, one gate's rows at a time
@@ -529,61 +593,66 @@ BPTT_HD void backward_cooperative(const Exec& ex, Real* smem, const BwdArgs<Real
 
 #define BPTT_RECURRENT_KERNELS(NAME, CELL, SFX, Real)                                         \
     BPTT_KERNEL(NAME##_forward_step_##SFX, 256)(                                              \
-        int t, int B, int H, const Real* xp, const Real* hp, const Real* b_hh,                \
-        const Real* h0, const Real* c0, Real* y, Real* c, Real* gates, Real* hn) {            \
+        int t, int B, int H, const int* steps, const Real* xp, const Real* hp,                \
+        const Real* b_hh, const Real* h0, const Real* c0, Real* y, Real* c, Real* gates,      \
+        Real* hn) {                                                                           \
         BPTT_GRID_EXEC(ex)                                                                    \
-        const bptt::FwdArgs<Real> a{B, H, xp, h0, c0, y, c, gates, hn};                       \
+        const bptt::FwdArgs<Real> a{B, H, steps, xp, h0, c0, y, c, gates, hn};                \
         bptt::forward_step<CELL>(ex, a, t, hp, b_hh);                                         \
     }                                                                                         \
     BPTT_KERNEL(NAME##_backward_step_##SFX, 256)(                                             \
-        int t, int B, int H, const Real* dy, const Real* dh_rec, const Real* h0,              \
-        const Real* c0, const Real* y, const Real* c, const Real* gates, const Real* hn,      \
-        Real* dh, Real* dgx, Real* dgh, Real* dc, Real* dh_direct) {                           \
+        int t, int B, int H, const int* steps, const Real* dy, const Real* dh_rec,            \
+        const Real* dh_final, const Real* h0, const Real* c0, const Real* y, const Real* c,   \
+        const Real* gates, const Real* hn, Real* dh, Real* dgx, Real* dgh, Real* dc,          \
+        Real* dh_direct) {                                                                    \
         BPTT_GRID_EXEC(ex)                                                                    \
-        const bptt::BwdArgs<Real> a{B, H, dy, h0, c0, y, c, gates, hn, dh, dgx, dgh};         \
+        const bptt::BwdArgs<Real> a{B, H, steps, dy, h0, c0, y, c, gates, hn, dh_final, dh,  \
+                                    dgx, dgh};                                                \
         bptt::backward_step<CELL>(ex, a, t, dh_rec, dc, dh_direct);                           \
     }                                                                                         \
     BPTT_KERNEL(NAME##_forward_persistent_##SFX, 1024)(                                       \
-        int n_steps, int B, int H, int rows, int splits, const Real* xp, const Real* w_hh,    \
-        const Real* b_hh, const Real* h0, const Real* c0, Real* y, Real* c, Real* gates,      \
-        Real* hn) {                                                                           \
-        const bptt::FwdArgs<Real> a{B, H, xp, h0, c0, y, c, gates, hn};                       \
+        int n_steps, int B, int H, int rows, int splits, const int* steps, const Real* xp,    \
+        const Real* w_hh, const Real* b_hh, const Real* h0, const Real* c0, Real* y, Real* c, \
+        Real* gates, Real* hn) {                                                              \
+        const bptt::FwdArgs<Real> a{B, H, steps, xp, h0, c0, y, c, gates, hn};                \
         BPTT_BLOCKS_BEGIN(ex, smem, Real)                                                     \
         bptt::forward_persistent<CELL>(ex, smem, a, n_steps, rows, splits, w_hh, b_hh);       \
         BPTT_BLOCKS_END                                                                       \
     }                                                                                         \
     BPTT_KERNEL(NAME##_backward_persistent_##SFX, 1024)(                                      \
-        int n_steps, int t_start, int B, int H, int rows, int splits, const Real* dy,         \
-        const Real* w_hh,                                                                     \
+        int n_steps, int t_start, int B, int H, int rows, int splits, const int* steps,       \
+        const Real* dy, const Real* w_hh,                                                     \
         const Real* h0, const Real* c0, const Real* y, const Real* c, const Real* gates,      \
         const Real* hn, const Real* dh_final, const Real* dc_final, Real* dh, Real* dgx,      \
         Real* dgh, Real* dh0, Real* dc0) {                                                    \
-        const bptt::BwdArgs<Real> a{B, H, dy, h0, c0, y, c, gates, hn, dh, dgx, dgh};         \
+        const bptt::BwdArgs<Real> a{B, H, steps, dy, h0, c0, y, c, gates, hn, dh_final, dh,  \
+                                    dgx, dgh};                                                \
         BPTT_BLOCKS_BEGIN(ex, smem, Real)                                                     \
         bptt::backward_persistent<CELL>(ex, smem, a, n_steps, t_start, rows, splits, w_hh,    \
-                                        dh_final, dc_final, dh0, dc0);                        \
+                                        dc_final, dh0, dc0);                                  \
         BPTT_BLOCKS_END                                                                       \
     }                                                                                         \
     BPTT_KERNEL(NAME##_forward_cooperative_##SFX, 1024)(                                      \
-        int n_steps, int B, int H, int units, int splits, const Real* xp, const Real* w_hh,   \
-        const Real* b_hh, const Real* h0, const Real* c0, Real* y, Real* c, Real* gates,      \
-        Real* hn, unsigned int* barrier) {                                                    \
-        const bptt::FwdArgs<Real> a{B, H, xp, h0, c0, y, c, gates, hn};                       \
+        int n_steps, int B, int H, int units, int splits, const int* steps, const Real* xp,   \
+        const Real* w_hh, const Real* b_hh, const Real* h0, const Real* c0, Real* y, Real* c, \
+        Real* gates, Real* hn, unsigned int* barrier) {                                       \
+        const bptt::FwdArgs<Real> a{B, H, steps, xp, h0, c0, y, c, gates, hn};                \
         BPTT_GRID_BEGIN(ex, smem, Real, barrier)                                              \
         bptt::forward_cooperative<CELL>(ex, smem, a, n_steps, units, splits, w_hh, b_hh);     \
         BPTT_GRID_END                                                                         \
     }                                                                                         \
     BPTT_KERNEL(NAME##_backward_cooperative_##SFX, 1024)(                                     \
-        int n_steps, int t_start, int B, int H, int units, int splits, const Real* dy,        \
-        const Real* w_hh,                                                                     \
+        int n_steps, int t_start, int B, int H, int units, int splits, const int* steps,      \
+        const Real* dy, const Real* w_hh,                                                     \
         const Real* h0, const Real* c0, const Real* y, const Real* c, const Real* gates,      \
         const Real* hn, const Real* dh_final, const Real* dc_final, Real* dh, Real* dgx,      \
         Real* dgh, Real* dh0, Real* dc0, unsigned int* barrier) {                             \
-        const bptt::BwdArgs<Real> a{B, H, dy, h0, c0, y, c, gates, hn, dh, dgx, dgh};         \
+        const bptt::BwdArgs<Real> a{B, H, steps, dy, h0, c0, y, c, gates, hn, dh_final, dh,  \
+                                    dgx, dgh};                                                \
         const Real* dg_rec = CELL::separate_dgh ? dgh : dgx;  /* rows times W_hh */       \
         BPTT_GRID_BEGIN(ex, smem, Real, barrier)                                              \
         bptt::backward_cooperative<CELL>(ex, smem, a, dg_rec, n_steps, t_start, units,        \
-                                         splits, w_hh, dh_final, dc_final, dh0, dc0);         \
+                                         splits, w_hh, dc_final, dh0, dc0);                   \
         BPTT_GRID_END                                                                         \
     }
 

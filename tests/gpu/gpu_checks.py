@@ -4,9 +4,12 @@ the CUDA simulator, tiny sizes). Each check raises AssertionError naming what di
 
 * ``check_recurrent``: one layer's forward + backward (outputs NaN-poisoned through the
   backend's ``config.POISON_OUTPUTS``, gradient buffers pre-filled so that backward must
-  accumulate) against an oracle backend on the same inputs: y, final state, dx, dstate, dh and
-  all gradients; where ``torch_device`` is given, also a second call (t_start = 0, gradients
-  from zero) against ``torch.nn`` with autograd in float64 (cuDNN on a GPU);
+  accumulate) against an oracle backend on the same inputs: y, final state, dx, dstate, dh,
+  all gradients and the cached activations; where ``torch_device`` is given, also a second
+  call (t_start = 0, gradients from zero) against ``torch.nn`` with autograd in float64 (cuDNN
+  on a GPU). With ``lengths`` (variable-length batches) every row runs its own steps, torch
+  through ``pack_padded_sequence``, and y, dx, dh and the cache must be exactly zero at the
+  padded steps; ``projected``: the input given as x W_ih^T (w_ih None);
 * ``check_op``: one non-recurrent kernel against the oracle.
 
 Error measure and tolerances: ``helpers.rel_err`` and ``helpers.RTOL`` (float64 1e-10,
@@ -21,6 +24,7 @@ from helpers import RTOL, assert_close, random_layer_problem
 
 CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
 WEIGHTS = ("w_ih", "w_hh", "b_ih", "b_hh")
+CACHED = ("gates", "c", "hn")   # the cached activations every backend keeps (those of the cell)
 OPS = ("softmax_cross_entropy", "embedding", "sgd", "adam", "sum_of_squares+scale_")
 
 
@@ -41,36 +45,69 @@ def backend_paths(backend):
     return tuple(p for p in getattr(backend.config, "PATHS", ("persistent", "general")) if p != "auto")
 
 
-def run_layer(backend, cell, p, t_start, zero_grads=False):
+def run_layer(backend, cell, p, t_start, zero_grads=False, lengths=None, projected=False):
     """Forward + backward of one layer on ``backend`` (``p``: helpers.random_layer_problem);
-    host copies of y, final, dx, dstate, dh and the gradients (from p's grads0, or zero)."""
+    host copies of y, final, dx, dstate, dh, the gradients (from p's grads0, or zero) and
+    ``cache``: the cached activations (:data:`CACHED`) and lengths the cache holds.
+    ``lengths``: int [B] or None; ``projected``: x W_ih^T given with w_ih None (dx is then
+    dL/d(x W_ih^T), and there is no dW_ih)."""
     dev = lambda a: backend.asarray(a, a.dtype)  # noqa: E731
+    host = backend.to_host
     w = [dev(p[k]) for k in WEIGHTS]
-    y, final, cache = getattr(backend, f"{cell}_forward")(dev(p["x"]), tuple(map(dev, p["state"])), *w)
-    out = {"y": backend.to_host(y), "final": [backend.to_host(a) for a in final]}
+    x = (p["x"] @ p["w_ih"].T).astype(p["x"].dtype) if projected else p["x"]
+    w_ih = None if projected else w[0]
+    masks = {} if lengths is None else {"lengths": lengths}    # the plain call: no keyword
+    y, final, cache = getattr(backend, f"{cell}_forward")(
+        dev(x), tuple(map(dev, p["state"])), w_ih, *w[1:], **masks)
+    out = {"y": host(y), "final": [host(a) for a in final]}
     grads = [backend.zeros(g.shape, g.dtype) if zero_grads else dev(g) for g in p["grads0"]]
+    if projected:
+        grads[0] = None
     dx, dstate, dh = getattr(backend, f"{cell}_backward")(
-        dev(p["dy"]), tuple(map(dev, p["dfinal"])), cache, w[0], w[1], *grads, t_start=t_start)
-    out.update(dx=backend.to_host(dx), dstate=[backend.to_host(a) for a in dstate],
-               dh=backend.to_host(dh), grads=[backend.to_host(g) for g in grads])
+        dev(p["dy"]), tuple(map(dev, p["dfinal"])), cache, w_ih, w[1], *grads, t_start=t_start)
+    out.update(dx=host(dx), dstate=[host(a) for a in dstate], dh=host(dh),
+               grads=[host(g) for g in grads if g is not None],
+               cache={f: host(getattr(cache, f)) for f in CACHED if getattr(cache, f) is not None})
+    if cache.lengths is not None:
+        out["cache"]["lengths"] = np.array(cache.lengths)
     return out
 
 
 def assert_outputs_close(got, want, dtype, what):
-    """Every output in ``want`` (lists element by element) within RTOL[dtype] of ``got``."""
+    """Every output in ``want`` (lists element by element, dicts field by field) within
+    RTOL[dtype] of ``got``."""
     for key, expected in want.items():
-        if isinstance(expected, list):
+        if isinstance(expected, dict):
+            assert set(got[key]) == set(expected), (
+                f"{what}: {key} holds {sorted(got[key])}, not {sorted(expected)}")
+            for field, b in expected.items():
+                assert_close(got[key][field], b, dtype, f"{what}: {key}.{field}")
+        elif isinstance(expected, list):
             for k, (a, b) in enumerate(zip(got[key], expected, strict=True)):
                 assert_close(a, b, dtype, f"{what}: {key}[{k}]")
         else:
             assert_close(got[key], expected, dtype, f"{what}: {key}")
 
 
-def torch_layer(cell, p, device):
+def assert_padded_steps_zero(got, lengths, what):
+    """y, dx, dh and the cached activations of :func:`run_layer` exactly zero at every padded
+    step (t >= lengths[b])."""
+    T = got["y"].shape[0]
+    padded = np.arange(T)[:, None] >= np.asarray(lengths)[None, :]          # T,B
+    arrays = {k: got[k] for k in ("y", "dx", "dh")}
+    arrays.update((f"cache.{f}", a) for f, a in got["cache"].items() if f in CACHED)
+    for name, a in arrays.items():
+        assert np.all(a[padded] == 0), f"{what}: {name} not zero at padded steps"
+
+
+def torch_layer(cell, p, device, lengths=None):
     """torch.nn with autograd on ``device``, the same weights, t_start = 0: a dict like
-    :func:`run_layer` (without dh), gradients from zero. Always computed in float64: cuDNN's
-    own float32 error (1.1e-5 relative seen on an H100) would count against a float32 check."""
+    :func:`run_layer` (without dh and cache), gradients from zero; with ``lengths`` through
+    pack_padded_sequence(enforce_sorted=False) and pad_packed_sequence. Always computed in
+    float64: cuDNN's own float32 error (1.1e-5 relative seen on an H100) would count against a
+    float32 check."""
     import torch
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
     T, B, I = p["x"].shape
     H = p["w_hh"].shape[1]
     if cell == "lstm":
@@ -87,7 +124,11 @@ def torch_layer(cell, p, device):
             getattr(mod, name).copy_(t(p[k]))
     x = t(p["x"], True)
     state = [t(s[None], True) for s in p["state"]]
-    y, final = mod(x, tuple(state) if cell == "lstm" else state[0])
+    inputs = x if lengths is None else pack_padded_sequence(
+        x, torch.tensor(np.asarray(lengths, np.int64)), enforce_sorted=False)
+    y, final = mod(inputs, tuple(state) if cell == "lstm" else state[0])
+    if lengths is not None:
+        y, _ = pad_packed_sequence(y, total_length=T)
     final = list(final) if cell == "lstm" else [final]
     loss = (y * t(p["dy"])).sum() + sum((f * t(d[None])).sum() for f, d in zip(final, p["dfinal"]))
     loss.backward()
@@ -98,20 +139,29 @@ def torch_layer(cell, p, device):
 
 
 def check_recurrent(backend, oracle, cell, shape, dtype, t_start, rng, path="auto",
-                    torch_device=None, **settings):
+                    torch_device=None, lengths=None, projected=False, **settings):
     """``backend``'s ``cell`` layer (T, B, I, H = ``shape``) with ``config.PATH = path`` and
     other ``settings`` against the backend ``oracle`` at ``t_start``, and where ``torch_device``
-    is given a call at t_start = 0 with gradients from zero against torch.nn on that device."""
+    is given (and the input is not ``projected``) a call at t_start = 0 with gradients from zero
+    against torch.nn on that device. ``lengths``: int [B] or None (see :func:`run_layer`)."""
     T, B, I, H = shape
     p = random_layer_problem(rng, cell, T, B, I, H, dtype)
     what = (f"{backend.NAME} {cell} path={path} T{T} B{B} I{I} H{H} {np.dtype(dtype).name} "
-            f"t_start={t_start}" + "".join(f" {k}={v}" for k, v in settings.items()))
+            f"t_start={t_start}" + ("" if lengths is None else f" lengths={list(lengths)}")
+            + (" projected" if projected else "")
+            + "".join(f" {k}={v}" for k, v in settings.items()))
+    torch_device = None if projected else torch_device
     with backend_config(backend, PATH=path, POISON_OUTPUTS=True, **settings):
-        got = run_layer(backend, cell, p, t_start)
-        got0 = run_layer(backend, cell, p, 0, zero_grads=True) if torch_device else None
-    assert_outputs_close(got, run_layer(oracle, cell, p, t_start), dtype, f"{what} vs {oracle.NAME}")
+        got = run_layer(backend, cell, p, t_start, lengths=lengths, projected=projected)
+        got0 = (run_layer(backend, cell, p, 0, zero_grads=True, lengths=lengths)
+                if torch_device else None)
+    want = run_layer(oracle, cell, p, t_start, lengths=lengths, projected=projected)
+    assert_outputs_close(got, want, dtype, f"{what} vs {oracle.NAME}")
+    if lengths is not None:
+        assert_padded_steps_zero(got, lengths, what)
     if torch_device:
-        assert_outputs_close(got0, torch_layer(cell, p, torch_device), dtype, f"{what} vs torch")
+        assert_outputs_close(got0, torch_layer(cell, p, torch_device, lengths), dtype,
+                             f"{what} vs torch")
 
 
 def check_op(backend, oracle, name, rng, dtype, small=False):
