@@ -402,11 +402,13 @@ class _RecurrentLayer:
                     dy_d, tuple(s[D * k + d] for s in dstates), (cache.layers, cache.reverse)[d][k],
                     w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh, t_start=t_start)
                 if d == 1:                                              # back to forward time
-                    dx_d, dh_d = self._reverse_steps(dx_d, cache.order), self._reverse_steps(dh_d, cache.order)
+                    dx_d = self._reverse_steps(dx_d, cache.order)
+                    dh_d = self._reverse_steps(dh_d, cache.order) if return_dh else None
                 dxs.append(dx_d)
                 dhs.append(dh_d)
-            d_out = dxs[0] if D == 1 else dxs[0] + dxs[1]               # both directions read x
-            dh_all[k] = dhs[0] if D == 1 else xp.concatenate(dhs, axis=2)
+            d_out = dxs[0] if D == 1 else xp.add(dxs[0], dxs[1], out=dxs[0])   # both directions read x
+            if return_dh:
+                dh_all[k] = dhs[0] if D == 1 else xp.concatenate(dhs, axis=2)
         dx = d_out
         if return_dh:
             return dx, self._pack_state(dinit), dh_all

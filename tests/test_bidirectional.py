@@ -14,18 +14,8 @@ import pytest
 from bptt.recurrent_stack import RecurrentModelBase
 from bptt_kernels import CELLS
 from helpers import assert_close
-from test_lengths import make_lengths
-
-try:
-    import torch
-except ImportError:         # an optional test dependency: its tests skip without it
-    torch = None
-
-
-def _torch():
-    if torch is None:
-        pytest.skip("torch is not installed")
-    return torch
+from test_gradcheck import FD_RTOL, numeric_grad
+from test_lengths import LAYER_CONFIGS, _torch, make_lengths, torch    # torch: None when not installed
 
 
 TORCH_DTYPES = {np.dtype(np.float32): "float32", np.dtype(np.float64): "float64"}
@@ -113,16 +103,10 @@ def check_against_torch(model, module, cell, x, state, lengths, dtype, rng, pref
         assert_close(host(model.grads[prefix + name]), g, dtype, f"{what} d{name}")
 
 
-# (T, B, I, H, num_layers, bias, lengths, initial state)
-BIDI_CONFIGS = [
-    (6, 5, 3, 4, 1, True, "mixed", True),
-    (7, 4, 2, 5, 2, False, "mixed", True),
-    (5, 6, 4, 3, 3, True, "mixed", False),
-    (5, 3, 4, 4, 2, True, "T", True),
-    (5, 3, 3, 4, 2, False, "1", True),
+# test_lengths' (T, B, I, H, num_layers, bias, lengths, initial state), and padded batches
+BIDI_CONFIGS = LAYER_CONFIGS + [
     (6, 3, 3, 4, 2, True, None, True),
     (4, 2, 3, 4, 3, False, None, False),
-    (1, 2, 3, 4, 1, True, "T", False),
 ]
 
 
@@ -272,24 +256,6 @@ def test_bidirectional_cache_dict_round_trip(backend, with_lengths, rng, make_la
     _, _, one_cache = one.forward(rng.standard_normal((T, B, I)))
     with pytest.raises(ValueError, match="the cache is of a one-direction layer; this LSTM has bidirectional=True"):
         layer.cache_from_dict(one_cache.to_dict(one.backend.to_host))
-
-
-FD_EPS, FD_RTOL = 1e-6, 1e-6
-
-
-def numeric_grad(loss, a):
-    """Central differences of the scalar loss() with respect to every element of ``a`` (in place)."""
-    g = np.zeros_like(a)
-    flat, gflat = a.reshape(-1), g.reshape(-1)
-    for i in range(flat.size):
-        old = flat[i]
-        flat[i] = old + FD_EPS
-        up = loss()
-        flat[i] = old - FD_EPS
-        down = loss()
-        flat[i] = old
-        gflat[i] = (up - down) / (2 * FD_EPS)
-    return g
 
 
 @pytest.mark.parametrize("cell", CELLS)
