@@ -11,6 +11,7 @@ import zlib
 import numpy as np
 
 from bptt import losses
+from bptt.data import DataError
 from bptt.layers import device_copy, host_copy
 from bptt.models import LanguageModel, SequenceModel
 
@@ -19,10 +20,16 @@ from bptt.models import LanguageModel, SequenceModel
 # Data: groups of steps that the state runs through from zero
 
 
+def stream_views(tokens, batch_size):
+    """1-D tokens [len] -> a view [len // B, B] whose column b is stream b, tokens[b n:(b + 1) n]
+    (n = len // B): :func:`batchify` without the copy (of a memory map nothing is read)."""
+    n = len(tokens) // batch_size
+    return tokens[:n * batch_size].reshape(batch_size, n).T
+
+
 def batchify(tokens, batch_size):
     """PyTorch word_language_model's batchify: 1-D tokens -> [len // B, B], column b = stream b."""
-    n = len(tokens) // batch_size
-    return np.ascontiguousarray(np.asarray(tokens)[:n * batch_size].reshape(batch_size, n).T)
+    return np.ascontiguousarray(stream_views(np.asarray(tokens), batch_size))
 
 
 class Group:
@@ -68,8 +75,71 @@ class Group:
         return losses.mse(backend, out, tg, count)
 
 
+class TokenRows:
+    """Steps of B token streams, copied as int64 only when used.
+
+    rows [T, B] int view of the 1-D ids (:func:`stream_views`; of a memory map nothing is read
+    before a chunk is used); ``first``: the stream position of row 0 (1 for targets); ``n``: the
+    length of a stream. ``self[s0:s1]`` is an int64 copy [s1 - s0, B] of those steps, its ids
+    checked to be below ``vocab_size`` (an id outside is a DataError naming ``source`` and the
+    id's position in the 1-D ids).
+    """
+
+    dtype = np.dtype(np.int64)
+
+    def __init__(self, rows, first, n, vocab_size, source):
+        self.rows, self.first, self.n, self.vocab_size, self.source = rows, first, n, vocab_size, source
+        self.shape = rows.shape
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __getitem__(self, steps):
+        if not isinstance(steps, slice) or steps.step not in (None, 1):
+            raise TypeError(f"token rows are read as a range of steps [s0:s1]; got {steps!r}")
+        block = np.array(self.rows[steps], dtype=np.int64)          # the only copy: this chunk's ids
+        if block.size and (block.min() < 0 or block.max() >= self.vocab_size):
+            t, b = np.argwhere((block < 0) | (block >= self.vocab_size))[0]
+            at = int(b) * self.n + self.first + steps.indices(self.shape[0])[0] + int(t)
+            raise DataError(f"{self.source}: token id {int(block[t, b]):,} at position {at:,} is not in the "
+                            f"model's vocabulary of {self.vocab_size:,} ids (a damaged token file? "
+                            "bptt prepare --verify DIR checks one whole)")
+        return block
+
+
+class TokenGroup(Group):
+    """The B streams of a LanguageModel's token ids [n, B] (a view, :func:`stream_views`): inputs
+    the ids of steps 0..n-2, targets those of steps 1..n-1 (:class:`TokenRows`, copied chunk by
+    chunk); ``resets`` [n-1, B] bool or None; ``source`` names the ids in errors."""
+
+    def __init__(self, streams, resets, vocab_size, source):
+        n = streams.shape[0]
+        super().__init__(TokenRows(streams[:-1], 0, n, vocab_size, source),
+                         TokenRows(streams[1:], 1, n, vocab_size, source), True, resets)
+
+    def count(self, t0, t1):
+        """Every step of every stream has a target (ids are >= 0): (t1 - t0) B, nothing read."""
+        return (t1 - t0) * self.B
+
+
+def _crc_of_rows(streams, crc):
+    """CRC32 of ``streams`` [n, B] as int64 in C order (that of ``batchify(tokens)``'s bytes),
+    continuing ``crc``, computed a block of rows at a time."""
+    rows = max(1, (1 << 20) // streams.shape[1])
+    for r0 in range(0, streams.shape[0], rows):
+        crc = zlib.crc32(np.ascontiguousarray(streams[r0:r0 + rows], dtype=np.int64), crc)
+    return crc
+
+
 class Dataset:
-    """Training or evaluation data prepared for a model: a list of groups and a fingerprint."""
+    """Training or evaluation data prepared for a model: a list of groups and a fingerprint.
+
+    Token streams are never copied whole: the B streams are views of the ids (of a memory map:
+    a prepared corpus stays on disk), each chunk copied when it is used. The fingerprint of a
+    :class:`bptt.token_file.TokenMemmap` of a whole token file is made of its header's CRC32 and
+    length (nothing read); any other ids are hashed (a memory map without that header: read
+    whole, block by block).
+    """
 
     def __init__(self, model, data, batch_size, reset_mask=None):
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
@@ -78,17 +148,20 @@ class Dataset:
         self.batch_size = B
         crc = zlib.crc32(np.int64(B).tobytes())
         if isinstance(model, LanguageModel):
-            tokens = np.asarray(data)
+            checksum, on_disk = getattr(data, "checksum", None), isinstance(data, np.memmap)
+            source = getattr(data, "filename", None) or "the token stream"
+            tokens = np.asarray(data)                                          # no copy
             if tokens.ndim != 1 or tokens.dtype.kind not in "iu":
                 raise ValueError(f"data for a LanguageModel must be a 1-D int token stream; "
                                  f"got {tokens.ndim}-D array of dtype {tokens.dtype}")
-            if len(tokens) and (tokens.min() < 0 or tokens.max() >= model.vocab_size):
+            # ids in memory are checked here; those of a memory map as each chunk is read
+            if len(tokens) and not on_disk and (tokens.min() < 0 or tokens.max() >= model.vocab_size):
                 raise ValueError(f"token ids must be in [0, {model.vocab_size}); got range "
                                  f"[{int(tokens.min())}, {int(tokens.max())}]")
             if len(tokens) // B < 2:
                 raise ValueError(f"data has {len(tokens)} tokens: too few for batch_size {B} "
                                  f"(each of the {B} streams needs at least 2 tokens)")
-            src = batchify(tokens.astype(np.int64), B)                       # n,B
+            streams = stream_views(tokens, B)                                  # n,B view
             resets = None
             if reset_mask is not None:
                 mask = np.asarray(reset_mask)
@@ -97,8 +170,11 @@ class Dataset:
                                      f"got {mask.dtype} {mask.shape}")
                 resets = batchify(mask, B)[:-1]
                 crc = zlib.crc32(mask.tobytes(), crc)
-            crc = zlib.crc32(src.tobytes(), crc)
-            self.groups = [Group(src[:-1], src[1:], True, resets)]
+            if checksum is not None:
+                crc = zlib.crc32(f"{checksum} {len(tokens)} {tokens.dtype.str}".encode(), crc)
+            else:
+                crc = _crc_of_rows(streams, crc)
+            self.groups = [TokenGroup(streams, resets, model.vocab_size, source)]
         elif isinstance(model, SequenceModel):
             if reset_mask is not None:
                 raise ValueError("reset_mask applies to token streams; sequences of a SequenceModel "
