@@ -254,7 +254,7 @@ ROWS = [
         r"huge\.txt: 1\.0 GiB \(1,073,741,824 bytes\) is larger than the 128\.0 MiB \(134,217,728 bytes\) bptt reads "
         r"whole; give --max-chars N", subprocess=True),
     Row("--data a folder", lambda runs, tmp: {"data": tmp, "out": tmp / "out"}, TRAIN, 1,
-        r": is a directory, expected a text file$"),
+        r": is a directory but not a prepared corpus \(no meta\.json\); give a text file, or make a corpus with"),
     Row("--data a missing file", lambda runs, tmp: {"data": tmp / "nope.txt", "out": tmp / "out"}, TRAIN, 1,
         r"nope\.txt: no such file$"),
     Row("--encoding unknown", _text_file("good.txt", TEXT), TRAIN + ("--encoding", "klingon"), 2,

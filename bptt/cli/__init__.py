@@ -8,7 +8,10 @@ library, see :mod:`bptt.data`), shows its progress on stderr, writes a checkpoin
 on a synthetic long-range task instead (:mod:`bptt.tasks`). Training validates on held-out data
 at every epoch end (and every ``--eval-every`` updates), can follow a schedule fed by it
 (``--lr-decay``, ``--lr-plateau``) and stop early (``--patience``); ``bptt plot DIR`` draws the
-run's training curve into ``DIR/training.png``.
+run's training curve into ``DIR/training.png``. ``bptt prepare --data FILE --out DIR``
+tokenizes a text file of any size once, in bounded memory, into memory-mapped id files that
+``bptt train --data DIR`` and ``bptt eval RUN --data DIR`` read without loading them
+(:func:`bptt.data.prepare`, :mod:`bptt.token_file`); ``bptt prepare --verify DIR`` checks one whole.
 
 Run directory (``--out``): ``checkpoint-<step>.npz`` (the last ``--keep``), ``checkpoint.npz``
 (the newest), ``best.npz`` and ``metrics.jsonl`` (:mod:`bptt.cli.runs`, :mod:`bptt.checkpointing`);
@@ -26,7 +29,7 @@ Only the standard library is imported before the arguments are parsed, so ``bptt
 instant; NumPy, Numba, the kernels and tqdm load when a command runs.
 
 The package: :mod:`.arguments` (parser, defaults, flag checks), :mod:`.commands` (train, eval,
-sample, plot), :mod:`.build` (data, model and trainer of a run), :mod:`.progress` (the progress
+sample, plot, prepare), :mod:`.build` (data, model and trainer of a run), :mod:`.progress` (the progress
 display), :mod:`.runs` (the run directory's files), :mod:`.plot` (the training curve).
 
 Examples::
@@ -36,6 +39,8 @@ Examples::
     bptt train --out runs/ptb --resume             # continue a stopped run to its end
     bptt train --out runs/ptb --resume --epochs 1  # one more epoch of that run
     bptt eval runs/default --data other.txt --json
+    bptt prepare --data big.txt --out data/big --valid-fraction 0.001   # tokenized once, memory-mapped
+    bptt train --data data/big --max-steps 10000 --out runs/big
     bptt sample runs/default --prime "def " --length 200 --temperature 0.7 --top-k 10
     bptt train --task copy --k1 10 --k2 10         # TBPTT window shorter than the 25-step recall: chance
     bptt train --task copy --k1 10 --k2 30         # window spans it: recall accuracy > 0.9

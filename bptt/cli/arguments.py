@@ -95,6 +95,20 @@ def _add_decoding(group):
                        "(default), replace = read as U+FFFD")
 
 
+def _fraction(text):
+    """An argparse type: a number in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text!r}")
+    return value
+
+
+_fraction.__name__ = "fraction"
+
+
 def _listed(defaults):
     return ", ".join(f"{k}={v}" for k, v in defaults.items())
 
@@ -104,7 +118,7 @@ def build_parser():
     parser = _Parser(prog="bptt", description="Train recurrent networks with exact (truncated) "
                      "backpropagation through time: train, evaluate, sample, plot the training curve.")
     parser.add_argument("--version", action="version", version="bptt 0.1.0")
-    sub = parser.add_subparsers(dest="command", metavar="{train,eval,sample,plot}", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="{train,eval,sample,plot,prepare}", parser_class=_Parser)
     sub.required = True
 
     # Defaults are None here and resolved in resolve_train: they differ between a language
@@ -117,7 +131,8 @@ def build_parser():
                        "long-range task (--task). Defaults (language model / task): " +
                        _listed(LM_DEFAULTS) + " / " + _listed(TASK_DEFAULTS) + f" ({overrides}).")
     g = t.add_argument_group("data")
-    g.add_argument("--data", metavar="FILE", help="UTF-8 text file (default: the built-in corpus)")
+    g.add_argument("--data", metavar="FILE|DIR", help="UTF-8 text file, or a corpus directory made by bptt prepare "
+                   "(memory-mapped: a corpus of any size; its level and validation split) (default: the built-in corpus)")
     g.add_argument("--level", choices=("char", "word"), help="tokens: characters, or words + <eos> per line")
     g.add_argument("--max-chars", type=_positive(int), metavar="N",
                    help="read at most the first N characters (default: all); files over 128 MiB "
@@ -191,7 +206,8 @@ def build_parser():
                        "with the model's vocabulary, unseen symbols as <unk>), or without --data on the "
                        "held-out part of its training corpus (tasks: fresh sequences).")
     e.add_argument("run_dir", metavar="DIR")
-    e.add_argument("--data", metavar="FILE")
+    e.add_argument("--data", metavar="FILE|DIR", help="a text file (all of it), or a corpus made by bptt prepare "
+                   "with the model's vocabulary (its valid.bin, or its train.bin without one)")
     e.add_argument("--max-chars", type=_positive(int), metavar="N", help="read at most the first N characters of FILE")
     _add_decoding(e)
     e.add_argument("--batch-size", type=_positive(int), metavar="N",
@@ -215,6 +231,25 @@ def build_parser():
                        "(needs matplotlib: pip install 'bptt[plot]'); prints the file's path.")
     p.add_argument("run_dir", metavar="DIR")
     p.add_argument("--output", metavar="FILE", help="the image file (default DIR/training.png)")
+
+    r = sub.add_parser("prepare", help="tokenize a text file of any size once, for training from a memory map",
+                       description="Tokenize FILE in bounded memory (two streaming passes) into DIR: train.bin "
+                       "and valid.bin (the token ids, uint16 or uint32), vocab.json and meta.json (the header: "
+                       "counts, dtype, source, CRC32 of each file); the ids are those bptt train --data FILE would "
+                       "use. Train with bptt train --data DIR. --verify DIR reads a prepared corpus whole and checks "
+                       "every file's CRC32 and ids (opening one checks only the header and the file sizes).")
+    r.add_argument("--data", metavar="FILE", help="the text file (UTF-8 unless --encoding)")
+    r.add_argument("--out", metavar="DIR", help="the corpus directory (made if needed; a corpus in it is replaced)")
+    r.add_argument("--level", choices=("char", "word"), help="tokens: characters (default), or words + <eos> per line")
+    v = r.add_mutually_exclusive_group()
+    v.add_argument("--valid-fraction", type=_fraction, metavar="F",
+                   help="hold out the last F of the tokens as valid.bin (default 0.1; 0 = no validation split)")
+    v.add_argument("--valid", metavar="FILE2", help="a second text file as valid.bin (encoded with FILE's vocabulary)")
+    r.add_argument("--vocab", metavar="PATH", help="encode with an existing vocabulary, unseen tokens as <unk>: a "
+                   "vocab.json, a prepared corpus or a run directory (its checkpoint's vocabulary)")
+    _add_decoding(r)
+    r.add_argument("--verify", metavar="DIR", help="instead: check the prepared corpus DIR whole (a full read)")
+    r.add_argument("--json", action="store_true", help="last stdout line: one JSON object of what was written")
     return parser
 
 
@@ -245,6 +280,11 @@ def resolve_train(args):
             if name in given:
                 raise UsageError(f"{flag(name)} needs --task copy or --task adding")
         cfg.update(LM_DEFAULTS, data=None)
+        if given.get("data") is not None and os.path.isdir(given["data"]):    # a prepared corpus
+            for name in ("max_chars", "encoding", "decode_errors"):
+                if name in given:
+                    raise UsageError(f"{flag(name)} is for text files; {given['data']} is a prepared corpus")
+            cfg["level"] = None          # the corpus's own, unless --level is given (then checked)
     cfg.update(given)
     cfg.setdefault("seed", 0)
     cfg.setdefault("dtype", "float32")
@@ -271,6 +311,19 @@ def resolve_train(args):
         raise UsageError("--dropout is for language models, not --task")
     check_schedule(cfg, given)
     return cfg
+
+
+def resolve_prepare(args):
+    """Check the flags of ``bptt prepare`` (UsageError): --data FILE --out DIR, or --verify DIR alone."""
+    if args.verify is not None:
+        extra = [flag(k) for k in ("data", "out", "level", "valid_fraction", "valid", "vocab", "encoding",
+                                   "decode_errors") if getattr(args, k) is not None]
+        if extra:
+            raise UsageError(f"--verify DIR checks a prepared corpus and takes no {', '.join(extra)}")
+        return
+    for name in ("data", "out"):
+        if getattr(args, name) is None:
+            raise UsageError(f"{flag(name)} is required: bptt prepare --data FILE --out DIR (or --verify DIR)")
 
 
 def check_schedule(cfg, given):

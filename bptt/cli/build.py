@@ -1,7 +1,11 @@
-"""What a ``bptt train`` run is made of, from its config dict: the data (a text corpus or a
-task's sequences, :mod:`bptt.tasks`), the model and the trainer."""
+"""What a ``bptt train`` run is made of, from its config dict: the data (a text corpus, read
+whole or a prepared corpus memory-mapped, or a task's sequences, :mod:`bptt.tasks`), the model
+and the trainer."""
 
-from bptt.cli.arguments import EVAL_BATCH
+import json
+import os
+
+from bptt.cli.arguments import EVAL_BATCH, UsageError
 
 
 def eval_batch(n_tokens):
@@ -9,10 +13,63 @@ def eval_batch(n_tokens):
     return max(1, min(EVAL_BATCH, n_tokens // 2))
 
 
+def is_prepared(path):
+    """Whether the ``--data`` of a command names a prepared corpus (a directory) rather than a text file."""
+    return path is not None and os.path.isdir(path)
+
+
 def load_corpus(cfg, vocab=None):
-    from bptt.data import load_corpus
-    return load_corpus(cfg["data"], cfg["level"], max_chars=cfg["max_chars"], vocab=vocab,
-                       encoding=cfg.get("encoding") or "utf-8", errors=cfg.get("decode_errors") or "strict")
+    """The corpus of a run's config: its text file read and tokenized (``vocab``: encoded with
+    it), or the prepared corpus directory memory-mapped (of the config's level where given;
+    ``vocab``: it must be the corpus's)."""
+    from bptt.data import DataError, load_corpus, open_prepared
+    if not is_prepared(cfg["data"]):
+        return load_corpus(cfg["data"], cfg["level"], max_chars=cfg["max_chars"], vocab=vocab,
+                           encoding=cfg.get("encoding") or "utf-8", errors=cfg.get("decode_errors") or "strict")
+    corpus = open_prepared(cfg["data"])
+    if cfg.get("level") not in (None, corpus.level):
+        raise DataError(f"{cfg['data']}: a {corpus.level}-level prepared corpus, but --level {cfg['level']} was given")
+    if vocab is not None and vocab != corpus.vocab:
+        raise DataError(f"{cfg['data']}: its vocabulary ({len(corpus.vocab):,} symbols) is not the run's "
+                        f"({len(vocab):,}): the corpus was prepared again from other text or options")
+    return corpus
+
+
+def prepared_eval_ids(corpus, vocab):
+    """(ids, their file) that ``bptt eval --data DIR`` evaluates of the prepared ``corpus``: its
+    valid.bin, or its train.bin without one; DataError unless it has the model's ``vocab``."""
+    from bptt.data import DataError
+    if corpus.vocab != vocab:
+        raise DataError(f"{corpus.source}: prepared with another vocabulary ({len(corpus.vocab):,} symbols) than the "
+                        f"model's ({len(vocab):,}); prepare the text with the model's: "
+                        f"bptt prepare --data FILE --vocab RUN_DIR --out DIR")
+    tokens = corpus.train if corpus.valid is None else corpus.valid
+    return tokens, tokens.filename
+
+
+def count_id(ids, value, block=1 << 22):
+    """How many of ``ids`` [n] equal ``value``, counted a block at a time (no [n] temporary)."""
+    import numpy as np
+    return sum(int(np.count_nonzero(ids[i:i + block] == value)) for i in range(0, len(ids), block))
+
+
+def vocab_of(path):
+    """The vocabulary ``bptt prepare --vocab PATH`` names: a vocab.json, a prepared corpus's or
+    a run directory's (its newest checkpoint's)."""
+    from bptt.data import DataError, Vocabulary
+    from bptt.cli.runs import checkpoint_path, read_meta
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "vocab.json")):
+        ckpt = checkpoint_path(path)
+        vocab = run_vocab(read_meta(ckpt), ckpt)
+        if vocab is None:
+            raise UsageError(f"--vocab {path}: that run holds no vocabulary (a --task run)")
+        return vocab
+    file = os.path.join(path, "vocab.json") if os.path.isdir(path) else path
+    try:
+        with open(file, encoding="utf-8") as f:
+            return Vocabulary.from_json(json.load(f))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise DataError(f"{file}: not a readable vocabulary ({getattr(e, 'strerror', None) or e})") from None
 
 
 def run_vocab(meta, path, model=None):
@@ -63,11 +120,18 @@ class Data:
 
 
 def prepare_data(cfg, vocab=None):
-    """Read the corpus (``vocab``: encode with it) or generate the task's sequences."""
+    """Read the corpus (``vocab``: encode with it) or generate the task's sequences. A prepared
+    corpus sets the config's level to its own."""
     task = cfg.get("task")
     if task is None:
         corpus = load_corpus(cfg, vocab)
-        line = (f"data: {corpus.source} ({corpus.n_chars:,} chars, {cfg['level']} level, vocab {len(corpus.vocab)}, "
+        cfg["level"] = corpus.level
+        if corpus.valid is None:
+            from bptt.data import DataError
+            raise DataError(f"{corpus.source}: no validation split to train with (prepared with --valid-fraction 0); "
+                            "prepare it with --valid-fraction F or --valid FILE")
+        kind = "prepared, " if is_prepared(cfg["data"]) else ""
+        line = (f"data: {corpus.source} ({kind}{corpus.n_chars:,} chars, {cfg['level']} level, vocab {len(corpus.vocab)}, "
                 f"{len(corpus.train):,} train / {len(corpus.valid):,} valid tokens)")
         return Data(corpus.train, corpus.valid, corpus.vocab, line)
     train = task_data(cfg, cfg["n_train"], cfg["seed"])

@@ -8,9 +8,10 @@ import signal
 import sys
 import time
 
-from bptt.cli.arguments import KEEP, SAVE_EVERY_MINUTES, UsageError, check_resume, resolve_train
-from bptt.cli.build import (build_model, build_trainer, eval_batch, load_corpus, prepare_data, run_vocab,
-                            task_validation)
+from bptt.cli.arguments import (KEEP, SAVE_EVERY_MINUTES, UsageError, check_resume, flag, resolve_prepare,
+                                resolve_train)
+from bptt.cli.build import (build_model, build_trainer, count_id, eval_batch, is_prepared, load_corpus,
+                            prepare_data, prepared_eval_ids, run_vocab, task_validation, vocab_of)
 from bptt.cli.build import validation_batch
 from bptt.cli.progress import Progress
 from bptt.cli.runs import (StepLog, append_jsonl, checkpoint_path, jsonable, new_run_dir, newest_checkpoint,
@@ -232,10 +233,16 @@ def _load_run(run_dir, backend_name, check=None):
 
 
 def cmd_eval(args):
-    from bptt.data import Corpus, read_text
+    from bptt.data import Corpus, open_prepared, read_text
     # file errors before the model loads
-    text = (read_text(args.data, args.max_chars, args.encoding or "utf-8", args.decode_errors or "strict")
-            if args.data is not None else None)
+    prepared = text = None
+    if is_prepared(args.data):
+        for name in ("max_chars", "encoding", "decode_errors"):
+            if getattr(args, name) is not None:
+                raise UsageError(f"{flag(name)} is for text files; {args.data} is a prepared corpus")
+        prepared = open_prepared(args.data)
+    elif args.data is not None:
+        text = read_text(args.data, args.max_chars, args.encoding or "utf-8", args.decode_errors or "strict")
 
     def check(meta):
         task = meta["config"].get("task")
@@ -252,14 +259,16 @@ def cmd_eval(args):
         source = f"task {cfg['task']} (the held-out sequences of training)"
     else:
         vocab = run_vocab(meta, args.run_dir, model)
-        if text is not None:
+        if prepared is not None:
+            ids, source = prepared_eval_ids(prepared, vocab)
+        elif text is not None:
             ids, source = Corpus(text, vocab.level, 0.0, args.data, vocab).train, args.data
         else:
             ids, source = load_corpus(cfg, vocab).valid, "held-out part of the training corpus"
         m = trainer.evaluate(ids, args.batch_size or eval_batch(len(ids)))
         metrics = {"loss": float(m["loss"]), "perplexity": float(m["perplexity"]),
                    "bits_per_token": float(m["bits_per_token"]), "tokens": int(len(ids))}
-        unk = int((ids == vocab.unk_id).sum())
+        unk = count_id(ids, vocab.unk_id)
         if unk:
             metrics["unk_tokens"] = unk
     summary = {"command": "eval", "run_dir": args.run_dir, "data": source, "backend": backend.NAME,
@@ -298,4 +307,38 @@ def cmd_plot(args):
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "plot": cmd_plot}
+def cmd_prepare(args):
+    """``bptt prepare --data FILE --out DIR``: tokenize FILE into a prepared corpus (progress and
+    MB/s on stderr); ``bptt prepare --verify DIR``: read one whole and check it."""
+    resolve_prepare(args)
+    from bptt.cli.progress import byte_bar
+    from bptt.data import open_prepared, prepare
+    began = time.monotonic()
+    if args.verify is not None:
+        corpus = open_prepared(args.verify, verify=True, progress=byte_bar)
+        read = sum(entry["bytes"] for entry in corpus.meta["splits"].values())
+    else:
+        vocab = vocab_of(args.vocab) if args.vocab is not None else None
+        corpus = prepare(args.data, args.out, level=args.level or (vocab.level if vocab else "char"),
+                         valid_fraction=args.valid_fraction, valid_path=args.valid, vocab=vocab,
+                         encoding=args.encoding or "utf-8", errors=args.decode_errors or "strict", progress=byte_bar)
+        read = corpus.meta["source"]["bytes"] + (corpus.meta["valid_source"] or {"bytes": 0})["bytes"]
+    seconds = time.monotonic() - began
+    meta = corpus.meta
+    splits = {split: entry["tokens"] for split, entry in meta["splits"].items()}
+    summary = {"command": "prepare", "out": corpus.source, "verified": args.verify is not None,
+               "level": meta["level"], "vocab_size": meta["vocab_size"], "dtype": meta["dtype"],
+               "train_tokens": splits["train"], "valid_tokens": splits.get("valid", 0),
+               "input_bytes": read, "seconds": round(seconds, 2),
+               "mb_per_s": round(read / 1e6 / max(seconds, 1e-9), 1)}
+    what = "verified" if args.verify is not None else "prepared"
+    valid = f"{splits['valid']:,} valid" if "valid" in splits else "no validation"
+    print(f"{what} {corpus.source}: {meta['level']} level, vocab {meta['vocab_size']:,}, {splits['train']:,} train / "
+          f"{valid} tokens ({meta['dtype']}); {read / 1e6:,.1f} MB {'of token files' if args.verify else 'of text'} "
+          f"in {seconds:.1f} s ({summary['mb_per_s']:,.1f} MB/s)", file=sys.stderr if args.json else sys.stdout)
+    if args.json:
+        print(json.dumps(summary, sort_keys=True))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "plot": cmd_plot, "prepare": cmd_prepare}

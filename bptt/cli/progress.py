@@ -174,3 +174,33 @@ def _terminal_bar(progress):
     size = shutil.get_terminal_size()
     return Bar(total=progress.fields(progress.first_time)["total"], initial=progress.step, file=progress.stream,
                mininterval=progress.every_s, miniters=1, leave=True, ncols=size.columns, nrows=size.lines)
+
+
+class _PlainLines:
+    """The stream of a tqdm bar off a terminal: every redraw becomes a line of its own."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        text = text.strip()
+        if text:
+            self.stream.write(text + "\n")
+
+    def flush(self):
+        self.stream.flush()
+
+
+def byte_bar(description, total, stream=None):
+    """A progress bar of one pass of ``bptt prepare`` over ``total`` bytes on ``stream`` (stderr):
+    bytes done, percentage, MB/s and ETA, e.g. ``write big.txt:  40%|####      | 800M/2.00G
+    [00:10<00:15, 80.0MB/s]``; redrawn in place on a terminal, otherwise a line every 10 s and
+    one at the end of a pass that took longer than that (a short pass writes none). A factory of
+    the ``progress`` argument of :func:`bptt.data.prepare`."""
+    from tqdm import tqdm
+    stream = stream if stream is not None else sys.stderr
+    tty = hasattr(stream, "isatty") and stream.isatty()
+    every_s = 0.1 if tty else 10.0
+    return tqdm(total=total, desc=description, unit="B", unit_scale=True, unit_divisor=1000, leave=True,
+                file=stream if tty else _PlainLines(stream), mininterval=every_s, delay=0 if tty else every_s,
+                dynamic_ncols=tty, ascii=not tty)
