@@ -26,12 +26,14 @@ backends' caches by field name) and back on any backend (``model.cache_from_dict
 checkpoint taken inside a TBPTT window resumes on another backend.
 """
 
+import inspect
 import math
 
 import numpy as np
 
 from bptt import _checks
 from bptt.layers import device_copy
+from bptt_kernels.host import as_lengths
 from bptt.recurrent_stack import (NonFiniteGradientError, RecurrentModelBase, StackCache, check_finite_grad,
                                   host_or_none, json_seed, make_layer)
 
@@ -203,55 +205,89 @@ class LanguageModel(RecurrentModelBase):
 
 
 class SeqCache:
-    """Saved by :meth:`SequenceModel.forward`: the stack cache and y [T,B,H] (readout input)."""
+    """Saved by :meth:`SequenceModel.forward`: the stack cache, y [T,B,D*H] (the readout's input)
+    and the rows' lengths (host int64 [B], or None: every row all T steps)."""
 
-    __slots__ = ("stack", "y")
+    __slots__ = ("stack", "y", "lengths")
 
-    def __init__(self, stack, y):
-        self.stack, self.y = stack, y
+    def __init__(self, stack, y, lengths=None):
+        self.stack, self.y, self.lengths = stack, y, lengths
 
     def to_dict(self, to_host):
-        """{"stack": the stack's dict, "y": host array}; :meth:`SequenceModel.cache_from_dict`
-        is the inverse (on any backend)."""
-        return {"stack": self.stack.to_dict(to_host), "y": to_host(self.y)}
+        """{"stack": the stack's dict, "y": host array, "lengths": host array or None};
+        :meth:`SequenceModel.cache_from_dict` is the inverse (on any backend)."""
+        return {"stack": self.stack.to_dict(to_host), "y": to_host(self.y),
+                "lengths": None if self.lengths is None else np.array(self.lengths, copy=True)}
 
 
 class SequenceModel(RecurrentModelBase):
     """Recurrent stack -> linear readout, on float inputs [T,B,I].
 
-    readout "every_step": outputs [T,B,O] (one per step); "last_step": outputs [B,O] from the
-    last step only. Parameters: rnn.* as LanguageModel, readout.weight [O,H], readout.bias [O]
-    (initialised as torch.nn.Linear: uniform(-1/sqrt(H), 1/sqrt(H))).
+    readout "every_step": outputs [T,B,O] (one per step); "last_step": outputs [B,O] from each
+    row's last step (step lengths[b]-1 of row b, T-1 without lengths). bidirectional: every level
+    has a reverse direction (PyTorch's layout: y [T,B,2H], forward half then reverse half, state
+    [2L,B,H]); its last-step readout reads the two directions' final states concatenated as
+    torch's h_n[-2:] (the forward half at the row's last step, the reverse half at step 0).
+    Parameters: rnn.* as LanguageModel (bidirectional: also rnn.*_reverse), readout.weight
+    [O,D*H], readout.bias [O] (initialised as torch.nn.Linear: uniform(-1/sqrt(D*H), 1/sqrt(D*H))),
+    D = 2 directions if bidirectional, else 1.
     """
 
     READOUTS = ("every_step", "last_step")
 
     def __init__(self, input_size, hidden_size, output_size, num_layers=1, cell="lstm", readout="every_step",
-                 dtype=np.float32, seed=None):
+                 dtype=np.float32, seed=None, bidirectional=False):
         self.input_size = _checks.expect_int("input_size", input_size, 1)
         self.output_size = _checks.expect_int("output_size", output_size, 1)
         if readout not in self.READOUTS:
             raise ValueError(f"readout must be one of {self.READOUTS}; got {readout!r}")
         self.readout = readout
-        rng = self._init_stack(cell, input_size, hidden_size, num_layers, 0.0, dtype, seed)
-        bound = 1.0 / math.sqrt(self.hidden_size)
-        self._add_param("readout.weight", rng.uniform(-bound, bound, (self.output_size, self.hidden_size)))
+        rng = self._init_stack(cell, input_size, hidden_size, num_layers, 0.0, dtype, seed, bidirectional)
+        features = self.num_directions * self.hidden_size                      # D*H
+        bound = 1.0 / math.sqrt(features)
+        self._add_param("readout.weight", rng.uniform(-bound, bound, (self.output_size, features)))
         self._add_param("readout.bias", rng.uniform(-bound, bound, (self.output_size,)))
         self.config = {"input_size": self.input_size, "hidden_size": self.hidden_size,
                        "output_size": self.output_size, "num_layers": self.num_layers, "cell": self.cell,
-                       "readout": readout, "dtype": self.dtype.name, "seed": json_seed(seed)}
+                       "readout": readout, "bidirectional": self.bidirectional, "dtype": self.dtype.name,
+                       "seed": json_seed(seed)}
 
-    def forward(self, inputs, state=None, train=True):
-        """inputs float [T,B,I]; returns outputs ([T,B,O] or [B,O]), final state, cache."""
+    def forward(self, inputs, state=None, train=True, lengths=None):
+        """inputs float [T,B,I]; state h [D*L,B,H] (LSTM (h, c)) or None (zeros); lengths: host
+        ints [B] in 1..T, or None: row b runs only its steps t < lengths[b] (y is 0 past them:
+        every-step outputs there are the readout of 0 and should carry no loss).
+
+        Returns outputs ([T,B,O], or [B,O] for "last_step"), the final state (each row's after
+        its own last step) and a :class:`SeqCache` (None when train=False).
+        """
         x = _checks.as_float_array("inputs", inputs, self.dtype, self.backend)
         _checks.expect_ndim("inputs", x, 3, "[T, B, I]")
-        y, state, stack = self._stack_forward(x, state, train)                  # T,B,H
-        h = y if self.readout == "every_step" else y[-1]
+        y, state, stack = self._stack_forward(x, state, train, lengths=lengths)   # T,B,D*H; checks lengths
+        lengths = as_lengths("lengths", lengths, *x.shape[:2])                    # host int64 [B] or None
+        h = y if self.readout == "every_step" else self._final_features(y, lengths)
         out = self._linear_forward(h, "readout.weight", "readout.bias")
-        return out, state, (SeqCache(stack, y) if train else None)
+        return out, state, (SeqCache(stack, y, lengths) if train else None)
+
+    def _last_steps(self, lengths, T, B):
+        """Index pair (steps, rows) of each row's last step in a [T,B,...] array: (T-1, all rows)
+        without lengths, else device ints (lengths - 1, 0..B-1)."""
+        if lengths is None:
+            return T - 1, slice(None)
+        xp = self.backend.xp
+        return self.backend.asarray(lengths - 1, np.int64), xp.arange(B)
+
+    def _final_features(self, y, lengths):
+        """The last-step readout's input [B,D*H] from y [T,B,D*H]: the forward half at each row's
+        last step, the reverse half (bidirectional) at step 0, where that direction ends."""
+        T, B, H = y.shape[0], y.shape[1], self.hidden_size
+        h = y[self._last_steps(lengths, T, B)]                                    # B,D*H
+        if self.bidirectional:
+            h = self.backend.xp.concatenate([h[:, :H], y[0, :, H:]], axis=1)
+        return h
 
     def backward(self, dout, cache, dstate=None, t_start=0, return_dh=False):
-        """As :meth:`LanguageModel.backward`; dout [T,B,O] or [B,O] (last_step), or None."""
+        """As :meth:`LanguageModel.backward`; dout [T,B,O] or [B,O] (last_step), or None. The
+        last-step gradient reaches the positions the forward read (``_final_features``)."""
         if cache is None:
             raise ValueError("backward needs the cache of a forward(..., train=True) call")
         y = cache.y
@@ -263,19 +299,28 @@ class SequenceModel(RecurrentModelBase):
             if self.readout == "every_step":
                 dy[t_start:] = self._linear_backward(dout[t_start:], y[t_start:], "readout.weight", "readout.bias")
             else:
-                dy[-1] = self._linear_backward(dout, y[-1], "readout.weight", "readout.bias")
+                H = self.hidden_size
+                dh = self._linear_backward(dout, self._final_features(y, cache.lengths),     # B,D*H
+                                           "readout.weight", "readout.bias")
+                steps, rows = self._last_steps(cache.lengths, *y.shape[:2])
+                dy[steps, rows, :H] = dh[:, :H]                  # forward half: each row's last step
+                if self.bidirectional:
+                    dy[0, :, H:] = dh[:, H:]                     # reverse half: step 0
         _, dstate, dh = self._stack_backward(dy, cache.stack, dstate, t_start)
         return (dstate, dh) if return_dh else dstate
 
     def cache_from_dict(self, d):
         """The :class:`SeqCache` of ``SeqCache.to_dict``'s dict ``d`` (saved on any backend), on
         this model's backend, its layer caches owned by this model's layers."""
-        return SeqCache(self._stack_cache_from_dict(d["stack"]), device_copy(self.backend, d["y"]))
+        lengths = d.get("lengths")        # absent from the dicts of caches saved before lengths
+        return SeqCache(self._stack_cache_from_dict(d["stack"]), device_copy(self.backend, d["y"]),
+                        None if lengths is None else np.array(lengths, np.int64))
 
     def __repr__(self):
         c = self.config
         return (f"SequenceModel(I={c['input_size']}, H={c['hidden_size']}, O={c['output_size']}, "
-                f"L={c['num_layers']}, cell={c['cell']!r}, readout={c['readout']!r}, dtype={c['dtype']}, "
+                f"L={c['num_layers']}, cell={c['cell']!r}, readout={c['readout']!r}, "
+                f"{'bidirectional=True, ' if c['bidirectional'] else ''}dtype={c['dtype']}, "
                 f"backend={self.backend.NAME!r})")
 
 
@@ -301,7 +346,10 @@ def check_model_dict(model, d):
     if d["type"] != type(model).__name__:
         raise ValueError(f"the state is of a {d['type']}, not a {type(model).__name__}")
     ours = {k: v for k, v in model.config.items() if k != "seed"}
-    theirs = {k: v for k, v in d["config"].items() if k != "seed"}
+    # a key the dict lacks (saved before the key existed) counts as its constructor default
+    defaults = {name: p.default for name, p in inspect.signature(type(model)).parameters.items()
+                if name in ours and name not in d["config"] and p.default is not p.empty}
+    theirs = {k: v for k, v in {**defaults, **d["config"]}.items() if k != "seed"}
     if ours != theirs:
         raise ValueError(f"the state is of a {d['type']} with config {theirs}; this one has {ours}")
 
