@@ -14,6 +14,7 @@ from bptt import losses
 from bptt.data import DataError
 from bptt.layers import device_copy, host_copy
 from bptt.models import LanguageModel, SequenceModel
+from bptt_kernels.host import as_lengths
 
 
 # ------------------------------------------------------------------------------------------
@@ -38,15 +39,33 @@ class Group:
     inputs   [T,B] int ids or [T,B,I] floats (host)
     targets  [T,B] int, [T,B,O] float (every step), or [B] int / [B,O] float (last step)
     resets   [T,B] bool or None: True where the state of that stream is zeroed before step t
+    lengths  [B] int64 in 1..T or None: variable-length sequences, row b's steps t < lengths[b]
+             (the model runs only those; per-step targets past them carry no loss)
     """
 
-    def __init__(self, inputs, targets, every_step, resets=None):
+    def __init__(self, inputs, targets, every_step, resets=None, lengths=None):
         self.inputs, self.targets, self.every_step = inputs, targets, every_step
         self.T, self.B = inputs.shape[0], inputs.shape[1]
         self.ce = targets.dtype.kind in "iu"
         self.resets = resets
         rows = np.flatnonzero(resets.any(axis=1)) if resets is not None else np.empty(0, np.int64)
         self.reset_rows = rows[rows > 0]            # a reset at step 0 meets a zero state anyway
+        self.lengths = lengths
+        self.valid = None                           # [T,B] bool: the steps of per-step targets that count
+        if lengths is not None and every_step:
+            self.valid = np.arange(self.T)[:, None] < lengths[None, :]
+            if self.ce:                             # class targets past a row's end: ignored (-1)
+                self.targets = np.where(self.valid, targets, -1)
+
+    def forward(self, model, s0, s1, state, train):
+        """``model.forward`` over steps [s0, s1) -> (outputs, final state, cache); rows of
+        variable length pass their lengths, which takes all the group's steps at once."""
+        if self.lengths is None:
+            return model.forward(self.inputs[s0:s1], state, train=train)
+        if (s0, s1) != (0, self.T):
+            raise ValueError(f"variable-length sequences run over all their {self.T} steps at once; "
+                             f"got steps {s0}..{s1 - 1}")
+        return model.forward(self.inputs, state, train=train, lengths=self.lengths)
 
     def segments(self, t0, t1):
         """Split [t0, t1) at reset rows -> list of (s0, s1, reset_here: bool)."""
@@ -63,7 +82,11 @@ class Group:
                 return 0
             return losses.count_targets(self.targets) if self.ce else self.targets.size
         tg = self.targets[t0:t1]
-        return losses.count_targets(tg) if self.ce else tg.size
+        if self.ce:
+            return losses.count_targets(tg)
+        if self.valid is None:
+            return tg.size
+        return int(self.valid[t0:t1].sum()) * tg.shape[-1]      # MSE: O terms per valid step
 
     def loss(self, backend, out, s0, s1, count):
         """(loss, dout) of the outputs of steps [s0, s1), or (0.0, None) when they carry no loss."""
@@ -72,6 +95,9 @@ class Group:
         tg = self.targets[s0:s1] if self.every_step else self.targets
         if self.ce:
             return losses.cross_entropy(backend, out, tg, count, overwrite=True)
+        if self.valid is not None:          # MSE over the valid steps: padded ones masked out of both
+            keep = self.valid[s0:s1, :, None]
+            return losses.mse(backend, out * backend.asarray(keep, out.dtype), tg * keep, count)
         return losses.mse(backend, out, tg, count)
 
 
@@ -179,8 +205,9 @@ class Dataset:
             if reset_mask is not None:
                 raise ValueError("reset_mask applies to token streams; sequences of a SequenceModel "
                                  "always start from a zero state")
-            if not isinstance(data, (tuple, list)) or len(data) != 2:
-                raise ValueError("data for a SequenceModel must be a pair (inputs [N,T,I], targets)")
+            if not isinstance(data, (tuple, list)) or len(data) not in (2, 3):
+                raise ValueError("data for a SequenceModel must be (inputs [N,T,I], targets) or "
+                                 "(inputs, targets, lengths [N])")
             inputs, targets = np.asarray(data[0]), np.asarray(data[1])
             if inputs.ndim != 3 or inputs.shape[2] != model.input_size or inputs.dtype.kind != "f":
                 raise ValueError(f"inputs must be float [N, T, I] with I = {model.input_size}; "
@@ -198,13 +225,16 @@ class Dataset:
             if kind == "i" and targets.max(initial=-1) >= O:
                 raise ValueError(f"class targets must be < output_size {O}; got {int(targets.max())}")
             targets = targets.astype(np.int64) if kind == "i" else targets
+            lengths = as_lengths("lengths", data[2], T, N) if len(data) == 3 else None      # N or None
             crc = zlib.crc32(targets.tobytes(), zlib.crc32(inputs.tobytes(), crc))
+            if lengths is not None:
+                crc = zlib.crc32(lengths.tobytes(), crc)
             self.groups = []
             for b0 in range(0, N, B):
                 x = np.ascontiguousarray(inputs[b0:b0 + B].transpose(1, 0, 2))               # T,B,I
                 y = targets[b0:b0 + B]
                 y = np.ascontiguousarray(np.moveaxis(y, 0, 1)) if every else np.ascontiguousarray(y)
-                self.groups.append(Group(x, y, every))
+                self.groups.append(Group(x, y, every, lengths=None if lengths is None else lengths[b0:b0 + B]))
         else:
             raise TypeError(f"model must be a LanguageModel or SequenceModel; got {type(model).__name__}")
         self.fingerprint = int(crc)

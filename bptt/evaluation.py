@@ -13,7 +13,8 @@ from bptt.models import LanguageModel
 def evaluate(model, data, batch_size, chunk, reset_mask=None):
     """Loss of ``model`` on ``data`` (the forms of :meth:`bptt.Trainer.fit`), forward in chunks
     of ``chunk`` steps with the state carried (no truncation without backward: the chunking
-    changes nothing but memory).
+    changes nothing but memory). Sequences of variable length (data ``(inputs, targets,
+    lengths)``) and bidirectional models run each batch over all its steps at once.
 
     LanguageModel: {"loss" (nats per token), "perplexity", "bits_per_token"}. SequenceModel:
     {"loss"} plus "accuracy" (argmax over counted targets) for class targets.
@@ -23,11 +24,13 @@ def evaluate(model, data, batch_size, chunk, reset_mask=None):
     total, count, correct = 0.0, 0, 0
     for group in dataset.groups:
         state = None
-        for t0 in range(0, group.T, chunk):
-            for s0, s1, reset in group.segments(t0, min(t0 + chunk, group.T)):
+        whole = group.lengths is not None or getattr(model, "bidirectional", False)
+        steps = group.T if whole else chunk
+        for t0 in range(0, group.T, steps):
+            for s0, s1, reset in group.segments(t0, min(t0 + steps, group.T)):
                 if reset:
                     state = reset_rows(state, be.asarray(~group.resets[s0], model.dtype))
-                out, state, _ = model.forward(group.inputs[s0:s1], state, train=False)
+                out, state, _ = group.forward(model, s0, s1, state, train=False)
                 n = group.count(s0, s1)
                 if n == 0:
                     continue

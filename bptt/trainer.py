@@ -26,6 +26,13 @@ SequenceModel one batch of B independent sequences (state reset per sequence).
   into segments at the reset positions (forward a segment, zero the rows of the streams that
   reset, go on; backward multiplies the carried state gradient by the keep mask there), so the
   result equals running the documents separately.
+* Variable-length sequences (SequenceModel, data ``(inputs, targets, lengths)``): each batch
+  passes its rows' lengths to ``model.forward``, row b runs its steps t < lengths[b] only;
+  per-step targets past a row's end count in no mean and give no gradient, a last-step
+  readout reads each row's own last step. Full BPTT only (ValueError with k1 set): a chunk in
+  which a row has already ended is not expressible (the kernels need lengths >= 1).
+* Bidirectional models train with full BPTT only (their reverse direction starts from each
+  sequence's end); a LanguageModel cannot have a bidirectional stack.
 
 Losses: integer targets -> softmax cross-entropy, mean over counted targets (-1 = ignored), as
 ``torch.nn.CrossEntropyLoss()``; float targets -> mean squared error as ``torch.nn.MSELoss()``.
@@ -112,6 +119,10 @@ class Trainer:
             raise TypeError(f"model must be a bptt.LanguageModel or bptt.SequenceModel; got {type(model).__name__}")
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a bptt.SGD or bptt.Adam; got {type(optimizer).__name__}")
+        if isinstance(model, LanguageModel) and getattr(model, "bidirectional", False):
+            raise ValueError("a LanguageModel cannot have a bidirectional stack: a bidirectional layer needs the "
+                             "whole sequence (full BPTT only), a token stream trains in chunks, and the reverse "
+                             "direction would read the tokens it is to predict")
         self.model = model
         self.optimizer = optimizer
         self._configure(k1=k1, k2=k2, clip_norm=clip_norm, on_nonfinite=on_nonfinite,
@@ -132,6 +143,10 @@ class Trainer:
     def _configure(self, k1, k2, clip_norm, on_nonfinite, record_grad_norms):
         """Check the settings of :attr:`config`, then set them (nothing is set if one is bad)."""
         k1, k2 = check_truncation(k1, k2)
+        if k1 is not None and getattr(self.model, "bidirectional", False):
+            raise ValueError(f"a bidirectional model trains with full BPTT only (k1=k2=None), got k1={k1}: its "
+                             f"reverse direction reads each sequence from its last step, so a chunk of k1 steps "
+                             f"cannot be run before the whole sequence is seen")
         if clip_norm is not None and (isinstance(clip_norm, bool) or not isinstance(clip_norm, (int, float))
                                       or not 0 < clip_norm < math.inf):
             raise ValueError(f"clip_norm must be None or a positive finite number; got {clip_norm!r}")
@@ -171,7 +186,8 @@ class Trainer:
         """Train until ``epochs`` epochs are complete or ``max_steps`` updates are made, both counted
         over the trainer's life (a resumed run counts what was done before the checkpoint).
 
-        data: 1-D int token stream (LanguageModel) or (inputs [N,T,I], targets) (SequenceModel);
+        data: 1-D int token stream (LanguageModel) or (inputs [N,T,I], targets) (SequenceModel),
+        or (inputs, targets, lengths [N] ints in 1..T) for sequences of variable length (full BPTT);
         reset_mask: 1-D bool like data (token streams): True where a document starts.
         callbacks: cb(event) after every update, event = {"step", "epoch", "loss", "tokens"
         (tokens of this update), "tokens_per_s", "lr", "grad_norm", "skipped", "update_s" (seconds
@@ -200,6 +216,10 @@ class Trainer:
         if validation is None and (eval_every is not None or patience is not None):
             raise ValueError("eval_every and patience need validation data (validation=...)")
         dataset = Dataset(self.model, data, batch_size, reset_mask)
+        if self.k1 is not None and any(group.lengths is not None for group in dataset.groups):
+            raise ValueError(f"variable-length sequences (lengths) train with full BPTT only (k1=k2=None), got "
+                             f"k1={self.k1}: a TBPTT chunk in which some rows have already ended cannot be run "
+                             f"(every row's length within a chunk must be >= 1)")
         if self.position is not None and (self.position.fingerprint != dataset.fingerprint
                                           or self.position.batch_size != dataset.batch_size):
             raise ValueError("fit() must continue the interrupted epoch with the same data, reset_mask and "
@@ -302,7 +322,7 @@ class Trainer:
             if reset:
                 keep = be.asarray(~group.resets[s0], model.dtype)                     # B
                 state = reset_rows(state, keep)
-            out, state, cache = model.forward(group.inputs[s0:s1], state, train=True)
+            out, state, cache = group.forward(model, s0, s1, state, train=True)
             seg_loss, dout = group.loss(be, out, s0, s1, count) if count else (0.0, None)
             loss += seg_loss
             ring.append(Segment(s0, s1, cache, dout, keep))
