@@ -20,6 +20,16 @@ adding (Hochreiter & Schmidhuber 1997; in the form of Le et al. 2015 and Arjovsk
     of Var(U1 + U2) = 1/6 = 0.1667 (:data:`ADDING_BASELINE_MSE`); the figure 0.1767 often quoted
     from Le et al. 2015 is not what this distribution gives, so the exact value is used here.
 
+varlen (sequences of variable length, classified at each one's own last step)
+    Each sequence has its own length, drawn uniformly from ``VARLEN_MIN_LENGTH`` (5) .. T, and is
+    padded to T steps with random symbols (noise: only the lengths say where a sequence ends).
+    Every step is a one-hot symbol from an alphabet of 8 (I = 8). The label, one of 4, is two
+    bits: whether the first symbol is in the upper half of the alphabet (4..7), and whether the
+    second is. A forward reader must carry them across the sequence's whole own length, to its
+    last step, where a ``readout="last_step"`` model answers (a bidirectional model's reverse
+    direction ends on them). Returns (inputs float32 [n, T, 8], labels int64 [n], lengths int64 [n]), the data
+    ``Trainer.fit`` takes for variable lengths (full BPTT). Chance accuracy is 1/4.
+
 Every generator takes a ``seed`` and returns the same arrays for the same arguments.
 
 :data:`TASK_TABLE` says how each task is trained by ``bptt train --task NAME``: its data, the
@@ -37,6 +47,9 @@ COPY_DELIMITER = 9
 COPY_INPUT_SIZE = 10
 ADDING_INPUT_SIZE = 2
 ADDING_BASELINE_MSE = 1.0 / 6.0  # E[(U1 + U2 - 1)^2] for U1, U2 ~ U[0, 1)
+VARLEN_ALPHABET = 8
+VARLEN_CLASSES = 4
+VARLEN_MIN_LENGTH = 5
 
 
 def _positive_int(name, value, minimum=1):
@@ -108,6 +121,33 @@ def adding_task(n, length, seed=None):
     return inputs, targets
 
 
+def varlen_task(n, max_length, seed=None):
+    """Variable-length classification: ``(inputs float32 [n, T, 8], labels int64 [n], lengths
+    int64 [n])``, T = ``max_length`` (>= 5); lengths uniform in 5..T, the steps past a sequence's
+    length random symbols; label = 2 [first symbol >= 4] + [second symbol >= 4], in 0..3.
+    """
+    import numpy as np
+    n = _positive_int("n", n)
+    steps = _positive_int("max_length", max_length, minimum=VARLEN_MIN_LENGTH)
+    rng = np.random.default_rng(seed)
+    symbols = rng.integers(0, VARLEN_ALPHABET, size=(n, steps))          # padding included: noise
+    inputs = np.eye(VARLEN_ALPHABET, dtype=np.float32)[symbols]          # n, T, 8
+    upper = symbols[:, :2] >= VARLEN_ALPHABET // 2                        # n, 2: the label's bits
+    labels = 2 * upper[:, 0] + upper[:, 1]
+    lengths = rng.integers(VARLEN_MIN_LENGTH, steps + 1, size=n)
+    return inputs, labels.astype(np.int64), lengths.astype(np.int64)
+
+
+def accuracy(outputs, labels):
+    """Fraction of rows where ``argmax(outputs)`` equals the label: outputs [n, O], labels int [n]."""
+    import numpy as np
+    outputs, labels = np.asarray(outputs), np.asarray(labels)
+    if outputs.ndim != 2 or outputs.shape[:1] != labels.shape:
+        raise ValueError(f"outputs must be [n, O] matching labels [n]; got outputs {outputs.shape}, "
+                         f"labels {labels.shape}")
+    return float(np.mean(outputs.argmax(axis=-1) == labels))
+
+
 def mse(predictions, targets):
     """Mean squared error (float) between ``predictions`` and ``targets`` of the same shape."""
     import numpy as np
@@ -119,20 +159,23 @@ def mse(predictions, targets):
 
 
 def make_task(name, n, lag, n_symbols=4, seed=None):
-    """``(inputs, targets)`` of task ``name``: ``copy`` with this ``lag``, or ``adding`` of length ``lag``."""
+    """The data of task ``name``: ``(inputs, targets)`` of ``copy`` with this ``lag`` or ``adding``
+    of length ``lag``; ``(inputs, labels, lengths)`` of ``varlen`` with sequences up to ``lag`` steps."""
     return task(name).generate(n, lag, n_symbols, seed)
 
 
-def predict(model, inputs, batch_size=256):
+def predict(model, inputs, batch_size=256, lengths=None):
     """Run a SequenceModel on batch-major ``inputs`` [n, T, I] (inference mode, fresh state per
-    sequence); returns host float outputs [n, T, O] (every-step readout) or [n, O] (last-step)."""
+    sequence; ``lengths`` [n]: each sequence's own steps); returns host float outputs [n, T, O]
+    (every-step readout) or [n, O] (last-step)."""
     import numpy as np
     inputs = np.asarray(inputs)
     backend = model.backend if hasattr(model, "backend") else None
     outs = []
     for start in range(0, len(inputs), batch_size):
         x = np.ascontiguousarray(inputs[start:start + batch_size].transpose(1, 0, 2))   # T, B, I
-        out, _, _ = model.forward(x, None, train=False)
+        rows = {} if lengths is None else {"lengths": np.asarray(lengths)[start:start + batch_size]}
+        out, _, _ = model.forward(x, None, train=False, **rows)
         out = backend.to_host(out) if backend is not None else np.asarray(out)
         outs.append(out.transpose(1, 0, 2) if out.ndim == 3 else out)
     return np.concatenate(outs, axis=0)
@@ -145,10 +188,11 @@ def predict(model, inputs, batch_size=256):
 class Task(NamedTuple):
     """A task as a training run sees it.
 
-    generate(n, lag, n_symbols, seed) -> (inputs, targets); input_size, output_size, readout:
-    the SequenceModel that fits it; scores(outputs, targets) -> dict of validation scores of
-    the model's outputs (:func:`predict`); uses_symbols: whether ``n_symbols`` applies;
-    defaults: the training settings of ``bptt train --task NAME`` (flags of that command).
+    generate(n, lag, n_symbols, seed) -> (inputs, targets), or (inputs, targets, lengths) where
+    ``variable_lengths`` (trained with full BPTT only); input_size, output_size, readout: the
+    SequenceModel that fits it; scores(outputs, targets) -> dict of validation scores of the
+    model's outputs (:func:`predict`); uses_symbols: whether ``n_symbols`` applies; defaults: the
+    training settings of ``bptt train --task NAME`` (flags of that command).
     """
 
     name: str
@@ -159,6 +203,7 @@ class Task(NamedTuple):
     scores: Callable
     uses_symbols: bool
     defaults: dict
+    variable_lengths: bool = False
 
     def build_model(self, hidden_size, **kwargs):
         """A fresh ``SequenceModel`` for this task (``kwargs``: num_layers, cell, dtype, seed...)."""
@@ -168,6 +213,10 @@ class Task(NamedTuple):
 
 def _copy_scores(outputs, targets):
     return {"recall_accuracy": recall_accuracy(outputs, targets), "chance_accuracy": 1.0 / COPY_ALPHABET}
+
+
+def _varlen_scores(outputs, labels):
+    return {"accuracy": accuracy(outputs, labels), "chance_accuracy": 1.0 / VARLEN_CLASSES}
 
 
 def _adding_scores(outputs, targets):
@@ -185,6 +234,8 @@ TASK_DEFAULTS = dict(cell="lstm", hidden_size=64, num_layers=1, dropout=0.0, for
                      lag=20, n_symbols=4, n_train=32_000, n_valid=1000)
 # The adding problem over 100 steps: 3000 updates bring the MSE from the 0.167 baseline to ~1e-3.
 ADDING_DEFAULTS = dict(lag=100, epochs=3, max_steps=3000)
+# varlen: sequences of 5..50 steps (1000 updates: accuracy 1.0 for an LSTM, see the README).
+VARLEN_DEFAULTS = dict(lag=50)
 VALID_SEED_OFFSET = 1_000_003   # validation sequences are generated with seed + this
 EVAL_BATCH = 250                # sequences per batch when evaluating
 
@@ -193,6 +244,9 @@ TASK_TABLE = {
                  COPY_INPUT_SIZE, COPY_ALPHABET, "every_step", _copy_scores, True, dict(TASK_DEFAULTS)),
     "adding": Task("adding", lambda n, lag, n_symbols, seed: adding_task(n, lag, seed=seed),
                    ADDING_INPUT_SIZE, 1, "last_step", _adding_scores, False, {**TASK_DEFAULTS, **ADDING_DEFAULTS}),
+    "varlen": Task("varlen", lambda n, lag, n_symbols, seed: varlen_task(n, lag, seed=seed),
+                   VARLEN_ALPHABET, VARLEN_CLASSES, "last_step", _varlen_scores, False,
+                   {**TASK_DEFAULTS, **VARLEN_DEFAULTS}, variable_lengths=True),
 }
 TASKS = tuple(TASK_TABLE)
 

@@ -219,7 +219,7 @@ def test_help_imports_no_numerics():
     assert proc.stdout.strip().splitlines()[-1] == "[]"
     assert "--k2" in proc.stdout and "--task" in proc.stdout
     assert "--cell {lstm,gru,rnn_tanh,rnn_relu}" in proc.stdout
-    assert "(adding: " in proc.stdout and "lag=100)" in proc.stdout
+    assert "(adding: " in proc.stdout and "lag=100;" in proc.stdout and "varlen: lag=50)" in proc.stdout
 
 
 def test_cell_choices_are_the_kernels_cells():

@@ -84,19 +84,20 @@ def test_bad_arguments_are_clear_errors():
 def test_task_table_builds_models_that_fit_the_data():
     """Each task's model takes its inputs and gives outputs its scores read."""
     from bptt.tasks import TASK_DEFAULTS, TASK_TABLE, TASKS, predict, task
-    assert TASKS == ("copy", "adding")
+    assert TASKS == ("copy", "adding", "varlen")
     assert task("adding").defaults == dict(TASK_DEFAULTS, lag=100, epochs=3, max_steps=3000)
     for name in TASKS:
         spec = task(name)
         assert spec is TASK_TABLE[name] and spec.name == name
-        inputs, targets = spec.generate(6, 5, 3, 0)
+        inputs, targets, *lengths = spec.generate(6, 5, 3, 0)        # lengths: [6] for varlen
+        assert bool(lengths) == spec.variable_lengths
         model = spec.build_model(7, num_layers=2, seed=1)
         assert (model.input_size, model.output_size, model.readout) == \
             (spec.input_size, spec.output_size, spec.readout) == (inputs.shape[2], model.output_size, spec.readout)
-        scores = spec.scores(predict(model, inputs), targets)
+        scores = spec.scores(predict(model, inputs, lengths=lengths[0] if lengths else None), targets)
         assert all(np.isfinite(v) for v in scores.values())
     assert task("copy").uses_symbols and not task("adding").uses_symbols
-    with pytest.raises(ValueError, match="unknown task 'reverse'; known tasks: copy, adding"):
+    with pytest.raises(ValueError, match="unknown task 'reverse'; known tasks: copy, adding, varlen"):
         task("reverse")
 
 

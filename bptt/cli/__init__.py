@@ -4,9 +4,10 @@
 ``bptt train`` with no arguments trains a small character-level LSTM language model with
 truncated BPTT on the offline default corpus (the Python help topics shipped with the standard
 library, see :mod:`bptt.data`), shows its progress on stderr, writes a checkpoint to
-``runs/default`` and prints a sample. ``bptt train --task copy|adding`` trains a SequenceModel
-on a synthetic long-range task instead (:mod:`bptt.tasks`). Training validates on held-out data
-at every epoch end (and every ``--eval-every`` updates), can follow a schedule fed by it
+``runs/default`` and prints a sample. ``bptt train --task copy|adding|varlen`` trains a
+SequenceModel on a synthetic long-range task instead (:mod:`bptt.tasks`; varlen: sequences of
+variable length; ``--bidirectional``: a reverse direction too). Training validates on held-out
+data at every epoch end (and every ``--eval-every`` updates), can follow a schedule fed by it
 (``--lr-decay``, ``--lr-plateau``) and stop early (``--patience``); ``bptt plot DIR`` draws the
 run's training curve into ``DIR/training.png``. ``bptt prepare --data FILE --out DIR``
 tokenizes a text file of any size once, in bounded memory, into memory-mapped id files that
@@ -44,6 +45,7 @@ Examples::
     bptt sample runs/default --prime "def " --length 200 --temperature 0.7 --top-k 10
     bptt train --task copy --k1 10 --k2 10         # TBPTT window shorter than the 25-step recall: chance
     bptt train --task copy --k1 10 --k2 30         # window spans it: recall accuracy > 0.9
+    bptt train --task varlen --lag 100 --bidirectional   # lengths 5..100, classified at their ends
     bptt train --grad-norms --cell rnn_tanh --k1 20 --k2 60   # writes grad_norms.json / .png
     bptt train --level word --eval-every 100 --lr-plateau 4 --patience 5 --out runs/w
     bptt plot runs/w                               # runs/w/training.png

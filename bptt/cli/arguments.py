@@ -24,6 +24,7 @@ LM_DEFAULTS = dict(level="char", max_chars=None, encoding="utf-8", decode_errors
                    optimizer="adam", lr=1e-2, clip=1.0, epochs=3, max_steps=None, sample_length=300)
 # Flags that define the model or its data: fixed by the checkpoint when resuming.
 FIXED_ON_RESUME = ("data", "level", "max_chars", "encoding", "decode_errors", "task", "lag", "n_symbols", "n_train", "cell",
+                   "bidirectional",
                    "hidden_size", "num_layers", "embedding_size", "dropout", "forget_bias", "dtype", "k1", "k2",
                    "batch_size", "optimizer", "lr", "clip", "seed", "lr_decay", "lr_decay_after", "lr_plateau")
 # Flags a resumed run may change.
@@ -138,13 +139,18 @@ def build_parser():
                    help="read at most the first N characters (default: all); files over 128 MiB "
                    "($BPTT_MAX_TEXT_BYTES) are read only in part, with --max-chars")
     _add_decoding(g)
-    g.add_argument("--task", choices=TASKS, help="train on a synthetic task instead of text")
+    g.add_argument("--task", choices=TASKS, help="train on a synthetic task instead of text: copy (recall symbols "
+                   "after a lag), adding (sum two marked values), varlen (classify sequences of variable length "
+                   "at each one's own last step; prints the accuracy)")
     g.add_argument("--lag", type=_non_negative(int), metavar="N",
-                   help="copy: blank steps between symbols and recall; adding: sequence length")
+                   help="copy: blank steps between symbols and recall; adding: sequence length; "
+                   "varlen: the longest sequence (lengths 5..N, trained with full BPTT)")
     g.add_argument("--n-symbols", type=_positive(int), metavar="S", help="copy: symbols to remember")
     g.add_argument("--n-train", type=_positive(int), metavar="N", help="task: training sequences")
     g = t.add_argument_group("model")
     g.add_argument("--cell", choices=CELLS)
+    g.add_argument("--bidirectional", action="store_true", default=None,
+                   help="task models: a reverse direction in every layer (full BPTT only)")
     g.add_argument("--hidden-size", type=_positive(int), metavar="N")
     g.add_argument("--num-layers", type=_positive(int), metavar="N")
     g.add_argument("--embedding-size", type=_positive(int), metavar="N", help="language model only")
@@ -278,7 +284,7 @@ def resolve_train(args):
     else:
         for name in ("lag", "n_symbols", "n_train"):
             if name in given:
-                raise UsageError(f"{flag(name)} needs --task copy or --task adding")
+                raise UsageError(f"{flag(name)} needs --task ({', '.join(TASKS)})")
         cfg.update(LM_DEFAULTS, data=None)
         if given.get("data") is not None and os.path.isdir(given["data"]):    # a prepared corpus
             for name in ("max_chars", "encoding", "decode_errors"):
@@ -293,6 +299,10 @@ def resolve_train(args):
     cfg.setdefault("keep", KEEP)
     if args.task == "adding" and cfg["lag"] < 2:
         raise UsageError(f"--lag is the sequence length of --task adding and must be >= 2; got {cfg['lag']}")
+    if args.task == "varlen" and cfg["lag"] < 5:
+        raise UsageError(f"--lag is the longest sequence of --task varlen and must be >= 5; got {cfg['lag']}")
+    if cfg.get("bidirectional") and args.task is None:
+        raise UsageError("--bidirectional is for --task models: a language model must not read the tokens it predicts")
     # TBPTT: one given -> the other equal; none -> defaults (tasks: full BPTT)
     k1, k2 = given.get("k1"), given.get("k2")
     if k1 is None and k2 is None:
@@ -303,6 +313,10 @@ def resolve_train(args):
         raise UsageError(f"--k1 ({k1}) must be <= --k2 ({k2}): every k1 steps the last k1 losses are "
                          "backpropagated through the last k2 steps")
     cfg["k1"], cfg["k2"] = k1, k2
+    if k1 is not None and args.task is not None and (TASK_TABLE[args.task].variable_lengths or cfg.get("bidirectional")):
+        why = "--bidirectional reads each sequence from its end" if cfg.get("bidirectional") else \
+            f"--task {args.task} has sequences of variable length"
+        raise UsageError(f"--k1/--k2 (TBPTT) cannot be used here: {why}, which trains with full BPTT only")
     if "forget_bias" in given and cfg["cell"] != "lstm":
         raise UsageError(f"--forget-bias is for --cell lstm, not --cell {cfg['cell']}")
     if cfg["dropout"] >= 1:

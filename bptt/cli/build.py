@@ -137,9 +137,11 @@ def prepare_data(cfg, vocab=None):
     train = task_data(cfg, cfg["n_train"], cfg["seed"])
     valid = task_validation(cfg)
     seq_len = train[0].shape[1]
-    line = (f"data: task {task}, lag {cfg['lag']}, sequence length {seq_len}, "
+    lengths = train[2] if len(train) == 3 else None     # variable lengths: steps actually run
+    shape = f"sequence length {seq_len}" if lengths is None else f"sequence lengths {lengths.min()}..{seq_len}"
+    line = (f"data: task {task}, lag {cfg['lag']}, {shape}, "
             f"{cfg['n_train']:,} train / {len(valid[0]):,} valid sequences")
-    return Data(train, valid, None, line, cfg["n_train"] * seq_len)
+    return Data(train, valid, None, line, cfg["n_train"] * seq_len if lengths is None else int(lengths.sum()))
 
 
 def build_model(cfg, vocab_size=None):
@@ -153,7 +155,8 @@ def build_model(cfg, vocab_size=None):
         model = bptt.LanguageModel(vocab_size, cfg["embedding_size"], cfg["hidden_size"],
                                    dropout=cfg["dropout"], **common)
     else:
-        model = task(cfg["task"]).build_model(cfg["hidden_size"], **common)
+        model = task(cfg["task"]).build_model(cfg["hidden_size"], bidirectional=bool(cfg.get("bidirectional")),
+                                              **common)
     if cfg["cell"] == "lstm" and cfg.get("forget_bias"):
         add_forget_bias(model, cfg["forget_bias"])
     return model

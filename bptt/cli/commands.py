@@ -86,7 +86,8 @@ def cmd_train(args):
     err = sys.stderr
     print(data.line, file=err)
     fb = f", forget bias {cfg['forget_bias']}" if cfg["cell"] == "lstm" and cfg.get("forget_bias") else ""
-    print(f"model: {cfg['cell']} {cfg['num_layers']}x{cfg['hidden_size']}{fb}, {tbptt}, batch {cfg['batch_size']}, "
+    bi = "bidirectional " if cfg.get("bidirectional") else ""
+    print(f"model: {bi}{cfg['cell']} {cfg['num_layers']}x{cfg['hidden_size']}{fb}, {tbptt}, batch {cfg['batch_size']}, "
           f"{cfg['optimizer']} lr {cfg['lr']}, clip {cfg['clip']}, backend {backend.NAME}, "
           f"{'resuming' if args.resume else 'run dir'} {out}", file=err)
 
@@ -167,6 +168,9 @@ def cmd_train(args):
     elif "recall_accuracy" in summary:
         lines.append(f"validation: loss {_num(summary['val_loss'])}, recall accuracy "
                      f"{summary['recall_accuracy']:.3f} (chance {summary['chance_accuracy']:.3f})")
+    elif "accuracy" in summary:
+        lines.append(f"validation: loss {_num(summary['val_loss'])}, accuracy "
+                     f"{summary['accuracy']:.3f} (chance {summary['chance_accuracy']:.3f})")
     else:
         lines.append(f"validation: MSE {summary['val_mse']:.4f} (baseline of answering 1: "
                      f"{summary['baseline_mse']:.4f})")
@@ -191,9 +195,10 @@ def task_metrics(cfg, model, trainer, valid_data):
     """Validation metrics of a task model: val_loss (the trainer's: cross-entropy per recalled
     symbol, or MSE) and the task's scores of the model's outputs (:data:`bptt.tasks.TASK_TABLE`)."""
     from bptt.tasks import EVAL_BATCH, predict, task
-    inputs, targets = valid_data
+    inputs, targets, *lengths = valid_data          # lengths: [n] for a task of variable lengths
     loss = trainer.evaluate(valid_data, min(len(inputs), EVAL_BATCH))["loss"]
-    return {"val_loss": _finite(loss), **task(cfg["task"]).scores(predict(model, inputs), targets)}
+    outputs = predict(model, inputs, lengths=lengths[0] if lengths else None)
+    return {"val_loss": _finite(loss), **task(cfg["task"]).scores(outputs, targets)}
 
 
 def write_grad_norms(trainer, out):
