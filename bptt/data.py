@@ -28,6 +28,7 @@ characters, streaming, so a bigger file (even one line of a gigabyte) can be use
 """
 
 import codecs
+import itertools
 import json
 import os
 
@@ -139,8 +140,7 @@ class Vocabulary:
 
     def encode_tokens(self, tokens):
         """A list of tokens -> int64 ids [n_tokens]; unseen tokens become ``<unk>`` (id 0)."""
-        get = self.index.get
-        return np.fromiter((get(t, 0) for t in tokens), dtype=np.int64, count=len(tokens))
+        return np.fromiter(map(self.index.get, tokens, itertools.repeat(0)), dtype=np.int64, count=len(tokens))
 
     def decode(self, ids):
         """Ids (iterable of int) -> text. Char level: tokens joined, ``<unk>`` shown as U+FFFD.
@@ -463,10 +463,8 @@ def _chunk_tokens(chunks, level):
         tail = ""                                       # the unfinished last line
         if lines and not final and (lines[-1][-1] not in LINE_BREAKS or lines[-1][-1] == "\r"):
             tail = lines.pop()
-        tokens = []
-        for line in lines:
-            tokens.extend(line.split())
-            tokens.append(EOS)
+        # every line's words and its <eos>: the lines (line breaks are whitespace) joined by <eos>
+        tokens = f" {EOS} ".join(lines).split() + [EOS] if lines else []
         words = tail.split()
         # what the next chunk continues: a "\r", the cut word, or a space that keeps the line open
         carry = "" if not tail else "\r" if tail[-1] == "\r" else " " if tail[-1].isspace() else words.pop()
