@@ -25,6 +25,10 @@ the file (and for an undecodable byte its offset and line). Text files are UTF-8
 ``encoding`` is given; at most :data:`MAX_TEXT_BYTES` (128 MiB, environment variable
 ``BPTT_MAX_TEXT_BYTES``) are read from one file, and ``max_chars`` reads only a file's first
 characters, streaming, so a bigger file (even one line of a gigabyte) can be used in part.
+
+A file of any size is used whole by preparing it once (:func:`prepare`, ``bptt prepare``): it is
+tokenized in two streaming passes, in bounded memory, into id files (:mod:`bptt.token_file`)
+that :func:`open_prepared` memory-maps; the ids are those :func:`load_corpus` gives.
 """
 
 import codecs
