@@ -633,6 +633,18 @@ def test_project_inputs_pieces(rows, parts):
     np.testing.assert_allclose(out, x @ w.T, rtol=1e-12, atol=1e-12)
 
 
+@pytest.fixture
+def openblas_provider():
+    """The OpenBLAS provider for the test (its panels; under BPTT_BLAS=mkl the time loops pack
+    for MKL instead: tests/test_blas_provider.py)."""
+    from bptt_kernels.cpu import _blas, config
+    config.BLAS = "openblas"
+    _blas.use_provider()
+    yield
+    config.reset()
+
+
+@pytest.mark.usefixtures("openblas_provider")
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("beta", [0.0, 1.0, 0.5])
 @pytest.mark.parametrize("case", STEP_CASES, ids=lambda c: f"{c[-1]}-B{c[1]}-K{c[4]}")
@@ -665,6 +677,7 @@ def test_step_product_matches_numpy(dtype, beta, case):
     assert (np.isnan(c[~mine]).all() if beta == 0.0 else np.array_equal(c[~mine], c0[~mine]))
 
 
+@pytest.mark.usefixtures("openblas_provider")
 @pytest.mark.parametrize("split", ["units", "rows"])
 @pytest.mark.parametrize("cell", CELLS)
 def test_layers_with_weight_panels(cell, split, monkeypatch):

@@ -1,13 +1,25 @@
-"""BLAS GEMM callable from ``@njit`` code, for the CPU kernels.
+"""BLAS GEMM callable from ``@njit`` code, for the CPU kernels, from one of two providers.
 
 Numba's own ``np.dot`` inside ``@njit`` goes through scipy's bundled OpenBLAS and its
 Fortran wrapper, slower than NumPy at the per-step shapes (docs/performance.md); calling
-CBLAS directly runs at NumPy's speed. This module finds the
-CBLAS ``sgemm``/``dgemm`` of the OpenBLAS that NumPy itself ships (``numpy.libs/libscipy_openblas64_*``: 64-bit integers),
-falling back to scipy's bundled OpenBLAS (32-bit integers), registers their addresses with
-LLVM under fixed symbol names, and declares them as external functions. Compiled code refers
-to them by name, so ``cache=True`` works: a fresh process re-registers the symbols at import
-and then loads the cached machine code.
+CBLAS directly runs at NumPy's speed. Two libraries can serve these calls ("providers"):
+
+* ``openblas``: the CBLAS of the OpenBLAS that NumPy itself ships
+  (``numpy.libs/libscipy_openblas64_*``: 64-bit integers), falling back to scipy's bundled
+  OpenBLAS (32-bit integers). Always there; the default.
+* ``mkl``: Intel MKL (``_mkl.py``, the optional extra ``bptt[mkl]``), with its packed GEMM
+  API: a time loop packs its share of W_hh once per layer call into MKL's own GEMM layout
+  (``?gemm_pack``) and multiplies every step against it (``?gemm_compute``), as PyTorch's
+  oneDNN LSTM does with its weight.
+
+Compiled code calls BLAS through a table of function addresses, ``SLOTS``, which LLVM knows
+under the fixed symbol name ``bptt_blas_table``; each call loads the address from the table
+(one load beside a GEMM), so ``cache=True`` works (a fresh process registers the table at
+import and then loads the cached machine code) and the provider can change between layer
+calls. The table points at OpenBLAS from import on; ``use_provider()`` (run by
+``_loop.layer_threads`` at the start of each layer call that begins while no other runs)
+points it at the provider that ``config.BLAS`` or ``BPTT_BLAS`` asks for. Where it holds no
+packed-GEMM functions (OpenBLAS), the time loops use panels (below).
 
 The three helpers below take 2-D array views whose rows are contiguous (last stride = item
 size; the row stride may be larger, so column blocks of a wider array are fine) and call
@@ -18,27 +30,44 @@ GEMM with row-major leading dimensions:
 * ``gemm_tn(a, b, c, beta)``  c[M,N] = a[K,M]^T @ b[K,N] + beta * c
 
 A time loop's per-step products go through ``step_weight``/``step_product`` (below): once
-per layer call each piece of the loop (its batch rows, or its hidden units' columns) copies
-its share of the weight into contiguous panels and then runs one small sgemm per panel and
-step; a piece of one batch row (B = 1) calls sgemv on the weight in place instead.
+per layer call each piece of the loop (its batch rows, or its hidden units' columns) packs
+its share of the weight (MKL's packed form, or contiguous panels for OpenBLAS) and then runs
+one GEMM per packed segment (MKL) or small sgemm per panel (OpenBLAS) and step; a piece of
+one batch row calls sgemv on the weight in place instead.
 
 ``blas_threads()`` / ``set_blas_threads(n)`` read and set OpenBLAS's thread count (through
-``openblas_set_num_threads_local``, which returns the previous value); ``_loop.py`` runs
-OpenBLAS single-threaded inside a layer call and splits the work over its own threads.
+``openblas_set_num_threads_local``, which returns the previous value), and
+``set_mkl_threads_here(n)`` MKL's for the calling thread; ``_loop.py`` runs BLAS
+single-threaded inside a layer call and splits the work over its own threads.
 """
 
 import ctypes
 import glob
 import os
+import sys
 from typing import NamedTuple
 
 import llvmlite.binding as llvm
 import numpy as np
+from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
+from . import _mkl, config
+
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
+_B_MATRIX, _PACKED = 162, 151     # MKL: CblasBMatrix (what ?gemm_pack packs), CblasPacked
+
+PROVIDERS = ("auto", "openblas", "mkl")
+
+# The table compiled code calls through (same order as _mkl.FUNCTIONS): CBLAS GEMM and GEMV,
+# then MKL's packed GEMM (get_size, pack, compute) for float32 and float64; 0 where the
+# provider has no such function.
+SLOTS = tuple(ours for ours, _ in _mkl.FUNCTIONS)
+_TABLE_SYMBOL = "bptt_blas_table"
+_TABLE = (ctypes.c_void_p * len(SLOTS))()
+llvm.add_symbol(_TABLE_SYMBOL, ctypes.addressof(_TABLE))
 
 
 def _candidate_libraries():
@@ -56,31 +85,122 @@ def _candidate_libraries():
     return found
 
 
-_FUNCTIONS = ("sgemm", "dgemm", "sgemv", "dgemv")
+_OPENBLAS_FUNCTIONS = ("sgemm", "dgemm", "sgemv", "dgemv")
 
 
-def _load_cblas():
-    """Register the first library's CBLAS sgemm, dgemm, sgemv, dgemv with LLVM; return it and
-    a description."""
+def _load_openblas():
+    """(library, description, {slot: address}) of the first usable OpenBLAS: its CBLAS sgemm,
+    dgemm, sgemv, dgemv."""
     tried = []
     for path, suffix in _candidate_libraries():
-        names = [f"scipy_cblas_{f}{suffix}" for f in _FUNCTIONS]
+        names = [f"scipy_cblas_{f}{suffix}" for f in _OPENBLAS_FUNCTIONS]
         try:
             lib = ctypes.CDLL(path)
             addresses = [ctypes.cast(getattr(lib, n), ctypes.c_void_p).value for n in names]
         except (OSError, AttributeError) as e:
             tried.append(f"{path}: {e}")
             continue
-        for f, address in zip(_FUNCTIONS, addresses):
-            llvm.add_symbol("bptt_cblas_" + f, address)
-        return lib, f"{os.path.basename(path)} ({', '.join(names)})"
+        return (lib, f"{os.path.basename(path)} ({', '.join(names)})",
+                dict(zip(_OPENBLAS_FUNCTIONS, addresses)))
     raise ImportError(
         "bptt_kernels.cpu needs the OpenBLAS bundled with NumPy (numpy.libs) or SciPy "
         "(scipy.libs), as installed from PyPI wheels; none was usable. Tried: "
         + ("; ".join(tried) or "no candidate library found"))
 
 
-_LIB, BLAS_LIBRARY = _load_cblas()
+class Provider(NamedTuple):
+    """A BLAS library the kernels can call."""
+    name: str            # "openblas" or "mkl"
+    library: str         # which file and version
+    addresses: dict      # slot (SLOTS) -> function address; absent: the library lacks it
+
+
+_LIB, BLAS_LIBRARY, _openblas_addresses = _load_openblas()
+OPENBLAS = Provider("openblas", BLAS_LIBRARY, _openblas_addresses)
+
+
+def _install(provider):
+    """Point the table at ``provider``'s functions."""
+    for i, slot in enumerate(SLOTS):
+        _TABLE[i] = provider.addresses.get(slot)
+
+
+_install(OPENBLAS)
+_chosen = (None, OPENBLAS)   # (the setting it was chosen for, the provider in the table)
+
+
+def cpu_vendor():
+    """The CPU's vendor string ("GenuineIntel", "AuthenticAMD", ...; "" where unknown)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def _mkl_provider():
+    """MKL as a Provider (loads it; ImportError where it is unusable)."""
+    mkl = _mkl.load()
+    return Provider("mkl", f"{mkl.version} ({os.path.basename(mkl.path)})", mkl.addresses)
+
+
+def _setting():
+    """The provider asked for: config.BLAS, else BPTT_BLAS, else "auto"; ValueError if it is
+    none of PROVIDERS."""
+    where, value = (("config.BLAS", config.BLAS) if config.BLAS is not None
+                    else ("BPTT_BLAS", os.environ.get("BPTT_BLAS", "")))
+    name = str(value).strip().lower() or "auto"
+    if name not in PROVIDERS:
+        raise ValueError(f"{where} must be one of {', '.join(PROVIDERS)}; got {value!r}")
+    return name
+
+
+def _choose(setting):
+    """(Provider, why) for a setting of PROVIDERS. ``auto``: MKL where it is installed and the
+    CPU is Intel's; OpenBLAS elsewhere: on the AMD EPYC development machine OpenBLAS's per-step
+    panels ran 110-115 GFLOP/s on one core against MKL's packed GEMM's 59-93
+    (docs/performance.md, "BLAS providers")."""
+    if setting == "openblas":
+        return OPENBLAS, "asked for"
+    if setting == "mkl":
+        try:
+            return _mkl_provider(), "asked for"
+        except ImportError as e:
+            raise RuntimeError(f"BPTT_BLAS=mkl: {e}") from None
+    vendor = cpu_vendor()
+    if vendor != "GenuineIntel":
+        return OPENBLAS, f"{vendor or 'unknown'} CPU"
+    try:
+        return _mkl_provider(), f"{vendor} CPU"
+    except ImportError:
+        return OPENBLAS, f"{vendor} CPU without MKL; pip install 'bptt[mkl]' adds it"
+
+
+def use_provider():
+    """Point the table at the provider the setting asks for (``config.BLAS``, else
+    ``BPTT_BLAS``, else auto) and return it; ``auto`` says on stderr what it picked, once per
+    choice. Cheap once chosen. Not while a kernel runs: ``_loop.layer_threads`` calls it
+    at the start of a layer call that begins while no other is running."""
+    global _chosen
+    setting = _setting()
+    if setting != _chosen[0]:
+        provider, why = _choose(setting)
+        if setting == "auto":
+            print(f"bptt: BPTT_BLAS=auto picked '{provider.name}' ({why}: {provider.library})",
+                  file=sys.stderr)
+        _install(provider)
+        _chosen = (setting, provider)
+    return _chosen[1]
+
+
+def provider():
+    """The provider the table points at now (without reading the setting)."""
+    return _chosen[1]
+
+
 _GET_THREADS = next((getattr(_LIB, n) for n in ("scipy_openblas_get_num_threads64_",
                                                "scipy_openblas_get_num_threads",
                                                "openblas_get_num_threads") if hasattr(_LIB, n)), None)
@@ -101,22 +221,85 @@ def set_blas_threads(n):
     """Set OpenBLAS's thread count; return the previous one (no-op returning n if unsupported)."""
     return int(_SET_THREADS(int(n))) if _SET_THREADS is not None else n
 
-# Integer arguments are declared 64-bit. For the 32-bit-integer fallback library this relies
-# on the x86-64 / AArch64 Linux calling conventions (integer arguments in 64-bit registers or
-# 8-byte stack slots, read as their low 32 bits), which is where those wheels exist.
+
+def set_mkl_threads_here(n):
+    """Set MKL's thread count for the calling thread where MKL is loaded; return the previous
+    one (0: MKL's process-wide setting; also where MKL is not loaded: nothing to set)."""
+    mkl = _mkl.loaded()
+    return mkl.set_threads_here(n) if mkl is not None else 0
+
+
+# The table's functions as Numba sees them. Integer arguments are declared 64-bit. For the
+# 32-bit-integer libraries (SciPy's OpenBLAS, an MKL without ILP64 names) this relies on the
+# x86-64 / AArch64 Linux calling conventions (integer arguments in 64-bit registers or 8-byte
+# stack slots, read as their low 32 bits), which is where those wheels exist.
 _i64, _ptr = types.int64, types.voidptr
-_sgemm = types.ExternalFunction("bptt_cblas_sgemm", types.void(
-    _i64, _i64, _i64, _i64, _i64, _i64, types.float32, _ptr, _i64, _ptr, _i64,
-    types.float32, _ptr, _i64))
-_dgemm = types.ExternalFunction("bptt_cblas_dgemm", types.void(
-    _i64, _i64, _i64, _i64, _i64, _i64, types.float64, _ptr, _i64, _ptr, _i64,
-    types.float64, _ptr, _i64))
 
 
-_sgemv = types.ExternalFunction("bptt_cblas_sgemv", types.void(
-    _i64, _i64, _i64, _i64, types.float32, _ptr, _i64, _ptr, _i64, types.float32, _ptr, _i64))
-_dgemv = types.ExternalFunction("bptt_cblas_dgemv", types.void(
-    _i64, _i64, _i64, _i64, types.float64, _ptr, _i64, _ptr, _i64, types.float64, _ptr, _i64))
+def _gemm_signature(f):
+    return types.void(_i64, _i64, _i64, _i64, _i64, _i64, f, _ptr, _i64, _ptr, _i64, f, _ptr, _i64)
+
+
+def _gemv_signature(f):
+    return types.void(_i64, _i64, _i64, _i64, f, _ptr, _i64, _ptr, _i64, f, _ptr, _i64)
+
+
+def _pack_signature(f):
+    return types.void(_i64, _i64, _i64, _i64, _i64, _i64, f, _ptr, _i64, _ptr)
+
+
+def _compute_signature(f):
+    return types.void(_i64, _i64, _i64, _i64, _i64, _i64, _ptr, _i64, _ptr, _i64, f, _ptr, _i64)
+
+
+_SIGNATURES = {"gemm": _gemm_signature, "gemv": _gemv_signature,
+               "pack_size": lambda f: _i64(_i64, _i64, _i64, _i64), "pack": _pack_signature,
+               "compute": _compute_signature}
+
+
+def _table_entry(builder, slot):
+    """LLVM: load the table's entry ``slot`` (i8*)."""
+    module = builder.module
+    table = module.globals.get(_TABLE_SYMBOL)
+    if table is None:
+        table = ir.GlobalVariable(module, ir.ArrayType(cgutils.voidptr_t, len(SLOTS)),
+                                  _TABLE_SYMBOL)
+    return builder.load(builder.gep(table, [cgutils.int32_t(0), cgutils.int32_t(slot)]))
+
+
+def _no_pointer(obj):
+    raise TypeError("table functions are loaded at run time")
+
+
+def _table_function(slot, signature):
+    """An intrinsic returning the table's function ``slot`` (loaded at the call), to be called
+    with ``signature``."""
+    fntype = types.ExternalFunctionPointer(signature, get_pointer=_no_pointer)
+
+    @intrinsic
+    def load(typingctx):
+        def codegen(context, builder, sig, args):
+            entry = _table_entry(builder, SLOTS.index(slot))
+            return builder.bitcast(entry, context.get_value_type(fntype))
+        return fntype(), codegen
+    return load
+
+
+# kind (_SIGNATURES) -> dtype -> (intrinsic loading the table's function, scalar cast); the
+# slot of a kind is its name after "s" (float32) or "d" (float64)
+_FUNCTIONS = {kind: {dtype: (_table_function(prefix + kind, signature(dtype)), cast)
+                     for prefix, dtype, cast in (("s", types.float32, np.float32),
+                                                 ("d", types.float64, np.float64))}
+              for kind, signature in _SIGNATURES.items()}
+
+
+@intrinsic
+def _has_packed_gemm(typingctx):
+    """Whether the table holds a packed GEMM (MKL), as a bool, read at run time."""
+    def codegen(context, builder, sig, args):
+        entry = _table_entry(builder, SLOTS.index("spack"))
+        return builder.icmp_unsigned("!=", entry, cgutils.voidptr_t(None))
+    return types.boolean(), codegen
 
 
 @intrinsic
@@ -128,29 +311,37 @@ def _data_ptr(typingctx, arr):
     return types.voidptr(arr), codegen
 
 
+@intrinsic
+def _address(typingctx, arr):
+    """The address of arr's first element, as an integer."""
+    def codegen(context, builder, sig, args):
+        ary = context.make_array(sig.args[0])(context, builder, args[0])
+        return builder.ptrtoint(ary.data, cgutils.intp_t)
+    return types.intp(arr), codegen
+
+
+def _typed_function(kind, *operands):
+    """(intrinsic loading the table function, scalar cast) of ``kind`` ("gemm", "gemv",
+    "pack_size", "pack", "compute") for the operands' common dtype, at typing time."""
+    dtype = operands[0].dtype
+    if any(o.dtype != dtype for o in operands):
+        raise TypeError(f"{kind} operands must share one dtype")
+    if dtype not in _FUNCTIONS[kind]:
+        raise TypeError(f"{kind} supports float32 and float64, not {dtype}")
+    return _FUNCTIONS[kind][dtype]
+
+
 def _gemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
     """Row-major CBLAS GEMM on the data of arrays a, b, c (dtype picks s/d)."""
     raise NotImplementedError("only callable from @njit code")
 
 
-def _typed_function(kind, *operands):
-    """(external function, scalar cast) of the CBLAS ``kind`` ("gemm", "gemv") for the
-    operands' common dtype, at typing time."""
-    dtype = operands[0].dtype
-    if any(o.dtype != dtype for o in operands):
-        raise TypeError(f"{kind} operands must share one dtype")
-    by_dtype = {"gemm": {types.float32: (_sgemm, np.float32), types.float64: (_dgemm, np.float64)},
-                "gemv": {types.float32: (_sgemv, np.float32), types.float64: (_dgemv, np.float64)}}
-    if dtype not in by_dtype[kind]:
-        raise TypeError(f"{kind} supports float32 and float64, not {dtype}")
-    return by_dtype[kind][dtype]
-
-
 @overload(_gemm, jit_options={"cache": True})
 def _gemm_impl(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
-    fn, cast = _typed_function("gemm", a, b, c)
+    load, cast = _typed_function("gemm", a, b, c)
 
     def impl(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
+        fn = load()
         fn(_ROW_MAJOR, trans_a, trans_b, m, n, k, cast(alpha), _data_ptr(a), lda,
            _data_ptr(b), ldb, cast(beta), _data_ptr(c), ldc)
     return impl
@@ -163,11 +354,60 @@ def _gemv(trans, m, n, a, lda, x, beta, y):
 
 @overload(_gemv, jit_options={"cache": True})
 def _gemv_impl(trans, m, n, a, lda, x, beta, y):
-    fn, cast = _typed_function("gemv", a, x, y)
+    load, cast = _typed_function("gemv", a, x, y)
 
     def impl(trans, m, n, a, lda, x, beta, y):
+        fn = load()
         fn(_ROW_MAJOR, trans, m, n, cast(1.0), _data_ptr(a), lda, _data_ptr(x), 1, cast(beta),
            _data_ptr(y), 1)
+    return impl
+
+
+def _pack_size(w, m, n, k):
+    """Bytes of MKL's packed form of a [k, n] B operand for products with m rows (w: any
+    array of the dtype)."""
+    raise NotImplementedError("only callable from @njit code")
+
+
+@overload(_pack_size, jit_options={"cache": True})
+def _pack_size_impl(w, m, n, k):
+    load, _ = _typed_function("pack_size", w)
+
+    def impl(w, m, n, k):
+        fn = load()
+        return fn(_B_MATRIX, m, n, k)
+    return impl
+
+
+def _pack(trans, m, n, k, src, ld, dest):
+    """MKL: pack op(src) [k, n] (src itself, or with ``trans`` src^T of src [n, k]; rows ``ld``
+    elements apart) as the B operand of products with m rows into the bytes of ``dest``."""
+    raise NotImplementedError("only callable from @njit code")
+
+
+@overload(_pack, jit_options={"cache": True})
+def _pack_impl(trans, m, n, k, src, ld, dest):
+    load, cast = _typed_function("pack", src)
+
+    def impl(trans, m, n, k, src, ld, dest):
+        fn = load()
+        fn(_ROW_MAJOR, _B_MATRIX, trans, m, n, k, cast(1.0), _data_ptr(src), ld, _data_ptr(dest))
+    return impl
+
+
+def _compute(m, n, k, a, lda, packed, beta, c, ldc):
+    """MKL: c[m, n] = a[m, k] @ (the B operand packed in ``packed``) + beta * c."""
+    raise NotImplementedError("only callable from @njit code")
+
+
+@overload(_compute, jit_options={"cache": True})
+def _compute_impl(m, n, k, a, lda, packed, beta, c, ldc):
+    load, cast = _typed_function("compute", a, c)
+
+    def impl(m, n, k, a, lda, packed, beta, c, ldc):
+        fn = load()
+        fn(_ROW_MAJOR, _NO_TRANS, _PACKED, m, n, k, _data_ptr(a), lda, _data_ptr(packed), n,
+           cast(beta), _data_ptr(c), ldc)
     return impl
 
 
@@ -305,13 +545,51 @@ def panel_product(a, panels, c, beta, segments, stride, s0, s1, width, kblock):
             at += K * cols
 
 
+PACK_ALIGN = 64   # bytes: each packed segment starts on a cache line
+
+
+@njit(cache=True)
+def pack_segments(w, transposed, segments, stride, s0, s1, rows):
+    """MKL's packed form (``?gemm_pack``) of the columns g*stride + s0 : g*stride + s1
+    (g < segments) of w^T, each segment packed alone as the B operand of products with
+    ``rows`` rows -> (uint8 buffer, bytes per segment). w: [N,K], or with ``transposed`` w^T
+    itself [K,N]."""
+    K = w.shape[0] if transposed else w.shape[1]
+    n = s1 - s0
+    size = (_pack_size(w, rows, n, K) + PACK_ALIGN - 1) // PACK_ALIGN * PACK_ALIGN
+    buffer = np.empty(segments * size + PACK_ALIGN, np.uint8)
+    base = -_address(buffer) % PACK_ALIGN
+    packed = buffer[base:base + segments * size]
+    for g in range(segments):
+        n0 = g * stride + s0
+        if transposed:                  # B = w[:, n0:n0+n], [K, n]
+            _pack(_NO_TRANS, rows, n, K, w[:, n0:n0 + n], _row_stride(w), packed[g * size:])
+        else:                           # B = w[n0:n0+n]^T
+            _pack(_TRANS, rows, n, K, w[n0:n0 + n], _row_stride(w), packed[g * size:])
+    return packed, size
+
+
+@njit(cache=True)
+def packed_product(a, packed, size, c, beta, segments, stride, s0, s1):
+    """c[:, g*stride + s0 : g*stride + s1] = a[M,K] @ (those columns of w^T) + beta * c, for
+    g < segments: one ``?gemm_compute`` per segment of ``pack_segments``. a: [M,K]  c: [M,N]."""
+    M, K = a.shape
+    n = s1 - s0
+    for g in range(segments):
+        n0 = g * stride + s0
+        _compute(M, n, K, a, _row_stride(a), packed[g * size:], beta, c[:, n0:n0 + n],
+                 _row_stride(c))
+
+
 class StepWeight(NamedTuple):
     """One time-loop piece's recurrent weight (``step_weight``), for ``step_product``."""
     w: np.ndarray        # [N,K], or [K,N] when given transposed
     transposed: bool
     panels: np.ndarray   # the piece's columns of w^T in panels (pack_panels), or empty
-    width: int           # panel width; 0: no panels, w used in place
+    width: int           # panel width; 0: no panels
     kblock: int          # rows of a panel per sgemm (K-blocks under the small-matrix size)
+    packed: np.ndarray   # uint8: the piece's columns of w^T in MKL's packed form, or empty
+    packed_size: int     # bytes per segment in ``packed``
     segments: int        # the piece's columns: g*stride + s0 : g*stride + s1, g < segments
     stride: int          #   (by units: the gate blocks, H and the units j0:j1;
     s0: int              #    by batch rows: one segment, all N columns)
@@ -330,24 +608,31 @@ PANEL_MIN_STEPS = 8
 def step_weight(w, transposed, blocks, H, b0, b1, j0, j1, by_units, steps):
     """What a time-loop piece (``_loop.split_ranges``: batch rows b0:b1, or with ``by_units``
     all rows and units j0:j1 of each of the ``blocks`` gate blocks) multiplies each of its
-    ``steps`` steps by: its share of w^T packed in panels (see above), unless the piece is one
-    batch row (but not split by units of a transposed w) or runs fewer than PANEL_MIN_STEPS
-    steps; then w in place. w: [blocks*H, K] for c = a @ w^T, or with ``transposed`` that w^T
-    itself, [K, blocks*H] (the backward pass's W_hh)."""
+    ``steps`` steps by: its share of w^T in MKL's packed form where the provider has a packed
+    GEMM, else packed in panels (see above); but w in place where the piece is one batch row
+    (and not split by units of a transposed w) or runs fewer than PANEL_MIN_STEPS steps.
+    w: [blocks*H, K] for c = a @ w^T, or with ``transposed`` that w^T itself, [K, blocks*H]
+    (the backward pass's W_hh)."""
     rows = b1 - b0
     N, K = (w.shape[1], w.shape[0]) if transposed else w.shape
     if by_units:
         segments, stride, s0, s1 = blocks, H, j0, j1
     else:
         segments, stride, s0, s1 = 1, N, 0, N
+    no_panels, no_packed = np.empty(0, w.dtype), np.empty(0, np.uint8)
     if steps < PANEL_MIN_STEPS or (rows == 1 and not (by_units and transposed)):
-        return StepWeight(w, transposed, np.empty(0, w.dtype), 0, 0, segments, stride, s0, s1,
-                          b0, b1)
+        return StepWeight(w, transposed, no_panels, 0, 0, no_packed, 0, segments, stride,
+                          s0, s1, b0, b1)
+    if _has_packed_gemm() and s1 > s0 and K > 0:
+        packed, size = pack_segments(w, transposed, segments, stride, s0, s1, rows)
+        return StepWeight(w, transposed, no_panels, 0, 0, packed, size, segments, stride,
+                          s0, s1, b0, b1)
     width, kblock = _panel_shape(rows, K)
     if width == 0:
         width, kblock = max(s1 - s0, 1), max(K, 1)    # one ordinary sgemm per segment
     panels = pack_panels(w, transposed, segments, stride, s0, s1, width)
-    return StepWeight(w, transposed, panels, width, kblock, segments, stride, s0, s1, b0, b1)
+    return StepWeight(w, transposed, panels, width, kblock, no_packed, 0, segments, stride,
+                      s0, s1, b0, b1)
 
 
 @njit(cache=True)
@@ -365,11 +650,15 @@ def _panel_shape(rows, K):
 @njit(cache=True)
 def step_product(a, sw, c, beta):
     """One time step's c = a @ w^T + beta * c for the piece of a time loop that ``sw``
-    (``step_weight``) belongs to: its batch rows, or all rows and its units' columns. Without
-    panels, w in place: one row by sgemv on w's rows (given transposed: on its columns);
-    more rows by sgemm NT on w's rows or, given transposed, sgemm NN on its columns.
-    a: [B,K]  c: [B,N]."""
+    (``step_weight``) belongs to: its batch rows, or all rows and its units' columns. MKL's
+    packed form: one ``?gemm_compute`` per segment; panels: their sgemm calls; w in place:
+    one row by sgemv on w's rows (given transposed: on its columns), more rows by sgemm NT on
+    w's rows or, given transposed, sgemm NN on its columns. a: [B,K]  c: [B,N]."""
     a, c = a[sw.b0:sw.b1], c[sw.b0:sw.b1]
+    if sw.packed.size:
+        packed_product(a, sw.packed, sw.packed_size, c, beta, sw.segments, sw.stride, sw.s0,
+                       sw.s1)
+        return
     if sw.width:
         panel_product(a, sw.panels, c, beta, sw.segments, sw.stride, sw.s0, sw.s1, sw.width,
                       sw.kblock)

@@ -41,7 +41,7 @@ import threading
 import numpy as np
 
 from ._barrier import PAD, abort
-from ._blas import blas_threads, set_blas_threads
+from ._blas import blas_threads, set_blas_threads, set_mkl_threads_here, use_provider
 from ._math import jit
 
 # multiply-adds of a whole layer call from which it is split over threads (handing work to
@@ -128,8 +128,10 @@ class layer_threads:
     """``with layer_threads(work) as parts:`` -- how many pieces this layer call runs in
     (THREADS if the call does at least MIN_WORK_FOR_THREADS multiply-adds, else 1); OpenBLAS
     runs on one thread inside the block, also if someone raised its count meanwhile, and gets
-    back on exit the count it had before. Blocks of several Python threads may overlap: the
-    setting of the first to enter is restored when the last one leaves."""
+    back on exit the count it had before; so does MKL, per thread, where it is loaded. Blocks
+    of several Python threads may overlap: the setting of the first to enter is restored when
+    the last one leaves. The first to enter also points the kernels at the BLAS provider the
+    settings ask for (``_blas.use_provider``: a bad setting fails here, before any work)."""
 
     def __init__(self, work):
         self.parts = THREADS if work >= MIN_WORK_FOR_THREADS else 1
@@ -137,14 +139,18 @@ class layer_threads:
     def __enter__(self):
         global _inside, _saved
         with _blas_lock:
+            if _inside == 0:
+                use_provider()
             previous = set_blas_threads(1)
             if _inside == 0:
                 _saved = previous
             _inside += 1
+        self._mkl_saved = set_mkl_threads_here(1)
         return self.parts
 
     def __exit__(self, *exc):
         global _inside
+        set_mkl_threads_here(self._mkl_saved)
         with _blas_lock:
             _inside -= 1
             if _inside == 0:
@@ -165,8 +171,9 @@ def phase_parts(parts, work):
 def _on_one_blas_thread(kernel, *args):
     # Pool threads keep OpenBLAS at 1 thread whether its setting is per thread or per process
     # (a pool thread runs only inside a caller's layer_threads block, which restores the
-    # caller's value after the join).
+    # caller's value after the join), and MKL's setting for this thread at 1.
     set_blas_threads(1)
+    set_mkl_threads_here(1)
     kernel(*args)
 
 
