@@ -17,17 +17,14 @@ torch.nn through pack_padded_sequence (tests/gpu/gpu_checks.py, the checks the G
 * caches with lengths crossing backends; bptt's layers on the emulated backend.
 """
 
-import zlib
-
 import numpy as np
 import pytest
 
 from bptt_kernels import CELLS
 from bptt_kernels import reference as ref
 from bptt_kernels.cupy import _plan, config, host_emulation
-from bptt_kernels.host import cache_from_arrays, cache_to_arrays
-from gpu.gpu_checks import assert_outputs_close, check_recurrent, run_layer
-from helpers import random_layer_problem
+from gpu.gpu_checks import (check_caches_cross, check_graph_replays_with_lengths,
+                            check_layers_with_lengths, check_lengths_all_T, check_recurrent)
 from test_lengths import make_lengths
 
 PATHS = ("general", "persistent", "cooperative")
@@ -108,86 +105,27 @@ def test_one_launch_paths_blocks_and_splits(path, cell, splits, rng):
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("cell", CELLS)
-def test_lengths_all_T_bit_identical(hosts, cell, path):
+def test_lengths_all_T_bit_identical(hosts, cell, path, rng):
     """Every length T gives exactly what no lengths gives (the masks cost no rounding)."""
-    T, B = 5, 3
-    p = random_layer_problem(np.random.default_rng([CELLS.index(cell), PATHS.index(path)]),
-                             cell, T, B, 4, 5, np.float32)
-    config.PATH = path
     for t_start in (0, 2):
-        plain = run_layer(hosts[False], cell, p, t_start)
-        full = run_layer(hosts[False], cell, p, t_start, lengths=np.full(B, T))
-        assert "lengths" not in plain["cache"]
-        np.testing.assert_array_equal(full["cache"].pop("lengths"), np.full(B, T))
-        assert_identical(full, plain, f"{cell} {path} t_start={t_start}")
-
-
-def assert_identical(got, want, what):
-    """Every array of ``want`` (nested in dicts and lists) bit-identical to ``got``'s."""
-    if isinstance(want, dict):
-        assert set(got) == set(want), what
-        for key in want:
-            assert_identical(got[key], want[key], f"{what} {key}")
-    elif isinstance(want, list):
-        assert len(got) == len(want), what
-        for k, (a, b) in enumerate(zip(got, want)):
-            assert_identical(a, b, f"{what}[{k}]")
-    else:
-        np.testing.assert_array_equal(got, want, err_msg=what)
+        check_lengths_all_T(hosts[False], cell, (5, 3, 4, 5), np.float32, t_start, rng, path)
 
 
 @pytest.mark.parametrize("cell", CELLS)
 def test_general_path_graphs_replay_with_lengths(cell, rng):
-    """One loop key (T, B, H, t_start) called again and again: without lengths, with three
-    different lengths, then without again. Calls with lengths share a graph of their own
-    (recorded at the second, the lengths copied in at every replay) and never leave their
-    steps in the graph of the calls without; every call against the reference."""
+    """The general path's graphs (HostReplay: the recorded loop re-run on the graph's own
+    arrays, as a CUDA graph replays its baked-in addresses) with lengths changing between
+    calls of one key, and calls without lengths before and after."""
     be = host_emulation.host_backend()
-    config.PATH = "general"
-    T, B, I, H = 6, 4, 3, 5
-    plan = [None, None, [2, 6, 1, 4], [6, 3, 3, 1], [1, 1, 6, 2], None]
-    replays = []
-    for lengths in plan:
-        p = random_layer_problem(rng, cell, T, B, I, H, np.float64)
-        lengths = None if lengths is None else np.array(lengths)
-        config.POISON_OUTPUTS = True
-        got = run_layer(be, cell, p, 1, lengths=lengths)
-        assert_outputs_close(got, run_layer(ref, cell, p, 1, lengths=lengths), np.float64,
-                             f"{cell} lengths={lengths}")
-        replays.append(be.engine.graphs.replays)
-    # forward and backward: recorded at the second call of each kind, replayed from then on
-    assert np.diff([0] + replays).tolist() == [0, 2, 0, 2, 2, 2]
-    assert len(be.engine.graphs._entries) == 4
+    check_graph_replays_with_lengths(be, ref, be.engine.graphs, cell, rng)
 
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("cell", CELLS)
-def test_caches_with_lengths_cross_backends(hosts, cell, path):
+def test_caches_with_lengths_cross_backends(hosts, cell, path, rng):
     """A reference cache made with lengths (moved field by field as a checkpoint stores it)
     drives this backend's backward, and this backend's cache the reference's."""
-    rng = np.random.default_rng(zlib.crc32(f"cross lengths {cell} {path}".encode()))
-    T, B, I, H, t_start = 5, 4, 3, 4, 1
-    p = random_layer_problem(rng, cell, T, B, I, H, np.float64)
-    lengths = np.array([5, 1, 3, 2])
-    weights = tuple(p[k] for k in ("w_ih", "w_hh", "b_ih", "b_hh"))
-    config.PATH = path
-    be = hosts[True]
-
-    def backward(backend, cache):
-        grads = [g.copy() for g in p["grads0"]]
-        dx, dstate, dh = getattr(backend, f"{cell}_backward")(
-            p["dy"], p["dfinal"], cache, p["w_ih"], p["w_hh"], *grads, t_start=t_start)
-        return {"dx": dx, "dstate": list(dstate), "dh": dh, "grads": grads}
-
-    _, _, ref_cache = getattr(ref, f"{cell}_forward")(p["x"], p["state"], *weights,
-                                                     lengths=lengths)
-    want = backward(ref, ref_cache)
-    moved = cache_from_arrays(*cache_to_arrays(ref_cache, np.array), lambda a: be.asarray(a, a.dtype))
-    assert_outputs_close(backward(be, moved), want, np.float64, f"{cell} {path} reference cache")
-    _, _, own = getattr(be, f"{cell}_forward")(p["x"], p["state"], *weights, lengths=lengths)
-    np.testing.assert_array_equal(own.lengths, lengths)
-    own = cache_from_arrays(*cache_to_arrays(own, be.to_host), np.asarray)
-    assert_outputs_close(backward(ref, own), want, np.float64, f"{cell} {path} own cache")
+    check_caches_cross(hosts[True], ref, cell, (5, 4, 3, 4), np.array([5, 1, 3, 2]), 1, rng, path)
 
 
 @pytest.mark.parametrize("cell", CELLS)
@@ -206,20 +144,8 @@ def test_bptt_layers_with_lengths_on_the_emulated_backend(monkeypatch, cell, rng
     layer = make_layer(cell, I, H, 2, True, np.float64, seed=3)
     assert layer.backend is host
     layer.load_state_dict(want_layer.state_dict())
-    lengths = np.array([3, 6, 1, 4])
     x, dy = rng.standard_normal((T, B, I)), rng.standard_normal((T, B, H))
-    y_ref, s_ref, c_ref = want_layer.forward(x, lengths=lengths)
-    dx_ref, ds_ref, dh_ref = want_layer.backward(dy, c_ref, t_start=2, return_dh=True)
-    parts = (lambda s: s) if cell == "lstm" else (lambda s: (s,))
     for path in PATHS:
         config.PATH = path
-        layer.zero_grad()
-        y, s, c = layer.forward(x, lengths=lengths)
-        dx, ds, dh = layer.backward(dy, c, t_start=2, return_dh=True)
-        what = f"{cell} {path}"
-        assert_outputs_close(
-            {"y": y, "dx": dx, "final": list(parts(s)), "dstate": list(parts(ds)),
-             "dh": list(dh), "grads": [layer.grads[k] for k in sorted(layer.grads)]},
-            {"y": y_ref, "dx": dx_ref, "final": list(parts(s_ref)), "dstate": list(parts(ds_ref)),
-             "dh": list(dh_ref), "grads": [want_layer.grads[k] for k in sorted(want_layer.grads)]},
-            np.float64, what)
+        check_layers_with_lengths(layer, want_layer, x, dy, np.array([3, 6, 1, 4]), 2,
+                                  f"{cell} {path}")

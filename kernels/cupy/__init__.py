@@ -30,6 +30,9 @@ forced (``"persistent"`` / ``"cooperative"`` / ``"general"``; see
 float32 GEMMs run in float32 (CuPy's default compute type): setting CUPY_TF32=1 would trade
 the 1e-5 float32 parity for TensorFloat-32 speed.
 
+Variable-length batches (``lengths`` [B]) run on all three paths: every kernel masks each
+row's padded steps itself (recurrent.cu), the padded rows riding along in the per-step GEMMs.
+
 All three paths save the same cache, the :class:`~bptt_kernels.host.RecurrentCache` every
 backend shares (``tanh_c`` None: backward recomputes tanh(c)), so a forward on one path can be
 followed by a backward on another, or on a cache made by another backend or read from a

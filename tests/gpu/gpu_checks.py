@@ -164,6 +164,106 @@ def check_recurrent(backend, oracle, cell, shape, dtype, t_start, rng, path="aut
                              f"{what} vs torch")
 
 
+def assert_identical(got, want, what):
+    """Every array of ``want`` (nested in dicts and lists) bit-identical to ``got``'s."""
+    if isinstance(want, dict):
+        assert set(got) == set(want), what
+        for key in want:
+            assert_identical(got[key], want[key], f"{what} {key}")
+    elif isinstance(want, list):
+        assert len(got) == len(want), what
+        for k, (a, b) in enumerate(zip(got, want)):
+            assert_identical(a, b, f"{what}[{k}]")
+    else:
+        np.testing.assert_array_equal(got, want, err_msg=what)
+
+
+def check_lengths_all_T(backend, cell, shape, dtype, t_start, rng, path="auto"):
+    """Every length T gives bit for bit what no lengths gives (forward, backward, cache)."""
+    T, B, I, H = shape
+    p = random_layer_problem(rng, cell, T, B, I, H, dtype)
+    with backend_config(backend, PATH=path):
+        plain = run_layer(backend, cell, p, t_start)
+        full = run_layer(backend, cell, p, t_start, lengths=np.full(B, T))
+    assert "lengths" not in plain["cache"]
+    np.testing.assert_array_equal(full["cache"].pop("lengths"), np.full(B, T))
+    assert_identical(full, plain, f"{backend.NAME} {cell} path={path} lengths all T")
+
+
+def check_caches_cross(backend, oracle, cell, shape, lengths, t_start, rng, path="auto"):
+    """A cache made with ``lengths`` by ``oracle`` (moved field by field as a checkpoint stores
+    it) drives ``backend``'s backward, and ``backend``'s cache ``oracle``'s; both as
+    ``oracle`` alone (float64)."""
+    from bptt_kernels.host import cache_from_arrays, cache_to_arrays
+    T, B, I, H = shape
+    p = random_layer_problem(rng, cell, T, B, I, H, np.float64)
+    weights = tuple(p[k] for k in WEIGHTS)
+    what = f"{backend.NAME} {cell} path={path} lengths={list(lengths)}"
+
+    def backward(be, cache):
+        dev = lambda a: be.asarray(a, a.dtype)  # noqa: E731
+        grads = [dev(g) for g in p["grads0"]]
+        dx, dstate, dh = getattr(be, f"{cell}_backward")(
+            dev(p["dy"]), tuple(map(dev, p["dfinal"])), cache, dev(p["w_ih"]), dev(p["w_hh"]),
+            *grads, t_start=t_start)
+        return {"dx": be.to_host(dx), "dstate": [be.to_host(a) for a in dstate],
+                "dh": be.to_host(dh), "grads": [be.to_host(g) for g in grads]}
+
+    with backend_config(backend, PATH=path):
+        _, _, ref_cache = getattr(oracle, f"{cell}_forward")(p["x"], p["state"], *weights,
+                                                            lengths=lengths)
+        want = backward(oracle, ref_cache)
+        moved = cache_from_arrays(*cache_to_arrays(ref_cache, oracle.to_host),
+                                  lambda a: backend.asarray(a, a.dtype))
+        assert_outputs_close(backward(backend, moved), want, np.float64, f"{what} {oracle.NAME} cache")
+        dev = lambda a: backend.asarray(a, a.dtype)  # noqa: E731
+        _, _, own = getattr(backend, f"{cell}_forward")(
+            dev(p["x"]), tuple(map(dev, p["state"])), *map(dev, weights), lengths=lengths)
+    np.testing.assert_array_equal(own.lengths, lengths)
+    own = cache_from_arrays(*cache_to_arrays(own, backend.to_host),
+                            lambda a: oracle.asarray(a, a.dtype))
+    assert_outputs_close(backward(oracle, own), want, np.float64, f"{what} own cache")
+
+
+def check_graph_replays_with_lengths(backend, oracle, graphs, cell, rng):
+    """The cupy backend's general path, one loop key (T, B, H, t_start) called again and again
+    (``graphs``: its engine's LoopGraphs, cleared first): without lengths, with three
+    different lengths, then without again, every call against ``oracle``. Calls with lengths
+    share a graph of their own (recorded at their second call, the lengths copied in at every
+    replay) and leave no steps in the graph of the calls without."""
+    T, B, I, H = 6, 4, 3, 5
+    graphs.clear()
+    replays = [graphs.replays]
+    with backend_config(backend, PATH="general", POISON_OUTPUTS=True):
+        for lengths in (None, None, [2, 6, 1, 4], [6, 3, 3, 1], [1, 1, 6, 2], None):
+            p = random_layer_problem(rng, cell, T, B, I, H, np.float64)
+            lengths = None if lengths is None else np.array(lengths)
+            assert_outputs_close(run_layer(backend, cell, p, 1, lengths=lengths),
+                                 run_layer(oracle, cell, p, 1, lengths=lengths), np.float64,
+                                 f"{backend.NAME} {cell} graphs, lengths={lengths}")
+            replays.append(graphs.replays)
+    # forward and backward of each kind: recorded at its second call, replayed from then on
+    assert np.diff(replays).tolist() == [0, 2, 0, 2, 2, 2], replays
+    assert len(graphs._entries) == 4
+
+
+def check_layers_with_lengths(layer, want_layer, x, dy, lengths, t_start, what):
+    """bptt layer ``layer`` (on the backend under test) and ``want_layer`` (the same weights,
+    on the oracle backend): forward(x, lengths=...) and backward(dy, t_start, return_dh)
+    agree in y, the final state, dx, d(initial state), every level's dh and every gradient."""
+    def run(lay):
+        host = lay.backend.to_host
+        parts = (lambda s: list(s)) if lay.cell == "lstm" else (lambda s: [s])
+        lay.zero_grad()
+        y, state, cache = lay.forward(x, lengths=lengths)
+        dx, dstate, dh = lay.backward(dy, cache, t_start=t_start, return_dh=True)
+        return {"y": host(y), "dx": host(dx), "final": [host(a) for a in parts(state)],
+                "dstate": [host(a) for a in parts(dstate)], "dh": [host(a) for a in dh],
+                "grads": {k: host(g) for k, g in lay.grads.items()}}
+
+    assert_outputs_close(run(layer), run(want_layer), want_layer.dtype, what)
+
+
 def check_op(backend, oracle, name, rng, dtype, small=False):
     """The non-recurrent kernel(s) ``name`` (one of OPS) of ``backend`` against ``oracle``;
     ``small``: tiny sizes (the simulator)."""
