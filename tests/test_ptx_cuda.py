@@ -7,6 +7,7 @@ printed (a report, not an assertion). Skips, saying why, only where numba-cuda's
 libraries (NVVM) are absent.
 """
 
+import itertools
 import os
 import re
 import shutil
@@ -62,16 +63,21 @@ def _kernels():
     for dtype in (np.float32, np.float64):
         d = "f32" if dtype == np.float32 else "f64"
         A1, A2, A3 = (_arr(dtype, n) for n in (1, 2, 3))
-        for cell in cells.POINTS:
-            fwd, bwd = cells.gate_kernels(cell)
-            pfwd, pbwd = cells.persistent_kernels(cell, dtype)
+        # each recurrent kernel without lengths (steps None) and masked (steps int32 [B])
+        for cell, (masked, S) in itertools.product(cells.POINTS, ((False, types.none),
+                                                                  (True, types.int32[::1]))):
+            fwd, bwd = cells.gate_kernels(cell, masked)
+            pfwd, pbwd = cells.persistent_kernels(cell, dtype, masked)
+            m = ".masked" if masked else ""
             out += [
-                (f"{cell}.gates_forward.{d}", fwd.py_func, (i64, A3, A1, A1, A1, A3, A3, A3, A3)),
-                (f"{cell}.gates_backward.{d}", bwd.py_func,
-                 (i64, A3, A1, A1, A3, A3, A3, A3, A3, A3, A3)),
-                (f"{cell}.persistent_forward.{d}", pfwd.py_func, (A3, A1, A1, A2, A3, A3, A3, A3)),
-                (f"{cell}.persistent_backward.{d}", pbwd.py_func,
-                 (A3, A2, A1, A2, A3, A3, A3, A3, A3, A3, A3, i64, A2)),
+                (f"{cell}.gates_forward{m}.{d}", fwd.py_func,
+                 (i64, S, A3, A1, A1, A1, A3, A3, A3, A3)),
+                (f"{cell}.gates_backward{m}.{d}", bwd.py_func,
+                 (i64, S, A3, A1, A1, A3, A3, A3, A3, A3, A3, A3)),
+                (f"{cell}.persistent_forward{m}.{d}", pfwd.py_func,
+                 (S, A3, A1, A1, A2, A3, A3, A3, A3)),
+                (f"{cell}.persistent_backward{m}.{d}", pbwd.py_func,
+                 (S, A3, A2, A1, A2, A3, A3, A3, A3, A3, A3, A3, i64, A2)),
             ]
         out += [
             (f"gemm.tile16.{d}", gemm._gemm_kernel(16, dtype).py_func, (A2, A2, A2, b1, b1, b1)),

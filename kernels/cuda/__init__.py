@@ -24,6 +24,10 @@ Recurrent paths (``config.PATH``, see :mod:`bptt_kernels.cuda.config`)
         227 KiB float64   84/80/54       97/93/64      169/162/118
          48 KiB float32   54/50/28       63/58/34      109/103/64    (no opt-in; simulator)
          48 KiB float64   38/34/16       44/40/19       77/70/37
+Variable-length batches
+    ``<cell>_forward(..., lengths=...)`` (int [B] in 1..T) on both paths: the kernels mask each
+    row's padded steps themselves (compiled variants of their own, :mod:`.cells`); the cache
+    carries the lengths and the backward follows them.
 Caches
     The :class:`~bptt_kernels.host.RecurrentCache` of every backend (``tanh_c`` None: backward
     recomputes tanh(c)); ``extra["hs"]`` ([T+1,B,H], and ``extra["cs"]`` for the LSTM) holds
@@ -45,7 +49,8 @@ NAME = "cuda"
 
 def lstm_forward(x, state, w_ih, w_hh, b_ih, b_hh, lengths=None):
     """LSTM over T steps. x [T,B,I], state (h0 [B,H], c0 [B,H]), w_ih [4H,I], w_hh [4H,H],
-    b_ih/b_hh [4H]. Returns y [T,B,H], (h_T, c_T), RecurrentCache."""
+    b_ih/b_hh [4H], lengths [B] or None (row b runs steps 0 .. lengths[b]-1). Returns
+    y [T,B,H], (h_T, c_T) (each row's after its own last step), RecurrentCache."""
     return forward("lstm", x, state, w_ih, w_hh, b_ih, b_hh, lengths)
 
 

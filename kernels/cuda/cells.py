@@ -11,6 +11,18 @@ hidden unit j) at one step t, written once and used by both paths:
   computed from shared memory, the same point functions in between, ``syncthreads`` between
   the phases of a step.
 
+Variable-length batches: the kernels' ``masked`` variants take ``steps`` [B] (int32, each
+row's steps: the call's lengths) and run a *pad* point at a padded step t >= steps[b]: zeros
+written to that step's cache (forward) or to dh and the gate gradients (backward), the state
+left as it is. Backward needs nothing else: ``dh_rec`` and ``dc`` pass a padded step
+unchanged (its gate gradients are zero, so the GEMM adds nothing), carrying dL/d(final state)
+down to the row's last step, and past t_start for a row with no step left. The variants
+without lengths are compiled separately (``masked`` is a constant of the kernel, ``steps``
+None): they read no steps and compare nothing; their PTX for sm_90 was, instruction for
+instruction, that of the kernels before lengths existed (compared when the masks were added).
+A variant is compiled on its first launch only, so the masked ones cost nothing to a program
+that never passes lengths.
+
 Arrays (time-major, C-contiguous; G gates; ``hw``/``dh_rec``/``dc`` are flat per-step buffers):
 
     xw     [T,B,G*H]  x_t W_ih^T for all steps (no bias; the points add b_ih)
@@ -29,6 +41,7 @@ Arrays (time-major, C-contiguous; G gates; ``hw``/``dh_rec``/``dc`` are flat per
     dgh    [T,B,G*H]  GRU only: dL/d(h W_hh^T + b_hh) (differs from dgx in the n block: times r);
                       for LSTM and RNN it equals dgx and the kernels read dgx
     dh     [T,B,H]    total dL/dh_t (dy[t] + recurrent part), the diagnostic output
+    steps  [B]        int32, each row's steps (lengths): the masked kernels only (else None)
 
 Arrays a cell does not use are passed as tiny dummies (never aliases of used arrays: the
 simulator copies every argument in and back, so an alias would be overwritten by a stale copy).
@@ -187,31 +200,76 @@ POINTS = {
 
 
 # ----------------------------------------------------------------------------------------
+# Padded steps (lengths): the cache's zeros forward, zero dh and gate gradients backward
+
+
+def _pad_points(cell):
+    G = GATES[cell]
+    has_c, has_hn = cell == "lstm", cell == "gru"
+    has_gates, separate_dgh = cell in ("lstm", "gru"), cell in SEPARATE_HIDDEN_GRAD
+
+    @cuda.jit(device=True)
+    def pad_forward_point(t, b, j, hs, cs, gates, hn):
+        H = hs.shape[2]
+        hs[t + 1, b, j] = ZERO                                   # y at a padded step
+        if has_c:
+            cs[t + 1, b, j] = ZERO
+        if has_gates:
+            for q in range(G):
+                gates[t, b, q * H + j] = ZERO
+        if has_hn:
+            hn[t, b, j] = ZERO
+
+    @cuda.jit(device=True)
+    def pad_backward_point(t, b, j, dgx, dgh, dh):
+        H = dh.shape[2]
+        dh[t, b, j] = ZERO
+        for q in range(G):
+            dgx[t, b, q * H + j] = ZERO
+            if separate_dgh:
+                dgh[t, b, q * H + j] = ZERO
+
+    return pad_forward_point, pad_backward_point
+
+
+PADS = {cell: _pad_points(cell) for cell in POINTS}
+
+
+# ----------------------------------------------------------------------------------------
 # General path: fused gate kernels, one launch per step
 
 
 @functools.lru_cache(maxsize=None)
-def gate_kernels(cell):
-    """(gates_forward, gates_backward) kernels of ``cell`` (grid-stride over the B*H points)."""
+def gate_kernels(cell, masked=False):
+    """(gates_forward, gates_backward) kernels of ``cell`` (grid-stride over the B*H points);
+    ``masked``: with the padded steps of ``steps`` (int32 [B]; else pass None)."""
     forward_point, backward_point = POINTS[cell]
+    pad_forward_point, pad_backward_point = PADS[cell]
 
     @cuda.jit
-    def gates_forward(t, xw, hw, b_ih, b_hh, hs, cs, gates, hn):
+    def gates_forward(t, steps, xw, hw, b_ih, b_hh, hs, cs, gates, hn):
         # one step t: xw [T,B,G*H], hw [B*G*H], hs [T+1,B,H], cs [T+1,B,H], gates [T,B,G*H], hn [T,B,H]
         B = hs.shape[1]
         H = hs.shape[2]
         for p in range(cuda.grid(1), B * H, cuda.gridsize(1)):
             b = p // H
-            forward_point(t, b, p - b * H, xw, hw, 0, b_ih, b_hh, hs, cs, gates, hn)
+            if masked and t >= steps[b]:
+                pad_forward_point(t, b, p - b * H, hs, cs, gates, hn)
+            else:
+                forward_point(t, b, p - b * H, xw, hw, 0, b_ih, b_hh, hs, cs, gates, hn)
 
     @cuda.jit
-    def gates_backward(t, dy, dh_rec, dc, hs, cs, gates, hn, dgx, dgh, dh):
+    def gates_backward(t, steps, dy, dh_rec, dc, hs, cs, gates, hn, dgx, dgh, dh):
         # one step t: dy [T,B,H], dh_rec [B*H], dc [B*H], dgx/dgh [T,B,G*H], dh [T,B,H]
         B = hs.shape[1]
         H = hs.shape[2]
         for p in range(cuda.grid(1), B * H, cuda.gridsize(1)):
             b = p // H
-            backward_point(t, b, p - b * H, dy, dh_rec, 0, dc, hs, cs, gates, hn, dgx, dgh, dh)
+            if masked and t >= steps[b]:                        # dh_rec, dc: unchanged
+                pad_backward_point(t, b, p - b * H, dgx, dgh, dh)
+            else:
+                backward_point(t, b, p - b * H, dy, dh_rec, 0, dc, hs, cs, gates, hn, dgx,
+                               dgh, dh)
 
     return gates_forward, gates_backward
 
@@ -234,18 +292,20 @@ PERSISTENT_JIT_OPTIONS = {} if SIMULATOR else {"max_registers": 64}
 
 
 @functools.lru_cache(maxsize=None)
-def persistent_kernels(cell, dtype):
-    """(persistent_forward, persistent_backward) kernels of ``cell`` for element type ``dtype``.
+def persistent_kernels(cell, dtype, masked=False):
+    """(persistent_forward, persistent_backward) kernels of ``cell`` for element type ``dtype``;
+    ``masked`` as in :func:`gate_kernels`.
 
     Launch with ONE block and dynamic shared memory of ``persistent_shared_elems`` elements.
     """
     forward_point, backward_point = POINTS[cell]
+    pad_forward_point, pad_backward_point = PADS[cell]
     G = GATES[cell]
     separate_dgh = cell in SEPARATE_HIDDEN_GRAD   # a Python bool: a constant of the kernels
     nb_dtype = NUMBA_DTYPE[np.dtype(dtype)]
 
     @cuda.jit(**PERSISTENT_JIT_OPTIONS)
-    def persistent_forward(xw, b_ih, b_hh, w_hh, hs, cs, gates, hn):
+    def persistent_forward(steps, xw, b_ih, b_hh, w_hh, hs, cs, gates, hn):
         # xw [T,B,G*H], w_hh [G*H,H], hs [T+1,B,H] (hs[0] = h0 in), cs [T+1,B,H] (cs[0] = c0 in)
         # shared: w_t [H*G*H] = W_hh^T (w_t[k*GH + gj] = w_hh[gj, k]: consecutive threads read
         # consecutive gj) | hw [B*G*H] this step's h W_hh^T | h [B*H] this step's h
@@ -277,12 +337,15 @@ def persistent_kernels(cell, dtype):
             cuda.syncthreads()
             for p in range(tid, B * H, nth):                    # the cell, one point per (b, j)
                 b = p // H
-                smem[h_off + p] = forward_point(t, b, p - b * H, xw, smem, hw_off,
-                                                b_ih, b_hh, hs, cs, gates, hn)
+                if masked and t >= steps[b]:                    # the state in smem: kept
+                    pad_forward_point(t, b, p - b * H, hs, cs, gates, hn)
+                else:
+                    smem[h_off + p] = forward_point(t, b, p - b * H, xw, smem, hw_off,
+                                                    b_ih, b_hh, hs, cs, gates, hn)
             cuda.syncthreads()
 
     @cuda.jit(**PERSISTENT_JIT_OPTIONS)
-    def persistent_backward(dy, dh_final, dc, w_hh, hs, cs, gates, hn, dgx, dgh, dh,
+    def persistent_backward(steps, dy, dh_final, dc, w_hh, hs, cs, gates, hn, dgx, dgh, dh,
                             t_start, dh_start):
         # dy [T,B,H], dh_final [B,H] in, dc [B*H] in/out (LSTM), w_hh [G*H,H], dh_start [B,H] out
         # shared: w [G*H*H] = W_hh as is (consecutive threads read consecutive k) | dh_rec [B*H]
@@ -305,8 +368,11 @@ def persistent_kernels(cell, dtype):
         for t in range(T - 1, t_start - 1, -1):
             for p in range(tid, B * H, nth):                    # the cell backward per (b, j)
                 b = p // H
-                backward_point(t, b, p - b * H, dy, smem, rec_off, dc, hs, cs, gates, hn,
-                               dgx, dgh, dh)
+                if masked and t >= steps[b]:                    # dh_rec, dc: unchanged
+                    pad_backward_point(t, b, p - b * H, dgx, dgh, dh)
+                else:
+                    backward_point(t, b, p - b * H, dy, smem, rec_off, dc, hs, cs, gates, hn,
+                                   dgx, dgh, dh)
             cuda.syncthreads()
             for p in range(tid, B * H, nth):                    # dh_rec += dg_rec[t] @ W_hh
                 b = p // H

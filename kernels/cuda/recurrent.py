@@ -12,6 +12,10 @@ backward  persistent: one launch for steps T-1 .. t_start
           t_start..T-1: :func:`bptt_kernels.host.finish_backward` over ``xp`` (cuBLAS through
           CuPy on a GPU, NumPy under the simulator; ``config.GEMM`` does not apply to them)
 
+Variable-length batches (``lengths``): the kernels' masked variants (:mod:`.cells`) take each
+row's steps as an int32 device array and handle its padded steps themselves; the final state
+is gathered from each row's last step.
+
 The arguments are checked by :mod:`bptt_kernels.host.checks`, and the cache is the shared
 :class:`~bptt_kernels.host.RecurrentCache`. The kernels read h_0..h_T (and c_0..c_T) as one
 [T+1,B,H] array: forward allocates it, returns ``y`` and ``h0`` as views of it and keeps it in
@@ -26,9 +30,6 @@ from numba import cuda
 
 from bptt_kernels.host import (SEPARATE_HIDDEN_GRAD, RecurrentCache, check_backward,
                                check_forward, finish_backward)
-
-# variable-length batches (``lengths``) are masked in the cpu and reference time loops only
-LENGTHS_NOT_YET = "lengths on the cuda backend: not yet; use the cpu or reference backend"
 
 from . import _device, cells, config
 from .gemm import matmul
@@ -122,6 +123,12 @@ def _dummy(ndim, dtype):
     return _device.empty((1,) * ndim, dtype)
 
 
+def _steps(lengths):
+    """The kernels' ``steps``: ``lengths`` (checked, host int64) as an int32 device array, or
+    None without lengths (the unmasked kernels never read it)."""
+    return None if lengths is None else _device.asarray(lengths, np.int32)
+
+
 # ----------------------------------------------------------------------------------------
 # Forward
 
@@ -132,17 +139,15 @@ def forward(cell, x, state, w_ih, w_hh, b_ih, b_hh, lengths=None):
     x [T,B,I], state (h0 [B,H],) or (h0, c0) for lstm (None: zeros), w_ih [G*H,I], w_hh [G*H,H],
     b_ih/b_hh [G*H]. w_ih None: x is x W_ih^T [T,B,G*H] already. Returns y [T,B,H] (the view
     ``cache.extra["hs"][1:]``: do not modify it in place while the cache is needed), the final
-    state (fresh arrays) and the cache. ``lengths`` is checked, then refused
-    (NotImplementedError): not on this backend yet.
+    state (fresh arrays: each row's state after its own last step) and the cache.
     """
     call = check_forward(cell, x, state, w_ih, w_hh, b_ih, b_hh, _device.xp, _device.DTYPES,
                          lengths)
-    if call.lengths is not None:
-        raise NotImplementedError(LENGTHS_NOT_YET)
     x, w_ih, w_hh, b_ih, b_hh = call.x, call.w_ih, call.w_hh, call.b_ih, call.b_hh
     T, B, I, H, GH = call.T, call.B, call.I, call.H, call.G * call.H
     dtype = x.dtype
     is_lstm = cell == "lstm"
+    masked, steps = call.lengths is not None, _steps(call.lengths)
 
     hs = _device.empty((T + 1, B, H), dtype)                      # T+1,B,H
     hs[0] = call.state[0]
@@ -157,25 +162,28 @@ def forward(cell, x, state, w_ih, w_hh, b_ih, b_hh, lengths=None):
         xw = _device.empty((T, B, GH), dtype)
         matmul(x.reshape(T * B, I), w_ih, xw.reshape(T * B, GH), trans_b=True)
     if choose_path(cell, B, H, dtype) == "persistent":
-        kernel = cells.persistent_kernels(cell, dtype)[0]
-        _launch_persistent(kernel, (xw, b_ih, b_hh, w_hh, hs, cs, gates, hn), B * GH,
+        kernel = cells.persistent_kernels(cell, dtype, masked)[0]
+        _launch_persistent(kernel, (steps, xw, b_ih, b_hh, w_hh, hs, cs, gates, hn), B * GH,
                            cells.persistent_shared_elems(cell, B, H)[0], dtype)
     else:
-        gates_forward = cells.gate_kernels(cell)[0]
+        gates_forward = cells.gate_kernels(cell, masked)[0]
         hw = _device.empty((B, GH), dtype)                        # B,G*H  one step's h W_hh^T
-        step_args = _device.kernel_args(xw, hw.reshape(-1), b_ih, b_hh, hs, cs, gates, hn)
+        step_args = _device.kernel_args(steps, xw, hw.reshape(-1), b_ih, b_hh, hs, cs, gates,
+                                        hn)
         launch = _device.configure_1d(gates_forward, B * H)
         for t in range(T):
             matmul(hs[t], w_hh, hw, trans_b=True)
             launch(t, *step_args)
 
     y = hs[1:]                                                    # T,B,H
-    final = (hs[T].copy(), cs[T].copy()) if is_lstm else (hs[T].copy(),)
+    # the final state: hs[T], or each row's h after its last step, hs[steps[b], b] (cs alike)
+    final = tuple(a[steps, _device.xp.arange(B)] if masked else a[T].copy()
+                  for a in ((hs, cs) if is_lstm else (hs,)))
     cache = RecurrentCache(
         cell, x, hs[0], cs[0] if is_lstm else None, y=y,
         gates=gates if cell in ("lstm", "gru") else None, c=cs[1:] if is_lstm else None,
         hn=hn if cell == "gru" else None,
-        extra={"hs": hs, "cs": cs} if is_lstm else {"hs": hs})
+        extra={"hs": hs, "cs": cs} if is_lstm else {"hs": hs}, lengths=call.lengths)
     return y, final, cache
 
 
@@ -209,12 +217,11 @@ def backward(cell, dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_
     xp = _device.xp
     call = check_backward(cell, dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh,
                           t_start, xp)
-    if call.cache.lengths is not None:                 # a cache made with lengths elsewhere
-        raise NotImplementedError(LENGTHS_NOT_YET)
     dy, w_hh, t_start, cache = call.dy, call.w_hh, call.t_start, call.cache
     T, B, H, GH = call.T, call.B, call.H, call.G * call.H
     dtype = dy.dtype
     is_lstm = cell == "lstm"
+    masked, steps = cache.lengths is not None, _steps(cache.lengths)
     hs, cs = _states(cache, is_lstm)         # the cache's fields are checked and contiguous
     cs = cs if is_lstm else _dummy(3, dtype)
     gates = cache.gates if cell in ("lstm", "gru") else _dummy(3, dtype)
@@ -229,16 +236,16 @@ def backward(cell, dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_
     dc = dfinal[1].reshape(-1).copy() if is_lstm else _dummy(1, dtype)   # B*H
 
     if choose_path(cell, B, H, dtype) == "persistent":
-        kernel = cells.persistent_kernels(cell, dtype)[1]
+        kernel = cells.persistent_kernels(cell, dtype, masked)[1]
         dh_prev = _device.empty((B, H), dtype)                    # B,H
-        _launch_persistent(kernel, (dy, dfinal[0], dc, w_hh, hs, cs, gates, hn, dgx,
+        _launch_persistent(kernel, (steps, dy, dfinal[0], dc, w_hh, hs, cs, gates, hn, dgx,
                                     dgh_arg, dh, t_start, dh_prev), B * H,
                            cells.persistent_shared_elems(cell, B, H)[1], dtype)
     else:
-        gates_backward = cells.gate_kernels(cell)[1]
+        gates_backward = cells.gate_kernels(cell, masked)[1]
         dh_rec = dfinal[0].copy()                                 # B,H  dL/dh_t via recurrence
-        step_args = _device.kernel_args(dy, dh_rec.reshape(-1), dc, hs, cs, gates, hn, dgx,
-                                        dgh_arg, dh)
+        step_args = _device.kernel_args(steps, dy, dh_rec.reshape(-1), dc, hs, cs, gates, hn,
+                                        dgx, dgh_arg, dh)
         launch = _device.configure_1d(gates_backward, B * H)
         for t in range(T - 1, t_start - 1, -1):
             launch(t, *step_args)

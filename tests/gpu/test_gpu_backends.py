@@ -1,6 +1,7 @@
 """The GPU backends (``cuda``: Numba-CUDA, ``cupy``) against the float64-exact NumPy reference
 and torch.nn, on a real GPU: every cell, both dtypes, every recurrent path each backend can
-force, t_start 0 and > 0, and every non-recurrent kernel (checks in gpu_checks.py).
+force, t_start 0 and > 0, variable-length batches (lengths, against torch's packed sequences),
+and every non-recurrent kernel (checks in gpu_checks.py).
 
 On a machine with an NVIDIA GPU (torch with CUDA for the torch.nn comparisons), from the
 repository root:
@@ -14,7 +15,9 @@ or the CUDA simulator: tests/cudasim runs these checks there, at tiny sizes).
 import numpy as np
 import pytest
 
-from gpu_checks import CELLS, OPS, backend_paths, check_op, check_recurrent
+from gpu_checks import (CELLS, OPS, backend_paths, check_caches_cross,
+                        check_graph_replays_with_lengths, check_lengths_all_T, check_op,
+                        check_recurrent)
 
 pytestmark = pytest.mark.gpu
 
@@ -79,6 +82,53 @@ def test_every_path(gpu, ref, torch_device, cell, dtype, path, t_start, rng):
     _forceable(gpu, path)
     check_recurrent(gpu, ref, cell, SMALL, dtype, t_start, rng, path=path,
                     torch_device=torch_device if t_start == 0 else None)
+
+
+@pytest.mark.parametrize("t_start", [0, 3])
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("cell", CELLS)
+def test_every_path_with_lengths(gpu, ref, torch_device, cell, dtype, path, t_start, rng):
+    """Unsorted lengths with both ends (the row of length 1 wholly before t_start 3), all 1,
+    all T and the projected input; caches with lengths across backends."""
+    _forceable(gpu, path)
+    T, B = SMALL[:2]
+    lengths = np.array([4, T, 1])
+    check_recurrent(gpu, ref, cell, SMALL, dtype, t_start, rng, path=path, lengths=lengths,
+                    torch_device=torch_device if t_start == 0 else None)
+    check_recurrent(gpu, ref, cell, SMALL, dtype, t_start, rng, path=path, lengths=np.ones(B, int))
+    check_recurrent(gpu, ref, cell, SMALL, dtype, t_start, rng, path=path, lengths=lengths,
+                    projected=True)
+    if gpu.NAME == "cupy":      # the same kernels with steps = T: bit-identical to no lengths
+        check_lengths_all_T(gpu, cell, SMALL, dtype, t_start, rng, path=path)
+    else:                       # the cuda backend's masked kernels are compiled on their own
+        check_recurrent(gpu, ref, cell, SMALL, dtype, t_start, rng, path=path,
+                        lengths=np.full(B, T))
+    if dtype == np.float64:
+        check_caches_cross(gpu, ref, cell, SMALL, lengths, t_start, rng, path=path)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("cell", CELLS)
+def test_larger_layer_with_lengths(gpu, ref, torch_device, cell, dtype, rng):
+    """LARGE on the path auto picks and on the cooperative path over several units per block."""
+    T, B = LARGE[:2]
+    lengths = np.array([3, 6, 1, 5, 2][:B])
+    check_recurrent(gpu, ref, cell, LARGE, dtype, 0, rng, lengths=lengths,
+                    torch_device=torch_device)
+    if "cooperative" in backend_paths(gpu):
+        check_recurrent(gpu, ref, cell, WIDE, dtype, 1, rng, path="cooperative",
+                        lengths=np.array([5, 1, 3, 2]), COOPERATIVE_UNITS=8)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_cupy_graphs_replay_with_lengths(gpu, ref, cell, rng):
+    """CUDA graphs (stream capture) of the general path, lengths changing between replays."""
+    if gpu.NAME != "cupy":
+        pytest.skip("the general path's CUDA graphs are the cupy backend's")
+    engine = gpu._get()
+    check_graph_replays_with_lengths(gpu, ref, engine.graphs, cell, rng)
+    assert engine.graphs.failed is None
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
