@@ -264,17 +264,102 @@ def median(values):
     return statistics.median(values) if values else None
 
 
-def sgemm_gflops(n=2048, repeats=5):
-    """Best-of-``repeats`` GFLOP/s of numpy's float32 ``n x n @ n x n`` (2 n^3 flops).
-    The reference peak of this machine for the achieved-GFLOP/s columns."""
+def sgemm_gflops(n=2048, repeats=5, matmul=None):
+    """Best-of-``repeats`` GFLOP/s of a float32 ``n x n @ n x n`` (2 n^3 flops) by
+    ``matmul(a, b, out)`` (default: numpy's, i.e. its OpenBLAS). The reference peak of this
+    machine for the achieved-GFLOP/s columns."""
     import numpy as np
+    matmul = matmul or (lambda a, b, c: np.matmul(a, b, out=c))
     rng = np.random.default_rng(0)
     a = rng.standard_normal((n, n), dtype=np.float32)
     b = rng.standard_normal((n, n), dtype=np.float32)
     c = np.empty((n, n), dtype=np.float32)
-    np.matmul(a, b, out=c)  # warm-up: thread pool start, page faults
-    best = min(time_calls(lambda: np.matmul(a, b, out=c), repeats))
+    matmul(a, b, c)  # warm-up: thread pool start, page faults
+    best = min(time_calls(lambda: matmul(a, b, c), repeats))
     return 2.0 * n ** 3 / best / 1e9
+
+
+def cpu_model():
+    """The CPU's model name (/proc/cpuinfo), or the platform's processor string."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def _mkl_matmul():
+    """``matmul(a, b, out)`` through Intel MKL's cblas_sgemm (the library the cpu backend's
+    ``mkl`` provider loads; its threads: MKL_NUM_THREADS), or None where MKL is not usable."""
+    import ctypes
+    try:
+        from bptt_kernels.cpu import _mkl
+        mkl = _mkl.load()
+    except ImportError:
+        return None
+    i64, f32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+    sgemm = ctypes.CFUNCTYPE(None, i64, i64, i64, i64, i64, i64, f32, ptr, i64, ptr, i64, f32,
+                             ptr, i64)(mkl.addresses["sgemm"])
+
+    def matmul(a, b, c):
+        (m, k), n = a.shape, b.shape[1]
+        sgemm(101, 111, 111, m, n, k, 1.0, a.ctypes.data, k, b.ctypes.data, n, 0.0,
+              c.ctypes.data, n)
+    return matmul
+
+
+def ours_blas_info():
+    """Inside a bptt worker (cpu backend): the BLAS provider its kernels use (the one
+    ``BPTT_BLAS`` picks) and SGEMM 2048^3 GFLOP/s of each provider usable here, at the
+    worker's thread settings."""
+    from bptt_kernels.cpu import _blas
+    provider = _blas.use_provider()
+    gflops = {"openblas": sgemm_gflops()}
+    mkl = _mkl_matmul()
+    if mkl is not None:
+        gflops["mkl"] = sgemm_gflops(matmul=mkl)
+    return {"blas": f"{provider.name}: {provider.library}", "provider": provider.name,
+            "sgemm_gflops": gflops}
+
+
+def torch_blas_info():
+    """Inside a torch worker: what torch's CPU LSTM and GEMMs run on (oneDNN, MKL versions from
+    torch.__config__) and SGEMM 2048^3 GFLOP/s of torch.mm."""
+    import re
+    import torch
+    shown = torch.__config__.show()
+
+    def version(pattern):
+        found = re.search(pattern, shown)
+        return found.group(1) if found else "?"
+    blas = version(r"BLAS_INFO=(\w+)")
+    onednn = version(r"(?:MKL-DNN|oneDNN)[^v]*(v[\d.]+)")
+    mkl = version(r"Math Kernel Library Version ([\d.]+)")
+    isa = version(r"CPU capability usage: (\w+)")
+    built = (f"torch {torch.__version__}: LSTM by oneDNN {onednn}, BLAS_INFO={blas}, MKL {mkl}, "
+             f"CPU capability {isa}")
+    gflops = sgemm_gflops(matmul=lambda a, b, c: torch.mm(torch.from_numpy(a), torch.from_numpy(b),
+                                                         out=torch.from_numpy(c)))
+    return {"blas": built, "provider": f"torch ({blas})",
+            "sgemm_gflops": {f"torch.mm ({blas})": gflops}}
+
+
+def blas_note(infos):
+    """Lines naming the CPU, each side's BLAS and the SGEMM GFLOP/s of every provider measured
+    (``infos``: side -> ours_blas_info()/torch_blas_info() result, or a list of them)."""
+    lines = [f"CPU: {cpu_model()} ({os.cpu_count()} cores)"]
+    for side, info in infos.items():
+        runs = info if isinstance(info, list) else [info]
+        rates = {}
+        for run in runs:
+            for name, g in run["sgemm_gflops"].items():
+                rates.setdefault(name, []).append(g)
+        sgemm = ", ".join(f"{name} {' / '.join(f'{g:.0f}' for g in v)}" for name, v in rates.items())
+        lines.append(f"{side}: {runs[0]['blas']}; SGEMM 2048^3 GFLOP/s: {sgemm}")
+    return "\n".join(lines)
 
 
 def peak_rss_mb():

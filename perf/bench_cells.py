@@ -5,17 +5,23 @@ A step is forward over T steps from a zero state plus backward over all T steps 
 gradients of every parameter AND of the input x (torch: ``x.requires_grad=True``), given a
 fixed random ``dy``; parameter gradients are reset before each step on both sides.
 Layers: ``bptt.LSTM/GRU/RNN`` against ``torch.nn.LSTM/GRU/RNN``, input size I = H unless
-``--input-size`` is given.
+``--input-size`` is given. ``--blas openblas,mkl`` runs bptt once per BLAS provider
+(``BPTT_BLAS``), each as a side of its own; by default bptt runs with the environment's.
 
-Each side runs in its own long-lived process with the same thread count (``--threads``,
-default 2: torch.set_num_threads and OMP/OpenBLAS/Numba pools). For every shape: warm-up
-(the first use of a cell in a process also pays Numba's compile or cache load), then
-``--repeats`` rounds alternating between the sides (the side that starts alternates too);
-the time is the median over all timed calls.
+Each side runs ALONE: a round starts one fresh process for a side, runs every shape in it
+(warm-up: the first use of a cell in a process pays Numba's compile or cache load; then ~0.3 s
+of timed calls), and ends it before the next side's process starts, so no other benchmark
+process is alive while a side is timed. ``--repeats`` rounds; the order of the sides rotates
+every round; the time is the median over all timed calls of all rounds. Every process uses
+the same thread count (``--threads``, default 2: torch.set_num_threads and OMP/OpenBLAS/MKL/
+Numba pools).
 
+The header names the CPU, each side's BLAS (bptt: the provider its kernels use; torch: oneDNN
+and MKL as built) and SGEMM 2048^3 GFLOP/s of every provider (numpy's OpenBLAS, MKL where
+installed, torch.mm), measured by the side's first and last process.
 GEMM flops of one step: ``_harness.step_flops``, 6*T*B*G*H*(I+H) (G = 4 lstm, 3 gru, 1 rnn;
-the elementwise gate math not counted). GFLOP/s = that / time; "%sgemm" divides it by numpy's float32 2048^3 matmul (best of 5),
-measured in the same run by the same worker processes.
+the elementwise gate math not counted). GFLOP/s = that / time; "%sgemm" divides it by the
+fastest SGEMM measured in the run.
 
 Peak memory: one fresh process per (cell, side) runs a tiny warm-up step (so compilation is
 not counted), then one step at T = ``--mem-seq`` (1000); it reports the peak RSS
@@ -58,6 +64,9 @@ class OursSide:
         return {"backend": bptt.get_backend().NAME, "numba": numba.__version__,
                 "numpy": np.__version__}
 
+    def blas_info(self):
+        return hx.ours_blas_info()
+
     def build(self, cell, T, B, I, H):
         np = self.np
         kwargs = {"nonlinearity": cell[4:]} if cell.startswith("rnn") else {}
@@ -84,6 +93,9 @@ class TorchSide:
         return {"torch": torch.__version__, "torch_threads": torch.get_num_threads(),
                 "mkldnn": bool(torch.backends.mkldnn.is_available())}
 
+    def blas_info(self):
+        return hx.torch_blas_info()
+
     def build(self, cell, T, B, I, H):
         torch, nn = self.torch, self.torch.nn
         torch.manual_seed(0)
@@ -107,35 +119,26 @@ class TorchSide:
 
 
 class CellWorker:
-    """Request handler: {"op": "sgemm"} | {"op": "steps", shape..., "warmup", "calls"} |
+    """Request handler: {"op": "blas"} | {"op": "steps", shape..., "seconds", "max_calls"} |
     {"op": "mem", shape...}."""
 
     def __init__(self, side):
         self.impl = OursSide() if side == "ours" else TorchSide()
-        self.key, self.step = None, None
-        self.compiled = set()  # cells already run once in this process
 
     def setup(self):
         return self.impl.setup()
 
-    def _step_for(self, r):
-        key = (r["cell"], r["T"], r["B"], r["I"], r["H"])
-        if key != self.key:
-            self.key, self.step = None, None  # free the previous shape's arrays first
-            self.step = self.impl.build(*key)
-            self.key = key
-        return self.step
-
     def handle(self, r):
         op = r["op"]
-        if op == "sgemm":
-            return {"gflops": hx.sgemm_gflops()}
+        if op == "blas":
+            return self.impl.blas_info()
         if op == "steps":
-            step = self._step_for(r)
-            warmup = r["warmup"] + (r["cell"] not in self.compiled)
-            warm = hx.time_calls(step, warmup)
-            self.compiled.add(r["cell"])
-            return {"warmup": warm, "times": hx.time_calls(step, r["calls"])}
+            # one warm-up call (the first of a cell pays compilation), then enough calls for
+            # ~r["seconds"] of timing, at least one
+            step = self.impl.build(r["cell"], r["T"], r["B"], r["I"], r["H"])
+            warm = hx.time_calls(step, 1)
+            calls = max(1, min(r["max_calls"], int(round(r["seconds"] / max(warm[0], 1e-6)))))
+            return {"warmup": warm, "times": hx.time_calls(step, calls)}
         if op == "mem":
             # compile / first-touch on a tiny T, then measure the peak of one full step
             self.impl.build(r["cell"], 2, r["B"], r["I"], r["H"])()
@@ -148,42 +151,49 @@ class CellWorker:
 
 
 # =============================================================================================
-# parent side: schedules shapes, alternates sides, prints and saves
+# parent side: runs each side alone, round after round, prints and saves
 # =============================================================================================
 
-def plan_rounds(seconds, repeats):
-    """(calls per round, rounds) for a step taking ``seconds``: ~0.3 s of calls per round,
-    fewer rounds (at least 3, or 2 with --quick) for slow shapes."""
-    calls = max(1, min(20, int(round(0.3 / max(seconds, 1e-6)))))
-    rounds = repeats if seconds < 1.0 else max(min(repeats, 3), (repeats + 1) // 2)
-    return calls, rounds
+class Side:
+    """One timed side: "torch", or bptt with a BLAS setting (None: the environment's)."""
+
+    def __init__(self, kind, blas=None):
+        self.kind, self.blas = kind, blas
+        self.name = kind if blas is None else f"{kind}[{blas}]"
+
+    def worker(self, script, threads):
+        return hx.Worker(script, self.kind, threads,
+                         env_extra={"BPTT_BLAS": self.blas} if self.blas else None)
 
 
-def bench_shape(workers, shape, repeats, first):
-    """Time one shape on every live worker, alternating (``first``: index of the side that
-    starts); returns {side: [seconds...] or None if it failed}."""
-    order = [s for s in SIDES if s in workers and workers[s].alive]
-    live = order[first % len(order):] + order[:first % len(order)]
-    times, estimate = {s: [] for s in live}, 0.0
-    for side in live:
-        try:
-            reply = workers[side].call({"op": "steps", **shape, "warmup": 1, "calls": 0})
-            estimate = max(estimate, reply["warmup"][-1])
-        except hx.WorkerError as e:
-            print(f"  {side} failed at {shape}: {e}", file=sys.stderr)
-            times[side] = None
-    live = [s for s in live if times[s] is not None]
-    calls, rounds = plan_rounds(estimate, repeats)
-    for k in range(rounds):
-        for side in list(live if k % 2 == 0 else live[::-1]):
-            try:
-                times[side] += workers[side].call({"op": "steps", **shape, "warmup": 0,
-                                                   "calls": calls})["times"]
-            except hx.WorkerError as e:
-                print(f"  {side} failed at {shape}: {e}", file=sys.stderr)
-                times[side] = None
-                live.remove(side)
-    return times
+def run_round(script, side, shapes, threads, seconds, blas_too, deadline):
+    """One fresh process of ``side`` runs every shape (all of them alone on the machine);
+    returns ({shape key: {"times", "others"}}, BLAS info or None, error or None). Shapes
+    left when ``deadline`` (time.time()) passes are not run."""
+    w = side.worker(script, threads)
+    if not w.alive:
+        return {}, None, w.error
+    out, info = {}, None
+    try:
+        if blas_too:
+            info = w.call({"op": "blas"})
+        for shape in shapes:
+            if deadline is not None and time.time() > deadline:
+                break
+            monitor = hx.LoadMonitor(pids=[w.pid])
+            reply = w.call({"op": "steps", **shape, "seconds": seconds, "max_calls": 20})
+            load = monitor.stop()
+            out[key(shape)] = {"times": reply["times"], "warmup": reply["warmup"],
+                               "others": load and load["other_processes_cores"]}
+    except hx.WorkerError as e:
+        return out, info, str(e)
+    finally:
+        w.close()
+    return out, info, None
+
+
+def key(shape):
+    return (shape["cell"], shape["B"], shape["H"])
 
 
 def measure_memory(script, sides, cells, B, H, I, T, threads):
@@ -192,15 +202,16 @@ def measure_memory(script, sides, cells, B, H, I, T, threads):
     for cell in cells:
         row = {"cell": cell, "B": B, "H": H, "I": I, "T": T}
         for side in sides:
-            w = hx.Worker(script, side, threads)
+            w = side.worker(script, threads)
             if not w.alive:
-                row[side] = None
+                row[side.name] = None
                 continue
             try:
-                row[side] = w.call({"op": "mem", "cell": cell, "T": T, "B": B, "I": I, "H": H})
+                row[side.name] = w.call({"op": "mem", "cell": cell, "T": T, "B": B, "I": I,
+                                         "H": H})
             except hx.WorkerError as e:
-                print(f"  memory {side} {cell}: {e}", file=sys.stderr)
-                row[side] = None
+                print(f"  memory {side.name} {cell}: {e}", file=sys.stderr)
+                row[side.name] = None
             finally:
                 w.close()
         rows.append(row)
@@ -216,8 +227,11 @@ def main(argv=None):
     p.add_argument("--input-size", type=int, default=None, help="I (default: I = H)")
     p.add_argument("--seq", type=int, default=100, help="T (default 100)")
     p.add_argument("--repeats", type=int, default=None,
-                   help="alternating rounds per shape (default 5; 2 with --quick)")
+                   help="rounds, each side once per round (default 5; 2 with --quick)")
     p.add_argument("--threads", type=int, default=hx.DEFAULT_THREADS)
+    p.add_argument("--blas", type=hx.parse_str_list, default=None,
+                   help="bptt once per BPTT_BLAS setting given (auto, openblas, mkl), each a "
+                        "side of its own (default: the environment's setting)")
     p.add_argument("--quick", action="store_true",
                    help=f"small sweep: B {QUICK['batch']}, H {QUICK['hidden']}, 2 rounds")
     p.add_argument("--mem-seq", type=int, default=1000, help="T of the peak-RSS check (default 1000)")
@@ -226,8 +240,9 @@ def main(argv=None):
     p.add_argument("--no-mem", action="store_true", help="skip the peak-RSS check")
     p.add_argument("--only", choices=SIDES, help="run one side only")
     p.add_argument("--budget", type=float, default=12.0,
-                   help="minutes for the timing sweep (default 12): shapes run cheapest first, and "
-                        "a shape whose estimated time would pass the budget is skipped and listed")
+                   help="minutes for the timing sweep (default 12): shapes run cheapest first, "
+                        "and those the first round does not reach within budget / rounds are "
+                        "skipped and listed")
     p.add_argument("--plot", action="store_true", help="also write a PNG of the ratios")
     p.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -245,114 +260,137 @@ def main(argv=None):
     bad = [c for c in cells if c not in hx.GATES]
     if bad:
         p.error(f"--cells: unknown {bad}; choose from {', '.join(hx.GATES)}")
-    sides = (a.only,) if a.only else SIDES
+    bad = [b for b in a.blas or () if b not in ("auto", "openblas", "mkl")]
+    if bad:
+        p.error(f"--blas: unknown {bad}; choose from auto, openblas, mkl")
+    sides = [] if a.only == "ours" else [Side("torch")]
+    if a.only != "torch":
+        sides += [Side("ours", b) for b in a.blas] if a.blas else [Side("ours")]
     script = os.path.abspath(__file__)
     T = a.seq
+    shapes = sorted(({"cell": c, "T": T, "B": b, "I": a.input_size or h, "H": h}
+                     for c in cells for b in batches for h in hiddens),
+                    key=lambda s: hx.step_flops(s["cell"], T, s["B"], s["I"], s["H"]))
 
     monitor = hx.LoadMonitor()
-    workers = {side: hx.Worker(script, side, a.threads) for side in sides}
-    for side, w in workers.items():
-        if not w.alive:
-            print(f"NOTE: the {side} side cannot run, showing the other side only:\n  "
-                  f"{w.error.strip()}", file=sys.stderr)
-    live = [s for s in sides if workers[s].alive]
+    t_start = time.time()
+    share = 60 * a.budget / repeats / len(sides)  # seconds of one side's process per round
+    runs = {side.name: [] for side in sides}     # per side: one {shape key: ...} per round
+    blas = {side.name: [] for side in sides}     # per side: BLAS info of its first, last round
+    dead, reached = {}, None
+    for k in range(repeats):
+        order = sides[k % len(sides):] + sides[:k % len(sides)]
+        for side in order:
+            if side.name in dead:
+                continue
+            # the first round runs shapes cheapest first within its share of the budget;
+            # later rounds run the shapes every side reached then
+            todo = shapes if reached is None else [s for s in shapes if key(s) in reached]
+            out, info, error = run_round(script, side, todo, a.threads, 0.3,
+                                         k in (0, repeats - 1),
+                                         time.time() + share if reached is None else None)
+            if error:
+                dead[side.name] = error.strip()
+                print(f"NOTE: {side.name} cannot run: {dead[side.name]}", file=sys.stderr)
+                continue
+            runs[side.name].append(out)
+            if info:
+                blas[side.name].append(info)
+            print(f"[{time.time() - t_start:6.0f}s] round {k + 1} {side.name}: {len(out)} shapes",
+                  file=sys.stderr, flush=True)
+        if reached is None:
+            firsts = [set(runs[s.name][0]) for s in sides if runs[s.name]]
+            reached = set.intersection(*firsts) if firsts else set()
+    live = [s for s in sides if runs[s.name] and s.name not in dead]
     if not live:
         print("nothing to run: no side could start", file=sys.stderr)
         return 1
+    skipped = [key(s) for s in shapes if key(s) not in reached]
+    ours = [s.name for s in live if s.kind == "ours"]
 
-    sgemm = [workers[live[0]].call({"op": "sgemm"})["gflops"]]
-    t_start = time.time()
-    results, skipped = [], []
-    rate = {}  # cell -> slowest side's achieved GFLOP/s on its last shape (for the budget)
-    shapes = sorted(((c, b, h) for c in cells for b in batches for h in hiddens),
-                    key=lambda s: hx.step_flops(s[0], T, s[1], a.input_size or s[2], s[2]))
-    for n, (cell, B, H) in enumerate(shapes):
-        I = a.input_size or H
-        flops = hx.step_flops(cell, T, B, I, H)
-        one = flops / (rate[cell] * 1e9) if cell in rate else 0.0
-        calls, rounds = plan_rounds(one, repeats)
-        estimate = len(live) * one * (1 + calls * rounds)  # warm-up + timed calls, every side
-        if time.time() - t_start + estimate > 60 * a.budget:
-            skipped.append((cell, B, H))
-            print(f"  skip {cell} B={B} H={H}: ~{estimate:.0f} s would pass --budget "
-                  f"{a.budget} min", file=sys.stderr)
+    results = []
+    for shape in shapes:
+        if key(shape) not in reached:
             continue
-        shape = {"cell": cell, "T": T, "B": B, "I": I, "H": H}
-        shape_monitor = hx.LoadMonitor(pids=[workers[s].pid for s in live])
-        times = bench_shape(workers, shape, repeats, first=n % 2)
-        shape_load = shape_monitor.stop()
-        row = {**shape, "flops": flops, "times": times,
-               "others": shape_load and shape_load["other_processes_cores"]}
-        for side in SIDES:
-            t = hx.median(times.get(side) or [])
-            row[f"{side}_s"] = t
-            row[f"{side}_gflops"] = flops / t / 1e9 if t else None
-        row["ratio"] = (row["torch_s"] / row["ours_s"]) if row["torch_s"] and row["ours_s"] else None
-        best = {side: min(times.get(side) or [0.0]) for side in SIDES}
-        row["ratio_best"] = best["torch"] / best["ours"] if best["torch"] and best["ours"] else None
-        rates = [row[f"{s}_gflops"] for s in SIDES if row[f"{s}_gflops"]]
-        if rates:
-            rate[cell] = min(rates)
+        flops = hx.step_flops(shape["cell"], T, shape["B"], shape["I"], shape["H"])
+        row = {**shape, "flops": flops, "times": {}, "others": {}}
+        for side in live:
+            got = [r[key(shape)] for r in runs[side.name] if key(shape) in r]
+            row["times"][side.name] = [t for g in got for t in g["times"]]
+            row["others"][side.name] = hx.median([g["others"] for g in got])
+            t = hx.median(row["times"][side.name])
+            row[f"{side.name}_s"] = t
+            row[f"{side.name}_gflops"] = flops / t / 1e9
+        torch_s = row.get("torch_s")
+        row["ratios"] = {o: torch_s / row[f"{o}_s"] for o in ours} if torch_s else {}
+        row["ratios_best"] = ({o: min(row["times"]["torch"]) / min(row["times"][o]) for o in ours}
+                              if torch_s else {})
+        row["ratio"] = row["ratios"].get(ours[0]) if ours else None   # plot.py's ratio
         results.append(row)
-        print(f"[{time.time() - t_start:6.0f}s] {cell:8s} B={B:<4d} H={H:<5d} torch "
-              f"{hx.fmt(row['torch_s'] and row['torch_s'] * 1e3)} ms  ours "
-              f"{hx.fmt(row['ours_s'] and row['ours_s'] * 1e3)} ms  ratio {hx.fmt(row['ratio'])}",
-              file=sys.stderr, flush=True)
     results.sort(key=lambda r: (cells.index(r["cell"]), r["B"], r["H"]))
-    for side in live:
-        if workers[side].alive:
-            sgemm.append(workers[side].call({"op": "sgemm"})["gflops"])
-            break
-    info = {s: w.ready for s, w in workers.items() if w.alive}
-    for w in workers.values():
-        w.close()
 
     mem = []
     if not a.no_mem:
         I = a.input_size or a.mem_hidden
-        mem = measure_memory(script, live, cells, a.mem_batch, a.mem_hidden, I, a.mem_seq, a.threads)
+        mem = measure_memory(script, live, cells, a.mem_batch, a.mem_hidden, I, a.mem_seq,
+                             a.threads)
     load = monitor.stop()
 
-    peak = max(sgemm)
+    peak = max(g for infos in blas.values() for info in infos for g in info["sgemm_gflops"].values())
     print(f"\nOne training step (forward + backward, dx and all parameter grads), float32, "
-          f"T={T}, I={'H' if not a.input_size else a.input_size}, {a.threads} threads; "
-          f"median of alternating runs.\nratio = torch time / our time (>1: bptt is faster); best = the same "
-          f"ratio of the fastest runs (steadier when other processes load the machine). "
-          f"GFLOP/s counts GEMM flops 6*T*B*G*H*(I+H).\nnumpy SGEMM 2048^3 float32: "
-          f"{' / '.join(f'{g:.0f}' for g in sgemm)} GFLOP/s (start / end); %sgemm uses {peak:.0f}.\n"
-          f"{hx.load_note(load)}; 'others' = the same, cores, while that row ran.\n")
-    rows = [[r["cell"], r["B"], r["H"], hx.fmt(r["torch_s"] and r["torch_s"] * 1e3, ".4g"),
-             hx.fmt(r["ours_s"] and r["ours_s"] * 1e3, ".4g"), hx.fmt(r["ratio"], ".2f"),
-             hx.fmt(r["ratio_best"], ".2f"),
-             hx.fmt(r["torch_gflops"], ".1f"), hx.fmt(r["ours_gflops"], ".1f"),
-             hx.fmt(r["torch_gflops"] and 100 * r["torch_gflops"] / peak, ".0f"),
-             hx.fmt(r["ours_gflops"] and 100 * r["ours_gflops"] / peak, ".0f"),
-             len(r["times"].get("ours") or r["times"].get("torch") or []),
-             hx.fmt(r["others"], ".1f")]
-            for r in results]
-    print(hx.table(["cell", "B", "H", "torch ms", "ours ms", "ratio", "best", "GF/s torch", "GF/s ours",
-                    "%sgemm torch", "%sgemm ours", "runs", "others"], rows))
+          f"T={T}, I={'H' if not a.input_size else a.input_size}, {a.threads} threads; each side "
+          f"alone in its own process, {repeats} alternating rounds, median of all timed calls.\n"
+          f"ratio = torch time / our time (>1: bptt is faster); best = the same ratio of the "
+          f"fastest runs (steadier when other processes load the machine). GFLOP/s counts GEMM "
+          f"flops 6*T*B*G*H*(I+H); %sgemm divides by {peak:.0f}, the fastest SGEMM below.\n"
+          f"{hx.blas_note({s: v for s, v in blas.items() if v})}\n"
+          f"{hx.load_note(load)}; 'others' = the same, cores, while that side ran the row "
+          f"(the largest of the sides).\n")
+    headers = ["cell", "B", "H"] + [f"{s.name} ms" for s in live]
+    headers += sum([[f"ratio {o}", f"best {o}"] for o in ours if "torch_s" in results[0]], [])
+    headers += [f"GF/s {s.name}" for s in live] + [f"%sgemm {s.name}" for s in live]
+    headers += ["runs", "others"]
+    rows = []
+    for r in results:
+        cells_ = [r["cell"], r["B"], r["H"]]
+        cells_ += [hx.fmt(r[f"{s.name}_s"] * 1e3, ".4g") for s in live]
+        if r["ratios"]:
+            cells_ += sum([[hx.fmt(r["ratios"][o], ".2f"), hx.fmt(r["ratios_best"][o], ".2f")]
+                           for o in ours], [])
+        cells_ += [hx.fmt(r[f"{s.name}_gflops"], ".1f") for s in live]
+        cells_ += [hx.fmt(100 * r[f"{s.name}_gflops"] / peak, ".0f") for s in live]
+        cells_ += [min(len(v) for v in r["times"].values()),
+                   hx.fmt(max((v for v in r["others"].values() if v is not None), default=None), ".1f")]
+        rows.append(cells_)
+    print(hx.table(headers, rows))
     summary = {}
-    for cell in cells:
-        ratios = [r["ratio"] for r in results if r["cell"] == cell and r["ratio"]]
-        if ratios:
-            summary[cell] = math.exp(sum(map(math.log, ratios)) / len(ratios))
+    for o in ours:
+        for cell in cells:
+            ratios = [r["ratios"][o] for r in results if r["cell"] == cell and r["ratios"]]
+            if ratios:
+                summary.setdefault(o, {})[cell] = math.exp(sum(map(math.log, ratios)) / len(ratios))
     if skipped:
-        print(f"\nskipped (over --budget {a.budget} min): "
+        print(f"\nskipped (not reached within --budget {a.budget} min): "
               + ", ".join(f"{c} B={b} H={h}" for c, b, h in skipped))
-    if summary:
-        print("\ngeometric mean of ratio: " + ", ".join(f"{c} {v:.2f}" for c, v in summary.items()))
+    for o, by_cell in summary.items():
+        print(f"\ngeometric mean of ratio, {o}: "
+              + ", ".join(f"{c} {v:.2f}" for c, v in by_cell.items()))
+    for name, why in dead.items():
+        print(f"{name}: not run ({why.splitlines()[-1] if why else 'unknown'})")
     if mem:
         print(f"\nPeak RSS of one training step at T={a.mem_seq}, B={a.mem_batch}, "
               f"H={a.mem_hidden} (fresh process each; MiB; 'step' = rise of the peak during the step)\n")
-        mrows = [[m["cell"]] + sum([[hx.fmt(m.get(s) and m[s]["peak_mb"], ".0f"),
-                                     hx.fmt(m.get(s) and m[s]["step_mb"], ".0f")] for s in SIDES], [])
+        mrows = [[m["cell"]] + sum([[hx.fmt(m.get(s.name) and m[s.name]["peak_mb"], ".0f"),
+                                     hx.fmt(m.get(s.name) and m[s.name]["step_mb"], ".0f")]
+                                    for s in live], [])
                  for m in mem]
-        print(hx.table(["cell", "torch peak", "torch step", "ours peak", "ours step"], mrows))
+        print(hx.table(["cell"] + sum([[f"{s.name} peak", f"{s.name} step"] for s in live], []),
+                       mrows))
     path = hx.save_json("bench_cells", {
-        "machine": hx.machine_info(a.threads), "workers": info, "sgemm_gflops": sgemm,
+        "machine": hx.machine_info(a.threads), "blas": blas, "sides": [s.name for s in live],
         "T": T, "repeats": repeats, "results": results, "summary_geomean_ratio": summary,
-        "memory": mem, "load": load, "skipped": skipped, "flops_formula": "6*T*B*G*H*(I+H)"})
+        "memory": mem, "load": load, "skipped": skipped, "not_run": dead,
+        "flops_formula": "6*T*B*G*H*(I+H)"})
     print(f"\nJSON: {os.path.relpath(path, hx.REPO_DIR)}")
     if a.plot:
         import plot

@@ -11,11 +11,17 @@ the previous chunk kept, twice the backward work; PyTorch has no equivalent), sh
 Text: the bptt default corpus (``bptt.data.load_corpus``, char level), or where that module is
 missing the Python help topics of the standard library (the same text).
 
-Every run is a fresh process with the same thread count; runs of the variants alternate
-(the order rotates every round). A run trains ``--warmup`` updates (not timed: Numba compile
-or cache load, allocator warm-up), then ``--steps`` timed updates; a step's time is the wall
-time between consecutive updates (data slicing, forward, backward, clipping and optimizer
-included). tokens/s = batch * k1 / median step time. Reported: the median over rounds.
+Every run is a fresh process with the same thread count, alone on the machine (no other
+benchmark process alive meanwhile); runs of the variants alternate (the order rotates every
+round). A run trains ``--warmup`` updates (not timed: Numba compile or cache load, allocator
+warm-up), then ``--steps`` timed updates; a step's time is the wall time between consecutive
+updates (data slicing, forward, backward, clipping and optimizer included). tokens/s =
+batch * k1 / median step time. Reported: the median over rounds. ``--blas openblas,mkl`` runs
+each bptt variant once per BLAS provider (``BPTT_BLAS``); by default with the environment's.
+
+The header names the CPU, each variant's BLAS (bptt: the provider its kernels used; torch:
+oneDNN and MKL as built) and SGEMM 2048^3 GFLOP/s of every provider (numpy's OpenBLAS, MKL
+where installed, torch.mm), measured by the variant's first and last run after its updates.
 
 Prints a table; writes JSON to perf/results/bench_train-<time>.json.
 """
@@ -134,9 +140,12 @@ class TrainWorker:
     def handle(self, r):
         stamps, losses = (torch_run if self.side == "torch" else ours_run)(r)
         steps = [b - a for a, b in zip(stamps, stamps[1:])]
-        return {"first_step_s": steps[0], "step_s": steps[r["warmup"]:],
-                "loss_first": losses[0], "loss_last": losses[-1], "updates": len(losses),
-                "peak_rss_mb": hx.peak_rss_mb()}
+        reply = {"first_step_s": steps[0], "step_s": steps[r["warmup"]:],
+                 "loss_first": losses[0], "loss_last": losses[-1], "updates": len(losses),
+                 "peak_rss_mb": hx.peak_rss_mb()}
+        if r.get("blas"):               # after the timed updates: the BLAS and its SGEMM rates
+            reply["blas"] = hx.torch_blas_info() if self.side == "torch" else hx.ours_blas_info()
+        return reply
 
 
 # =============================================================================================
@@ -160,6 +169,9 @@ def main(argv=None):
     p.add_argument("--variants", type=hx.parse_str_list, default=list(VARIANTS),
                    help=f"subset of {','.join(VARIANTS)}")
     p.add_argument("--threads", type=int, default=hx.DEFAULT_THREADS)
+    p.add_argument("--blas", type=hx.parse_str_list, default=None,
+                   help="run each bptt variant once per BPTT_BLAS setting given (auto, openblas, "
+                        "mkl; default: the environment's setting)")
     p.add_argument("--quick", action="store_true", help="2 rounds of 1 + 8 updates")
     p.add_argument("--worker", choices=("torch", "ours"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -173,76 +185,90 @@ def main(argv=None):
     bad = [v for v in a.variants if v not in VARIANTS]
     if bad:
         p.error(f"--variants: unknown {bad}; choose from {', '.join(VARIANTS)}")
+    bad = [b for b in a.blas or () if b not in ("auto", "openblas", "mkl")]
+    if bad:
+        p.error(f"--blas: unknown {bad}; choose from auto, openblas, mkl")
 
     script = os.path.abspath(__file__)
     base = {"batch": a.batch, "k1": a.k1, "embed": a.embed, "hidden": a.hidden, "layers": a.layers,
             "lr": a.lr, "clip": a.clip, "warmup": a.warmup, "steps": a.steps, "max_chars": a.max_chars}
     requests = {"torch": {**base, "k2": a.k1}, "ours": {**base, "k2": a.k1},
                 "ours_k2": {**base, "k2": 2 * a.k1}}
-    runs = {v: [] for v in a.variants}
+    # (name, variant, BPTT_BLAS or None) of every run kind
+    kinds = [(v if v == "torch" or not a.blas else f"{v}[{b}]", v, None if v == "torch" else b)
+             for v in a.variants for b in ([None] if v == "torch" or not a.blas else a.blas)]
+    runs = {name: [] for name, _, _ in kinds}
+    blas = {name: [] for name, _, _ in kinds}
     dead = {}
     t_start = time.time()
     monitor = hx.LoadMonitor()
     for k in range(a.rounds):
-        order = a.variants[k % len(a.variants):] + a.variants[:k % len(a.variants)]
-        for variant in order:
-            if variant in dead:
+        order = kinds[k % len(kinds):] + kinds[:k % len(kinds)]
+        for name, variant, setting in order:
+            if name in dead:
                 continue
-            w = hx.Worker(script, variant.split("_")[0], a.threads)
+            w = hx.Worker(script, variant.split("_")[0], a.threads,
+                          env_extra={"BPTT_BLAS": setting} if setting else None)
             try:
                 if not w.alive:
                     raise hx.WorkerError(w.error)
                 run_monitor = hx.LoadMonitor(pids=[w.pid])
-                run = w.call(requests[variant])
+                run = w.call({**requests[variant], "blas": k in (0, a.rounds - 1)})
                 run_load = run_monitor.stop()
                 run["others"] = run_load and run_load["other_processes_cores"]
-                runs[variant].append(run)
+                if "blas" in run:
+                    blas[name].append(run.pop("blas"))
+                runs[name].append(run)
             except hx.WorkerError as e:
-                dead[variant] = str(e).strip()
-                print(f"NOTE: {variant} cannot run: {dead[variant]}", file=sys.stderr)
+                dead[name] = str(e).strip()
+                print(f"NOTE: {name} cannot run: {dead[name]}", file=sys.stderr)
             finally:
                 w.close()
-            if runs[variant] and variant not in dead:
-                print(f"[{time.time() - t_start:5.0f}s] round {k + 1} {variant:8s} "
-                      f"{a.batch * a.k1 / hx.median(runs[variant][-1]['step_s']):8.0f} tokens/s",
+            if runs[name] and name not in dead:
+                print(f"[{time.time() - t_start:5.0f}s] round {k + 1} {name:16s} "
+                      f"{a.batch * a.k1 / hx.median(runs[name][-1]['step_s']):8.0f} tokens/s",
                       file=sys.stderr, flush=True)
 
     load = monitor.stop()
     tokens = a.batch * a.k1
     summary = {}
-    for v in a.variants:
-        if not runs[v]:
+    for name, _, _ in kinds:
+        if not runs[name]:
             continue
-        step = hx.median([hx.median(r["step_s"]) for r in runs[v]])
-        summary[v] = {"step_s": step, "tokens_per_s": tokens / step,
-                      "first_step_s": hx.median([r["first_step_s"] for r in runs[v]]),
-                      "loss_first": runs[v][0]["loss_first"], "loss_last": runs[v][0]["loss_last"],
-                      "peak_rss_mb": hx.median([r["peak_rss_mb"] for r in runs[v]]),
-                      "others": hx.median([r["others"] for r in runs[v]]),
-                      "per_round_tokens_per_s": [tokens / hx.median(r["step_s"]) for r in runs[v]]}
+        step = hx.median([hx.median(r["step_s"]) for r in runs[name]])
+        summary[name] = {
+            "step_s": step, "tokens_per_s": tokens / step,
+            "first_step_s": hx.median([r["first_step_s"] for r in runs[name]]),
+            "loss_first": runs[name][0]["loss_first"], "loss_last": runs[name][0]["loss_last"],
+            "peak_rss_mb": hx.median([r["peak_rss_mb"] for r in runs[name]]),
+            "others": hx.median([r["others"] for r in runs[name]]),
+            "per_round_tokens_per_s": [tokens / hx.median(r["step_s"]) for r in runs[name]]}
     ref = summary.get("torch", {}).get("tokens_per_s")
     print(f"\nChar-level LM training: embedding {a.embed}, {a.layers}-layer LSTM {a.hidden}, batch "
           f"{a.batch}, TBPTT k1={a.k1}, Adam, clip {a.clip}, float32, {a.threads} threads.\n"
-          f"Median over {a.rounds} alternating fresh processes of the median of {a.steps} updates "
-          f"(after {a.warmup} untimed). ratio = our tokens/s / torch tokens/s (>1: bptt faster).\n"
+          f"Median over {a.rounds} alternating fresh processes, each alone, of the median of "
+          f"{a.steps} updates (after {a.warmup} untimed). ratio = our tokens/s / torch tokens/s "
+          f"(>1: bptt faster).\n{hx.blas_note({n: v for n, v in blas.items() if v})}\n"
           f"{hx.load_note(load)}; 'others' = the same, cores, median over that row's runs.\n")
     label = {"torch": "torch (k2=k1)", "ours": f"bptt k2=k1={a.k1}", "ours_k2": f"bptt k2={2 * a.k1}"}
-    rows = [[label[v], hx.fmt(s["tokens_per_s"], ".0f"),
+    rows = [[label[variant] + (f" [{setting}]" if setting else ""),
+             hx.fmt(s["tokens_per_s"], ".0f"),
              " ".join(hx.fmt(x, ".0f") for x in s["per_round_tokens_per_s"]),
              hx.fmt(s["step_s"] * 1e3, ".1f"), hx.fmt(ref and s["tokens_per_s"] / ref, ".2f"),
              hx.fmt(s["first_step_s"], ".2f"), hx.fmt(s["loss_first"], ".3f"),
              hx.fmt(s["loss_last"], ".3f"), hx.fmt(s["peak_rss_mb"], ".0f"), hx.fmt(s["others"], ".1f")]
-            for v, s in summary.items()]
+            for name, variant, setting in kinds if name in summary for s in (summary[name],)]
     print(hx.table(["run", "tokens/s", "per round", "ms/update", "ratio", "1st update s",
                     "loss 1st", "loss last", "peak RSS MiB", "others"], rows))
-    for v, why in dead.items():
-        print(f"{v}: not run ({why.strip().splitlines()[-1] if why.strip() else 'unknown'})")
+    for name, why in dead.items():
+        print(f"{name}: not run ({why.strip().splitlines()[-1] if why.strip() else 'unknown'})")
     _, V, source = load_tokens(a.max_chars)
     print(f"\ntext: {source}, vocabulary {V}; '1st update s' = time of the first update of a fresh "
           f"process, model and data already built (includes Numba's compile or cache load for bptt).")
     path = hx.save_json("bench_train", {"machine": hx.machine_info(a.threads), "config": base,
                                         "vocab": V, "text": source, "summary": summary,
-                                        "runs": runs, "not_run": dead, "load": load})
+                                        "runs": runs, "blas": blas, "not_run": dead,
+                                        "load": load})
     print(f"JSON: {os.path.relpath(path, hx.REPO_DIR)}")
     return 0
 

@@ -116,7 +116,7 @@ class Provider(NamedTuple):
 
 
 _LIB, BLAS_LIBRARY, _openblas_addresses = _load_openblas()
-OPENBLAS = Provider("openblas", BLAS_LIBRARY, _openblas_addresses)
+OPENBLAS = Provider("openblas", BLAS_LIBRARY.split(" (")[0], _openblas_addresses)
 
 
 def _install(provider):
