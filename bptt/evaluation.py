@@ -7,10 +7,11 @@ import math
 import numpy as np
 
 from bptt.batches import Dataset, reset_rows
+from bptt.data_parallel import local_groups, sum_over_ranks
 from bptt.models import LanguageModel
 
 
-def evaluate(model, data, batch_size, chunk, reset_mask=None):
+def evaluate(model, data, batch_size, chunk, reset_mask=None, comm=None):
     """Loss of ``model`` on ``data`` (the forms of :meth:`bptt.Trainer.fit`), forward in chunks
     of ``chunk`` steps with the state carried (no truncation without backward: the chunking
     changes nothing but memory). Sequences of variable length (data ``(inputs, targets,
@@ -18,11 +19,15 @@ def evaluate(model, data, batch_size, chunk, reset_mask=None):
 
     LanguageModel: {"loss" (nats per token), "perplexity", "bits_per_token"}. SequenceModel:
     {"loss"} plus "accuracy" (argmax over counted targets) for class targets.
+
+    ``comm`` (a communicator of N ranks, every rank given the same data): collective; each rank
+    evaluates its block of every batch's rows (:func:`bptt.data_parallel.local_groups`) and the
+    sums are added over the ranks.
     """
     be = model.backend
     dataset = Dataset(model, data, batch_size, reset_mask)
     total, count, correct = 0.0, 0, 0
-    for group in dataset.groups:
+    for group in local_groups(dataset, data, comm):
         state = None
         whole = group.lengths is not None or getattr(model, "bidirectional", False)
         steps = group.T if whole else chunk
@@ -41,6 +46,8 @@ def evaluate(model, data, batch_size, chunk, reset_mask=None):
                     correct += int(((pred == tg_dev) & (tg_dev >= 0)).sum())
                 total += group.loss(be, out, s0, s1, 1)[0]
                 count += n
+    if comm is not None and comm.size > 1:
+        total, count, correct = sum_over_ranks(comm, total, count, correct)
     loss = total / count if count else math.nan
     if isinstance(model, LanguageModel):
         return {"loss": loss, **_per_token(loss)}

@@ -110,6 +110,7 @@ class RecurrentModelBase:
         seeds = np.random.SeedSequence(seed)
         init_seed, dropout_seed, *layer_seeds = seeds.spawn(2 + self.num_layers)
         self.rng = np.random.default_rng(dropout_seed)        # dropout masks
+        self.dropout_rows = None    # (B, r0, r1): a forward holds rows r0..r1-1 of a batch of B (_dropout)
         self.layers = [make_layer(cell, input_size if k == 0 else self.num_directions * self.hidden_size,
                                   self.hidden_size, self.dtype, layer_seeds[k], self.bidirectional)
                        for k in range(self.num_layers)]
@@ -201,10 +202,17 @@ class RecurrentModelBase:
     # ------------------------------------------------------------------ dropout and the stack
 
     def _dropout(self, a, train):
-        """Inverted dropout on a [.., H] device array -> (dropped, mask or None)."""
+        """Inverted dropout on a [T,B,H] device array -> (dropped, mask or None). With
+        ``dropout_rows`` = (B, r0, r1) (data-parallel training: ``a`` holds rows r0..r1-1 of a
+        batch of B) the mask is drawn for all B rows, as one process draws it, and rows r0..r1-1
+        are kept."""
         if not train or self.dropout == 0:
             return a, None
-        keep = self.rng.random(a.shape) >= self.dropout
+        if self.dropout_rows is None:
+            keep = self.rng.random(a.shape) >= self.dropout
+        else:
+            B, r0, r1 = self.dropout_rows
+            keep = self.rng.random((a.shape[0], B) + tuple(a.shape[2:]))[:, r0:r1] >= self.dropout
         mask = self.backend.asarray(keep / (1.0 - self.dropout), self.dtype)
         return a * mask, mask
 

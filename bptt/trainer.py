@@ -33,6 +33,10 @@ SequenceModel one batch of B independent sequences (state reset per sequence).
   which a row has already ended is not expressible (the kernels need lengths >= 1).
 * Bidirectional models train with full BPTT only (their reverse direction starts from each
   sequence's end); a LanguageModel cannot have a bidirectional stack.
+* Data-parallel (``comm=bptt.distributed.mpi()`` in a script started by ``mpiexec -n N``): every
+  rank is given the same whole data and runs a contiguous block of B/N of the streams; one
+  allreduce per update sums the gradients, then every rank makes the same step: the weights of
+  one process with batch B, up to float rounding (:mod:`bptt.data_parallel`).
 
 Losses: integer targets -> softmax cross-entropy, mean over counted targets (-1 = ignored), as
 ``torch.nn.CrossEntropyLoss()``; float targets -> mean squared error as ``torch.nn.MSELoss()``.
@@ -49,6 +53,7 @@ of the interrupted call finishes that run from the saved position, ending with e
 weights of a run that was never interrupted. To train n more updates: ``max_steps=trainer.step + n``.
 """
 
+import contextlib
 import copy
 import json
 import math
@@ -58,6 +63,8 @@ import numpy as np
 
 from bptt import checkpoint_file
 from bptt.batches import Dataset, Position, Segment, batchify, reset_rows
+from bptt.data_parallel import Replicas, gather_position, local_groups, position_from_dict
+from bptt.distributed import Solo
 from bptt.evaluation import evaluate, validation_entries
 from bptt.interrupts import DeferredInterrupt, Preempted
 from bptt.models import (LanguageModel, NonFiniteGradientError, SequenceModel, check_model_dict, load_model_dict,
@@ -110,11 +117,19 @@ class Trainer:
     schedule      None (constant) or a bptt.optim schedule: lr of each epoch
     on_nonfinite  "raise" (default) or "skip"
     record_grad_norms  True: per window, store ||dL/dh_t|| of every step and every level and the
-                  norm of every parameter's gradient in ``history["grad_diagnostics"]``
+                  norm of every parameter's gradient in ``history["grad_diagnostics"]`` (on N
+                  ranks the dh norms are of this rank's streams)
+    comm          None (one process) or a communicator of N ranks (``bptt.distributed.mpi()``):
+                  data-parallel training, :mod:`bptt.data_parallel`. Then ``fit``, ``evaluate``,
+                  ``state_dict`` and ``save_checkpoint`` are collective (every rank calls them; rank
+                  0 writes the file), callbacks run on every rank (``event["rank"]``: print and write
+                  files where it is 0) and ``position`` holds this rank's streams
+    check_replicas  True: after every update compare a checksum of the parameters over the ranks
+                  (DistributedError where they differ)
     """
 
     def __init__(self, model, optimizer, k1=None, k2=None, clip_norm=None, schedule=None,
-                 on_nonfinite="raise", record_grad_norms=False):
+                 on_nonfinite="raise", record_grad_norms=False, comm=None, check_replicas=False):
         if not isinstance(model, (LanguageModel, SequenceModel)):
             raise TypeError(f"model must be a bptt.LanguageModel or bptt.SequenceModel; got {type(model).__name__}")
         if not isinstance(optimizer, Optimizer):
@@ -125,6 +140,8 @@ class Trainer:
                              "direction would read the tokens it is to predict")
         self.model = model
         self.optimizer = optimizer
+        self.comm = Solo() if comm is None else comm
+        self._replicas = Replicas(self.comm, model, check_replicas) if self.comm.size > 1 else None
         self._configure(k1=k1, k2=k2, clip_norm=clip_norm, on_nonfinite=on_nonfinite,
                         record_grad_norms=record_grad_norms)
         if schedule is not None and not isinstance(schedule, Schedule):
@@ -191,7 +208,9 @@ class Trainer:
         reset_mask: 1-D bool like data (token streams): True where a document starts.
         callbacks: cb(event) after every update, event = {"step", "epoch", "loss", "tokens"
         (tokens of this update), "tokens_per_s", "lr", "grad_norm", "skipped", "update_s" (seconds
-        this update took)}. Returns ``history``.
+        this update took), "comm_s" (of them in the allreduce; 0 in one process), "rank" (this
+        process's; 0 in one process)}. Returns ``history``. On N ranks the figures are those of
+        the whole batch (every rank's), alike on every rank.
 
         Validation: ``validation`` (data in the same form) is evaluated (:meth:`evaluate`, batch
         ``validation_batch_size``, default ``batch_size``) after the last update of every epoch and,
@@ -208,6 +227,15 @@ class Trainer:
         training itself: the same weights after every update with or without it (no dropout; the
         model's RNG, the carried state and the ring buffer untouched).
         """
+        ranks = contextlib.nullcontext() if self._replicas is None else \
+            self._replicas.running(agreed=(NonFiniteError,))      # errors and signals on N ranks
+        with ranks:
+            return self._fit(data, batch_size, epochs, max_steps, validation, callbacks, reset_mask, eval_every,
+                             patience, validation_batch_size)
+
+    def _fit(self, data, batch_size, epochs, max_steps, validation, callbacks, reset_mask, eval_every, patience,
+             validation_batch_size):
+        """The body of :meth:`fit` (arguments as there)."""
         if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, (int, np.integer))
                                       or max_steps < 0):
             raise ValueError(f"max_steps must be None or an int >= 0; got {max_steps!r}")
@@ -225,6 +253,9 @@ class Trainer:
             raise ValueError("fit() must continue the interrupted epoch with the same data, reset_mask and "
                              f"batch_size (batch_size was {self.position.batch_size}, now {dataset.batch_size}; "
                              "or the data differ)")
+        if self._replicas is not None:      # the ranks compare their data; rank 0's weights for all
+            self._replicas.start(self, dataset)
+        local = local_groups(dataset, data, self.comm)     # this rank's rows of each group
         keep_freed_memory = getattr(self.backend, "keep_freed_memory", None)
         if keep_freed_memory is not None:   # cpu: the next update reuses freed pages (opt out:
             keep_freed_memory()             # BPTT_KEEP_FREED_MEMORY=0)
@@ -249,7 +280,7 @@ class Trainer:
                         return self.history
                     t1 = group.T if self.k1 is None else min(t + self.k1, group.T)
                     began = time.perf_counter()
-                    event = self._train_chunk(dataset, gi, t, t1, state, ring, clock)
+                    event = self._train_chunk(dataset, local, gi, t, t1, state, ring, clock)
                     if event is not None:
                         event["update_s"] = time.perf_counter() - began
                         epoch_losses.append(event["loss"])
@@ -306,31 +337,34 @@ class Trainer:
         clock.start += time.perf_counter() - began
         return result
 
-    def _train_chunk(self, dataset, gi, t0, t1, state, ring, clock):
-        """Forward steps [t0, t1) of group ``gi``, backpropagate the window, update; then record the
-        new position (carried state, ring buffer trimmed to what later windows need).
+    def _train_chunk(self, dataset, local, gi, t0, t1, state, ring, clock):
+        """Forward steps [t0, t1) of group ``gi`` (this rank's rows ``local[gi]`` of it),
+        backpropagate the window, update; then record the new position (carried state, ring
+        buffer trimmed to what later windows need).
 
         The update and the new position are committed together with Ctrl-C deferred, so an
         interrupted run's checkpoint is always at a chunk boundary. Returns the event or None.
         """
         be, model = self.backend, self.model
-        group = dataset.groups[gi]
-        count = group.count(t0, t1)
+        group, rows = dataset.groups[gi], local[gi]
+        count = group.count(t0, t1)                     # loss terms of the whole batch
+        divisor = count if self._replicas is None else 1    # N ranks: sums, divided after the allreduce
         loss = 0.0
-        for s0, s1, reset in group.segments(t0, t1):
+        for s0, s1, reset in rows.segments(t0, t1):
             keep = None
             if reset:
-                keep = be.asarray(~group.resets[s0], model.dtype)                     # B
+                keep = be.asarray(~rows.resets[s0], model.dtype)                      # B
                 state = reset_rows(state, keep)
-            out, state, cache = group.forward(model, s0, s1, state, train=True)
-            seg_loss, dout = group.loss(be, out, s0, s1, count) if count else (0.0, None)
+            out, state, cache = rows.forward(model, s0, s1, state, train=True)
+            seg_loss, dout = rows.loss(be, out, s0, s1, divisor) if count else (0.0, None)
             loss += seg_loss
             ring.append(Segment(s0, s1, cache, dout, keep))
 
         overlap = 0 if self.k1 is None else self.k2 - self.k1
         w0 = max(0, t0 - overlap)                       # the window: steps [w0, t1)
         if count:
-            skipped, grad_norm, dh_norms = self._backward_window(loss, ring, w0, t0, t1)
+            skipped, loss, grad_norm, dh_norms = self._backward_window(loss, ring, w0, t0, t1,
+                                                                       rows.count(t0, t1), count)
         with DeferredInterrupt():
             event = None
             if count:
@@ -350,6 +384,8 @@ class Trainer:
             ring[:] = [seg for seg in ring if seg.s1 > t1 - overlap]
             self.position = Position(gi, t1, state, tuple(ring), model.rng.bit_generator.state,
                                      dataset.fingerprint, dataset.batch_size)
+        if self._replicas is not None and event is not None:
+            self._replicas.after_update(self.step)
         return event
 
     def _nonfinite(self, what, t0, t1):
@@ -359,17 +395,16 @@ class Trainer:
             raise NonFiniteError(msg + " (on_nonfinite='skip' skips such updates)")
         return msg
 
-    def _backward_window(self, loss, ring, w0, t0, t1):
+    def _backward_window(self, loss, ring, w0, t0, t1, local_count, count):
         """Backward over the window [w0, t1) through the ring buffer (newest segment first) into
-        ``model.grads``. Returns (skip message or None, gradient norm, per-segment dh norms)."""
+        ``model.grads``; on N ranks (``loss``: the sum of this rank's ``local_count`` terms) the
+        allreduce makes them the whole batch's mean over its ``count`` terms. Returns (skip
+        message or None, the window's loss, gradient norm, per-segment dh norms)."""
         be, model = self.backend, self.model
-        if not math.isfinite(loss):
-            return self._nonfinite(f"loss ({loss})", t0, t1), math.nan, []
         model.zero_grad()
-        dstate = None
-        dh_norms = []
+        dstate, dh_norms, error = None, [], None
         try:
-            for seg in reversed(ring):
+            for seg in reversed(ring if math.isfinite(loss) else ()):      # a non-finite loss: none
                 if seg.s1 <= w0:
                     break
                 ts = max(0, w0 - seg.s0)
@@ -378,19 +413,26 @@ class Trainer:
                     dh_norms.append([_step_norms(be, d[ts:]) for d in dh])
                 if seg.keep is not None and ts == 0:
                     dstate = reset_rows(dstate, seg.keep)      # no gradient across a reset
-            grad_norm = math.sqrt(be.sum_of_squares(list(model.grads.values())))
-            if not math.isfinite(grad_norm):
-                raise NonFiniteGradientError(f"gradient norm {grad_norm}")
         except NonFiniteGradientError as e:
-            return self._nonfinite(f"gradient ({e})", t0, t1), math.nan, []
-        return None, grad_norm, dh_norms
+            error = e
+        if self._replicas is not None:          # every rank: NaN gradients where one rank's are not finite
+            loss = self._replicas.reduce(loss, local_count, count, poisoned=error is not None)
+        if not math.isfinite(loss):
+            return self._nonfinite(f"loss ({loss})", t0, t1), loss, math.nan, []
+        if error is None:
+            grad_norm = math.sqrt(be.sum_of_squares(list(model.grads.values())))
+            error = None if math.isfinite(grad_norm) else f"gradient norm {grad_norm}"
+        if error is not None:
+            return self._nonfinite(f"gradient ({error})", t0, t1), loss, math.nan, []
+        return None, loss, grad_norm, dh_norms
 
     def _log(self, loss, grad_norm, skipped, tokens, clock):
         """The event of one window, also appended to ``history``."""
         clock.tokens += tokens
         event = {"step": self.step, "epoch": self.epoch, "loss": loss, "tokens": tokens,
                  "tokens_per_s": clock.rate(), "lr": self.optimizer.lr, "grad_norm": grad_norm,
-                 "skipped": skipped}
+                 "skipped": skipped, "rank": self.comm.rank,
+                 "comm_s": 0.0 if self._replicas is None else self._replicas.comm_s}
         for k in ("step", "epoch", "loss", "lr", "grad_norm", "tokens", "skipped"):
             self.history[k].append(event[k])
         return event
@@ -408,8 +450,9 @@ class Trainer:
 
     def evaluate(self, data, batch_size, reset_mask=None):
         """Loss on held-out data, no dropout, state carried over the whole stream (chunks of k1
-        steps, or EVAL_CHUNK under full BPTT): see :func:`bptt.evaluation.evaluate`."""
-        return evaluate(self.model, data, batch_size, self.k1 or EVAL_CHUNK, reset_mask)
+        steps, or EVAL_CHUNK under full BPTT): see :func:`bptt.evaluation.evaluate`. On N ranks each
+        evaluates its block of every batch (collective)."""
+        return evaluate(self.model, data, batch_size, self.k1 or EVAL_CHUNK, reset_mask, comm=self.comm)
 
     # ------------------------------------------------------------------ state and checkpoints
 
@@ -421,6 +464,9 @@ class Trainer:
              "schedule": {"type", "config"[, "state"]}, "config": :attr:`config`, "base_lr", "step",
              "epoch", "history", "validation": :attr:`validation_state`, "position": None at an epoch boundary, else Position.to_dict (carried
              state, TBPTT ring buffer, dropout RNG state, data fingerprint), "meta"}
+
+        On N ranks it is collective and every rank gets the whole batch's position
+        (:func:`bptt.data_parallel.gather_position`).
         """
         be = self.backend
         return {"model": model_to_dict(self.model), "optimizer": self.optimizer.state_dict(be),
@@ -428,7 +474,7 @@ class Trainer:
                 "base_lr": self.base_lr, "step": self.step, "epoch": self.epoch,
                 "history": copy.deepcopy(self.history),
                 "validation": dict(self.validation_state),
-                "position": None if self.position is None else self.position.to_dict(be),
+                "position": None if self.position is None else gather_position(self.position, be, self.comm),
                 "meta": copy.deepcopy(self.meta)}
 
     def load_state_dict(self, sd):
@@ -446,7 +492,7 @@ class Trainer:
             raise ValueError(f"the state is of a {opt['type']} with config {theirs}; this one has {ours}")
         schedule = schedule_from_state_dict(sd["schedule"])
         check_truncation(sd["config"]["k1"], sd["config"]["k2"])
-        position = None if sd["position"] is None else Position.from_dict(sd["position"], self.model)
+        position = None if sd["position"] is None else position_from_dict(sd["position"], self.model, self.comm)
         load_model_dict(self.model, m)
         self.optimizer.load_state_dict(opt, self.backend)
         self._configure(**sd["config"])
@@ -460,27 +506,34 @@ class Trainer:
 
     def save_checkpoint(self, path, meta=None):
         """Write :meth:`state_dict` to the file ``path`` atomically (:mod:`bptt.checkpoint_file`),
-        with ``meta`` (JSON-able) in place of ``self.meta`` when given."""
+        with ``meta`` (JSON-able) in place of ``self.meta`` when given. On N ranks: collective,
+        rank 0 writes."""
         sd = self.state_dict()
+        if self.comm.rank != 0:
+            return
         model, own_meta = sd.pop("model"), sd.pop("meta")
         checkpoint_file.save(path, model, sd, meta if meta is not None else own_meta)
 
     @classmethod
-    def from_checkpoint(cls, path):
+    def from_checkpoint(cls, path, comm=None, check_replicas=False):
         """The trainer of :meth:`save_checkpoint`'s file, on the current backend (whichever backend
-        wrote it); ``trainer.meta`` holds its meta. CheckpointError naming the file if unusable."""
+        wrote it); ``trainer.meta`` holds its meta. CheckpointError naming the file if unusable.
+        ``comm``, ``check_replicas``: as the constructor's (every rank reads the file and takes
+        its streams; a file written by any number of ranks, see
+        :func:`bptt.data_parallel.position_from_dict`)."""
         parts = checkpoint_file.load(path, trainer=True)
         model = checkpoint_file.rebuild(path, "model", model_from_dict, parts["model"])
         sd = dict(parts["trainer"], model=parts["model"], meta=parts["meta"])
-        return checkpoint_file.rebuild(path, "trainer", cls._from_state_dict, model, sd)
+        return checkpoint_file.rebuild(path, "trainer", cls._from_state_dict, model, sd, comm, check_replicas)
 
     @classmethod
-    def _from_state_dict(cls, model, sd):
+    def _from_state_dict(cls, model, sd, comm=None, check_replicas=False):
         opt = sd["optimizer"]
         if opt["type"] not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer type {opt['type']!r}; known: {', '.join(OPTIMIZERS)}")
         trainer = cls(model, OPTIMIZERS[opt["type"]](**opt["config"]),
-                      schedule=schedule_from_state_dict(sd["schedule"]), **sd["config"])
+                      schedule=schedule_from_state_dict(sd["schedule"]), comm=comm, check_replicas=check_replicas,
+                      **sd["config"])
         trainer.load_state_dict(sd)
         return trainer
 
