@@ -19,20 +19,8 @@ from bptt.models import SeqCache, model_from_dict, model_to_dict
 from bptt.tasks import VARLEN_CLASSES, VARLEN_MIN_LENGTH, accuracy, make_task, predict, varlen_task
 from bptt_kernels import CELLS
 from helpers import assert_close
-from test_bidirectional import torch_module
-from test_lengths import make_lengths
-
-try:
-    import torch
-except ImportError:         # an optional test dependency: its tests skip without it
-    torch = None
-
-
-def _torch():
-    if torch is None:
-        pytest.skip("torch is not installed")
-    return torch
-
+from test_bidirectional import as_parts, random_parts, torch_module
+from test_lengths import _torch, make_lengths, torch    # torch: None when not installed
 
 F64 = np.float64
 
@@ -40,10 +28,6 @@ F64 = np.float64
 def seq_model(cell="lstm", readout="last_step", bidirectional=False, I=3, H=4, O=3, L=1, seed=0):
     return bptt.SequenceModel(I, H, O, num_layers=L, cell=cell, readout=readout, dtype=F64, seed=seed,
                               bidirectional=bidirectional)
-
-
-def random_parts(cell, shape, rng):
-    return tuple(rng.standard_normal(shape) for _ in range(2 if cell == "lstm" else 1))
 
 
 def torch_twin(model):
@@ -74,10 +58,6 @@ def torch_outputs(model, module, readout, x, lengths, state=None):
     return readout(features), final
 
 
-def as_parts(state):
-    return state if isinstance(state, tuple) else (state,)
-
-
 # ----------------------------------------------------------------------------------------
 # SequenceModel with lengths against torch
 
@@ -92,10 +72,10 @@ def test_sequence_model_with_lengths_matches_torch(backend, rng, cell, readout, 
     D = model.num_directions
     x = rng.standard_normal((T, B, model.input_size))
     lengths = make_lengths("mixed", T, B, rng)
-    state = random_parts(cell, (D * L, B, model.hidden_size), rng)
+    state = random_parts(cell, (D * L, B, model.hidden_size), F64, rng)
     out_shape = (T, B, model.output_size) if readout == "every_step" else (B, model.output_size)
     dout = rng.standard_normal(out_shape)
-    dfinal = random_parts(cell, state[0].shape, rng)
+    dfinal = random_parts(cell, state[0].shape, F64, rng)
 
     tx = torch.tensor(x)
     tstate = tuple(torch.tensor(s, requires_grad=True) for s in state)
