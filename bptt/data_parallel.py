@@ -21,13 +21,14 @@ Start of fit (:meth:`Replicas.start`): the parameters and the dropout RNG are br
 rank 0; with ``check_replicas`` a checksum of the parameters is compared after every update
 (:meth:`Replicas.verify`).
 
-Errors (:meth:`Replicas.running`, around fit). An exception before fit's first collective (a
-bad argument, bad data) is raised on every rank: its own where it has one, else a
-DistributedError naming the rank that failed. Later, exceptions that every rank raises
-together by construction pass (NonFiniteError of the global figures, a DistributedError of
-ranks that disagree, the KeyboardInterrupt / Preempted of an agreed stop); any other one (a
-bug, a callback, a damaged id in one rank's part of a memory-mapped file) is printed by its
-rank, which then aborts every rank (``MPI_Abort``): no rank is left waiting for it.
+Errors (:class:`Ranks`; :meth:`Replicas.running` around fit, whose meeting point is
+:meth:`Replicas.start`). An exception before the ranks meet (a bad argument, bad data) is
+raised on every rank: its own where it has one, else a DistributedError naming the rank that
+failed. Later, exceptions that every rank raises together by construction pass
+(NonFiniteError of the global figures, a DistributedError of ranks that disagree, the
+KeyboardInterrupt / Preempted of an agreed stop); any other one (a bug, a callback, a damaged
+id in one rank's part of a memory-mapped file) is printed by its rank, which then aborts
+every rank (``MPI_Abort``): no rank is left waiting for it.
 
 Signals. Ctrl-C and SIGTERM (mpiexec hands them to every rank, each at its own moment) are
 held during a distributed fit; the next update's allreduce tells every rank that one is
@@ -58,7 +59,7 @@ from bptt.batches import Group, Position, TokenGroup, stream_views
 from bptt.distributed import DistributedError
 from bptt.interrupts import Preempted
 
-__all__ = ["split_rows", "Rows", "local_groups", "Replicas", "gather_position", "position_from_dict", "sum_over_ranks"]
+__all__ = ["split_rows", "Rows", "local_groups", "Ranks", "Replicas", "gather_position", "position_from_dict", "sum_over_ranks"]
 
 ABORT_GRACE_S = 1.0     # between a failed rank's report and the abort
 FLAGS = (signal.SIGTERM, signal.SIGINT)     # a slot each in the update's buffer (ranks holding one), in
@@ -131,6 +132,68 @@ def sum_over_ranks(comm, *values):
 
 
 # ------------------------------------------------------------------------------------------
+# Errors on N ranks
+
+
+class Ranks:
+    """What a block of work on the ranks of ``comm`` does with an exception (:meth:`guard`):
+    before the block's meeting point (:meth:`meet`) it is carried to the meeting, so every
+    rank raises; after it, exceptions every rank raises together pass, any other one is
+    printed by its rank, which aborts every rank (:meth:`abort`). An exception that leaves a
+    guard on every rank is marked (``on_every_rank`` True), so a guard around it passes it too."""
+
+    def __init__(self, comm):
+        self.comm = comm
+        self.met = False
+
+    @contextlib.contextmanager
+    def guard(self, agreed=()):
+        """Around the block; ``agreed``: the exception types every rank raises together after
+        the meeting (besides DistributedError)."""
+        self.met = False
+        try:
+            yield self
+        except BaseException as e:
+            if not self.met:                     # before the ranks met: they meet here
+                self.meet(e)
+            elif not (getattr(e, "on_every_rank", False) or isinstance(e, (DistributedError, *agreed))):
+                self.abort(e)
+            e.on_every_rank = True
+            raise
+
+    def meet(self, error=None, facts=None):
+        """The meeting point (collective): every rank learns whether one failed (``error``, this
+        rank's exception, which the caller raises) and compares ``facts`` (name -> value, the
+        same names on every rank). Raises DistributedError alike on every rank without an error
+        of its own where one failed or the facts differ."""
+        gathered = self.comm.allgather((None if error is None else _one_line(error), facts or {}))
+        self.met = True
+        if error is not None:
+            return
+        failed = [(r, message) for r, (message, _) in enumerate(gathered) if message is not None]
+        if failed:
+            rank, message = failed[0]
+            raise DistributedError(f"rank {rank} of {self.comm.size} failed: {message}")
+        for name, value in (facts or {}).items():
+            values = [f[name] for _, f in gathered]
+            if any(v != value for v in values):
+                listed = ", ".join(f"rank {r}: {v}" for r, v in enumerate(values))
+                raise DistributedError(f"the ranks were given different {name} ({listed}): every rank must be "
+                                       f"given the same data and arguments, and resume the same checkpoint")
+
+    def abort(self, error):
+        """Print ``error`` with this rank (in one write, then a moment for the launcher to pass
+        it on: the abort ends the job's output too) and stop every rank."""
+        report = "".join([f"bptt: rank {self.comm.rank} of {self.comm.size} failed; stopping all "
+                          f"{self.comm.size} ranks\n", *traceback.format_exception(type(error), error,
+                                                                                 error.__traceback__)])
+        sys.stderr.flush()
+        os.write(sys.stderr.fileno(), report.encode(errors="replace"))
+        time.sleep(ABORT_GRACE_S)
+        self.comm.abort(1)
+
+
+# ------------------------------------------------------------------------------------------
 # The trainer's replicas
 
 
@@ -141,77 +204,39 @@ class Replicas:
 
     def __init__(self, comm, model, check=False):
         self.comm, self.model, self.check = comm, model, bool(check)
+        self.ranks = Ranks(comm)
         self.comm_s = 0.0
         self._buffer = None          # the flat buffer of the gradients, made at the first update
-        self._agreed = self._started = False
         self._held = self._stop = None
 
     # ---------------------------------------------------------------- around fit
 
     @contextlib.contextmanager
     def running(self, agreed=()):
-        """Around the body of fit on every rank (errors and signals: module docstring);
-        ``agreed``: the exception types every rank raises together (besides this module's)."""
-        self._agreed = self._started = False
+        """Around the body of fit on every rank (errors and signals: module docstring); its
+        meeting point is :meth:`start`. ``agreed``: the exception types every rank raises
+        together (besides the KeyboardInterrupt of an agreed stop and DistributedError)."""
         self._held = self._stop = None
-        with self._holding_signals():
-            try:
-                yield
-            except BaseException as e:
-                if not self._agreed:                # before the ranks met: they meet here
-                    self._agree(e, None)
-                    raise
-                if not self._started or isinstance(e, (KeyboardInterrupt, DistributedError) + tuple(agreed)):
-                    raise
-                self._abort(e)
+        with self._holding_signals(), self.ranks.guard(agreed=(KeyboardInterrupt, *agreed)):
+            yield
 
     def start(self, trainer, dataset):
-        """Collective, when fit has read its data: check that the ranks were given the same
-        data and stand at the same point; broadcast the parameters and the dropout RNG from
-        rank 0. DistributedError where the ranks disagree, ValueError for a batch size that is
-        not a multiple of the ranks (on every rank)."""
-        pos = trainer.position
-        self._agree(None, {"data (their fingerprints)": dataset.fingerprint, "batch_size": dataset.batch_size,
-                           "step": trainer.step, "epoch": trainer.epoch,
-                           "position (group, step)": None if pos is None else (pos.group, pos.offset)})
+        """Collective, when fit has read its data (the meeting point): check that the ranks
+        were given the same data and stand at the same point; broadcast the parameters and the
+        dropout RNG from rank 0. ValueError for a batch size that is not a multiple of the
+        ranks, DistributedError where the ranks disagree (on every rank)."""
         B, N = dataset.batch_size, self.comm.size
         if B % N:
             raise ValueError(f"batch_size {B} is not a multiple of the {N} ranks: each rank runs batch_size/{N} "
                              f"of the streams; give a multiple of {N}")
+        pos = trainer.position
+        self.ranks.meet(facts={"data (their fingerprints)": dataset.fingerprint, "batch_size": B,
+                               "step": trainer.step, "epoch": trainer.epoch,
+                               "position (group, step)": None if pos is None else (pos.group, pos.offset)})
         be, rng = self.model.backend, self.model.rng
         for p in self.model.params.values():
             self.comm.bcast_array(p, be)
         rng.bit_generator.state = self.comm.bcast(rng.bit_generator.state)
-        self._started = True
-
-    def _agree(self, error, facts):
-        """The ranks' meeting point before training: every rank learns whether one failed
-        (``error``) and compares ``facts`` (name -> value); raises alike on every rank."""
-        gathered = self.comm.allgather((None if error is None else _one_line(error), facts))
-        self._agreed = True
-        failed = [(r, message) for r, (message, _) in enumerate(gathered) if message is not None]
-        if error is not None:
-            return
-        if failed:
-            rank, message = failed[0]
-            raise DistributedError(f"rank {rank} of {self.comm.size} failed: {message}")
-        for name, value in facts.items():
-            values = [f[name] for _, f in gathered]
-            if any(v != value for v in values):
-                listed = ", ".join(f"rank {r}: {v}" for r, v in enumerate(values))
-                raise DistributedError(f"the ranks were given different {name} ({listed}): every rank must be "
-                                       f"given the same data and arguments, and resume the same checkpoint")
-
-    def _abort(self, error):
-        """Print ``error`` with this rank (in one write, then a moment for the launcher to pass
-        it on: the abort ends the job's output too) and stop every rank."""
-        report = "".join([f"bptt: rank {self.comm.rank} of {self.comm.size} failed; stopping all "
-                          f"{self.comm.size} ranks\n", *traceback.format_exception(type(error), error,
-                                                                                 error.__traceback__)])
-        sys.stderr.flush()
-        os.write(sys.stderr.fileno(), report.encode(errors="replace"))
-        time.sleep(ABORT_GRACE_S)
-        self.comm.abort(1)
 
     @contextlib.contextmanager
     def _holding_signals(self):
