@@ -102,17 +102,19 @@ def newest_checkpoint(run_dir):
     raise CheckpointError(f"{run_dir}: no checkpoint ({CHECKPOINT_FILE}) in this directory")
 
 
-def resume(run_dir):
+def resume(run_dir, comm=None):
     """The trainer of the newest usable checkpoint in ``run_dir`` (a warning, naming the file, for
     each newer one that is damaged), on the current backend; temp files of interrupted writes
     are removed. Its ``meta`` holds the run's best validation loss for a new
-    :class:`CheckpointCallback`."""
+    :class:`CheckpointCallback`. ``comm``: the ranks of a data-parallel run (each reads the file;
+    rank 0 removes the temp files), as :meth:`bptt.Trainer.from_checkpoint`."""
     from bptt.trainer import Trainer
-    clean_temp_files(run_dir)
+    if comm is None or comm.rank == 0:
+        clean_temp_files(run_dir)
     path, _, skipped = newest_checkpoint(run_dir)
     for bad, error in skipped:
         warnings.warn(f"{error}; resuming from {path}", RuntimeWarning, stacklevel=2)
-    return Trainer.from_checkpoint(path)
+    return Trainer.from_checkpoint(path, comm=comm)
 
 
 class CheckpointCallback:
@@ -126,6 +128,10 @@ class CheckpointCallback:
     After ``fit`` returns, or stops on Ctrl-C or SIGTERM (:class:`bptt.interrupts.Preempted`, a
     KeyboardInterrupt), call :meth:`save` for the final checkpoint. Temp files that a killed
     process left in ``run_dir`` are removed when the callback is made.
+
+    A trainer on N ranks (``Trainer(..., comm=...)``): make the callback, pass it to ``fit`` and
+    call :meth:`save` on every rank (each checkpoint is collective); rank 0 alone touches the
+    files, and its clock decides when ``every_minutes`` is due.
     """
 
     def __init__(self, trainer, run_dir, every_updates=None, every_minutes=5.0, keep=2, meta=None):
@@ -136,6 +142,8 @@ class CheckpointCallback:
                                           or not 0 <= every_minutes < math.inf):
             raise ValueError(f"every_minutes must be None or a number >= 0; got {every_minutes!r}")
         self.trainer, self.run_dir = trainer, os.fspath(run_dir)
+        self.comm = trainer.comm
+        self.writes = self.comm.rank == 0           # rank 0 writes; every rank takes part
         self.every_updates = every_updates
         self.every_s = every_minutes * 60.0 if every_minutes else None
         self.keep = keep
@@ -144,9 +152,11 @@ class CheckpointCallback:
         self.best = own.get("best_val_loss", self.meta.get("best_val_loss"))
         self.best_step = own.get("best_step", self.meta.get("best_step"))
         self.best = math.inf if self.best is None else float(self.best)
-        os.makedirs(self.run_dir, exist_ok=True)
-        clean_temp_files(self.run_dir)
-        self._recorded_best()
+        if self.writes:
+            os.makedirs(self.run_dir, exist_ok=True)
+            clean_temp_files(self.run_dir)
+            self._recorded_best()
+        self.best, self.best_step = self.comm.bcast((self.best, self.best_step))
         self.last_saved = None
         self._due = None if self.every_s is None else time.monotonic() + self.every_s
 
@@ -180,8 +190,12 @@ class CheckpointCallback:
             self.best, self.best_step = float(val), int(event["step"])
             self.trainer.save_checkpoint(os.path.join(self.run_dir, BEST_FILE), meta=self._meta())
         step = self.trainer.step
-        if step != self.last_saved and ((self.every_updates is not None and step % self.every_updates == 0)
-                                        or (self._due is not None and time.monotonic() >= self._due)):
+        if step == self.last_saved:
+            return
+        due = self._due is not None and time.monotonic() >= self._due
+        if self._due is not None and self.comm.size > 1:
+            due = self.comm.bcast(due)                  # rank 0's clock for every rank
+        if due or (self.every_updates is not None and step % self.every_updates == 0):
             self.save()
 
     def save(self):
@@ -192,14 +206,15 @@ class CheckpointCallback:
         step = self.trainer.step
         path = os.path.join(self.run_dir, numbered_name(step))
         self.trainer.save_checkpoint(path, meta=self._meta())
-        _link_latest(path, self.latest)
-        older = [p for s, p in _numbered(self.run_dir) if s < step]
-        stale = [p for s, p in _numbered(self.run_dir) if s > step]
-        for old in stale + older[self.keep - 1:]:
-            try:
-                os.unlink(old)
-            except FileNotFoundError:
-                pass
+        if self.writes:
+            _link_latest(path, self.latest)
+            older = [p for s, p in _numbered(self.run_dir) if s < step]
+            stale = [p for s, p in _numbered(self.run_dir) if s > step]
+            for old in stale + older[self.keep - 1:]:
+                try:
+                    os.unlink(old)
+                except FileNotFoundError:
+                    pass
         self.last_saved = step
         if self.every_s is not None:
             self._due = time.monotonic() + self.every_s
