@@ -25,6 +25,9 @@ k1 > k2, an unknown backend) print one line on stderr and exit with status 1 (2 
 arguments), and leave the run directory as it was; set ``BPTT_DEBUG=1`` for a traceback.
 Ctrl-C (SIGTERM) during training stops at the last finished update, saves the checkpoint, prints
 the command that resumes and exits with status 130 (143); a second signal ends it at once.
+``mpiexec -n N bptt train ... --distributed mpi`` trains data-parallel on N processes
+(:mod:`bptt.data_parallel`; a GPU each with a GPU backend): rank 0 alone prints, writes the run
+directory and samples; Ctrl-C or SIGTERM stops every rank after the same update.
 
 Only the standard library is imported before the arguments are parsed, so ``bptt --help`` is
 instant; NumPy, Numba, the kernels and tqdm load when a command runs.
@@ -48,6 +51,7 @@ Examples::
     bptt train --task varlen --lag 100 --bidirectional   # lengths 5..100, classified at their ends
     bptt train --grad-norms --cell rnn_tanh --k1 20 --k2 60   # writes grad_norms.json / .png
     bptt train --level word --eval-every 100 --lr-plateau 4 --patience 5 --out runs/w
+    mpiexec -n 2 bptt train --distributed mpi --out runs/dp   # 2 processes, batch/2 streams each
     bptt plot runs/w                               # runs/w/training.png
 """
 
@@ -92,7 +96,8 @@ def _one_line(e):
 
 def _is_user_error(e):
     from bptt.backend import BackendUnavailableError
-    if isinstance(e, (UsageError, BackendUnavailableError, OSError, MemoryError)):
+    from bptt.distributed import DistributedError
+    if isinstance(e, (UsageError, BackendUnavailableError, DistributedError, OSError, MemoryError)):
         return True
     from bptt.data import DataError
     if isinstance(e, DataError):

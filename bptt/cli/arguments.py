@@ -29,7 +29,7 @@ FIXED_ON_RESUME = ("data", "level", "max_chars", "encoding", "decode_errors", "t
                    "batch_size", "optimizer", "lr", "clip", "seed", "lr_decay", "lr_decay_after", "lr_plateau")
 # Flags a resumed run may change.
 FREE_ON_RESUME = ("epochs", "max_steps", "json", "grad_norms", "sample_length", "backend", "out",
-                  "save_every", "save_every_minutes", "keep")
+                  "save_every", "save_every_minutes", "keep", "distributed")
 # Checkpoints of `bptt train`: every 5 minutes by default (a killed run loses at most that), the
 # last 2 kept (bptt.checkpointing).
 SAVE_EVERY_MINUTES = 5.0
@@ -202,6 +202,12 @@ def build_parser():
                    help=f"keep the last K checkpoints, checkpoint-<step>.npz, checkpoint.npz being the newest "
                    f"(default {KEEP}); best.npz holds the one of the lowest validation loss")
     g.add_argument("--backend", metavar="NAME", help="cpu, cuda, cupy, reference or auto (default: $BPTT_BACKEND or auto)")
+    g.add_argument("--distributed", choices=("mpi",),
+                   help="data-parallel training on the N processes of 'mpiexec -n N bptt train ... --distributed "
+                   "mpi' (pip install 'bptt[mpi]'): each trains --batch-size/N of the streams (a multiple of N), "
+                   "one gradient allreduce per update, the weights of one process; with a GPU backend each takes "
+                   "GPU local_rank; rank 0 alone prints progress, writes checkpoints and metrics and samples. "
+                   "Resumes on any N (at a chunk boundary with --k1 = --k2)")
     g.add_argument("--grad-norms", action="store_true",
                    help="record per-step gradient norms dL/dh_t and write grad_norms.json (and .png with matplotlib)")
     g.add_argument("--sample-length", type=_non_negative(int), metavar="N", help="tokens sampled at the end (0 = none)")

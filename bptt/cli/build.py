@@ -175,14 +175,14 @@ def add_forget_bias(model, value):
     model.load_state_dict(sd)
 
 
-def build_trainer(cfg, model):
+def build_trainer(cfg, model, comm=None):
     import bptt
     if cfg["optimizer"] == "adam":
         optimizer = bptt.Adam(lr=cfg["lr"])
     else:
         optimizer = bptt.SGD(cfg["lr"])
     return bptt.Trainer(model, optimizer, k1=cfg["k1"], k2=cfg["k2"], clip_norm=cfg["clip"] or None,
-                        schedule=build_schedule(cfg), record_grad_norms=bool(cfg.get("grad_norms")))
+                        schedule=build_schedule(cfg), record_grad_norms=bool(cfg.get("grad_norms")), comm=comm)
 
 
 def build_schedule(cfg):

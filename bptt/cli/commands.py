@@ -18,11 +18,16 @@ from bptt.cli.runs import (StepLog, append_jsonl, checkpoint_path, jsonable, new
                            read_meta, resume_command)
 
 
-def select_backend(name):
+def select_backend(name, comm=None):
+    """The backend ``name`` (None: the default one); with ``comm`` (data-parallel) a GPU
+    backend's GPU is this rank's local_rank."""
     import bptt
     if name is not None:
         bptt.use_backend(name)
-    return bptt.get_backend()
+    backend = bptt.get_backend()
+    if comm is not None:
+        comm.use_local_device(backend)
+    return backend
 
 
 def _finite(x):
@@ -40,6 +45,42 @@ def _fmt_duration(seconds):
 
 def cmd_train(args):
     cfg = resolve_train(args)
+    comm = distributed(cfg)
+    if comm is None:
+        return _train(args, cfg, None)
+    from bptt.data_parallel import Ranks
+    ranks = Ranks(comm)     # an error before the ranks meet is raised on all; after, one rank's aborts all
+    with ranks.guard(agreed=(KeyboardInterrupt, FloatingPointError)):
+        return _train(args, cfg, ranks)
+
+
+def distributed(cfg):
+    """None, or with ``--distributed mpi`` the communicator of mpiexec's ranks (DistributedError
+    without mpi4py). Ranks other than 0 print nothing from then on (a rank that fails writes its
+    report to its own stderr)."""
+    if cfg.get("distributed") is None:
+        return None
+    from bptt.distributed import mpi
+    comm = mpi()
+    if comm.rank != 0:
+        sys.stdout = sys.stderr = open(os.devnull, "w")
+    return comm
+
+
+def check_ranks(cfg, comm):
+    """UsageError where --batch-size is not a multiple of the processes (before the run's files
+    are touched)."""
+    if comm is not None and cfg["batch_size"] % comm.size:
+        raise UsageError(f"--batch-size {cfg['batch_size']} is not a multiple of the {comm.size} processes of "
+                         f"--distributed mpi: each trains batch-size/{comm.size} of the streams")
+
+
+def _train(args, cfg, ranks):
+    """``bptt train`` in one process (``ranks`` None) or on the ranks of a
+    :class:`bptt.data_parallel.Ranks`: each reads the data and the checkpoint and trains its
+    streams; rank 0 alone makes the run directory and writes its files."""
+    comm = None if ranks is None else ranks.comm
+    rank0 = comm is None or comm.rank == 0
     import warnings
     # overflow warnings of a diverging run would bury the trainer's one-line non-finite error
     warnings.filterwarnings("ignore", category=RuntimeWarning, module="bptt")
@@ -50,21 +91,24 @@ def cmd_train(args):
         more = cfg.get("max_steps") is not None or cfg.get("epochs") is not None
         ckpt_path, meta, skipped = newest_checkpoint(out)
         cfg = check_resume(cfg, meta)    # flag conflicts first, before any backend is chosen
+        check_ranks(cfg, comm)
         for bad, error in skipped:       # newer checkpoints that are damaged (a disk error, a crash)
             print(f"warning: {error}; resuming from {ckpt_path}", file=sys.stderr)
-        backend = select_backend(cfg.get("backend"))
+        backend = select_backend(cfg.get("backend"), comm)
         import bptt
-        trainer = bptt.Trainer.from_checkpoint(ckpt_path)
+        trainer = bptt.Trainer.from_checkpoint(ckpt_path, comm=comm)
         model = trainer.model
         trainer.record_grad_norms = trainer.record_grad_norms or bool(cfg.get("grad_norms"))
         data = prepare_data(cfg, run_vocab(meta, ckpt_path, model))
     else:
+        check_ranks(cfg, comm)
         data = prepare_data(cfg)         # data errors first, before any backend is chosen
-        backend = select_backend(cfg.get("backend"))
+        backend = select_backend(cfg.get("backend"), comm)
         import bptt
-        new_run_dir(out, cfg.get("overwrite"))     # refuses a directory that holds a run
+        if rank0:
+            new_run_dir(out, cfg.get("overwrite"))     # refuses a directory that holds a run
         model = build_model(cfg, len(data.vocab) if data.vocab else None)
-        trainer = build_trainer(cfg, model)
+        trainer = build_trainer(cfg, model, comm)
     task = cfg.get("task")
     per_epoch = trainer.updates_per_epoch(data.train, cfg["batch_size"])
 
@@ -96,11 +140,14 @@ def cmd_train(args):
               "later runs load them from the cache)") if compiles else None
     tokens_per_update = data.tokens_per_epoch / per_epoch if data.tokens_per_epoch and per_epoch else None
     progress = Progress(total, start_step=trainer.step, tokens_per_update=tokens_per_update, wait_notice=notice)
-    meta = {"config": {k: v for k, v in cfg.items() if k not in ("json", "resume", "overwrite", "backend", "out")},
+    meta = {"config": {k: v for k, v in cfg.items()
+                       if k not in ("json", "resume", "overwrite", "backend", "out", "distributed")},
             "vocab": data.vocab.to_json() if data.vocab else None, "bptt_version": bptt.__version__,
             "target": {"max_steps": max_steps, "epochs": epochs}}
     from bptt.checkpointing import CheckpointCallback
     from bptt.interrupts import Preempted
+    if ranks is not None:
+        ranks.meet()          # every rank is ready (or all raise where one failed); collectives from here
     saver = CheckpointCallback(trainer, out, every_updates=cfg.get("save_every"),
                                every_minutes=cfg.get("save_every_minutes", SAVE_EVERY_MINUTES),
                                keep=cfg.get("keep", KEEP), meta=meta)
@@ -110,12 +157,13 @@ def cmd_train(args):
     # it at the last finished update and the checkpoint saved below is consistent. A second
     # signal (while saving) ends the process at once; checkpoint files are replaced atomically.
     interrupted = None
+    # rank 0 shows the progress and logs the steps; every rank takes part in the checkpoints
+    callbacks = (progress, StepLog(out, every=max(1, per_epoch // 50)), saver) if rank0 else (saver,)
     try:
         # validation at every epoch end (and every --eval-every updates): progress line, metrics.jsonl
         trainer.fit(data.train, cfg["batch_size"], epochs=epochs, max_steps=max_steps, validation=data.valid,
                     eval_every=cfg.get("eval_every"), patience=cfg.get("patience"),
-                    validation_batch_size=validation_batch(cfg, data.valid),
-                    callbacks=(progress, StepLog(out, every=max(1, per_epoch // 50)), saver))
+                    validation_batch_size=validation_batch(cfg, data.valid), callbacks=callbacks)
     except KeyboardInterrupt as e:
         interrupted = e
     finally:
@@ -151,7 +199,7 @@ def cmd_train(args):
                        val_bits_per_token=_finite(metrics["bits_per_token"]))
     else:
         summary.update(task_metrics(cfg, model, trainer, data.valid))
-    if cfg.get("grad_norms"):
+    if cfg.get("grad_norms") and rank0:
         summary["grad_norms_file"] = write_grad_norms(trainer, out)
 
     window = min(len(progress.losses), 50)
@@ -180,6 +228,8 @@ def cmd_train(args):
     lines.append(f"checkpoint: {ckpt}")
     print("\n".join(lines), file=err if args.json else sys.stdout)
 
+    if not rank0:
+        return 0
     if task is None and cfg.get("sample_length"):
         from bptt.sampling import sample
         text = sample(model, data.vocab, cfg["sample_length"], temperature=0.8, seed=cfg["seed"])
