@@ -18,7 +18,8 @@ count, then the gradient norm, clipping and the optimizer step run identically o
 The weights of N ranks are those of one process with batch B up to float rounding.
 
 Start of fit (:meth:`Replicas.start`): the parameters and the dropout RNG are broadcast from
-rank 0; with ``check_replicas`` a checksum of the parameters is compared after every update
+rank 0; with ``check_replicas`` a checksum of the parameters (exact: their bits) is compared
+after every update
 (:meth:`Replicas.verify`).
 
 Errors (:class:`Ranks`; :meth:`Replicas.running` around fit, whose meeting point is
@@ -303,16 +304,18 @@ class Replicas:
         return total / expected
 
     def verify(self, step):
-        """With ``check_replicas``: compare a checksum of the parameters (sum and sum of squares)
-        over the ranks; DistributedError on every rank where they differ."""
+        """With ``check_replicas``: compare a checksum of the parameters over the ranks (the sum
+        of their bit patterns as unsigned ints, mod 2**64: one bit's difference shows);
+        DistributedError on every rank where they differ."""
         if not self.check:
             return
-        be, params = self.model.backend, list(self.model.params.values())
-        mine = (be.sum_of_squares(params), sum(float(be.xp.sum(p, dtype=np.float64)) for p in params))
-        sums = self.comm.allgather(mine)
+        xp = self.model.backend.xp
+        bits = {4: np.uint32, 8: np.uint64}
+        mine = sum(int(xp.sum(p.view(bits[p.itemsize]), dtype=np.uint64)) for p in self.model.params.values())
+        sums = self.comm.allgather(mine % 2 ** 64)
         if any(s != sums[0] for s in sums):
-            listed = ", ".join(f"rank {r}: {s[0]!r}" for r, s in enumerate(sums))
-            raise DistributedError(f"the parameters differ between the ranks after update {step} (sums of squares "
+            listed = ", ".join(f"rank {r}: {s:#x}" for r, s in enumerate(sums))
+            raise DistributedError(f"the parameters differ between the ranks after update {step} (checksums "
                                    f"{listed}): their allreduce or optimizer steps disagree")
 
 

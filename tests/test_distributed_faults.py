@@ -1,7 +1,7 @@
 """Distributed runs that go wrong: a rank that raises during training stops every rank (the
 error printed once, no hang), bad input before training is one clear error on every rank
 (a batch size that is not a multiple of the ranks, ranks given different data, bad ids on one
-rank), and the NCCL-or-MPI decision for device buffers (a fake NCCL module, no GPU needed).
+rank), replicas whose weights drift apart are caught by the checksum, and the NCCL-or-MPI decision for device buffers (a fake NCCL module, no GPU needed).
 The mpiexec runs are skipped where mpi4py or mpiexec is missing."""
 
 import os
@@ -35,6 +35,16 @@ def test_bad_input_is_one_error_on_every_rank(mode, n, expected):
     assert len(lines) == n, done.stdout + done.stderr
     for rank, line in enumerate(lines):
         assert line.startswith(f"rank {rank}: {expected}"), line
+
+
+def test_replicas_that_drift_apart_are_one_error_on_every_rank():
+    done = mpi_runs.run(2, ["faults.py", "drift"], timeout=FAULT_TIMEOUT_S)
+    lines = sorted(done.stdout.splitlines())
+    assert len(lines) == 2, done.stdout + done.stderr
+    for rank, line in enumerate(lines):
+        assert line.startswith(f"rank {rank}: DistributedError: the parameters differ between the ranks after "
+                               f"update 3 (checksums rank 0: 0x"), line
+        assert line.endswith("their allreduce or optimizer steps disagree"), line
 
 
 def test_an_error_on_one_rank_before_training_is_raised_on_every_rank():

@@ -5,7 +5,8 @@ raise   rank 1 raises from a callback at update 3 (the others are in the next up
 batch   batch_size 6 on N = 4 ranks (not a multiple);
 data    rank 1 is given other tokens than the rest;
 ids     rank 1's tokens hold an id outside the vocabulary (an error before training, on one rank);
-In the last three each rank prints one line, "rank R: <error type>: <message>", and exits 0.
+drift   rank 1 moves a weight by one float after update 2 (the checksum after update 3 differs);
+In the last four each rank prints one line, "rank R: <error type>: <message>", and exits 0.
 """
 
 import os
@@ -28,11 +29,14 @@ def main(mode):
     if mode == "ids" and comm.rank == 1:
         tokens[17] = VOCAB + 3
     model = bptt.LanguageModel(VOCAB, 6, 8, num_layers=2, seed=3)
-    trainer = bptt.Trainer(model, bptt.Adam(lr=0.01), k1=5, comm=comm)
+    trainer = bptt.Trainer(model, bptt.Adam(lr=0.01), k1=5, comm=comm, check_replicas=mode == "drift")
 
     def fail(event):
-        if event["rank"] == 1 and event["step"] == 3:
+        if event["rank"] == 1 and event["step"] == 3 and mode == "raise":
             raise RuntimeError(f"injected failure at update {event['step']} on rank {event['rank']}")
+        if event["rank"] == 1 and event["step"] == 2 and mode == "drift":
+            bias = model.params["decoder.bias"]
+            bias[0] = np.nextafter(bias[0], np.inf)
     try:
         trainer.fit(tokens, 6 if mode == "batch" else 8, max_steps=20, callbacks=(fail,))
     except Exception as e:                                          # noqa: BLE001 -- printed for the test
