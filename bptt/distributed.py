@@ -24,7 +24,7 @@ import sys
 
 import numpy as np
 
-__all__ = ["DistributedError", "Solo", "MPICommunicator", "mpi", "available", "launched_by_mpiexec"]
+__all__ = ["DistributedError", "Solo", "MPICommunicator", "mpi", "available", "launched_processes"]
 
 class DistributedError(RuntimeError):
     """A distributed run cannot go on (a missing library, ranks that disagree)."""
@@ -212,6 +212,11 @@ def mpi():
     return MPICommunicator()
 
 
-def launched_by_mpiexec():
-    """Whether this process was started by an MPI launcher (MPICH's or Open MPI's variables)."""
-    return any(v in os.environ for v in ("PMI_RANK", "PMIX_RANK", "OMPI_COMM_WORLD_RANK"))
+def launched_processes():
+    """How many processes the MPI launcher that started this one started (MPICH's PMI_SIZE, Open
+    MPI's OMPI_COMM_WORLD_SIZE); 1 outside a launcher. Needs no mpi4py."""
+    for name in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE"):
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return 1

@@ -1,8 +1,8 @@
 """``mpiexec -n N bptt train ... --distributed mpi``: rank 0 alone prints and writes the run
 directory, and the weights are those of the same command in one process; Ctrl-C stops every
 rank after the same update and the run resumes on another number of processes; a batch size
-that is not a multiple of the processes, and --distributed mpi without mpi4py, are one line
-each. The mpiexec runs are skipped where mpi4py or mpiexec is missing."""
+that is not a multiple of the processes, --distributed mpi without mpi4py, and processes of
+mpiexec without --distributed mpi, are one line each. The mpiexec runs are skipped where mpi4py or mpiexec is missing."""
 
 import json
 import os
@@ -105,6 +105,15 @@ def test_distributed_without_mpi4py_is_one_line(tmp_path, corpus_file, monkeypat
     assert rc == 1 and out == ""
     assert err == ("bptt train: error: distributed training over MPI needs mpi4py and an MPI library: pip install "
                    "'bptt[mpi]' (mpi4py and mpich), then run under mpiexec -n N\n")
+    assert not os.path.exists(tmp_path / "r")
+
+
+def test_mpiexec_without_distributed_is_one_line(tmp_path, corpus_file, monkeypatch, capsys):
+    monkeypatch.setenv("PMI_SIZE", "2")                                 # as mpiexec -n 2 starts us
+    rc = main(["train", "--data", str(corpus_file), "--out", str(tmp_path / "r")])
+    assert rc == 1 and capsys.readouterr().err == (
+        "bptt train: error: started by mpiexec as one of 2 processes without --distributed mpi: each would "
+        "train alone into the same --out; add --distributed mpi\n")
     assert not os.path.exists(tmp_path / "r")
 
 

@@ -56,11 +56,14 @@ def cmd_train(args):
 
 def distributed(cfg):
     """None, or with ``--distributed mpi`` the communicator of mpiexec's ranks (DistributedError
-    without mpi4py). Ranks other than 0 print nothing from then on (a rank that fails writes its
-    report to its own stderr)."""
+    without mpi4py; UsageError for processes of mpiexec without it). Ranks other than 0 print
+    nothing from then on (a rank that fails writes its report to its own stderr)."""
+    from bptt.distributed import launched_processes, mpi
     if cfg.get("distributed") is None:
+        if launched_processes() > 1:
+            raise UsageError(f"started by mpiexec as one of {launched_processes()} processes without --distributed "
+                             f"mpi: each would train alone into the same --out; add --distributed mpi")
         return None
-    from bptt.distributed import mpi
     comm = mpi()
     if comm.rank != 0:
         sys.stdout = sys.stderr = open(os.devnull, "w")
