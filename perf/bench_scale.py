@@ -2,7 +2,8 @@
 """Data-parallel scaling on one machine: the char-LM training of bench_train.py (embedding 128,
 2-layer LSTM 256, batch 32 streams, TBPTT k1 = k2 = 50, Adam, clip 0.25, float32, cpu backend)
 in 1 process with 2 threads against 2 MPI ranks with 1 thread each (``mpiexec -n 2``, each
-rank 16 of the 32 streams, one gradient allreduce per update: bptt.data_parallel).
+rank 16 of the 32 streams, one gradient allreduce per update: bptt.data_parallel); 1 process
+with 1 thread is the baseline of both.
 
 Every run is a fresh process (or pair of ranks), the two variants alternating; a run trains
 ``--warmup`` untimed updates, then ``--steps`` timed ones. A step's time is the wall time
@@ -25,7 +26,7 @@ import time
 
 import _harness as hx
 
-VARIANTS = {"1 process x 2 threads": (1, 2), "2 ranks x 1 thread": (2, 1)}
+VARIANTS = {"1 process x 2 threads": (1, 2), "2 ranks x 1 thread": (2, 1), "1 process x 1 thread": (1, 1)}
 
 
 # =============================================================================================
@@ -105,7 +106,7 @@ def main(argv=None):
     monitor = hx.LoadMonitor()
     for k in range(a.rounds):
         names = list(VARIANTS)
-        for name in names[k % 2:] + names[:k % 2]:
+        for name in names[k % len(names):] + names[:k % len(names)]:
             ranks, threads = VARIANTS[name]
             command = [sys.executable, script, "--run", json.dumps({**base, "ranks": ranks})]
             if ranks > 1:
@@ -129,13 +130,13 @@ def main(argv=None):
                          "allreduce_s": hx.median(bare) if bare else None,
                          "per_round_tokens_per_s": [tokens / hx.median(r["step_s"]) for r in results],
                          "loss_first": results[0]["loss_first"], "loss_last": results[0]["loss_last"]}
-    single = summary["1 process x 2 threads"]["tokens_per_s"]
+    single = summary["1 process x 1 thread"]["tokens_per_s"]
     gradient_bytes = runs["2 ranks x 1 thread"][0]["gradient_bytes"]
     print(f"\nChar-level LM training: embedding {a.embed}, {a.layers}-layer LSTM {a.hidden}, batch {a.batch} "
           f"(all ranks), TBPTT k1=k2={a.k1}, Adam, clip {a.clip}, float32, cpu backend; gradients "
           f"{gradient_bytes / 1e6:.2f} MB per update.\nMedian over {a.rounds} alternating fresh runs of the "
-          f"median of {a.steps} updates (after {a.warmup} untimed). speedup = tokens/s / the single "
-          f"process's.\n{hx.load_note(load)}\n")
+          f"median of {a.steps} updates (after {a.warmup} untimed). speedup = tokens/s / that of 1 "
+          f"process x 1 thread.\n{hx.load_note(load)}\n")
     rows = [[name, hx.fmt(s["tokens_per_s"], ".0f"),
              " ".join(hx.fmt(x, ".0f") for x in s["per_round_tokens_per_s"]), hx.fmt(s["step_s"] * 1e3, ".1f"),
              hx.fmt(s["comm_s"] * 1e3, ".2f"), hx.fmt(100 * s["comm_share"], ".1f"),
