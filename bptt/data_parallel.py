@@ -60,7 +60,8 @@ from bptt.batches import Group, Position, TokenGroup, stream_views
 from bptt.distributed import DistributedError
 from bptt.interrupts import Preempted
 
-__all__ = ["split_rows", "Rows", "local_groups", "Ranks", "Replicas", "gather_position", "position_from_dict", "sum_over_ranks"]
+__all__ = ["split_rows", "Rows", "local_groups", "Ranks", "Replicas", "gather_position", "position_from_dict",
+           "sum_over_ranks"]
 
 ABORT_GRACE_S = 1.0     # between a failed rank's report and the abort
 FLAGS = (signal.SIGTERM, signal.SIGINT)     # a slot each in the update's buffer (ranks holding one), in

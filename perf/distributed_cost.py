@@ -50,7 +50,8 @@ def measure(vocab, embed, hidden, layers, batch, k1, updates):
     model = bptt.LanguageModel(V, embed, hidden, num_layers=layers, dtype=np.float32, seed=0)
     trainer = bptt.Trainer(model, bptt.Adam(lr=1e-3), k1=k1, clip_norm=0.25)
     stamps = []
-    trainer.fit(ids, batch, epochs=10 ** 6, max_steps=updates + 1, callbacks=(lambda e: stamps.append(time.perf_counter()),))
+    trainer.fit(ids, batch, epochs=10 ** 6, max_steps=updates + 1,
+                callbacks=(lambda event: stamps.append(time.perf_counter()),))
     return model.num_parameters(), hx.median([b - a for a, b in zip(stamps, stamps[1:])])
 
 

@@ -2,7 +2,8 @@
 directory, and the weights are those of the same command in one process; Ctrl-C stops every
 rank after the same update and the run resumes on another number of processes; a batch size
 that is not a multiple of the processes, --distributed mpi without mpi4py, and processes of
-mpiexec without --distributed mpi, are one line each. The mpiexec runs are skipped where mpi4py or mpiexec is missing."""
+mpiexec without --distributed mpi, are one line each. The mpiexec runs are skipped where mpi4py
+or mpiexec is missing."""
 
 import json
 import os

@@ -1,8 +1,9 @@
 """Distributed runs that go wrong: a rank that raises during training stops every rank (the
 error printed once, no hang), bad input before training is one clear error on every rank
 (a batch size that is not a multiple of the ranks, ranks given different data, bad ids on one
-rank), replicas whose weights drift apart are caught by the checksum, and the NCCL-or-MPI decision for device buffers (a fake NCCL module, no GPU needed).
-The mpiexec runs are skipped where mpi4py or mpiexec is missing."""
+rank), replicas whose weights drift apart are caught by the checksum, and the NCCL-or-MPI
+decision for device buffers (a fake NCCL module, no GPU needed). The mpiexec runs are skipped
+where mpi4py or mpiexec is missing."""
 
 import os
 import sys
