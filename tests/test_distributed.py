@@ -82,3 +82,18 @@ def test_ranks_train_as_one_process(ranks_results, seed, name):
     for key in ("h/loss", "h/grad_norm", "h/val_loss"):
         err = rel_err(ours[key], expected[key])
         assert err <= tol, f"{name} on {n} ranks: {key} differs from one process by {err:.3g}"
+
+
+def test_a_world_of_one_rank_trains_exactly_as_one_process(seed):
+    """mpi() outside mpiexec (one rank) changes nothing: the same weights, bit for bit."""
+    pytest.importorskip("mpi4py", reason="mpi4py is not installed (pip install 'bptt[mpi]')")
+    from bptt.distributed import mpi
+    cfg = dict(RUNS["lm_f64_k2>k1_dropout_sgd"], B=8, steps=6, data_seed=seed)
+    results, events = [], []
+    for comm in (None, mpi()):
+        trainer, data, fit = setups.build(cfg, comm)
+        trainer.fit(data, **fit, callbacks=[events.append])
+        results.append(setups.result(trainer))
+    for key, value in results[0].items():
+        np.testing.assert_array_equal(results[1][key], value, err_msg=key)
+    assert {(e["rank"], e["comm_s"]) for e in events} == {(0, 0.0)}
