@@ -25,6 +25,7 @@ import sys
 import time
 
 import _harness as hx
+from bench_train import add_run_arguments
 
 VARIANTS = {"1 process x 2 threads": (1, 2), "2 ranks x 1 thread": (2, 1), "1 process x 1 thread": (1, 1)}
 
@@ -74,17 +75,7 @@ def run(r):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--k1", type=int, default=50)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--embed", type=int, default=128)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--clip", type=float, default=0.25)
-    p.add_argument("--warmup", type=int, default=3, help="untimed updates per run (default 3)")
-    p.add_argument("--steps", type=int, default=20, help="timed updates per run (default 20)")
-    p.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")
-    p.add_argument("--max-chars", type=int, default=None, help="cap the corpus (default: all)")
+    add_run_arguments(p)
     p.add_argument("--quick", action="store_true", help="2 rounds of 1 + 8 updates")
     p.add_argument("--run", help=argparse.SUPPRESS)          # one run's request (JSON)
     a = p.parse_args(argv)

@@ -152,9 +152,8 @@ class TrainWorker:
 # parent side
 # =============================================================================================
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_run_arguments(p):
+    """The char-LM's settings and the timing protocol's flags (shared with bench_scale.py)."""
     p.add_argument("--k1", type=int, default=50)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--hidden", type=int, default=256)
@@ -166,6 +165,12 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=20, help="timed updates per run (default 20)")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")
     p.add_argument("--max-chars", type=int, default=None, help="cap the corpus (default: all)")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_run_arguments(p)
     p.add_argument("--variants", type=hx.parse_str_list, default=list(VARIANTS),
                    help=f"subset of {','.join(VARIANTS)}")
     p.add_argument("--threads", type=int, default=hx.DEFAULT_THREADS)
