@@ -273,8 +273,7 @@ class _RecurrentLayer:
                enforce_sorted=False) through the module, then pad_packed_sequence); the reverse
                direction runs from the row's step lengths[b]-1 down to step 0. x at padded
                steps is not used but must be finite. None: every row runs all T steps.
-               :meth:`backward` takes the lengths from the cache. (Not on the cuda backend
-               yet: NotImplementedError there.)
+               :meth:`backward` takes the lengths from the cache.
         projected  x is [T, B, G*H] = x_t weight_ih_l0^T, the bottom layer's input projection
                done by the caller (a language model takes it from a table E weight_ih_l0^T);
                :meth:`backward` then returns dL/d(that) in place of dx and leaves the

@@ -1,5 +1,5 @@
 """The prepared-corpus format: token ids in flat binary files beside a JSON header, memory-mapped
-for training (what ``bptt prepare`` writes; :func:`bptt.data.prepare`, :func:`bptt.data.open_prepared`).
+for training (what ``bptt prepare`` writes; :func:`bptt.prepared.prepare`, :func:`bptt.prepared.open_prepared`).
 
 A prepared corpus is a directory (nanoGPT's ``train.bin``/``val.bin`` layout):
 

@@ -1,4 +1,4 @@
-"""Prepared corpora (``bptt prepare``, :func:`bptt.data.prepare`, :func:`bptt.data.open_prepared`):
+"""Prepared corpora (``bptt prepare``, :func:`bptt.prepared.prepare`, :func:`bptt.prepared.open_prepared`):
 the same ids as the in-memory path, bounded memory, memory-mapped training equal to in-memory
 training (Python API, command line, resume), and one-line errors for damaged files."""
 
@@ -15,8 +15,8 @@ from bptt import token_file
 from bptt.batches import Dataset
 from bptt.checkpoint import load_model
 from bptt.cli import CHECKPOINT_FILE, main
-from bptt.data import (EOS, Corpus, DataError, PreparedCorpus, Vocabulary, default_corpus_text, load_corpus,
-                       open_prepared, prepare, read_text)
+from bptt.data import EOS, Corpus, DataError, Vocabulary, default_corpus_text, load_corpus, read_text
+from bptt.prepared import PreparedCorpus, open_prepared, prepare
 
 # pieces of text that tokenizers trip over: every line break str.splitlines knows (\r\n split
 # across chunks included), tabs and runs of spaces, multi-byte characters, blank lines
@@ -65,7 +65,8 @@ def test_same_ids_as_load_corpus(tmp_path, rng, level, chunk_size, valid_fractio
 def test_the_chunked_tokenizer_is_tokenize_on_many_short_texts(tmp_path, rng):
     """Every way a text can be cut into chunks (a word, a \r\n, a multi-byte character, a line
     of only spaces at the end) gives tokenize's tokens."""
-    from bptt.data import _chunk_tokens, _text_chunks, tokenize
+    from bptt.data import tokenize
+    from bptt.prepared import _chunk_tokens, _text_chunks
     path = tmp_path / "t.txt"
     for _ in range(300):
         text = "x" + random_text(rng, int(rng.integers(1, 60)))

@@ -12,7 +12,7 @@ data at every epoch end (and every ``--eval-every`` updates), can follow a sched
 run's training curve into ``DIR/training.png``. ``bptt prepare --data FILE --out DIR``
 tokenizes a text file of any size once, in bounded memory, into memory-mapped id files that
 ``bptt train --data DIR`` and ``bptt eval RUN --data DIR`` read without loading them
-(:func:`bptt.data.prepare`, :mod:`bptt.token_file`); ``bptt prepare --verify DIR`` checks one whole.
+(:func:`bptt.prepared.prepare`, :mod:`bptt.token_file`); ``bptt prepare --verify DIR`` checks one whole.
 
 Run directory (``--out``): ``checkpoint-<step>.npz`` (the last ``--keep``), ``checkpoint.npz``
 (the newest), ``best.npz`` and ``metrics.jsonl`` (:mod:`bptt.cli.runs`, :mod:`bptt.checkpointing`);

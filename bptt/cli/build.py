@@ -22,7 +22,8 @@ def load_corpus(cfg, vocab=None):
     """The corpus of a run's config: its text file read and tokenized (``vocab``: encoded with
     it), or the prepared corpus directory memory-mapped (of the config's level where given;
     ``vocab``: it must be the corpus's)."""
-    from bptt.data import DataError, load_corpus, open_prepared
+    from bptt.data import DataError, load_corpus
+    from bptt.prepared import open_prepared
     if not is_prepared(cfg["data"]):
         return load_corpus(cfg["data"], cfg["level"], max_chars=cfg["max_chars"], vocab=vocab,
                            encoding=cfg.get("encoding") or "utf-8", errors=cfg.get("decode_errors") or "strict")

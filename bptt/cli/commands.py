@@ -291,7 +291,8 @@ def _load_run(run_dir, backend_name, check=None):
 
 
 def cmd_eval(args):
-    from bptt.data import Corpus, open_prepared, read_text
+    from bptt.data import Corpus, read_text
+    from bptt.prepared import open_prepared
     # file errors before the model loads
     prepared = text = None
     if is_prepared(args.data):
@@ -370,7 +371,7 @@ def cmd_prepare(args):
     MB/s on stderr); ``bptt prepare --verify DIR``: read one whole and check it."""
     resolve_prepare(args)
     from bptt.cli.progress import byte_bar
-    from bptt.data import open_prepared, prepare
+    from bptt.prepared import open_prepared, prepare
     began = time.monotonic()
     if args.verify is not None:
         corpus = open_prepared(args.verify, verify=True, progress=byte_bar)

@@ -196,7 +196,7 @@ def byte_bar(description, total, stream=None):
     bytes done, percentage, MB/s and ETA, e.g. ``write big.txt:  40%|####      | 800M/2.00G
     [00:10<00:15, 80.0MB/s]``; redrawn in place on a terminal, otherwise a line every 10 s and
     one at the end of a pass that took longer than that (a short pass writes none). A factory of
-    the ``progress`` argument of :func:`bptt.data.prepare`."""
+    the ``progress`` argument of :func:`bptt.prepared.prepare`."""
     from tqdm import tqdm
     stream = stream if stream is not None else sys.stderr
     tty = hasattr(stream, "isatty") and stream.isatty()
