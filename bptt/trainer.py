@@ -67,6 +67,7 @@ from bptt.data_parallel import Replicas, gather_position, local_groups, position
 from bptt.distributed import Solo
 from bptt.evaluation import evaluate, validation_entries
 from bptt.interrupts import DeferredInterrupt, Preempted
+from bptt.memory import check_budget, parse_memory
 from bptt.models import (LanguageModel, NonFiniteGradientError, SequenceModel, check_model_dict, load_model_dict,
                          model_from_dict, model_to_dict)
 from bptt.optim import OPTIMIZERS, ConstantLR, Optimizer, Schedule, clip_grad_norm_, schedule_from_state_dict
@@ -126,10 +127,14 @@ class Trainer:
                   files where it is 0) and ``position`` holds this rank's streams
     check_replicas  True: after every update compare a checksum of the parameters over the ranks
                   (DistributedError where they differ)
+    memory        None (every activation of a window kept), "sqrt" (the stack's state kept every
+                  ~sqrt(n) steps of an n-step window, the steps between recomputed during
+                  backward) or a budget in bytes (an int or "512M", "2G"): the schedule with the
+                  least recomputation that fits it (:mod:`bptt.memory`, docs/memory.md)
     """
 
     def __init__(self, model, optimizer, k1=None, k2=None, clip_norm=None, schedule=None,
-                 on_nonfinite="raise", record_grad_norms=False, comm=None, check_replicas=False):
+                 on_nonfinite="raise", record_grad_norms=False, comm=None, check_replicas=False, memory=None):
         if not isinstance(model, (LanguageModel, SequenceModel)):
             raise TypeError(f"model must be a bptt.LanguageModel or bptt.SequenceModel; got {type(model).__name__}")
         if not isinstance(optimizer, Optimizer):
@@ -143,7 +148,7 @@ class Trainer:
         self.comm = Solo() if comm is None else comm
         self._replicas = Replicas(self.comm, model, check_replicas) if self.comm.size > 1 else None
         self._configure(k1=k1, k2=k2, clip_norm=clip_norm, on_nonfinite=on_nonfinite,
-                        record_grad_norms=record_grad_norms)
+                        record_grad_norms=record_grad_norms, memory=memory)
         if schedule is not None and not isinstance(schedule, Schedule):
             raise TypeError(f"schedule must be None or a bptt.optim schedule; got {type(schedule).__name__}")
         self.schedule = schedule if schedule is not None else ConstantLR()
@@ -157,9 +162,15 @@ class Trainer:
         self.validation_state = _fresh_validation_state()
         self.stopped_early = False   # the last fit() ended because of its patience
 
-    def _configure(self, k1, k2, clip_norm, on_nonfinite, record_grad_norms):
-        """Check the settings of :attr:`config`, then set them (nothing is set if one is bad)."""
+    def _configure(self, k1, k2, clip_norm, on_nonfinite, record_grad_norms, memory=None):
+        """Check the settings of :attr:`config`, then set them (nothing is set if one is bad).
+        ``memory`` defaults to None for the configs of checkpoints saved before it existed."""
         k1, k2 = check_truncation(k1, k2)
+        memory = parse_memory(memory)
+        if memory is not None and getattr(self.model, "bidirectional", False):
+            raise ValueError(f"memory={memory!r} needs a unidirectional model: the reverse direction of a "
+                             f"bidirectional stack starts from the sequence's end, so its states cannot be "
+                             f"kept at boundaries and replayed forward; use memory=None")
         if k1 is not None and getattr(self.model, "bidirectional", False):
             raise ValueError(f"a bidirectional model trains with full BPTT only (k1=k2=None), got k1={k1}: its "
                              f"reverse direction reads each sequence from its last step, so a chunk of k1 steps "
@@ -173,6 +184,7 @@ class Trainer:
         self.clip_norm = None if clip_norm is None else float(clip_norm)
         self.on_nonfinite = on_nonfinite
         self.record_grad_norms = bool(record_grad_norms)
+        self.memory = memory
 
     @property
     def backend(self):
@@ -182,7 +194,7 @@ class Trainer:
     def config(self):
         """Constructor settings besides model/optimizer/schedule (JSON-able)."""
         return {"k1": self.k1, "k2": self.k2, "clip_norm": self.clip_norm, "on_nonfinite": self.on_nonfinite,
-                "record_grad_norms": self.record_grad_norms}
+                "record_grad_norms": self.record_grad_norms, "memory": self.memory}
 
     # ------------------------------------------------------------------ training
 
@@ -256,6 +268,11 @@ class Trainer:
         if self._replicas is not None:      # the ranks compare their data; rank 0's weights for all
             self._replicas.start(self, dataset)
         local = local_groups(dataset, data, self.comm)     # this rank's rows of each group
+        if self.memory is not None:
+            if any(group.lengths is not None for group in dataset.groups):
+                raise ValueError(f"memory={self.memory!r} does not apply to variable-length sequences (lengths): "
+                                 f"their forward runs over all steps at once; use memory=None")
+            check_budget(self.memory, self.model, max(rows.B for rows in local))
         keep_freed_memory = getattr(self.backend, "keep_freed_memory", None)
         if keep_freed_memory is not None:   # cpu: the next update reuses freed pages (opt out:
             keep_freed_memory()             # BPTT_KEEP_FREED_MEMORY=0)
