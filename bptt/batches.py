@@ -256,6 +256,59 @@ class Segment:
     def __init__(self, s0, s1, cache, dout, keep):
         self.s0, self.s1, self.cache, self.dout, self.keep = s0, s1, cache, dout, keep
 
+    def to_dict(self, to_host):
+        return {"s0": self.s0, "s1": self.s1, "cache": self.cache.to_dict(to_host),
+                "keep": None if self.keep is None else to_host(self.keep)}
+
+
+class Record:
+    """Steps [s0, s1) of a forward call over steps [start, start + steps) of a group, kept for
+    a backward that recomputes them (``Trainer(memory=...)``, :mod:`bptt.memory`).
+
+    keep       [B] device 0/1 mask applied to the state entering ``start`` (None: no reset there)
+    rng_state  the dropout RNG's state when the call began (its masks are replayed from it)
+    rows       the call's T*B (a language model folds its embedding as the call did)
+    weights    None while the call's window is open (the model's weights), after its update the
+               {name: array} the call's forward used (``rnn.*``, ``encoder.weight``)
+    state      the state entering s0 (before a reset there), kept where a later window starts
+    """
+
+    __slots__ = ("s0", "s1", "start", "steps", "keep", "rng_state", "rows", "weights", "state")
+
+    def __init__(self, s0, s1, start, steps, keep, rng_state=None, rows=0, weights=None, state=None):
+        self.s0, self.s1, self.start, self.steps, self.keep = s0, s1, start, steps, keep
+        self.rng_state, self.rows, self.weights, self.state = rng_state, rows, weights, state
+
+    def to_dict(self, to_host):
+        """Plain dict of host arrays and JSON-able values (:meth:`from_dict` on any backend)."""
+        return {"s0": self.s0, "s1": self.s1, "start": self.start, "steps": self.steps, "rows": self.rows,
+                "keep": None if self.keep is None else to_host(self.keep), "rng_state": copy.deepcopy(self.rng_state),
+                "weights": None if self.weights is None else {k: to_host(v) for k, v in self.weights.items()},
+                "state": None if self.state is None else [to_host(s) for s in _state_parts(self.state)]}
+
+    @classmethod
+    def from_dict(cls, d, model):
+        be = model.backend
+        weights = None if d["weights"] is None else {k: device_copy(be, v) for k, v in d["weights"].items()}
+        return cls(int(d["s0"]), int(d["s1"]), int(d["start"]), int(d["steps"]),
+                   None if d["keep"] is None else device_copy(be, d["keep"]), copy.deepcopy(d["rng_state"]),
+                   int(d["rows"]), weights, _state_from_host(d["state"], model))
+
+
+def _state_parts(state):
+    return state if isinstance(state, tuple) else (state,)
+
+
+def _state_from_host(parts, model):
+    """The state of host arrays ``parts`` ([h] or [h, c]) on ``model``'s backend (None stays)."""
+    if parts is None:
+        return None
+    parts = tuple(device_copy(model.backend, s) for s in parts)
+    if len(parts) != (2 if model.cell == "lstm" else 1):
+        raise ValueError(f"the carried state has {len(parts)} parts; a {model.cell} model's has "
+                         f"{2 if model.cell == 'lstm' else 1}")
+    return parts if model.cell == "lstm" else parts[0]
+
 
 def reset_rows(state, keep):
     """state h [L,B,H] (or (h, c)) times keep [B] (0 = that stream resets); None stays None."""
@@ -279,15 +332,15 @@ class Position:
     def to_dict(self, backend):
         """Plain dict of host arrays and JSON-able values: {"group", "offset", "fingerprint",
         "batch_size", "rng_state", "state": None or [h] / [h, c] ([L,B,H] each), "ring": [{"s0",
-        "s1", "cache": the model cache's dict, "keep": [B] or None}]}; any backend reads it."""
+        "s1", "cache": the model cache's dict, "keep": [B] or None}] (with ``memory`` set: the
+        :meth:`Record.to_dict` of each)}; any backend reads it."""
         def to_host(a):
             return host_copy(backend, a)
 
         state = self.state
         if state is not None:
-            state = [to_host(s) for s in (state if isinstance(state, tuple) else (state,))]
-        ring = [{"s0": seg.s0, "s1": seg.s1, "cache": seg.cache.to_dict(to_host),
-                 "keep": None if seg.keep is None else to_host(seg.keep)} for seg in self.ring]
+            state = [to_host(s) for s in _state_parts(state)]
+        ring = [seg.to_dict(to_host) for seg in self.ring]
         return {"group": self.group, "offset": self.offset, "fingerprint": self.fingerprint,
                 "batch_size": self.batch_size, "rng_state": copy.deepcopy(self.rng_state),
                 "state": state, "ring": ring}
@@ -297,14 +350,9 @@ class Position:
         """The Position of :meth:`to_dict`'s dict ``d`` on ``model``'s backend; the ring's caches
         are rebuilt by ``model`` and belong to its layers."""
         be = model.backend
-        state = d["state"]
-        if state is not None:
-            parts = tuple(device_copy(be, s) for s in state)
-            if len(parts) != (2 if model.cell == "lstm" else 1):
-                raise ValueError(f"the carried state has {len(parts)} parts; a {model.cell} model's has "
-                                 f"{2 if model.cell == 'lstm' else 1}")
-            state = parts if model.cell == "lstm" else parts[0]
-        ring = tuple(Segment(int(s["s0"]), int(s["s1"]), model.cache_from_dict(s["cache"]), None,
+        state = _state_from_host(d["state"], model)
+        ring = tuple(Record.from_dict(s, model) if "start" in s else
+                     Segment(int(s["s0"]), int(s["s1"]), model.cache_from_dict(s["cache"]), None,
                              None if s["keep"] is None else device_copy(be, s["keep"])) for s in d["ring"])
         return cls(int(d["group"]), int(d["offset"]), state, ring, copy.deepcopy(d["rng_state"]),
                    int(d["fingerprint"]), int(d["batch_size"]))

@@ -10,14 +10,18 @@ recompute the activations between them during backward (docs/memory.md).
   schedule with the least recomputation whose counted peak fits the budget.
 """
 
+import contextlib
+import functools
 import math
 import re
 
 import numpy as np
 
+from bptt.batches import reset_rows
 from bptt_kernels import GATES
 
-__all__ = ["parse_memory", "state_bytes", "step_bytes", "smallest_budget", "check_budget"]
+__all__ = ["parse_memory", "loss_and_backward", "state_bytes", "step_bytes", "plan_window", "sqrt_plan",
+           "budget_plan", "WindowPlan", "Window", "Replay"]
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _BUDGET = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
@@ -83,17 +87,374 @@ def _cache_nbytes(cache):
     return walk(cache.to_dict(lambda a: a))
 
 
-def smallest_budget(model, batch_size):
-    """The smallest feasible budget: one boundary state and one step with its activations."""
-    return state_bytes(model, batch_size) + step_bytes(model, batch_size)
+# ------------------------------------------------------------------------------------------
+# Replaying part of a forward call
 
 
-def check_budget(memory, model, batch_size):
-    """ValueError (one line) where the budget ``memory`` (bytes) is below the smallest feasible
-    one for ``model`` on B = ``batch_size`` rows; "sqrt" and None pass."""
-    if not isinstance(memory, int):
+class Replay:
+    """Steps [offset, offset + t) of a forward call over ``steps`` steps that began with the
+    dropout RNG in ``rng_state``: :meth:`draw` gives the masks' uniforms that call drew for
+    these steps. The call drew one [steps, B, F_j] block per dropout site j in order, one 64-bit
+    draw per float (numpy's PCG64), so site j's rows of step ``offset`` start
+    sum_{i<j} steps B F_i + offset B F_j draws after ``rng_state``. ``rows``: the call's T*B
+    (a language model folds its embedding as that call did)."""
+
+    def __init__(self, rng_state, steps, offset, rows):
+        self.rng_state, self.steps, self.offset, self.rows = rng_state, steps, offset, rows
+        self.drawn = 0                  # draws of the whole call's sites so far
+
+    def draw(self, shape):
+        """Uniforms [t, B, F...] of the next dropout site at these steps."""
+        width = int(np.prod(shape[1:]))
+        bits = np.random.PCG64()
+        bits.state = self.rng_state
+        bits.advance(self.drawn + self.offset * width)
+        self.drawn += self.steps * width
+        return np.random.Generator(bits).random(shape)
+
+
+def advance_rng(rng, draws):
+    """Move ``rng`` (a PCG64 Generator) on by ``draws`` 64-bit draws."""
+    if draws:
+        rng.bit_generator.advance(draws)
+
+
+# ------------------------------------------------------------------------------------------
+# Schedules
+#
+# A plan of n steps whose entering state is kept is a leaf (an int n: run the n steps forward
+# keeping their activations, backpropagate them) or a split (left, right): run the left plan's
+# steps forward without keeping activations, keep the state after them (one more slot), do the
+# right plan, drop that state, then do the left plan. A window of the trainer (steps [w0, t1))
+# is an ``old`` plan over the steps before the chunk (k2 > k1: recomputed from the kept state
+# at w0) and the chunk's top-level ``pieces``: the first pass runs the chunk forward once (for
+# its loss and the carried state) and keeps the state entering every piece; backward takes the
+# pieces last first, each by its plan. A last piece that is a leaf keeps its activations from
+# the first pass (nothing recomputed).
+
+DP_UNITS = 128     # the budget's dynamic program runs over at most this many units of steps
+
+
+def plan_steps(plan):
+    """Steps a plan covers."""
+    return plan if isinstance(plan, int) else plan_steps(plan[0]) + plan_steps(plan[1])
+
+
+def plan_leaves(plan):
+    """The leaf lengths of a plan, in step order (every forward runs leaf by leaf)."""
+    if isinstance(plan, int):
+        return [plan]
+    return plan_leaves(plan[0]) + plan_leaves(plan[1])
+
+
+class WindowPlan:
+    """old: None or the plan of the steps before the chunk; pieces: plans of the chunk's
+    top-level pieces; recomputed: steps run forward a second time (or more) during backward;
+    peak: the counted bytes at the peak (:func:`simulate`)."""
+
+    def __init__(self, old, pieces, recomputed, peak):
+        self.old, self.pieces, self.recomputed, self.peak = old, pieces, recomputed, peak
+
+    def __repr__(self):
+        return (f"WindowPlan(old={self.old}, pieces={self.pieces}, recomputed={self.recomputed}, "
+                f"peak={self.peak})")
+
+
+def _chain(n, k):
+    """Pieces of k steps, each kept state after the last: the plan of ``sqrt`` over old steps."""
+    return n if n <= k else (k, _chain(n - k, k))
+
+
+def _tree_cost(plan, held, slot, step):
+    """(steps recomputed, counted peak bytes) of backpropagating ``plan`` with ``held`` states
+    kept: a leaf holds its steps' activations, a split first runs its left leaves forward."""
+    if isinstance(plan, int):
+        return plan, held * slot + plan * step
+    left, right = plan
+    cost_r, peak_r = _tree_cost(right, held + 1, slot, step)
+    cost_l, peak_l = _tree_cost(left, held, slot, step)
+    forward_peak = held * slot + max(plan_leaves(left)) * step
+    return plan_steps(left) + cost_r + cost_l, max(forward_peak, peak_r, peak_l)
+
+
+def simulate(old, pieces, slot, step, held=0):
+    """(steps recomputed, counted peak bytes) of a window plan, as the executor runs it:
+    ``held`` states kept throughout (those kept for later windows), one more for the window's
+    first state when there are old steps; the first pass keeps the state entering each piece
+    while it runs the pieces' leaves; backward takes the pieces last first."""
+    base = held + (old is not None)
+    recomputed, peak = 0, 0
+    for i, piece in enumerate(pieces):                                  # the first pass
+        peak = max(peak, (base + i + 1) * slot + max(plan_leaves(piece)) * step)
+    for i in reversed(range(len(pieces))):
+        if i == len(pieces) - 1 and isinstance(pieces[i], int):
+            continue                                                    # kept from the first pass
+        cost, p = _tree_cost(pieces[i], base + i + 1, slot, step)
+        recomputed, peak = recomputed + cost, max(peak, p)
+    if old is not None:
+        cost, p = _tree_cost(old, held + 1, slot, step)
+        recomputed, peak = recomputed + cost, max(peak, p)
+    return recomputed, peak
+
+
+def sqrt_plan(n_old, n_new, slot, step, held=0):
+    """Pieces of ceil(sqrt(n)) steps over the window of n = n_old + n_new steps."""
+    k = math.ceil(math.sqrt(n_old + n_new))
+    old = _chain(n_old, k) if n_old else None
+    pieces = [min(k, n_new - a) for a in range(0, n_new, k)]
+    return WindowPlan(old, pieces, *simulate(old, pieces, slot, step, held))
+
+
+def _units_to_steps(plan, first, g, n):
+    """A plan over units of g steps (unit ``first`` on) as a plan over the part's n steps."""
+    if isinstance(plan, int):
+        return min((first + plan) * g, n) - first * g
+    size = plan_steps(plan[0])
+    return (_units_to_steps(plan[0], first, g, n), _units_to_steps(plan[1], first + size, g, n))
+
+
+def _budget_tables(budget, slot, unit_bytes, units, held):
+    """Gruslys et al.'s dynamic program over units: Q[t, j] the least units recomputed to
+    backpropagate t units with j states kept (leaf if its activations fit beside them, else the
+    best first split y: y + Q[t - y, j + 1] + Q[y, j]); F[t, j] the same for the chunk's
+    top-level pieces, whose forward the first pass makes (a kept last leaf costs 0). Returns
+    (Q, F, the best y of each)."""
+    J = held + units + 2
+    Q, F = np.full((units + 1, J + 1), np.inf), np.full((units + 1, J + 1), np.inf)
+    Qy, Fy = np.zeros((units + 1, J + 1), np.int64), np.zeros((units + 1, J + 1), np.int64)
+    Q[0, :] = F[0, :] = 0
+    for j in reversed(range(held, J)):
+        fits = max(0, (budget - j * slot) // unit_bytes)           # units of activations beside j states
+        for t in range(1, units + 1):
+            if t <= fits:
+                Q[t, j], F[t, j] = t, 0
+                continue
+            ys = np.arange(1, t)
+            if not len(ys):
+                continue
+            q = ys + Q[t - ys, j + 1] + Q[ys, j]
+            f = Q[ys, j] + F[t - ys, j + 1]
+            Qy[t, j], Fy[t, j] = ys[np.argmin(q)], ys[np.argmin(f)]
+            Q[t, j], F[t, j] = q.min(), f.min()
+    return Q, F, Qy, Fy
+
+
+def budget_plan(n_old, n_new, budget, slot, step, held=0):
+    """The plan of least recomputation whose counted peak fits ``budget`` bytes (None if none
+    does), over units of ceil(n / DP_UNITS) steps."""
+    return _budget_plan(n_old, n_new, int(budget), int(slot), int(step), held)
+
+
+@functools.lru_cache(maxsize=64)
+def _budget_plan(n_old, n_new, budget, slot, step, held):
+    g = max(1, math.ceil((n_old + n_new) / DP_UNITS))
+    u_old, u_new = math.ceil(n_old / g), math.ceil(n_new / g)
+    Q, F, Qy, Fy = _budget_tables(budget, slot, g * step, u_old + u_new, held)
+
+    def q_tree(t, j):
+        y = int(Qy[t, j])
+        return t if y == 0 else (q_tree(y, j), q_tree(t - y, j + 1))
+
+    def f_pieces(t, j):
+        if F[t, j] == 0:
+            return [t]
+        y = int(Fy[t, j])
+        return [q_tree(y, j)] + f_pieces(t - y, j + 1)
+
+    first = held + 1 + (n_old > 0)                 # states kept while the first piece is done
+    if not math.isfinite(F[u_new, first]) or (n_old and not math.isfinite(Q[u_old, held + 1])):
+        return None
+    old = _units_to_steps(q_tree(u_old, held + 1), 0, g, n_old) if n_old else None
+    pieces, at = [], 0
+    for piece in f_pieces(u_new, first):
+        pieces.append(_units_to_steps(piece, at, g, n_new))
+        at += plan_steps(piece)
+    recomputed, peak = simulate(old, pieces, slot, step, held)
+    return WindowPlan(old, pieces, recomputed, peak)
+
+
+# ------------------------------------------------------------------------------------------
+# Running a window by its plan
+
+
+@contextlib.contextmanager
+def _weights(model, weights):
+    """Run with ``weights`` ({name: array}) in place of the model's (None: as they are)."""
+    if weights is None:
+        yield
         return
-    need = smallest_budget(model, batch_size)
-    if memory < need:
-        raise ValueError(f"memory={memory:,} bytes is below the smallest feasible budget {need:,} bytes for this "
-                         f"model at batch size {batch_size} (one boundary state and one step's activations)")
+    current = {name: model.params[name].copy() for name in weights}
+    try:
+        for name, w in weights.items():
+            model.params[name][...] = w
+        yield
+    finally:
+        for name, w in current.items():
+            model.params[name][...] = w
+
+
+def forward_weights(model):
+    """Copies of the parameters a forward of the recurrent stack reads ({name: array})."""
+    return {name: p.copy() for name, p in model.params.items() if name.startswith("rnn.") or name == "encoder.weight"}
+
+
+class Window:
+    """Backpropagation of steps [w0, t1) of a group ``rows`` through ``records`` (:class:`bptt.batches.Record`,
+    covering [w0, t1) in order, the first one holding the state entering w0) by a plan.
+
+    The steps of the chunk [t0, t1) carry the loss (``divisor``: the mean's count; ``loss_terms``:
+    whether this chunk has any). ``on_dh(dh_list)``: called with each backward call's per-level
+    dL/dh (newest steps first), or None.
+    """
+
+    def __init__(self, model, rows, records, t0, divisor, loss_terms, on_dh=None):
+        self.model, self.rows, self.records, self.t0 = model, rows, records, t0
+        self.divisor, self.loss_terms, self.on_dh = divisor, loss_terms, on_dh
+        self.states = {}            # step -> state entering it: the top-level pieces' of the chunk
+        self.kept = None            # the chunk's last leaf, forward with activations, from the first pass
+        self.store_at = ()          # steps whose entering state the first pass keeps in their record
+
+    def _parts(self, a, b):
+        for rec in self.records:
+            if rec.s1 > a and rec.s0 < b:
+                yield rec, max(a, rec.s0), min(b, rec.s1)
+
+    def forward(self, a, b, state, first_pass=False):
+        """Steps [a, b) forward from ``state`` (entering a) as forward calls of their records ->
+        (state entering b, loss of the chunk's steps among them, [(record, p0, cache, dout)])."""
+        model, loss, parts = self.model, 0.0, []
+        for rec, p0, p1 in self._parts(a, b):
+            if first_pass and p0 == rec.s0 and p0 in self.store_at:
+                rec.state = state
+            if first_pass and p0 == rec.start:
+                rng_state = model.rng.bit_generator.state
+                for other in self.records:
+                    if other.start == rec.start:
+                        other.rng_state = rng_state
+            if p0 == rec.start and rec.keep is not None:
+                state = reset_rows(state, rec.keep)
+            replay = Replay(rec.rng_state, rec.steps, p0 - rec.start, rec.rows)
+            model.replay = replay
+            try:
+                with _weights(model, rec.weights):
+                    out, state, cache = self.rows.forward(model, p0, p1, state, train=True)
+            finally:
+                model.replay = None
+            if first_pass and p0 == rec.start:
+                advance_rng(model.rng, replay.drawn)        # as far as the call's own draws took it
+            dout = None
+            if p0 >= self.t0 and self.loss_terms:
+                part_loss, dout = self.rows.loss(model.backend, out, p0, p1, self.divisor)
+                loss += part_loss
+            parts.append((rec, p0, cache, dout))
+        return state, loss, parts
+
+    def first_pass(self, state, pieces, store_at):
+        """Forward the chunk [t0, t1) leaf by leaf of ``pieces`` from the carried ``state``;
+        keep the state entering each piece and every step of ``store_at`` (into its record's
+        ``state``), and the last leaf's activations where the last piece is a leaf. Returns
+        (the chunk's loss, the state after it)."""
+        loss, a, self.store_at = 0.0, self.t0, store_at
+        for i, piece in enumerate(pieces):
+            self.states[a] = state
+            last = i == len(pieces) - 1
+            for n in plan_leaves(piece):
+                state, leaf_loss, parts = self.forward(a, a + n, state, first_pass=True)
+                loss, a = loss + leaf_loss, a + n
+            if last and isinstance(piece, int):
+                self.kept = parts
+        return loss, state
+
+    def backward(self, old, pieces, dstate=None):
+        """Backpropagate the pieces last first, then the old steps; returns dL/d(state entering w0)."""
+        starts = [self.t0]
+        for piece in pieces[:-1]:
+            starts.append(starts[-1] + plan_steps(piece))
+        for i in reversed(range(len(pieces))):
+            kept = self.kept if i == len(pieces) - 1 else None
+            dstate = self._backprop(pieces[i], starts[i], self.states.pop(starts[i]), dstate, kept)
+        self.kept = None
+        if old is not None:
+            dstate = self._backprop(old, self.records[0].s0, self.records[0].state, dstate)
+        return dstate
+
+    def _backprop(self, plan, a, state, dstate, kept=None):
+        """Backpropagate ``plan`` over steps from a (``state`` entering it), dL/d(state after) ``dstate``."""
+        if isinstance(plan, int):
+            parts = kept if kept is not None else self.forward(a, a + plan, state)[2]
+            for rec, p0, cache, dout in reversed(parts):
+                dstate, dh = self.model.backward(dout, cache, dstate, 0, return_dh=True)
+                if self.on_dh is not None:
+                    self.on_dh(dh)
+                if p0 == rec.start and rec.keep is not None:
+                    dstate = reset_rows(dstate, rec.keep)           # no gradient across a reset
+            return dstate
+        left, right = plan
+        mid = state
+        for n, at in _leaf_starts(left, a):
+            mid = self.forward(at, at + n, mid)[0]
+        dstate = self._backprop(right, a + plan_steps(left), mid, dstate)
+        del mid
+        return self._backprop(left, a, state, dstate)
+
+
+def _leaf_starts(plan, a):
+    """(leaf length, first step) of each leaf of ``plan`` starting at step a."""
+    out = []
+    for n in plan_leaves(plan):
+        out.append((n, a))
+        a += n
+    return out
+
+
+def plan_window(memory, n_old, n_new, slot, step, held=0):
+    """The plan of a window of ``n_old`` steps before its chunk and ``n_new`` in it under
+    ``memory`` ("sqrt" or bytes; :func:`parse_memory`), one state costing ``slot`` bytes and one
+    step's activations ``step`` bytes, ``held`` states kept beside it for later windows.
+    ValueError naming the smallest feasible budget where the budget is below it."""
+    if memory == "sqrt":
+        return sqrt_plan(n_old, n_new, slot, step, held)
+    plan = budget_plan(n_old, n_new, memory, slot, step, held)
+    if plan is None:
+        lo, hi = slot + step, (held + 2) * slot + (n_old + n_new) * step    # hi: one leaf each part
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if budget_plan(n_old, n_new, mid, slot, step, held) else (mid + 1, hi)
+        raise ValueError(f"memory={memory:,} bytes is below the smallest feasible budget {lo:,} bytes for a window "
+                         f"of {n_old + n_new} steps of this model ({slot:,} bytes a kept state, {step:,} bytes a "
+                         f"step's activations)")
+    return plan
+
+
+def loss_and_backward(model, inputs, targets, state=None, memory="sqrt"):
+    """Loss and gradients of one forward over all T steps of ``inputs``, keeping states rather
+    than activations (``memory``: "sqrt" or a budget, :func:`parse_memory`); the same as::
+
+        out, final, cache = model.forward(inputs, state)
+        loss, dout = bptt.losses.cross_entropy(model.backend, out, targets)   # or losses.mse
+        model.backward(dout, cache)
+
+    inputs   LanguageModel: int ids [T,B]; SequenceModel: floats [T,B,I]
+    targets  LanguageModel: ids [T,B]; SequenceModel: as its readout gives (every_step: int
+             [T,B] classes (-1 ignored) or floats [T,B,O]; last_step: [B] or [B,O])
+    Cross-entropy (mean over counted targets) for int targets, MSE for float ones. Gradients are
+    added (+=) to ``model.grads``; dropout draws from ``model.rng`` as the plain forward does.
+    Returns (loss, the state after step T-1).
+    """
+    from bptt.batches import Group, Record
+    memory = parse_memory(memory)
+    if memory is None:
+        raise ValueError("memory must be 'sqrt' or a budget for loss_and_backward; got None "
+                         "(use model.forward and model.backward)")
+    if getattr(model, "bidirectional", False):
+        raise ValueError("memory needs a unidirectional model (a bidirectional stack runs from the sequence's end)")
+    every_step = getattr(model, "readout", "every_step") == "every_step"
+    host = np.asarray(targets)
+    group = Group(np.asarray(inputs) if hasattr(model, "vocab_size") else inputs, host, every_step)
+    T, B = group.T, group.B
+    plan = plan_window(memory, 0, T, state_bytes(model, B), step_bytes(model, B))
+    count = group.count(0, T)
+    window = Window(model, group, [Record(0, T, 0, T, None, rows=T * B)], 0, count, count > 0)
+    loss, final = window.first_pass(state, plan.pieces, ())
+    window.backward(None, plan.pieces)
+    return loss, final

@@ -151,7 +151,10 @@ class LanguageModel(RecurrentModelBase):
 
     def _folds_embedding(self, rows, train):
         """Whether a forward over ``rows`` = T*B tokens folds the embedding into level 0's input
-        projection (see EMBEDDING_FOLD_ROWS_PER_WORD)."""
+        projection (see EMBEDDING_FOLD_ROWS_PER_WORD); a replayed part of a forward call
+        (``replay``) decides as that whole call did."""
+        if self.replay is not None:
+            rows = self.replay.rows
         no_dropout = not train or self.dropout == 0
         return no_dropout and rows >= EMBEDDING_FOLD_ROWS_PER_WORD * self.vocab_size
 

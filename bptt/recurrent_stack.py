@@ -111,6 +111,7 @@ class RecurrentModelBase:
         init_seed, dropout_seed, *layer_seeds = seeds.spawn(2 + self.num_layers)
         self.rng = np.random.default_rng(dropout_seed)        # dropout masks
         self.dropout_rows = None    # (B, r0, r1): a forward holds rows r0..r1-1 of a batch of B (_dropout)
+        self.replay = None          # a bptt.memory.Replay while a part of an earlier forward call is rerun
         self.layers = [make_layer(cell, input_size if k == 0 else self.num_directions * self.hidden_size,
                                   self.hidden_size, self.dtype, layer_seeds[k], self.bidirectional)
                        for k in range(self.num_layers)]
@@ -205,14 +206,16 @@ class RecurrentModelBase:
         """Inverted dropout on a [T,B,H] device array -> (dropped, mask or None). With
         ``dropout_rows`` = (B, r0, r1) (data-parallel training: ``a`` holds rows r0..r1-1 of a
         batch of B) the mask is drawn for all B rows, as one process draws it, and rows r0..r1-1
-        are kept."""
+        are kept. With ``replay`` set (:class:`bptt.memory.Replay`) the draws are those the
+        replayed forward call made for these steps, and ``rng`` is not touched."""
         if not train or self.dropout == 0:
             return a, None
+        draw = self.rng.random if self.replay is None else self.replay.draw
         if self.dropout_rows is None:
-            keep = self.rng.random(a.shape) >= self.dropout
+            keep = draw(a.shape) >= self.dropout
         else:
             B, r0, r1 = self.dropout_rows
-            keep = self.rng.random((a.shape[0], B) + tuple(a.shape[2:]))[:, r0:r1] >= self.dropout
+            keep = draw((a.shape[0], B) + tuple(a.shape[2:]))[:, r0:r1] >= self.dropout
         mask = self.backend.asarray(keep / (1.0 - self.dropout), self.dtype)
         return a * mask, mask
 

@@ -62,12 +62,12 @@ import time
 import numpy as np
 
 from bptt import checkpoint_file
-from bptt.batches import Dataset, Position, Segment, batchify, reset_rows
+from bptt.batches import Dataset, Position, Record, Segment, batchify, reset_rows
 from bptt.data_parallel import Replicas, gather_position, local_groups, position_from_dict
 from bptt.distributed import Solo
 from bptt.evaluation import evaluate, validation_entries
 from bptt.interrupts import DeferredInterrupt, Preempted
-from bptt.memory import check_budget, parse_memory
+from bptt.memory import Window, forward_weights, parse_memory, plan_window, state_bytes, step_bytes
 from bptt.models import (LanguageModel, NonFiniteGradientError, SequenceModel, check_model_dict, load_model_dict,
                          model_from_dict, model_to_dict)
 from bptt.optim import OPTIMIZERS, ConstantLR, Optimizer, Schedule, clip_grad_norm_, schedule_from_state_dict
@@ -272,7 +272,11 @@ class Trainer:
             if any(group.lengths is not None for group in dataset.groups):
                 raise ValueError(f"memory={self.memory!r} does not apply to variable-length sequences (lengths): "
                                  f"their forward runs over all steps at once; use memory=None")
-            check_budget(self.memory, self.model, max(rows.B for rows in local))
+            self._plans = {}
+            for gi, group in enumerate(dataset.groups):      # every window's plan: a budget too small fails here
+                k = group.T if self.k1 is None else self.k1
+                for t0 in range(0, group.T, k):
+                    self._window_plan(local[gi], t0, min(t0 + k, group.T))
         keep_freed_memory = getattr(self.backend, "keep_freed_memory", None)
         if keep_freed_memory is not None:   # cpu: the next update reuses freed pages (opt out:
             keep_freed_memory()             # BPTT_KEEP_FREED_MEMORY=0)
@@ -366,22 +370,26 @@ class Trainer:
         group, rows = dataset.groups[gi], local[gi]
         count = group.count(t0, t1)                     # loss terms of the whole batch
         divisor = count if self._replicas is None else 1    # N ranks: sums, divided after the allreduce
-        loss = 0.0
-        for s0, s1, reset in rows.segments(t0, t1):
-            keep = None
-            if reset:
-                keep = be.asarray(~rows.resets[s0], model.dtype)                      # B
-                state = reset_rows(state, keep)
-            out, state, cache = rows.forward(model, s0, s1, state, train=True)
-            seg_loss, dout = rows.loss(be, out, s0, s1, divisor) if count else (0.0, None)
-            loss += seg_loss
-            ring.append(Segment(s0, s1, cache, dout, keep))
-
         overlap = 0 if self.k1 is None else self.k2 - self.k1
         w0 = max(0, t0 - overlap)                       # the window: steps [w0, t1)
+        window = snapshot = None
+        if self.memory is None:
+            loss = 0.0
+            for s0, s1, reset in rows.segments(t0, t1):
+                keep = None
+                if reset:
+                    keep = be.asarray(~rows.resets[s0], model.dtype)                      # B
+                    state = reset_rows(state, keep)
+                out, state, cache = rows.forward(model, s0, s1, state, train=True)
+                seg_loss, dout = rows.loss(be, out, s0, s1, divisor) if count else (0.0, None)
+                loss += seg_loss
+                ring.append(Segment(s0, s1, cache, dout, keep))
+        else:
+            snapshot = forward_weights(model) if overlap else None      # what the chunk's forward reads
+            window, loss, state = self._first_pass(rows, t0, t1, state, ring, divisor, count)
         if count:
             skipped, loss, grad_norm, dh_norms = self._backward_window(loss, ring, w0, t0, t1,
-                                                                       rows.count(t0, t1), count)
+                                                                       rows.count(t0, t1), count, window)
         with DeferredInterrupt():
             event = None
             if count:
@@ -397,13 +405,45 @@ class Trainer:
                     state, ring[:] = None, []
                 event = self._log(loss, grad_norm, skipped is not None, (t1 - t0) * group.B, clock)
             for seg in ring:
-                seg.dout = None
+                if self.memory is None:
+                    seg.dout = None
+                elif seg.weights is None:
+                    seg.weights = snapshot                # later windows recompute it as it ran
             ring[:] = [seg for seg in ring if seg.s1 > t1 - overlap]
             self.position = Position(gi, t1, state, tuple(ring), model.rng.bit_generator.state,
                                      dataset.fingerprint, dataset.batch_size)
         if self._replicas is not None and event is not None:
             self._replicas.after_update(self.step)
         return event
+
+    def _window_plan(self, rows, t0, t1):
+        """(plan, the steps of [t0, t1) where a later window starts) of the window ending with the
+        chunk [t0, t1) of ``rows`` under ``memory``; ValueError where the budget is too small."""
+        overlap = 0 if self.k1 is None else self.k2 - self.k1
+        starts = () if not overlap else tuple(s - overlap for s in range(t1, t1 + overlap + 1, self.k1)
+                                              if t0 <= s - overlap < t1)
+        held = 0 if not overlap else math.ceil(overlap / self.k1) + 1      # states kept for later windows
+        key = (rows.B, t0 - max(0, t0 - overlap), t1 - t0, held)
+        if key not in self._plans:
+            slot, step = state_bytes(self.model, rows.B), step_bytes(self.model, rows.B)
+            self._plans[key] = plan_window(self.memory, key[1], key[2], slot, step, held)
+        return self._plans[key], starts
+
+    def _first_pass(self, rows, t0, t1, state, ring, divisor, count):
+        """``memory`` set: the chunk's forward by its plan, keeping states, not activations: its
+        records go into ``ring``. Returns (the :class:`bptt.memory.Window` for backward, the
+        chunk's loss, the state after it)."""
+        plan, starts = self._window_plan(rows, t0, t1)
+        records = []
+        for s0, s1, reset in rows.segments(t0, t1):
+            keep = self.backend.asarray(~rows.resets[s0], self.model.dtype) if reset else None
+            cuts = [s0] + [s for s in starts if s0 < s < s1] + [s1]
+            records += [Record(a, b, s0, s1 - s0, keep, rows=(s1 - s0) * rows.B) for a, b in zip(cuts, cuts[1:])]
+        w0 = max(0, t0 - (0 if self.k1 is None else self.k2 - self.k1))
+        window = Window(self.model, rows, [rec for rec in ring if rec.s1 > w0] + records, t0, divisor, bool(count))
+        loss, state = window.first_pass(state, plan.pieces, set(starts))
+        ring += records
+        return window, loss, state
 
     def _nonfinite(self, what, t0, t1):
         msg = (f"non-finite {what} at step {self.step + 1} (epoch {self.epoch}, steps {t0}..{t1 - 1} "
@@ -412,8 +452,9 @@ class Trainer:
             raise NonFiniteError(msg + " (on_nonfinite='skip' skips such updates)")
         return msg
 
-    def _backward_window(self, loss, ring, w0, t0, t1, local_count, count):
-        """Backward over the window [w0, t1) through the ring buffer (newest segment first) into
+    def _backward_window(self, loss, ring, w0, t0, t1, local_count, count, window=None):
+        """Backward over the window [w0, t1) through the ring buffer (newest segment first), or by
+        the plan of ``window`` (``memory`` set), into
         ``model.grads``; on N ranks (``loss``: the sum of this rank's ``local_count`` terms) the
         allreduce makes them the whole batch's mean over its ``count`` terms. Returns (skip
         message or None, the window's loss, gradient norm, per-segment dh norms)."""
@@ -421,7 +462,12 @@ class Trainer:
         model.zero_grad()
         dstate, dh_norms, error = None, [], None
         try:
-            for seg in reversed(ring if math.isfinite(loss) else ()):      # a non-finite loss: none
+            if window is not None and math.isfinite(loss):
+                if self.record_grad_norms:
+                    window.on_dh = lambda dh: dh_norms.append([_step_norms(be, d) for d in dh])
+                plan, _ = self._window_plan(window.rows, t0, t1)
+                window.backward(plan.old, plan.pieces)
+            for seg in reversed(ring if math.isfinite(loss) and window is None else ()):   # non-finite loss: none
                 if seg.s1 <= w0:
                     break
                 ts = max(0, w0 - seg.s0)

@@ -1,0 +1,242 @@
+"""Memory-efficient BPTT (``memory=``, bptt.memory): the contract, the schedules, and the
+gradients against the plain path (every activation kept).
+
+Forward values (outputs, final states, dropout masks, the RNG afterwards, dL/dh) are equal bit
+for bit; parameter gradients are sums over steps that the plain path makes in one GEMM over all
+rows and the checkpointed one per recomputed piece, so they differ by float rounding (float64
+rel <= 1e-12).
+"""
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+
+import bptt
+from bptt import losses, memory
+from helpers import rel_err
+
+CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
+
+
+def _parts(state):
+    return state if isinstance(state, tuple) else (state,)
+
+
+# ------------------------------------------------------------------ contract
+
+
+@pytest.mark.parametrize("value, expected", [(None, None), ("sqrt", "sqrt"), (" SQRT ", "sqrt"), (4096, 4096),
+                                             ("512M", 512 << 20), ("2G", 2 << 30), ("300K", 300 << 10),
+                                             ("1.5G", int(1.5 * (1 << 30))), ("2gb", 2 << 30)])
+def test_parse_memory(value, expected):
+    assert memory.parse_memory(value) == expected
+
+
+@pytest.mark.parametrize("value", [0, -5, True, 1.5, "", "abc", "1.5X", "0M", "-2G", [1]])
+def test_parse_memory_refuses(value):
+    with pytest.raises(ValueError, match=r"^memory must be .*; got ") as e:
+        memory.parse_memory(value)
+    assert "\n" not in str(e.value)
+
+
+def test_trainer_records_memory_in_config_and_checkpoint(tmp_path, rng):
+    model = bptt.LanguageModel(11, 4, 6, seed=1)
+    trainer = bptt.Trainer(model, bptt.SGD(lr=0.1), k1=4, memory="1M")
+    assert trainer.memory == 1 << 20 and trainer.config["memory"] == 1 << 20
+    trainer.fit(rng.integers(0, 11, 200), batch_size=2, max_steps=3)
+    trainer.save_checkpoint(tmp_path / "c.ckpt")
+    assert bptt.Trainer.from_checkpoint(tmp_path / "c.ckpt").memory == 1 << 20
+    sd = trainer.state_dict()
+    del sd["config"]["memory"]                                  # a checkpoint saved before memory existed
+    fresh = bptt.Trainer(bptt.LanguageModel(11, 4, 6, seed=1), bptt.SGD(lr=0.1), k1=4, memory="sqrt")
+    fresh.load_state_dict(sd)
+    assert fresh.memory is None
+
+
+def test_budget_below_the_smallest_fails_before_any_update(rng):
+    model = bptt.LanguageModel(11, 4, 6, seed=1)
+    before = model.state_dict()
+    trainer = bptt.Trainer(model, bptt.SGD(lr=0.1), memory=1000)
+    with pytest.raises(ValueError, match=r"^memory=1,000 bytes is below the smallest feasible budget [\d,]+ bytes") as e:
+        trainer.fit(rng.integers(0, 11, 400), batch_size=2)
+    assert "\n" not in str(e.value) and trainer.step == 0
+    assert all(np.array_equal(before[k], v) for k, v in model.state_dict().items())
+    smallest = int(str(e.value).split("budget ")[1].split(" ")[0].replace(",", ""))
+    bptt.Trainer(model, bptt.SGD(lr=0.1), memory=smallest).fit(rng.integers(0, 11, 400), batch_size=2, max_steps=1)
+
+
+def test_bidirectional_refused():
+    model = bptt.SequenceModel(3, 4, 2, bidirectional=True)
+    with pytest.raises(ValueError, match="memory='sqrt' needs a unidirectional model"):
+        bptt.Trainer(model, bptt.SGD(lr=0.1), memory="sqrt")
+
+
+# ------------------------------------------------------------------ schedules
+
+
+def _brute_force(n, budget, slot, step, held=1):
+    """The least recomputation of any plan of n steps (every tree of splits) within budget."""
+    best = math.inf
+
+    def trees(t):
+        yield t
+        for y in range(1, t):
+            for left in trees(y):
+                for right in trees(t - y):
+                    yield (left, right)
+
+    for pieces in _compositions(n):
+        for trees_of in itertools.product(*[list(trees(p)) for p in pieces]):
+            cost, peak = memory.simulate(None, list(trees_of), slot, step, held - 1)
+            if peak <= budget:
+                best = min(best, cost)
+    return best
+
+
+def _compositions(n):
+    for cuts in itertools.product((0, 1), repeat=n - 1):
+        pieces, size = [], 1
+        for c in cuts:
+            if c:
+                pieces.append(size)
+                size = 1
+            else:
+                size += 1
+        yield pieces + [size]
+
+
+@pytest.mark.parametrize("n", [1, 3, 5, 6])
+def test_budget_plan_is_optimal_and_fits(n):
+    slot, step = 2, 3
+    for budget in range(slot + step, 2 * slot + n * step + 1):
+        plan = memory.budget_plan(0, n, budget, slot, step)
+        best = _brute_force(n, budget, slot, step)
+        if plan is None:
+            assert best == math.inf, (n, budget)
+            continue
+        assert plan.peak <= budget and plan.recomputed == best, (n, budget, plan, best)
+        assert memory.simulate(None, plan.pieces, slot, step) == (plan.recomputed, plan.peak)
+
+
+@pytest.mark.parametrize("n_old, n_new", [(0, 1000), (0, 100000), (40, 35), (0, 7)])
+def test_plans_fit_their_budget_and_cover_the_window(n_old, n_new):
+    slot, step = 131072, 450000                       # 2-layer LSTM H=256 B=32, float32
+    for fraction in (0.02, 0.05, 0.3):
+        budget = int(fraction * (n_old + n_new) * step) + 4 * slot
+        plan = memory.budget_plan(n_old, n_new, budget, slot, step)
+        if plan is None:
+            continue
+        assert plan.peak <= budget
+        assert sum(memory.plan_steps(p) for p in plan.pieces) == n_new
+        assert (plan.old is None) == (n_old == 0) and (not n_old or memory.plan_steps(plan.old) == n_old)
+
+
+def test_sqrt_plan_pieces():
+    plan = memory.sqrt_plan(0, 1000, 1, 1)
+    assert plan.pieces == [32] * 31 + [8] and plan.recomputed == 1000 - 8
+    plan = memory.sqrt_plan(20, 80, 1, 1)
+    assert plan.pieces == [10] * 8 and memory.plan_leaves(plan.old) == [10, 10]
+
+
+# ------------------------------------------------------------------ the model-level helper
+
+
+def _plain(model, inputs, targets):
+    out, final, cache = model.forward(inputs)
+    if np.asarray(targets).dtype.kind in "iu":
+        loss, dout = losses.cross_entropy(model.backend, out, targets)
+    else:
+        loss, dout = losses.mse(model.backend, out, targets)
+    model.backward(dout, cache)
+    return loss, final
+
+
+def _check_same(model, inputs, targets, mem, dtype):
+    rng_state = model.rng.bit_generator.state
+    model.zero_grad()
+    loss0, final0 = _plain(model, inputs, targets)
+    grads0 = {k: np.array(model.backend.to_host(g)) for k, g in model.grads.items()}
+    rng_after = model.rng.bit_generator.state
+    model.rng.bit_generator.state = rng_state
+    model.zero_grad()
+    loss1, final1 = memory.loss_and_backward(model, inputs, targets, memory=mem)
+    assert all(np.array_equal(model.backend.to_host(a), model.backend.to_host(b))
+               for a, b in zip(_parts(final0), _parts(final1)))
+    assert model.rng.bit_generator.state == rng_after
+    rtol = 1e-12 if dtype == np.float64 else 1e-4
+    assert abs(loss1 - loss0) <= rtol * abs(loss0)
+    for k, g in grads0.items():
+        assert rel_err(model.backend.to_host(model.grads[k]), g) <= rtol, k
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("layers", [1, 3])
+def test_loss_and_backward_language_model(backend, rng, cell, layers):
+    model = bptt.LanguageModel(17, 5, 6, num_layers=layers, cell=cell, dropout=0.25, dtype=np.float64, seed=2)
+    ids, targets = rng.integers(0, 17, (29, 3)), rng.integers(0, 17, (29, 3))
+    for mem in ("sqrt", 12000):
+        _check_same(model, ids, targets, mem, np.float64)
+
+
+@pytest.mark.parametrize("readout", ["every_step", "last_step"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_loss_and_backward_sequence_model(backend, rng, readout, dtype):
+    model = bptt.SequenceModel(3, 5, 2, num_layers=2, cell="lstm", readout=readout, dtype=dtype, seed=4)
+    x = rng.standard_normal((23, 4, 3)).astype(dtype)
+    y = rng.standard_normal((23, 4, 2) if readout == "every_step" else (4, 2)).astype(dtype)
+    _check_same(model, x, y, "sqrt", dtype)
+
+
+# ------------------------------------------------------------------ the trainer
+
+
+def _train(mem, data, resets, k1, k2, cell="lstm", steps=10, dtype=np.float64):
+    model = bptt.LanguageModel(13, 6, 7, num_layers=2, cell=cell, dropout=0.3, dtype=dtype, seed=3)
+    trainer = bptt.Trainer(model, bptt.SGD(lr=0.5), k1=k1, k2=k2, clip_norm=1.0, memory=mem,
+                           record_grad_norms=True)
+    trainer.fit(data, batch_size=3, max_steps=steps, reset_mask=resets)
+    return trainer
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("k1, k2", [(8, 8), (6, 15)])
+def test_trainer_language_model_matches_plain(backend, rng, cell, k1, k2):
+    data = rng.integers(0, 13, 600)
+    resets = rng.random(600) < 0.03
+    plain = _train(None, data, resets, k1, k2, cell)
+    for mem in ("sqrt", 9000):
+        ours = _train(mem, data, resets, k1, k2, cell)
+        assert ours.model.rng.bit_generator.state == plain.model.rng.bit_generator.state
+        for k, p in plain.model.params.items():
+            assert rel_err(ours.model.params[k], p) <= 1e-12, k
+        assert np.allclose(ours.history["loss"], plain.history["loss"], rtol=1e-12, atol=0)
+        for d0, d1 in zip(plain.history["grad_diagnostics"], ours.history["grad_diagnostics"]):
+            assert np.allclose(d1["dh_norms"], d0["dh_norms"], rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("readout", ["every_step", "last_step"])
+def test_trainer_sequence_model_full_bptt(backend, rng, readout):
+    x = rng.standard_normal((6, 40, 3))
+    y = rng.integers(0, 2, (6, 40) if readout == "every_step" else (6,))
+    weights = []
+    for mem in (None, "sqrt"):
+        model = bptt.SequenceModel(3, 5, 2, num_layers=3, cell="gru", readout=readout, dtype=np.float64, seed=5)
+        bptt.Trainer(model, bptt.Adam(lr=0.01), memory=mem).fit((x, y), batch_size=3, epochs=2)
+        weights.append(model.state_dict())
+    for k, w in weights[0].items():
+        assert rel_err(weights[1][k], w) <= 1e-11, k
+
+
+def test_resume_mid_epoch_with_memory(tmp_path, rng):
+    data = rng.integers(0, 13, 600)
+    resets = rng.random(600) < 0.03
+    whole = _train(9000, data, resets, 6, 15, steps=12)
+    first = _train(9000, data, resets, 6, 15, steps=5)
+    assert first.position is not None and first.position.ring
+    first.save_checkpoint(tmp_path / "c.ckpt")
+    resumed = bptt.Trainer.from_checkpoint(tmp_path / "c.ckpt")
+    resumed.fit(data, batch_size=3, max_steps=12, reset_mask=resets)
+    for k, p in whole.model.params.items():
+        assert np.array_equal(resumed.model.params[k], p), k
