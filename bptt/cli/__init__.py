@@ -50,6 +50,7 @@ Examples::
     bptt train --task copy --k1 10 --k2 30         # window spans it: recall accuracy > 0.9
     bptt train --task varlen --lag 100 --bidirectional   # lengths 5..100, classified at their ends
     bptt train --grad-norms --cell rnn_tanh --k1 20 --k2 60   # writes grad_norms.json / .png
+    bptt train --task adding --lag 2000 --memory sqrt   # full BPTT over 2000 steps, states kept every ~45
     bptt train --level word --eval-every 100 --lr-plateau 4 --patience 5 --out runs/w
     mpiexec -n 2 bptt train --distributed mpi --out runs/dp   # 2 processes, batch/2 streams each
     bptt plot runs/w                               # runs/w/training.png

@@ -29,7 +29,7 @@ FIXED_ON_RESUME = ("data", "level", "max_chars", "encoding", "decode_errors", "t
                    "batch_size", "optimizer", "lr", "clip", "seed", "lr_decay", "lr_decay_after", "lr_plateau")
 # Flags a resumed run may change.
 FREE_ON_RESUME = ("epochs", "max_steps", "json", "grad_norms", "sample_length", "backend", "out",
-                  "save_every", "save_every_minutes", "keep", "distributed")
+                  "save_every", "save_every_minutes", "keep", "distributed", "memory")
 # Checkpoints of `bptt train`: every 5 minutes by default (a killed run loses at most that), the
 # last 2 kept (bptt.checkpointing).
 SAVE_EVERY_MINUTES = 5.0
@@ -110,6 +110,20 @@ def _fraction(text):
 _fraction.__name__ = "fraction"
 
 
+def _memory(text):
+    """An argparse type: the activation memory of backpropagation, ``sqrt`` or a budget
+    (``512M``, ``2G``, bytes) as :func:`bptt.memory.parse_memory` reads it (imported only when
+    the flag is given: ``bptt --help`` loads no NumPy)."""
+    from bptt.memory import parse_memory
+    try:
+        return parse_memory(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+_memory.__name__ = "memory"
+
+
 def _listed(defaults):
     return ", ".join(f"{k}={v}" for k, v in defaults.items())
 
@@ -168,6 +182,11 @@ def build_parser():
     g.add_argument("--optimizer", choices=("sgd", "adam"))
     g.add_argument("--lr", type=_positive(float), metavar="X")
     g.add_argument("--clip", type=_non_negative(float), metavar="X", help="global gradient-norm clip (0 = off)")
+    g.add_argument("--memory", type=_memory, metavar="sqrt|SIZE",
+                   help="activations kept for backpropagation (default: all of the window's steps): sqrt = the "
+                   "stack's state every ~sqrt(T) steps, each segment recomputed during backward (about one more "
+                   "forward pass); a budget SIZE (512M, 2G or bytes) = the least recomputation that fits it. "
+                   "Exact: the gradients of the default, to rounding")
     g.add_argument("--epochs", type=_positive(int), metavar="N")
     g.add_argument("--max-steps", type=_positive(int), metavar="N", help="stop after N updates")
     g.add_argument("--seed", type=int, metavar="N", help="initialisation, data and sampling seed (default 0)")
@@ -303,6 +322,7 @@ def resolve_train(args):
     cfg.setdefault("out", os.path.join("runs", args.task or "default"))
     cfg.setdefault("save_every_minutes", SAVE_EVERY_MINUTES)
     cfg.setdefault("keep", KEEP)
+    cfg.setdefault("memory", None)       # every activation kept
     if args.task == "adding" and cfg["lag"] < 2:
         raise UsageError(f"--lag is the sequence length of --task adding and must be >= 2; got {cfg['lag']}")
     if args.task == "varlen" and cfg["lag"] < 5:

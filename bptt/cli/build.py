@@ -183,7 +183,8 @@ def build_trainer(cfg, model, comm=None):
     else:
         optimizer = bptt.SGD(cfg["lr"])
     return bptt.Trainer(model, optimizer, k1=cfg["k1"], k2=cfg["k2"], clip_norm=cfg["clip"] or None,
-                        schedule=build_schedule(cfg), record_grad_norms=bool(cfg.get("grad_norms")), comm=comm)
+                        schedule=build_schedule(cfg), record_grad_norms=bool(cfg.get("grad_norms")), comm=comm,
+                        memory=cfg.get("memory"))
 
 
 def build_schedule(cfg):

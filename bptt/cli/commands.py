@@ -78,6 +78,22 @@ def check_ranks(cfg, comm):
                          f"--distributed mpi: each trains batch-size/{comm.size} of the streams")
 
 
+def check_memory(trainer, data, batch_size):
+    """A --memory budget below the smallest feasible one for the run's windows: ValueError (one
+    line naming that smallest budget) before the run directory or a checkpoint is written. fit
+    plans every window before its first update, so a fit with nothing left to do (its epochs
+    and max_steps already reached) plans them and returns."""
+    if isinstance(trainer.memory, int):
+        trainer.fit(data.train, batch_size, epochs=trainer.epoch, max_steps=trainer.step)
+
+
+def memory_text(memory):
+    """The --memory setting as the model line names it ("" for every activation kept)."""
+    if memory is None:
+        return ""
+    return f", memory {memory}" if memory == "sqrt" else f", memory budget {memory / 2 ** 20:.4g} MiB"
+
+
 def _train(args, cfg, ranks):
     """``bptt train`` in one process (``ranks`` None) or on the ranks of a
     :class:`bptt.data_parallel.Ranks`: each reads the data and the checkpoint and trains its
@@ -102,16 +118,20 @@ def _train(args, cfg, ranks):
         trainer = bptt.Trainer.from_checkpoint(ckpt_path, comm=comm)
         model = trainer.model
         trainer.record_grad_norms = trainer.record_grad_norms or bool(cfg.get("grad_norms"))
+        if cfg.get("memory") != trainer.memory:       # --memory given again (the results stay the same)
+            trainer._configure(**dict(trainer.config, memory=cfg["memory"]))
         data = prepare_data(cfg, run_vocab(meta, ckpt_path, model))
+        check_memory(trainer, data, cfg["batch_size"])
     else:
         check_ranks(cfg, comm)
         data = prepare_data(cfg)         # data errors first, before any backend is chosen
         backend = select_backend(cfg.get("backend"), comm)
         import bptt
-        if rank0:
-            new_run_dir(out, cfg.get("overwrite"))     # refuses a directory that holds a run
         model = build_model(cfg, len(data.vocab) if data.vocab else None)
         trainer = build_trainer(cfg, model, comm)
+        check_memory(trainer, data, cfg["batch_size"])
+        if rank0:
+            new_run_dir(out, cfg.get("overwrite"))     # refuses a directory that holds a run
     task = cfg.get("task")
     per_epoch = trainer.updates_per_epoch(data.train, cfg["batch_size"])
 
@@ -134,8 +154,9 @@ def _train(args, cfg, ranks):
     print(data.line, file=err)
     fb = f", forget bias {cfg['forget_bias']}" if cfg["cell"] == "lstm" and cfg.get("forget_bias") else ""
     bi = "bidirectional " if cfg.get("bidirectional") else ""
+    memory = memory_text(cfg.get("memory"))
     print(f"model: {bi}{cfg['cell']} {cfg['num_layers']}x{cfg['hidden_size']}{fb}, {tbptt}, batch {cfg['batch_size']}, "
-          f"{cfg['optimizer']} lr {cfg['lr']}, clip {cfg['clip']}, backend {backend.NAME}, "
+          f"{cfg['optimizer']} lr {cfg['lr']}, clip {cfg['clip']}{memory}, backend {backend.NAME}, "
           f"{'resuming' if args.resume else 'run dir'} {out}", file=err)
 
     compiles = backend.NAME in ("cpu", "cuda")       # Numba: compiled on first use, then cached
