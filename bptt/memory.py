@@ -223,7 +223,8 @@ def _budget_tables(budget, slot, unit_bytes, units, held):
     Q, F = np.full((units + 1, J + 1), np.inf), np.full((units + 1, J + 1), np.inf)
     Qy, Fy = np.zeros((units + 1, J + 1), np.int64), np.zeros((units + 1, J + 1), np.int64)
     Q[0, :] = F[0, :] = 0
-    for j in reversed(range(held, J)):
+    top = min(J, (budget - unit_bytes) // slot + 1)     # from j = top on not one unit fits: all inf
+    for j in reversed(range(held, top)):
         fits = max(0, (budget - j * slot) // unit_bytes)           # units of activations beside j states
         for t in range(1, units + 1):
             if t <= fits:
