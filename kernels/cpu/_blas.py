@@ -654,7 +654,64 @@ def step_product(a, sw, c, beta):
     packed form: one ``?gemm_compute`` per segment; panels: their sgemm calls; w in place:
     one row by sgemv on w's rows (given transposed: on its columns), more rows by sgemm NT on
     w's rows or, given transposed, sgemm NN on its columns. a: [B,K]  c: [B,N]."""
-    a, c = a[sw.b0:sw.b1], c[sw.b0:sw.b1]
+    _piece_product(a[sw.b0:sw.b1], sw, c[sw.b0:sw.b1], beta)
+
+
+@njit(cache=True)
+def active_buffers(sw, steps, T):
+    """Scratch for ``active_product`` of a time-loop piece (``step_weight``) whose batch rows
+    run ``steps`` [B] steps each of T: (a_rows [rows, K], c_rows [rows, N]) where some of its
+    rows stop before T and the piece is split by batch rows (its products cover whole rows);
+    else two empty arrays (every step's product covers all of the piece's rows)."""
+    N, K = (sw.w.shape[1], sw.w.shape[0]) if sw.transposed else sw.w.shape
+    rows = sw.b1 - sw.b0
+    if sw.segments != 1 or sw.s1 - sw.s0 != N or rows < 2 or steps[sw.b0:sw.b1].min() >= T:
+        rows = 0
+    return np.empty((rows, K), sw.w.dtype), np.empty((rows, N), sw.w.dtype)
+
+
+@njit(cache=True)
+def active_product(a, sw, c, beta, t, steps, buffers):
+    """``step_product`` for the rows b of the piece that run step t (t < steps[b]) only: they
+    are gathered into ``buffers`` (``active_buffers``), multiplied, and their rows of c
+    scattered back; the other rows of c are left as they are. With empty buffers, or where
+    every row runs step t, ``step_product`` itself."""
+    a_rows, c_rows = buffers
+    n = 0
+    for b in range(sw.b0, sw.b1):
+        if t < steps[b]:
+            n += 1
+    if a_rows.shape[0] == 0 or n == sw.b1 - sw.b0:
+        step_product(a, sw, c, beta)
+        return
+    if n == 0:
+        return
+    i = 0
+    for b in range(sw.b0, sw.b1):
+        if t < steps[b]:
+            _copy(a[b], a_rows[i])
+            if beta != 0.0:
+                _copy(c[b], c_rows[i])
+            i += 1
+    _piece_product(a_rows[:n], sw, c_rows[:n], beta)
+    i = 0
+    for b in range(sw.b0, sw.b1):
+        if t < steps[b]:
+            _copy(c_rows[i], c[b])
+            i += 1
+
+
+@njit(cache=True, inline="always")
+def _copy(src, dst):
+    """dst[:] = src[:] for two rows of one length (an element loop: Numba's slice assignment
+    checks for overlap first)."""
+    for j in range(src.size):
+        dst[j] = src[j]
+
+
+@njit(cache=True)
+def _piece_product(a, sw, c, beta):
+    """``step_product`` on a piece's rows: a [M,K], c [M,N] (M up to the piece's rows)."""
     if sw.packed.size:
         packed_product(a, sw.packed, sw.packed_size, c, beta, sw.segments, sw.stride, sw.s0,
                        sw.s1)

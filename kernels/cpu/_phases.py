@@ -61,10 +61,30 @@ def final_rows(a, lengths):
     return a[lengths - 1, np.arange(a.shape[1])]
 
 
+def valid_rows(lengths, T, B, t_start=0):
+    """int64 [N] the flat indices t*B + b (rows of a [T*B, F] view) of the steps t_start <= t
+    < T that the batch rows run (t < lengths[b]), in time order; None where every row runs
+    every step (no lengths, or all T), or where too few steps are padded to pay for gathering
+    the rows (``PACK_MAX_SHARE``). The large GEMMs then run over these N rows only
+    (``project_rows``, ``gather_rows``, ``finish_rows``)."""
+    if lengths is None:
+        return None
+    runs = np.arange(t_start, T)[:, None] < lengths[None, :]          # T-t_start, B
+    rows = np.flatnonzero(runs)
+    if rows.size > PACK_MAX_SHARE * runs.size:
+        return None
+    return rows + t_start * B
+
+
 # An input projection of fewer rows (T*B) than this is split by output columns instead: OpenBLAS
 # packs the whole W_ih on every call, and a piece of few rows does not win that back
 # (docs/performance.md, "Input projection").
 PROJECT_BY_COLUMNS_ROWS = 400
+
+# With lengths, the large GEMMs run over the steps the rows run only (``valid_rows``) where
+# those are at most this share of all T*B: gathering and scattering the rows costs a pass
+# over them (docs/performance.md, "Lengths: the large GEMMs over the rows run").
+PACK_MAX_SHARE = 0.9
 
 
 @jit(nogil=True)
@@ -98,6 +118,39 @@ def project_steps(x, w_ih, out, progress, t0, steps):
         t0, steps = t1, 2 * steps
 
 
+@jit(inline="always")
+def _gather(src, rows, dst):
+    """dst[m] = src[rows[m]] for each row m of dst [M,F] (src: [R,F], rows: [M] int64);
+    element loops (see ops._gather_kernel)."""
+    for m in range(dst.shape[0]):
+        a, b = src[rows[m]], dst[m]
+        for n in range(b.size):
+            b[n] = a[n]
+
+
+@jit(inline="always")
+def _scatter(src, rows, dst):
+    """dst[rows[m]] = src[m] for each row m of src [M,F] (dst: [R,F], rows: [M] int64)."""
+    for m in range(src.shape[0]):
+        a, b = src[m], dst[rows[m]]
+        for n in range(a.size):
+            b[n] = a[n]
+
+
+@jit(nogil=True)
+def project_rows(x, w_ih, out, rows, x_rows, out_rows, part, parts):
+    """out[T,B,G*H] = x[T,B,I] @ w_ih[G*H,I]^T at the flat rows ``rows`` [N] of [T*B]
+    (``valid_rows``) only, in ``parts`` pieces of those rows: each piece gathers its rows of x
+    into x_rows [N,I], multiplies them into out_rows [N,G*H] and scatters those into out (its
+    other rows are left as they are: the time loop writes the padded steps)."""
+    T, B, I = x.shape
+    N = out.shape[2]
+    m0, m1 = part_range(rows.size, part, parts)
+    _gather(x.reshape(T * B, I), rows[m0:m1], x_rows[m0:m1])
+    gemm_nt(x_rows[m0:m1], w_ih, out_rows[m0:m1], 0.0)
+    _scatter(out_rows[m0:m1], rows[m0:m1], out.reshape(T * B, N))
+
+
 @jit(nogil=True)
 def copy_inputs(x, out, part, parts):
     """out[T,B,G*H] = x[T,B,G*H] (an input the caller projected), rows of T*B in ``parts`` pieces."""
@@ -110,10 +163,12 @@ def copy_inputs(x, out, part, parts):
             dst[n] = src[n]
 
 
-def forward_phases(kernel, args, x, w_ih, out, parts, B, weight_size):
+def forward_phases(kernel, args, x, w_ih, out, parts, B, weight_size, lengths=None):
     """A forward's two phases: the input projection out[T,B,G*H] = x W_ih^T of all steps
     (``project_inputs``; x itself where w_ih is None: the caller projected the input), then the
     time loop ``kernel(*args, progress, flags, part, parts)`` (``_loop.run_time_loop``).
+    With ``lengths`` [B] (or None), the projection covers only the steps the rows run
+    (``valid_rows``, ``project_rows``).
     Where the loop would run on one thread alone (``_loop.overlaps_phases``), both at once:
     this thread projects the first PROJECT_FIRST_STEPS steps and runs the loop, while a worker
     projects the other steps (``project_steps``) and the loop waits for each step's rows."""
@@ -129,8 +184,15 @@ def forward_phases(kernel, args, x, w_ih, out, parts, B, weight_size):
         run_overlapped((project_steps, (x, w_ih, out, progress, first, 2 * first)),
                        (project_first_then_loop, ()), progress, consumer_here=True)
         return
+    rows = None if w_ih is None else valid_rows(lengths, T, B)
     if w_ih is None:
         run_parts(copy_inputs, (x, out), parts)
+    elif rows is not None:
+        I, GH = x.shape[2], out.shape[2]
+        x_rows = _buffers.scratch("project.x", (T * B, I), x.dtype)[:rows.size]
+        out_rows = _buffers.scratch("project.out", (T * B, GH), x.dtype)[:rows.size]
+        run_parts(project_rows, (x, w_ih, out, rows, x_rows, out_rows),
+                  phase_parts(parts, rows.size * I * GH))
     else:
         run_parts(project_inputs, (x, w_ih, out), phase_parts(parts, x.size * out.shape[2]))
     run_time_loop(kernel, args + (NO_PROGRESS,), parts, B, weight_size)
@@ -167,7 +229,7 @@ def input_side(x, w_ih, dw_ih, dg_x, t_start):
 
 
 def backward_phases(kernel, loop_args, *, inputs, h0, y, dg_x, dg_h, dw_hh, db_ih, db_hh, dh,
-                    t_start, parts):
+                    t_start, parts, lengths=None):
     """A backward's two phases: the time loop ``kernel(*loop_args, progress, flags, part,
     parts)`` from T-1 down to t_start (``_loop.run_time_loop``), then ``finish_backward`` over
     the rows t >= t_start in up to ``parts`` pieces (``phase_parts`` of its GEMMs'
@@ -178,7 +240,9 @@ def backward_phases(kernel, loop_args, *, inputs, h0, y, dg_x, dg_h, dw_hh, db_i
     the loop here publishes each step it has done, and a worker finishes FINISH_STEPS done
     steps at a time (``finish_backward_steps``), while the dx of the DX_HERE_SHARE of the
     steps that the loop reaches last (t_start onwards) is left to this thread after the loop
-    (``input_gradient``), so that both end about together."""
+    (``input_gradient``), so that both end about together. With ``lengths`` [B] (or None),
+    ``finish_backward`` covers only the steps the rows run (``valid_rows``: ``gather_rows``,
+    then ``finish_rows``)."""
     T, B, I = inputs.x.shape
     H = h0.shape[1]
     GH = dg_x.shape[2]
@@ -198,8 +262,22 @@ def backward_phases(kernel, loop_args, *, inputs, h0, y, dg_x, dg_h, dw_hh, db_i
                        progress)
         return
     run_time_loop(kernel, loop_args + (NO_PROGRESS,), parts, B, GH * H)
-    work = (T - t_start) * B * GH * (2 * I + H)
-    run_parts(finish_backward, finish_args, phase_parts(parts, work))
+    rows = valid_rows(lengths, T, B, t_start)
+    if rows is None:
+        work = (T - t_start) * B * GH * (2 * I + H)
+        run_parts(finish_backward, finish_args, phase_parts(parts, work))
+        return
+    N, dtype = rows.size, dg_x.dtype
+    x_rows, dx_rows = (_buffers.scratch(name, (T * B, I), dtype)[:N]
+                       for name in ("finish.x", "finish.dx"))
+    h_rows = _buffers.scratch("finish.h", (T * B, H), dtype)[:N]
+    gx_rows = _buffers.scratch("finish.dg_x", (T * B, GH), dtype)[:N]
+    gh_rows = gx_rows if dg_h is dg_x else _buffers.scratch("finish.dg_h", (T * B, GH), dtype)[:N]
+    pieces = phase_parts(parts, N * GH * (2 * I + H))
+    run_parts(gather_rows, (inputs.x, h0, y, dg_x, dg_h, inputs.dx, t_start, rows, x_rows,
+                            h_rows, gx_rows, gh_rows), pieces)
+    run_parts(finish_rows, (x_rows, inputs.w_ih, inputs.dw_ih, inputs.dx, h_rows, gx_rows,
+                            gh_rows, dw_hh, db_ih, db_hh, rows, dx_rows), pieces)
 
 
 @jit
@@ -214,12 +292,24 @@ def _finish_steps(x, w_ih, dw_ih, dx, h0, y, dg_x, dg_h, dw_hh, db_ih, db_hh, t0
     x2 = x.reshape(T * B, I)[first:last]                   # N,I
     gx2 = dg_x.reshape(T * B, GH)[first:last]              # N,G*H
     gh2 = dg_h.reshape(T * B, GH)[first:last]              # N,G*H
+    # h_prev: step t0 sees h0 or y[t0-1], later steps see y[t-1]
+    _weight_gradients(x2, gx2, gh2, h0 if t0 == 0 else y[t0 - 1],
+                      y.reshape(T * B, H)[first:last - B], dw_ih, dw_hh, db_ih, db_hh, r0, r1,
+                      dg_h is dg_x)
+    gemm_nn(gx2[m0:m1], w_ih, dx.reshape(T * B, I)[first + m0:first + m1], 0.0)  # dx = dg_x W_ih
+
+
+@jit
+def _weight_gradients(x2, gx2, gh2, h_first, h_rest, dw_ih, dw_hh, db_ih, db_hh, r0, r1,
+                      shared):
+    """Rows r0:r1 of dW_ih += gx2^T x2, dW_hh += gh2^T h_prev, db_ih += column sums of gx2,
+    db_hh of gh2, over N rows: x2 [N,I], gx2, gh2 [N,G*H] (the same array where ``shared``:
+    LSTM, Elman), h_prev [N,H] the rows of h_first, then those of h_rest."""
+    n_first = h_first.shape[0]
     gemm_tn(gx2[:, r0:r1], x2, dw_ih[r0:r1], 1.0)          # dW_ih += dg_x^T x
-    # dW_hh += dg_h^T h_prev: step t0 sees h0 or y[t0-1], later steps see y[t-1]
-    h_first = h0 if t0 == 0 else y[t0 - 1]
-    gemm_tn(gh2[:B, r0:r1], h_first, dw_hh[r0:r1], 1.0)
-    gemm_tn(gh2[B:, r0:r1], y.reshape(T * B, H)[first:last - B], dw_hh[r0:r1], 1.0)
-    if dg_h is dg_x:                                       # LSTM, Elman: one sum for both
+    gemm_tn(gh2[:n_first, r0:r1], h_first, dw_hh[r0:r1], 1.0)   # dW_hh += dg_h^T h_prev
+    gemm_tn(gh2[n_first:, r0:r1], h_rest, dw_hh[r0:r1], 1.0)
+    if shared:                                             # LSTM, Elman: one sum for both
         db = np.zeros(r1 - r0, db_ih.dtype)
         add_column_sums(gx2, r0, r1, db)
         db_ih[r0:r1] += db
@@ -227,7 +317,48 @@ def _finish_steps(x, w_ih, dw_ih, dx, h0, y, dg_x, dg_h, dw_hh, db_ih, db_hh, t0
     else:
         add_column_sums(gx2, r0, r1, db_ih[r0:r1])
         add_column_sums(gh2, r0, r1, db_hh[r0:r1])
-    gemm_nn(gx2[m0:m1], w_ih, dx.reshape(T * B, I)[first + m0:first + m1], 0.0)  # dx = dg_x W_ih
+
+
+@jit(nogil=True)
+def gather_rows(x, h0, y, dg_x, dg_h, dx, t_start, rows, x_rows, h_rows, gx_rows, gh_rows,
+                part, parts):
+    """The rows of the backward's GEMMs at the flat rows ``rows`` [N] of [T*B]
+    (``valid_rows``), in ``parts`` pieces of them: x_rows [N,I] of x [T,B,I], h_rows [N,H] of
+    h_prev (h0 [B,H] at step 0, else y [T,B,H] a step earlier), gx_rows, gh_rows [N,G*H] of
+    dg_x, dg_h [T,B,G*H] (gh_rows is gx_rows where dg_h is dg_x); and zeros into this piece's
+    share of dx [T,B,I]'s rows t >= t_start (``finish_rows`` then writes the rows run)."""
+    T, B, I = x.shape
+    H, GH = h0.shape[1], dg_x.shape[2]
+    m0, m1 = part_range(rows.size, part, parts)
+    mine = rows[m0:m1]
+    _gather(x.reshape(T * B, I), mine, x_rows[m0:m1])
+    _gather(dg_x.reshape(T * B, GH), mine, gx_rows[m0:m1])
+    if gh_rows is not gx_rows:
+        _gather(dg_h.reshape(T * B, GH), mine, gh_rows[m0:m1])
+    y2 = y.reshape(T * B, H)
+    for m in range(m0, m1):
+        r = rows[m]
+        src, dst = h0[r] if r < B else y2[r - B], h_rows[m]
+        for n in range(H):
+            dst[n] = src[n]
+    z0, z1 = part_range((T - t_start) * B, part, parts)
+    dx.reshape(T * B, I)[t_start * B + z0:t_start * B + z1] = 0
+
+
+@jit(nogil=True)
+def finish_rows(x_rows, w_ih, dw_ih, dx, h_rows, gx_rows, gh_rows, dw_hh, db_ih, db_hh, rows,
+                dx_rows, part, parts):
+    """``finish_backward`` over the rows that ``gather_rows`` gathered: rows r0:r1 of the
+    weight and bias gradients (``part_range`` of G*H), and dx [T,B,I] at this piece's share
+    of ``rows`` through dx_rows [N,I] (the pieces are independent)."""
+    N, I = x_rows.shape
+    T, B = dx.shape[:2]
+    r0, r1 = part_range(gx_rows.shape[1], part, parts)
+    _weight_gradients(x_rows, gx_rows, gh_rows, h_rows, h_rows[N:], dw_ih, dw_hh, db_ih,
+                      db_hh, r0, r1, gh_rows is gx_rows)
+    m0, m1 = part_range(N, part, parts)
+    gemm_nn(gx_rows[m0:m1], w_ih, dx_rows[m0:m1], 0.0)    # dx = dg_x W_ih
+    _scatter(dx_rows[m0:m1], rows[m0:m1], dx.reshape(T * B, I))
 
 
 @jit(nogil=True)

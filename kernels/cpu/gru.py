@@ -19,7 +19,7 @@ from bptt_kernels.host import RecurrentCache, check_backward, check_forward
 
 from . import _buffers
 from ._barrier import barrier, publish, wait_for
-from ._blas import step_product, step_weight
+from ._blas import active_buffers, active_product, step_weight
 from ._phases import (backward_phases, final_rows, forward_phases, gate_gradients, input_side,
                       row_steps, zero_units)
 from ._loop import layer_threads, split_ranges
@@ -65,8 +65,8 @@ def _forward_steps(h0, w_hh, b_ih, b_hh, steps, gates, hn, y, hw, progress, flag
     # The time loop for this part's batch rows b0:b1 and units j0:j1 (_loop.run_time_loop).
     # h0: [B,H]  w_hh: [3H,H]  b_ih, b_hh: [3H]
     # steps: int64 [B] row b's steps (lengths): at t >= steps[b] its gates, hn, y are written
-    #   as zeros (its step product is computed and not used; the final state is read from
-    #   step steps[b]-1 after the loop)
+    #   as zeros (the step product skips it, _blas.active_product, or computes it unused;
+    #   the final state is read from step steps[b]-1 after the loop)
     # gates: [T,B,3H] in x W_ih^T, out activated gates  hn, y: [T,B,H] out  hw: [B,3H] scratch
     # progress: step counter and abort word beside a GEMM phase (_phases.forward_phases,
     #   backward_phases), else empty  flags: barrier words when split by units, else empty
@@ -74,11 +74,12 @@ def _forward_steps(h0, w_hh, b_ih, b_hh, steps, gates, hn, y, hw, progress, flag
     H = h0.shape[1]
     b0, b1, j0, j1 = split_ranges(B, H, flags, part, parts)
     sw = step_weight(w_hh, False, G, H, b0, b1, j0, j1, flags.size != 0, T)
+    rows_buf = active_buffers(sw, steps, T)                # products of the rows running
     for t in range(T):
         if progress.size and wait_for(progress, t + 1):               # x W_ih^T of step t
             return                                                # the call was aborted
         h_prev = h0 if t == 0 else y[t - 1]
-        step_product(h_prev, sw, hw, 0.0)                             # h W_hh^T
+        active_product(h_prev, sw, hw, 0.0, t, steps, rows_buf)  # h W_hh^T
         for b in range(b0, b1):
             if t < steps[b]:
                 _cell_forward(gates[t, b], hw[b], b_ih, b_hh, h_prev[b], hn[t, b], y[t, b], H,
@@ -128,7 +129,8 @@ def _backward_steps(dy, h0, gates, hn, y, w_hh, t_start, steps, dh_next, dg_x, d
     # dy: [T,B,H]  h0: [B,H]  gates: [T,B,3H]  hn, y: [T,B,H]  w_hh: [3H,H]
     # t_start: first step to backpropagate through
     # steps: int64 [B] row b's steps (lengths): at t >= steps[b] its dg_x, dg_h and dh are
-    #   written as zeros and its dh_next passes unchanged (the step product adds zero rows)
+    #   written as zeros and its dh_next passes unchanged (the step product skips the row
+    #   or adds a zero row)
     # dh_next: [B,H] in: dL/dh_T, out: dL/d(h entering t_start)
     # dg_x, dg_h: [T,B,3H] out (rows t >= t_start)  dh: [T,B,H] out (rows t >= t_start)
     # progress: step counter and abort word beside a GEMM phase (_phases.forward_phases,
@@ -137,6 +139,7 @@ def _backward_steps(dy, h0, gates, hn, y, w_hh, t_start, steps, dh_next, dg_x, d
     H = h0.shape[1]
     b0, b1, j0, j1 = split_ranges(B, H, flags, part, parts)
     sw = step_weight(w_hh, True, 1, H, b0, b1, j0, j1, flags.size != 0, T - t_start)
+    rows_buf = active_buffers(sw, steps, T)                # products of the rows running
     for t in range(T - 1, t_start - 1, -1):
         h_prev = h0 if t == 0 else y[t - 1]
         for b in range(b0, b1):
@@ -151,7 +154,7 @@ def _backward_steps(dy, h0, gates, hn, y, w_hh, t_start, steps, dh_next, dg_x, d
             return                                                # the call was aborted
         if progress.size:
             publish(progress, T - t)                                  # steps T-1 .. t done
-        step_product(dg_h[t], sw, dh_next, 1.0)                       # += dg_h W_hh (z dh there)
+        active_product(dg_h[t], sw, dh_next, 1.0, t, steps, rows_buf)  # += dg_h W_hh (z dh there)
 
 
 def gru_forward(x, state, w_ih, w_hh, b_ih, b_hh, lengths=None):
@@ -168,7 +171,8 @@ def gru_forward(x, state, w_ih, w_hh, b_ih, b_hh, lengths=None):
     with layer_threads(T * B * G * H * (call.I + H)) as parts:
         forward_phases(_forward_steps, (h0, call.w_hh, call.b_ih, call.b_hh,
                                         row_steps(call.lengths, T, B), gates, hn, y, hw),
-                       call.x, call.w_ih, gates, parts, B, call.w_hh.size)  # x W_ih^T, then the loop
+                       call.x, call.w_ih, gates, parts, B, call.w_hh.size,
+                       call.lengths)                    # x W_ih^T, then the loop
     cache = RecurrentCache("gru", call.x, h0, y=y, gates=gates, hn=hn, lengths=call.lengths)
     return y, (final_rows(y, call.lengths),), cache
 
@@ -192,5 +196,5 @@ def gru_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh
                                           dh_next, dg_x, dg_h, dh),
                         inputs=inputs, h0=cache.h0, y=cache.y, dg_x=dg_x, dg_h=dg_h,
                         dw_hh=dw_hh, db_ih=db_ih, db_hh=db_hh, dh=dh, t_start=t_start,
-                        parts=parts)
+                        parts=parts, lengths=cache.lengths)
     return dx, (dh_next,), dh

@@ -19,7 +19,7 @@ from bptt_kernels.host import RecurrentCache, check_backward, check_forward
 
 from . import _buffers
 from ._barrier import barrier, publish, wait_for
-from ._blas import step_product, step_weight
+from ._blas import active_buffers, active_product, step_weight
 from ._phases import (backward_phases, final_rows, forward_phases, gate_gradients, input_side,
                       row_steps, zero_units)
 from ._loop import layer_threads, split_ranges
@@ -68,8 +68,8 @@ def _forward_steps(h0, c0, w_hh, bias, steps, gates, c, tanh_c, y, progress, fla
     # The time loop for this part's batch rows b0:b1 and units j0:j1 (_loop.run_time_loop).
     # h0, c0: [B,H]  w_hh: [4H,H]  bias: [4H] (b_ih + b_hh)
     # steps: int64 [B] row b's steps (lengths): at t >= steps[b] its gates, c, tanh_c, y are
-    #   written as zeros (its step product is computed and not used; the final state is read
-    #   from step steps[b]-1 after the loop)
+    #   written as zeros (the step product skips it, _blas.active_product, or computes it
+    #   unused; the final state is read from step steps[b]-1 after the loop)
     # gates: [T,B,4H] in x W_ih^T, out activated gates  c, tanh_c, y: [T,B,H] out
     # progress: step counter and abort word beside a GEMM phase (_phases.forward_phases,
     #   backward_phases), else empty  flags: barrier words when split by units, else empty
@@ -77,12 +77,13 @@ def _forward_steps(h0, c0, w_hh, bias, steps, gates, c, tanh_c, y, progress, fla
     H = h0.shape[1]
     b0, b1, j0, j1 = split_ranges(B, H, flags, part, parts)
     sw = step_weight(w_hh, False, G, H, b0, b1, j0, j1, flags.size != 0, T)
+    rows_buf = active_buffers(sw, steps, T)                # products of the rows running
     for t in range(T):
         if progress.size and wait_for(progress, t + 1):               # x W_ih^T of step t
             return                                                # the call was aborted
         h_prev = h0 if t == 0 else y[t - 1]
         c_prev = c0 if t == 0 else c[t - 1]
-        step_product(h_prev, sw, gates[t], 1.0)                       # += h W_hh^T
+        active_product(h_prev, sw, gates[t], 1.0, t, steps, rows_buf)  # += h W_hh^T
         for b in range(b0, b1):
             if t < steps[b]:
                 _cell_forward(gates[t, b], bias, c_prev[b], c[t, b], tanh_c[t, b], y[t, b], H,
@@ -130,9 +131,10 @@ def _backward_steps(dy, c0, gates, c, tanh_c, w_hh, t_start, steps, dh_final, dh
     # dy: [T,B,H]  c0: [B,H]  gates: [T,B,4H]  c, tanh_c: [T,B,H]  w_hh: [4H,H]
     # t_start: first step to backpropagate through
     # steps: int64 [B] row b's steps (lengths): at t >= steps[b] its dgates and dh are written
-    #   as zeros and dc_next passes unchanged; the step product overwrites its dh_next, so
-    #   its last step steps[b]-1 takes dL/dh there from dh_final [B,H] (dL/dh_T) instead
-    #   (the caller puts dh_final back for rows with no step in the window)
+    #   as zeros and dc_next passes unchanged; the step product skips its dh_next or
+    #   overwrites it with zeros, so its last step steps[b]-1 takes dL/dh there from dh_final
+    #   [B,H] (dL/dh_T) instead (the caller puts dh_final back for rows with no step in the
+    #   window)
     # dh_next, dc_next: [B,H] in: dL/d(final state), out: dL/d(state entering t_start)
     # dgates: [T,B,4H] out (rows t >= t_start)  dh: [T,B,H] out (rows t >= t_start)
     # progress: step counter and abort word beside a GEMM phase (_phases.forward_phases,
@@ -141,6 +143,7 @@ def _backward_steps(dy, c0, gates, c, tanh_c, w_hh, t_start, steps, dh_final, dh
     H = c0.shape[1]
     b0, b1, j0, j1 = split_ranges(B, H, flags, part, parts)
     sw = step_weight(w_hh, True, 1, H, b0, b1, j0, j1, flags.size != 0, T - t_start)
+    rows_buf = active_buffers(sw, steps, T)                # products of the rows running
     for t in range(T - 1, t_start - 1, -1):
         c_prev = c0 if t == 0 else c[t - 1]
         for b in range(b0, b1):
@@ -155,7 +158,7 @@ def _backward_steps(dy, c0, gates, c, tanh_c, w_hh, t_start, steps, dh_final, dh
             return                                                # the call was aborted
         if progress.size:
             publish(progress, T - t)                                  # steps T-1 .. t done
-        step_product(dgates[t], sw, dh_next, 0.0)                     # dL/dh_{t-1} = dgates W_hh
+        active_product(dgates[t], sw, dh_next, 0.0, t, steps, rows_buf)  # dL/dh_{t-1} = dgates W_hh
 
 
 def lstm_forward(x, state, w_ih, w_hh, b_ih, b_hh, lengths=None):
@@ -171,7 +174,8 @@ def lstm_forward(x, state, w_ih, w_hh, b_ih, b_hh, lengths=None):
     with layer_threads(T * B * G * H * (call.I + H)) as parts:
         forward_phases(_forward_steps, (h0, c0, call.w_hh, call.b_ih + call.b_hh,
                                         row_steps(call.lengths, T, B), gates, c, tanh_c, y),
-                       call.x, call.w_ih, gates, parts, B, call.w_hh.size)  # x W_ih^T, then the loop
+                       call.x, call.w_ih, gates, parts, B, call.w_hh.size,
+                       call.lengths)                    # x W_ih^T, then the loop
     cache = RecurrentCache("lstm", call.x, h0, c0, y, gates, c, tanh_c, lengths=call.lengths)
     return y, (final_rows(y, call.lengths), final_rows(c, call.lengths)), cache
 
@@ -196,7 +200,7 @@ def lstm_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_h
                                           dh_final, dh_next, dc_next, dgates, dh),
                         inputs=inputs, h0=cache.h0, y=cache.y, dg_x=dgates, dg_h=dgates,
                         dw_hh=dw_hh, db_ih=db_ih, db_hh=db_hh, dh=dh, t_start=t_start,
-                        parts=parts)
+                        parts=parts, lengths=cache.lengths)
     if cache.lengths is not None:                   # rows with no step in the window: dL/dh
         idle = cache.lengths <= t_start             # passes unchanged (the step products
         dh_next[idle] = dh_final[idle]              # wrote zeros there)

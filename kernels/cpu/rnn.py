@@ -17,7 +17,7 @@ from bptt_kernels.host import RecurrentCache, check_backward, check_forward
 
 from . import _buffers
 from ._barrier import barrier, publish, wait_for
-from ._blas import step_product, step_weight
+from ._blas import active_buffers, active_product, step_weight
 from ._phases import (backward_phases, final_rows, forward_phases, gate_gradients, input_side,
                       row_steps, zero_units)
 from ._loop import layer_threads, split_ranges
@@ -31,8 +31,8 @@ def _forward_steps(h0, w_hh, bias, relu, steps, y, progress, flags, part, parts)
     # The time loop for this part's batch rows b0:b1 and units j0:j1 (_loop.run_time_loop).
     # h0: [B,H]  w_hh: [H,H]  bias: [H] (b_ih + b_hh)  relu: bool
     # steps: int64 [B] row b's steps (lengths): at t >= steps[b] its y is written as zeros
-    #   (its step product is computed and not used; the final state is read from step
-    #   steps[b]-1 after the loop)
+    #   (the step product skips it, _blas.active_product, or computes it unused; the final
+    #   state is read from step steps[b]-1 after the loop)
     # y: [T,B,H] in x W_ih^T, out h_1 .. h_T
     # progress: step counter and abort word beside a GEMM phase (_phases.forward_phases),
     #   else empty  flags: barrier words when split by units, else empty
@@ -40,12 +40,13 @@ def _forward_steps(h0, w_hh, bias, relu, steps, y, progress, flags, part, parts)
     zero = 0 * bias[0]
     b0, b1, j0, j1 = split_ranges(B, H, flags, part, parts)
     sw = step_weight(w_hh, False, G, H, b0, b1, j0, j1, flags.size != 0, T)
+    rows_buf = active_buffers(sw, steps, T)                # products of the rows running
     bias_units = bias[j0:j1]
     for t in range(T):
         if progress.size and wait_for(progress, t + 1):               # x W_ih^T of step t
             return                                                # the call was aborted
         h_prev = h0 if t == 0 else y[t - 1]
-        step_product(h_prev, sw, y[t], 1.0)                           # += h W_hh^T
+        active_product(h_prev, sw, y[t], 1.0, t, steps, rows_buf)  # += h W_hh^T
         for b in range(b0, b1):
             h = y[t, b, j0:j1]
             if t >= steps[b]:                                         # a padded step
@@ -66,9 +67,9 @@ def _backward_steps(dy, y, relu, w_hh, t_start, steps, dh_final, dh_next, da, dh
     # The time loop backwards for this part's batch rows b0:b1 and units j0:j1.
     # dy, y: [T,B,H]  relu: bool  w_hh: [H,H]  t_start: first step
     # steps: int64 [B] row b's steps (lengths): at t >= steps[b] its da and dh are written as
-    #   zeros; the step product overwrites its dh_next, so its last step steps[b]-1 takes
-    #   dL/dh there from dh_final [B,H] (dL/dh_T) instead (the caller puts dh_final back for
-    #   rows with no step in the window)
+    #   zeros; the step product skips its dh_next or overwrites it with zeros, so its last
+    #   step steps[b]-1 takes dL/dh there from dh_final [B,H] (dL/dh_T) instead (the caller
+    #   puts dh_final back for rows with no step in the window)
     # dh_next: [B,H] in: dL/dh_T, out: dL/d(h entering t_start)
     # da: [T,B,H] out dL/d(pre-activation)  dh: [T,B,H] out (rows t >= t_start)
     # progress: step counter and abort word beside a GEMM phase (_phases.forward_phases,
@@ -78,6 +79,7 @@ def _backward_steps(dy, y, relu, w_hh, t_start, steps, dh_final, dh_next, da, dh
     zero = 0 * one
     b0, b1, j0, j1 = split_ranges(B, H, flags, part, parts)
     sw = step_weight(w_hh, True, 1, H, b0, b1, j0, j1, flags.size != 0, T - t_start)
+    rows_buf = active_buffers(sw, steps, T)                # products of the rows running
     for t in range(T - 1, t_start - 1, -1):
         for b in range(b0, b1):
             if t >= steps[b]:                                         # a padded step
@@ -99,7 +101,7 @@ def _backward_steps(dy, y, relu, w_hh, t_start, steps, dh_final, dh_next, da, dh
             return                                                # the call was aborted
         if progress.size:
             publish(progress, T - t)                                  # steps T-1 .. t done
-        step_product(da[t], sw, dh_next, 0.0)                         # dL/dh_{t-1} = da W_hh
+        active_product(da[t], sw, dh_next, 0.0, t, steps, rows_buf)  # dL/dh_{t-1} = da W_hh
 
 
 def _forward(cell, x, state, w_ih, w_hh, b_ih, b_hh, lengths):
@@ -110,7 +112,8 @@ def _forward(cell, x, state, w_ih, w_hh, b_ih, b_hh, lengths):
     with layer_threads(T * B * H * (call.I + H)) as parts:
         forward_phases(_forward_steps, (h0, call.w_hh, call.b_ih + call.b_hh, cell == "rnn_relu",
                                         row_steps(call.lengths, T, B), y),
-                       call.x, call.w_ih, y, parts, B, call.w_hh.size)  # x W_ih^T, then the loop
+                       call.x, call.w_ih, y, parts, B, call.w_hh.size,
+                       call.lengths)                    # x W_ih^T, then the loop
     return y, (final_rows(y, call.lengths),), RecurrentCache(cell, call.x, h0, y=y,
                                                              lengths=call.lengths)
 
@@ -130,7 +133,8 @@ def _backward(cell, dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db
                                           t_start, row_steps(cache.lengths, T, B), dh_final,
                                           dh_next, da, dh),
                         inputs=inputs, h0=cache.h0, y=cache.y, dg_x=da, dg_h=da, dw_hh=dw_hh,
-                        db_ih=db_ih, db_hh=db_hh, dh=dh, t_start=t_start, parts=parts)
+                        db_ih=db_ih, db_hh=db_hh, dh=dh, t_start=t_start, parts=parts,
+                        lengths=cache.lengths)
     if cache.lengths is not None:                   # rows with no step in the window: dL/dh
         idle = cache.lengths <= t_start             # passes unchanged (the step products
         dh_next[idle] = dh_final[idle]              # wrote zeros there)
