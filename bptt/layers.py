@@ -156,8 +156,9 @@ class _RecurrentLayer:
         if not self.bias:
             # bias=False: the kernels get zero biases and throw-away bias-gradient buffers
             self._zero_bias = self.backend.zeros((G * H,), self.dtype)
-            self._scratch_db = (self.backend.zeros((G * H,), self.dtype),
-                                self.backend.zeros((G * H,), self.dtype))
+            self._scratch_db = {suffix: (self.backend.zeros((G * H,), self.dtype),
+                                         self.backend.zeros((G * H,), self.dtype))
+                                for suffix in self._suffixes}     # per direction
 
     # ------------------------------------------------------------------ parameters
 
@@ -175,9 +176,9 @@ class _RecurrentLayer:
         g = self.grads
         if self.bias:
             return tuple(g[f"{name}_l{k}{suffix}"] for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
-        for buf in self._scratch_db:
+        for buf in self._scratch_db[suffix]:
             buf[...] = 0
-        return (g[f"weight_ih_l{k}{suffix}"], g[f"weight_hh_l{k}{suffix}"]) + self._scratch_db
+        return (g[f"weight_ih_l{k}{suffix}"], g[f"weight_hh_l{k}{suffix}"]) + self._scratch_db[suffix]
 
     def zero_grad(self):
         """Set every gradient buffer in ``grads`` to zero (in place)."""
@@ -306,14 +307,15 @@ class _RecurrentLayer:
         if self.bidirectional and lengths is not None:
             order = self.backend.asarray(reverse_order(lengths, T, B), np.int64)
 
-        D = self.num_directions
+        D, H = self.num_directions, self.hidden_size
         caches = [[] for _ in range(D)]                 # per direction: one cache per layer
         finals = []                                     # per (layer, direction): final state
         inp = x
         for k in range(self.num_layers):
-            outs = []
-            for d, suffix in enumerate(self._suffixes):
-                w_ih, w_hh, b_ih, b_hh = self._layer_params(k, suffix)
+            out = None if D == 1 else self.backend.xp.empty((T, B, D * H), self.dtype)  # T,B,2H
+
+            def direction(d, k=k, inp=inp, out=out):
+                w_ih, w_hh, b_ih, b_hh = self._layer_params(k, self._suffixes[d])
                 if k == 0 and projected:
                     w_ih = None                                         # inp is x W_ih^T
                 # the reverse direction: the forward kernel over each row's steps reversed
@@ -324,16 +326,34 @@ class _RecurrentLayer:
                 else:                                                   # every level the same
                     y_d, final, cache = self._forward_kernel(inp_d, layer_state, w_ih, w_hh, b_ih, b_hh,
                                                              lengths=lengths)
-                outs.append(y_d if d == 0 else self._reverse_steps(y_d, order))
+                if out is not None:                                     # its half of y, forward time
+                    out[..., d * H:(d + 1) * H] = y_d if d == 0 else self._reverse_steps(y_d, order)
+                return y_d, final, cache
+
+            for d, (y_d, final, cache) in enumerate(self._each_direction(direction, T, B, k)):
                 caches[d].append(cache)
                 finals.append(final)
-            inp = outs[0] if D == 1 else self.backend.xp.concatenate(outs, axis=2)   # T,B,D*H
+            inp = y_d if D == 1 else out                                # T,B,D*H
         y = inp
         if self.backend.xp is np:
             y = y.view()
             y.flags.writeable = False               # the cache holds y: no in-place changes
         return y, self._pack_state(finals), LayerCache(self.layer_id, T, B, caches[0], bool(projected),
                                                        caches[1] if self.bidirectional else None, order)
+
+    def _each_direction(self, direction, T, B, k):
+        """[direction(d) for d in range(D)] for stacked layer k over T steps and B rows: both
+        at once where the backend can run two independent kernel calls side by side
+        (``run_beside``: the cpu backend, each on its own thread), else one after the other."""
+        if self.num_directions == 1:
+            return [direction(0)]
+        run_beside = getattr(self.backend, "run_beside", None)
+        if run_beside is None:
+            return [direction(0), direction(1)]
+        G, H = GATES[self.cell], self.hidden_size
+        in_k = self.input_size if k == 0 else 2 * H
+        return list(run_beside(lambda: direction(0), lambda: direction(1),
+                               T * B * G * H * (in_k + H)))     # multiply-adds of one forward
 
     def _reverse_steps(self, a, order):
         """a [T, B, F] with each row's valid steps reversed in time: a gather by ``order``
@@ -388,8 +408,8 @@ class _RecurrentLayer:
         dh_all = [None] * self.num_layers
         d_out = dy                                  # dL/d(output of layer k), [T, B, D*H]
         for k in reversed(range(self.num_layers)):
-            dxs, dhs = [], []
-            for d, suffix in enumerate(self._suffixes):
+            def direction(d, k=k, d_out=d_out):
+                suffix = self._suffixes[d]
                 w_ih, w_hh, _, _ = self._layer_params(k, suffix)
                 dw_ih, dw_hh, db_ih, db_hh = self._layer_grads(k, suffix)
                 if k == 0 and cache.projected:
@@ -397,14 +417,15 @@ class _RecurrentLayer:
                 dy_d = d_out[..., d * H:(d + 1) * H] if D == 2 else d_out
                 if d == 1:                                              # into reversed time
                     dy_d = self._reverse_steps(dy_d, cache.order)
-                dx_d, dinit[D * k + d], dh_d = self._backward_kernel(
+                dx_d, dinit_d, dh_d = self._backward_kernel(
                     dy_d, tuple(s[D * k + d] for s in dstates), (cache.layers, cache.reverse)[d][k],
                     w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh, t_start=t_start)
                 if d == 1:                                              # back to forward time
                     dx_d = self._reverse_steps(dx_d, cache.order)
                     dh_d = self._reverse_steps(dh_d, cache.order) if return_dh else None
-                dxs.append(dx_d)
-                dhs.append(dh_d)
+                return dx_d, dinit_d, dh_d
+
+            dxs, dinit[D * k:D * (k + 1)], dhs = zip(*self._each_direction(direction, T, B, k))
             d_out = dxs[0] if D == 1 else xp.add(dxs[0], dxs[1], out=dxs[0])   # both directions read x
             if return_dh:
                 dh_all[k] = dhs[0] if D == 1 else xp.concatenate(dhs, axis=2)

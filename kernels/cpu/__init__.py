@@ -17,6 +17,7 @@ from bptt_kernels.host import RecurrentCache
 from bptt_kernels.host.checks import FLOAT_DTYPES as DTYPES
 
 from ._blas import BLAS_LIBRARY
+from ._loop import run_beside
 from ._memory import keep_freed_memory
 from .gru import gru_backward, gru_forward
 from .linear import linear_backward, linear_forward
@@ -47,6 +48,7 @@ def zeros(shape, dtype):
 
 __all__ = [
     "NAME", "xp", "DTYPES", "asarray", "to_host", "zeros", "BLAS_LIBRARY", "keep_freed_memory",
+    "run_beside",
     "lstm_forward", "lstm_backward", "gru_forward", "gru_backward",
     "rnn_tanh_forward", "rnn_tanh_backward", "rnn_relu_forward", "rnn_relu_backward",
     "RecurrentCache",

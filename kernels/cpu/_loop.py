@@ -134,7 +134,8 @@ class layer_threads:
     settings ask for (``_blas.use_provider``: a bad setting fails here, before any work)."""
 
     def __init__(self, work):
-        self.parts = THREADS if work >= MIN_WORK_FOR_THREADS else 1
+        alone = getattr(_beside, "alone", False)      # inside run_beside: one piece
+        self.parts = THREADS if work >= MIN_WORK_FOR_THREADS and not alone else 1
 
     def __enter__(self):
         global _inside, _saved
@@ -199,6 +200,37 @@ def run_parts(kernel, args, parts, together=False, on_error=None):
     finally:
         _team_lock.release()
     return True
+
+
+_beside = threading.local()     # .alone: this thread runs one of run_beside's calls
+
+
+def _alone(call, results, index):
+    """results[index] = call(), its layer calls in one piece each (``layer_threads``)."""
+    _beside.alone = True
+    try:
+        results[index] = call()
+    finally:
+        _beside.alone = False
+
+
+def run_beside(first, second, work):
+    """(first(), second()): two independent calls of layer kernels of ``work`` multiply-adds
+    each (the two directions of a bidirectional layer) at once, ``first`` on this thread and
+    ``second`` on a worker, each layer call inside them in one piece on its own thread
+    (``layer_threads``), so the two threads never wait for each other until both are done.
+    One after the other, each layer call free to use the threads, where THREADS is 1, the
+    work is under MIN_WORK_FOR_THREADS or the workers are busy (a second Python thread
+    meanwhile). An exception of either is raised after both are done."""
+    if (THREADS < 2 or work < MIN_WORK_FOR_THREADS or getattr(_beside, "alone", False)
+            or not _team_lock.acquire(blocking=False)):
+        return first(), second()
+    results = [None, None]
+    try:
+        _run_on_team((_alone, (first, results, 0)), [(_alone, (second, results, 1))], None)
+    finally:
+        _team_lock.release()
+    return results[0], results[1]
 
 
 def run_overlapped(producer, consumer, progress, consumer_here=False):
