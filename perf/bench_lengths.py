@@ -17,7 +17,9 @@ Targets (printed with the measured ratio): ours within 10% of ours_full; torch_p
 ours; torch_padded >= ours; ours_bidi <= 2.1x ours.
 
 Every variant runs in its own long-lived process with the same thread count (``--threads``,
-default 2: torch.set_num_threads and the OMP/OpenBLAS/Numba pools), after a warm-up (the
+default 2: torch.set_num_threads and the OMP/OpenBLAS/Numba pools) and the same malloc
+settings (``--malloc``: by default those that ``bptt.Trainer`` applies when training starts,
+bptt_kernels/cpu/_memory.py, in every variant's process, torch's too), after a warm-up (the
 first step also pays Numba's compile or cache load); then ``--rounds`` rounds, each timing
 every variant alone in turn (the order rotates per round), ~0.3 s of calls each; the time
 is the median over all timed calls. Prints the CPU model (lscpu), a table per cell, and
@@ -25,6 +27,7 @@ writes JSON to perf/results/bench_lengths-<time>.json.
 """
 
 import argparse
+import importlib.util
 import os
 import subprocess
 import sys
@@ -53,6 +56,17 @@ def batch_lengths(np, T, B, min_length, seed):
 # worker side: builds one variant's layer and times its training step
 # =============================================================================================
 
+def keep_freed_memory():
+    """Apply to this process the malloc settings that ``bptt.Trainer`` applies when training
+    starts (``keep_freed_memory`` of kernels/cpu/_memory.py, loaded alone, so that a torch
+    process imports no Numba); True if they took effect."""
+    spec = importlib.util.spec_from_file_location(
+        "bptt_memory_settings", os.path.join(hx.REPO_DIR, "kernels", "cpu", "_memory.py"))
+    memory = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(memory)
+    return memory.keep_freed_memory()
+
+
 class Variant:
     """One variant's layer and step for a shape {"cell", "T", "B", "I", "H", "min_length"}."""
 
@@ -61,15 +75,17 @@ class Variant:
 
     def setup(self):
         self.np = hx.require("numpy", "bench_lengths")
+        malloc = {"trainer_malloc": os.environ.get("BENCH_MALLOC") == "trainer" and keep_freed_memory()}
         if self.name.startswith("torch"):
             self.torch = hx.require("torch", "bench_lengths (torch side)")
             hx.pin_threads(int(os.environ["OMP_NUM_THREADS"]))
-            return {"torch": self.torch.__version__, "torch_threads": self.torch.get_num_threads()}
+            return {"torch": self.torch.__version__, "torch_threads": self.torch.get_num_threads(),
+                    **malloc}
         bptt = hx.require("bptt", "bench_lengths (ours)")
         self.bptt = bptt
         bptt.use_backend(os.environ.get("BPTT_BACKEND", "cpu"))
         hx.pin_threads(int(os.environ["OMP_NUM_THREADS"]))
-        return {"backend": bptt.get_backend().NAME, "numpy": self.np.__version__}
+        return {"backend": bptt.get_backend().NAME, "numpy": self.np.__version__, **malloc}
 
     def build(self, cell, T, B, I, H, min_length):
         np = self.np
@@ -179,6 +195,9 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=5, help="alternating rounds (default 5)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first (default 2)")
     p.add_argument("--threads", type=int, default=hx.DEFAULT_THREADS)
+    p.add_argument("--malloc", choices=("trainer", "default"), default="trainer",
+                   help="malloc settings of every variant's process: trainer (those bptt.Trainer "
+                        "applies, the default) or default (glibc's own)")
     p.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
 
@@ -198,7 +217,8 @@ def main(argv=None):
           f"float32, lengths uniform in {a.min_length}..{a.seq}", file=sys.stderr)
 
     monitor = hx.LoadMonitor()
-    workers = {name: hx.Worker(script, name, a.threads) for name in VARIANTS}
+    workers = {name: hx.Worker(script, name, a.threads, env_extra={"BENCH_MALLOC": a.malloc})
+               for name in VARIANTS}
     for name, w in workers.items():
         if not w.alive:
             print(f"NOTE: {name} cannot run: {w.error.strip()}", file=sys.stderr)
@@ -224,7 +244,8 @@ def main(argv=None):
     print(f"\nCPU: {cpu}\nOne training step (forward + backward, dx and all parameter grads), float32, "
           f"T={a.seq} B={a.batch} I={a.input_size} H={a.hidden}, {a.threads} threads; lengths uniform in "
           f"{a.min_length}..{a.seq} (mean {lengths.mean():.1f}, {lengths.sum() / (a.seq * a.batch):.0%} of the "
-          f"padded steps); median of {a.rounds} alternating rounds.\n{hx.load_note(load)}\n")
+          f"padded steps); median of {a.rounds} alternating rounds; malloc settings: {a.malloc}."
+          f"\n{hx.load_note(load)}\n")
     for r in results:
         m = r["median_s"]
         print(hx.table([f"{r['cell']}: variant", "ms", "runs"],
@@ -239,7 +260,8 @@ def main(argv=None):
         print()
     path = hx.save_json("bench_lengths", {
         "machine": {**hx.machine_info(a.threads), "lscpu_model": cpu}, "workers": info,
-        "lengths": lengths.tolist(), "rounds": a.rounds, "results": results, "load": load})
+        "lengths": lengths.tolist(), "rounds": a.rounds, "malloc": a.malloc, "results": results,
+        "load": load})
     print(f"JSON: {os.path.relpath(path, hx.REPO_DIR)}")
     return 0
 
