@@ -30,6 +30,10 @@ Array plumbing
                                   share memory with ``a`` (numpy backends): copy before mutating.
 ``to_host(a)``                    device array -> ``numpy.ndarray`` (may alias ``a`` on numpy backends).
 ``zeros(shape, dtype)``           zero-filled device array.
+``run_beside(first, second, work)``  optional (cpu): (first(), second()) for two independent
+                                  calls of layer kernels of ``work`` multiply-adds each, run at
+                                  once on two threads (a bidirectional layer's directions);
+                                  where a backend lacks it, the layers call one after the other.
 
 Recurrent layers (one layer, all T steps per call; the time loop lives in the kernel)
 --------------------------------------------------------------------------------------
