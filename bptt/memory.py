@@ -358,12 +358,12 @@ class Window:
         loss, a, self.store_at = 0.0, self.t0, store_at
         for i, piece in enumerate(pieces):
             self.states[a] = state
-            last = i == len(pieces) - 1
             for n in plan_leaves(piece):
                 state, leaf_loss, parts = self.forward(a, a + n, state, first_pass=True)
                 loss, a = loss + leaf_loss, a + n
-            if last and isinstance(piece, int):
-                self.kept = parts
+                if i == len(pieces) - 1 and isinstance(piece, int):
+                    self.kept = parts
+                del parts                   # a leaf's activations go before the next leaf runs
         return loss, state
 
     def backward(self, old, pieces, dstate=None):
@@ -372,9 +372,9 @@ class Window:
         for piece in pieces[:-1]:
             starts.append(starts[-1] + plan_steps(piece))
         for i in reversed(range(len(pieces))):
-            kept = self.kept if i == len(pieces) - 1 else None
+            kept, self.kept = self.kept, None           # the last leaf's, dropped once backpropagated
             dstate = self._backprop(pieces[i], starts[i], self.states.pop(starts[i]), dstate, kept)
-        self.kept = None
+            del kept
         if old is not None:
             dstate = self._backprop(old, self.records[0].s0, self.records[0].state, dstate)
         return dstate
@@ -383,9 +383,12 @@ class Window:
         """Backpropagate ``plan`` over steps from a (``state`` entering it), dL/d(state after) ``dstate``."""
         if isinstance(plan, int):
             parts = kept if kept is not None else self.forward(a, a + plan, state)[2]
-            for rec, p0, cache, dout in reversed(parts):
-                dstate, dh = self.model.backward(dout, cache, dstate, 0, return_dh=True)
-                if self.on_dh is not None:
+            while parts:
+                rec, p0, cache, dout = parts.pop()          # each part's activations go once used
+                if self.on_dh is None:
+                    dstate = self.model.backward(dout, cache, dstate, 0)
+                else:
+                    dstate, dh = self.model.backward(dout, cache, dstate, 0, return_dh=True)
                     self.on_dh(dh)
                 if p0 == rec.start and rec.keep is not None:
                     dstate = reset_rows(dstate, rec.keep)           # no gradient across a reset
