@@ -5,7 +5,7 @@ A configuration is a JSON-able dict: "model" "lm" (a 2-level LSTM LanguageModel 
 document starts in its token stream) or "seq" (a 2-level SequenceModel with per-step class
 targets, a few ignored (-1), 29 sequences: the last batch smaller than B); "dtype"; "k1", "k2";
 "dropout" (lm); "clip"; "optimizer" "adam" | "sgd"; "B"; "steps" (max_steps); "validation"
-(every 5 updates on held-out data); "backend" (default cpu).
+(every 5 updates on held-out data); "memory" (Trainer's, default None); "backend" (default cpu).
 """
 
 import numpy as np
@@ -36,7 +36,7 @@ def build(cfg, comm=None, check_replicas=False, trainer=None):
     if trainer is None:
         optimizer = bptt.Adam(lr=0.02) if cfg.get("optimizer", "adam") == "adam" else bptt.SGD(lr=0.5)
         trainer = bptt.Trainer(model, optimizer, k1=cfg["k1"], k2=cfg["k2"], clip_norm=cfg.get("clip"),
-                               comm=comm, check_replicas=check_replicas)
+                               comm=comm, check_replicas=check_replicas, memory=cfg.get("memory"))
     return trainer, data, fit
 
 
