@@ -53,26 +53,29 @@ def state_bytes(model, batch_size):
     return parts * model.num_layers * batch_size * model.hidden_size * model.dtype.itemsize
 
 
-def step_bytes(model, batch_size):
+def step_bytes(model, batch_size, call_steps=1):
     """Bytes one step of B rows holds while it is backpropagated with its activations kept: the
-    caches of every level and dropout mask (measured on a forward of one and of two steps, the
-    model's dropout RNG restored), the outputs (a language model's logits, then their gradient
-    in the same buffer) and the backward's per-step arrays (dL/dy of the level above, dL/dx,
-    dL/dgates and dL/dh of a level: B (G + 3) H floats)."""
+    caches of every level and dropout mask (measured on a forward of one and of two steps, as
+    part of a forward call of ``call_steps`` steps: a language model folds its embedding into
+    level 0's projection as that call does; the model's RNG untouched), the outputs (a language
+    model's logits, then their gradient in the same buffer) and the backward's per-step arrays
+    (dL/dy of the level above, dL/dx, dL/dgates and dL/dh of a level: B (G + 3) H floats; with
+    the embedding folded, also dL/d(x W_ih^T) of level 0: B G H)."""
     be = model.backend
-    rng_state = model.rng.bit_generator.state
-    try:
-        sizes = []
-        for T in (1, 2):
-            if hasattr(model, "vocab_size"):
-                inputs = np.zeros((T, batch_size), np.int64)
-            else:
-                inputs = be.zeros((T, batch_size, model.input_size), model.dtype)
+    sizes, G = [], GATES[model.cell]
+    for T in (1, 2):
+        if hasattr(model, "vocab_size"):
+            inputs = np.zeros((T, batch_size), np.int64)
+        else:
+            inputs = be.zeros((T, batch_size, model.input_size), model.dtype)
+        model.replay = Replay(model.rng.bit_generator.state, T, 0, max(call_steps, T) * batch_size)
+        try:
             out, _, cache = model.forward(inputs, train=True)
-            sizes.append(_cache_nbytes(cache) + out.nbytes)
-    finally:
-        model.rng.bit_generator.state = rng_state
-    scratch = batch_size * (GATES[model.cell] + 3) * model.hidden_size * model.dtype.itemsize
+        finally:
+            model.replay = None
+        sizes.append(_cache_nbytes(cache) + out.nbytes)
+    folded = cache.stack.layers[0].projected
+    scratch = batch_size * (G + 3 + G * folded) * model.hidden_size * model.dtype.itemsize
     return sizes[1] - sizes[0] + scratch
 
 
@@ -456,7 +459,7 @@ def loss_and_backward(model, inputs, targets, state=None, memory="sqrt"):
     host = np.asarray(targets)
     group = Group(np.asarray(inputs) if hasattr(model, "vocab_size") else inputs, host, every_step)
     T, B = group.T, group.B
-    plan = plan_window(memory, 0, T, state_bytes(model, B), step_bytes(model, B))
+    plan = plan_window(memory, 0, T, state_bytes(model, B), step_bytes(model, B, T))
     count = group.count(0, T)
     window = Window(model, group, [Record(0, T, 0, T, None, rows=T * B)], 0, count, count > 0)
     loss, final = window.first_pass(state, plan.pieces, ())

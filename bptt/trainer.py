@@ -425,7 +425,7 @@ class Trainer:
         held = 0 if not overlap else math.ceil(overlap / self.k1) + 1      # states kept for later windows
         key = (rows.B, t0 - max(0, t0 - overlap), t1 - t0, held)
         if key not in self._plans:
-            slot, step = state_bytes(self.model, rows.B), step_bytes(self.model, rows.B)
+            slot, step = state_bytes(self.model, rows.B), step_bytes(self.model, rows.B, t1 - t0)
             self._plans[key] = plan_window(self.memory, key[1], key[2], slot, step, held)
         return self._plans[key], starts
 
