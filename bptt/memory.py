@@ -20,8 +20,8 @@ import numpy as np
 from bptt.batches import reset_rows
 from bptt_kernels import GATES
 
-__all__ = ["parse_memory", "loss_and_backward", "state_bytes", "step_bytes", "plan_window", "sqrt_plan",
-           "budget_plan", "WindowPlan", "Window", "Replay"]
+__all__ = ["parse_memory", "loss_and_backward", "state_bytes", "step_bytes", "plan_window", "smallest_budget", "sqrt_plan",
+           "budget_plan", "BudgetError", "WindowPlan", "Window", "Replay"]
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _BUDGET = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
@@ -423,14 +423,26 @@ def plan_window(memory, n_old, n_new, slot, step, held=0):
         return sqrt_plan(n_old, n_new, slot, step, held)
     plan = budget_plan(n_old, n_new, memory, slot, step, held)
     if plan is None:
-        lo, hi = slot + step, (held + 2) * slot + (n_old + n_new) * step    # hi: one leaf each part
-        while lo < hi:
-            mid = (lo + hi) // 2
-            lo, hi = (lo, mid) if budget_plan(n_old, n_new, mid, slot, step, held) else (mid + 1, hi)
-        raise ValueError(f"memory={memory:,} bytes is below the smallest feasible budget {lo:,} bytes for a window "
-                         f"of {n_old + n_new} steps of this model ({slot:,} bytes a kept state, {step:,} bytes a "
-                         f"step's activations)")
+        raise BudgetError(memory, smallest_budget(n_old, n_new, slot, step, held), n_old + n_new)
     return plan
+
+
+def smallest_budget(n_old, n_new, slot, step, held=0):
+    """The smallest budget (bytes) :func:`budget_plan` finds a plan within (a bisection)."""
+    lo, hi = slot + step, (held + 2) * slot + (n_old + n_new) * step        # hi: one leaf each part
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if budget_plan(n_old, n_new, mid, slot, step, held) else (mid + 1, hi)
+    return lo
+
+
+class BudgetError(ValueError):
+    """A budget below the smallest feasible one (``smallest``) for windows of up to ``steps``."""
+
+    def __init__(self, memory, smallest, steps):
+        super().__init__(f"memory={memory:,} bytes is below the smallest feasible budget {smallest:,} bytes for "
+                         f"this model's windows of up to {steps} steps")
+        self.memory, self.smallest, self.steps = memory, smallest, steps
 
 
 def loss_and_backward(model, inputs, targets, state=None, memory="sqrt"):

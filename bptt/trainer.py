@@ -67,7 +67,7 @@ from bptt.data_parallel import Replicas, gather_position, local_groups, position
 from bptt.distributed import Solo
 from bptt.evaluation import evaluate, validation_entries
 from bptt.interrupts import DeferredInterrupt, Preempted
-from bptt.memory import Window, forward_weights, parse_memory, plan_window, state_bytes, step_bytes
+from bptt.memory import BudgetError, Window, forward_weights, parse_memory, plan_window, state_bytes, step_bytes
 from bptt.models import (LanguageModel, NonFiniteGradientError, SequenceModel, check_model_dict, load_model_dict,
                          model_from_dict, model_to_dict)
 from bptt.optim import OPTIMIZERS, ConstantLR, Optimizer, Schedule, clip_grad_norm_, schedule_from_state_dict
@@ -272,11 +272,7 @@ class Trainer:
             if any(group.lengths is not None for group in dataset.groups):
                 raise ValueError(f"memory={self.memory!r} does not apply to variable-length sequences (lengths): "
                                  f"their forward runs over all steps at once; use memory=None")
-            self._plans = {}
-            for gi, group in enumerate(dataset.groups):      # every window's plan: a budget too small fails here
-                k = group.T if self.k1 is None else self.k1
-                for t0 in range(0, group.T, k):
-                    self._window_plan(local[gi], t0, min(t0 + k, group.T))
+            self._plan_windows(dataset, local)
         keep_freed_memory = getattr(self.backend, "keep_freed_memory", None)
         if keep_freed_memory is not None:   # cpu: the next update reuses freed pages (opt out:
             keep_freed_memory()             # BPTT_KEEP_FREED_MEMORY=0)
@@ -415,6 +411,20 @@ class Trainer:
         if self._replicas is not None and event is not None:
             self._replicas.after_update(self.step)
         return event
+
+    def _plan_windows(self, dataset, local):
+        """Plan every window of the epoch under ``memory``: a budget too small for one of them
+        fails here, before any update, naming the smallest budget that fits them all."""
+        self._plans, errors = {}, []
+        for gi, group in enumerate(dataset.groups):
+            k = group.T if self.k1 is None else self.k1
+            for t0 in range(0, group.T, k):
+                try:
+                    self._window_plan(local[gi], t0, min(t0 + k, group.T))
+                except BudgetError as e:
+                    errors.append(e)
+        if errors:
+            raise BudgetError(self.memory, max(e.smallest for e in errors), max(e.steps for e in errors))
 
     def _window_plan(self, rows, t0, t1):
         """(plan, the steps of [t0, t1) where a later window starts) of the window ending with the

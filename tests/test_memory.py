@@ -231,6 +231,22 @@ def test_trainer_sequence_model_full_bptt(backend, rng, readout):
         assert rel_err(weights[1][k], w) <= 1e-11, k
 
 
+@pytest.mark.parametrize("readout", ["every_step", "last_step"])
+def test_trainer_sequence_model_tbptt(rng, readout):
+    """k2 > k1 where the early chunks of a last-step task carry no loss (no update, ring kept)."""
+    x = rng.standard_normal((8, 17, 3))
+    y = rng.standard_normal((8, 17, 2) if readout == "every_step" else (8, 2))
+    weights = []
+    for mem in (None, "sqrt", 9000):
+        model = bptt.SequenceModel(3, 5, 2, num_layers=2, cell="lstm", readout=readout, dtype=np.float64, seed=5)
+        trainer = bptt.Trainer(model, bptt.SGD(lr=0.3), k1=4, k2=7, memory=mem)
+        trainer.fit((x, y), batch_size=4, epochs=2)
+        weights.append(model.state_dict())
+    for other in weights[1:]:
+        for k, w in weights[0].items():
+            assert rel_err(other[k], w) <= 1e-12, k
+
+
 def test_resume_mid_epoch_with_memory(tmp_path, rng):
     data = rng.integers(0, 13, 600)
     resets = rng.random(600) < 0.03
