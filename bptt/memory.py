@@ -17,11 +17,11 @@ import re
 
 import numpy as np
 
-from bptt.batches import reset_rows
+from bptt.batches import Group, Record, reset_rows
 from bptt_kernels import GATES
 
-__all__ = ["parse_memory", "loss_and_backward", "state_bytes", "step_bytes", "plan_window", "smallest_budget", "sqrt_plan",
-           "budget_plan", "BudgetError", "WindowPlan", "Window", "Replay"]
+__all__ = ["parse_memory", "loss_and_backward", "state_bytes", "step_bytes", "plan_window", "smallest_budget",
+           "sqrt_plan", "budget_plan", "simulate", "BudgetError", "WindowPlan", "Window", "Replay"]
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _BUDGET = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
@@ -407,11 +407,9 @@ class Window:
 
 def _leaf_starts(plan, a):
     """(leaf length, first step) of each leaf of ``plan`` starting at step a."""
-    out = []
     for n in plan_leaves(plan):
-        out.append((n, a))
+        yield n, a
         a += n
-    return out
 
 
 def plan_window(memory, n_old, n_new, slot, step, held=0):
@@ -460,7 +458,6 @@ def loss_and_backward(model, inputs, targets, state=None, memory="sqrt"):
     added (+=) to ``model.grads``; dropout draws from ``model.rng`` as the plain forward does.
     Returns (loss, the state after step T-1).
     """
-    from bptt.batches import Group, Record
     memory = parse_memory(memory)
     if memory is None:
         raise ValueError("memory must be 'sqrt' or a budget for loss_and_backward; got None "
