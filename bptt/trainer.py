@@ -67,7 +67,8 @@ from bptt.data_parallel import Replicas, gather_position, local_groups, position
 from bptt.distributed import Solo
 from bptt.evaluation import evaluate, validation_entries
 from bptt.interrupts import DeferredInterrupt, Preempted
-from bptt.memory import BudgetError, Window, forward_weights, parse_memory, plan_window, state_bytes, step_bytes
+from bptt.memory import (BudgetError, Window, WindowPlan, forward_weights, parse_memory, plan_window, state_bytes,
+                         step_bytes)
 from bptt.models import (LanguageModel, NonFiniteGradientError, SequenceModel, check_model_dict, load_model_dict,
                          model_from_dict, model_to_dict)
 from bptt.optim import OPTIMIZERS, ConstantLR, Optimizer, Schedule, clip_grad_norm_, schedule_from_state_dict
@@ -429,6 +430,8 @@ class Trainer:
     def _window_plan(self, rows, t0, t1):
         """(plan, the steps of [t0, t1) where a later window starts) of the window ending with the
         chunk [t0, t1) of ``rows`` under ``memory``; ValueError where the budget is too small."""
+        if rows.B == 0:                                  # a rank without rows of this group: nothing runs
+            return WindowPlan(None, [t1 - t0], 0, 0), ()
         overlap = 0 if self.k1 is None else self.k2 - self.k1
         starts = () if not overlap else tuple(s - overlap for s in range(t1, t1 + overlap + 1, self.k1)
                                               if t0 <= s - overlap < t1)
