@@ -218,6 +218,16 @@ def test_trainer_language_model_matches_plain(backend, rng, cell, k1, k2):
             assert np.allclose(d1["dh_norms"], d0["dh_norms"], rtol=1e-12, atol=0)
 
 
+def test_trainer_float32_follows_plain(backend, rng):
+    data = rng.integers(0, 13, 600)
+    resets = rng.random(600) < 0.03
+    plain = _train(None, data, resets, 6, 15, "gru", dtype=np.float32)
+    ours = _train("sqrt", data, resets, 6, 15, "gru", dtype=np.float32)
+    assert ours.model.rng.bit_generator.state == plain.model.rng.bit_generator.state
+    for k, p in plain.model.params.items():
+        assert rel_err(ours.model.params[k], p) <= 1e-5, k
+
+
 @pytest.mark.parametrize("readout", ["every_step", "last_step"])
 def test_trainer_sequence_model_full_bptt(backend, rng, readout):
     x = rng.standard_normal((6, 40, 3))
