@@ -122,8 +122,10 @@ def measure(spec):
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     times = hx.time_calls(lambda: update(batch), spec["updates"])
-    # the trainer's copy of the batch (seq: x [T,B,I] and targets [T,B,O]) lives through the update
-    batch_bytes = sum(a.nbytes for a in batch) if spec["model"] == "seq" else 0
+    # the trainer's time-major copy of the batch (seq: x [T,B,I] and targets [T,B,O]) lives through
+    # the update; with B = 1 the transpose is contiguous already and nothing is copied
+    batch_bytes = 0 if spec["model"] != "seq" else \
+        sum(a.nbytes for a in batch if not np.moveaxis(a, 0, 1).flags.c_contiguous)
     return {"peak_mb": peak / MIB, "activations_mb": (peak - batch_bytes) / MIB, "rss_mb": hx.peak_rss_mb(),
             "rss_before_mb": rss_before, "times_s": times, "steps": trainer.step,
             "overhead_bytes": fixed_overhead(trainer.model, spec["batch"])}
