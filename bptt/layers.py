@@ -18,7 +18,8 @@ input with each row's valid steps reversed in time (one gather), its output reve
 
 Every layer runs on the backend that was current when it was built (``bptt.get_backend()``);
 each of its L stacked layers is one forward and one backward kernel call over all T steps per
-direction.
+direction. Where the backend can (``run_beside``: the cpu backend), the two directions of a
+bidirectional layer run at once, one thread each.
 
 Ownership: the cache keeps ``x`` and the kernels' activations by reference until ``backward``;
 do not modify ``x`` in place in between. On NumPy backends ``y`` is returned read-only, since

@@ -675,13 +675,15 @@ def active_product(a, sw, c, beta, t, steps, buffers):
     """``step_product`` for the rows b of the piece that run step t (t < steps[b]) only: they
     are gathered into ``buffers`` (``active_buffers``), multiplied, and their rows of c
     scattered back; the other rows of c are left as they are. With empty buffers, or where
-    every row runs step t, ``step_product`` itself."""
+    every row runs step t, ``step_product`` itself (docs/performance.md, "Variable-length
+    batches and bidirectional layers")."""
     a_rows, c_rows = buffers
     n = 0
-    for b in range(sw.b0, sw.b1):
-        if t < steps[b]:
-            n += 1
-    if a_rows.shape[0] == 0 or n == sw.b1 - sw.b0:
+    if a_rows.shape[0]:
+        for b in range(sw.b0, sw.b1):
+            if t < steps[b]:
+                n += 1
+    if n == sw.b1 - sw.b0 or a_rows.shape[0] == 0:
         step_product(a, sw, c, beta)
         return
     if n == 0:

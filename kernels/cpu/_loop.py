@@ -21,6 +21,9 @@ split: ``overlaps_phases``), the GEMM phases run beside it instead of before and
 loop, and in backward the weight gradients and dx of the steps the loop has finished. The
 two threads pass step counts through ``_barrier.publish``/``wait_for``.
 
+Two independent layer calls (the directions of a bidirectional layer) run at once instead,
+one thread each, every kernel call inside them in one piece (``run_beside``).
+
 Why not OpenBLAS's threads: they synchronise inside every GEMM (every time step, for the
 per-step GEMMs) and spin-wait between GEMMs, which clashes with anything else running
 (docs/performance.md, "Threads").

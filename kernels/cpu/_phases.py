@@ -83,7 +83,7 @@ PROJECT_BY_COLUMNS_ROWS = 400
 
 # With lengths, the large GEMMs run over the steps the rows run only (``valid_rows``) where
 # those are at most this share of all T*B: gathering and scattering the rows costs a pass
-# over them (docs/performance.md, "Lengths: the large GEMMs over the rows run").
+# over them (docs/performance.md, "Variable-length batches and bidirectional layers").
 PACK_MAX_SHARE = 0.9
 
 
