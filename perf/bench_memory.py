@@ -74,6 +74,7 @@ MIB = 2 ** 20
 # =============================================================================================
 
 def parse_memory(setting):
+    """:func:`bptt.memory.parse_memory` of a setting (bptt is imported when first needed)."""
     from bptt.memory import parse_memory
     return parse_memory(setting)
 
