@@ -177,6 +177,8 @@ def test_layer_bad_lengths(backend, make_layer):
         layer.forward(x, lengths=[3])
     with pytest.raises(TypeError, match="lengths must be an array of integers"):
         layer.forward(x, lengths=[3.0, 1.0])
+    with pytest.raises(ValueError, match=r"state must have shape \[L, B, H\] = \(1, 2, 4\); got array of shape \(1, 3, 4\)"):
+        layer.forward(x, state=np.full((1, 3, 4), 0.5), lengths=[3, 2])      # lengths of B = 2, state of 3
 
 
 def test_layer_cache_dict_keeps_lengths(backend, rng, make_layer):
