@@ -26,6 +26,8 @@ Array plumbing
 ``NAME``                          backend name: "reference", "cpu", "cuda", "cupy".
 ``xp``                            its array module (``numpy`` or ``cupy``).
 ``DTYPES``                        tuple of supported numpy dtypes (float32 always; float64 on cpu/reference).
+``TIME_BLOCKS``                   True where the gradient sums over time run in the time blocks of
+                                  ``host/blocks.py`` (reference, cpu); False: one block (GPU backends).
 ``asarray(a, dtype)``             a host/array-like as a C-contiguous device array of ``dtype``; it may
                                   share memory with ``a`` (numpy backends): copy before mutating.
 ``to_host(a)``                    device array -> ``numpy.ndarray`` (may alias ``a`` on numpy backends).
@@ -71,7 +73,7 @@ For each cell in ("lstm", "gru", "rnn_tanh", "rnn_relu") the backend has
     ``state`` / ``dfinal_state`` None means zeros.
 
     dx, dstate, dh = <cell>_backward(dy, dfinal_state, cache, w_ih, w_hh,
-                                     dw_ih, dw_hh, db_ih, db_hh, t_start=0)
+                                     dw_ih, dw_hh, db_ih, db_hh, t_start=0, t_origin=0)
         dy            [T, B, H]   dL/dy from above (loss or the next layer)
         dfinal_state  tuple like ``state``: dL/d(final state) from a later chunk
         cache         from the matching forward call
@@ -80,6 +82,11 @@ For each cell in ("lstm", "gru", "rnn_tanh", "rnn_relu") the backend has
         t_start       backpropagate only through steps t_start .. T-1 (0-based):
                       the gradient is cut at the state entering step t_start.
                       Used by TBPTT(k1, k2) when the k2 window starts inside a chunk.
+        t_origin      the stream's step of step 0: the parameter gradients are sums over
+                      the steps in time blocks of ``host.blocks.BLOCK_STEPS`` steps at stream
+                      steps that are multiples of it, added from the last block down (where
+                      ``TIME_BLOCKS``), so calls that meet at block boundaries add up to
+                      the one call's gradients bit for bit.
         dx            [T, B, I]   dL/dx; rows t < t_start are zero
         dstate        tuple like ``state``: dL/d(state entering step t_start)
                       (== dL/d(initial state) when t_start == 0)

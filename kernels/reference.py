@@ -21,6 +21,7 @@ from .host import (RecurrentCache, check_backward, check_forward, finish_backwar
 NAME = "reference"
 xp = np
 DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+TIME_BLOCKS = True       # gradient sums over time in the time blocks of host/blocks.py
 
 
 # ----------------------------------------------------------------------------------------
@@ -108,9 +109,9 @@ def _rnn_forward(cell, act, x, state, w_ih, w_hh, b_ih, b_hh, lengths):
 
 
 def _rnn_backward(cell, dact_from_output, dy, dfinal_state, cache, w_ih, w_hh,
-                  dw_ih, dw_hh, db_ih, db_hh, t_start):
+                  dw_ih, dw_hh, db_ih, db_hh, t_start, t_origin):
     call = check_backward(cell, dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh,
-                          t_start, np)
+                          t_start, np, t_origin)
     cache = call.cache                              # checked, C-contiguous
     y, t_start = cache.y, call.t_start
     live_all = _live_steps(cache.lengths, call.T, call.B)  # T,B,1
@@ -123,7 +124,7 @@ def _rnn_backward(cell, dact_from_output, dy, dfinal_state, cache, w_ih, w_hh,
         da[t] = np.where(live, dh[t] * dact_from_output(y[t]), 0)  # B,H  through the activation
         dh_next = np.where(live, da[t] @ call.w_hh, dh_next)  # B,H  to h_{t-1} (padded: as is)
     dx = finish_backward(cache.x, cache.h0, y, da, da, t_start, call.w_ih, dw_ih, dw_hh,
-                         db_ih, db_hh, np)
+                         db_ih, db_hh, np, call.t_origin)
     return dx, (dh_next,), dh
 
 
@@ -136,10 +137,11 @@ def rnn_tanh_forward(x, state, w_ih, w_hh, b_ih, b_hh, lengths=None):
     return _rnn_forward("rnn_tanh", np.tanh, x, state, w_ih, w_hh, b_ih, b_hh, lengths)
 
 
-def rnn_tanh_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh, t_start=0):
+def rnn_tanh_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh, t_start=0,
+                      t_origin=0):
     """Backward of :func:`rnn_tanh_forward`. Returns dx [T,B,I], (dh0 [B,H],), dh [T,B,H]."""
     return _rnn_backward("rnn_tanh", _dtanh_from_output, dy, dfinal_state, cache, w_ih, w_hh,
-                         dw_ih, dw_hh, db_ih, db_hh, t_start)
+                         dw_ih, dw_hh, db_ih, db_hh, t_start, t_origin)
 
 
 def rnn_relu_forward(x, state, w_ih, w_hh, b_ih, b_hh, lengths=None):
@@ -151,10 +153,11 @@ def rnn_relu_forward(x, state, w_ih, w_hh, b_ih, b_hh, lengths=None):
     return _rnn_forward("rnn_relu", _relu, x, state, w_ih, w_hh, b_ih, b_hh, lengths)
 
 
-def rnn_relu_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh, t_start=0):
+def rnn_relu_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh, t_start=0,
+                      t_origin=0):
     """Backward of :func:`rnn_relu_forward`. Returns dx [T,B,I], (dh0 [B,H],), dh [T,B,H]."""
     return _rnn_backward("rnn_relu", _drelu_from_output, dy, dfinal_state, cache, w_ih, w_hh,
-                         dw_ih, dw_hh, db_ih, db_hh, t_start)
+                         dw_ih, dw_hh, db_ih, db_hh, t_start, t_origin)
 
 
 # ----------------------------------------------------------------------------------------
@@ -198,13 +201,14 @@ def lstm_forward(x, state, w_ih, w_hh, b_ih, b_hh, lengths=None):
     return y, (h.copy(), c.copy()), cache
 
 
-def lstm_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh, t_start=0):
+def lstm_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh, t_start=0,
+                  t_origin=0):
     """Backward of :func:`lstm_forward`. dfinal_state (dh_T, dc_T).
 
     Returns dx [T,B,I], (dh, dc) entering step t_start, dh [T,B,H].
     """
     call = check_backward("lstm", dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih,
-                          db_hh, t_start, np)
+                          db_hh, t_start, np, t_origin)
     cache = call.cache                              # checked, C-contiguous
     gates, c_all, y, t_start = cache.gates, cache.c, cache.y, call.t_start
     H = call.H
@@ -232,7 +236,7 @@ def lstm_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_h
         ], axis=1), 0)                              # B,4H  (padded: 0)
         dh_next = np.where(live, dgates[t] @ call.w_hh, dh_next)  # B,H  to h_{t-1} (padded: as is)
     dx = finish_backward(cache.x, cache.h0, y, dgates, dgates, t_start, call.w_ih, dw_ih,
-                         dw_hh, db_ih, db_hh, np)
+                         dw_hh, db_ih, db_hh, np, call.t_origin)
     return dx, (dh_next, dc_next), dh
 
 
@@ -275,13 +279,14 @@ def gru_forward(x, state, w_ih, w_hh, b_ih, b_hh, lengths=None):
     return y, (h.copy(),), cache
 
 
-def gru_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh, t_start=0):
+def gru_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh, t_start=0,
+                 t_origin=0):
     """Backward of :func:`gru_forward`. dfinal_state (dh_T,).
 
     Returns dx [T,B,I], (dh entering step t_start,), dh [T,B,H].
     """
     call = check_backward("gru", dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih,
-                          db_hh, t_start, np)
+                          db_hh, t_start, np, t_origin)
     cache = call.cache                              # checked, C-contiguous
     gates, hn_all, y, t_start = cache.gates, cache.hn, cache.y, call.t_start
     H = call.H
@@ -307,7 +312,7 @@ def gru_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh
         dh_next = np.where(live, dh[t] * z + dgates_h[t] @ call.w_hh,   # B,H  to h_{t-1}:
                            dh_next)                 # direct path + matmul (padded: as is)
     dx = finish_backward(cache.x, cache.h0, y, dgates_x, dgates_h, t_start, call.w_ih, dw_ih,
-                         dw_hh, db_ih, db_hh, np)
+                         dw_hh, db_ih, db_hh, np, call.t_origin)
     return dx, (dh_next,), dh
 
 

@@ -428,12 +428,13 @@ def test_time_loop_split_by_units(cell, workers, B, dtype, monkeypatch):
 @pytest.fixture
 def small_overlap_pieces(monkeypatch):
     """Two threads for any layer call, and the one-row GEMM phases beside the time loop in
-    pieces of 2, 4, 8 projected steps and of 3 finished steps."""
+    pieces of 2, 4, 8 projected steps and of time blocks of 3 finished steps."""
     from bptt_kernels.cpu import _phases, _loop
+    from bptt_kernels.host import blocks
     monkeypatch.setattr(_loop, "THREADS", 2)
     monkeypatch.setattr(_loop, "MIN_WORK_FOR_THREADS", 0)
     monkeypatch.setattr(_phases, "PROJECT_FIRST_STEPS", 2)
-    monkeypatch.setattr(_phases, "FINISH_STEPS", 3)
+    monkeypatch.setattr(blocks, "BLOCK_STEPS", 3)
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
@@ -444,7 +445,7 @@ def test_gemm_phases_beside_time_loop(cell, T, t_start, projected, dtype, small_
                                       monkeypatch):
     """One batch row on two threads with a weight counted as small: the time loop runs on one
     thread and the GEMM phases beside it on the other (pieces of 2, 4, 8 projected steps and
-    3 finished steps, so T=13 cuts them unevenly; T=3 projects all steps before the loop; the
+    time blocks of 3 finished steps, so T=13 cuts them unevenly; T=3 projects all steps before the loop; the
     dx of the DX_HERE_SHARE of the steps the loop reaches last is computed after it, from a
     piece's middle where t_start=4). The results match the reference, also where the caller projected the input
     (w_ih None), and both phases did run overlapped."""

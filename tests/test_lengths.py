@@ -27,7 +27,7 @@ import bptt_kernels.cpu as cpu
 import bptt_kernels.reference as ref
 from bptt_kernels import CELLS, GATES
 from bptt_kernels.cpu import _buffers, _loop, _phases
-from bptt_kernels.host import RecurrentCache, cache_from_arrays, cache_to_arrays
+from bptt_kernels.host import RecurrentCache, blocks, cache_from_arrays, cache_to_arrays
 from helpers import RTOL, assert_close, force_unit_split, random_layer_problem
 
 WEIGHTS = ("w_ih", "w_hh", "b_ih", "b_hh")
@@ -437,13 +437,14 @@ def test_cpu_matches_reference_split_by_units(cell, workers, B, dtype, poisoned_
 def test_cpu_matches_reference_gemm_phases_beside_loop(cell, length, t_start, projected, dtype,
                                                        poisoned_buffers, monkeypatch):
     """One row on two threads: the time loop on one, the input projection and the weight
-    gradients beside it on the other in pieces (2, 4, 8 projected steps; 3 finished steps),
+    gradients beside it on the other in pieces (2, 4, 8 projected steps; time blocks of 3
+    finished steps),
     the row's length inside, at, and before the backward's window (t_start=6 > length 4:
     dstate is dfinal_state)."""
     monkeypatch.setattr(_loop, "THREADS", 2)
     monkeypatch.setattr(_loop, "MIN_WORK_FOR_THREADS", 0)
     monkeypatch.setattr(_phases, "PROJECT_FIRST_STEPS", 2)
-    monkeypatch.setattr(_phases, "FINISH_STEPS", 3)
+    monkeypatch.setattr(blocks, "BLOCK_STEPS", 3)
     overlapped = []
     run_overlapped = _loop.run_overlapped
     monkeypatch.setattr(_phases, "run_overlapped", lambda *a, **kw: (

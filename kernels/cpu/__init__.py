@@ -28,6 +28,7 @@ from .rnn import rnn_relu_backward, rnn_relu_forward, rnn_tanh_backward, rnn_tan
 
 NAME = "cpu"
 xp = np
+TIME_BLOCKS = True       # gradient sums over time in the time blocks of host/blocks.py
 
 
 def asarray(a, dtype):
@@ -47,7 +48,7 @@ def zeros(shape, dtype):
 
 
 __all__ = [
-    "NAME", "xp", "DTYPES", "asarray", "to_host", "zeros", "BLAS_LIBRARY", "keep_freed_memory",
+    "NAME", "xp", "DTYPES", "TIME_BLOCKS", "asarray", "to_host", "zeros", "BLAS_LIBRARY", "keep_freed_memory",
     "run_beside",
     "lstm_forward", "lstm_backward", "gru_forward", "gru_backward",
     "rnn_tanh_forward", "rnn_tanh_backward", "rnn_relu_forward", "rnn_relu_backward",

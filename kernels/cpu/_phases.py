@@ -1,6 +1,7 @@
 """The large GEMMs around the time loops (Haste style), threaded: the input projection of all
 T steps before the forward loop, and after the backward loop the parameter gradients and dx
-over all (T - t_start) * B rows at once (this backend's own version of
+over the rows of the steps t >= t_start, one time block of ``bptt_kernels.host.blocks`` after
+the other (this backend's own version of
 ``bptt_kernels.host.finish_backward``, split over threads and beside the time loop). Each takes (part, parts) to run in pieces on threads; where
 the loop itself runs on one thread, they run beside it in pieces of time steps instead
 (``forward_phases``, ``backward_phases``).
@@ -16,14 +17,15 @@ from ._blas import gemm_nn, gemm_nt, gemm_tn
 from ._loop import (NO_FLAGS, NO_PROGRESS, new_progress, overlaps_phases, part_range,
                     phase_parts, run_overlapped, run_parts, run_time_loop)
 from ._math import jit
+from ..host.blocks import time_blocks
 
 # Where the GEMM phases run beside a time loop on one thread (``forward_phases``,
-# ``backward_phases``): time steps in the first piece of the input projection; in each piece
-# of the backward's GEMMs; and the share of the steps whose dx the loop's thread computes
-# after the loop, while the worker still finishes weight gradients (values as measured:
-# docs/performance.md, "GEMM phases beside a one-thread loop").
+# ``backward_phases``): time steps in the first piece of the input projection; and the share
+# of the steps whose dx the loop's thread computes after the loop, while the worker still
+# finishes weight gradients (values as measured: docs/performance.md, "GEMM phases beside a
+# one-thread loop"). The backward's GEMMs run in the time blocks of
+# ``bptt_kernels.host.blocks`` (``time_blocks``), one block after the other from the top.
 PROJECT_FIRST_STEPS = 10
-FINISH_STEPS = 15
 DX_HERE_SHARE = 0.8
 
 
@@ -229,16 +231,17 @@ def input_side(x, w_ih, dw_ih, dg_x, t_start):
 
 
 def backward_phases(kernel, loop_args, *, inputs, h0, y, dg_x, dg_h, dw_hh, db_ih, db_hh, dh,
-                    t_start, parts, lengths=None):
+                    t_start, t_origin, parts, lengths=None):
     """A backward's two phases: the time loop ``kernel(*loop_args, progress, flags, part,
     parts)`` from T-1 down to t_start (``_loop.run_time_loop``), then ``finish_backward`` over
     the rows t >= t_start in up to ``parts`` pieces (``phase_parts`` of its GEMMs'
-    multiply-adds). inputs: the :class:`InputSide` from ``input_side``; h0 [B,H], y [T,B,H]
+    multiply-adds), block by block of the time blocks of a call whose step 0 is the stream's
+    step ``t_origin`` (``time_blocks``). inputs: the :class:`InputSide` from ``input_side``; h0 [B,H], y [T,B,H]
     from the cache; dg_x, dg_h [T,B,G*H] the loop's gate gradients (the same array except for
     the GRU); dw_hh, db_ih, db_hh +=; dh [T,B,H] the loop's output.
     Where the loop would run on one thread alone (``_loop.overlaps_phases``), both at once:
-    the loop here publishes each step it has done, and a worker finishes FINISH_STEPS done
-    steps at a time (``finish_backward_steps``), while the dx of the DX_HERE_SHARE of the
+    the loop here publishes each step it has done, and a worker finishes each time block once
+    the loop has done its steps (``finish_backward_steps``), while the dx of the DX_HERE_SHARE of the
     steps that the loop reaches last (t_start onwards) is left to this thread after the loop
     (``input_gradient``), so that both end about together. With ``lengths`` [B] (or None),
     ``finish_backward`` covers only the steps the rows run (``valid_rows``: ``gather_rows``,
@@ -248,7 +251,8 @@ def backward_phases(kernel, loop_args, *, inputs, h0, y, dg_x, dg_h, dw_hh, db_i
     GH = dg_x.shape[2]
     inputs.dx[:t_start] = 0                                # dx and dh of the steps not
     dh[:t_start] = 0                                       # backpropagated through
-    finish_args = tuple(inputs) + (h0, y, dg_x, dg_h, dw_hh, db_ih, db_hh, t_start)
+    bounds = time_blocks(t_start, T, t_origin)             # T, ..., t_start
+    finish_args = tuple(inputs) + (h0, y, dg_x, dg_h, dw_hh, db_ih, db_hh, bounds)
     if overlaps_phases(parts, B, GH * H):
         progress = new_progress()
         t_dx = t_start + int((T - t_start) * DX_HERE_SHARE)    # dx of steps below: here
@@ -258,7 +262,7 @@ def backward_phases(kernel, loop_args, *, inputs, h0, y, dg_x, dg_h, dw_hh, db_i
             input_gradient(dg_x, inputs.w_ih, inputs.dx, t_start, t_dx)
 
         run_overlapped((loop_then_dx, ()),
-                       (finish_backward_steps, finish_args + (t_dx, progress, FINISH_STEPS)),
+                       (finish_backward_steps, finish_args + (t_dx, progress)),
                        progress)
         return
     run_time_loop(kernel, loop_args + (NO_PROGRESS,), parts, B, GH * H)
@@ -362,7 +366,7 @@ def finish_rows(x_rows, w_ih, dw_ih, dx, h_rows, gx_rows, gh_rows, dw_hh, db_ih,
 
 
 @jit(nogil=True)
-def finish_backward(x, w_ih, dw_ih, dx, h0, y, dg_x, dg_h, dw_hh, db_ih, db_hh, t_start, part,
+def finish_backward(x, w_ih, dw_ih, dx, h0, y, dg_x, dg_h, dw_hh, db_ih, db_hh, bounds, part,
                     parts):
     """Accumulate parameter gradients and write dx from the per-step gate gradients.
 
@@ -373,32 +377,34 @@ def finish_backward(x, w_ih, dw_ih, dx, h0, y, dg_x, dg_h, dw_hh, db_ih, db_hh, 
     dg_h: [T,B,G*H] dL/d(hidden-side pre-activations: h W_hh^T + b_hh), rows t >= t_start
           (the same array as dg_x for LSTM and Elman cells)
     dw_hh: [G*H,H] +=   db_ih, db_hh: [G*H] +=
+    bounds: int64 [n+1] the time blocks T, ..., t_start (``time_blocks``), summed one after
+    the other from the top
     part, parts: this call does rows r0:r1 of the weight and bias gradients and rows m0:m1
-    of dx's window (``part_range``); the pieces are independent.
+    of each block's dx (``part_range``); the pieces are independent.
     """
-    T, B = x.shape[:2]
+    B = x.shape[1]
     r0, r1 = part_range(dg_x.shape[2], part, parts)        # gate rows of this piece
-    m0, m1 = part_range((T - t_start) * B, part, parts)    # dx rows of this piece
-    _finish_steps(x, w_ih, dw_ih, dx, h0, y, dg_x, dg_h, dw_hh, db_ih, db_hh, t_start, T,
-                  r0, r1, m0, m1)
+    for k in range(bounds.size - 1):
+        t0, t1 = bounds[k + 1], bounds[k]
+        m0, m1 = part_range((t1 - t0) * B, part, parts)    # dx rows of this piece
+        _finish_steps(x, w_ih, dw_ih, dx, h0, y, dg_x, dg_h, dw_hh, db_ih, db_hh, t0, t1,
+                      r0, r1, m0, m1)
 
 
 @jit(nogil=True)
-def finish_backward_steps(x, w_ih, dw_ih, dx, h0, y, dg_x, dg_h, dw_hh, db_ih, db_hh, t_start,
-                          t_dx, progress, steps):
-    """``finish_backward`` on one thread beside the time loop, ``steps`` time steps at a time
-    from T-1 down, each piece once ``progress`` says the loop has done its steps; dx only of
-    the steps t >= t_dx (``input_gradient`` does the others)."""
+def finish_backward_steps(x, w_ih, dw_ih, dx, h0, y, dg_x, dg_h, dw_hh, db_ih, db_hh, bounds,
+                          t_dx, progress):
+    """``finish_backward`` on one thread beside the time loop, one time block of ``bounds``
+    at a time from the top, each once ``progress`` says the loop has done its steps; dx only
+    of the steps t >= t_dx (``input_gradient`` does the others)."""
     T, B = x.shape[:2]
-    t1 = T
-    while t1 > t_start:
-        t0 = max(t1 - steps, t_start)
+    for k in range(bounds.size - 1):
+        t0, t1 = bounds[k + 1], bounds[k]
         if wait_for(progress, T - t0):
             return                                         # the loop was aborted
-        m0 = (max(t0, t_dx) - t0) * B                      # dx rows of this piece's window
+        m0 = (max(t0, t_dx) - t0) * B                      # dx rows of this block
         _finish_steps(x, w_ih, dw_ih, dx, h0, y, dg_x, dg_h, dw_hh, db_ih, db_hh, t0, t1,
                       0, dg_x.shape[2], min(m0, (t1 - t0) * B), (t1 - t0) * B)
-        t1 = t0
 
 
 @jit(nogil=True)

@@ -177,12 +177,13 @@ def gru_forward(x, state, w_ih, w_hh, b_ih, b_hh, lengths=None):
     return y, (final_rows(y, call.lengths),), cache
 
 
-def gru_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh, t_start=0):
+def gru_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh, t_start=0,
+                 t_origin=0):
     """dy [T,B,H], dfinal_state (dh_T,), cache from gru_forward; accumulates dw_ih, dw_hh,
     db_ih, db_hh -> dx [T,B,I], (dh entering step t_start,), dh [T,B,H].
     w_ih and dw_ih None: dL/d(x W_ih^T) [T,B,3H] in place of dx."""
     call = check_backward("gru", dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih,
-                          db_hh, t_start, np)
+                          db_hh, t_start, np, t_origin)
     cache = call.cache                              # checked, C-contiguous
     T, B, H, t_start, dtype = call.T, call.B, call.H, call.t_start, cache.y.dtype
     dh_next = call.dfinal_state[0].copy()                               # B,H
@@ -196,5 +197,5 @@ def gru_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh
                                           dh_next, dg_x, dg_h, dh),
                         inputs=inputs, h0=cache.h0, y=cache.y, dg_x=dg_x, dg_h=dg_h,
                         dw_hh=dw_hh, db_ih=db_ih, db_hh=db_hh, dh=dh, t_start=t_start,
-                        parts=parts, lengths=cache.lengths)
+                        t_origin=call.t_origin, parts=parts, lengths=cache.lengths)
     return dx, (dh_next,), dh

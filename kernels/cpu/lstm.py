@@ -180,12 +180,13 @@ def lstm_forward(x, state, w_ih, w_hh, b_ih, b_hh, lengths=None):
     return y, (final_rows(y, call.lengths), final_rows(c, call.lengths)), cache
 
 
-def lstm_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh, t_start=0):
+def lstm_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh, t_start=0,
+                  t_origin=0):
     """dy [T,B,H], dfinal_state (dh_T, dc_T), cache from lstm_forward; accumulates dw_ih,
     dw_hh, db_ih, db_hh -> dx [T,B,I], (dh, dc) entering step t_start, dh [T,B,H].
     w_ih and dw_ih None: dL/d(x W_ih^T) [T,B,4H] in place of dx."""
     call = check_backward("lstm", dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih,
-                          db_hh, t_start, np)
+                          db_hh, t_start, np, t_origin)
     cache = call.cache                              # checked, C-contiguous
     T, B, H, t_start, dtype = call.T, call.B, call.H, call.t_start, cache.y.dtype
     tanh_c = np.tanh(cache.c) if cache.tanh_c is None else cache.tanh_c   # T,B,H
@@ -200,7 +201,7 @@ def lstm_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_h
                                           dh_final, dh_next, dc_next, dgates, dh),
                         inputs=inputs, h0=cache.h0, y=cache.y, dg_x=dgates, dg_h=dgates,
                         dw_hh=dw_hh, db_ih=db_ih, db_hh=db_hh, dh=dh, t_start=t_start,
-                        parts=parts, lengths=cache.lengths)
+                        t_origin=call.t_origin, parts=parts, lengths=cache.lengths)
     if cache.lengths is not None:                   # rows with no step in the window: dL/dh
         idle = cache.lengths <= t_start             # passes unchanged (the step products
         dh_next[idle] = dh_final[idle]              # wrote zeros there)

@@ -118,9 +118,10 @@ def _forward(cell, x, state, w_ih, w_hh, b_ih, b_hh, lengths):
                                                              lengths=call.lengths)
 
 
-def _backward(cell, dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh, t_start):
+def _backward(cell, dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh, t_start,
+              t_origin):
     call = check_backward(cell, dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih,
-                          db_hh, t_start, np)
+                          db_hh, t_start, np, t_origin)
     cache = call.cache                              # checked, C-contiguous
     T, B, H, t_start, dtype = call.T, call.B, call.H, call.t_start, cache.y.dtype
     dh_next = call.dfinal_state[0].copy()                               # B,H
@@ -133,8 +134,8 @@ def _backward(cell, dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db
                                           t_start, row_steps(cache.lengths, T, B), dh_final,
                                           dh_next, da, dh),
                         inputs=inputs, h0=cache.h0, y=cache.y, dg_x=da, dg_h=da, dw_hh=dw_hh,
-                        db_ih=db_ih, db_hh=db_hh, dh=dh, t_start=t_start, parts=parts,
-                        lengths=cache.lengths)
+                        db_ih=db_ih, db_hh=db_hh, dh=dh, t_start=t_start,
+                        t_origin=call.t_origin, parts=parts, lengths=cache.lengths)
     if cache.lengths is not None:                   # rows with no step in the window: dL/dh
         idle = cache.lengths <= t_start             # passes unchanged (the step products
         dh_next[idle] = dh_final[idle]              # wrote zeros there)
@@ -149,11 +150,13 @@ def rnn_tanh_forward(x, state, w_ih, w_hh, b_ih, b_hh, lengths=None):
     return _forward("rnn_tanh", x, state, w_ih, w_hh, b_ih, b_hh, lengths)
 
 
-def rnn_tanh_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh, t_start=0):
+def rnn_tanh_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh, t_start=0,
+                      t_origin=0):
     """dy [T,B,H], dfinal_state (dh_T,), cache from rnn_tanh_forward; accumulates parameter
     gradients -> dx [T,B,I], (dh entering step t_start,), dh [T,B,H]. w_ih and dw_ih None:
     dL/d(x W_ih^T) [T,B,H] in place of dx."""
-    return _backward("rnn_tanh", dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh, t_start)
+    return _backward("rnn_tanh", dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh,
+                     t_start, t_origin)
 
 
 def rnn_relu_forward(x, state, w_ih, w_hh, b_ih, b_hh, lengths=None):
@@ -164,8 +167,10 @@ def rnn_relu_forward(x, state, w_ih, w_hh, b_ih, b_hh, lengths=None):
     return _forward("rnn_relu", x, state, w_ih, w_hh, b_ih, b_hh, lengths)
 
 
-def rnn_relu_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh, t_start=0):
+def rnn_relu_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh, t_start=0,
+                      t_origin=0):
     """dy [T,B,H], dfinal_state (dh_T,), cache from rnn_relu_forward; accumulates parameter
     gradients -> dx [T,B,I], (dh entering step t_start,), dh [T,B,H]. w_ih and dw_ih None:
     dL/d(x W_ih^T) [T,B,H] in place of dx."""
-    return _backward("rnn_relu", dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh, t_start)
+    return _backward("rnn_relu", dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh,
+                     t_start, t_origin)

@@ -45,6 +45,7 @@ from .ops import (adam_step, embedding_backward, embedding_forward, scale_, sgd_
 from .recurrent import backward, choose_path, forward, persistent_limits
 
 NAME = "cuda"
+TIME_BLOCKS = False      # gradient sums over the whole window in one block (host/blocks.py)
 
 
 def lstm_forward(x, state, w_ih, w_hh, b_ih, b_hh, lengths=None):
@@ -54,10 +55,12 @@ def lstm_forward(x, state, w_ih, w_hh, b_ih, b_hh, lengths=None):
     return forward("lstm", x, state, w_ih, w_hh, b_ih, b_hh, lengths)
 
 
-def lstm_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh, t_start=0):
+def lstm_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh, t_start=0,
+                  t_origin=0):
     """Backward of :func:`lstm_forward`; dfinal_state (dh_T, dc_T). Returns dx [T,B,I],
     (dh, dc) entering step t_start, dh [T,B,H]; dw_*/db_* accumulated."""
-    return backward("lstm", dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh, t_start)
+    return backward("lstm", dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh, t_start,
+                    t_origin)
 
 
 def gru_forward(x, state, w_ih, w_hh, b_ih, b_hh, lengths=None):
@@ -66,10 +69,12 @@ def gru_forward(x, state, w_ih, w_hh, b_ih, b_hh, lengths=None):
     return forward("gru", x, state, w_ih, w_hh, b_ih, b_hh, lengths)
 
 
-def gru_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh, t_start=0):
+def gru_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh, t_start=0,
+                 t_origin=0):
     """Backward of :func:`gru_forward`; dfinal_state (dh_T,). Returns dx [T,B,I],
     (dh entering step t_start,), dh [T,B,H]; dw_*/db_* accumulated."""
-    return backward("gru", dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh, t_start)
+    return backward("gru", dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh, t_start,
+                    t_origin)
 
 
 def rnn_tanh_forward(x, state, w_ih, w_hh, b_ih, b_hh, lengths=None):
@@ -78,10 +83,11 @@ def rnn_tanh_forward(x, state, w_ih, w_hh, b_ih, b_hh, lengths=None):
     return forward("rnn_tanh", x, state, w_ih, w_hh, b_ih, b_hh, lengths)
 
 
-def rnn_tanh_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh, t_start=0):
+def rnn_tanh_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh, t_start=0,
+                      t_origin=0):
     """Backward of :func:`rnn_tanh_forward`; as :func:`gru_backward`."""
     return backward("rnn_tanh", dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh,
-                    t_start)
+                    t_start, t_origin)
 
 
 def rnn_relu_forward(x, state, w_ih, w_hh, b_ih, b_hh, lengths=None):
@@ -89,14 +95,15 @@ def rnn_relu_forward(x, state, w_ih, w_hh, b_ih, b_hh, lengths=None):
     return forward("rnn_relu", x, state, w_ih, w_hh, b_ih, b_hh, lengths)
 
 
-def rnn_relu_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh, t_start=0):
+def rnn_relu_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh, t_start=0,
+                      t_origin=0):
     """Backward of :func:`rnn_relu_forward`; as :func:`gru_backward`."""
     return backward("rnn_relu", dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh,
-                    t_start)
+                    t_start, t_origin)
 
 
 __all__ = [
-    "NAME", "xp", "DTYPES", "SIMULATOR", "config", "asarray", "to_host", "zeros",
+    "NAME", "xp", "DTYPES", "TIME_BLOCKS", "SIMULATOR", "config", "asarray", "to_host", "zeros",
     "lstm_forward", "lstm_backward", "gru_forward", "gru_backward",
     "rnn_tanh_forward", "rnn_tanh_backward", "rnn_relu_forward", "rnn_relu_backward",
     "RecurrentCache", "persistent_limits", "choose_path",

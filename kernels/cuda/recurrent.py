@@ -207,7 +207,8 @@ def _states(cache, is_lstm):
     return hs, cs
 
 
-def backward(cell, dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh, t_start=0):
+def backward(cell, dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh, t_start=0,
+             t_origin=0):
     """Backward of :func:`forward`; see the backend interface for the contract.
 
     dy [T,B,H], dfinal_state like the state (None: zeros), dw_*/db_* accumulated (+=).
@@ -216,7 +217,7 @@ def backward(cell, dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_
     """
     xp = _device.xp
     call = check_backward(cell, dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh,
-                          t_start, xp)
+                          t_start, xp, t_origin)          # t_origin checked; one block here
     dy, w_hh, t_start, cache = call.dy, call.w_hh, call.t_start, call.cache
     T, B, H, GH = call.T, call.B, call.H, call.G * call.H
     dtype = dy.dtype
@@ -253,6 +254,6 @@ def backward(cell, dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_
         dh_prev = dh_rec
 
     dx = finish_backward(cache.x, hs[0], hs[1:], dgx, dg_rec, t_start, call.w_ih, call.dw_ih,
-                         call.dw_hh, call.db_ih, call.db_hh, xp)
+                         call.dw_hh, call.db_ih, call.db_hh, xp, blocked=False)
     dstate = (dh_prev, dc.reshape(B, H)) if is_lstm else (dh_prev,)
     return dx, dstate, dh

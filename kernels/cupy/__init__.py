@@ -58,6 +58,7 @@ from ._graphs import cupy_capture
 NAME = "cupy"
 xp = cupy
 DTYPES = _ENGINE_DTYPES  # (float32, float64)
+TIME_BLOCKS = False      # gradient sums over the whole window in one block (host/blocks.py)
 
 _gpu_engine = None
 
@@ -102,9 +103,10 @@ def _cell_functions(cell):
     def forward(x, state, w_ih, w_hh, b_ih, b_hh, lengths=None):
         return _get().recurrent_forward(cell, x, state, w_ih, w_hh, b_ih, b_hh, lengths)
 
-    def backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh, t_start=0):
+    def backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh, t_start=0,
+                 t_origin=0):
         return _get().recurrent_backward(cell, dy, dfinal_state, cache, w_ih, w_hh,
-                                         dw_ih, dw_hh, db_ih, db_hh, t_start)
+                                         dw_ih, dw_hh, db_ih, db_hh, t_start, t_origin)
 
     forward.__name__ = forward.__qualname__ = f"{cell}_forward"
     backward.__name__ = backward.__qualname__ = f"{cell}_backward"
@@ -161,7 +163,7 @@ def scale_(arrays, factor):
 
 
 __all__ = [
-    "NAME", "xp", "DTYPES", "asarray", "to_host", "zeros", "config", "RecurrentCache",
+    "NAME", "xp", "DTYPES", "TIME_BLOCKS", "asarray", "to_host", "zeros", "config", "RecurrentCache",
     "persistent_smem_bytes", "persistent_max_hidden", "choose_path",
     "lstm_forward", "lstm_backward", "gru_forward", "gru_backward",
     "rnn_tanh_forward", "rnn_tanh_backward", "rnn_relu_forward", "rnn_relu_backward",

@@ -251,11 +251,11 @@ class Engine:
                                         lengths=call.lengths)
 
     def recurrent_backward(self, cell, dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh,
-                           db_ih, db_hh, t_start=0):
+                           db_ih, db_hh, t_start=0, t_origin=0):
         """Backward of :meth:`recurrent_forward`; accumulates (+=) into dw_*, db_*."""
         xp = self.xp
         call = check_backward(cell, dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih,
-                              db_hh, t_start, xp)
+                              db_hh, t_start, xp, t_origin)      # t_origin checked; one block here
         dy, w_hh, t_start, cache = call.dy, call.w_hh, call.t_start, call.cache
         T, B, H, G = call.T, call.B, call.H, call.G
         dtype = dy.dtype
@@ -311,7 +311,8 @@ class Engine:
 
         # parameter gradients and dx over the rows t_start .. T-1 as big GEMMs
         dx = finish_backward(cache.x, saved["h0"], saved["y"], dgx, dgx if dgh is None else dgh,
-                             t_start, call.w_ih, call.dw_ih, call.dw_hh, call.db_ih, call.db_hh, xp)
+                             t_start, call.w_ih, call.dw_ih, call.dw_hh, call.db_ih, call.db_hh, xp,
+                             blocked=False)               # TIME_BLOCKS False
         dstate = (dh0, dc0) if cell == "lstm" else (dh0,)
         return dx, dstate, dh
 

@@ -144,7 +144,8 @@ def host_backend(reverse=False, limits=H100_LIMITS, build_dir=None):
     :func:`host_engine`: the CuPy backend's code paths, usable by bptt's layers and trainer on
     a machine without a GPU (slow; for tests)."""
     eng = host_engine(reverse=reverse, limits=limits, build_dir=build_dir)
-    ns = types.SimpleNamespace(NAME="cupy-host", xp=np, DTYPES=DTYPES, config=config, engine=eng)
+    ns = types.SimpleNamespace(NAME="cupy-host", xp=np, DTYPES=DTYPES, TIME_BLOCKS=False, config=config,
+                               engine=eng)
     for name in ("asarray", "to_host", "zeros", "choose_path", "softmax_cross_entropy",
                  "embedding_forward", "embedding_backward", "sgd_step", "adam_step",
                  "sum_of_squares", "scale_"):

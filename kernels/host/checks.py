@@ -58,6 +58,7 @@ class BackwardCall(NamedTuple):
     I: int
     H: int
     G: int
+    t_origin: int = 0   # the stream's step of step 0 (the time blocks of the gradient sums)
 
 
 def _shape_text(shape):
@@ -141,15 +142,16 @@ def _state(name, state, cell, B, H, dtype, xp):
 
 
 def as_index(name, value, low, high):
-    """An int in [low, high] (bool refused)."""
+    """An int in [low, high] (high None: no upper bound; bool refused)."""
     if isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be an int, got bool")
     try:
         v = operator.index(value)
     except TypeError:
         raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
-    if not low <= v <= high:
-        raise ValueError(f"{name} must be in [{low}, {high}], got {v}")
+    if v < low or (high is not None and v > high):
+        bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name} must be {bounds}, got {v}")
     return v
 
 
@@ -226,7 +228,7 @@ def check_forward(cell, x, state, w_ih, w_hh, b_ih, b_hh, xp, dtypes=FLOAT_DTYPE
 
 
 def check_backward(cell, dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh,
-                   t_start, xp):
+                   t_start, xp, t_origin=0):
     """Check a ``<cell>_backward`` call; return its :class:`BackwardCall`. w_ih and dw_ih
     both None: the input was projected by the caller."""
     check_cell(cell)
@@ -241,6 +243,7 @@ def check_backward(cell, dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_i
     H = cache.y.shape[2]
     dtype = cache.y.dtype
     t_start = as_index("t_start", t_start, 0, T - 1)
+    t_origin = as_index("t_origin", t_origin, 0, None)
     dy = as_array("dy", dy, xp, dtype, (T, B, H))
     dfinal_state = _state("dfinal_state", dfinal_state, cell, B, H, dtype, xp)
     check_input_weight_pair(w_ih, dw_ih)
@@ -252,4 +255,4 @@ def check_backward(cell, dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_i
     as_output("db_ih", db_ih, xp, dtype, (G * H,))
     as_output("db_hh", db_hh, xp, dtype, (G * H,))
     return BackwardCall(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh,
-                        t_start, T, B, I, H, G)
+                        t_start, T, B, I, H, G, t_origin)
