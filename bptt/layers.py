@@ -365,7 +365,7 @@ class _RecurrentLayer:
         T, B = a.shape[:2]
         return self.backend.xp.take(a.reshape(T * B, -1), order, axis=0).reshape(a.shape)
 
-    def backward(self, dy, cache, dstate=None, t_start=0, return_dh=False, check_finite=True):
+    def backward(self, dy, cache, dstate=None, t_start=0, return_dh=False, check_finite=True, *, t_origin=0):
         """Backpropagate through the steps t_start .. T-1 of a forward call.
 
         dy        [T, B, D*H] dL/dy
@@ -379,6 +379,10 @@ class _RecurrentLayer:
                   only 0 (ValueError otherwise), since the reverse direction enters step
                   t_start last, from the steps after it, and has no state to cut there
         check_finite  scan dy for NaN/inf (ValueError); False for a caller that checked it
+        t_origin  the stream's step of step 0: the gradient sums over time run in the fixed time
+                  blocks of ``bptt_kernels.host.blocks``, so a sequence backpropagated in calls
+                  that meet at block boundaries gets the gradients of one call bit for bit
+                  (reference and cpu backends; ``bptt.memory`` relies on it)
         Accumulates (+=) into ``grads``. Returns dx [T, B, I] (rows t < t_start are zero; after a
         ``forward(..., projected=True)``, dL/d(x W_ih^T) [T, B, G*H], and weight_ih_l0's
         gradient is left to the caller) and
@@ -398,6 +402,7 @@ class _RecurrentLayer:
         if check_finite:
             _checks.expect_finite("dy", dy, self.backend)
         t_start = _checks.expect_int("t_start", t_start, 0, T - 1)
+        t_origin = _checks.expect_int("t_origin", t_origin, 0)
         if t_start and self.bidirectional:
             raise ValueError(f"t_start must be 0 for a bidirectional layer; got {t_start} (the reverse "
                              f"direction reaches step t_start from the later steps: there is no state "
@@ -420,7 +425,8 @@ class _RecurrentLayer:
                     dy_d = self._reverse_steps(dy_d, cache.order)
                 dx_d, dinit_d, dh_d = self._backward_kernel(
                     dy_d, tuple(s[D * k + d] for s in dstates), (cache.layers, cache.reverse)[d][k],
-                    w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh, t_start=t_start)
+                    w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh, t_start=t_start,
+                    t_origin=t_origin if d == 0 else 0)
                 if d == 1:                                              # back to forward time
                     dx_d = self._reverse_steps(dx_d, cache.order)
                     dh_d = self._reverse_steps(dh_d, cache.order) if return_dh else None

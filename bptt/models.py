@@ -158,11 +158,14 @@ class LanguageModel(RecurrentModelBase):
         no_dropout = not train or self.dropout == 0
         return no_dropout and rows >= EMBEDDING_FOLD_ROWS_PER_WORD * self.vocab_size
 
-    def backward(self, dout, cache, dstate=None, t_start=0, return_dh=False):
+    def backward(self, dout, cache, dstate=None, t_start=0, return_dh=False, t_origin=0):
         """Backpropagate through steps t_start..T-1 of a forward call; accumulates ``grads``.
 
         dout    [T,B,V] dL/dlogits, or None for zero (a chunk whose outputs carry no loss)
         dstate  dL/d(final state), like the state (None: zeros)
+        t_origin  the stream's step of step 0: every gradient sum over time runs in the fixed
+                time blocks of ``bptt_kernels.host.blocks`` (calls that meet at block
+                boundaries give the gradients of one call bit for bit on reference and cpu)
         Returns dL/d(state entering step t_start); with return_dh also the list (per level,
         bottom first) of [T,B,H] total dL/dh_t.
         """
@@ -170,27 +173,31 @@ class LanguageModel(RecurrentModelBase):
             raise ValueError("backward needs the cache of a forward(..., train=True) call")
         xp = self.backend.xp
         T, B, H = cache.h.shape
+        t_start, t_origin = _checks.expect_int("t_start", t_start, 0, T - 1), _checks.expect_int("t_origin", t_origin, 0)
         dh_top = xp.zeros((T, B, H), self.dtype)
         if dout is not None:
             if tuple(dout.shape) != (T, B, self.vocab_size):
                 raise ValueError(f"dout must have shape [T, B, V] = {(T, B, self.vocab_size)}; got {tuple(dout.shape)}")
-            dh_top[t_start:] = self._linear_backward(dout[t_start:], cache.h[t_start:],
-                                                     self._decoder_weight_name(), "decoder.bias")
+            self._steps_linear_backward(dout, cache.h, dh_top, self._decoder_weight_name(), "decoder.bias",
+                                        t_start, t_origin)
             if cache.out_mask is not None:
                 dh_top *= cache.out_mask
-        demb, dstate, dh = self._stack_backward(dh_top, cache.stack, dstate, t_start)
+        demb, dstate, dh = self._stack_backward(dh_top, cache.stack, dstate, t_start, t_origin)
         check_finite_grad(xp, demb, "the embeddings")
+        blocks = self._time_blocks(t_start, T, t_origin)
         if cache.stack.layers[0].projected:                # demb: dL/d(E W_ih^T)[ids], T,B,G*H
             w_ih, E = self.params["rnn.weight_ih_l0"], self.params["encoder.weight"]
-            dtable = xp.zeros((self.vocab_size, w_ih.shape[0]), self.dtype)           # V,G*H
-            self.backend.embedding_backward(dtable, cache.ids[t_start:], demb[t_start:])
             no_bias = xp.zeros((w_ih.shape[0],), self.dtype)                          # G*H
-            self.grads["encoder.weight"] += self.backend.linear_backward(             # V,E
-                dtable, E, w_ih, self.grads["rnn.weight_ih_l0"], no_bias)  # dW_ih += dtable^T E
+            for t0, t1 in blocks:
+                dtable = xp.zeros((self.vocab_size, w_ih.shape[0]), self.dtype)       # V,G*H
+                self.backend.embedding_backward(dtable, cache.ids[t0:t1], demb[t0:t1])
+                self.grads["encoder.weight"] += self.backend.linear_backward(         # V,E
+                    dtable, E, w_ih, self.grads["rnn.weight_ih_l0"], no_bias)  # dW_ih += dtable^T E
             return (dstate, dh) if return_dh else dstate
         if cache.emb_mask is not None:
             demb = demb * cache.emb_mask
-        self.backend.embedding_backward(self.grads["encoder.weight"], cache.ids[t_start:], demb[t_start:])
+        for t0, t1 in blocks:
+            self.backend.embedding_backward(self.grads["encoder.weight"], cache.ids[t0:t1], demb[t0:t1])
         return (dstate, dh) if return_dh else dstate
 
     def cache_from_dict(self, d):
@@ -288,19 +295,21 @@ class SequenceModel(RecurrentModelBase):
             h = self.backend.xp.concatenate([h[:, :H], y[0, :, H:]], axis=1)
         return h
 
-    def backward(self, dout, cache, dstate=None, t_start=0, return_dh=False):
+    def backward(self, dout, cache, dstate=None, t_start=0, return_dh=False, t_origin=0):
         """As :meth:`LanguageModel.backward`; dout [T,B,O] or [B,O] (last_step), or None. The
         last-step gradient reaches the positions the forward read (``_final_features``)."""
         if cache is None:
             raise ValueError("backward needs the cache of a forward(..., train=True) call")
         y = cache.y
+        t_start = _checks.expect_int("t_start", t_start, 0, y.shape[0] - 1)
+        t_origin = _checks.expect_int("t_origin", t_origin, 0)
         dy = self.backend.xp.zeros(y.shape, self.dtype)
         if dout is not None:
             expected = (y.shape[:2] if self.readout == "every_step" else y.shape[1:2]) + (self.output_size,)
             if tuple(dout.shape) != expected:
                 raise ValueError(f"dout must have the outputs' shape {expected}; got {tuple(dout.shape)}")
             if self.readout == "every_step":
-                dy[t_start:] = self._linear_backward(dout[t_start:], y[t_start:], "readout.weight", "readout.bias")
+                self._steps_linear_backward(dout, y, dy, "readout.weight", "readout.bias", t_start, t_origin)
             else:
                 H = self.hidden_size
                 dh = self._linear_backward(dout, self._final_features(y, cache.lengths),     # B,D*H
@@ -309,7 +318,7 @@ class SequenceModel(RecurrentModelBase):
                 dy[steps, rows, :H] = dh[:, :H]                  # forward half: each row's last step
                 if self.bidirectional:
                     dy[0, :, H:] = dh[:, H:]                     # reverse half: step 0
-        _, dstate, dh = self._stack_backward(dy, cache.stack, dstate, t_start)
+        _, dstate, dh = self._stack_backward(dy, cache.stack, dstate, t_start, t_origin)
         return (dstate, dh) if return_dh else dstate
 
     def cache_from_dict(self, d):

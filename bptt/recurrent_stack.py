@@ -32,6 +32,7 @@ from bptt import _checks
 from bptt.backend import get_backend
 from bptt.layers import GRU, LSTM, RNN, device_copy
 from bptt_kernels import CELLS
+from bptt_kernels.host.blocks import time_blocks
 
 
 class NonFiniteGradientError(FloatingPointError):
@@ -266,10 +267,11 @@ class RecurrentModelBase:
             finals.append(final)
         return x, self._join_state(finals), StackCache(caches, masks)
 
-    def _stack_backward(self, dy, cache, dstate, t_start):
+    def _stack_backward(self, dy, cache, dstate, t_start, t_origin=0):
         """dy [T,B,D*H] -> (dx [T,B,I] (projected forward: dL/d(x W_ih^T) [T,B,G*H]),
         d(state entering t_start), dh: list per level of [T,B,D*H]). A bidirectional stack
-        needs t_start == 0 (the layers raise ValueError otherwise)."""
+        needs t_start == 0 (the layers raise ValueError otherwise). t_origin: the stream's step
+        of step 0 (the layers' time blocks)."""
         xp = self.backend.xp
         dstates = self._split_state(dstate, dy.shape[1])
         dinit, dh_all = [None] * self.num_layers, [None] * self.num_layers
@@ -279,10 +281,19 @@ class RecurrentModelBase:
                 if part is not None:
                     check_finite_grad(xp, part, f"the final state of recurrent level {k}")
             dy, dinit[k], (dh_all[k],) = self.layers[k].backward(dy, cache.layers[k], dstates[k], t_start,
-                                                                return_dh=True, check_finite=False)
+                                                                return_dh=True, check_finite=False,
+                                                                t_origin=t_origin)
             if k > 0 and cache.masks[k - 1] is not None:
                 dy = dy * cache.masks[k - 1]
         return dy, self._join_state(dinit), dh_all
+
+    def _time_blocks(self, t_start, T, t_origin):
+        """(t0, t1) of the time blocks of steps t_start .. T-1 of a call whose step 0 is the
+        stream's step ``t_origin``, the last block first (``bptt_kernels.host.blocks``, the
+        one block where the backend's TIME_BLOCKS is False): the output map's and the
+        embedding's gradients are summed block by block, as the layers sum theirs."""
+        bounds = time_blocks(t_start, T, t_origin, self.backend.TIME_BLOCKS).tolist()
+        return list(zip(bounds[1:], bounds[:-1]))
 
     # linear output map: out = h W^T + b over the last axis
 
@@ -297,3 +308,9 @@ class RecurrentModelBase:
         dh = self.backend.linear_backward(dout.reshape(-1, W.shape[0]), h.reshape(-1, W.shape[1]),
                                           W, self.grads[wname], self.grads[bname])
         return dh.reshape(h.shape)
+
+    def _steps_linear_backward(self, dout, h, dh, wname, bname, t_start, t_origin):
+        """``_linear_backward`` of the steps t_start .. T-1 (dout [T,B,O], h [T,B,H]) into
+        dh[t_start:] ([T,B,H]), one time block after the other (``_time_blocks``)."""
+        for t0, t1 in self._time_blocks(t_start, h.shape[0], t_origin):
+            dh[t0:t1] = self._linear_backward(dout[t0:t1], h[t0:t1], wname, bname)
