@@ -19,6 +19,7 @@ import numpy as np
 
 from bptt.batches import Group, Record, reset_rows
 from bptt_kernels import GATES
+from bptt_kernels.host import blocks
 
 __all__ = ["parse_memory", "loss_and_backward", "state_bytes", "step_bytes", "plan_window", "smallest_budget",
            "sqrt_plan", "budget_plan", "simulate", "BudgetError", "WindowPlan", "Window", "Replay"]
@@ -134,8 +135,30 @@ def advance_rng(rng, draws):
 # its loss and the carried state) and keeps the state entering every piece; backward takes the
 # pieces last first, each by its plan. A last piece that is a leaf keeps its activations from
 # the first pass (nothing recomputed).
+#
+# Every cut between leaves lies on a time block boundary of the backward's gradient sums
+# (bptt_kernels.host.blocks: stream steps that are multiples of ``block``), or at the window's
+# or the chunk's first step: backpropagated leaf by leaf, the window then sums the same blocks
+# in the same order as one backward call over it, and the gradients are the same bit for bit.
+# A plan's steps count from the window's first step, which is ``phase`` steps past a boundary.
 
 DP_UNITS = 128     # the budget's dynamic program runs over at most this many units of steps
+
+
+def _boundaries(a, b, k, phase):
+    """[a, the steps strictly between a and b that lie on a boundary of k-step units (step r
+    with (phase + r) % k == 0), b]."""
+    first = a + 1 + (-(phase + a + 1)) % k
+    return [a] + list(range(first, b, k)) + [b]
+
+
+def _sizes(bounds):
+    return [b - a for a, b in zip(bounds, bounds[1:])]
+
+
+def _chain_of(sizes):
+    """The plan running pieces of these sizes one after the other, each kept state after the last."""
+    return sizes[0] if len(sizes) == 1 else (sizes[0], _chain_of(sizes[1:]))
 
 
 def plan_steps(plan):
@@ -161,11 +184,6 @@ class WindowPlan:
     def __repr__(self):
         return (f"WindowPlan(old={self.old}, pieces={self.pieces}, recomputed={self.recomputed}, "
                 f"peak={self.peak})")
-
-
-def _chain(n, k):
-    """Pieces of k steps, each kept state after the last: the plan of ``sqrt`` over old steps."""
-    return n if n <= k else (k, _chain(n - k, k))
 
 
 def _tree_cost(plan, held, slot, step):
@@ -200,20 +218,24 @@ def simulate(old, pieces, slot, step, held=0):
     return recomputed, peak
 
 
-def sqrt_plan(n_old, n_new, slot, step, held=0):
-    """Pieces of ceil(sqrt(n)) steps over the window of n = n_old + n_new steps."""
-    k = math.ceil(math.sqrt(n_old + n_new))
-    old = _chain(n_old, k) if n_old else None
-    pieces = [min(k, n_new - a) for a in range(0, n_new, k)]
+def sqrt_plan(n_old, n_new, slot, step, held=0, phase=0, block=None):
+    """Pieces of k steps over the window of n = n_old + n_new steps, k = ceil(sqrt(n)) rounded
+    up to whole time blocks of ``block`` steps, cut where the stream's step is a multiple of k
+    (the window's first step is ``phase`` steps past one; ``block`` None: BLOCK_STEPS)."""
+    block = block or blocks.BLOCK_STEPS
+    k = block * math.ceil(math.ceil(math.sqrt(n_old + n_new)) / block)
+    old = _chain_of(_sizes(_boundaries(0, n_old, k, phase))) if n_old else None
+    pieces = _sizes(_boundaries(n_old, n_old + n_new, k, phase))
     return WindowPlan(old, pieces, *simulate(old, pieces, slot, step, held))
 
 
-def _units_to_steps(plan, first, g, n):
-    """A plan over units of g steps (unit ``first`` on) as a plan over the part's n steps."""
+def _units_to_steps(plan, first, bounds):
+    """A plan over units (unit ``first`` on) as a plan over steps; unit u is steps
+    bounds[u] .. bounds[u+1]-1."""
     if isinstance(plan, int):
-        return min((first + plan) * g, n) - first * g
+        return bounds[first + plan] - bounds[first]
     size = plan_steps(plan[0])
-    return (_units_to_steps(plan[0], first, g, n), _units_to_steps(plan[1], first + size, g, n))
+    return (_units_to_steps(plan[0], first, bounds), _units_to_steps(plan[1], first + size, bounds))
 
 
 def _budget_tables(budget, slot, unit_bytes, units, held):
@@ -243,17 +265,24 @@ def _budget_tables(budget, slot, unit_bytes, units, held):
     return Q, F, Qy, Fy
 
 
-def budget_plan(n_old, n_new, budget, slot, step, held=0):
+def budget_plan(n_old, n_new, budget, slot, step, held=0, phase=0, block=None):
     """The plan of least recomputation whose counted peak fits ``budget`` bytes (None if none
-    does), over units of ceil(n / DP_UNITS) steps."""
-    return _budget_plan(n_old, n_new, int(budget), int(slot), int(step), held)
+    does), over units of g steps: the fewest whole time blocks of ``block`` steps with at most
+    DP_UNITS units in the window, cut where the stream's step is a multiple of g (the window's
+    first step is ``phase`` steps past one; the units at the window's ends and at the chunk's
+    first step may be shorter, and count as long as the longest; ``block`` None: BLOCK_STEPS)."""
+    block = block or blocks.BLOCK_STEPS
+    return _budget_plan(n_old, n_new, int(budget), int(slot), int(step), held, phase % block, block)
 
 
 @functools.lru_cache(maxsize=64)
-def _budget_plan(n_old, n_new, budget, slot, step, held):
-    g = max(1, math.ceil((n_old + n_new) / DP_UNITS))
-    u_old, u_new = math.ceil(n_old / g), math.ceil(n_new / g)
-    Q, F, Qy, Fy = _budget_tables(budget, slot, g * step, u_old + u_new, held)
+def _budget_plan(n_old, n_new, budget, slot, step, held, phase, block):
+    g = block * math.ceil(math.ceil((n_old + n_new) / DP_UNITS) / block)
+    old_bounds = _boundaries(0, n_old, g, phase) if n_old else [0]
+    new_bounds = _boundaries(n_old, n_old + n_new, g, phase)
+    u_old, u_new = len(old_bounds) - 1, len(new_bounds) - 1
+    unit = max(_sizes(old_bounds) + _sizes(new_bounds))         # steps of the longest unit
+    Q, F, Qy, Fy = _budget_tables(budget, slot, unit * step, u_old + u_new, held)
 
     def q_tree(t, j):
         y = int(Qy[t, j])
@@ -268,10 +297,10 @@ def _budget_plan(n_old, n_new, budget, slot, step, held):
     first = held + 1 + (n_old > 0)                 # states kept while the first piece is done
     if not math.isfinite(F[u_new, first]) or (n_old and not math.isfinite(Q[u_old, held + 1])):
         return None
-    old = _units_to_steps(q_tree(u_old, held + 1), 0, g, n_old) if n_old else None
+    old = _units_to_steps(q_tree(u_old, held + 1), 0, old_bounds) if n_old else None
     pieces, at = [], 0
     for piece in f_pieces(u_new, first):
-        pieces.append(_units_to_steps(piece, at, g, n_new))
+        pieces.append(_units_to_steps(piece, at, new_bounds))
         at += plan_steps(piece)
     recomputed, peak = simulate(old, pieces, slot, step, held)
     return WindowPlan(old, pieces, recomputed, peak)
@@ -303,20 +332,24 @@ def forward_weights(model):
 
 
 class Window:
-    """Backpropagation of steps [w0, t1) of a group ``rows`` through ``records`` (:class:`bptt.batches.Record`,
-    covering [w0, t1) in order, the first one holding the state entering w0) by a plan.
+    """Backpropagation of steps [w0, t1) of a group ``rows`` by ``plan`` (a :class:`WindowPlan`
+    over steps [records[0].s0, t1)) through ``records`` (:class:`bptt.batches.Record`, covering
+    [records[0].s0, t1) in order, the first one holding the state entering its s0 <= w0, a time
+    block boundary or a segment's first step: the steps before w0 are run forward only).
 
     The steps of the chunk [t0, t1) carry the loss (``divisor``: the mean's count; ``loss_terms``:
     whether this chunk has any). ``on_dh(dh_list)``: called with each backward call's per-level
     dL/dh (newest steps first), or None.
     """
 
-    def __init__(self, model, rows, records, t0, divisor, loss_terms, on_dh=None):
-        self.model, self.rows, self.records, self.t0 = model, rows, records, t0
+    def __init__(self, model, rows, records, t0, divisor, loss_terms, plan, w0=None, on_dh=None):
+        self.model, self.rows, self.records, self.t0, self.plan = model, rows, records, t0, plan
+        self.w0 = records[0].s0 if w0 is None else w0
         self.divisor, self.loss_terms, self.on_dh = divisor, loss_terms, on_dh
         self.states = {}            # step -> state entering it: the top-level pieces' of the chunk
         self.kept = None            # the chunk's last leaf, forward with activations, from the first pass
-        self.store_at = ()          # steps whose entering state the first pass keeps in their record
+        self.later = ()             # first steps of later windows: the first pass keeps the state
+                                    # entering the record holding each
 
     def _parts(self, a, b):
         for rec in self.records:
@@ -328,7 +361,7 @@ class Window:
         (state entering b, loss of the chunk's steps among them, [(record, p0, cache, dout)])."""
         model, loss, parts = self.model, 0.0, []
         for rec, p0, p1 in self._parts(a, b):
-            if first_pass and p0 == rec.s0 and p0 in self.store_at:
+            if first_pass and p0 == rec.s0 and any(rec.s0 <= w < rec.s1 for w in self.later):
                 rec.state = state
             if first_pass and p0 == rec.start:
                 rng_state = model.rng.bit_generator.state
@@ -353,12 +386,13 @@ class Window:
             parts.append((rec, p0, cache, dout))
         return state, loss, parts
 
-    def first_pass(self, state, pieces, store_at):
-        """Forward the chunk [t0, t1) leaf by leaf of ``pieces`` from the carried ``state``;
-        keep the state entering each piece and every step of ``store_at`` (into its record's
-        ``state``), and the last leaf's activations where the last piece is a leaf. Returns
-        (the chunk's loss, the state after it)."""
-        loss, a, self.store_at = 0.0, self.t0, store_at
+    def first_pass(self, state, later=()):
+        """Forward the chunk [t0, t1) leaf by leaf of the plan's pieces from the carried
+        ``state``; keep the state entering each piece and that entering each record holding a
+        step of ``later`` (into the record's ``state``), and the last leaf's activations where
+        the last piece is a leaf. Returns (the chunk's loss, the state after it)."""
+        pieces = self.plan.pieces
+        loss, a, self.later = 0.0, self.t0, later
         for i, piece in enumerate(pieces):
             self.states[a] = state
             for n in plan_leaves(piece):
@@ -369,8 +403,9 @@ class Window:
                 del parts                   # a leaf's activations go before the next leaf runs
         return loss, state
 
-    def backward(self, old, pieces, dstate=None):
+    def backward(self, dstate=None):
         """Backpropagate the pieces last first, then the old steps; returns dL/d(state entering w0)."""
+        old, pieces = self.plan.old, self.plan.pieces
         starts = [self.t0]
         for piece in pieces[:-1]:
             starts.append(starts[-1] + plan_steps(piece))
@@ -388,12 +423,13 @@ class Window:
             parts = kept if kept is not None else self.forward(a, a + plan, state)[2]
             while parts:
                 rec, p0, cache, dout = parts.pop()          # each part's activations go once used
+                t_start = max(0, self.w0 - p0)              # steps before w0: forward only
                 if self.on_dh is None:
-                    dstate = self.model.backward(dout, cache, dstate, 0)
+                    dstate = self.model.backward(dout, cache, dstate, t_start, t_origin=p0)
                 else:
-                    dstate, dh = self.model.backward(dout, cache, dstate, 0, return_dh=True)
-                    self.on_dh(dh)
-                if p0 == rec.start and rec.keep is not None:
+                    dstate, dh = self.model.backward(dout, cache, dstate, t_start, return_dh=True, t_origin=p0)
+                    self.on_dh([d[t_start:] for d in dh])
+                if p0 == rec.start and rec.keep is not None and not t_start:
                     dstate = reset_rows(dstate, rec.keep)           # no gradient across a reset
             return dstate
         left, right = plan
@@ -412,25 +448,28 @@ def _leaf_starts(plan, a):
         a += n
 
 
-def plan_window(memory, n_old, n_new, slot, step, held=0):
+def plan_window(memory, n_old, n_new, slot, step, held=0, phase=0):
     """The plan of a window of ``n_old`` steps before its chunk and ``n_new`` in it under
     ``memory`` ("sqrt" or bytes; :func:`parse_memory`), one state costing ``slot`` bytes and one
-    step's activations ``step`` bytes, ``held`` states kept beside it for later windows.
+    step's activations ``step`` bytes, ``held`` states kept beside it for later windows, its
+    first step the stream's step ``phase`` (mod the time blocks).
     ValueError naming the smallest feasible budget where the budget is below it."""
     if memory == "sqrt":
-        return sqrt_plan(n_old, n_new, slot, step, held)
-    plan = budget_plan(n_old, n_new, memory, slot, step, held)
+        return sqrt_plan(n_old, n_new, slot, step, held, phase)
+    plan = budget_plan(n_old, n_new, memory, slot, step, held, phase)
     if plan is None:
-        raise BudgetError(memory, smallest_budget(n_old, n_new, slot, step, held), n_old + n_new)
+        raise BudgetError(memory, smallest_budget(n_old, n_new, slot, step, held, phase), n_old + n_new)
     return plan
 
 
-def smallest_budget(n_old, n_new, slot, step, held=0):
+def smallest_budget(n_old, n_new, slot, step, held=0, phase=0):
     """The smallest budget (bytes) :func:`budget_plan` finds a plan within (a bisection)."""
     lo, hi = slot + step, (held + 2) * slot + (n_old + n_new) * step        # hi: one leaf each part
+    while not budget_plan(n_old, n_new, hi, slot, step, held, phase):      # (units count as whole)
+        lo, hi = hi, 2 * hi
     while lo < hi:
         mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if budget_plan(n_old, n_new, mid, slot, step, held) else (mid + 1, hi)
+        lo, hi = (lo, mid) if budget_plan(n_old, n_new, mid, slot, step, held, phase) else (mid + 1, hi)
     return lo
 
 
@@ -470,7 +509,7 @@ def loss_and_backward(model, inputs, targets, state=None, memory="sqrt"):
     T, B = group.T, group.B
     plan = plan_window(memory, 0, T, state_bytes(model, B), step_bytes(model, B, T))
     count = group.count(0, T)
-    window = Window(model, group, [Record(0, T, 0, T, None, rows=T * B)], 0, count, count > 0)
-    loss, final = window.first_pass(state, plan.pieces, ())
-    window.backward(None, plan.pieces)
+    window = Window(model, group, [Record(0, T, 0, T, None, rows=T * B)], 0, count, count > 0, plan)
+    loss, final = window.first_pass(state)
+    window.backward()
     return loss, final

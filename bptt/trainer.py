@@ -72,6 +72,7 @@ from bptt.memory import (BudgetError, Window, WindowPlan, forward_weights, parse
 from bptt.models import (LanguageModel, NonFiniteGradientError, SequenceModel, check_model_dict, load_model_dict,
                          model_from_dict, model_to_dict)
 from bptt.optim import OPTIMIZERS, ConstantLR, Optimizer, Schedule, clip_grad_norm_, schedule_from_state_dict
+from bptt_kernels.host import blocks
 
 __all__ = ["Trainer", "NonFiniteError", "Preempted", "check_truncation", "batchify", "Dataset", "Position", "Segment"]
 
@@ -421,41 +422,50 @@ class Trainer:
             k = group.T if self.k1 is None else self.k1
             for t0 in range(0, group.T, k):
                 try:
-                    self._window_plan(local[gi], t0, min(t0 + k, group.T))
+                    self._window_plan(local[gi], t0, min(t0 + k, group.T), _block_floor(self._window_start(t0)))
                 except BudgetError as e:
                     errors.append(e)
         if errors:
             raise BudgetError(self.memory, max(e.smallest for e in errors), max(e.steps for e in errors))
 
-    def _window_plan(self, rows, t0, t1):
-        """(plan, the steps of [t0, t1) where a later window starts) of the window ending with the
-        chunk [t0, t1) of ``rows`` under ``memory``; ValueError where the budget is too small."""
+    def _window_start(self, t0):
+        """w0: the first step of the window whose chunk starts at t0."""
+        return max(0, t0 - (0 if self.k1 is None else self.k2 - self.k1))
+
+    def _window_plan(self, rows, t0, t1, first):
+        """The plan of the window ending with the chunk [t0, t1) of ``rows`` under ``memory``, its
+        steps from ``first`` (w0, or the time block boundary or segment start before it where
+        the recomputation starts) on; ValueError where the budget is too small."""
         if rows.B == 0:                                  # a rank without rows of this group: nothing runs
-            return WindowPlan(None, [t1 - t0], 0, 0), ()
+            return WindowPlan(None, [t1 - t0], 0, 0)
         overlap = 0 if self.k1 is None else self.k2 - self.k1
-        starts = () if not overlap else tuple(s - overlap for s in range(t1, t1 + overlap + 1, self.k1)
-                                              if t0 <= s - overlap < t1)
         held = 0 if not overlap else math.ceil(overlap / self.k1) + 1      # states kept for later windows
-        key = (rows.B, t0 - max(0, t0 - overlap), t1 - t0, held)
+        key = (rows.B, t0 - first, t1 - t0, held, first % blocks.BLOCK_STEPS)
         if key not in self._plans:
             slot, step = state_bytes(self.model, rows.B), step_bytes(self.model, rows.B, t1 - t0)
-            self._plans[key] = plan_window(self.memory, key[1], key[2], slot, step, held)
-        return self._plans[key], starts
+            self._plans[key] = plan_window(self.memory, key[1], key[2], slot, step, held, key[4])
+        return self._plans[key]
 
     def _first_pass(self, rows, t0, t1, state, ring, divisor, count):
         """``memory`` set: the chunk's forward by its plan, keeping states, not activations: its
-        records go into ``ring``. Returns (the :class:`bptt.memory.Window` for backward, the
-        chunk's loss, the state after it)."""
-        plan, starts = self._window_plan(rows, t0, t1)
-        records = []
+        records go into ``ring``, cut at the time block boundary at or before each step of the
+        chunk where a later window starts (the state entering that record is kept: the later
+        window recomputes from there). Returns (the :class:`bptt.memory.Window` for backward,
+        the chunk's loss, the state after it)."""
+        overlap = 0 if self.k1 is None else self.k2 - self.k1
+        later = () if not overlap else tuple(s - overlap for s in range(t1, t1 + overlap + 1, self.k1)
+                                             if t0 <= s - overlap < t1)
+        new = []
         for s0, s1, reset in rows.segments(t0, t1):
             keep = self.backend.asarray(~rows.resets[s0], self.model.dtype) if reset else None
-            cuts = [s0] + [s for s in starts if s0 < s < s1] + [s1]
-            records += [Record(a, b, s0, s1 - s0, keep, rows=(s1 - s0) * rows.B) for a, b in zip(cuts, cuts[1:])]
-        w0 = max(0, t0 - (0 if self.k1 is None else self.k2 - self.k1))
-        window = Window(self.model, rows, [rec for rec in ring if rec.s1 > w0] + records, t0, divisor, bool(count))
-        loss, state = window.first_pass(state, plan.pieces, set(starts))
-        ring += records
+            cuts = [s0] + sorted({_block_floor(w) for w in later if s0 < _block_floor(w) < s1}) + [s1]
+            new += [Record(a, b, s0, s1 - s0, keep, rows=(s1 - s0) * rows.B) for a, b in zip(cuts, cuts[1:])]
+        w0 = self._window_start(t0)
+        records = [rec for rec in ring if rec.s1 > w0] + new
+        plan = self._window_plan(rows, t0, t1, records[0].s0)
+        window = Window(self.model, rows, records, t0, divisor, bool(count), plan, w0)
+        loss, state = window.first_pass(state, later)
+        ring += new
         return window, loss, state
 
     def _nonfinite(self, what, t0, t1):
@@ -478,13 +488,12 @@ class Trainer:
             if window is not None and math.isfinite(loss):
                 if self.record_grad_norms:
                     window.on_dh = lambda dh: dh_norms.append([_step_norms(be, d) for d in dh])
-                plan, _ = self._window_plan(window.rows, t0, t1)
-                window.backward(plan.old, plan.pieces)
+                window.backward()
             for seg in reversed(ring if math.isfinite(loss) and window is None else ()):   # non-finite loss: none
                 if seg.s1 <= w0:
                     break
                 ts = max(0, w0 - seg.s0)
-                dstate, dh = model.backward(seg.dout, seg.cache, dstate, ts, return_dh=True)
+                dstate, dh = model.backward(seg.dout, seg.cache, dstate, ts, return_dh=True, t_origin=seg.s0)
                 if self.record_grad_norms:
                     dh_norms.append([_step_norms(be, d[ts:]) for d in dh])
                 if seg.keep is not None and ts == 0:
@@ -612,6 +621,11 @@ class Trainer:
                       **sd["config"])
         trainer.load_state_dict(sd)
         return trainer
+
+
+def _block_floor(t):
+    """The time block boundary at or before the stream's step t (``bptt_kernels.host.blocks``)."""
+    return t - t % blocks.BLOCK_STEPS
 
 
 def _fresh_validation_state():

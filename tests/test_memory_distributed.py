@@ -17,7 +17,7 @@ import setups  # noqa: E402
 
 RUNS = {
     "lm_k2>k1_dropout_sqrt": dict(model="lm", dtype="float64", k1=4, k2=9, dropout=0.3, clip=0.5, memory="sqrt"),
-    "seq_full_budget": dict(model="seq", dtype="float64", k1=None, k2=None, memory=12000),
+    "seq_full_budget": dict(model="seq", dtype="float64", k1=None, k2=None, memory=110000),
     # 29 sequences in batches of 4: the last one's single row goes to rank 1, rank 0 runs none
     "seq_tbptt_sqrt_a_rank_without_rows": dict(model="seq", dtype="float64", k1=3, k2=5, memory="sqrt",
                                                B=4, steps=40),

@@ -29,7 +29,7 @@ def build(cfg, comm=None, check_replicas=False, trainer=None):
         validation = rng.integers(0, VOCAB, 200)
     else:
         model = bptt.SequenceModel(3, 7, 4, num_layers=2, dtype=dtype, seed=3)
-        data = (rng.standard_normal((29, 12, 3)).astype(dtype), rng.integers(-1, 4, (29, 12)))
+        data = (rng.standard_normal((29, 40, 3)).astype(dtype), rng.integers(-1, 4, (29, 40)))
         validation = (rng.standard_normal((13, 12, 3)).astype(dtype), rng.integers(-1, 4, (13, 12)))
     if cfg.get("validation"):
         fit.update(validation=validation, eval_every=5)
