@@ -17,6 +17,7 @@ import numpy as np
 
 from .host import (RecurrentCache, check_backward, check_forward, finish_backward,
                    states_entering)
+from .host.rows import rows_matmul
 
 NAME = "reference"
 xp = np
@@ -344,15 +345,16 @@ def softmax_cross_entropy(logits, targets, dlogits, scale):
 
 def linear_forward(x, w, b):
     """x [N,I], w [O,I], b [O] -> x w^T + b [N,O]. (Array operators only, so the GPU
-    backends reuse it on their own arrays.)"""
-    return x @ w.T + b                              # N,O
+    backends reuse it on their own arrays.) Each row rounds alike for any N (host/rows.py)."""
+    return rows_matmul(x, w.T) + b                  # N,O
 
 
 def linear_backward(dout, x, w, dw, db):
     """dout [N,O], x [N,I], w [O,I]; dw [O,I] += dout^T x, db [O] += column sums -> dx [N,I]."""
     dw += dout.T @ x                                # O,I
     db += dout.sum(axis=0)                          # O
-    return dout @ w                                 # N,I
+    return rows_matmul(dout, w)                     # N,I
+
 
 
 def embedding_forward(weight, ids):

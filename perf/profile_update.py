@@ -90,7 +90,7 @@ class GemmReplay:
             from bptt_kernels.cpu._blas import step_product, step_weight
         except ImportError:
             @njit
-            def step_weight(w, transposed, blocks, H, b0, b1, j0, j1, by_units, steps):
+            def step_weight(w, transposed, blocks, H, b0, b1, j0, j1, by_units):
                 return w, transposed, b0, b1
 
             @njit
@@ -127,15 +127,14 @@ class GemmReplay:
         @njit(nogil=True)
         def steps_forward(h, w, out, part, parts):       # out[t, rows] = h[t, rows] @ w^T
             b0, b1 = piece(h.shape[1], part, parts)
-            sw = step_weight(w, False, 1, w.shape[0], b0, b1, 0, w.shape[0], False, h.shape[0])
+            sw = step_weight(w, False, 1, w.shape[0], b0, b1, 0, w.shape[0], False)
             for t in range(h.shape[0]):
                 step_product(h[t], sw, out[t], 0.0)
 
         @njit(nogil=True)
         def steps_backward(dg, w, dh, part, parts):      # dh[t, rows] = dg[t, rows] @ w
             b0, b1 = piece(dg.shape[1], part, parts)
-            sw = step_weight(w, True, 1, w.shape[1], b0, b1, 0, w.shape[1], False,
-                             dg.shape[0])
+            sw = step_weight(w, True, 1, w.shape[1], b0, b1, 0, w.shape[1], False)
             for t in range(dg.shape[0]):
                 step_product(dg[t], sw, dh[t], 0.0)
 
@@ -447,8 +446,8 @@ class Profiler:
                     "fwd B x gemv": gemv_rows,
                     "bwd sgemm NN": lambda: steps_nn(dg, w, dh, T)}
             if step_weight is not None:
-                sw_f = step_weight(w, False, 1, G * H, 0, B, 0, G * H, False, r["seq"])
-                sw_b = step_weight(w, True, 1, H, 0, B, 0, H, False, r["seq"])
+                sw_f = step_weight(w, False, 1, G * H, 0, B, 0, G * H, False)
+                sw_b = step_weight(w, True, 1, H, 0, B, 0, H, False)
                 ways["fwd panels"] = lambda: steps_panels(h, sw_f, out, T)
                 ways["bwd panels"] = lambda: steps_panels(dg, sw_b, dh, T)
             if torch is not None:

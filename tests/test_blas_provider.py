@@ -200,12 +200,12 @@ def test_packed_step_product_matches_numpy(dtype, beta, case, mkl):
     """step_product through MKL's packed W_hh where the OpenBLAS provider would use panels
     (w in place otherwise, through MKL's sgemm/sgemv): exactly the piece's rows and columns,
     a NaN-poisoned output never read with beta = 0."""
-    by_units, B, b0, b1, K, blocks, H, j0, j1, transposed, steps, path = case
+    by_units, B, b0, b1, K, blocks, H, j0, j1, transposed, path = case
     rng = np.random.default_rng(B * 1000 + K + j0)
     a = rng.standard_normal((B, K)).astype(dtype)
     w = rng.standard_normal((blocks * H, K)).astype(dtype)
     sw = _blas.step_weight(np.ascontiguousarray(w.T) if transposed else w, transposed, blocks,
-                           H, b0, b1, j0, j1, by_units, steps)
+                           H, b0, b1, j0, j1, by_units)
     packs = path in ("panels", "16-wide", "one panel") and j1 > j0
     assert sw.width == 0 and bool(sw.packed.size) == packs
     if packs:                                       # one packed segment per gate block
@@ -243,8 +243,8 @@ def test_kernels_with_packed_weights_match_reference(cell, split, dtype, mkl, po
         rows, units = (0, B // 2), (0, H)
     G = GATES[cell]
     w_hh = np.ones((G * H, H), dtype)
-    assert _blas.step_weight(w_hh, False, G, H, *rows, *units, split == "units", T).packed.size
-    assert _blas.step_weight(w_hh, True, 1, H, *rows, *units, split == "units", T).packed.size
+    assert _blas.step_weight(w_hh, False, G, H, *rows, *units, split == "units").packed.size
+    assert _blas.step_weight(w_hh, True, 1, H, *rows, *units, split == "units").packed.size
     check_cpu_against_reference(cell, dtype, T, B, I, H, np.array([10, 3, 10, 1, 7, 9]), (0, 4),
                                 seed=[CELLS.index(cell), len(split)])
 

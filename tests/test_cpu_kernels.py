@@ -595,26 +595,23 @@ def test_unit_split_busy_falls_back_to_batch_split(monkeypatch):
         assert_close(got[name], want[name], np.float64, name)
 
 
-# step_product cases: (by_units, B, b0, b1, K, blocks, H, j0, j1, transposed, steps, path)
+# step_product cases: (by_units, B, b0, b1, K, blocks, H, j0, j1, transposed, path); the path
+# does not depend on how many steps the call runs (the rounding of a step's product must not)
 STEP_CASES = [
-    (True, 1, 0, 1, 29, 3, 13, 3, 10, False, 100, "gemv"),  # one row, units 3:10 of 3 blocks
-    (True, 1, 0, 1, 29, 3, 13, 4, 4, False, 100, "gemv"),   # no units at all
-    (True, 1, 0, 1, 520, 4, 70, 2, 69, False, 100, "gemv"),  # 67 of 70 units, K = 520
-    (False, 3, 1, 2, 29, 1, 39, 0, 39, False, 100, "gemv"),  # one batch row of three: sgemv
-    (False, 3, 1, 2, 29, 1, 39, 0, 39, True, 100, "gemv"),   # ... on w^T
-    (False, 3, 1, 2, 29, 1, 39, 0, 39, False, 7, "gemv"),    # ... in a short call
-    (False, 1, 0, 1, 29, 1, 39, 0, 39, True, 1, "gemv"),     # B = 1, T = 1 (sampling)
-    (True, 1, 0, 1, 29, 1, 13, 2, 13, True, 100, "panels"),  # one row, units of w^T's columns
-    (True, 1, 0, 1, 29, 1, 13, 2, 13, True, 5, "gemv"),     # ... short call: sgemv on them
-    (True, 2, 0, 2, 29, 3, 13, 5, 12, False, 8, "panels"),   # 7 columns: one partial panel each
-    (True, 2, 0, 2, 29, 3, 13, 5, 12, True, 1, "in place"),  # sgemm NN on w^T's columns
-    (True, 9, 0, 9, 300, 3, 400, 37, 337, False, 100, "panels"),  # 4 x 64 + 44 per gate block
-    (True, 9, 0, 9, 300, 3, 400, 37, 337, False, 2, "in place"),  # sgemm NT on w's rows
-    (False, 10, 3, 7, 250, 1, 1100, 0, 1100, True, 100, "panels"),  # rows 3:7, 17 x 64 + 12
-    (False, 70, 0, 70, 1000, 1, 150, 0, 150, False, 100, "panels"),  # K-blocks of 216 rows
-    (True, 8, 0, 8, 2100, 4, 30, 3, 29, True, 100, "panels"),  # 26 columns, K-blocks of 1952
-    (False, 600, 0, 600, 40, 1, 37, 0, 37, False, 100, "16-wide"),  # K-blocks of 104 rows
-    (False, 4000, 0, 4000, 20, 1, 30, 0, 30, False, 100, "one panel"),  # K-blocks < 16 rows
+    (True, 1, 0, 1, 29, 3, 13, 3, 10, False, "gemv"),  # one row, units 3:10 of 3 blocks
+    (True, 1, 0, 1, 29, 3, 13, 4, 4, False, "gemv"),   # no units at all
+    (True, 1, 0, 1, 520, 4, 70, 2, 69, False, "gemv"),  # 67 of 70 units, K = 520
+    (False, 3, 1, 2, 29, 1, 39, 0, 39, False, "gemv"),  # one batch row of three: sgemv
+    (False, 3, 1, 2, 29, 1, 39, 0, 39, True, "gemv"),   # ... on w^T
+    (True, 1, 0, 1, 29, 1, 13, 2, 13, True, "panels"),  # one row, units of w^T's columns
+    (True, 2, 0, 2, 29, 3, 13, 5, 12, False, "panels"),   # 7 columns: one partial panel each
+    (True, 2, 0, 2, 29, 3, 13, 5, 12, True, "panels"),    # ... of w^T
+    (True, 9, 0, 9, 300, 3, 400, 37, 337, False, "panels"),  # 4 x 64 + 44 per gate block
+    (False, 10, 3, 7, 250, 1, 1100, 0, 1100, True, "panels"),  # rows 3:7, 17 x 64 + 12
+    (False, 70, 0, 70, 1000, 1, 150, 0, 150, False, "panels"),  # K-blocks of 216 rows
+    (True, 8, 0, 8, 2100, 4, 30, 3, 29, True, "panels"),  # 26 columns, K-blocks of 1952
+    (False, 600, 0, 600, 40, 1, 37, 0, 37, False, "16-wide"),  # K-blocks of 104 rows
+    (False, 4000, 0, 4000, 20, 1, 30, 0, 30, False, "one panel"),  # K-blocks < 16 rows
 ]
 
 
@@ -655,13 +652,13 @@ def test_step_product_matches_numpy(dtype, beta, case):
     writes exactly the piece's batch rows and columns (units j0:j1 of each gate block, or all),
     partial panels included; with beta = 0 the NaN-poisoned output is never read."""
     from bptt_kernels.cpu._blas import PANEL_MAX_WIDTH, SMALL_GEMM_MNK, step_product, step_weight
-    by_units, B, b0, b1, K, blocks, H, j0, j1, transposed, steps, path = case
+    by_units, B, b0, b1, K, blocks, H, j0, j1, transposed, path = case
     rng = np.random.default_rng(B * 1000 + K + j0)
     a = rng.standard_normal((B, K)).astype(dtype)
     w = rng.standard_normal((blocks * H, K)).astype(dtype)
     sw = step_weight(np.ascontiguousarray(w.T) if transposed else w, transposed, blocks, H,
-                     b0, b1, j0, j1, by_units, steps)
-    want_width = {"gemv": 0, "in place": 0, "panels": PANEL_MAX_WIDTH, "16-wide": 16,
+                     b0, b1, j0, j1, by_units)
+    want_width = {"gemv": 0, "panels": PANEL_MAX_WIDTH, "16-wide": 16,
                   "one panel": blocks * H}[path]
     assert sw.width == want_width
     if path in ("panels", "16-wide"):                   # K-blocks within OpenBLAS's small size
@@ -697,8 +694,8 @@ def test_layers_with_weight_panels(cell, split, monkeypatch):
     cols = (0, H // 2) if split == "units" else (0, H)
     rows = (0, B) if split == "units" else (0, B // 2)
     by_units = split == "units"
-    assert step_weight(w_hh, False, G, H, *rows, *cols, by_units, T).width
-    assert step_weight(w_hh, True, 1, H, *rows, *cols, by_units, T).width
+    assert step_weight(w_hh, False, G, H, *rows, *cols, by_units).width
+    assert step_weight(w_hh, True, 1, H, *rows, *cols, by_units).width
     dy = rng.standard_normal((T, B, H)).astype(np.float32)
     dfinal = tuple(rng.standard_normal((B, H)).astype(np.float32) for _ in state)
     grads0 = {n: rng.standard_normal(a.shape).astype(np.float32) for n, a in w.items()}

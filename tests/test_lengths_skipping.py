@@ -22,7 +22,7 @@ import pytest
 import bptt
 import bptt_kernels.cpu as cpu
 from bptt_kernels import CELLS
-from bptt_kernels.cpu import _blas, _loop, _phases
+from bptt_kernels.cpu import _loop, _phases
 from helpers import assert_close
 from test_lengths import check_cpu_against_reference, poisoned_buffers  # noqa: F401 (fixture)
 
@@ -42,14 +42,13 @@ def record_phases(monkeypatch):
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("cell", CELLS)
 def test_rows_run_only(cell, threads, dtype, poisoned_buffers, monkeypatch):
-    """T >= PANEL_MIN_STEPS and several rows per piece: panels with the products over the
+    """Several rows per piece: panels with the products over the
     running rows, and the large GEMMs over the gathered rows; t_start inside (the window's
     rows only) and past some rows' ends."""
     monkeypatch.setattr(_loop, "THREADS", threads)
     monkeypatch.setattr(_loop, "MIN_WORK_FOR_THREADS", 0)
     monkeypatch.setattr(_loop, "MIN_PHASE_WORK_FOR_THREADS", 0)
-    T, B = 2 * _blas.PANEL_MIN_STEPS, 7
-    assert T >= _blas.PANEL_MIN_STEPS
+    T, B = 16, 7
     lengths = np.array([T, 3, 9, 1, T - 1, 6, 12])
     names = record_phases(monkeypatch)
     check_cpu_against_reference(cell, dtype, T, B, 5, 9, lengths, (0, 5),

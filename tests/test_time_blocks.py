@@ -85,3 +85,46 @@ def test_t_origin_is_checked(rng):
         cpu.gru_backward(*args, t_origin=-1)
     with pytest.raises(TypeError, match=r"^t_origin must be an int, got float$"):
         ref.gru_backward(*args, t_origin=2.0)
+
+
+# ------------------------------------------------------------------ rounding that does not depend on the call
+
+
+@pytest.mark.parametrize("m", [1, 2, 5, 31, 200])
+@pytest.mark.parametrize("n, k", [(1024, 32), (64, 256), (16, 1024)])
+def test_rows_round_alike_in_calls_of_any_size(rng, m, n, k):
+    """A row of x W^T or of x W is the same bit for bit in a call of m rows as in one of 600
+    (OpenBLAS's small-matrix kernels, which a call of few rows would take, sum in another
+    order): the cpu backend's rows_product and the host's rows_matmul."""
+    from bptt_kernels.cpu._blas import rows_product
+    from bptt_kernels.host.rows import rows_matmul
+    for dtype in (np.float32, np.float64):
+        x = rng.standard_normal((600, k)).astype(dtype)
+        w = rng.standard_normal((n, k)).astype(dtype)
+        wt = np.ascontiguousarray(w.T)
+        for b, transposed in ((w, True), (wt, False)):
+            whole, part = np.empty((600, n), dtype), np.full((m, n), np.nan, dtype)
+            rows_product(x, b, whole, transposed)
+            rows_product(x[7:7 + m], b, part, transposed)
+            assert np.array_equal(part, whole[7:7 + m])
+        assert np.array_equal(rows_matmul(x[7:7 + m], wt), rows_matmul(x, wt)[7:7 + m])
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("B, I, H", [(1, 16, 256), (3, 32, 64), (32, 32, 256)])
+@pytest.mark.parametrize("cell", CELLS)
+def test_forward_cut_anywhere_equals_one_call(monkeypatch, rng, cell, B, I, H, threads):
+    """cpu, float32: steps [0, 70) forward in one call, and in calls cut at 1, 17 and 60 from
+    the states between: the same y bit for bit (a call's threads, pieces and products do not
+    depend on its length)."""
+    from bptt_kernels.cpu import _loop
+    monkeypatch.setattr(_loop, "THREADS", threads)
+    T = 70
+    p = random_layer_problem(rng, cell, T, B, I, H, np.float32)
+    fwd = getattr(cpu, f"{cell}_forward")
+    y, _, _ = fwd(p["x"], p["state"], p["w_ih"], p["w_hh"], p["b_ih"], p["b_hh"])
+    cuts, state, pieces = [0, 1, 17, 60, T], p["state"], []
+    for a, b in zip(cuts, cuts[1:]):
+        y_ab, state, _ = fwd(p["x"][a:b], state, p["w_ih"], p["w_hh"], p["b_ih"], p["b_hh"])
+        pieces.append(y_ab)
+    assert np.array_equal(np.concatenate(pieces), y)

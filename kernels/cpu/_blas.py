@@ -55,6 +55,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from . import _mkl, config
+from ..host import rows as _rows
 
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
 _B_MATRIX, _PACKED = 162, 151     # MKL: CblasBMatrix (what ?gemm_pack packs), CblasPacked
@@ -459,6 +460,38 @@ def gemm_tn(a, b, c, beta):
           beta, c, _row_stride(c))
 
 
+_padded_rows = njit(cache=True)(_rows.padded_rows)
+
+
+@njit(cache=True)
+def rows_product(a, b, c, b_transposed):
+    """c[M,N] = a[M,K] @ b^T for b [N,K] (``b_transposed``: ``gemm_nt``), else a @ b for b
+    [K,N] (``gemm_nn``), every row of c rounded as in a product of many rows: a call small
+    enough for OpenBLAS's small-matrix kernels (which sum in another order) runs with a padded
+    past that size in zero rows (``bptt_kernels.host.rows``). So a row's value never depends
+    on how many rows share the call (a window's input projection made whole, in thread pieces,
+    or leaf by leaf in ``bptt.memory``)."""
+    m, k = a.shape
+    n = b.shape[0] if b_transposed else b.shape[1]
+    rows = _padded_rows(m, n, k)
+    if rows == m:
+        _product(a, b, c, b_transposed)
+        return
+    padded = np.zeros((rows, k), a.dtype)
+    padded[:m] = a
+    out = np.empty((rows, n), c.dtype)
+    _product(padded, b, out, b_transposed)
+    c[:] = out[:m]
+
+
+@njit(cache=True)
+def _product(a, b, c, b_transposed):
+    if b_transposed:
+        gemm_nt(a, b, c, 0.0)
+    else:
+        gemm_nn(a, b, c, 0.0)
+
+
 @njit(cache=True)
 def gemv_row(a, w, c, beta, transposed):
     """c[N] = a[K] @ w^T + beta * c for w [N,K], or with ``transposed`` a[K] @ w for w [K,N]:
@@ -482,7 +515,7 @@ def gemv_row(a, w, c, beta, transposed):
 # most PANEL_MAX_WIDTH columns wide and, where a panel's whole K would pass that size, split
 # into K-blocks accumulating into the same c. The measurements behind each of these:
 # docs/performance.md, "Per-step GEMM panels".
-SMALL_GEMM_MNK = 1_000_000
+SMALL_GEMM_MNK = _rows.SMALL_GEMM_MNK
 PANEL_MAX_WIDTH = 64
 MIN_KBLOCK = 32   # narrower K-blocks than this: panels 16 wide instead of 64
 TILE = 32
@@ -598,19 +631,15 @@ class StepWeight(NamedTuple):
     b1: int
 
 
-# A call of fewer steps than this uses the weight in place: packing costs a pass over the
-# piece's share, which a few steps do not win back (a T=1 call, as in sampling, would pay it
-# for one product).
-PANEL_MIN_STEPS = 8
-
-
 @njit(cache=True)
-def step_weight(w, transposed, blocks, H, b0, b1, j0, j1, by_units, steps):
+def step_weight(w, transposed, blocks, H, b0, b1, j0, j1, by_units):
     """What a time-loop piece (``_loop.split_ranges``: batch rows b0:b1, or with ``by_units``
     all rows and units j0:j1 of each of the ``blocks`` gate blocks) multiplies each of its
-    ``steps`` steps by: its share of w^T in MKL's packed form where the provider has a packed
-    GEMM, else packed in panels (see above); but w in place where the piece is one batch row
-    (and not split by units of a transposed w) or runs fewer than PANEL_MIN_STEPS steps.
+    steps by: its share of w^T in MKL's packed form where the provider has a packed GEMM, else
+    packed in panels (see above); but w in place where the piece is one batch row (and not
+    split by units of a transposed w). However few steps the call runs: the sgemm shapes, and
+    so the rounding of a step's product, must not depend on the call's length (``bptt.memory``
+    recomputes a window's pieces in shorter calls than one over the window).
     w: [blocks*H, K] for c = a @ w^T, or with ``transposed`` that w^T itself, [K, blocks*H]
     (the backward pass's W_hh)."""
     rows = b1 - b0
@@ -620,7 +649,7 @@ def step_weight(w, transposed, blocks, H, b0, b1, j0, j1, by_units, steps):
     else:
         segments, stride, s0, s1 = 1, N, 0, N
     no_panels, no_packed = np.empty(0, w.dtype), np.empty(0, np.uint8)
-    if steps < PANEL_MIN_STEPS or (rows == 1 and not (by_units and transposed)):
+    if rows == 1 and not (by_units and transposed):
         return StepWeight(w, transposed, no_panels, 0, 0, no_packed, 0, segments, stride,
                           s0, s1, b0, b1)
     if _has_packed_gemm() and s1 > s0 and K > 0:

@@ -53,6 +53,10 @@ from ._math import jit
 # (docs/performance.md, "Threads")
 MIN_WORK_FOR_THREADS = 4_000_000
 MIN_PHASE_WORK_FOR_THREADS = 10_000_000
+# A recurrent layer call counts its work as THREAD_STEPS steps' whatever its length, so that a
+# call's pieces, and with them the rounding of every product, do not depend on how many steps
+# it runs (``bptt.memory`` recomputes a window's pieces in shorter calls than one over it)
+THREAD_STEPS = 100
 
 def _thread_count():
     setting = os.environ.get("BPTT_NUM_THREADS", "").strip()

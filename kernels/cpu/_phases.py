@@ -13,9 +13,9 @@ import numpy as np
 
 from . import _buffers
 from ._barrier import publish, wait_for
-from ._blas import gemm_nn, gemm_nt, gemm_tn
-from ._loop import (NO_FLAGS, NO_PROGRESS, new_progress, overlaps_phases, part_range,
-                    phase_parts, run_overlapped, run_parts, run_time_loop)
+from ._blas import gemm_tn, rows_product
+from ._loop import (NO_FLAGS, NO_PROGRESS, THREAD_STEPS, new_progress, overlaps_phases,
+                    part_range, phase_parts, run_overlapped, run_parts, run_time_loop)
 from ._math import jit
 from ..host.blocks import time_blocks
 
@@ -98,10 +98,10 @@ def project_inputs(x, w_ih, out, part, parts):
     x2, out2 = x.reshape(M, I), out.reshape(M, N)
     if M < PROJECT_BY_COLUMNS_ROWS:
         n0, n1 = part_range(N, part, parts)
-        gemm_nt(x2, w_ih[n0:n1], out2[:, n0:n1], 0.0)
+        rows_product(x2, w_ih[n0:n1], out2[:, n0:n1], True)
     else:
         m0, m1 = part_range(M, part, parts)
-        gemm_nt(x2[m0:m1], w_ih, out2[m0:m1], 0.0)
+        rows_product(x2[m0:m1], w_ih, out2[m0:m1], True)
 
 
 @jit(nogil=True)
@@ -115,7 +115,7 @@ def project_steps(x, w_ih, out, progress, t0, steps):
     x2, out2 = x.reshape(T * B, I), out.reshape(T * B, N)
     while t0 < T:
         t1 = min(t0 + steps, T)
-        gemm_nt(x2[t0 * B:t1 * B], w_ih, out2[t0 * B:t1 * B], 0.0)
+        rows_product(x2[t0 * B:t1 * B], w_ih, out2[t0 * B:t1 * B], True)
         publish(progress, t1)
         t0, steps = t1, 2 * steps
 
@@ -149,7 +149,7 @@ def project_rows(x, w_ih, out, rows, x_rows, out_rows, part, parts):
     N = out.shape[2]
     m0, m1 = part_range(rows.size, part, parts)
     _gather(x.reshape(T * B, I), rows[m0:m1], x_rows[m0:m1])
-    gemm_nt(x_rows[m0:m1], w_ih, out_rows[m0:m1], 0.0)
+    rows_product(x_rows[m0:m1], w_ih, out_rows[m0:m1], True)
     _scatter(out_rows[m0:m1], rows[m0:m1], out.reshape(T * B, N))
 
 
@@ -196,7 +196,8 @@ def forward_phases(kernel, args, x, w_ih, out, parts, B, weight_size, lengths=No
         run_parts(project_rows, (x, w_ih, out, rows, x_rows, out_rows),
                   phase_parts(parts, rows.size * I * GH))
     else:
-        run_parts(project_inputs, (x, w_ih, out), phase_parts(parts, x.size * out.shape[2]))
+        run_parts(project_inputs, (x, w_ih, out),
+                  phase_parts(parts, THREAD_STEPS * B * x.shape[2] * out.shape[2]))
     run_time_loop(kernel, args + (NO_PROGRESS,), parts, B, weight_size)
 
 
@@ -268,7 +269,7 @@ def backward_phases(kernel, loop_args, *, inputs, h0, y, dg_x, dg_h, dw_hh, db_i
     run_time_loop(kernel, loop_args + (NO_PROGRESS,), parts, B, GH * H)
     rows = valid_rows(lengths, T, B, t_start)
     if rows is None:
-        work = (T - t_start) * B * GH * (2 * I + H)
+        work = THREAD_STEPS * B * GH * (2 * I + H)            # per step, as layer_threads
         run_parts(finish_backward, finish_args, phase_parts(parts, work))
         return
     N, dtype = rows.size, dg_x.dtype
@@ -300,7 +301,7 @@ def _finish_steps(x, w_ih, dw_ih, dx, h0, y, dg_x, dg_h, dw_hh, db_ih, db_hh, t0
     _weight_gradients(x2, gx2, gh2, h0 if t0 == 0 else y[t0 - 1],
                       y.reshape(T * B, H)[first:last - B], dw_ih, dw_hh, db_ih, db_hh, r0, r1,
                       dg_h is dg_x)
-    gemm_nn(gx2[m0:m1], w_ih, dx.reshape(T * B, I)[first + m0:first + m1], 0.0)  # dx = dg_x W_ih
+    rows_product(gx2[m0:m1], w_ih, dx.reshape(T * B, I)[first + m0:first + m1], False)  # dx = dg_x W_ih
 
 
 @jit
@@ -361,7 +362,7 @@ def finish_rows(x_rows, w_ih, dw_ih, dx, h_rows, gx_rows, gh_rows, dw_hh, db_ih,
     _weight_gradients(x_rows, gx_rows, gh_rows, h_rows, h_rows[N:], dw_ih, dw_hh, db_ih,
                       db_hh, r0, r1, gh_rows is gx_rows)
     m0, m1 = part_range(N, part, parts)
-    gemm_nn(gx_rows[m0:m1], w_ih, dx_rows[m0:m1], 0.0)    # dx = dg_x W_ih
+    rows_product(gx_rows[m0:m1], w_ih, dx_rows[m0:m1], False)    # dx = dg_x W_ih
     _scatter(dx_rows[m0:m1], rows[m0:m1], dx.reshape(T * B, I))
 
 
@@ -412,4 +413,4 @@ def input_gradient(dg_x, w_ih, dx, t0, t1):
     """dx[t0:t1] = dg_x[t0:t1] @ w_ih (dg_x: [T,B,G*H], w_ih: [G*H,I], dx: [T,B,I])."""
     T, B, GH = dg_x.shape
     I = dx.shape[2]
-    gemm_nn(dg_x.reshape(T * B, GH)[t0 * B:t1 * B], w_ih, dx.reshape(T * B, I)[t0 * B:t1 * B], 0.0)
+    rows_product(dg_x.reshape(T * B, GH)[t0 * B:t1 * B], w_ih, dx.reshape(T * B, I)[t0 * B:t1 * B], False)

@@ -22,7 +22,7 @@ from ._barrier import barrier, publish, wait_for
 from ._blas import active_buffers, active_product, step_weight
 from ._phases import (backward_phases, final_rows, forward_phases, gate_gradients, input_side,
                       row_steps, zero_units)
-from ._loop import layer_threads, split_ranges
+from ._loop import THREAD_STEPS, layer_threads, split_ranges
 from ._math import jit, one_like, sigmoid_, tanh_
 
 G = 3
@@ -73,7 +73,7 @@ def _forward_steps(h0, w_hh, b_ih, b_hh, steps, gates, hn, y, hw, progress, flag
     T, B = gates.shape[:2]
     H = h0.shape[1]
     b0, b1, j0, j1 = split_ranges(B, H, flags, part, parts)
-    sw = step_weight(w_hh, False, G, H, b0, b1, j0, j1, flags.size != 0, T)
+    sw = step_weight(w_hh, False, G, H, b0, b1, j0, j1, flags.size != 0)
     rows_buf = active_buffers(sw, steps, T)                # products of the rows running
     for t in range(T):
         if progress.size and wait_for(progress, t + 1):               # x W_ih^T of step t
@@ -138,7 +138,7 @@ def _backward_steps(dy, h0, gates, hn, y, w_hh, t_start, steps, dh_next, dg_x, d
     T, B = gates.shape[:2]
     H = h0.shape[1]
     b0, b1, j0, j1 = split_ranges(B, H, flags, part, parts)
-    sw = step_weight(w_hh, True, 1, H, b0, b1, j0, j1, flags.size != 0, T - t_start)
+    sw = step_weight(w_hh, True, 1, H, b0, b1, j0, j1, flags.size != 0)
     rows_buf = active_buffers(sw, steps, T)                # products of the rows running
     for t in range(T - 1, t_start - 1, -1):
         h_prev = h0 if t == 0 else y[t - 1]
@@ -168,7 +168,7 @@ def gru_forward(x, state, w_ih, w_hh, b_ih, b_hh, lengths=None):
     hn, y = _buffers.empty((T, B, H), dtype), _buffers.empty((T, B, H), dtype)  # T,B,H each
     hw = _buffers.scratch("gru.hw", (B, G * H), dtype)                  # B,3H
     h0 = call.state[0].copy()                                           # B,H
-    with layer_threads(T * B * G * H * (call.I + H)) as parts:
+    with layer_threads(THREAD_STEPS * B * G * H * (call.I + H)) as parts:
         forward_phases(_forward_steps, (h0, call.w_hh, call.b_ih, call.b_hh,
                                         row_steps(call.lengths, T, B), gates, hn, y, hw),
                        call.x, call.w_ih, gates, parts, B, call.w_hh.size,
@@ -191,7 +191,7 @@ def gru_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_hh
     dg_h = _buffers.scratch("gru.dg_h", cache.gates.shape, dtype)       # T,B,3H
     inputs, dx = input_side(cache.x, call.w_ih, dw_ih, dg_x, t_start)
     dh = _buffers.empty((T, B, H), dtype)                               # T,B,H
-    with layer_threads((T - t_start) * B * G * H * (2 * call.I + 2 * H)) as parts:
+    with layer_threads(THREAD_STEPS * B * G * H * (2 * call.I + 2 * H)) as parts:
         backward_phases(_backward_steps, (call.dy, cache.h0, cache.gates, cache.hn, cache.y,
                                           call.w_hh, t_start, row_steps(cache.lengths, T, B),
                                           dh_next, dg_x, dg_h, dh),

@@ -22,7 +22,7 @@ from ._barrier import barrier, publish, wait_for
 from ._blas import active_buffers, active_product, step_weight
 from ._phases import (backward_phases, final_rows, forward_phases, gate_gradients, input_side,
                       row_steps, zero_units)
-from ._loop import layer_threads, split_ranges
+from ._loop import THREAD_STEPS, layer_threads, split_ranges
 from ._math import jit, one_like, sigmoid_, tanh_
 
 G = 4
@@ -76,7 +76,7 @@ def _forward_steps(h0, c0, w_hh, bias, steps, gates, c, tanh_c, y, progress, fla
     T, B = gates.shape[:2]
     H = h0.shape[1]
     b0, b1, j0, j1 = split_ranges(B, H, flags, part, parts)
-    sw = step_weight(w_hh, False, G, H, b0, b1, j0, j1, flags.size != 0, T)
+    sw = step_weight(w_hh, False, G, H, b0, b1, j0, j1, flags.size != 0)
     rows_buf = active_buffers(sw, steps, T)                # products of the rows running
     for t in range(T):
         if progress.size and wait_for(progress, t + 1):               # x W_ih^T of step t
@@ -142,7 +142,7 @@ def _backward_steps(dy, c0, gates, c, tanh_c, w_hh, t_start, steps, dh_final, dh
     T, B = gates.shape[:2]
     H = c0.shape[1]
     b0, b1, j0, j1 = split_ranges(B, H, flags, part, parts)
-    sw = step_weight(w_hh, True, 1, H, b0, b1, j0, j1, flags.size != 0, T - t_start)
+    sw = step_weight(w_hh, True, 1, H, b0, b1, j0, j1, flags.size != 0)
     rows_buf = active_buffers(sw, steps, T)                # products of the rows running
     for t in range(T - 1, t_start - 1, -1):
         c_prev = c0 if t == 0 else c[t - 1]
@@ -171,7 +171,7 @@ def lstm_forward(x, state, w_ih, w_hh, b_ih, b_hh, lengths=None):
     gates = _buffers.empty((T, B, G * H), dtype)                       # T,B,4H
     c, tanh_c, y = (_buffers.empty((T, B, H), dtype) for _ in range(3))  # T,B,H each
     h0, c0 = (s.copy() for s in call.state)                            # B,H each
-    with layer_threads(T * B * G * H * (call.I + H)) as parts:
+    with layer_threads(THREAD_STEPS * B * G * H * (call.I + H)) as parts:
         forward_phases(_forward_steps, (h0, c0, call.w_hh, call.b_ih + call.b_hh,
                                         row_steps(call.lengths, T, B), gates, c, tanh_c, y),
                        call.x, call.w_ih, gates, parts, B, call.w_hh.size,
@@ -195,7 +195,7 @@ def lstm_backward(dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db_h
     dgates = gate_gradients("lstm.dgates", cache.gates.shape, dtype, call.w_ih)  # T,B,4H
     inputs, dx = input_side(cache.x, call.w_ih, dw_ih, dgates, t_start)
     dh = _buffers.empty((T, B, H), dtype)                               # T,B,H
-    with layer_threads((T - t_start) * B * G * H * (2 * call.I + 2 * H)) as parts:
+    with layer_threads(THREAD_STEPS * B * G * H * (2 * call.I + 2 * H)) as parts:
         backward_phases(_backward_steps, (call.dy, cache.c0, cache.gates, cache.c, tanh_c,
                                           call.w_hh, t_start, row_steps(cache.lengths, T, B),
                                           dh_final, dh_next, dc_next, dgates, dh),

@@ -20,7 +20,7 @@ from ._barrier import barrier, publish, wait_for
 from ._blas import active_buffers, active_product, step_weight
 from ._phases import (backward_phases, final_rows, forward_phases, gate_gradients, input_side,
                       row_steps, zero_units)
-from ._loop import layer_threads, split_ranges
+from ._loop import THREAD_STEPS, layer_threads, split_ranges
 from ._math import jit, one_like, tanh_
 
 G = 1
@@ -39,7 +39,7 @@ def _forward_steps(h0, w_hh, bias, relu, steps, y, progress, flags, part, parts)
     T, B, H = y.shape
     zero = 0 * bias[0]
     b0, b1, j0, j1 = split_ranges(B, H, flags, part, parts)
-    sw = step_weight(w_hh, False, G, H, b0, b1, j0, j1, flags.size != 0, T)
+    sw = step_weight(w_hh, False, G, H, b0, b1, j0, j1, flags.size != 0)
     rows_buf = active_buffers(sw, steps, T)                # products of the rows running
     bias_units = bias[j0:j1]
     for t in range(T):
@@ -78,7 +78,7 @@ def _backward_steps(dy, y, relu, w_hh, t_start, steps, dh_final, dh_next, da, dh
     one = one_like(y[0, 0, 0])
     zero = 0 * one
     b0, b1, j0, j1 = split_ranges(B, H, flags, part, parts)
-    sw = step_weight(w_hh, True, 1, H, b0, b1, j0, j1, flags.size != 0, T - t_start)
+    sw = step_weight(w_hh, True, 1, H, b0, b1, j0, j1, flags.size != 0)
     rows_buf = active_buffers(sw, steps, T)                # products of the rows running
     for t in range(T - 1, t_start - 1, -1):
         for b in range(b0, b1):
@@ -109,7 +109,7 @@ def _forward(cell, x, state, w_ih, w_hh, b_ih, b_hh, lengths):
     T, B, H = call.T, call.B, call.H
     y = _buffers.empty((T, B, H), call.x.dtype)                         # T,B,H
     h0 = call.state[0].copy()                                           # B,H
-    with layer_threads(T * B * H * (call.I + H)) as parts:
+    with layer_threads(THREAD_STEPS * B * H * (call.I + H)) as parts:
         forward_phases(_forward_steps, (h0, call.w_hh, call.b_ih + call.b_hh, cell == "rnn_relu",
                                         row_steps(call.lengths, T, B), y),
                        call.x, call.w_ih, y, parts, B, call.w_hh.size,
@@ -129,7 +129,7 @@ def _backward(cell, dy, dfinal_state, cache, w_ih, w_hh, dw_ih, dw_hh, db_ih, db
     da = gate_gradients("rnn.da", (T, B, H), dtype, call.w_ih)          # T,B,H
     inputs, dx = input_side(cache.x, call.w_ih, dw_ih, da, t_start)
     dh = _buffers.empty((T, B, H), dtype)                               # T,B,H
-    with layer_threads((T - t_start) * B * H * (2 * call.I + 2 * H)) as parts:
+    with layer_threads(THREAD_STEPS * B * H * (2 * call.I + 2 * H)) as parts:
         backward_phases(_backward_steps, (call.dy, cache.y, cell == "rnn_relu", call.w_hh,
                                           t_start, row_steps(cache.lengths, T, B), dh_final,
                                           dh_next, da, dh),
