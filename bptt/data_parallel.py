@@ -193,6 +193,7 @@ class Ranks:
         os.write(sys.stderr.fileno(), report.encode(errors="replace"))
         time.sleep(ABORT_GRACE_S)
         self.comm.abort(1)
+        os._exit(1)             # MPI_Abort may return before the launcher stops this rank: print nothing more
 
 
 # ------------------------------------------------------------------------------------------

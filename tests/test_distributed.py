@@ -2,7 +2,9 @@
 tests/mpi/train.py (every configuration of CONFIGS in one run per N: each rank starts Python
 once), compared with the same configuration trained here in one process with the whole batch.
 
-Weights after 20 updates within RTOL (float64 1e-10, float32 1e-5), and the history's losses,
+Weights after 20 updates within WEIGHTS_RTOL (float64 1e-10, float32 5e-5: each rank sums its
+B/N rows' gradients, the allreduce adds the ranks' sums, and Adam's normalised steps carry those
+last-bit differences through 20 updates; measured up to 2.1e-5), and the history's losses,
 gradient norms, tokens and validation losses, for LanguageModel (dropout, document starts, the
 epoch boundary crossed) and SequenceModel (ignored targets, a last batch smaller than B: with 4
 ranks it is cut 1/1/1/2), k1 == k2 and k2 > k1, clipping on and off, Adam and SGD; every
@@ -18,6 +20,8 @@ import numpy as np
 import pytest
 
 from helpers import RTOL, rel_err
+
+WEIGHTS_RTOL = {np.dtype(np.float64): RTOL[np.dtype(np.float64)], np.dtype(np.float32): 5e-5}
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "mpi"))
 import mpi_runs  # noqa: E402
@@ -72,7 +76,7 @@ def test_ranks_train_as_one_process(ranks_results, seed, name):
     n, results = ranks_results
     cfg = configs(seed)[name]
     ours, expected = results[name], single(name, cfg)
-    tol = RTOL[np.dtype(cfg["dtype"])]
+    tol = WEIGHTS_RTOL[np.dtype(cfg["dtype"])]
     weights = max(rel_err(ours[k], expected[k]) for k in expected if k.startswith("w/"))
     print(f"{name}, {n} ranks: max rel err of the weights {weights:.3g}")
     assert weights <= tol, f"{name} on {n} ranks: weights differ from one process by {weights:.3g} > {tol:g}"
