@@ -278,6 +278,21 @@ def test_default_blocks_equal_plain(backend, rng, monkeypatch, cell):
                 _assert_equal(ours.model.params[k], p, k)
 
 
+@pytest.mark.parametrize("B, I, H, L, cell", [(1, 16, 256, 2, "lstm"), (4, 16, 64, 2, "gru"),
+                                              (8, 32, 128, 1, "rnn_tanh"), (32, 32, 256, 2, "lstm")])
+def test_realistic_sizes_equal_plain(rng, monkeypatch, B, I, H, L, cell):
+    """cpu, float32, the library's blocks of 16 steps, the machine's threads: shapes where
+    OpenBLAS takes its small-matrix kernels for some calls and not others, and where a layer
+    call of the whole window and one of a piece would otherwise run on different threads."""
+    monkeypatch.setattr(memory.blocks, "BLOCK_STEPS", 16)
+    with bptt.use_backend("cpu"):
+        model = bptt.SequenceModel(I, H, 4, num_layers=L, cell=cell, dtype=np.float32, seed=4)
+        x = rng.standard_normal((150, B, I)).astype(np.float32)
+        y = rng.standard_normal((150, B, 4)).astype(np.float32)
+        for mem in ("sqrt", 3 * memory.state_bytes(model, B) + 40 * memory.step_bytes(model, B, 150)):
+            _check_same(model, x, y, mem, np.float32)
+
+
 @pytest.mark.parametrize("readout", ["every_step", "last_step"])
 def test_trainer_sequence_model_full_bptt(backend, rng, readout):
     x = rng.standard_normal((6, 40, 3))
