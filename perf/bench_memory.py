@@ -14,7 +14,7 @@ Models (float32, cpu backend, ``--threads`` 2): a 2-layer LSTM, H = 256, B = 32 
 
 trained with full BPTT and SGD: one update = forward and backward over one window of T steps.
 Settings: ``none`` (every activation kept), ``sqrt`` and three budgets (``--budgets``, default
-64M, 16M, 4M). Every (model, T, setting) runs in a FRESH process, which
+64M, 32M, 20M). Every (model, T, setting) runs in a FRESH process, which
 
 1. builds the model and the trainer and makes one warm-up update on 16 steps (Numba compiles
    or loads its kernels, the optimizer and gradient buffers are made);
@@ -63,7 +63,7 @@ MODELS = {"seq": "SequenceModel, every-step regression, I = O = 32",
 HIDDEN, LAYERS, BATCH, INPUT, VOCAB, EMBEDDING = 256, 2, 32, 32, 64, 32
 WARMUP_T = 16
 DEFAULT_T = [100, 300, 1000, 3000, 10000]
-DEFAULT_BUDGETS = ["64M", "16M", "4M"]
+DEFAULT_BUDGETS = ["64M", "32M", "20M"]     # a budget holds one time block (16 steps) at least
 LONG_T, LONG_PROBES = 100_000, [1000, 3000, 10000]
 SQRT_PEAK_TARGET, SQRT_TIME_TARGET = 0.05, 1.25
 MIB = 2 ** 20
@@ -112,11 +112,11 @@ def measure(spec):
     def update(batch):
         trainer.fit(batch, spec["batch"], epochs=trainer.epoch + 1)    # one epoch = one update
 
-    update(data(WARMUP_T))
     batch = data(spec["T"])
-    rss_before = hx.peak_rss_mb()
-    tracemalloc.start()
     try:
+        update(data(WARMUP_T))
+        rss_before = hx.peak_rss_mb()
+        tracemalloc.start()
         update(batch)
     except ValueError as e:                  # an infeasible budget: one line from the library
         return {"infeasible": str(e)}
@@ -326,7 +326,7 @@ def main(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--T", type=hx.parse_int_list, default=DEFAULT_T, help="window lengths (default 100,...,10000)")
     p.add_argument("--models", type=hx.parse_str_list, default=list(MODELS), help="seq,lm (default both)")
-    p.add_argument("--budgets", type=hx.parse_str_list, default=DEFAULT_BUDGETS, help="default 64M,16M,4M")
+    p.add_argument("--budgets", type=hx.parse_str_list, default=DEFAULT_BUDGETS, help="default 64M,32M,20M")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds at --target-T (default 3)")
     p.add_argument("--target-T", type=int, default=1000, help="T of the sqrt targets (default 1000)")
     p.add_argument("--updates", type=int, default=3, help="timed updates per process (half from T = 3000)")
