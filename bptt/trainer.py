@@ -421,8 +421,10 @@ class Trainer:
         for gi, group in enumerate(dataset.groups):
             k = group.T if self.k1 is None else self.k1
             for t0 in range(0, group.T, k):
+                w0 = self._window_start(t0)         # recomputed from the block boundary before it at most
+                first = w0 if w0 == t0 else _block_floor(w0)
                 try:
-                    self._window_plan(local[gi], t0, min(t0 + k, group.T), _block_floor(self._window_start(t0)))
+                    self._window_plan(local[gi], t0, min(t0 + k, group.T), first)
                 except BudgetError as e:
                     errors.append(e)
         if errors:
