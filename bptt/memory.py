@@ -22,7 +22,7 @@ from bptt_kernels import GATES
 from bptt_kernels.host import blocks
 
 __all__ = ["parse_memory", "loss_and_backward", "state_bytes", "step_bytes", "plan_window", "smallest_budget",
-           "sqrt_plan", "budget_plan", "simulate", "BudgetError", "WindowPlan", "Window", "Replay"]
+           "sqrt_plan", "budget_plan", "simulate", "BudgetError", "WindowPlan", "Window", "Windows", "Replay"]
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _BUDGET = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
@@ -439,6 +439,78 @@ class Window:
         dstate = self._backprop(right, a + plan_steps(left), mid, dstate)
         del mid
         return self._backprop(left, a, state, dstate)
+
+
+class Windows:
+    """The trainer's windows under ``memory`` (TBPTT(k1, k2), or full BPTT where k1 is None):
+    the plan of each, made once per shape, and its first pass. A window [w0, t1) ends with its
+    chunk [t0, t1); with k2 > k1 its steps before t0 are recomputed from the time block
+    boundary at or before w0 (or the segment start after it), where an earlier chunk's records
+    were cut."""
+
+    def __init__(self, model, memory, k1, k2):
+        self.model, self.memory, self.k1 = model, memory, k1
+        self.overlap = 0 if k1 is None else k2 - k1
+        self.held = 0 if not self.overlap else math.ceil(self.overlap / k1) + 1    # states kept for later windows
+        self.plans = {}
+
+    def start(self, t0):
+        """w0: the first step of the window whose chunk starts at t0."""
+        return max(0, t0 - self.overlap)
+
+    def check(self, dataset, local):
+        """Plan every window of an epoch of ``dataset`` (this rank's rows ``local`` of each group):
+        a budget too small for one of them fails here, before any update (:class:`BudgetError`
+        naming the smallest budget that fits them all)."""
+        errors = []
+        for gi, group in enumerate(dataset.groups):
+            k = group.T if self.k1 is None else self.k1
+            for t0 in range(0, group.T, k):
+                w0 = self.start(t0)             # recomputed from the block boundary before it at most
+                try:
+                    self.plan(local[gi], t0, min(t0 + k, group.T), w0 if w0 == t0 else _block_floor(w0))
+                except BudgetError as e:
+                    errors.append(e)
+        if errors:
+            raise BudgetError(self.memory, max(e.smallest for e in errors), max(e.steps for e in errors))
+
+    def plan(self, rows, t0, t1, first):
+        """The :class:`WindowPlan` of the window ending with the chunk [t0, t1) of ``rows``, its
+        steps from ``first`` on (w0, or where its recomputation starts before it);
+        :class:`BudgetError` where the budget is too small."""
+        if rows.B == 0:                                  # a rank without rows of this group: nothing runs
+            return WindowPlan(None, [t1 - t0], 0, 0)
+        key = (rows.B, t0 - first, t1 - t0, first % blocks.BLOCK_STEPS)
+        if key not in self.plans:
+            slot, step = state_bytes(self.model, rows.B), step_bytes(self.model, rows.B, t1 - t0)
+            self.plans[key] = plan_window(self.memory, key[1], key[2], slot, step, self.held, key[3])
+        return self.plans[key]
+
+    def first_pass(self, rows, t0, t1, state, ring, divisor, count):
+        """The chunk [t0, t1)'s forward by its window's plan, keeping states, not activations: its
+        records go into ``ring`` (the trainer's ring buffer), cut at the time block boundary at or
+        before each step of the chunk where a later window starts (the state entering that record
+        is kept: the later window recomputes from there). ``divisor``: the loss's count; ``count``:
+        the chunk's loss terms. Returns (the :class:`Window` for backward, the chunk's loss, the
+        state after it)."""
+        later = tuple(t - self.overlap for t in range(t1, t1 + self.overlap + 1, self.k1 or 1)
+                      if self.overlap and t0 <= t - self.overlap < t1)          # later windows' first steps
+        new = []
+        for s0, s1, reset in rows.segments(t0, t1):
+            keep = self.model.backend.asarray(~rows.resets[s0], self.model.dtype) if reset else None
+            cuts = [s0] + sorted({_block_floor(w) for w in later if s0 < _block_floor(w) < s1}) + [s1]
+            new += [Record(a, b, s0, s1 - s0, keep, rows=(s1 - s0) * rows.B) for a, b in zip(cuts, cuts[1:])]
+        records = [rec for rec in ring if rec.s1 > self.start(t0)] + new
+        window = Window(self.model, rows, records, t0, divisor, bool(count),
+                        self.plan(rows, t0, t1, records[0].s0), self.start(t0))
+        loss, state = window.first_pass(state, later)
+        ring += new
+        return window, loss, state
+
+
+def _block_floor(t):
+    """The time block boundary at or before the stream's step t (``bptt_kernels.host.blocks``)."""
+    return t - t % blocks.BLOCK_STEPS
 
 
 def _leaf_starts(plan, a):

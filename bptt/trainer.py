@@ -62,17 +62,15 @@ import time
 import numpy as np
 
 from bptt import checkpoint_file
-from bptt.batches import Dataset, Position, Record, Segment, batchify, reset_rows
+from bptt.batches import Dataset, Position, Segment, batchify, reset_rows
 from bptt.data_parallel import Replicas, gather_position, local_groups, position_from_dict
 from bptt.distributed import Solo
 from bptt.evaluation import evaluate, validation_entries
 from bptt.interrupts import DeferredInterrupt, Preempted
-from bptt.memory import (BudgetError, Window, WindowPlan, forward_weights, parse_memory, plan_window, state_bytes,
-                         step_bytes)
+from bptt.memory import Windows, forward_weights, parse_memory
 from bptt.models import (LanguageModel, NonFiniteGradientError, SequenceModel, check_model_dict, load_model_dict,
                          model_from_dict, model_to_dict)
 from bptt.optim import OPTIMIZERS, ConstantLR, Optimizer, Schedule, clip_grad_norm_, schedule_from_state_dict
-from bptt_kernels.host import blocks
 
 __all__ = ["Trainer", "NonFiniteError", "Preempted", "check_truncation", "batchify", "Dataset", "Position", "Segment"]
 
@@ -274,7 +272,8 @@ class Trainer:
             if any(group.lengths is not None for group in dataset.groups):
                 raise ValueError(f"memory={self.memory!r} does not apply to variable-length sequences (lengths): "
                                  f"their forward runs over all steps at once; use memory=None")
-            self._plan_windows(dataset, local)
+            self._windows = Windows(self.model, self.memory, self.k1, self.k2)
+            self._windows.check(dataset, local)             # an infeasible budget fails here
         keep_freed_memory = getattr(self.backend, "keep_freed_memory", None)
         if keep_freed_memory is not None:   # cpu: the next update reuses freed pages (opt out:
             keep_freed_memory()             # BPTT_KEEP_FREED_MEMORY=0)
@@ -384,7 +383,7 @@ class Trainer:
                 ring.append(Segment(s0, s1, cache, dout, keep))
         else:
             snapshot = forward_weights(model) if overlap else None      # what the chunk's forward reads
-            window, loss, state = self._first_pass(rows, t0, t1, state, ring, divisor, count)
+            window, loss, state = self._windows.first_pass(rows, t0, t1, state, ring, divisor, count)
         if count:
             skipped, loss, grad_norm, dh_norms = self._backward_window(loss, ring, w0, t0, t1,
                                                                        rows.count(t0, t1), count, window)
@@ -413,62 +412,6 @@ class Trainer:
         if self._replicas is not None and event is not None:
             self._replicas.after_update(self.step)
         return event
-
-    def _plan_windows(self, dataset, local):
-        """Plan every window of the epoch under ``memory``: a budget too small for one of them
-        fails here, before any update, naming the smallest budget that fits them all."""
-        self._plans, errors = {}, []
-        for gi, group in enumerate(dataset.groups):
-            k = group.T if self.k1 is None else self.k1
-            for t0 in range(0, group.T, k):
-                w0 = self._window_start(t0)         # recomputed from the block boundary before it at most
-                first = w0 if w0 == t0 else _block_floor(w0)
-                try:
-                    self._window_plan(local[gi], t0, min(t0 + k, group.T), first)
-                except BudgetError as e:
-                    errors.append(e)
-        if errors:
-            raise BudgetError(self.memory, max(e.smallest for e in errors), max(e.steps for e in errors))
-
-    def _window_start(self, t0):
-        """w0: the first step of the window whose chunk starts at t0."""
-        return max(0, t0 - (0 if self.k1 is None else self.k2 - self.k1))
-
-    def _window_plan(self, rows, t0, t1, first):
-        """The plan of the window ending with the chunk [t0, t1) of ``rows`` under ``memory``, its
-        steps from ``first`` (w0, or the time block boundary or segment start before it where
-        the recomputation starts) on; ValueError where the budget is too small."""
-        if rows.B == 0:                                  # a rank without rows of this group: nothing runs
-            return WindowPlan(None, [t1 - t0], 0, 0)
-        overlap = 0 if self.k1 is None else self.k2 - self.k1
-        held = 0 if not overlap else math.ceil(overlap / self.k1) + 1      # states kept for later windows
-        key = (rows.B, t0 - first, t1 - t0, held, first % blocks.BLOCK_STEPS)
-        if key not in self._plans:
-            slot, step = state_bytes(self.model, rows.B), step_bytes(self.model, rows.B, t1 - t0)
-            self._plans[key] = plan_window(self.memory, key[1], key[2], slot, step, held, key[4])
-        return self._plans[key]
-
-    def _first_pass(self, rows, t0, t1, state, ring, divisor, count):
-        """``memory`` set: the chunk's forward by its plan, keeping states, not activations: its
-        records go into ``ring``, cut at the time block boundary at or before each step of the
-        chunk where a later window starts (the state entering that record is kept: the later
-        window recomputes from there). Returns (the :class:`bptt.memory.Window` for backward,
-        the chunk's loss, the state after it)."""
-        overlap = 0 if self.k1 is None else self.k2 - self.k1
-        later = () if not overlap else tuple(s - overlap for s in range(t1, t1 + overlap + 1, self.k1)
-                                             if t0 <= s - overlap < t1)
-        new = []
-        for s0, s1, reset in rows.segments(t0, t1):
-            keep = self.backend.asarray(~rows.resets[s0], self.model.dtype) if reset else None
-            cuts = [s0] + sorted({_block_floor(w) for w in later if s0 < _block_floor(w) < s1}) + [s1]
-            new += [Record(a, b, s0, s1 - s0, keep, rows=(s1 - s0) * rows.B) for a, b in zip(cuts, cuts[1:])]
-        w0 = self._window_start(t0)
-        records = [rec for rec in ring if rec.s1 > w0] + new
-        plan = self._window_plan(rows, t0, t1, records[0].s0)
-        window = Window(self.model, rows, records, t0, divisor, bool(count), plan, w0)
-        loss, state = window.first_pass(state, later)
-        ring += new
-        return window, loss, state
 
     def _nonfinite(self, what, t0, t1):
         msg = (f"non-finite {what} at step {self.step + 1} (epoch {self.epoch}, steps {t0}..{t1 - 1} "
@@ -623,11 +566,6 @@ class Trainer:
                       **sd["config"])
         trainer.load_state_dict(sd)
         return trainer
-
-
-def _block_floor(t):
-    """The time block boundary at or before the stream's step t (``bptt_kernels.host.blocks``)."""
-    return t - t % blocks.BLOCK_STEPS
 
 
 def _fresh_validation_state():
