@@ -186,7 +186,7 @@ def build_parser():
                    help="activations kept for backpropagation (default: all of the window's steps): sqrt = the "
                    "stack's state every ~sqrt(T) steps, each segment recomputed during backward (about one more "
                    "forward pass); a budget SIZE (512M, 2G or bytes) = the least recomputation that fits it. "
-                   "Exact: the gradients of the default, to rounding")
+                   "Exact: the gradients of the default, bit for bit on the cpu backend")
     g.add_argument("--epochs", type=_positive(int), metavar="N")
     g.add_argument("--max-steps", type=_positive(int), metavar="N", help="stop after N updates")
     g.add_argument("--seed", type=int, metavar="N", help="initialisation, data and sampling seed (default 0)")
