@@ -74,7 +74,7 @@ class GemmReplay:
       gradients by gate rows), a layer below the backend's ``MIN_WORK_FOR_THREADS`` in one piece;
     * otherwise one CBLAS call per GEMM, OpenBLAS using its own threads;
     * NumPy's matmul where the helpers cannot be imported.
-    Per-step products use ``_blas.step_weight``/``step_product`` (the backend's choice of
+    Per-step products use ``_panels.step_weight``/``step_product`` (the backend's choice of
     weight layout, panels included) for pieces of batch rows, if present."""
 
     def __init__(self, np, threads):
@@ -87,7 +87,7 @@ class GemmReplay:
             self.phases = self._numpy_phases(np)
             return
         try:
-            from bptt_kernels.cpu._blas import step_product, step_weight
+            from bptt_kernels.cpu._panels import step_product, step_weight
         except ImportError:
             @njit
             def step_weight(w, transposed, blocks, H, b0, b1, j0, j1, by_units):
@@ -405,7 +405,7 @@ class Profiler:
         from numba import njit
         from bptt_kernels.cpu._blas import gemm_nn, gemm_nt
         try:
-            from bptt_kernels.cpu._blas import step_product, step_weight
+            from bptt_kernels.cpu._panels import step_product, step_weight
         except ImportError:
             step_weight = None
 
@@ -649,7 +649,7 @@ def main(argv=None):
                   f"threads, GFLOP/s (best of >= 5). fwd: h[B,H] @ W_hh^T; sgemm NT = CBLAS sgemm on "
                   f"W_hh as stored (gemm_nt), sgemm NN W^T = on a transposed copy (gemm_nn), B x gemv "
                   f"= one NumPy matrix-vector product per row, panels = the backend's per-step "
-                  f"panels (_blas.step_weight, packing excluded), torch = torch.mm. bwd: "
+                  f"panels (_panels.step_weight, packing excluded), torch = torch.mm. bwd: "
                   f"dg[B,{hx.GATES[cell]}H] @ W_hh (gemm_nn). With threads, the kernels' time loops "
                   f"give each thread B/threads rows or H/threads units.\n")
             print(hx.table(["B", "H"] + keys,

@@ -22,7 +22,7 @@ import pytest
 
 import bptt_kernels.cpu as cpu
 from bptt_kernels import CELLS, GATES
-from bptt_kernels.cpu import _blas, _loop, _mkl, config
+from bptt_kernels.cpu import _blas, _loop, _mkl, _panels, config
 from helpers import force_unit_split, random_layer_problem
 from test_cpu_kernels import STEP_CASES
 from test_lengths import check_cpu_against_reference, poisoned_buffers  # noqa: F401 (fixture)
@@ -204,16 +204,16 @@ def test_packed_step_product_matches_numpy(dtype, beta, case, mkl):
     rng = np.random.default_rng(B * 1000 + K + j0)
     a = rng.standard_normal((B, K)).astype(dtype)
     w = rng.standard_normal((blocks * H, K)).astype(dtype)
-    sw = _blas.step_weight(np.ascontiguousarray(w.T) if transposed else w, transposed, blocks,
+    sw = _panels.step_weight(np.ascontiguousarray(w.T) if transposed else w, transposed, blocks,
                            H, b0, b1, j0, j1, by_units)
     packs = path in ("panels", "16-wide", "one panel") and j1 > j0
     assert sw.width == 0 and bool(sw.packed.size) == packs
     if packs:                                       # one packed segment per gate block
-        assert sw.packed_size % _blas.PACK_ALIGN == 0
+        assert sw.packed_size % _panels.PACK_ALIGN == 0
         assert sw.packed.size == (blocks if by_units else 1) * sw.packed_size
     c0 = rng.standard_normal((B, blocks * H)).astype(dtype)
     c = np.full_like(c0, np.nan) if beta == 0.0 else c0.copy()
-    _blas.step_product(a, sw, c, beta)
+    _panels.step_product(a, sw, c, beta)
     full = a.astype(np.float64) @ w.T.astype(np.float64) + (beta * c0 if beta else 0.0)
     mine = np.zeros((B, blocks * H), bool)
     for g in range(blocks):
@@ -243,8 +243,8 @@ def test_kernels_with_packed_weights_match_reference(cell, split, dtype, mkl, po
         rows, units = (0, B // 2), (0, H)
     G = GATES[cell]
     w_hh = np.ones((G * H, H), dtype)
-    assert _blas.step_weight(w_hh, False, G, H, *rows, *units, split == "units").packed.size
-    assert _blas.step_weight(w_hh, True, 1, H, *rows, *units, split == "units").packed.size
+    assert _panels.step_weight(w_hh, False, G, H, *rows, *units, split == "units").packed.size
+    assert _panels.step_weight(w_hh, True, 1, H, *rows, *units, split == "units").packed.size
     check_cpu_against_reference(cell, dtype, T, B, I, H, np.array([10, 3, 10, 1, 7, 9]), (0, 4),
                                 seed=[CELLS.index(cell), len(split)])
 

@@ -651,7 +651,7 @@ def test_step_product_matches_numpy(dtype, beta, case):
     paths (panels; w in place for one row or short calls: sgemv, sgemm NT or NN)
     writes exactly the piece's batch rows and columns (units j0:j1 of each gate block, or all),
     partial panels included; with beta = 0 the NaN-poisoned output is never read."""
-    from bptt_kernels.cpu._blas import PANEL_MAX_WIDTH, SMALL_GEMM_MNK, step_product, step_weight
+    from bptt_kernels.cpu._panels import PANEL_MAX_WIDTH, SMALL_GEMM_MNK, step_product, step_weight
     by_units, B, b0, b1, K, blocks, H, j0, j1, transposed, path = case
     rng = np.random.default_rng(B * 1000 + K + j0)
     a = rng.standard_normal((B, K)).astype(dtype)
@@ -682,7 +682,7 @@ def test_layers_with_weight_panels(cell, split, monkeypatch):
     """A layer of realistic size whose pieces multiply by packed weight panels in both time
     loops (8 rows; split by units, or by batch rows of 4) gives the reference's result."""
     from bptt_kernels.cpu import _loop
-    from bptt_kernels.cpu._blas import step_weight
+    from bptt_kernels.cpu._panels import step_weight
     monkeypatch.setattr(_loop, "THREADS", 2)
     monkeypatch.setattr(_loop, "UNIT_SPLIT_WEIGHT", 1 if split == "units" else 1 << 40)
     G = GATES[cell]

@@ -4,7 +4,7 @@ the two directions of a bidirectional layer side by side:
 * the large GEMMs over the rows run only (``_phases.valid_rows``: ``project_rows``,
   ``gather_rows``, ``finish_rows``) where few enough steps are padded, and over all T*B rows
   otherwise;
-* each step's product over the rows running it only (``_blas.active_product``), on the
+* each step's product over the rows running it only (``_panels.active_product``), on the
   per-step GEMM paths (panels, and MKL's packed form where the tests run with BPTT_BLAS=mkl);
 * ``run_beside``: a bidirectional layer's directions on two threads, each layer call in one
   piece, against the same layer with its directions one after the other; an exception in

@@ -19,7 +19,7 @@ from bptt_kernels.host import RecurrentCache, check_backward, check_forward
 
 from . import _buffers
 from ._barrier import barrier, publish, wait_for
-from ._blas import active_buffers, active_product, step_weight
+from ._panels import active_buffers, active_product, step_weight
 from ._phases import (backward_phases, final_rows, forward_phases, gate_gradients, input_side,
                       row_steps, zero_units)
 from ._loop import THREAD_STEPS, layer_threads, split_ranges
@@ -65,7 +65,7 @@ def _forward_steps(h0, w_hh, b_ih, b_hh, steps, gates, hn, y, hw, progress, flag
     # The time loop for this part's batch rows b0:b1 and units j0:j1 (_loop.run_time_loop).
     # h0: [B,H]  w_hh: [3H,H]  b_ih, b_hh: [3H]
     # steps: int64 [B] row b's steps (lengths): at t >= steps[b] its gates, hn, y are written
-    #   as zeros (the step product skips it, _blas.active_product, or computes it unused;
+    #   as zeros (the step product skips it, _panels.active_product, or computes it unused;
     #   the final state is read from step steps[b]-1 after the loop)
     # gates: [T,B,3H] in x W_ih^T, out activated gates  hn, y: [T,B,H] out  hw: [B,3H] scratch
     # progress: step counter and abort word beside a GEMM phase (_phases.forward_phases,

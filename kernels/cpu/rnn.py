@@ -17,7 +17,7 @@ from bptt_kernels.host import RecurrentCache, check_backward, check_forward
 
 from . import _buffers
 from ._barrier import barrier, publish, wait_for
-from ._blas import active_buffers, active_product, step_weight
+from ._panels import active_buffers, active_product, step_weight
 from ._phases import (backward_phases, final_rows, forward_phases, gate_gradients, input_side,
                       row_steps, zero_units)
 from ._loop import THREAD_STEPS, layer_threads, split_ranges
@@ -31,7 +31,7 @@ def _forward_steps(h0, w_hh, bias, relu, steps, y, progress, flags, part, parts)
     # The time loop for this part's batch rows b0:b1 and units j0:j1 (_loop.run_time_loop).
     # h0: [B,H]  w_hh: [H,H]  bias: [H] (b_ih + b_hh)  relu: bool
     # steps: int64 [B] row b's steps (lengths): at t >= steps[b] its y is written as zeros
-    #   (the step product skips it, _blas.active_product, or computes it unused; the final
+    #   (the step product skips it, _panels.active_product, or computes it unused; the final
     #   state is read from step steps[b]-1 after the loop)
     # y: [T,B,H] in x W_ih^T, out h_1 .. h_T
     # progress: step counter and abort word beside a GEMM phase (_phases.forward_phases),

@@ -5,7 +5,9 @@ module ``xp`` (numpy or cupy).
 * :mod:`.cache`     :class:`RecurrentCache`, the one cache layout of every backend, and its
                     conversion to and from a dict of host arrays (checkpoints);
 * :mod:`.checks`    the recurrent calls' argument checks, returning normalised arguments;
-* :mod:`.gradients` the GEMMs after a backward time loop (dW_ih, dW_hh, biases, dx).
+* :mod:`.gradients` the GEMMs after a backward time loop (dW_ih, dW_hh, biases, dx);
+* :mod:`.blocks`    the time blocks in which gradient sums over time run (``t_origin``);
+* :mod:`.rows`      row-wise products whose rows round alike in calls of any size.
 
 A backend keeps only what is its own: allocation, path choice and the time loop.
 """
