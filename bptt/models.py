@@ -173,7 +173,8 @@ class LanguageModel(RecurrentModelBase):
             raise ValueError("backward needs the cache of a forward(..., train=True) call")
         xp = self.backend.xp
         T, B, H = cache.h.shape
-        t_start, t_origin = _checks.expect_int("t_start", t_start, 0, T - 1), _checks.expect_int("t_origin", t_origin, 0)
+        t_start = _checks.expect_int("t_start", t_start, 0, T - 1)
+        t_origin = _checks.expect_int("t_origin", t_origin, 0)
         dh_top = xp.zeros((T, B, H), self.dtype)
         if dout is not None:
             if tuple(dout.shape) != (T, B, self.vocab_size):

@@ -237,14 +237,14 @@ def backward_phases(kernel, loop_args, *, inputs, h0, y, dg_x, dg_h, dw_hh, db_i
     parts)`` from T-1 down to t_start (``_loop.run_time_loop``), then ``finish_backward`` over
     the rows t >= t_start in up to ``parts`` pieces (``phase_parts`` of its GEMMs'
     multiply-adds), block by block of the time blocks of a call whose step 0 is the stream's
-    step ``t_origin`` (``time_blocks``). inputs: the :class:`InputSide` from ``input_side``; h0 [B,H], y [T,B,H]
-    from the cache; dg_x, dg_h [T,B,G*H] the loop's gate gradients (the same array except for
-    the GRU); dw_hh, db_ih, db_hh +=; dh [T,B,H] the loop's output.
+    step ``t_origin`` (``time_blocks``). inputs: the :class:`InputSide` from ``input_side``;
+    h0 [B,H], y [T,B,H] from the cache; dg_x, dg_h [T,B,G*H] the loop's gate gradients (the
+    same array except for the GRU); dw_hh, db_ih, db_hh +=; dh [T,B,H] the loop's output.
     Where the loop would run on one thread alone (``_loop.overlaps_phases``), both at once:
     the loop here publishes each step it has done, and a worker finishes each time block once
-    the loop has done its steps (``finish_backward_steps``), while the dx of the DX_HERE_SHARE of the
-    steps that the loop reaches last (t_start onwards) is left to this thread after the loop
-    (``input_gradient``), so that both end about together. With ``lengths`` [B] (or None),
+    the loop has done its steps (``finish_backward_steps``), while the dx of the DX_HERE_SHARE
+    of the steps that the loop reaches last (t_start onwards) is left to this thread after the
+    loop (``input_gradient``), so that both end about together. With ``lengths`` [B] (or None),
     ``finish_backward`` covers only the steps the rows run (``valid_rows``: ``gather_rows``,
     then ``finish_rows``)."""
     T, B, I = inputs.x.shape
@@ -301,7 +301,8 @@ def _finish_steps(x, w_ih, dw_ih, dx, h0, y, dg_x, dg_h, dw_hh, db_ih, db_hh, t0
     _weight_gradients(x2, gx2, gh2, h0 if t0 == 0 else y[t0 - 1],
                       y.reshape(T * B, H)[first:last - B], dw_ih, dw_hh, db_ih, db_hh, r0, r1,
                       dg_h is dg_x)
-    rows_product(gx2[m0:m1], w_ih, dx.reshape(T * B, I)[first + m0:first + m1], False)  # dx = dg_x W_ih
+    dx_rows = dx.reshape(T * B, I)[first + m0:first + m1]
+    rows_product(gx2[m0:m1], w_ih, dx_rows, False)         # dx = dg_x W_ih
 
 
 @jit
@@ -413,4 +414,5 @@ def input_gradient(dg_x, w_ih, dx, t0, t1):
     """dx[t0:t1] = dg_x[t0:t1] @ w_ih (dg_x: [T,B,G*H], w_ih: [G*H,I], dx: [T,B,I])."""
     T, B, GH = dg_x.shape
     I = dx.shape[2]
-    rows_product(dg_x.reshape(T * B, GH)[t0 * B:t1 * B], w_ih, dx.reshape(T * B, I)[t0 * B:t1 * B], False)
+    rows_product(dg_x.reshape(T * B, GH)[t0 * B:t1 * B], w_ih, dx.reshape(T * B, I)[t0 * B:t1 * B],
+                 False)

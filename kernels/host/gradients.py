@@ -2,7 +2,8 @@
 
 The time loop leaves the gradients of every step's pre-activations; the parameter gradients
 and dx are then large GEMMs over many rows at once (Haste's shape), in the time blocks of
-:mod:`.blocks`. A backend may run its own version (the cpu backend's threaded one), with the same contract.
+:mod:`.blocks`. A backend may run its own version (the cpu backend's threaded one), with the
+same contract.
 """
 
 from .blocks import time_blocks
@@ -16,8 +17,8 @@ def states_entering(h0, y, t0, t1, xp):
     return xp.concatenate([h0[None], y[:t1 - 1]], axis=0)           # T',B,H
 
 
-def finish_backward(x, h0, y, dg_x, dg_h, t_start, w_ih, dw_ih, dw_hh, db_ih, db_hh, xp, t_origin=0,
-                    blocked=True):
+def finish_backward(x, h0, y, dg_x, dg_h, t_start, w_ih, dw_ih, dw_hh, db_ih, db_hh, xp,
+                    t_origin=0, blocked=True):
     """Accumulate (+=) the parameter gradients over steps t_start .. T-1 and return dx.
 
     x     [T,B,I]    the layer input (or x W_ih^T [T,B,G*H] where w_ih is None)
