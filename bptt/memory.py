@@ -221,7 +221,8 @@ def simulate(old, pieces, slot, step, held=0):
 def sqrt_plan(n_old, n_new, slot, step, held=0, phase=0, block=None):
     """Pieces of k steps over the window of n = n_old + n_new steps, k = ceil(sqrt(n)) rounded
     up to whole time blocks of ``block`` steps, cut where the stream's step is a multiple of k
-    (the window's first step is ``phase`` steps past one; ``block`` None: BLOCK_STEPS)."""
+    (the window's first step is ``phase`` steps past one; ``block`` None: BLOCK_STEPS; the
+    trainer passes ``blocks.block_steps(B)``)."""
     block = block or blocks.BLOCK_STEPS
     k = block * math.ceil(math.ceil(math.sqrt(n_old + n_new)) / block)
     old = _chain_of(_sizes(_boundaries(0, n_old, k, phase))) if n_old else None
@@ -468,7 +469,8 @@ class Windows:
             for t0 in range(0, group.T, k):
                 w0 = self.start(t0)             # recomputed from the block boundary before it at most
                 try:
-                    self.plan(local[gi], t0, min(t0 + k, group.T), w0 if w0 == t0 else _block_floor(w0))
+                    first = w0 if w0 == t0 else _block_floor(w0, local[gi].B)
+                    self.plan(local[gi], t0, min(t0 + k, group.T), first)
                 except BudgetError as e:
                     errors.append(e)
         if errors:
@@ -480,10 +482,11 @@ class Windows:
         :class:`BudgetError` where the budget is too small."""
         if rows.B == 0:                                  # a rank without rows of this group: nothing runs
             return WindowPlan(None, [t1 - t0], 0, 0)
-        key = (rows.B, t0 - first, t1 - t0, first % blocks.BLOCK_STEPS)
+        block = blocks.block_steps(rows.B)
+        key = (rows.B, t0 - first, t1 - t0, first % block)
         if key not in self.plans:
             slot, step = state_bytes(self.model, rows.B), step_bytes(self.model, rows.B, t1 - t0)
-            self.plans[key] = plan_window(self.memory, key[1], key[2], slot, step, self.held, key[3])
+            self.plans[key] = plan_window(self.memory, key[1], key[2], slot, step, self.held, key[3], block)
         return self.plans[key]
 
     def first_pass(self, rows, t0, t1, state, ring, divisor, count):
@@ -498,7 +501,8 @@ class Windows:
         new = []
         for s0, s1, reset in rows.segments(t0, t1):
             keep = self.model.backend.asarray(~rows.resets[s0], self.model.dtype) if reset else None
-            cuts = [s0] + sorted({_block_floor(w) for w in later if s0 < _block_floor(w) < s1}) + [s1]
+            floors = {_block_floor(w, rows.B) for w in later}
+            cuts = [s0] + sorted(f for f in floors if s0 < f < s1) + [s1]
             new += [Record(a, b, s0, s1 - s0, keep, rows=(s1 - s0) * rows.B) for a, b in zip(cuts, cuts[1:])]
         records = [rec for rec in ring if rec.s1 > self.start(t0)] + new
         window = Window(self.model, rows, records, t0, divisor, bool(count),
@@ -508,9 +512,10 @@ class Windows:
         return window, loss, state
 
 
-def _block_floor(t):
-    """The time block boundary at or before the stream's step t (``bptt_kernels.host.blocks``)."""
-    return t - t % blocks.BLOCK_STEPS
+def _block_floor(t, B):
+    """The time block boundary at or before the stream's step t for B batch rows
+    (``bptt_kernels.host.blocks``)."""
+    return t - t % blocks.block_steps(B)
 
 
 def _leaf_starts(plan, a):
@@ -520,28 +525,28 @@ def _leaf_starts(plan, a):
         a += n
 
 
-def plan_window(memory, n_old, n_new, slot, step, held=0, phase=0):
+def plan_window(memory, n_old, n_new, slot, step, held=0, phase=0, block=None):
     """The plan of a window of ``n_old`` steps before its chunk and ``n_new`` in it under
     ``memory`` ("sqrt" or bytes; :func:`parse_memory`), one state costing ``slot`` bytes and one
     step's activations ``step`` bytes, ``held`` states kept beside it for later windows, its
-    first step the stream's step ``phase`` (mod the time blocks).
-    ValueError naming the smallest feasible budget where the budget is below it."""
+    first step the stream's step ``phase`` (mod the time blocks of ``block`` steps: None,
+    BLOCK_STEPS). ValueError naming the smallest feasible budget where the budget is below it."""
     if memory == "sqrt":
-        return sqrt_plan(n_old, n_new, slot, step, held, phase)
-    plan = budget_plan(n_old, n_new, memory, slot, step, held, phase)
+        return sqrt_plan(n_old, n_new, slot, step, held, phase, block)
+    plan = budget_plan(n_old, n_new, memory, slot, step, held, phase, block)
     if plan is None:
-        raise BudgetError(memory, smallest_budget(n_old, n_new, slot, step, held, phase), n_old + n_new)
+        raise BudgetError(memory, smallest_budget(n_old, n_new, slot, step, held, phase, block), n_old + n_new)
     return plan
 
 
-def smallest_budget(n_old, n_new, slot, step, held=0, phase=0):
+def smallest_budget(n_old, n_new, slot, step, held=0, phase=0, block=None):
     """The smallest budget (bytes) :func:`budget_plan` finds a plan within (a bisection)."""
     lo, hi = slot + step, (held + 2) * slot + (n_old + n_new) * step        # hi: one leaf each part
-    while not budget_plan(n_old, n_new, hi, slot, step, held, phase):      # (units count as whole)
+    while not budget_plan(n_old, n_new, hi, slot, step, held, phase, block):   # (units count as whole)
         lo, hi = hi, 2 * hi
     while lo < hi:
         mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if budget_plan(n_old, n_new, mid, slot, step, held, phase) else (mid + 1, hi)
+        lo, hi = (lo, mid) if budget_plan(n_old, n_new, mid, slot, step, held, phase, block) else (mid + 1, hi)
     return lo
 
 
@@ -579,7 +584,7 @@ def loss_and_backward(model, inputs, targets, state=None, memory="sqrt"):
     host = np.asarray(targets)
     group = Group(np.asarray(inputs) if hasattr(model, "vocab_size") else inputs, host, every_step)
     T, B = group.T, group.B
-    plan = plan_window(memory, 0, T, state_bytes(model, B), step_bytes(model, B, T))
+    plan = plan_window(memory, 0, T, state_bytes(model, B), step_bytes(model, B, T), block=blocks.block_steps(B))
     count = group.count(0, T)
     window = Window(model, group, [Record(0, T, 0, T, None, rows=T * B)], 0, count, count > 0, plan)
     loss, final = window.first_pass(state)

@@ -185,7 +185,7 @@ class LanguageModel(RecurrentModelBase):
                 dh_top *= cache.out_mask
         demb, dstate, dh = self._stack_backward(dh_top, cache.stack, dstate, t_start, t_origin)
         check_finite_grad(xp, demb, "the embeddings")
-        blocks = self._time_blocks(t_start, T, t_origin)
+        blocks = self._time_blocks(t_start, T, t_origin, B)
         if cache.stack.layers[0].projected:                # demb: dL/d(E W_ih^T)[ids], T,B,G*H
             w_ih, E = self.params["rnn.weight_ih_l0"], self.params["encoder.weight"]
             no_bias = xp.zeros((w_ih.shape[0],), self.dtype)                          # G*H

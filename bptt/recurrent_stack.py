@@ -287,12 +287,12 @@ class RecurrentModelBase:
                 dy = dy * cache.masks[k - 1]
         return dy, self._join_state(dinit), dh_all
 
-    def _time_blocks(self, t_start, T, t_origin):
-        """(t0, t1) of the time blocks of steps t_start .. T-1 of a call whose step 0 is the
-        stream's step ``t_origin``, the last block first (``bptt_kernels.host.blocks``, the
+    def _time_blocks(self, t_start, T, t_origin, B):
+        """(t0, t1) of the time blocks of steps t_start .. T-1 of a call over B rows whose step 0
+        is the stream's step ``t_origin``, the last block first (``bptt_kernels.host.blocks``, the
         one block where the backend's TIME_BLOCKS is False): the output map's and the
         embedding's gradients are summed block by block, as the layers sum theirs."""
-        bounds = time_blocks(t_start, T, t_origin, self.backend.TIME_BLOCKS).tolist()
+        bounds = time_blocks(t_start, T, t_origin, B, self.backend.TIME_BLOCKS).tolist()
         return list(zip(bounds[1:], bounds[:-1]))
 
     # linear output map: out = h W^T + b over the last axis
@@ -312,5 +312,5 @@ class RecurrentModelBase:
     def _steps_linear_backward(self, dout, h, dh, wname, bname, t_start, t_origin):
         """``_linear_backward`` of the steps t_start .. T-1 (dout [T,B,O], h [T,B,H]) into
         dh[t_start:] ([T,B,H]), one time block after the other (``_time_blocks``)."""
-        for t0, t1 in self._time_blocks(t_start, h.shape[0], t_origin):
+        for t0, t1 in self._time_blocks(t_start, h.shape[0], t_origin, h.shape[1]):
             dh[t0:t1] = self._linear_backward(dout[t0:t1], h[t0:t1], wname, bname)

@@ -83,7 +83,7 @@ For each cell in ("lstm", "gru", "rnn_tanh", "rnn_relu") the backend has
                       the gradient is cut at the state entering step t_start.
                       Used by TBPTT(k1, k2) when the k2 window starts inside a chunk.
         t_origin      the stream's step of step 0: the parameter gradients are sums over
-                      the steps in time blocks of ``host.blocks.BLOCK_STEPS`` steps at stream
+                      the steps in time blocks of ``host.blocks.block_steps(B)`` steps at stream
                       steps that are multiples of it, added from the last block down (where
                       ``TIME_BLOCKS``), so calls that meet at block boundaries add up to
                       the one call's gradients bit for bit.

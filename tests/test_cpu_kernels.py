@@ -435,6 +435,7 @@ def small_overlap_pieces(monkeypatch):
     monkeypatch.setattr(_loop, "MIN_WORK_FOR_THREADS", 0)
     monkeypatch.setattr(_phases, "PROJECT_FIRST_STEPS", 2)
     monkeypatch.setattr(blocks, "BLOCK_STEPS", 3)
+    monkeypatch.setattr(blocks, "BLOCK_ROWS", 0)
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])

@@ -445,6 +445,7 @@ def test_cpu_matches_reference_gemm_phases_beside_loop(cell, length, t_start, pr
     monkeypatch.setattr(_loop, "MIN_WORK_FOR_THREADS", 0)
     monkeypatch.setattr(_phases, "PROJECT_FIRST_STEPS", 2)
     monkeypatch.setattr(blocks, "BLOCK_STEPS", 3)
+    monkeypatch.setattr(blocks, "BLOCK_ROWS", 0)
     overlapped = []
     run_overlapped = _loop.run_overlapped
     monkeypatch.setattr(_phases, "run_overlapped", lambda *a, **kw: (

@@ -29,6 +29,12 @@ def _parts(state):
 @pytest.fixture(autouse=True)
 def small_time_blocks(monkeypatch):
     monkeypatch.setattr(memory.blocks, "BLOCK_STEPS", 4)
+    monkeypatch.setattr(memory.blocks, "BLOCK_ROWS", 0)
+
+
+def _library_blocks(monkeypatch):
+    monkeypatch.setattr(memory.blocks, "BLOCK_STEPS", 16)
+    monkeypatch.setattr(memory.blocks, "BLOCK_ROWS", 512)
 
 
 def _assert_equal(got, want, what):
@@ -264,9 +270,11 @@ def test_trainer_float32_equals_plain(backend, rng, k1, k2):
 
 @pytest.mark.parametrize("cell", ["lstm", "rnn_relu"])
 def test_default_blocks_equal_plain(backend, rng, monkeypatch, cell):
-    """The library's time blocks of 16 steps: full BPTT over 70 steps and TBPTT(20, 45) with
-    resets, cut at those blocks and at the chunks' and windows' first steps."""
-    monkeypatch.setattr(memory.blocks, "BLOCK_STEPS", 16)
+    """Time blocks of 16 steps (the library's BLOCK_STEPS; B = 3 would take 256 with its
+    BLOCK_ROWS): full BPTT over 140 steps and TBPTT(20, 45) with resets, cut at those blocks and
+    at the chunks' and windows' first steps."""
+    _library_blocks(monkeypatch)
+    monkeypatch.setattr(memory.blocks, "BLOCK_ROWS", 0)
     data = rng.integers(0, 13, 400)
     resets = rng.random(400) < 0.02
     for k1, k2 in ((None, None), (20, 45)):
@@ -281,15 +289,18 @@ def test_default_blocks_equal_plain(backend, rng, monkeypatch, cell):
 @pytest.mark.parametrize("B, I, H, L, cell", [(1, 16, 256, 2, "lstm"), (4, 16, 64, 2, "gru"),
                                               (8, 32, 128, 1, "rnn_tanh"), (32, 32, 256, 2, "lstm")])
 def test_realistic_sizes_equal_plain(rng, monkeypatch, B, I, H, L, cell):
-    """cpu, float32, the library's blocks of 16 steps, the machine's threads: shapes where
-    OpenBLAS takes its small-matrix kernels for some calls and not others, and where a layer
-    call of the whole window and one of a piece would otherwise run on different threads."""
-    monkeypatch.setattr(memory.blocks, "BLOCK_STEPS", 16)
+    """cpu, float32, the library's time blocks (at least 16 steps and 512 rows: B = 1 blocks of
+    512 steps, B = 32 of 16), the machine's threads: shapes where OpenBLAS takes its
+    small-matrix kernels for some calls and not others, and where a layer call of the whole
+    window and one of a piece would otherwise run on different threads."""
+    _library_blocks(monkeypatch)
+    T = max(150, 3 * memory.blocks.block_steps(B) + 10)      # several blocks
     with bptt.use_backend("cpu"):
         model = bptt.SequenceModel(I, H, 4, num_layers=L, cell=cell, dtype=np.float32, seed=4)
-        x = rng.standard_normal((150, B, I)).astype(np.float32)
-        y = rng.standard_normal((150, B, 4)).astype(np.float32)
-        for mem in ("sqrt", 3 * memory.state_bytes(model, B) + 40 * memory.step_bytes(model, B, 150)):
+        x = rng.standard_normal((T, B, I)).astype(np.float32)
+        y = rng.standard_normal((T, B, 4)).astype(np.float32)
+        block = memory.blocks.block_steps(B)
+        for mem in ("sqrt", 3 * memory.state_bytes(model, B) + 2 * block * memory.step_bytes(model, B, T)):
             _check_same(model, x, y, mem, np.float32)
 
 

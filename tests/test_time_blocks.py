@@ -22,8 +22,14 @@ from helpers import force_unit_split, random_layer_problem
     (3, 4, 100, [4, 3]),
 ])
 def test_time_blocks(t_start, T, t_origin, want):
-    assert blocks.time_blocks(t_start, T, t_origin).tolist() == want
-    assert blocks.time_blocks(t_start, T, t_origin, blocked=False).tolist() == [T, t_start]
+    assert blocks.time_blocks(t_start, T, t_origin, 32).tolist() == want          # B = 32: 16 steps
+    assert blocks.time_blocks(t_start, T, t_origin, 32, blocked=False).tolist() == [T, t_start]
+
+
+@pytest.mark.parametrize("B, steps", [(1, 512), (7, 128), (8, 64), (16, 32), (32, 16), (1000, 16)])
+def test_block_steps_hold_at_least_512_rows(B, steps):
+    assert blocks.block_steps(B) == steps
+    assert blocks.time_blocks(0, 1000, 0, B).tolist()[:2] == [1000, 1000 - 1000 % steps]
 
 
 def _grads(be, cell, p, x, state, dy, dfinal, t_start, t_origin, projected):
@@ -48,6 +54,7 @@ def test_calls_meeting_at_block_boundaries_sum_as_one(monkeypatch, rng, cell, be
     [0, 10) [10, 18) [18, 37) (10 and 18 are boundaries: 6 + 10 = 16, 6 + 18 = 24), the later
     call first, each gradient accumulated onto the last's; also from t_start = 4."""
     monkeypatch.setattr(blocks, "BLOCK_STEPS", 8)
+    monkeypatch.setattr(blocks, "BLOCK_ROWS", 0)
     if threads == 2:
         force_unit_split(monkeypatch, 2)
     T, B, I, H, origin = 37, 3, 5, 7, 6

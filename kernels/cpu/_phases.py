@@ -252,7 +252,7 @@ def backward_phases(kernel, loop_args, *, inputs, h0, y, dg_x, dg_h, dw_hh, db_i
     GH = dg_x.shape[2]
     inputs.dx[:t_start] = 0                                # dx and dh of the steps not
     dh[:t_start] = 0                                       # backpropagated through
-    bounds = time_blocks(t_start, T, t_origin)             # T, ..., t_start
+    bounds = time_blocks(t_start, T, t_origin, B)          # T, ..., t_start
     finish_args = tuple(inputs) + (h0, y, dg_x, dg_h, dw_hh, db_ih, db_hh, bounds)
     if overlaps_phases(parts, B, GH * H):
         progress = new_progress()

@@ -36,7 +36,7 @@ def finish_backward(x, h0, y, dg_x, dg_h, t_start, w_ih, dw_ih, dw_hh, db_ih, db
     T, B, GH = dg_x.shape
     H = y.shape[2]
     dx = dg_x if w_ih is None else xp.zeros((T, B, x.shape[2]), dtype=dg_x.dtype)   # T,B,I
-    bounds = time_blocks(t_start, T, t_origin, blocked)
+    bounds = time_blocks(t_start, T, t_origin, B, blocked)
     for t1, t0 in zip(bounds[:-1].tolist(), bounds[1:].tolist()):  # blocks, last first
         n = (t1 - t0) * B                                           # rows of the block
         gx2 = dg_x[t0:t1].reshape(n, GH)                            # n,G*H

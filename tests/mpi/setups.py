@@ -19,6 +19,9 @@ def build(cfg, comm=None, check_replicas=False, trainer=None):
     """(trainer, data, fit's keyword arguments) of ``cfg``; the data and weights are the same in
     every process. ``trainer``: use this one (resumed from a checkpoint) instead of a new one."""
     bptt.use_backend(cfg.get("backend", "cpu"))
+    if "block_rows" in cfg:             # smaller time blocks than a small batch gets (several per window)
+        from bptt_kernels.host import blocks
+        blocks.BLOCK_ROWS = cfg["block_rows"]
     dtype = np.dtype(cfg["dtype"])
     rng = np.random.default_rng(cfg.get("data_seed", 1))
     fit = {"batch_size": cfg["B"], "epochs": 1000, "max_steps": cfg["steps"]}
