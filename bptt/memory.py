@@ -498,11 +498,11 @@ class Windows:
         state after it)."""
         later = tuple(t - self.overlap for t in range(t1, t1 + self.overlap + 1, self.k1 or 1)
                       if self.overlap and t0 <= t - self.overlap < t1)          # later windows' first steps
+        floors = sorted({_block_floor(w, rows.B) for w in later})   # the later windows' records start here
         new = []
         for s0, s1, reset in rows.segments(t0, t1):
             keep = self.model.backend.asarray(~rows.resets[s0], self.model.dtype) if reset else None
-            floors = {_block_floor(w, rows.B) for w in later}
-            cuts = [s0] + sorted(f for f in floors if s0 < f < s1) + [s1]
+            cuts = [s0] + [f for f in floors if s0 < f < s1] + [s1]
             new += [Record(a, b, s0, s1 - s0, keep, rows=(s1 - s0) * rows.B) for a, b in zip(cuts, cuts[1:])]
         records = [rec for rec in ring if rec.s1 > self.start(t0)] + new
         window = Window(self.model, rows, records, t0, divisor, bool(count),

@@ -176,16 +176,16 @@ class LanguageModel(RecurrentModelBase):
         t_start = _checks.expect_int("t_start", t_start, 0, T - 1)
         t_origin = _checks.expect_int("t_origin", t_origin, 0)
         dh_top = xp.zeros((T, B, H), self.dtype)
+        blocks = self._time_blocks(t_start, T, t_origin, B)
         if dout is not None:
             if tuple(dout.shape) != (T, B, self.vocab_size):
                 raise ValueError(f"dout must have shape [T, B, V] = {(T, B, self.vocab_size)}; got {tuple(dout.shape)}")
             self._steps_linear_backward(dout, cache.h, dh_top, self._decoder_weight_name(), "decoder.bias",
-                                        t_start, t_origin)
+                                        blocks)
             if cache.out_mask is not None:
                 dh_top *= cache.out_mask
         demb, dstate, dh = self._stack_backward(dh_top, cache.stack, dstate, t_start, t_origin)
         check_finite_grad(xp, demb, "the embeddings")
-        blocks = self._time_blocks(t_start, T, t_origin, B)
         if cache.stack.layers[0].projected:                # demb: dL/d(E W_ih^T)[ids], T,B,G*H
             w_ih, E = self.params["rnn.weight_ih_l0"], self.params["encoder.weight"]
             no_bias = xp.zeros((w_ih.shape[0],), self.dtype)                          # G*H
@@ -310,7 +310,8 @@ class SequenceModel(RecurrentModelBase):
             if tuple(dout.shape) != expected:
                 raise ValueError(f"dout must have the outputs' shape {expected}; got {tuple(dout.shape)}")
             if self.readout == "every_step":
-                self._steps_linear_backward(dout, y, dy, "readout.weight", "readout.bias", t_start, t_origin)
+                self._steps_linear_backward(dout, y, dy, "readout.weight", "readout.bias",
+                                            self._time_blocks(t_start, y.shape[0], t_origin, y.shape[1]))
             else:
                 H = self.hidden_size
                 dh = self._linear_backward(dout, self._final_features(y, cache.lengths),     # B,D*H

@@ -309,8 +309,8 @@ class RecurrentModelBase:
                                           W, self.grads[wname], self.grads[bname])
         return dh.reshape(h.shape)
 
-    def _steps_linear_backward(self, dout, h, dh, wname, bname, t_start, t_origin):
-        """``_linear_backward`` of the steps t_start .. T-1 (dout [T,B,O], h [T,B,H]) into
-        dh[t_start:] ([T,B,H]), one time block after the other (``_time_blocks``)."""
-        for t0, t1 in self._time_blocks(t_start, h.shape[0], t_origin, h.shape[1]):
+    def _steps_linear_backward(self, dout, h, dh, wname, bname, blocks):
+        """``_linear_backward`` of the steps of ``blocks`` (``_time_blocks``; dout [T,B,O],
+        h [T,B,H]) into those rows of dh [T,B,H], one time block after the other."""
+        for t0, t1 in blocks:
             dh[t0:t1] = self._linear_backward(dout[t0:t1], h[t0:t1], wname, bname)
