@@ -166,11 +166,7 @@ class Trainer:
         """Check the settings of :attr:`config`, then set them (nothing is set if one is bad).
         ``memory`` defaults to None for the configs of checkpoints saved before it existed."""
         k1, k2 = check_truncation(k1, k2)
-        memory = parse_memory(memory)
-        if memory is not None and getattr(self.model, "bidirectional", False):
-            raise ValueError(f"memory={memory!r} needs a unidirectional model: the reverse direction of a "
-                             f"bidirectional stack starts from the sequence's end, so its states cannot be "
-                             f"kept at boundaries and replayed forward; use memory=None")
+        memory = self._checked_memory(memory)
         if k1 is not None and getattr(self.model, "bidirectional", False):
             raise ValueError(f"a bidirectional model trains with full BPTT only (k1=k2=None), got k1={k1}: its "
                              f"reverse direction reads each sequence from its last step, so a chunk of k1 steps "
@@ -184,7 +180,34 @@ class Trainer:
         self.clip_norm = None if clip_norm is None else float(clip_norm)
         self.on_nonfinite = on_nonfinite
         self.record_grad_norms = bool(record_grad_norms)
-        self.memory = memory
+        self._memory = memory
+
+    def _checked_memory(self, value):
+        """``value`` as :func:`bptt.memory.parse_memory` reads it, for this trainer's model."""
+        memory = parse_memory(value)
+        if memory is not None and getattr(self.model, "bidirectional", False):
+            raise ValueError(f"memory={memory!r} needs a unidirectional model: the reverse direction of a "
+                             f"bidirectional stack starts from the sequence's end, so its states cannot be "
+                             f"kept at boundaries and replayed forward; use memory=None")
+        return memory
+
+    @property
+    def memory(self):
+        """None, "sqrt" or a budget in bytes (the constructor's ``memory``). May be set between
+        ``fit`` calls (e.g. after :meth:`from_checkpoint`): the updates stay the same, only their
+        activation memory and time change; between None and the others only where no steps
+        are carried into later windows (k2 == k1, or at an epoch boundary)."""
+        return self._memory
+
+    @memory.setter
+    def memory(self, value):
+        memory = self._checked_memory(value)
+        if (memory is None) != (self._memory is None) and self.position is not None and self.position.ring:
+            raise ValueError(f"memory cannot change from {self._memory!r} to {memory!r} in the middle of an epoch "
+                             f"of TBPTT with k2 > k1: the steps carried into the next windows are kept as "
+                             f"{'activations' if self._memory is None else 'states'}; change it at an epoch "
+                             f"boundary")
+        self._memory = memory
 
     @property
     def backend(self):

@@ -1,14 +1,17 @@
-"""``bptt train --memory sqrt|SIZE``: parsed as :func:`bptt.memory.parse_memory` reads it, stated
+"""``bptt train --memory all|sqrt|SIZE``: parsed as :func:`bptt.memory.parse_memory` reads it, stated
 in --help, passed to the trainer, recorded in the run's checkpoints and kept by --resume; the
 weights those of a run without it bit for bit (the same kernels recompute the same activations,
 and the gradient sums run in the same time blocks);
 a budget too small refused before anything is written."""
+
+import itertools
 
 import numpy as np
 import pytest
 
 from bptt.checkpoint import load_model
 from bptt.cli import CHECKPOINT_FILE, build_parser, main
+from bptt.cli.arguments import resolve_train
 from bptt.cli.runs import read_meta
 from bptt.memory import parse_memory
 from test_cli import _run
@@ -38,6 +41,13 @@ def test_memory_flag_is_parsed_as_the_library_reads_it(text):
     assert build_parser().parse_args(["train"]).memory is None
 
 
+@pytest.mark.parametrize("text", ["all", " ALL "])
+def test_memory_all_is_the_default_given(text):
+    args = build_parser().parse_args(["train", "--memory", text])
+    assert args.memory == "all"                       # told apart from an absent flag
+    assert resolve_train(args)["memory"] is None      # the config: every activation kept
+
+
 @pytest.mark.parametrize("text", ["lots", "0", "-5", "12Q", ""])
 def test_bad_memory_value_is_one_line(text, capsys):
     with pytest.raises(SystemExit) as exit_:
@@ -52,9 +62,13 @@ def test_help_states_the_memory_flag(capsys, monkeypatch):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     out = capsys.readouterr().out
-    assert "[--memory sqrt|SIZE]" in out.splitlines()[0]          # the usage line
-    line = next(line for line in out.splitlines() if line.strip().startswith("--memory"))
+    assert "[--memory all|sqrt|SIZE]" in out.splitlines()[0]      # the usage line
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip().startswith("--memory"))
+    line = " ".join([lines[start]] + list(itertools.takewhile(lambda t: not t.strip().startswith("-"),
+                                                             lines[start + 1:])))    # help wrapped or not
     assert "sqrt(T)" in line and "512M" in line and "budget" in line and "bit for bit" in line
+    assert "all = every step's of the window (the default)" in line
 
 
 def test_sqrt_run_trains_the_same_weights_and_resume_keeps_it(tmp_path, capsys):
@@ -87,6 +101,28 @@ def test_sqrt_run_trains_the_same_weights_and_resume_keeps_it(tmp_path, capsys):
     assert rc == 0, err                               # a resumed run may change it (the results do not)
     run_config, trainer_config = _configs(sqrt)
     assert run_config["memory"] == trainer_config["memory"] == parse_memory("64M")
+
+    # back to every activation kept: not in the middle of an epoch with k2 > k1 (the ring holds states)
+    rc, _, err = _run(capsys, ["train", "--out", sqrt, "--resume", "--max-steps", "1", "--memory", "all"])
+    lines = [line for line in err.splitlines() if line.startswith("bptt train:")]
+    assert rc == 1 and len(lines) == 1 and "Traceback" not in err, err
+    assert "memory cannot change from 67108864 to None in the middle of an epoch" in lines[0]
+    assert _configs(sqrt)[0]["memory"] == parse_memory("64M")
+
+
+def test_resume_with_memory_all_keeps_every_activation_again(tmp_path, capsys):
+    same_k = [*TINY[:TINY.index("--k2")], *TINY[TINY.index("--k2") + 2:]]     # k2 = k1: nothing carried
+    plain, run = tmp_path / "plain", tmp_path / "run"
+    assert _run(capsys, ["train", "--out", plain, "--max-steps", "5", *same_k])[0] == 0
+    assert _run(capsys, ["train", "--out", run, "--max-steps", "3", "--memory", "sqrt", *same_k])[0] == 0
+    rc, _, err = _run(capsys, ["train", "--out", run, "--resume", "--max-steps", "2", "--memory", "all"])
+    assert rc == 0, err
+    assert ", memory" not in next(line for line in err.splitlines() if line.startswith("model:"))
+    run_config, trainer_config = _configs(run)
+    assert run_config["memory"] is None and trainer_config["memory"] is None
+    expected, got = _weights(plain), _weights(run)
+    for name, value in expected.items():
+        assert np.array_equal(got[name], value), name
 
 
 def test_infeasible_budget_is_one_line_naming_the_smallest(tmp_path, capsys):

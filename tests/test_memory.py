@@ -89,6 +89,51 @@ def test_bidirectional_refused():
     model = bptt.SequenceModel(3, 4, 2, bidirectional=True)
     with pytest.raises(ValueError, match="memory='sqrt' needs a unidirectional model"):
         bptt.Trainer(model, bptt.SGD(lr=0.1), memory="sqrt")
+    trainer = bptt.Trainer(model, bptt.SGD(lr=0.1))
+    with pytest.raises(ValueError, match="memory='sqrt' needs a unidirectional model"):
+        trainer.memory = "sqrt"
+    assert trainer.memory is None
+
+
+@pytest.mark.parametrize("bad", [0, "lots", 1.5])
+def test_memory_set_between_fits_is_checked_and_changes_nothing_else(bad, rng):
+    tokens = rng.integers(0, 11, 300)
+    runs = []
+    for switches in ([None, None, None], ["sqrt", None, "16K"]):
+        trainer = bptt.Trainer(bptt.LanguageModel(11, 4, 6, num_layers=2, seed=1), bptt.Adam(lr=0.01), k1=5)
+        for setting in switches:                 # three fits of 2 updates each, memory set before each
+            trainer.memory = setting
+            trainer.fit(tokens, batch_size=3, max_steps=trainer.step + 2)
+        assert trainer.memory == memory.parse_memory(switches[-1]) == trainer.config["memory"]
+        with pytest.raises(ValueError, match=r"^memory must be .*; got "):
+            trainer.memory = bad
+        assert trainer.memory == memory.parse_memory(switches[-1])     # unchanged by the refused value
+        runs.append(trainer.model.state_dict())
+    for name, value in runs[0].items():
+        _assert_equal(runs[1][name], value, name)
+
+
+@pytest.mark.parametrize("before, after", [(None, "sqrt"), ("sqrt", None), ("4M", None)])
+def test_memory_kind_changes_only_where_no_steps_are_carried(before, after, rng):
+    tokens = rng.integers(0, 11, 300)              # 2 streams of 150 steps: 30 updates of k1=5 an epoch
+    runs = []
+    for switch in (False, True):
+        trainer = bptt.Trainer(bptt.LanguageModel(11, 4, 6, num_layers=2, seed=1), bptt.Adam(lr=0.01),
+                               k1=5, k2=12, memory=before)
+        trainer.fit(tokens, batch_size=2, max_steps=3)
+        if switch:                                 # mid-epoch with k2 > k1: the ring holds steps
+            with pytest.raises(ValueError, match=r"^memory cannot change from .* in the middle of an epoch") as e:
+                trainer.memory = after
+            assert "\n" not in str(e.value) and trainer.memory == memory.parse_memory(before)
+            trainer.memory = {None: None, "sqrt": "64K", "4M": "sqrt"}[before]    # the same kind: allowed
+        trainer.fit(tokens, batch_size=2, epochs=1)
+        assert trainer.position is None            # an epoch boundary: any setting
+        trainer.memory = after if switch else before
+        trainer.fit(tokens, batch_size=2, max_steps=trainer.step + 4)
+        assert trainer.memory == memory.parse_memory(after if switch else before)
+        runs.append(trainer.model.state_dict())
+    for name, value in runs[0].items():
+        _assert_equal(runs[1][name], value, name)
 
 
 # ------------------------------------------------------------------ schedules

@@ -110,10 +110,16 @@ def _fraction(text):
 _fraction.__name__ = "fraction"
 
 
+EVERY_ACTIVATION = "all"   # --memory all: every activation kept (the default; memory=None)
+
+
 def _memory(text):
-    """An argparse type: the activation memory of backpropagation, ``sqrt`` or a budget
-    (``512M``, ``2G``, bytes) as :func:`bptt.memory.parse_memory` reads it (imported only when
-    the flag is given: ``bptt --help`` loads no NumPy)."""
+    """An argparse type: the activation memory of backpropagation, ``all`` (kept as the string,
+    so that a resumed run can tell it from an absent flag; None in the config), ``sqrt`` or a
+    budget (``512M``, ``2G``, bytes) as :func:`bptt.memory.parse_memory` reads it (imported
+    only when the flag is given: ``bptt --help`` loads no NumPy)."""
+    if text.strip().lower() == EVERY_ACTIVATION:
+        return EVERY_ACTIVATION
     from bptt.memory import parse_memory
     try:
         return parse_memory(text)
@@ -182,8 +188,8 @@ def build_parser():
     g.add_argument("--optimizer", choices=("sgd", "adam"))
     g.add_argument("--lr", type=_positive(float), metavar="X")
     g.add_argument("--clip", type=_non_negative(float), metavar="X", help="global gradient-norm clip (0 = off)")
-    g.add_argument("--memory", type=_memory, metavar="sqrt|SIZE",
-                   help="activations kept for backpropagation (default: all of the window's steps): sqrt = the "
+    g.add_argument("--memory", type=_memory, metavar="all|sqrt|SIZE",
+                   help="activations kept for backpropagation: all = every step's of the window (the default); sqrt = the "
                    "stack's state every ~sqrt(T) steps, each segment recomputed during backward (about one more "
                    "forward pass); a budget SIZE (512M, 2G or bytes) = the least recomputation that fits it. "
                    "Exact: the gradients of the default, bit for bit on the cpu backend")
@@ -292,6 +298,8 @@ def flag(name):
 def resolve_train(args):
     """Check flag combinations and fill defaults into a plain config dict (raises UsageError)."""
     given = {k: v for k, v in vars(args).items() if v is not None and k != "command"}
+    if given.get("memory") == EVERY_ACTIVATION:
+        given["memory"] = None           # given (a resumed run goes back to it), as memory=None
     check_out_dir(args.out or os.path.join("runs", args.task or "default"))
     cfg = {}
     if args.resume:

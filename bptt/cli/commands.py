@@ -118,8 +118,7 @@ def _train(args, cfg, ranks):
         trainer = bptt.Trainer.from_checkpoint(ckpt_path, comm=comm)
         model = trainer.model
         trainer.record_grad_norms = trainer.record_grad_norms or bool(cfg.get("grad_norms"))
-        if cfg.get("memory") != trainer.memory:       # --memory given again (the results stay the same)
-            trainer._configure(**dict(trainer.config, memory=cfg["memory"]))
+        trainer.memory = cfg.get("memory")    # the run's, or --memory given again (same results)
         data = prepare_data(cfg, run_vocab(meta, ckpt_path, model))
         check_memory(trainer, data, cfg["batch_size"])
     else:
