@@ -63,6 +63,12 @@ def _per_token(loss):
             "bits_per_token": loss / math.log(2)}
 
 
+def fresh_validation_state():
+    """Trainer.validation_state before any validation: best loss and its step, validations made,
+    the step of the last one, validations since the best (the patience counter)."""
+    return {"best_loss": None, "best_step": None, "count": 0, "step": None, "since_best": 0}
+
+
 def validation_entries(metrics):
     """The "val_*" entries of an update's event from :func:`evaluate`'s ``metrics``:
     val_loss, val_perplexity and val_bits_per_token (NaN for an MSE loss), val_accuracy

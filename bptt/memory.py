@@ -21,7 +21,7 @@ from bptt.batches import Group, Record, reset_rows
 from bptt_kernels import GATES
 from bptt_kernels.host import blocks
 
-__all__ = ["parse_memory", "loss_and_backward", "state_bytes", "step_bytes", "plan_window", "smallest_budget",
+__all__ = ["parse_memory", "memory_for", "loss_and_backward", "state_bytes", "step_bytes", "plan_window", "smallest_budget",
            "sqrt_plan", "budget_plan", "simulate", "BudgetError", "WindowPlan", "Window", "Windows", "Replay"]
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -46,6 +46,17 @@ def parse_memory(value):
     elif isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)) and value >= 1:
         return int(value)
     raise ValueError(f"memory must be {_EXPECTED}; got {type(value).__name__} {value!r}")
+
+
+def memory_for(model, value):
+    """``value`` as :func:`parse_memory` reads it, for ``model``: ValueError in one line for a
+    bidirectional model with memory set."""
+    memory = parse_memory(value)
+    if memory is not None and getattr(model, "bidirectional", False):
+        raise ValueError(f"memory={memory!r} needs a unidirectional model: the reverse direction of a "
+                         f"bidirectional stack starts from the sequence's end, so its states cannot be "
+                         f"kept at boundaries and replayed forward; use memory=None")
+    return memory
 
 
 def state_bytes(model, batch_size):

@@ -158,6 +158,14 @@ def optimizer_from_state_dict(sd, backend=None):
     return opt
 
 
+def step_norms(backend, dh):
+    """[T,B,H] device array -> list of T floats: the L2 norm of every step's dL/dh_t (the
+    gradient diagnostics of ``Trainer(record_grad_norms=True)``)."""
+    xp = backend.xp
+    norms = xp.sqrt((dh.astype(np.float64) ** 2).sum(axis=(1, 2)))
+    return [float(v) for v in backend.to_host(norms)]
+
+
 def global_grad_norm(grads, backend):
     """sqrt of the sum of squares of every element of every gradient (float64, a Python float)."""
     return math.sqrt(backend.sum_of_squares(list(grads)))

@@ -65,12 +65,13 @@ from bptt import checkpoint_file
 from bptt.batches import Dataset, Position, Segment, batchify, reset_rows
 from bptt.data_parallel import Replicas, gather_position, local_groups, position_from_dict
 from bptt.distributed import Solo
-from bptt.evaluation import evaluate, validation_entries
+from bptt.evaluation import evaluate, fresh_validation_state, validation_entries
 from bptt.interrupts import DeferredInterrupt, Preempted
-from bptt.memory import Windows, forward_weights, parse_memory
+from bptt.memory import Windows, forward_weights, memory_for
 from bptt.models import (LanguageModel, NonFiniteGradientError, SequenceModel, check_model_dict, load_model_dict,
                          model_from_dict, model_to_dict)
-from bptt.optim import OPTIMIZERS, ConstantLR, Optimizer, Schedule, clip_grad_norm_, schedule_from_state_dict
+from bptt.optim import (OPTIMIZERS, ConstantLR, Optimizer, Schedule, clip_grad_norm_, schedule_from_state_dict,
+                        step_norms)
 
 __all__ = ["Trainer", "NonFiniteError", "Preempted", "check_truncation", "batchify", "Dataset", "Position", "Segment"]
 
@@ -159,14 +160,14 @@ class Trainer:
         self.meta = {}
         self.history = {"step": [], "epoch": [], "loss": [], "lr": [], "grad_norm": [], "tokens": [],
                         "skipped": [], "epoch_loss": [], "grad_diagnostics": []}
-        self.validation_state = _fresh_validation_state()
+        self.validation_state = fresh_validation_state()
         self.stopped_early = False   # the last fit() ended because of its patience
 
     def _configure(self, k1, k2, clip_norm, on_nonfinite, record_grad_norms, memory=None):
         """Check the settings of :attr:`config`, then set them (nothing is set if one is bad).
         ``memory`` defaults to None for the configs of checkpoints saved before it existed."""
         k1, k2 = check_truncation(k1, k2)
-        memory = self._checked_memory(memory)
+        memory = memory_for(self.model, memory)
         if k1 is not None and getattr(self.model, "bidirectional", False):
             raise ValueError(f"a bidirectional model trains with full BPTT only (k1=k2=None), got k1={k1}: its "
                              f"reverse direction reads each sequence from its last step, so a chunk of k1 steps "
@@ -182,15 +183,6 @@ class Trainer:
         self.record_grad_norms = bool(record_grad_norms)
         self._memory = memory
 
-    def _checked_memory(self, value):
-        """``value`` as :func:`bptt.memory.parse_memory` reads it, for this trainer's model."""
-        memory = parse_memory(value)
-        if memory is not None and getattr(self.model, "bidirectional", False):
-            raise ValueError(f"memory={memory!r} needs a unidirectional model: the reverse direction of a "
-                             f"bidirectional stack starts from the sequence's end, so its states cannot be "
-                             f"kept at boundaries and replayed forward; use memory=None")
-        return memory
-
     @property
     def memory(self):
         """None, "sqrt" or a budget in bytes (the constructor's ``memory``). May be set between
@@ -201,7 +193,7 @@ class Trainer:
 
     @memory.setter
     def memory(self, value):
-        memory = self._checked_memory(value)
+        memory = memory_for(self.model, value)
         if (memory is None) != (self._memory is None) and self.position is not None and self.position.ring:
             raise ValueError(f"memory cannot change from {self._memory!r} to {memory!r} in the middle of an epoch "
                              f"of TBPTT with k2 > k1: the steps carried into the next windows are kept as "
@@ -455,7 +447,7 @@ class Trainer:
         try:
             if window is not None and math.isfinite(loss):
                 if self.record_grad_norms:
-                    window.on_dh = lambda dh: dh_norms.append([_step_norms(be, d) for d in dh])
+                    window.on_dh = lambda dh: dh_norms.append([step_norms(be, d) for d in dh])
                 window.backward()
             for seg in reversed(ring if math.isfinite(loss) and window is None else ()):   # non-finite loss: none
                 if seg.s1 <= w0:
@@ -463,7 +455,7 @@ class Trainer:
                 ts = max(0, w0 - seg.s0)
                 dstate, dh = model.backward(seg.dout, seg.cache, dstate, ts, return_dh=True, t_origin=seg.s0)
                 if self.record_grad_norms:
-                    dh_norms.append([_step_norms(be, d[ts:]) for d in dh])
+                    dh_norms.append([step_norms(be, d[ts:]) for d in dh])
                 if seg.keep is not None and ts == 0:
                     dstate = reset_rows(dstate, seg.keep)      # no gradient across a reset
         except NonFiniteGradientError as e:
@@ -553,7 +545,7 @@ class Trainer:
         self.base_lr = float(sd["base_lr"])
         self.step, self.epoch = int(sd["step"]), int(sd["epoch"])
         self.history = copy.deepcopy(sd["history"])
-        self.validation_state = {**_fresh_validation_state(), **(sd.get("validation") or {})}
+        self.validation_state = {**fresh_validation_state(), **(sd.get("validation") or {})}
         self.position = position
         self.meta = copy.deepcopy(sd.get("meta") or {})
 
@@ -591,22 +583,9 @@ class Trainer:
         return trainer
 
 
-def _fresh_validation_state():
-    """Trainer.validation_state before any validation: best loss and its step, validations made,
-    the step of the last one, validations since the best (the patience counter)."""
-    return {"best_loss": None, "best_step": None, "count": 0, "step": None, "since_best": 0}
-
-
 def _json(value):
     """``value`` as it comes back from JSON (tuples as lists), for comparing settings."""
     return json.loads(json.dumps(value))
-
-
-def _step_norms(backend, dh):
-    """[T,B,H] device array -> list of T floats: the L2 norm of every step's dL/dh_t."""
-    xp = backend.xp
-    norms = xp.sqrt((dh.astype(np.float64) ** 2).sum(axis=(1, 2)))
-    return [float(v) for v in backend.to_host(norms)]
 
 
 class _Clock:
